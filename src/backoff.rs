@@ -1,0 +1,254 @@
+//! Reconnect policies: when to try again, and when to give up.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::{DisconnectReason, Error};
+
+/// What a policy is told about a failure.
+#[derive(Debug)]
+pub struct Failure<'a> {
+    /// Failures in a row since the last stable connection (1 = first).
+    pub attempt: u32,
+    /// The connect error, when an attempt failed.
+    pub error: Option<&'a Error>,
+    /// Why an open connection ended, when one did.
+    pub reason: Option<&'a DisconnectReason>,
+    /// Time since the first failure of this series.
+    pub elapsed: Duration,
+}
+
+/// Decides the delay before the next connection attempt.
+///
+/// ```
+/// use std::time::Duration;
+/// use wsbeat::{Failure, ReconnectPolicy};
+///
+/// /// Retry every second, forever, whatever happened.
+/// struct Fixed;
+/// impl ReconnectPolicy for Fixed {
+///     fn next_delay(&mut self, _f: &Failure<'_>) -> Option<Duration> {
+///         Some(Duration::from_secs(1))
+///     }
+/// }
+/// let builder = wsbeat::Client::builder("ws://127.0.0.1:9/")?.reconnect_policy(Fixed);
+/// # let _ = builder;
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+pub trait ReconnectPolicy: Send + 'static {
+    /// `Some(delay)` to try again after `delay`, `None` to give up.
+    fn next_delay(&mut self, failure: &Failure<'_>) -> Option<Duration>;
+
+    /// How long a connection must stay open before the failure count resets
+    /// (so a server that accepts and then kicks cannot cause a reconnect storm).
+    fn min_uptime(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+}
+
+/// Exponential backoff with full jitter, the default policy.
+///
+/// Delay for attempt `n` is uniform in `[0, min(max, initial * factor^(n-1))]`, but at
+/// least what the server asked for (`Retry-After` on 429/503; close code 1013 "try
+/// again later" waits at least `try_later`). Fatal errors ([`Error::is_fatal`]: HTTP
+/// 400/401/403/404, certificate errors) give up unless `retry_fatal` is set.
+///
+/// ```
+/// use std::time::Duration;
+/// let policy = wsbeat::Backoff::default()
+///     .initial(Duration::from_millis(200))
+///     .max(Duration::from_secs(10))
+///     .max_attempts(Some(20));
+/// # let _ = policy;
+/// ```
+#[derive(Clone)]
+pub struct Backoff {
+    initial: Duration,
+    factor: f64,
+    max: Duration,
+    min_uptime: Duration,
+    max_attempts: Option<u32>,
+    max_elapsed: Option<Duration>,
+    try_later: Duration,
+    retry_fatal: bool,
+    rng: u64,
+}
+
+impl fmt::Debug for Backoff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backoff")
+            .field("initial", &self.initial)
+            .field("factor", &self.factor)
+            .field("max", &self.max)
+            .field("min_uptime", &self.min_uptime)
+            .field("max_attempts", &self.max_attempts)
+            .field("max_elapsed", &self.max_elapsed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Backoff {
+    /// 500 ms initial, factor 2, 30 s max, 5 s min uptime, no attempt or time limit.
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(500),
+            factor: 2.0,
+            max: Duration::from_secs(30),
+            min_uptime: Duration::from_secs(5),
+            max_attempts: None,
+            max_elapsed: None,
+            try_later: Duration::from_secs(5),
+            retry_fatal: false,
+            rng: seed(),
+        }
+    }
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    let local = 0u8;
+    (t ^ (&local as *const u8 as u64).rotate_left(32)) | 1
+}
+
+impl Backoff {
+    /// Upper bound of the first delay.
+    pub fn initial(mut self, d: Duration) -> Self {
+        self.initial = d;
+        self
+    }
+    /// Growth factor per attempt (at least 1).
+    pub fn factor(mut self, f: f64) -> Self {
+        self.factor = if f.is_finite() { f.max(1.0) } else { 2.0 };
+        self
+    }
+    /// Largest delay.
+    pub fn max(mut self, d: Duration) -> Self {
+        self.max = d;
+        self
+    }
+    /// A connection shorter than this does not reset the failure count.
+    pub fn min_uptime(mut self, d: Duration) -> Self {
+        self.min_uptime = d;
+        self
+    }
+    /// Give up after this many failures in a row (`None`: never).
+    pub fn max_attempts(mut self, n: Option<u32>) -> Self {
+        self.max_attempts = n;
+        self
+    }
+    /// Give up when failures have lasted this long (`None`: never).
+    pub fn max_elapsed(mut self, d: Option<Duration>) -> Self {
+        self.max_elapsed = d;
+        self
+    }
+    /// Least wait after close code 1013 (try again later). Default 5 s.
+    pub fn try_later(mut self, d: Duration) -> Self {
+        self.try_later = d;
+        self
+    }
+    /// Also retry errors that are fatal by default (401, certificate errors...).
+    pub fn retry_fatal(mut self, yes: bool) -> Self {
+        self.retry_fatal = yes;
+        self
+    }
+    /// Fixes the jitter seed (for reproducible tests).
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.rng = seed | 1;
+        self
+    }
+
+    fn next_random(&mut self) -> f64 {
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let v = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        (v >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// The jitter-free upper bound for `attempt`.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let exp = self.factor.powi(attempt.saturating_sub(1).min(64) as i32);
+        let secs = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
+        Duration::from_secs_f64(secs.max(0.0))
+    }
+}
+
+impl ReconnectPolicy for Backoff {
+    fn next_delay(&mut self, f: &Failure<'_>) -> Option<Duration> {
+        if let Some(e) = f.error
+            && e.is_fatal()
+            && !self.retry_fatal
+        {
+            return None;
+        }
+        if self.max_attempts.is_some_and(|m| f.attempt > m) {
+            return None;
+        }
+        if self.max_elapsed.is_some_and(|m| f.elapsed >= m) {
+            return None;
+        }
+        let mut delay = self.ceiling(f.attempt).mul_f64(self.next_random());
+        if let Some(Error::Http {
+            retry_after: Some(ra),
+            ..
+        }) = f.error
+        {
+            delay = delay.max(*ra);
+        }
+        if let Some(DisconnectReason::ClosedByPeer { code: 1013, .. }) = f.reason {
+            delay = delay.max(self.try_later.min(self.max));
+        }
+        Some(delay)
+    }
+
+    fn min_uptime(&self) -> Duration {
+        self.min_uptime
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fail(attempt: u32, error: Option<&Error>) -> Failure<'_> {
+        Failure {
+            attempt,
+            error,
+            reason: None,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn full_jitter_stays_under_the_ceiling_and_grows() {
+        let mut b = Backoff::default().seed(7);
+        for attempt in 1..20 {
+            let d = b.next_delay(&fail(attempt, None)).unwrap();
+            assert!(d <= b.ceiling(attempt), "{d:?}");
+        }
+        assert_eq!(b.ceiling(1), Duration::from_millis(500));
+        assert_eq!(b.ceiling(3), Duration::from_secs(2));
+        assert_eq!(b.ceiling(30), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn fatal_and_limits_give_up() {
+        let mut b = Backoff::default().max_attempts(Some(2));
+        let e401 = Error::Http {
+            status: 401,
+            retry_after: None,
+            body: None,
+        };
+        assert!(b.next_delay(&fail(1, Some(&e401))).is_none());
+        assert!(b.next_delay(&fail(3, None)).is_none());
+        let e503 = Error::Http {
+            status: 503,
+            retry_after: Some(Duration::from_secs(3)),
+            body: None,
+        };
+        assert!(b.next_delay(&fail(1, Some(&e503))).unwrap() >= Duration::from_secs(3));
+    }
+}

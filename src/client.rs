@@ -1,0 +1,285 @@
+//! The user's handle: send from any thread, read events, query state, close.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{unbounded, Receiver};
+use parking_lot::Mutex;
+
+use crate::config::{ClientBuilder, Config};
+use crate::link::{Command, Counters, Link, SendMode, Shared, TimerCmd};
+use crate::queue::OfflineQueue;
+use crate::reconnect::{establish, Supervisor};
+use crate::redact::RedactedUrl;
+use crate::{Error, Event, Message, Result, State};
+
+/// A WebSocket client that keeps its connection alive on its own.
+///
+/// `Client` is a cheap handle: clone it and send from any thread. Dropping the last
+/// handle closes the client like [`close`](Client::close) does.
+///
+/// ```no_run
+/// use wsbeat::{Client, Event};
+///
+/// let client = Client::builder("ws://127.0.0.1:9001/feed")?.connect()?;
+/// client.send_text("hello")?;
+/// for event in client.events() {
+///     match event {
+///         Event::Message(m) => println!("got {m}"),
+///         Event::Disconnected { reason, .. } => println!("lost: {reason}"),
+///         Event::Closed => break,
+///         _ => {}
+///     }
+/// }
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Handle>,
+}
+
+struct Handle {
+    shared: Arc<Shared>,
+    events: Receiver<Event>,
+    supervisor: Mutex<Option<JoinHandle<Vec<Message>>>>,
+    supervisor_id: ThreadId,
+}
+
+/// A snapshot of a client's health. From [`Client::stats`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Current state.
+    pub state: State,
+    /// Generation of the newest connection (0 before the first).
+    pub generation: u64,
+    /// Round-trip time of the last answered heartbeat probe on the current connection.
+    pub rtt: Option<Duration>,
+    /// When the current connection last received anything.
+    pub last_inbound: Option<Instant>,
+    /// Messages waiting in the offline queue.
+    pub queued: usize,
+    /// Messages handed to the OS so far.
+    pub sent: u64,
+    /// Text/binary messages received so far.
+    pub received: u64,
+    /// Successful reconnections so far.
+    pub reconnects: u64,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &RedactedUrl(&self.inner.shared.cfg.request.url).to_string())
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
+impl Client {
+    /// Starts configuring a client for a `ws://` or `wss://` URL.
+    pub fn builder(url: &str) -> Result<ClientBuilder> {
+        ClientBuilder::new(url)
+    }
+
+    /// Connects with default settings.
+    pub fn connect(url: &str) -> Result<Client> {
+        Self::builder(url)?.connect()
+    }
+
+    pub(crate) fn start(cfg: Config, eager: bool) -> Result<Client> {
+        let (ev_tx, ev_rx) = unbounded();
+        let (ctl_tx, ctl_rx) = unbounded();
+        let (timer_tx, timer_rx) = unbounded();
+        let queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
+        let stack = cfg.stack_size;
+        let shared = Arc::new(Shared {
+            link: Mutex::new(Link {
+                state: State::Connecting,
+                generation: 0,
+                conn: None,
+                queue,
+                flushing_queue: false,
+            }),
+            changed: parking_lot::Condvar::new(),
+            cfg,
+            events: ev_tx,
+            ctl: ctl_tx,
+            timer: timer_tx,
+            reconnect_requested: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
+            closed_event: AtomicBool::new(false),
+            connecting: Mutex::new(None),
+            counters: Counters::default(),
+        });
+        let first = if eager {
+            Some(establish(&shared, 1, None)?)
+        } else {
+            None
+        };
+        let s = shared.clone();
+        let timer = std::thread::Builder::new()
+            .name("wsbeat-timer".into())
+            .stack_size(stack)
+            .spawn(move || crate::heartbeat::run(s, timer_rx))?;
+        let sup = Supervisor::new(shared.clone(), ctl_rx, timer);
+        let supervisor = match std::thread::Builder::new()
+            .name("wsbeat-reconnect".into())
+            .stack_size(stack)
+            .spawn(move || sup.run(first))
+        {
+            Ok(h) => h,
+            Err(e) => {
+                // The supervisor owned the timer's handle; stop the timer by closing.
+                let _ = shared.timer.send(TimerCmd::Stop);
+                return Err(Error::io(e));
+            }
+        };
+        let supervisor_id = supervisor.thread().id();
+        Ok(Client {
+            inner: Arc::new(Handle {
+                shared,
+                events: ev_rx,
+                supervisor: Mutex::new(Some(supervisor)),
+                supervisor_id,
+            }),
+        })
+    }
+
+    /// Sends a message. Returns once it reached the OS, or once it is queued while
+    /// disconnected. Waits (without holding any lock) up to the write timeout for a slow
+    /// peer. `Err` hands the message back: see [`Error::into_message`].
+    pub fn send(&self, msg: impl Into<Message>) -> Result<()> {
+        let msg = msg.into();
+        if let Message::Close(_) = msg {
+            return Err(Error::Protocol("use Client::close() to close".into()));
+        }
+        self.inner.shared.send(msg, SendMode::Blocking)
+    }
+
+    /// Sends a text message.
+    pub fn send_text(&self, text: impl Into<tungstenite::Utf8Bytes>) -> Result<()> {
+        self.send(Message::Text(text.into()))
+    }
+
+    /// Sends a binary message.
+    pub fn send_binary(&self, data: impl Into<tungstenite::Bytes>) -> Result<()> {
+        self.send(Message::Binary(data.into()))
+    }
+
+    /// Like [`send`](Client::send) but never waits for the network or for queue room:
+    /// a message that cannot be buffered right now comes back in
+    /// [`Error::WouldBlock`] or [`Error::QueueFull`].
+    pub fn try_send(&self, msg: impl Into<Message>) -> Result<()> {
+        let msg = msg.into();
+        if let Message::Close(_) = msg {
+            return Err(Error::Protocol("use Client::close() to close".into()));
+        }
+        self.inner.shared.send(msg, SendMode::Try)
+    }
+
+    /// The event stream (a crossbeam `Receiver`, usable in `select!`). Every clone
+    /// shares one stream: each event goes to one receiver. It is unbounded, so read it.
+    pub fn events(&self) -> Receiver<Event> {
+        self.inner.events.clone()
+    }
+
+    /// Current state.
+    pub fn state(&self) -> State {
+        self.inner.shared.link.lock().state
+    }
+
+    /// Health snapshot: RTT, last inbound traffic, counters.
+    pub fn stats(&self) -> Stats {
+        let shared = &self.inner.shared;
+        let link = shared.link.lock();
+        let live = link.conn.as_ref();
+        Stats {
+            state: link.state,
+            generation: link.generation,
+            rtt: live.and_then(|l| l.hb.rtt),
+            last_inbound: live.map(|l| l.hb.last_inbound),
+            queued: link.queue.len(),
+            sent: shared.counters.sent.load(Ordering::Relaxed),
+            received: shared.counters.received.load(Ordering::Relaxed),
+            reconnects: shared.counters.reconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until a connection is open. `Err(NotConnected)` on timeout,
+    /// `Err(Closed)` if the client closed or gave up.
+    pub fn wait_connected(&self, timeout: Duration) -> Result<()> {
+        let shared = &self.inner.shared;
+        let deadline = Instant::now() + timeout;
+        let mut link = shared.link.lock();
+        loop {
+            match link.state {
+                State::Open => return Ok(()),
+                State::Closed | State::Closing => return Err(Error::Closed { message: None }),
+                _ => {}
+            }
+            if shared.changed.wait_until(&mut link, deadline).timed_out() {
+                return Err(Error::NotConnected(timeout));
+            }
+        }
+    }
+
+    /// Skips the backoff wait, or drops an open connection and reconnects at once.
+    /// Safe from any thread, including an event handler; concurrent calls collapse into one.
+    pub fn reconnect_now(&self) {
+        let shared = &self.inner.shared;
+        if !shared.reconnect_requested.swap(true, Ordering::SeqCst) {
+            let _ = shared.ctl.send(Command::ReconnectNow);
+        }
+    }
+
+    /// Closes: close handshake (bounded by the close timeout), socket shutdown, every
+    /// internal thread joined. Returns the messages that were still queued (never sent).
+    /// Calling it again returns an empty list.
+    pub fn close(&self) -> Result<Vec<Message>> {
+        let undelivered = self.inner.shutdown();
+        self.inner.shared.emit_closed();
+        Ok(undelivered)
+    }
+}
+
+impl Handle {
+    fn shutdown(&self) -> Vec<Message> {
+        let shared = &self.shared;
+        shared.closing.store(true, Ordering::SeqCst);
+        let _ = shared.ctl.send(Command::Close);
+        if let Some(s) = shared.connecting.lock().as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let handle = self.supervisor.lock().take();
+        match handle {
+            Some(h) if std::thread::current().id() != self.supervisor_id => {
+                h.join().unwrap_or_default()
+            }
+            _ => {
+                // Another handle is closing, or we are on the supervisor itself: wait for
+                // the closed state where that is possible.
+                if std::thread::current().id() != self.supervisor_id {
+                    let mut link = shared.link.lock();
+                    while link.state != State::Closed {
+                        shared.changed.wait(&mut link);
+                    }
+                }
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let undelivered = self.shutdown();
+        if !undelivered.is_empty() {
+            self.shared.emit(Event::Undelivered(undelivered));
+        }
+        self.shared.emit_closed();
+    }
+}

@@ -1,0 +1,459 @@
+//! Every setting of a client, its defaults, and the builder that sets them.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::backoff::{Backoff, ReconnectPolicy};
+use crate::client::Client;
+use crate::heartbeat::Heartbeat;
+use crate::redact::{is_secret_header, RedactedUrl};
+use crate::reconnect::Session;
+use crate::{Error, Result};
+
+/// Default connect timeout: DNS + TCP + proxy + TLS + upgrade together.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default write timeout: a send that cannot drain for this long declares the link stalled.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bounded wait for the peer's close reply.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One connection request: URL, extra headers and subprotocols.
+///
+/// ```
+/// let req = wsbeat::Request::new("wss://user:pw@example.com/feed?token=s3cret")?
+///     .header("Authorization", "Bearer abc")
+///     .subprotocol("v1.json");
+/// // Credentials never show in Debug output or logs.
+/// let shown = format!("{req:?}");
+/// assert!(!shown.contains("s3cret") && !shown.contains("abc") && !shown.contains("pw"));
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Request {
+    pub(crate) url: Url,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) subprotocols: Vec<String>,
+}
+
+impl Request {
+    /// Parses and checks a `ws://` or `wss://` URL.
+    pub fn new(url: &str) -> Result<Request> {
+        let url = Url::parse(url).map_err(|e| Error::InvalidUrl {
+            reason: format!("{e} in {:?}", RedactedUrl::raw(url)),
+        })?;
+        Self::from_url(url)
+    }
+
+    /// Uses an already parsed URL (must be `ws` or `wss` with a host).
+    pub fn from_url(url: Url) -> Result<Request> {
+        match url.scheme() {
+            "ws" | "wss" => {}
+            other => {
+                return Err(Error::InvalidUrl {
+                    reason: format!("scheme {other:?} is not ws or wss"),
+                });
+            }
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(Error::InvalidUrl {
+                reason: "the URL has no host".into(),
+            });
+        }
+        Ok(Request {
+            url,
+            headers: Vec::new(),
+            subprotocols: Vec::new(),
+        })
+    }
+
+    /// Adds a header to the upgrade request (checked when connecting).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Asks the server for a subprotocol (`Sec-WebSocket-Protocol`).
+    pub fn subprotocol(mut self, protocol: impl Into<String>) -> Self {
+        self.subprotocols.push(protocol.into());
+        self
+    }
+
+    /// The URL.
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+}
+
+impl fmt::Debug for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let headers: Vec<_> = self
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                if is_secret_header(k) {
+                    format!("{k}: <redacted>")
+                } else {
+                    format!("{k}: {v}")
+                }
+            })
+            .collect();
+        f.debug_struct("Request")
+            .field("url", &RedactedUrl(&self.url).to_string())
+            .field("headers", &headers)
+            .field("subprotocols", &self.subprotocols)
+            .finish()
+    }
+}
+
+/// What the request factory is told about the attempt it builds a request for.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    /// 1 for the very first connection, then one more per attempt.
+    pub number: u64,
+    /// Why the previous attempt or connection failed, if it did.
+    pub last_error: Option<&'a Error>,
+}
+
+/// What `send` does when the offline queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverflowPolicy {
+    /// Return [`Error::QueueFull`] with the message (default).
+    Reject,
+    /// Drop the oldest queued messages to make room and hand them back in
+    /// [`Event::Undelivered`](crate::Event::Undelivered).
+    DropOldest,
+    /// Wait up to the given time for room, then return [`Error::QueueFull`].
+    Block(Duration),
+}
+
+/// Size limits. The defaults are safe for untrusted servers.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest incoming or outgoing message (default 16 MiB).
+    pub max_message_size: usize,
+    /// Largest incoming frame (default 16 MiB).
+    pub max_frame_size: usize,
+    /// Most bytes buffered for writing on one connection (default: max message + 64 KiB).
+    pub max_write_buffer: usize,
+    /// Offline queue bound in messages (default 10 000).
+    pub queue_messages: usize,
+    /// Offline queue bound in payload bytes (default 16 MiB).
+    pub queue_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 16 << 20,
+            max_frame_size: 16 << 20,
+            max_write_buffer: (16 << 20) + (64 << 10),
+            queue_messages: 10_000,
+            queue_bytes: 16 << 20,
+        }
+    }
+}
+
+pub(crate) type RequestFactory = Arc<dyn Fn(&Attempt<'_>) -> Result<Request> + Send + Sync>;
+pub(crate) type ConnectHook = Arc<dyn Fn(&mut Session<'_>) -> Result<()> + Send + Sync>;
+
+/// How to pick an HTTP proxy.
+#[derive(Clone, Debug)]
+pub(crate) enum ProxySetting {
+    /// `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` from the environment (default).
+    Env,
+    /// Never use a proxy.
+    None,
+    /// Always use this `http://[user:pass@]host:port` proxy.
+    Explicit(Url),
+}
+
+#[derive(Clone, Default)]
+pub(crate) struct TlsSettings {
+    pub roots: Vec<native_tls::Certificate>,
+    pub identity: Option<native_tls::Identity>,
+    pub connector: Option<native_tls::TlsConnector>,
+    pub danger_accept_invalid_certs: bool,
+    pub danger_accept_invalid_hostnames: bool,
+}
+
+/// The complete configuration of a client (built by [`ClientBuilder`]).
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub request: Request,
+    pub factory: Option<RequestFactory>,
+    pub on_connect: Option<ConnectHook>,
+    pub connect_timeout: Duration,
+    pub write_timeout: Duration,
+    pub close_timeout: Duration,
+    pub limits: Limits,
+    pub tls: TlsSettings,
+    pub proxy: ProxySetting,
+    pub heartbeat: Heartbeat,
+    pub reconnect: bool,
+    pub policy: Arc<parking_lot::Mutex<Box<dyn ReconnectPolicy>>>,
+    pub overflow: OverflowPolicy,
+    pub event_capacity: Option<usize>,
+    pub surface_pings: bool,
+    pub read_budget: usize,
+    pub stack_size: usize,
+    pub read_buffer_size: usize,
+}
+
+impl Config {
+    pub(crate) fn ws_config(&self) -> tungstenite::protocol::WebSocketConfig {
+        let write_buffer = 128 << 10;
+        tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_size)
+            .write_buffer_size(write_buffer)
+            .max_write_buffer_size(self.limits.max_write_buffer.max(write_buffer + 1))
+            .max_message_size(Some(self.limits.max_message_size))
+            .max_frame_size(Some(self.limits.max_frame_size))
+    }
+}
+
+/// Builds a [`Client`]. Start with [`Client::builder`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use wsbeat::{Client, Heartbeat};
+///
+/// let client = Client::builder("wss://example.com/feed")?
+///     .connect_timeout(Duration::from_secs(5))
+///     .header("Authorization", "Bearer t0ken")
+///     .subprotocol("v1.json")
+///     .heartbeat(Heartbeat::ping(Duration::from_secs(15), Duration::from_secs(10)))
+///     .connect()?;
+/// client.send_text("hello")?;
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+pub struct ClientBuilder {
+    pub(crate) cfg: Config,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("request", &self.cfg.request)
+            .field("connect_timeout", &self.cfg.connect_timeout)
+            .field("heartbeat", &self.cfg.heartbeat)
+            .field("reconnect", &self.cfg.reconnect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    pub(crate) fn new(url: &str) -> Result<ClientBuilder> {
+        Ok(Self::from_request(Request::new(url)?))
+    }
+
+    /// Starts from a prepared [`Request`].
+    pub fn from_request(request: Request) -> ClientBuilder {
+        ClientBuilder {
+            cfg: Config {
+                request,
+                factory: None,
+                on_connect: None,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                write_timeout: DEFAULT_WRITE_TIMEOUT,
+                close_timeout: DEFAULT_CLOSE_TIMEOUT,
+                limits: Limits::default(),
+                tls: TlsSettings::default(),
+                proxy: ProxySetting::Env,
+                heartbeat: Heartbeat::default(),
+                reconnect: true,
+                policy: Arc::new(parking_lot::Mutex::new(Box::new(Backoff::default()))),
+                overflow: OverflowPolicy::Reject,
+                event_capacity: None,
+                surface_pings: false,
+                read_budget: 64,
+                stack_size: 256 << 10,
+                read_buffer_size: 128 << 10,
+            },
+        }
+    }
+
+    /// Adds a header to every upgrade request (e.g. `Authorization`). Never logged.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.cfg.request = self.cfg.request.header(name, value);
+        self
+    }
+
+    /// Asks for a subprotocol.
+    pub fn subprotocol(mut self, protocol: impl Into<String>) -> Self {
+        self.cfg.request = self.cfg.request.subprotocol(protocol);
+        self
+    }
+
+    /// Deadline for one whole connect: DNS, TCP (every address), proxy, TLS and upgrade.
+    /// Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.connect_timeout = timeout;
+        self
+    }
+
+    /// A send that cannot hand its bytes to the OS for this long declares the
+    /// connection stalled (the peer stopped reading). Default 10 s.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.write_timeout = timeout;
+        self
+    }
+
+    /// Bounded wait for the peer's close reply in `close()`. Default 2 s.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.close_timeout = timeout;
+        self
+    }
+
+    /// Size limits (message, frame, write buffer, offline queue).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.cfg.limits = limits;
+        self
+    }
+
+    /// Heartbeat settings; default [`Heartbeat::default`] (ping after 15 s idle, 10 s timeout).
+    pub fn heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.cfg.heartbeat = heartbeat;
+        self
+    }
+
+    /// Turns automatic reconnection on (default) or off. When off, the client
+    /// closes when its connection ends.
+    pub fn reconnect(mut self, enabled: bool) -> Self {
+        self.cfg.reconnect = enabled;
+        self
+    }
+
+    /// Replaces the reconnect policy (default: [`Backoff::default`]).
+    pub fn reconnect_policy(mut self, policy: impl ReconnectPolicy) -> Self {
+        self.cfg.policy = Arc::new(parking_lot::Mutex::new(Box::new(policy)));
+        self
+    }
+
+    /// Builds the request for every attempt (fresh tokens, failover between URLs).
+    /// Replaces the URL, headers and subprotocols given to the builder.
+    pub fn request_factory(
+        mut self,
+        factory: impl Fn(&Attempt<'_>) -> Result<Request> + Send + Sync + 'static,
+    ) -> Self {
+        self.cfg.factory = Some(Arc::new(factory));
+        self
+    }
+
+    /// Runs on every (re)connection before queued messages are flushed and before
+    /// `Connected` is emitted: authenticate, resubscribe. An error fails the attempt.
+    pub fn on_connect(
+        mut self,
+        hook: impl Fn(&mut Session<'_>) -> Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.cfg.on_connect = Some(Arc::new(hook));
+        self
+    }
+
+    /// What `send` does when the offline queue is full. Default [`OverflowPolicy::Reject`].
+    pub fn overflow(mut self, policy: OverflowPolicy) -> Self {
+        self.cfg.overflow = policy;
+        self
+    }
+
+    /// Bounds the event channel. When full, the reader stops reading the socket
+    /// (TCP back-pressure) and the heartbeat pauses. Default: unbounded.
+    pub fn event_capacity(mut self, capacity: usize) -> Self {
+        self.cfg.event_capacity = Some(capacity.max(1));
+        self
+    }
+
+    /// Also deliver incoming pings and pongs as [`Event::Message`](crate::Event::Message).
+    pub fn surface_pings(mut self, yes: bool) -> Self {
+        self.cfg.surface_pings = yes;
+        self
+    }
+
+    /// Messages the reader handles per lock hold before letting writers in (default 64).
+    pub fn read_budget(mut self, messages: usize) -> Self {
+        self.cfg.read_budget = messages.max(1);
+        self
+    }
+
+    /// Stack size of the internal threads (default 256 KiB; only touched pages use memory).
+    pub fn thread_stack_size(mut self, bytes: usize) -> Self {
+        self.cfg.stack_size = bytes.max(32 << 10);
+        self
+    }
+
+    /// tungstenite read buffer size per connection (default 128 KiB).
+    pub fn read_buffer_size(mut self, bytes: usize) -> Self {
+        self.cfg.read_buffer_size = bytes.max(4096);
+        self
+    }
+
+    /// Trusts this extra root certificate (PEM or DER) besides the system roots.
+    pub fn add_root_certificate(mut self, cert: &[u8]) -> Result<Self> {
+        let c = native_tls::Certificate::from_pem(cert)
+            .or_else(|_| native_tls::Certificate::from_der(cert))
+            .map_err(|e| Error::Tls {
+                kind: crate::TlsErrorKind::Other,
+                message: format!("bad root certificate: {e}"),
+            })?;
+        self.cfg.tls.roots.push(c);
+        Ok(self)
+    }
+
+    /// Presents a client certificate (mutual TLS).
+    pub fn identity(mut self, identity: native_tls::Identity) -> Self {
+        self.cfg.tls.identity = Some(identity);
+        self
+    }
+
+    /// Uses a fully custom TLS connector (overrides roots, identity and `danger_` options).
+    pub fn tls_connector(mut self, connector: native_tls::TlsConnector) -> Self {
+        self.cfg.tls.connector = Some(connector);
+        self
+    }
+
+    /// DANGER: accepts any server certificate. Only for tests against self-signed servers.
+    pub fn danger_accept_invalid_certs(mut self, yes: bool) -> Self {
+        self.cfg.tls.danger_accept_invalid_certs = yes;
+        self
+    }
+
+    /// DANGER: accepts a certificate for another host name.
+    pub fn danger_accept_invalid_hostnames(mut self, yes: bool) -> Self {
+        self.cfg.tls.danger_accept_invalid_hostnames = yes;
+        self
+    }
+
+    /// Connects through this HTTP proxy (`http://[user:pass@]host:port`) with CONNECT.
+    pub fn proxy(mut self, proxy_url: &str) -> Result<Self> {
+        let u = Url::parse(proxy_url).map_err(|e| Error::InvalidUrl {
+            reason: format!("proxy URL: {e}"),
+        })?;
+        if u.scheme() != "http" || u.host_str().is_none() {
+            return Err(Error::InvalidUrl {
+                reason: "proxy URL must be http://host:port".into(),
+            });
+        }
+        self.cfg.proxy = ProxySetting::Explicit(u);
+        Ok(self)
+    }
+
+    /// Ignores proxy environment variables.
+    pub fn no_proxy(mut self) -> Self {
+        self.cfg.proxy = ProxySetting::None;
+        self
+    }
+
+    /// Connects now (blocking until open or a typed error), then keeps the connection
+    /// alive in the background.
+    pub fn connect(self) -> Result<Client> {
+        Client::start(self.cfg, true)
+    }
+
+    /// Returns at once and connects in the background, retrying per the policy.
+    /// Use [`Client::wait_connected`] or the `Connected` event.
+    pub fn connect_lazy(self) -> Result<Client> {
+        Client::start(self.cfg, false)
+    }
+}

@@ -1,0 +1,460 @@
+//! Opening one connection under one deadline: DNS, TCP, proxy CONNECT, TLS, upgrade.
+//!
+//! The socket stays in blocking mode with read/write timeouts set to the time left, so
+//! every step is bounded. We do the TLS handshake ourselves (tungstenite's own wrapper
+//! panics when native-tls returns `WouldBlock` with a timeout set) and resume
+//! tungstenite's `Interrupted` upgrade until the deadline.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::HandshakeError;
+use tungstenite::http::{HeaderName, HeaderValue};
+use url::Url;
+
+use crate::config::{Config, ProxySetting, Request, TlsSettings};
+use crate::link::{Stream, Ws};
+use crate::redact::RedactedUrl;
+use crate::{ConnectStage, Error, Result, TlsErrorKind};
+
+/// A freshly opened connection, not yet shared with any thread.
+pub(crate) struct Opened {
+    pub ws: Ws,
+    pub protocol: Option<String>,
+}
+
+struct Deadline {
+    start: Instant,
+    end: Instant,
+}
+
+impl Deadline {
+    fn left(&self, stage: ConnectStage) -> Result<Duration> {
+        let now = Instant::now();
+        if now >= self.end {
+            return Err(self.timeout(stage));
+        }
+        Ok(self.end - now)
+    }
+    fn timeout(&self, stage: ConnectStage) -> Error {
+        Error::Timeout {
+            stage,
+            elapsed: self.start.elapsed(),
+        }
+    }
+    fn arm(&self, sock: &TcpStream, stage: ConnectStage) -> Result<()> {
+        let left = self.left(stage)?;
+        sock.set_read_timeout(Some(left))?;
+        sock.set_write_timeout(Some(left))?;
+        Ok(())
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+/// Opens a connection for `req`. `on_socket` gets a clone of the TCP socket as soon as it
+/// exists, so `close()` can abort a connect in progress by shutting it down.
+pub(crate) fn open(
+    cfg: &Config,
+    req: &Request,
+    on_socket: &dyn Fn(&TcpStream),
+) -> Result<Opened> {
+    let start = Instant::now();
+    let dl = Deadline {
+        start,
+        end: start + cfg.connect_timeout,
+    };
+    let url = &req.url;
+    let host = url.host_str().unwrap_or_default().to_string();
+    let tls = url.scheme() == "wss";
+    let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    let proxy = pick_proxy(&cfg.proxy, url, &host);
+    log::debug!(
+        "connecting to {}{}",
+        RedactedUrl(url),
+        if proxy.is_some() { " via proxy" } else { "" }
+    );
+    let (dial_host, dial_port) = match &proxy {
+        Some(p) => (
+            p.host_str().unwrap_or_default().to_string(),
+            p.port_or_known_default().unwrap_or(8080),
+        ),
+        None => (host.clone(), port),
+    };
+    let addrs = resolve(&dial_host, dial_port, &dl)?;
+    let sock = dial(&addrs, &dl)?;
+    on_socket(&sock);
+    sock.set_nodelay(true)?;
+    if let Some(p) = &proxy {
+        dl.arm(&sock, ConnectStage::Proxy)?;
+        proxy_connect(&sock, p, &host, port, &dl)?;
+    }
+    let stream = if tls {
+        dl.arm(&sock, ConnectStage::Tls)?;
+        Stream::Tls(Box::new(tls_handshake(&cfg.tls, &host, sock, &dl)?))
+    } else {
+        Stream::Plain(sock)
+    };
+    dl.arm(stream.tcp(), ConnectStage::Upgrade)?;
+    let request = build_request(req)?;
+    let mut result = tungstenite::client::client_with_config(request, stream, Some(cfg.ws_config()));
+    let (ws, resp) = loop {
+        match result {
+            Ok(ok) => break ok,
+            Err(HandshakeError::Interrupted(mid)) => {
+                let left = dl.left(ConnectStage::Upgrade)?;
+                let tcp = mid.get_ref().get_ref().tcp();
+                tcp.set_read_timeout(Some(left))?;
+                tcp.set_write_timeout(Some(left))?;
+                result = mid.handshake();
+            }
+            Err(HandshakeError::Failure(tungstenite::Error::Io(e))) if is_timeout(&e) => {
+                return Err(dl.timeout(ConnectStage::Upgrade));
+            }
+            Err(HandshakeError::Failure(e)) => return Err(Error::from_ws(e)),
+        }
+    };
+    let protocol = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let tcp = ws.get_ref().tcp();
+    tcp.set_read_timeout(None)?;
+    tcp.set_write_timeout(None)?;
+    tcp.set_nonblocking(true)?;
+    log::debug!("connected to {} in {:?}", RedactedUrl(url), start.elapsed());
+    Ok(Opened { ws, protocol })
+}
+
+fn resolve(host: &str, port: u16, dl: &Deadline) -> Result<Vec<SocketAddr>> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    // getaddrinfo has no timeout: resolve on a helper thread and stop waiting at the
+    // deadline (the helper ends by itself when the resolver returns).
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let name = host.to_string();
+    std::thread::Builder::new()
+        .name("wsbeat-dns".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+        })?;
+    match rx.recv_timeout(dl.left(ConnectStage::Dns)?) {
+        Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
+        Ok(Ok(_)) => Err(Error::Dns {
+            host: host.into(),
+            message: "no addresses".into(),
+        }),
+        Ok(Err(e)) => Err(Error::Dns {
+            host: host.into(),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(dl.timeout(ConnectStage::Dns)),
+    }
+}
+
+fn dial(addrs: &[SocketAddr], dl: &Deadline) -> Result<TcpStream> {
+    let mut last = None;
+    for addr in addrs {
+        let left = dl.left(ConnectStage::Tcp)?;
+        match TcpStream::connect_timeout(addr, left) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                log::debug!("connect {addr}: {e}");
+                last = Some(match e.kind() {
+                    io::ErrorKind::ConnectionRefused => Error::Refused {
+                        addr: addr.to_string(),
+                    },
+                    _ if is_timeout(&e) => dl.timeout(ConnectStage::Tcp),
+                    _ => Error::io(e),
+                });
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| dl.timeout(ConnectStage::Tcp)))
+}
+
+fn tls_handshake(
+    settings: &TlsSettings,
+    host: &str,
+    sock: TcpStream,
+    dl: &Deadline,
+) -> Result<native_tls::TlsStream<TcpStream>> {
+    let connector = match &settings.connector {
+        Some(c) => c.clone(),
+        None => {
+            let mut b = native_tls::TlsConnector::builder();
+            for r in &settings.roots {
+                b.add_root_certificate(r.clone());
+            }
+            if let Some(id) = &settings.identity {
+                b.identity(id.clone());
+            }
+            b.danger_accept_invalid_certs(settings.danger_accept_invalid_certs);
+            b.danger_accept_invalid_hostnames(settings.danger_accept_invalid_hostnames);
+            b.build().map_err(|e| tls_error(&e.to_string()))?
+        }
+    };
+    let domain = host.trim_start_matches('[').trim_end_matches(']');
+    let mut result = connector.connect(domain, sock);
+    loop {
+        match result {
+            Ok(s) => return Ok(s),
+            Err(native_tls::HandshakeError::WouldBlock(mid)) => {
+                // With a socket timeout set, WouldBlock means the time ran out (or a
+                // spurious wake-up): resume while time is left.
+                let left = dl.left(ConnectStage::Tls)?;
+                mid.get_ref().set_read_timeout(Some(left))?;
+                mid.get_ref().set_write_timeout(Some(left))?;
+                result = mid.handshake();
+            }
+            Err(native_tls::HandshakeError::Failure(e)) => {
+                let msg = e.to_string();
+                if msg.contains("timed out") || msg.contains("Resource temporarily unavailable") {
+                    return Err(dl.timeout(ConnectStage::Tls));
+                }
+                return Err(tls_error(&msg));
+            }
+        }
+    }
+}
+
+fn tls_error(msg: &str) -> Error {
+    let lower = msg.to_ascii_lowercase();
+    let kind = if lower.contains("certificate") || lower.contains("hostname mismatch") {
+        TlsErrorKind::Certificate
+    } else {
+        TlsErrorKind::Other
+    };
+    Error::Tls {
+        kind,
+        message: msg.to_string(),
+    }
+}
+
+fn header_err(name: &str, e: impl std::fmt::Display) -> Error {
+    Error::InvalidHeader {
+        name: name.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn build_request(req: &Request) -> Result<tungstenite::handshake::client::Request> {
+    let mut url = req.url.clone();
+    let basic = if !url.username().is_empty() {
+        let user = percent_decode(url.username());
+        let pass = url.password().map(percent_decode).unwrap_or_default();
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        Some(format!("Basic {}", base64(format!("{user}:{pass}").as_bytes())))
+    } else {
+        None
+    };
+    let mut r = url.as_str().into_client_request().map_err(Error::from_ws)?;
+    let headers = r.headers_mut();
+    for (k, v) in &req.headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| header_err(k, e))?;
+        let value = HeaderValue::from_str(v).map_err(|e| header_err(k, e))?;
+        headers.append(name, value);
+    }
+    if let Some(b) = basic
+        && !headers.contains_key("authorization")
+    {
+        headers.insert(
+            "authorization",
+            HeaderValue::from_str(&b).map_err(|e| header_err("authorization", e))?,
+        );
+    }
+    if !req.subprotocols.is_empty() {
+        let v = req.subprotocols.join(", ");
+        headers.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_str(&v).map_err(|e| header_err("Sec-WebSocket-Protocol", e))?,
+        );
+    }
+    Ok(r)
+}
+
+/// Which proxy (if any) to use for `url`.
+fn pick_proxy(setting: &ProxySetting, url: &Url, host: &str) -> Option<Url> {
+    match setting {
+        ProxySetting::None => None,
+        ProxySetting::Explicit(p) => Some(p.clone()),
+        ProxySetting::Env => {
+            // Like Go's net/http: loopback destinations never go through an env proxy.
+            let bare = host.trim_start_matches('[').trim_end_matches(']');
+            if bare.eq_ignore_ascii_case("localhost")
+                || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            {
+                return None;
+            }
+            let names: &[&str] = if url.scheme() == "wss" {
+                &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+            } else {
+                &["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+            };
+            let value = names
+                .iter()
+                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))?;
+            let no_proxy = std::env::var("NO_PROXY")
+                .or_else(|_| std::env::var("no_proxy"))
+                .unwrap_or_default();
+            if no_proxy_matches(&no_proxy, bare) {
+                return None;
+            }
+            let value = if value.contains("://") {
+                value
+            } else {
+                format!("http://{value}")
+            };
+            match Url::parse(&value) {
+                Ok(u) if u.scheme() == "http" && u.host_str().is_some() => Some(u),
+                _ => {
+                    log::warn!("ignoring unusable proxy setting in the environment");
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// `NO_PROXY` matching: `*`, exact host, or domain suffix (`example.com`, `.example.com`).
+pub(crate) fn no_proxy_matches(list: &str, host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    list.split(',').map(str::trim).filter(|e| !e.is_empty()).any(|entry| {
+        if entry == "*" {
+            return true;
+        }
+        let entry = entry.to_ascii_lowercase();
+        let entry = entry.split(':').next().unwrap_or("");
+        let suffix = entry.trim_start_matches('.');
+        host == suffix || host.ends_with(&format!(".{suffix}"))
+    })
+}
+
+fn proxy_connect(sock: &TcpStream, proxy: &Url, host: &str, port: u16, dl: &Deadline) -> Result<()> {
+    let authority = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
+    if !proxy.username().is_empty() {
+        let user = percent_decode(proxy.username());
+        let pass = proxy.password().map(percent_decode).unwrap_or_default();
+        req.push_str(&format!(
+            "Proxy-Authorization: Basic {}\r\n",
+            base64(format!("{user}:{pass}").as_bytes())
+        ));
+    }
+    req.push_str("\r\n");
+    let timeout = |e: io::Error| {
+        if is_timeout(&e) {
+            dl.timeout(ConnectStage::Proxy)
+        } else {
+            Error::io(e)
+        }
+    };
+    (&*sock).write_all(req.as_bytes()).map_err(timeout)?;
+    // Read the response head byte by byte so no tunnelled byte is consumed.
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        dl.left(ConnectStage::Proxy)?;
+        match (&*sock).read(&mut byte) {
+            Ok(0) => {
+                return Err(Error::io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "proxy closed the connection during CONNECT",
+                )));
+            }
+            Ok(_) => head.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(timeout(e)),
+        }
+        if head.len() > 16 << 10 {
+            return Err(Error::Protocol("proxy response head too large".into()));
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok())
+        .ok_or_else(|| Error::Protocol("malformed proxy response".into()))?;
+    if !(200..300).contains(&status) {
+        return Err(Error::Proxy { status });
+    }
+    Ok(())
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let n = match chunk.len() {
+            3 => (chunk[0] as u32) << 16 | (chunk[1] as u32) << 8 | chunk[2] as u32,
+            2 => (chunk[0] as u32) << 16 | (chunk[1] as u32) << 8,
+            _ => (chunk[0] as u32) << 16,
+        };
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_and_percent() {
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(percent_decode("p%40ss"), "p@ss");
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+
+    #[test]
+    fn no_proxy_rules() {
+        assert!(no_proxy_matches("*", "x.com"));
+        assert!(no_proxy_matches("example.com", "api.example.com"));
+        assert!(no_proxy_matches(".example.com, other", "example.com"));
+        assert!(!no_proxy_matches("example.com", "badexample.com"));
+        assert!(!no_proxy_matches("", "x.com"));
+    }
+}

@@ -1,0 +1,253 @@
+//! The one error type of the crate.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::Message;
+
+/// Which step of opening a connection ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectStage {
+    /// Resolving the host name.
+    Dns,
+    /// The TCP connect (every resolved address was tried).
+    Tcp,
+    /// The HTTP CONNECT exchange with a proxy.
+    Proxy,
+    /// The TLS handshake.
+    Tls,
+    /// The HTTP upgrade request and response.
+    Upgrade,
+}
+
+impl fmt::Display for ConnectStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnectStage::Dns => "DNS resolution",
+            ConnectStage::Tcp => "TCP connect",
+            ConnectStage::Proxy => "proxy CONNECT",
+            ConnectStage::Tls => "TLS handshake",
+            ConnectStage::Upgrade => "WebSocket upgrade",
+        })
+    }
+}
+
+/// What kind of TLS failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsErrorKind {
+    /// The server certificate was rejected: unknown issuer, wrong host name, expired.
+    /// Retrying will not help; fix the CA configuration or the URL.
+    Certificate,
+    /// Any other TLS failure (protocol mismatch, the peer hung up mid-handshake, ...).
+    Other,
+}
+
+/// Every error wsbeat returns.
+///
+/// Errors that hand a message back (`QueueFull`, `Closed`, `WouldBlock`) carry it so
+/// nothing is lost: take it back with [`Error::into_message`].
+///
+/// ```
+/// let err = wsbeat::Client::builder("http://example.com").unwrap_err();
+/// assert!(matches!(err, wsbeat::Error::InvalidUrl { .. }));
+/// assert!(err.to_string().contains("ws://"));
+/// ```
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The URL could not be parsed or is not a `ws://` / `wss://` URL.
+    #[error("invalid URL: {reason} (expected ws://host[:port]/path or wss://...)")]
+    InvalidUrl {
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// A header name or value given to the builder is not valid HTTP.
+    #[error("invalid header {name:?}: {reason}")]
+    InvalidHeader {
+        /// The header name as given.
+        name: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The host name could not be resolved. Check the spelling and the DNS setup.
+    #[error("could not resolve host {host:?}: {message}")]
+    Dns {
+        /// The host that failed to resolve.
+        host: String,
+        /// The resolver's message.
+        message: String,
+    },
+    /// The server refused the TCP connection: nothing listens on that port.
+    #[error("connection refused by {addr}: is the server running?")]
+    Refused {
+        /// The last address tried.
+        addr: String,
+    },
+    /// A step of connecting took longer than the connect timeout.
+    #[error("timed out during {stage} after {elapsed:?}; raise connect_timeout or check the network")]
+    Timeout {
+        /// The step that ran out of time.
+        stage: ConnectStage,
+        /// Time spent in the whole connect when it gave up.
+        elapsed: Duration,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS error ({kind:?}): {message}")]
+    Tls {
+        /// Certificate problem or other failure.
+        kind: TlsErrorKind,
+        /// The TLS library's message.
+        message: String,
+    },
+    /// The server answered the upgrade request with a non-101 HTTP status
+    /// (401/403: check credentials; 404: check the path; 429/503: come back later).
+    #[error("server rejected the WebSocket upgrade with HTTP {status}{}", body_hint(.body))]
+    Http {
+        /// The HTTP status code.
+        status: u16,
+        /// The `Retry-After` delay, when the server sent one in seconds.
+        retry_after: Option<Duration>,
+        /// The start of the response body, if any (at most 512 bytes, lossy UTF-8).
+        body: Option<String>,
+    },
+    /// An HTTP proxy refused the CONNECT request.
+    #[error("HTTP proxy answered CONNECT with {status} (407: check the proxy credentials)")]
+    Proxy {
+        /// The proxy's HTTP status code.
+        status: u16,
+    },
+    /// The peer broke the WebSocket protocol, or a size limit was exceeded.
+    #[error("WebSocket protocol error: {0}")]
+    Protocol(String),
+    /// A network I/O error.
+    #[error("I/O error: {0}")]
+    Io(Arc<io::Error>),
+    /// The client is closed (or gave up); the message is handed back.
+    #[error("the client is closed")]
+    Closed {
+        /// The message that was not sent, if the call carried one.
+        message: Option<Message>,
+    },
+    /// The offline queue is full (`OverflowPolicy::Reject` or a timed-out `Block`);
+    /// the message is handed back.
+    #[error("the offline queue is full; message handed back")]
+    QueueFull {
+        /// The message that was not queued.
+        message: Message,
+    },
+    /// `try_send` could not send without waiting; the message is handed back.
+    #[error("sending would block; message handed back")]
+    WouldBlock {
+        /// The message that was not sent.
+        message: Message,
+    },
+    /// A message is larger than the configured maximum message size.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    MessageTooLarge {
+        /// The message size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+        /// The message, handed back.
+        message: Message,
+    },
+    /// An open connection ended (the reason a reconnect policy is told about).
+    #[error("connection lost: {0}")]
+    ConnectionLost(crate::DisconnectReason),
+    /// `wait_connected` ran out of time.
+    #[error("not connected within {0:?}")]
+    NotConnected(Duration),
+    /// The reconnect policy gave up (fatal error or attempt/time limit reached).
+    #[error("gave up reconnecting after {attempts} attempts; last error: {last}")]
+    GaveUp {
+        /// Connection attempts made since the last successful connection.
+        attempts: u32,
+        /// The error of the last attempt.
+        last: Box<Error>,
+    },
+}
+
+fn body_hint(body: &Option<String>) -> String {
+    match body {
+        Some(b) if !b.trim().is_empty() => format!(": {}", b.trim()),
+        _ => String::new(),
+    }
+}
+
+impl Error {
+    /// Takes back the message carried by `QueueFull`, `Closed`, `WouldBlock` or
+    /// `MessageTooLarge`.
+    pub fn into_message(self) -> Option<Message> {
+        match self {
+            Error::QueueFull { message }
+            | Error::WouldBlock { message }
+            | Error::MessageTooLarge { message, .. } => Some(message),
+            Error::Closed { message } => message,
+            _ => None,
+        }
+    }
+
+    /// True when retrying the same request cannot succeed: authentication and
+    /// not-found rejections (HTTP 400/401/403/404), certificate errors, bad URLs.
+    /// The default reconnect policy gives up on these.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            Error::InvalidUrl { .. } | Error::InvalidHeader { .. } => true,
+            Error::Http { status, .. } => matches!(status, 400 | 401 | 403 | 404),
+            Error::Tls { kind, .. } => *kind == TlsErrorKind::Certificate,
+            Error::Proxy { status } => *status == 407,
+            Error::GaveUp { .. } => true,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn io(e: io::Error) -> Error {
+        Error::Io(Arc::new(e))
+    }
+
+    pub(crate) fn from_ws(e: tungstenite::Error) -> Error {
+        use tungstenite::Error as W;
+        match e {
+            W::Io(e) => Error::io(e),
+            W::Http(resp) => {
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let body = resp.body().as_ref().map(|b| {
+                    let end = b.len().min(512);
+                    String::from_utf8_lossy(&b[..end]).into_owned()
+                });
+                Error::Http {
+                    status: resp.status().as_u16(),
+                    retry_after,
+                    body,
+                }
+            }
+            W::Url(u) => Error::InvalidUrl {
+                reason: u.to_string(),
+            },
+            W::ConnectionClosed | W::AlreadyClosed => Error::Closed { message: None },
+            W::Protocol(tungstenite::error::ProtocolError::HandshakeIncomplete) => {
+                Error::io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection during the WebSocket upgrade",
+                ))
+            }
+            other => Error::Protocol(other.to_string()),
+        }
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::io(e)
+    }
+}
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,389 @@
+//! Heartbeat settings and the timer thread that detects dead and half-open links.
+//!
+//! The timer thread sleeps on a crossbeam `after` deadline (no polling loop). When it
+//! wakes it looks at the current connection under the lock and either sends a probe,
+//! counts a missed reply, declares the link dead, or computes the next deadline. Inbound
+//! traffic only moves the deadline later; the timer finds that out when it wakes.
+//! Heartbeat state lives inside each connection, so a new connection always starts
+//! fresh and a stale deadline can never kill it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{after, select, Receiver};
+
+use crate::event::{DisconnectReason, Event};
+use crate::link::{Shared, TimerCmd};
+use crate::Message;
+
+/// Decides whether an inbound message is the reply to an application-level probe.
+pub type ReplyMatcher = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
+
+#[derive(Clone)]
+pub(crate) enum Mode {
+    Ping,
+    App {
+        probe: Message,
+        matcher: ReplyMatcher,
+        deliver_replies: bool,
+    },
+    Passive,
+    Off,
+}
+
+/// How the client checks that the link is alive.
+///
+/// The default is [`Heartbeat::ping`] with a 15 s idle interval and a 10 s timeout: a
+/// dead or half-open link is declared dead at most 25 s after the last inbound traffic.
+///
+/// ```
+/// use std::time::Duration;
+/// use wsbeat::{Heartbeat, Message};
+///
+/// // WebSocket pings after 5 s of silence; dead 3 s after an unanswered ping.
+/// let hb = Heartbeat::ping(Duration::from_secs(5), Duration::from_secs(3));
+/// // Application-level heartbeat for servers that want {"op":"ping"}.
+/// let app = Heartbeat::app(
+///     Duration::from_secs(5),
+///     Duration::from_secs(3),
+///     Message::text(r#"{"op":"ping"}"#),
+///     |m| matches!(m, Message::Text(t) if t.as_str() == r#"{"op":"pong"}"#),
+/// );
+/// // Server-driven protocols: anything must arrive every 30 s.
+/// let passive = Heartbeat::passive(Duration::from_secs(30));
+/// # let _ = (hb, app, passive);
+/// ```
+#[derive(Clone)]
+pub struct Heartbeat {
+    pub(crate) mode: Mode,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) max_missed: u32,
+    pub(crate) strict: bool,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat::ping(Duration::from_secs(15), Duration::from_secs(10))
+    }
+}
+
+impl fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match self.mode {
+            Mode::Ping => "ping",
+            Mode::App { .. } => "app",
+            Mode::Passive => "passive",
+            Mode::Off => "off",
+        };
+        f.debug_struct("Heartbeat")
+            .field("mode", &mode)
+            .field("interval", &self.interval)
+            .field("timeout", &self.timeout)
+            .field("max_missed", &self.max_missed)
+            .field("strict", &self.strict)
+            .finish()
+    }
+}
+
+impl Heartbeat {
+    /// WebSocket Ping frames (payload: a sequence number) after `interval` without
+    /// inbound traffic; dead when no reply arrives within `timeout`.
+    pub fn ping(interval: Duration, timeout: Duration) -> Self {
+        Heartbeat {
+            mode: Mode::Ping,
+            interval,
+            timeout,
+            max_missed: 1,
+            strict: false,
+        }
+    }
+
+    /// An application-level probe message; `matcher` recognises the reply. Replies are
+    /// consumed (not delivered as events) unless [`deliver_replies`](Self::deliver_replies).
+    pub fn app(
+        interval: Duration,
+        timeout: Duration,
+        probe: Message,
+        matcher: impl Fn(&Message) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Heartbeat {
+            mode: Mode::App {
+                probe,
+                matcher: Arc::new(matcher),
+                deliver_replies: false,
+            },
+            interval,
+            timeout,
+            max_missed: 1,
+            strict: false,
+        }
+    }
+
+    /// Sends nothing; the link is dead when nothing at all arrives for `max_silence`.
+    pub fn passive(max_silence: Duration) -> Self {
+        Heartbeat {
+            mode: Mode::Passive,
+            interval: max_silence,
+            timeout: Duration::ZERO,
+            max_missed: 1,
+            strict: false,
+        }
+    }
+
+    /// No heartbeat. A silently vanished peer then goes unnoticed until a write stalls.
+    pub fn off() -> Self {
+        Heartbeat {
+            mode: Mode::Off,
+            interval: Duration::ZERO,
+            timeout: Duration::ZERO,
+            max_missed: 1,
+            strict: false,
+        }
+    }
+
+    /// Probes that may go unanswered in a row before the link is declared dead (default 1).
+    pub fn max_missed(mut self, n: u32) -> Self {
+        self.max_missed = n.max(1);
+        self
+    }
+
+    /// Only probe replies prove liveness (default: any inbound frame does, so a reply
+    /// stuck behind bulk data never causes a false timeout).
+    pub fn strict(mut self, yes: bool) -> Self {
+        self.strict = yes;
+        self
+    }
+
+    /// For [`Heartbeat::app`]: also deliver matched replies as events.
+    pub fn deliver_replies(mut self, yes: bool) -> Self {
+        if let Mode::App {
+            deliver_replies, ..
+        } = &mut self.mode
+        {
+            *deliver_replies = yes;
+        }
+        self
+    }
+
+    /// The idle interval (or the max silence for passive mode).
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The reply timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+/// Heartbeat state of one connection (lives in its `Live`, guarded by the link lock).
+#[derive(Debug)]
+pub(crate) struct HbState {
+    pub last_inbound: Instant,
+    /// Last probe reply (pong with our payload, or an app reply).
+    pub last_reply: Instant,
+    /// Outstanding probe: sequence number and send time.
+    pub probe: Option<(u64, Instant)>,
+    pub next_seq: u64,
+    pub missed: u32,
+    pub rtt: Option<Duration>,
+}
+
+impl HbState {
+    pub(crate) fn new(now: Instant) -> Self {
+        HbState {
+            last_inbound: now,
+            last_reply: now,
+            probe: None,
+            next_seq: 1,
+            missed: 0,
+            rtt: None,
+        }
+    }
+
+    /// Called by the reader for each inbound frame. Returns true when the message is a
+    /// heartbeat reply to be consumed (not delivered).
+    pub(crate) fn on_inbound(&mut self, hb: &Heartbeat, msg: &Message, now: Instant) -> bool {
+        self.last_inbound = now;
+        let (is_reply, consume) = match (&hb.mode, msg) {
+            (Mode::Ping, Message::Pong(p)) => {
+                let seq = <[u8; 8]>::try_from(&p[..]).ok().map(u64::from_be_bytes);
+                (seq.is_some() && seq == self.probe.map(|p| p.0), false)
+            }
+            (
+                Mode::App {
+                    matcher,
+                    deliver_replies,
+                    ..
+                },
+                Message::Text(_) | Message::Binary(_),
+            ) => {
+                let r = matcher(msg);
+                (r, r && !deliver_replies)
+            }
+            _ => (false, false),
+        };
+        if is_reply {
+            if let Some((_, sent)) = self.probe.take() {
+                self.rtt = Some(now.saturating_duration_since(sent));
+            }
+            self.last_reply = now;
+            self.missed = 0;
+        }
+        consume
+    }
+}
+
+/// What the timer decided for the current connection.
+enum Step {
+    SleepUntil(Instant),
+    Probe(Message, u64),
+    Dead(DisconnectReason),
+    Missed(u32, Message, u64),
+}
+
+fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
+    let alive_since = if hb.strict { st.last_reply } else { st.last_inbound };
+    let probe_msg = |seq: u64| match &hb.mode {
+        Mode::App { probe, .. } => probe.clone(),
+        _ => Message::Ping(seq.to_be_bytes().to_vec().into()),
+    };
+    match hb.mode {
+        Mode::Off => None,
+        Mode::Passive => {
+            let due = alive_since + hb.interval;
+            Some(if now >= due {
+                Step::Dead(DisconnectReason::HeartbeatTimeout {
+                    silent_for: now - st.last_inbound,
+                })
+            } else {
+                Step::SleepUntil(due)
+            })
+        }
+        Mode::Ping | Mode::App { .. } => {
+            if let Some((_, sent)) = st.probe {
+                if alive_since > sent {
+                    // Any inbound frame after the probe proves liveness.
+                    st.probe = None;
+                    st.missed = 0;
+                } else {
+                    let due = sent + hb.timeout;
+                    if now < due {
+                        return Some(Step::SleepUntil(due));
+                    }
+                    st.missed += 1;
+                    if st.missed >= hb.max_missed {
+                        return Some(Step::Dead(DisconnectReason::HeartbeatTimeout {
+                            silent_for: now - st.last_inbound,
+                        }));
+                    }
+                    let seq = st.next_seq;
+                    return Some(Step::Missed(st.missed, probe_msg(seq), seq));
+                }
+            }
+            let due = alive_since.max(st.probe.map_or(alive_since, |p| p.1)) + hb.interval;
+            if now < due {
+                return Some(Step::SleepUntil(due));
+            }
+            let seq = st.next_seq;
+            Some(Step::Probe(probe_msg(seq), seq))
+        }
+    }
+}
+
+/// The timer thread: probes, deadlines, write-stall detection.
+pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
+    let hb = shared.cfg.heartbeat.clone();
+    let write_timeout = shared.cfg.write_timeout;
+    loop {
+        let now = Instant::now();
+        let mut wake_at: Option<Instant> = None;
+        let mut event = None;
+        {
+            let mut link = shared.link.lock();
+            if let Some(live) = link.conn.as_mut().filter(|l| l.dead.is_none() && !l.close_sent) {
+                let cgen = live.generation;
+                // Write stall: output pending longer than the write timeout.
+                let stall = live.pending_since.map(|t| t + write_timeout);
+                let mut dead = None;
+                if let Some(due) = stall {
+                    // Give the socket one more chance to drain before judging.
+                    match live.try_flush() {
+                        Ok(true) => {}
+                        Ok(false) if now >= due => dead = Some(DisconnectReason::WriteStalled),
+                        Ok(false) => wake_at = Some(due),
+                        Err(e) => dead = Some(crate::link::reason_of(&e)),
+                    }
+                }
+                if dead.is_none() {
+                    loop {
+                        match evaluate(&hb, &mut live.hb, now) {
+                            None => break,
+                            Some(Step::SleepUntil(t)) => {
+                                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+                                break;
+                            }
+                            Some(Step::Dead(r)) => {
+                                dead = Some(r);
+                                break;
+                            }
+                            Some(step) => {
+                                let (msg, seq) = match step {
+                                    Step::Missed(missed, msg, seq) => {
+                                        event = Some(Event::HeartbeatMissed {
+                                            generation: cgen,
+                                            missed,
+                                        });
+                                        (msg, seq)
+                                    }
+                                    Step::Probe(msg, seq) => (msg, seq),
+                                    _ => unreachable!("handled above"),
+                                };
+                                live.hb.next_seq += 1;
+                                live.hb.probe = Some((seq, now));
+                                log::trace!("connection {cgen}: heartbeat probe {seq}");
+                                let written = match live.ws.write(msg) {
+                                    Err(e) if crate::link::is_would_block(&e) => Ok(()),
+                                    other => other,
+                                };
+                                match written.and_then(|_| live.try_flush()) {
+                                    Ok(true) => {}
+                                    // The reader flushes it when the socket drains.
+                                    Ok(false) => live.waker.wake(),
+                                    // The buffer is full of user data: that is a stall, judged above.
+                                    Err(tungstenite::Error::WriteBufferFull(_)) => {}
+                                    Err(e) => {
+                                        dead = Some(crate::link::reason_of(&e));
+                                        break;
+                                    }
+                                }
+                                // Loop once more to get the reply deadline.
+                            }
+                        }
+                    }
+                }
+                if let Some(reason) = dead {
+                    log::info!("connection {cgen}: {reason}");
+                    shared.mark_dead(&mut link, cgen, reason);
+                    wake_at = None;
+                }
+            }
+        }
+        if let Some(ev) = event {
+            shared.emit(ev);
+        }
+        let timeout = match wake_at {
+            Some(t) => after(t.saturating_duration_since(Instant::now())),
+            None => crossbeam_channel::never(),
+        };
+        select! {
+            recv(ctl) -> cmd => match cmd {
+                Ok(TimerCmd::Wake) => {}
+                Ok(TimerCmd::Stop) | Err(_) => return,
+            },
+            recv(timeout) -> _ => {}
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! # wsbeat
+//!
+//! A blocking, thread-based WebSocket client for synchronous Rust that keeps its
+//! connection alive on its own: connect timeouts that cover TCP, TLS and the upgrade,
+//! a heartbeat that detects dead and half-open links within `interval + timeout`,
+//! automatic reconnection with exponential backoff and jitter, an offline queue, and
+//! typed events. No async runtime.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use wsbeat::{Client, Event, Heartbeat};
+//!
+//! let client = Client::builder("wss://example.com/feed")?
+//!     .connect_timeout(Duration::from_secs(5))
+//!     .header("Authorization", "Bearer t0ken") // never logged
+//!     .heartbeat(Heartbeat::ping(Duration::from_secs(15), Duration::from_secs(10)))
+//!     .connect()?;                             // blocks until open or a typed error
+//!
+//! let sender = client.clone();                 // Client is Clone + Send + Sync
+//! std::thread::spawn(move || sender.send_text("hello"));
+//!
+//! for event in client.events() {
+//!     match event {
+//!         Event::Message(m) => println!("{m}"),
+//!         Event::Disconnected { reason, .. } => eprintln!("lost: {reason}"),
+//!         Event::Reconnecting { delay, .. } => eprintln!("retrying in {delay:?}"),
+//!         Event::Closed => break,
+//!         _ => {}
+//!     }
+//! }
+//! # Ok::<(), wsbeat::Error>(())
+//! ```
+//!
+//! ## Threads
+//! Each client runs a reader thread per connection, one timer (heartbeat) thread and
+//! one supervisor (reconnect) thread. They share the socket behind one lock, and no
+//! thread ever waits for the network while holding it (see the `link` module's notes).
+//! [`Client::close`] and dropping the last handle join them all.
+//!
+//! ## What "nothing lost" means
+//! A message accepted by `send` (it returned `Ok`) is either handed to the OS on some
+//! connection, or handed back: in an error, in [`Event::Undelivered`], or in the
+//! return value of [`Client::close`]. Messages that were in flight when a connection
+//! died are sent again on the next one, so a message can arrive twice (at least once);
+//! see `RELIABILITY.md`.
+//!
+//! Unix only (it waits on sockets with `poll(2)`).
+
+#![warn(missing_docs)]
+
+mod backoff;
+mod client;
+mod config;
+mod connect;
+mod error;
+mod event;
+mod heartbeat;
+mod link;
+mod queue;
+mod reader;
+mod reconnect;
+mod redact;
+
+pub use backoff::{Backoff, Failure, ReconnectPolicy};
+pub use client::{Client, Stats};
+pub use config::{
+    Attempt, ClientBuilder, Limits, OverflowPolicy, Request, DEFAULT_CLOSE_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
+};
+pub use error::{ConnectStage, Error, Result, TlsErrorKind};
+pub use event::{DisconnectReason, Event, State};
+pub use heartbeat::{Heartbeat, ReplyMatcher};
+pub use reconnect::Session;
+pub use tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
+pub use tungstenite::{Bytes, Message};
+/// Re-exported for [`ClientBuilder::identity`] and [`ClientBuilder::tls_connector`].
+pub use native_tls;

@@ -1,0 +1,473 @@
+//! The shared link: the socket behind the one lock, and the rules for touching it.
+//!
+//! # Lock discipline
+//! There is one lock per client, `Shared::link` (a `parking_lot::Mutex<Link>`). It guards
+//! the current socket, the offline queue, the connection state and the heartbeat state.
+//! No other lock is ever taken while it is held, so there is no lock order to get wrong.
+//! Rules, enforced by this file being the only one that touches the socket:
+//! 1. The socket is always in nonblocking mode once a connection is published, so no
+//!    call made under the lock can block on the network.
+//! 2. Waiting for readability or writability happens with `poll(2)` *without* the lock
+//!    (`MutexGuard::unlocked_fair`), on a `dup` of the socket so the descriptor stays valid.
+//! 3. The reader releases the lock with `unlock_fair` after at most `read_budget`
+//!    messages, so writers wait at most one drain.
+//! 4. Only unbounded channels are sent to while the lock is held.
+//! 5. On `WouldBlock` tungstenite keeps the frame: we retry `flush()`, never re-send.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use tungstenite::WebSocket;
+
+use crate::config::{Config, OverflowPolicy};
+use crate::heartbeat::HbState;
+use crate::queue::{payload_len, OfflineQueue};
+use crate::{DisconnectReason, Error, Event, Message, Result, State};
+
+/// A plain or TLS byte stream under the WebSocket.
+pub(crate) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<native_tls::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+pub(crate) type Ws = WebSocket<Stream>;
+
+pub(crate) const POLLIN: i16 = libc::POLLIN;
+pub(crate) const POLLOUT: i16 = libc::POLLOUT;
+
+/// `poll(2)` on up to two descriptors; `None` waits forever. Returns the revents.
+pub(crate) fn poll2(
+    a: (i32, i16),
+    b: Option<(i32, i16)>,
+    timeout: Option<Duration>,
+) -> io::Result<(i16, i16)> {
+    let mut fds = [
+        libc::pollfd {
+            fd: a.0,
+            events: a.1,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b.map_or(-1, |b| b.0),
+            events: b.map_or(0, |b| b.1),
+            revents: 0,
+        },
+    ];
+    let n = if b.is_some() { 2 } else { 1 };
+    let ms = match timeout {
+        None => -1,
+        // Round up so a sub-millisecond remainder does not spin with a 0 timeout.
+        Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+    };
+    loop {
+        // SAFETY: `fds` is a valid array of `n` pollfd structs for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
+        if r >= 0 {
+            return Ok((fds[0].revents, fds[1].revents));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Waits until `sock` is writable (or in error/hang-up), up to `timeout`.
+pub(crate) fn wait_writable(sock: &TcpStream, timeout: Duration) -> bool {
+    matches!(poll2((sock.as_raw_fd(), POLLOUT), None, Some(timeout)), Ok((r, _)) if r != 0)
+}
+
+/// Waits until `sock` is readable (or in error/hang-up), up to `timeout`.
+pub(crate) fn wait_readable(sock: &TcpStream, timeout: Duration) -> bool {
+    matches!(poll2((sock.as_raw_fd(), POLLIN), None, Some(timeout)), Ok((r, _)) if r != 0)
+}
+
+pub(crate) fn is_would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+}
+
+/// Maps a tungstenite failure on an open connection to why it ended.
+pub(crate) fn reason_of(e: &tungstenite::Error) -> DisconnectReason {
+    use tungstenite::Error as W;
+    match e {
+        W::Io(io) => match io.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::NotConnected => DisconnectReason::Reset,
+            _ => DisconnectReason::Io(io.to_string()),
+        },
+        W::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)
+        | W::ConnectionClosed
+        | W::AlreadyClosed => DisconnectReason::Reset,
+        W::Tls(t) => DisconnectReason::Io(format!("TLS: {t}")),
+        other => DisconnectReason::Protocol(other.to_string()),
+    }
+}
+
+/// Wakes a reader thread out of `poll` (a socket pair; the reader polls the read end).
+pub(crate) struct Waker {
+    tx: UnixStream,
+    pub(crate) rx: UnixStream,
+}
+
+impl Waker {
+    pub(crate) fn new() -> io::Result<Waker> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok(Waker { tx, rx })
+    }
+    pub(crate) fn wake(&self) {
+        let _ = (&self.tx).write(&[1]);
+    }
+    pub(crate) fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while matches!((&self.rx).read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+/// One open connection, owned by the link while published.
+pub(crate) struct Live {
+    pub ws: Ws,
+    /// A `dup` of the socket: poll and shutdown without the lock.
+    pub sock: Arc<TcpStream>,
+    pub waker: Arc<Waker>,
+    pub generation: u64,
+    /// Messages written into tungstenite's buffer whose flush has not completed yet.
+    /// Cleared on every successful flush; put back in the offline queue if the link dies.
+    pub in_flight: VecDeque<Message>,
+    /// Set once when the connection is declared dead (first reporter wins).
+    pub dead: Option<DisconnectReason>,
+    /// Output is waiting for the socket to become writable since this instant.
+    pub pending_since: Option<Instant>,
+    pub hb: HbState,
+    /// The close frame was queued by us (client-initiated close).
+    pub close_sent: bool,
+}
+
+impl Live {
+    /// Flushes without blocking. `Ok(true)` when everything reached the OS.
+    pub(crate) fn try_flush(&mut self) -> std::result::Result<bool, tungstenite::Error> {
+        match self.ws.flush() {
+            Ok(()) => {
+                self.in_flight.clear();
+                self.pending_since = None;
+                Ok(true)
+            }
+            Err(e) if is_would_block(&e) => {
+                if self.pending_since.is_none() {
+                    self.pending_since = Some(Instant::now());
+                }
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Everything the lock guards.
+pub(crate) struct Link {
+    pub state: State,
+    /// Generation of the newest connection (0 before the first).
+    pub generation: u64,
+    pub conn: Option<Live>,
+    pub queue: OfflineQueue,
+    /// The supervisor is writing the offline queue into a fresh connection; sends
+    /// append to the queue so order is kept.
+    pub flushing_queue: bool,
+}
+
+/// Counters for [`Stats`](crate::Stats).
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+/// Commands to the supervisor (reconnect) thread. The channel is unbounded.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Connection `generation` is dead (reason stored in its `Live`).
+    Dead(u64),
+    ReconnectNow,
+    Close,
+}
+
+/// Commands to the timer thread. The channel is unbounded.
+#[derive(Debug)]
+pub(crate) enum TimerCmd {
+    /// Re-evaluate deadlines now (new connection, output pending).
+    Wake,
+    Stop,
+}
+
+/// State shared by the handles and the internal threads of one client.
+pub(crate) struct Shared {
+    pub link: Mutex<Link>,
+    /// Signalled on state changes and when the offline queue makes room.
+    pub changed: Condvar,
+    pub cfg: Config,
+    pub events: Sender<Event>,
+    pub ctl: Sender<Command>,
+    pub timer: Sender<TimerCmd>,
+    /// One `reconnect_now` in flight at a time: concurrent calls collapse into one.
+    pub reconnect_requested: AtomicBool,
+    /// `close()` was called.
+    pub closing: AtomicBool,
+    /// `Event::Closed` was emitted (it is emitted once, last).
+    pub closed_event: AtomicBool,
+    /// The socket of an attempt in progress, so `close()` can abort it.
+    pub connecting: Mutex<Option<TcpStream>>,
+    pub counters: Counters,
+}
+
+/// How a send waits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SendMode {
+    /// Wait (without the lock) for the socket up to the write timeout, or for queue room.
+    Blocking,
+    /// Never wait for the network or for queue room.
+    Try,
+}
+
+impl Shared {
+    pub(crate) fn emit(&self, ev: Event) {
+        // Unbounded: never blocks, fine under the lock. Fails only if every receiver is gone.
+        let _ = self.events.send(ev);
+    }
+
+    /// Emits the final `Event::Closed`, once.
+    pub(crate) fn emit_closed(&self) {
+        if !self.closed_event.swap(true, Ordering::SeqCst) {
+            self.emit(Event::Closed);
+        }
+    }
+
+    pub(crate) fn set_state(&self, link: &mut Link, state: State) {
+        if link.state != state {
+            log::debug!("state {:?} -> {:?}", link.state, state);
+            link.state = state;
+            self.changed.notify_all();
+        }
+    }
+
+    /// Declares connection `cgen` dead (first reporter wins; stale generations ignored).
+    pub(crate) fn mark_dead(&self, link: &mut Link, cgen: u64, reason: DisconnectReason) {
+        if let Some(live) = link.conn.as_mut()
+            && live.generation == cgen
+            && live.dead.is_none()
+        {
+            log::debug!("connection {cgen} dead: {reason}");
+            live.dead = Some(reason);
+            let _ = self.ctl.send(Command::Dead(cgen));
+        }
+    }
+
+    pub(crate) fn report_dead(&self, cgen: u64, reason: DisconnectReason) {
+        let mut link = self.link.lock();
+        self.mark_dead(&mut link, cgen, reason);
+    }
+
+    /// The send path shared by `send` and `try_send`.
+    pub(crate) fn send(&self, msg: Message, mode: SendMode) -> Result<()> {
+        let limit = self.cfg.limits.max_message_size;
+        let size = payload_len(&msg);
+        if size > limit {
+            return Err(Error::MessageTooLarge {
+                size,
+                limit,
+                message: msg,
+            });
+        }
+        self.dispatch(self.link.lock(), msg, mode)
+    }
+
+    /// Sends on the open connection, or queues while there is none.
+    fn dispatch(&self, link: MutexGuard<'_, Link>, msg: Message, mode: SendMode) -> Result<()> {
+        if matches!(link.state, State::Closed | State::Closing) {
+            return Err(Error::Closed { message: Some(msg) });
+        }
+        let direct = !link.flushing_queue && link.conn.as_ref().is_some_and(|l| l.dead.is_none());
+        if direct {
+            self.write_direct(link, msg, mode)
+        } else {
+            self.enqueue(link, msg, mode)
+        }
+    }
+
+    fn enqueue(&self, mut link: MutexGuard<'_, Link>, msg: Message, mode: SendMode) -> Result<()> {
+        if !link.queue.could_fit(&msg) {
+            return Err(Error::QueueFull { message: msg });
+        }
+        if link.queue.has_room(&msg) {
+            link.queue.push_back(msg);
+            return Ok(());
+        }
+        match (self.cfg.overflow, mode) {
+            (OverflowPolicy::Reject, _) | (OverflowPolicy::Block(_), SendMode::Try) => {
+                Err(Error::QueueFull { message: msg })
+            }
+            (OverflowPolicy::DropOldest, _) => {
+                let mut dropped = Vec::new();
+                while !link.queue.has_room(&msg) {
+                    match link.queue.pop_front() {
+                        Some(m) => dropped.push(m),
+                        None => break,
+                    }
+                }
+                link.queue.push_back(msg);
+                drop(link);
+                log::warn!("offline queue full: dropped {} oldest messages", dropped.len());
+                self.emit(Event::Undelivered(dropped));
+                Ok(())
+            }
+            (OverflowPolicy::Block(limit), SendMode::Blocking) => {
+                let deadline = Instant::now() + limit;
+                loop {
+                    let direct = !link.flushing_queue
+                        && link.conn.as_ref().is_some_and(|l| l.dead.is_none());
+                    if direct || matches!(link.state, State::Closed | State::Closing) {
+                        return self.dispatch(link, msg, SendMode::Blocking);
+                    }
+                    if link.queue.has_room(&msg) {
+                        link.queue.push_back(msg);
+                        return Ok(());
+                    }
+                    if self.changed.wait_until(&mut link, deadline).timed_out() {
+                        return Err(Error::QueueFull { message: msg });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes on the open connection. Returns `Ok` once the message reached the OS, or
+    /// once the connection died with it in flight (it is then requeued by the supervisor).
+    fn write_direct(&self, mut link: MutexGuard<'_, Link>, msg: Message, mode: SendMode) -> Result<()> {
+        let write_timeout = self.cfg.write_timeout;
+        let Some(live) = link.conn.as_mut() else {
+            unreachable!("write_direct without a connection")
+        };
+        let cgen = live.generation;
+        let mut deadline = None;
+        let mut unsent = Some(msg);
+        loop {
+            let live = match link.conn.as_mut() {
+                Some(l) if l.generation == cgen && l.dead.is_none() => l,
+                // The connection died while we waited: a message still unsent goes to
+                // the queue (or back to the caller); one in flight was requeued.
+                _ => {
+                    return match unsent {
+                        Some(m) => self.dispatch(link, m, mode),
+                        None => Ok(()),
+                    };
+                }
+            };
+            if let Some(m) = unsent.take() {
+                live.in_flight.push_back(m.clone());
+                match live.ws.write(m) {
+                    Ok(()) => {}
+                    Err(e) if is_would_block(&e) => {}
+                    Err(tungstenite::Error::WriteBufferFull(_)) => {
+                        // Not buffered: keep it and wait for room.
+                        unsent = live.in_flight.pop_back();
+                    }
+                    Err(e) => {
+                        let reason = reason_of(&e);
+                        self.mark_dead(&mut link, cgen, reason);
+                        return Ok(());
+                    }
+                }
+            }
+            let live = link.conn.as_mut().expect("checked above");
+            match live.try_flush() {
+                Ok(true) if unsent.is_none() => {
+                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let reason = reason_of(&e);
+                    self.mark_dead(&mut link, cgen, reason);
+                    return Ok(());
+                }
+            }
+            // Output is pending.
+            if mode == SendMode::Try {
+                return match unsent {
+                    Some(m) => Err(Error::WouldBlock { message: m }),
+                    None => {
+                        // Buffered: the reader flushes it when the socket drains.
+                        live.waker.wake();
+                        let _ = self.timer.send(TimerCmd::Wake);
+                        self.counters.sent.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                };
+            }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + write_timeout);
+            let now = Instant::now();
+            if now >= deadline {
+                log::warn!("connection {cgen}: write stalled for {write_timeout:?}");
+                if let Some(m) = unsent.take() {
+                    link.queue.push_front(m);
+                }
+                self.mark_dead(&mut link, cgen, DisconnectReason::WriteStalled);
+                return Ok(());
+            }
+            let sock = live.sock.clone();
+            MutexGuard::unlocked_fair(&mut link, || {
+                wait_writable(&sock, deadline - now);
+            });
+        }
+    }
+
+    /// Shuts the socket of `live` down so its reader wakes; used by teardown.
+    pub(crate) fn shutdown_socket(sock: &TcpStream) {
+        let _ = sock.shutdown(Shutdown::Both);
+    }
+}

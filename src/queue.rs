@@ -1,0 +1,106 @@
+//! The offline queue: messages accepted while no connection is open.
+
+use std::collections::VecDeque;
+
+use crate::Message;
+
+/// Payload size of a message, as counted against the byte bound.
+pub(crate) fn payload_len(m: &Message) -> usize {
+    match m {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) | Message::Ping(b) | Message::Pong(b) => b.len(),
+        Message::Close(_) => 0,
+        Message::Frame(f) => f.payload().len(),
+    }
+}
+
+/// A FIFO bounded by message count and payload bytes.
+#[derive(Debug)]
+pub(crate) struct OfflineQueue {
+    msgs: VecDeque<Message>,
+    bytes: usize,
+    max_msgs: usize,
+    max_bytes: usize,
+}
+
+impl OfflineQueue {
+    pub(crate) fn new(max_msgs: usize, max_bytes: usize) -> Self {
+        OfflineQueue {
+            msgs: VecDeque::new(),
+            bytes: 0,
+            max_msgs: max_msgs.max(1),
+            max_bytes,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.msgs.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
+    }
+
+    /// Would `m` fit without dropping anything?
+    pub(crate) fn has_room(&self, m: &Message) -> bool {
+        self.msgs.len() < self.max_msgs
+            && (self.msgs.is_empty() || self.bytes + payload_len(m) <= self.max_bytes)
+    }
+
+    /// Could `m` ever fit (even in an empty queue)?
+    pub(crate) fn could_fit(&self, m: &Message) -> bool {
+        payload_len(m) <= self.max_bytes || self.max_bytes == 0
+    }
+
+    /// Appends without checking the bounds (caller checked `has_room` or chose to drop).
+    pub(crate) fn push_back(&mut self, m: Message) {
+        self.bytes += payload_len(&m);
+        self.msgs.push_back(m);
+    }
+
+    /// Puts already-accepted messages (in flight on a dead connection) back at the
+    /// front, in their order. They bypass the bounds: they were accepted before.
+    pub(crate) fn requeue_front(&mut self, ms: impl DoubleEndedIterator<Item = Message>) {
+        for m in ms.rev() {
+            self.bytes += payload_len(&m);
+            self.msgs.push_front(m);
+        }
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Message> {
+        let m = self.msgs.pop_front()?;
+        self.bytes -= payload_len(&m);
+        Some(m)
+    }
+
+    pub(crate) fn push_front(&mut self, m: Message) {
+        self.bytes += payload_len(&m);
+        self.msgs.push_front(m);
+    }
+
+    pub(crate) fn drain_all(&mut self) -> Vec<Message> {
+        self.bytes = 0;
+        self.msgs.drain(..).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds_and_order() {
+        let mut q = OfflineQueue::new(3, 10);
+        for s in ["a", "bb", "ccc"] {
+            assert!(q.has_room(&Message::text(s)));
+            q.push_back(Message::text(s));
+        }
+        assert!(!q.has_room(&Message::text("d")));
+        q.requeue_front(vec![Message::text("0")].into_iter());
+        assert_eq!(q.pop_front(), Some(Message::text("0")));
+        assert_eq!(q.pop_front(), Some(Message::text("a")));
+        assert!(!q.has_room(&Message::text("0123456789")));
+        assert_eq!(q.drain_all().len(), 2);
+        assert!(q.is_empty());
+    }
+}

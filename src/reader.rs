@@ -1,0 +1,127 @@
+//! The reader thread of one connection.
+//!
+//! It waits for the socket with `poll(2)` without holding the lock, then takes the lock
+//! and drains in nonblocking mode: `read()` until `WouldBlock` (tungstenite and OpenSSL
+//! buffer whole frames, so one read per wake-up would lose messages), at most
+//! `read_budget` messages per lock hold, then `unlock_fair` so writers get in. Events are
+//! sent to the user after the lock is released.
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use parking_lot::MutexGuard;
+
+use crate::link::{is_would_block, poll2, reason_of, Shared, POLLIN, POLLOUT};
+use crate::{DisconnectReason, Event, Message};
+
+/// Runs until connection `cgen` is dead or replaced.
+pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
+    let (sock, waker) = {
+        let link = shared.link.lock();
+        match link.conn.as_ref().filter(|l| l.generation == cgen) {
+            Some(l) => (l.sock.clone(), l.waker.clone()),
+            None => return,
+        }
+    };
+    let fd = sock.as_raw_fd();
+    let budget = shared.cfg.read_budget;
+    let surface_pings = shared.cfg.surface_pings;
+    let hb = &shared.cfg.heartbeat;
+    let mut want_write = false;
+    let mut more = false;
+    let mut out: Vec<Event> = Vec::with_capacity(budget);
+    loop {
+        if !more {
+            // Wait without the lock. Hang-up and errors wake us too (shutdown by teardown).
+            let events = if want_write { POLLIN | POLLOUT } else { POLLIN };
+            match poll2((fd, events), Some((waker.rx.as_raw_fd(), POLLIN)), None) {
+                Ok((_, w)) => {
+                    if w != 0 {
+                        waker.drain();
+                    }
+                }
+                Err(e) => {
+                    shared.report_dead(cgen, DisconnectReason::Io(e.to_string()));
+                    return;
+                }
+            }
+        }
+        let mut link = shared.link.lock();
+        let Some(live) = link.conn.as_mut().filter(|l| l.generation == cgen) else {
+            return;
+        };
+        if live.dead.is_some() {
+            return;
+        }
+        let mut dead = None;
+        let mut n = 0;
+        more = false;
+        let now = Instant::now();
+        loop {
+            if n >= budget {
+                more = true;
+                break;
+            }
+            match live.ws.read() {
+                Ok(msg) => {
+                    n += 1;
+                    let consumed = live.hb.on_inbound(hb, &msg, now);
+                    match msg {
+                        Message::Text(_) | Message::Binary(_) if !consumed => {
+                            out.push(Event::Message(msg));
+                        }
+                        Message::Ping(_) | Message::Pong(_) if surface_pings => {
+                            out.push(Event::Message(msg));
+                        }
+                        Message::Close(frame) => {
+                            if !live.close_sent {
+                                let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                                    (u16::from(f.code), f.reason.to_string())
+                                });
+                                dead = Some(DisconnectReason::ClosedByPeer { code, reason });
+                                // Let the queued close reply go out below, then stop.
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Err(e) if is_would_block(&e) => break,
+                Err(tungstenite::Error::ConnectionClosed) if live.close_sent => {
+                    dead = Some(DisconnectReason::ClosedByUser);
+                    break;
+                }
+                Err(e) => {
+                    dead = Some(reason_of(&e));
+                    break;
+                }
+            }
+        }
+        // Send queued pongs, close replies and output left by `try_send`.
+        match live.try_flush() {
+            Ok(done) => want_write = !done,
+            Err(e) => {
+                if dead.is_none() {
+                    dead = Some(reason_of(&e));
+                }
+            }
+        }
+        let stop = dead.is_some();
+        if let Some(reason) = dead {
+            shared.mark_dead(&mut link, cgen, reason);
+        }
+        MutexGuard::unlock_fair(link);
+        let received = out.len() as u64;
+        if received > 0 {
+            shared.counters.received.fetch_add(received, Ordering::Relaxed);
+            for ev in out.drain(..) {
+                shared.emit(ev);
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}

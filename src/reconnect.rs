@@ -1,0 +1,562 @@
+//! The supervisor (reconnect) thread: opens connections, publishes them, tears dead ones
+//! down, waits out the backoff, and closes the client.
+//!
+//! It is the only thread that creates or destroys connections, so rebuilds are serialised
+//! by construction: every death report carries the generation of its connection, the
+//! first report for the current generation wins (`Shared::mark_dead`), and reports of
+//! older generations are ignored. `reconnect_now` from many threads collapses into one
+//! command through an atomic flag.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{after, select, Receiver};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
+
+use crate::backoff::Failure;
+use crate::config::Attempt;
+use crate::connect::{self, Opened};
+use crate::heartbeat::HbState;
+use crate::link::{
+    is_would_block, wait_readable, wait_writable, Command, Link, Live, Shared, TimerCmd, Waker, Ws,
+};
+use crate::{DisconnectReason, Error, Event, Message, Result, State};
+
+/// The connection handed to an [`on_connect`](crate::ClientBuilder::on_connect) hook,
+/// before any other thread can use it: authenticate, subscribe, wait for an answer.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use wsbeat::{Client, Message};
+///
+/// let client = Client::builder("wss://example.com/feed")?
+///     .on_connect(|s| {
+///         s.send(Message::text(r#"{"op":"auth","token":"..."}"#))?;
+///         let ack = s.read(Duration::from_secs(5))?; // e.g. {"op":"auth-ok"}
+///         s.send(Message::text(r#"{"op":"subscribe","topic":"trades"}"#))?;
+///         let _ = ack;
+///         Ok(())
+///     })
+///     .connect()?;
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+pub struct Session<'a> {
+    ws: &'a mut Ws,
+    generation: u64,
+    protocol: Option<&'a str>,
+    write_timeout: Duration,
+}
+
+impl Session<'_> {
+    /// The generation this connection will have.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The subprotocol the server selected.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol
+    }
+
+    /// Sends a message and waits (up to the write timeout) until it reached the OS.
+    pub fn send(&mut self, msg: Message) -> Result<()> {
+        let deadline = Instant::now() + self.write_timeout;
+        let mut r = self.ws.write(msg);
+        loop {
+            match r {
+                Ok(()) => match self.ws.flush() {
+                    Ok(()) => return Ok(()),
+                    Err(e) if is_would_block(&e) => {}
+                    Err(e) => return Err(Error::from_ws(e)),
+                },
+                Err(e) if is_would_block(&e) => {}
+                Err(e) => return Err(Error::from_ws(e)),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "on_connect send: write timeout",
+                )));
+            }
+            wait_writable(self.ws.get_ref().tcp(), deadline - now);
+            r = Ok(());
+        }
+    }
+
+    /// Waits up to `timeout` for the next text or binary message (pings are answered).
+    pub fn read(&mut self, timeout: Duration) -> Result<Message> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.ws.read() {
+                Ok(m @ (Message::Text(_) | Message::Binary(_))) => return Ok(m),
+                Ok(Message::Close(f)) => {
+                    return Err(Error::ConnectionLost(DisconnectReason::ClosedByPeer {
+                        code: f.as_ref().map_or(1005, |f| u16::from(f.code)),
+                        reason: f.map(|f| f.reason.to_string()).unwrap_or_default(),
+                    }));
+                }
+                Ok(_) => {}
+                Err(e) if is_would_block(&e) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(Error::io(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "on_connect read: no message in time",
+                        )));
+                    }
+                    wait_readable(self.ws.get_ref().tcp(), deadline - now);
+                }
+                Err(e) => return Err(Error::from_ws(e)),
+            }
+        }
+    }
+}
+
+/// How a connection ended, from the supervisor's point of view.
+enum End {
+    Died,
+    Close,
+}
+
+pub(crate) struct Supervisor {
+    pub shared: Arc<Shared>,
+    pub ctl: Receiver<Command>,
+    pub timer: Option<JoinHandle<()>>,
+    /// Attempts made in total (numbers given to the request factory).
+    attempts: u64,
+    /// Failures in a row since the last stable connection.
+    failures: u32,
+    first_failure: Option<Instant>,
+    last_error: Option<Error>,
+}
+
+/// Opens a connection and runs the user's on-connect hook on it.
+pub(crate) fn establish(shared: &Shared, number: u64, last_error: Option<&Error>) -> Result<Opened> {
+    let cfg = &shared.cfg;
+    let req = match &cfg.factory {
+        Some(f) => f(&Attempt { number, last_error })?,
+        None => cfg.request.clone(),
+    };
+    let opened = connect::open(cfg, &req, &|s| {
+        *shared.connecting.lock() = s.try_clone().ok();
+    });
+    *shared.connecting.lock() = None;
+    let mut opened = opened?;
+    if shared.closing.load(Ordering::SeqCst) {
+        return Err(Error::Closed { message: None });
+    }
+    if let Some(hook) = &cfg.on_connect {
+        let generation = shared.link.lock().generation + 1;
+        let mut s = Session {
+            ws: &mut opened.ws,
+            generation,
+            protocol: opened.protocol.as_deref(),
+            write_timeout: cfg.write_timeout,
+        };
+        hook(&mut s)?;
+    }
+    Ok(opened)
+}
+
+impl Supervisor {
+    pub(crate) fn new(shared: Arc<Shared>, ctl: Receiver<Command>, timer: JoinHandle<()>) -> Self {
+        Supervisor {
+            shared,
+            ctl,
+            timer: Some(timer),
+            attempts: 0,
+            failures: 0,
+            first_failure: None,
+            last_error: None,
+        }
+    }
+
+    /// The thread body. Returns the messages still queued when the user closed.
+    pub(crate) fn run(mut self, first: Option<Opened>) -> Vec<Message> {
+        let mut pending = first;
+        if pending.is_some() {
+            self.attempts = 1;
+        }
+        let give_up: Option<Error> = loop {
+            if self.shared.closing.load(Ordering::SeqCst) {
+                break None;
+            }
+            let opened = match pending.take() {
+                Some(o) => o,
+                None => {
+                    self.set_state(State::Connecting);
+                    self.attempts += 1;
+                    match establish(&self.shared, self.attempts, self.last_error.as_ref()) {
+                        Ok(o) => o,
+                        Err(e) => {
+                            if self.shared.closing.load(Ordering::SeqCst) {
+                                break None;
+                            }
+                            log::info!("connect attempt {} failed: {e}", self.attempts);
+                            match self.backoff(Some(e), None) {
+                                Ok(()) => continue,
+                                Err(stop) => break stop,
+                            }
+                        }
+                    }
+                }
+            };
+            let (cgen, reader) = match self.publish(opened) {
+                Ok(x) => x,
+                Err(e) => {
+                    match self.backoff(Some(e), None) {
+                        Ok(()) => continue,
+                        Err(stop) => break stop,
+                    }
+                }
+            };
+            let opened_at = Instant::now();
+            self.flush_queue(cgen);
+            let end = self.wait_end(cgen);
+            if let End::Close = end {
+                self.close_handshake(cgen);
+            }
+            let reason = self.teardown(cgen, Some(reader));
+            self.shared.emit(Event::Disconnected {
+                generation: cgen,
+                reason: reason.clone(),
+            });
+            if let End::Close = end {
+                break None;
+            }
+            if !self.shared.cfg.reconnect {
+                break Some(Error::ConnectionLost(reason));
+            }
+            if opened_at.elapsed() >= self.shared.cfg.policy.lock().min_uptime() {
+                self.failures = 0;
+                self.first_failure = None;
+            }
+            let err = Error::ConnectionLost(reason.clone());
+            match self.backoff(Some(err), Some(reason)) {
+                Ok(()) => {}
+                Err(stop) => break stop,
+            }
+        };
+        self.finish(give_up)
+    }
+
+    fn set_state(&self, state: State) {
+        let mut link = self.shared.link.lock();
+        if link.state != State::Closing && link.state != State::Closed {
+            self.shared.set_state(&mut link, state);
+        }
+    }
+
+    /// Records a failure and waits out the policy's delay. `Err(Some(e))`: gave up;
+    /// `Err(None)`: closed by the user meanwhile.
+    fn backoff(
+        &mut self,
+        error: Option<Error>,
+        reason: Option<DisconnectReason>,
+    ) -> std::result::Result<(), Option<Error>> {
+        self.failures = self.failures.saturating_add(1);
+        let first = *self.first_failure.get_or_insert_with(Instant::now);
+        let delay = {
+            let f = Failure {
+                attempt: self.failures,
+                error: error.as_ref(),
+                reason: reason.as_ref(),
+                elapsed: first.elapsed(),
+            };
+            self.shared.cfg.policy.lock().next_delay(&f)
+        };
+        let last = error.unwrap_or(Error::Closed { message: None });
+        self.last_error = Some(last.clone());
+        let Some(delay) = delay else {
+            return Err(Some(Error::GaveUp {
+                attempts: self.failures,
+                last: Box::new(last),
+            }));
+        };
+        if !self.shared.cfg.reconnect {
+            return Err(Some(last));
+        }
+        self.set_state(State::Backoff);
+        self.shared.emit(Event::Reconnecting {
+            attempt: self.failures,
+            delay,
+            last_error: Some(last),
+        });
+        log::info!("reconnecting in {delay:?} (attempt {})", self.failures);
+        let wake = after(delay);
+        loop {
+            select! {
+                recv(self.ctl) -> cmd => match cmd {
+                    Ok(Command::Close) | Err(_) => return Err(None),
+                    Ok(Command::ReconnectNow) => {
+                        self.shared.reconnect_requested.store(false, Ordering::SeqCst);
+                        return Ok(());
+                    }
+                    Ok(Command::Dead(_)) => {} // stale
+                },
+                recv(wake) -> _ => return Ok(()),
+            }
+        }
+    }
+
+    /// Makes a fresh connection the current one and starts its reader.
+    fn publish(&mut self, opened: Opened) -> Result<(u64, JoinHandle<()>)> {
+        let sock = Arc::new(opened.ws.get_ref().tcp().try_clone()?);
+        let waker = Arc::new(Waker::new()?);
+        let now = Instant::now();
+        let cgen = {
+            let mut guard = self.shared.link.lock();
+            let link: &mut Link = &mut guard;
+            let cgen = link.generation + 1;
+            link.generation = cgen;
+            link.flushing_queue = !link.queue.is_empty();
+            link.conn = Some(Live {
+                ws: opened.ws,
+                sock,
+                waker,
+                generation: cgen,
+                in_flight: Default::default(),
+                dead: None,
+                pending_since: None,
+                hb: HbState::new(now),
+                close_sent: false,
+            });
+            self.shared.set_state(link, State::Open);
+            // Emitted before the reader starts, so it precedes this connection's messages.
+            self.shared.emit(Event::Connected {
+                generation: cgen,
+                protocol: opened.protocol,
+            });
+            cgen
+        };
+        if cgen > 1 {
+            self.shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.last_error = None;
+        let shared = self.shared.clone();
+        let reader = std::thread::Builder::new()
+            .name(format!("wsbeat-reader-{cgen}"))
+            .stack_size(self.shared.cfg.stack_size)
+            .spawn(move || crate::reader::run(shared, cgen));
+        let reader = match reader {
+            Ok(r) => r,
+            Err(e) => {
+                self.shared.report_dead(cgen, DisconnectReason::Io(e.to_string()));
+                let r = self.teardown(cgen, None);
+                log::warn!("could not start reader thread: {r}");
+                return Err(Error::io(e));
+            }
+        };
+        let _ = self.shared.timer.send(TimerCmd::Wake);
+        Ok((cgen, reader))
+    }
+
+    /// Writes the offline queue into connection `cgen`, in order, before direct sends resume.
+    fn flush_queue(&self, cgen: u64) {
+        let write_timeout = self.shared.cfg.write_timeout;
+        loop {
+            let mut guard = self.shared.link.lock();
+            let link: &mut Link = &mut guard;
+            let Some(live) = link.conn.as_mut().filter(|l| l.generation == cgen && l.dead.is_none())
+            else {
+                return;
+            };
+            let mut moved = false;
+            let mut failed = None;
+            while let Some(m) = link.queue.pop_front() {
+                moved = true;
+                live.in_flight.push_back(m.clone());
+                match live.ws.write(m) {
+                    Ok(()) => {}
+                    Err(e) if is_would_block(&e) => {}
+                    Err(tungstenite::Error::WriteBufferFull(_)) => {
+                        let m = live.in_flight.pop_back().expect("just pushed");
+                        link.queue.push_front(m);
+                        break;
+                    }
+                    Err(e) => {
+                        failed = Some(crate::link::reason_of(&e));
+                        break;
+                    }
+                }
+            }
+            if moved {
+                self.shared.changed.notify_all();
+            }
+            let flushed = match live.try_flush() {
+                Ok(done) => done,
+                Err(e) => {
+                    failed.get_or_insert(crate::link::reason_of(&e));
+                    false
+                }
+            };
+            if failed.is_none()
+                && !flushed
+                && live.pending_since.is_some_and(|t| t.elapsed() >= write_timeout)
+            {
+                failed = Some(DisconnectReason::WriteStalled);
+            }
+            if let Some(reason) = failed {
+                self.shared.mark_dead(link, cgen, reason);
+                return;
+            }
+            if flushed && link.queue.is_empty() {
+                link.flushing_queue = false;
+                return;
+            }
+            if flushed {
+                continue;
+            }
+            let sock = live.sock.clone();
+            drop(guard);
+            if self.shared.closing.load(Ordering::SeqCst) {
+                return;
+            }
+            wait_writable(&sock, Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until connection `cgen` dies, or a close / reconnect-now command.
+    fn wait_end(&self, cgen: u64) -> End {
+        loop {
+            match self.ctl.recv() {
+                Ok(Command::Dead(g)) if g == cgen => return End::Died,
+                Ok(Command::Dead(_)) => {}
+                Ok(Command::ReconnectNow) => {
+                    self.shared.reconnect_requested.store(false, Ordering::SeqCst);
+                    self.shared.report_dead(cgen, DisconnectReason::ReconnectRequested);
+                }
+                Ok(Command::Close) | Err(_) => return End::Close,
+            }
+        }
+    }
+
+    /// Client-initiated close: queue a close frame, wait (bounded) for the peer's reply.
+    fn close_handshake(&self, cgen: u64) {
+        {
+            let mut guard = self.shared.link.lock();
+            let link: &mut Link = &mut guard;
+            self.shared.set_state(link, State::Closing);
+            let Some(live) = link.conn.as_mut().filter(|l| l.generation == cgen && l.dead.is_none())
+            else {
+                return;
+            };
+            live.close_sent = true;
+            let frame = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            };
+            match live.ws.close(Some(frame)) {
+                Ok(()) => {}
+                Err(e) if is_would_block(&e) => {
+                    if live.pending_since.is_none() {
+                        live.pending_since = Some(Instant::now());
+                    }
+                    live.waker.wake();
+                }
+                Err(_) => {
+                    self.shared.mark_dead(link, cgen, DisconnectReason::ClosedByUser);
+                    return;
+                }
+            }
+        }
+        // The reader reports the end (close reply + TCP close) as a death of `cgen`.
+        let deadline = after(self.shared.cfg.close_timeout);
+        loop {
+            select! {
+                recv(self.ctl) -> cmd => match cmd {
+                    Ok(Command::Dead(g)) if g == cgen => return,
+                    Ok(_) => {}
+                    Err(_) => return,
+                },
+                recv(deadline) -> _ => {
+                    log::debug!("connection {cgen}: no close reply in time");
+                    self.shared.report_dead(cgen, DisconnectReason::ClosedByUser);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes connection `cgen` out of the link, puts its in-flight messages back at the
+    /// front of the queue, shuts the socket and joins the reader.
+    fn teardown(&self, cgen: u64, reader: Option<JoinHandle<()>>) -> DisconnectReason {
+        let live = {
+            let mut guard = self.shared.link.lock();
+            let link: &mut Link = &mut guard;
+            link.flushing_queue = false;
+            match link.conn.take_if(|l| l.generation == cgen) {
+                Some(mut live) => {
+                    let in_flight = std::mem::take(&mut live.in_flight);
+                    if !in_flight.is_empty() {
+                        log::debug!("connection {cgen}: {} messages back to the queue", in_flight.len());
+                        link.queue.requeue_front(in_flight.into_iter());
+                    }
+                    if matches!(link.state, State::Open) {
+                        self.shared.set_state(link, State::Connecting);
+                    }
+                    Some(live)
+                }
+                None => None,
+            }
+        };
+        let mut reason = DisconnectReason::ClosedByUser;
+        if let Some(mut live) = live {
+            reason = live.dead.take().unwrap_or(DisconnectReason::ClosedByUser);
+            if matches!(
+                reason,
+                DisconnectReason::HeartbeatTimeout { .. }
+                    | DisconnectReason::WriteStalled
+                    | DisconnectReason::ReconnectRequested
+            ) {
+                // Best effort, never waits: the peer is probably gone.
+                let frame = CloseFrame {
+                    code: CloseCode::Away,
+                    reason: "".into(),
+                };
+                let _ = live.ws.close(Some(frame));
+            }
+            Shared::shutdown_socket(&live.sock);
+            live.waker.wake();
+            if let Some(r) = reader {
+                let _ = r.join();
+            }
+        } else if let Some(r) = reader {
+            let _ = r.join();
+        }
+        reason
+    }
+
+    /// Final state: closed. Hands back what was never sent, stops the timer.
+    fn finish(mut self, give_up: Option<Error>) -> Vec<Message> {
+        let by_user = give_up.is_none();
+        let undelivered = {
+            let mut guard = self.shared.link.lock();
+            let link: &mut Link = &mut guard;
+            self.shared.set_state(link, State::Closed);
+            link.queue.drain_all()
+        };
+        if let Some(e) = give_up {
+            log::warn!("giving up: {e}");
+            self.shared.emit(Event::GaveUp(e));
+        }
+        let _ = self.shared.timer.send(TimerCmd::Stop);
+        if let Some(t) = self.timer.take() {
+            let _ = t.join();
+        }
+        if by_user {
+            undelivered
+        } else {
+            if !undelivered.is_empty() {
+                self.shared.emit(Event::Undelivered(undelivered));
+            }
+            self.shared.emit_closed();
+            Vec::new()
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! Keeps credentials out of logs, `Debug` output and error messages.
+
+use std::fmt;
+
+use url::Url;
+
+/// Shows a URL without its password, user name or query values.
+pub(crate) struct RedactedUrl<'a>(pub &'a Url);
+
+impl fmt::Display for RedactedUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let u = self.0;
+        write!(f, "{}://", u.scheme())?;
+        if !u.username().is_empty() || u.password().is_some() {
+            f.write_str("<redacted>@")?;
+        }
+        f.write_str(u.host_str().unwrap_or(""))?;
+        if let Some(p) = u.port() {
+            write!(f, ":{p}")?;
+        }
+        f.write_str(u.path())?;
+        if u.query().is_some() {
+            let mut first = true;
+            for (k, _) in u.query_pairs() {
+                f.write_str(if first { "?" } else { "&" })?;
+                first = false;
+                write!(f, "{k}=<redacted>")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RedactedUrl<'_> {
+    /// For a string that did not parse: drop anything that may hold a secret.
+    pub(crate) fn raw(s: &str) -> String {
+        let no_query = s.split(['?', '#']).next().unwrap_or("");
+        match no_query.split_once("://") {
+            Some((scheme, rest)) => {
+                let (auth, path) = rest.split_once('/').unwrap_or((rest, ""));
+                let host = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
+                let userinfo = if auth.contains('@') { "<redacted>@" } else { "" };
+                format!("{scheme}://{userinfo}{host}/{path}")
+            }
+            None => no_query.chars().take(64).collect(),
+        }
+    }
+}
+
+/// Header names whose values are credentials.
+pub(crate) fn is_secret_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n == "authorization"
+        || n == "proxy-authorization"
+        || n == "cookie"
+        || n.contains("token")
+        || n.contains("secret")
+        || n.contains("key")
+        || n.contains("auth")
+        || n.contains("password")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_secrets_are_hidden() {
+        let u = Url::parse("wss://bob:hunter2@example.com:8443/feed?token=abc&x=1").unwrap();
+        let s = RedactedUrl(&u).to_string();
+        assert_eq!(s, "wss://<redacted>@example.com:8443/feed?token=<redacted>&x=<redacted>");
+        let r = RedactedUrl::raw("ws://bob:hunter2@exa mple.com/x?token=abc");
+        assert!(!r.contains("hunter2") && !r.contains("abc"), "{r}");
+    }
+
+    #[test]
+    fn secret_headers() {
+        assert!(is_secret_header("Authorization"));
+        assert!(is_secret_header("X-Api-Key"));
+        assert!(!is_secret_header("User-Agent"));
+    }
+}

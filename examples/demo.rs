@@ -22,7 +22,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let server = EchoServer::start("127.0.0.1:0".parse()?)?;
     let proxy = Proxy::start(server.addr)?;
-    say(format!("echo server on {}, proxy on {}", server.addr, proxy.addr));
+    say(format!(
+        "echo server on {}, proxy on {}",
+        server.addr, proxy.addr
+    ));
 
     let interval = Duration::from_millis(1000);
     let timeout = Duration::from_millis(1000);
@@ -41,7 +44,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A printer thread shows every event as it happens.
     let printer = {
-        let t0 = t0;
         thread::spawn(move || {
             let mut echoed = Vec::new();
             for ev in events {
@@ -50,16 +52,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         echoed.push(t.to_string());
                         format!("echo <- {t}")
                     }
-                    Event::Connected { generation, .. } => format!("Connected (connection #{generation})"),
+                    Event::Connected { generation, .. } => {
+                        format!("Connected (connection #{generation})")
+                    }
                     Event::Disconnected { generation, reason } => {
                         format!("Disconnected (connection #{generation}): {reason}")
                     }
-                    Event::Reconnecting { attempt, delay, last_error } => format!(
+                    Event::Reconnecting {
+                        attempt,
+                        delay,
+                        last_error,
+                    } => format!(
                         "Reconnecting: attempt {attempt} in {delay:.0?} (last error: {})",
                         last_error.as_ref().map_or("-".into(), |e| e.to_string())
                     ),
                     Event::Closed => {
-                        println!("[{:>6.2}s] Closed: all client threads joined", t0.elapsed().as_secs_f64());
+                        println!(
+                            "[{:>6.2}s] Closed: all client threads joined",
+                            t0.elapsed().as_secs_f64()
+                        );
                         break;
                     }
                     other => format!("{other:?}"),
@@ -87,15 +98,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         interval + timeout
     ));
     wait_until(Duration::from_secs(10), || client.stats().generation >= 2);
-    say(format!("new connection after {:.2?} (detect + reconnect)", cut.elapsed()));
+    say(format!(
+        "new connection after {:.2?} (detect + reconnect)",
+        cut.elapsed()
+    ));
 
     say("--- 3. server restart: messages sent during the outage are queued ---".into());
     server.stop();
-    wait_until(Duration::from_secs(5), || client.state() != wsbeat::State::Open);
+    wait_until(Duration::from_secs(5), || {
+        client.state() != wsbeat::State::Open
+    });
     for i in 1..=3 {
         client.send_text(format!("queued #{i}"))?;
     }
-    say(format!("queued {} messages while offline", client.stats().queued));
+    say(format!(
+        "queued {} messages while offline",
+        client.stats().queued
+    ));
     thread::sleep(Duration::from_millis(1500)); // let the demo show a few retries
     server.restart()?;
     say("server restarted".into());
@@ -153,7 +172,9 @@ impl EchoServer {
                 }
                 thread::spawn(move || {
                     let _ = stream.set_nodelay(true);
-                    let Ok(mut ws) = tungstenite::accept(stream) else { return };
+                    let Ok(mut ws) = tungstenite::accept(stream) else {
+                        return;
+                    };
                     while let Ok(msg) = ws.read() {
                         if (msg.is_text() || msg.is_binary()) && ws.send(msg).is_err() {
                             break;
@@ -195,7 +216,9 @@ impl Proxy {
         let h = holes.clone();
         thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(target) else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue;
+                };
                 let _ = (client.set_nodelay(true), server.set_nodelay(true));
                 let hole = Arc::new(AtomicBool::new(false));
                 h.lock().push(hole.clone());

@@ -6,13 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{unbounded, Receiver};
+use crossbeam_channel::{Receiver, unbounded};
 use parking_lot::Mutex;
 
 use crate::config::{ClientBuilder, Config};
 use crate::link::{Command, Counters, Link, SendMode, Shared, TimerCmd};
 use crate::queue::OfflineQueue;
-use crate::reconnect::{establish, Supervisor};
+use crate::reconnect::{Supervisor, establish};
 use crate::redact::RedactedUrl;
 use crate::{Error, Event, Message, Result, State};
 
@@ -73,7 +73,10 @@ pub struct Stats {
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Client")
-            .field("url", &RedactedUrl(&self.inner.shared.cfg.request.url).to_string())
+            .field(
+                "url",
+                &RedactedUrl(&self.inner.shared.cfg.request.url).to_string(),
+            )
             .field("state", &self.state())
             .finish()
     }

@@ -9,8 +9,8 @@ use url::Url;
 use crate::backoff::{Backoff, ReconnectPolicy};
 use crate::client::Client;
 use crate::heartbeat::Heartbeat;
-use crate::redact::{is_secret_header, RedactedUrl};
 use crate::reconnect::Session;
+use crate::redact::{RedactedUrl, is_secret_header};
 use crate::{Error, Result};
 
 /// Default connect timeout: DNS + TCP + proxy + TLS + upgrade together.
@@ -195,7 +195,6 @@ pub(crate) struct Config {
     pub reconnect: bool,
     pub policy: Arc<parking_lot::Mutex<Box<dyn ReconnectPolicy>>>,
     pub overflow: OverflowPolicy,
-    pub event_capacity: Option<usize>,
     pub surface_pings: bool,
     pub read_budget: usize,
     pub stack_size: usize,
@@ -266,7 +265,6 @@ impl ClientBuilder {
                 reconnect: true,
                 policy: Arc::new(parking_lot::Mutex::new(Box::new(Backoff::default()))),
                 overflow: OverflowPolicy::Reject,
-                event_capacity: None,
                 surface_pings: false,
                 read_budget: 64,
                 stack_size: 256 << 10,
@@ -355,13 +353,6 @@ impl ClientBuilder {
     /// What `send` does when the offline queue is full. Default [`OverflowPolicy::Reject`].
     pub fn overflow(mut self, policy: OverflowPolicy) -> Self {
         self.cfg.overflow = policy;
-        self
-    }
-
-    /// Bounds the event channel. When full, the reader stops reading the socket
-    /// (TCP back-pressure) and the heartbeat pauses. Default: unbounded.
-    pub fn event_capacity(mut self, capacity: usize) -> Self {
-        self.cfg.event_capacity = Some(capacity.max(1));
         self
     }
 

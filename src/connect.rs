@@ -53,16 +53,15 @@ impl Deadline {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 /// Opens a connection for `req`. `on_socket` gets a clone of the TCP socket as soon as it
 /// exists, so `close()` can abort a connect in progress by shutting it down.
-pub(crate) fn open(
-    cfg: &Config,
-    req: &Request,
-    on_socket: &dyn Fn(&TcpStream),
-) -> Result<Opened> {
+pub(crate) fn open(cfg: &Config, req: &Request, on_socket: &dyn Fn(&TcpStream)) -> Result<Opened> {
     let start = Instant::now();
     let dl = Deadline {
         start,
@@ -71,7 +70,9 @@ pub(crate) fn open(
     let url = &req.url;
     let host = url.host_str().unwrap_or_default().to_string();
     let tls = url.scheme() == "wss";
-    let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
     let proxy = pick_proxy(&cfg.proxy, url, &host);
     log::debug!(
         "connecting to {}{}",
@@ -101,7 +102,8 @@ pub(crate) fn open(
     };
     dl.arm(stream.tcp(), ConnectStage::Upgrade)?;
     let request = build_request(req)?;
-    let mut result = tungstenite::client::client_with_config(request, stream, Some(cfg.ws_config()));
+    let mut result =
+        tungstenite::client::client_with_config(request, stream, Some(cfg.ws_config()));
     let (ws, resp) = loop {
         match result {
             Ok(ok) => break ok,
@@ -144,7 +146,11 @@ fn resolve(host: &str, port: u16, dl: &Deadline) -> Result<Vec<SocketAddr>> {
         .name("wsbeat-dns".into())
         .stack_size(64 << 10)
         .spawn(move || {
-            let _ = tx.send((name.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>()));
+            let _ = tx.send(
+                (name.as_str(), port)
+                    .to_socket_addrs()
+                    .map(|a| a.collect::<Vec<_>>()),
+            );
         })?;
     match rx.recv_timeout(dl.left(ConnectStage::Dns)?) {
         Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
@@ -253,7 +259,10 @@ fn build_request(req: &Request) -> Result<tungstenite::handshake::client::Reques
         let pass = url.password().map(percent_decode).unwrap_or_default();
         let _ = url.set_username("");
         let _ = url.set_password(None);
-        Some(format!("Basic {}", base64(format!("{user}:{pass}").as_bytes())))
+        Some(format!(
+            "Basic {}",
+            base64(format!("{user}:{pass}").as_bytes())
+        ))
     } else {
         None
     };
@@ -328,18 +337,27 @@ fn pick_proxy(setting: &ProxySetting, url: &Url, host: &str) -> Option<Url> {
 /// `NO_PROXY` matching: `*`, exact host, or domain suffix (`example.com`, `.example.com`).
 pub(crate) fn no_proxy_matches(list: &str, host: &str) -> bool {
     let host = host.to_ascii_lowercase();
-    list.split(',').map(str::trim).filter(|e| !e.is_empty()).any(|entry| {
-        if entry == "*" {
-            return true;
-        }
-        let entry = entry.to_ascii_lowercase();
-        let entry = entry.split(':').next().unwrap_or("");
-        let suffix = entry.trim_start_matches('.');
-        host == suffix || host.ends_with(&format!(".{suffix}"))
-    })
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|entry| {
+            if entry == "*" {
+                return true;
+            }
+            let entry = entry.to_ascii_lowercase();
+            let entry = entry.split(':').next().unwrap_or("");
+            let suffix = entry.trim_start_matches('.');
+            host == suffix || host.ends_with(&format!(".{suffix}"))
+        })
 }
 
-fn proxy_connect(sock: &TcpStream, proxy: &Url, host: &str, port: u16, dl: &Deadline) -> Result<()> {
+fn proxy_connect(
+    sock: &TcpStream,
+    proxy: &Url,
+    host: &str,
+    port: u16,
+    dl: &Deadline,
+) -> Result<()> {
     let authority = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {

@@ -86,7 +86,9 @@ pub enum Error {
         addr: String,
     },
     /// A step of connecting took longer than the connect timeout.
-    #[error("timed out during {stage} after {elapsed:?}; raise connect_timeout or check the network")]
+    #[error(
+        "timed out during {stage} after {elapsed:?}; raise connect_timeout or check the network"
+    )]
     Timeout {
         /// The step that ran out of time.
         stage: ConnectStage,

@@ -97,7 +97,9 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::HeartbeatTimeout { silent_for } => {
                 write!(f, "heartbeat timeout: nothing received for {silent_for:?}")
             }
-            DisconnectReason::WriteStalled => f.write_str("write stalled: the peer stopped reading"),
+            DisconnectReason::WriteStalled => {
+                f.write_str("write stalled: the peer stopped reading")
+            }
             DisconnectReason::ClosedByUser => f.write_str("closed by user"),
             DisconnectReason::ReconnectRequested => f.write_str("reconnect requested"),
         }

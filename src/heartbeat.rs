@@ -11,11 +11,11 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{after, select, Receiver};
+use crossbeam_channel::{Receiver, after, select};
 
+use crate::Message;
 use crate::event::{DisconnectReason, Event};
 use crate::link::{Shared, TimerCmd};
-use crate::Message;
 
 /// Decides whether an inbound message is the reply to an application-level probe.
 pub type ReplyMatcher = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
@@ -245,7 +245,11 @@ enum Step {
 }
 
 fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
-    let alive_since = if hb.strict { st.last_reply } else { st.last_inbound };
+    let alive_since = if hb.strict {
+        st.last_reply
+    } else {
+        st.last_inbound
+    };
     let probe_msg = |seq: u64| match &hb.mode {
         Mode::App { probe, .. } => probe.clone(),
         _ => Message::Ping(seq.to_be_bytes().to_vec().into()),
@@ -303,7 +307,11 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
         let mut event = None;
         {
             let mut link = shared.link.lock();
-            if let Some(live) = link.conn.as_mut().filter(|l| l.dead.is_none() && !l.close_sent) {
+            if let Some(live) = link
+                .conn
+                .as_mut()
+                .filter(|l| l.dead.is_none() && !l.close_sent)
+            {
                 let cgen = live.generation;
                 // Write stall: output pending longer than the write timeout.
                 let stall = live.pending_since.map(|t| t + write_timeout);

@@ -64,14 +64,14 @@ mod redact;
 pub use backoff::{Backoff, Failure, ReconnectPolicy};
 pub use client::{Client, Stats};
 pub use config::{
-    Attempt, ClientBuilder, Limits, OverflowPolicy, Request, DEFAULT_CLOSE_TIMEOUT,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
+    Attempt, ClientBuilder, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
+    Limits, OverflowPolicy, Request,
 };
 pub use error::{ConnectStage, Error, Result, TlsErrorKind};
 pub use event::{DisconnectReason, Event, State};
 pub use heartbeat::{Heartbeat, ReplyMatcher};
+/// Re-exported for [`ClientBuilder::identity`] and [`ClientBuilder::tls_connector`].
+pub use native_tls;
 pub use reconnect::Session;
 pub use tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
 pub use tungstenite::{Bytes, Message};
-/// Re-exported for [`ClientBuilder::identity`] and [`ClientBuilder::tls_connector`].
-pub use native_tls;

@@ -29,7 +29,7 @@ use tungstenite::WebSocket;
 
 use crate::config::{Config, OverflowPolicy};
 use crate::heartbeat::HbState;
-use crate::queue::{payload_len, OfflineQueue};
+use crate::queue::{OfflineQueue, payload_len};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
 /// A plain or TLS byte stream under the WebSocket.
@@ -361,7 +361,10 @@ impl Shared {
                 }
                 link.queue.push_back(msg);
                 drop(link);
-                log::warn!("offline queue full: dropped {} oldest messages", dropped.len());
+                log::warn!(
+                    "offline queue full: dropped {} oldest messages",
+                    dropped.len()
+                );
                 self.emit(Event::Undelivered(dropped));
                 Ok(())
             }
@@ -387,7 +390,12 @@ impl Shared {
 
     /// Writes on the open connection. Returns `Ok` once the message reached the OS, or
     /// once the connection died with it in flight (it is then requeued by the supervisor).
-    fn write_direct(&self, mut link: MutexGuard<'_, Link>, msg: Message, mode: SendMode) -> Result<()> {
+    fn write_direct(
+        &self,
+        mut link: MutexGuard<'_, Link>,
+        msg: Message,
+        mode: SendMode,
+    ) -> Result<()> {
         let write_timeout = self.cfg.write_timeout;
         let Some(live) = link.conn.as_mut() else {
             unreachable!("write_direct without a connection")

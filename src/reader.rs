@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
-use crate::link::{is_would_block, poll2, reason_of, Shared, POLLIN, POLLOUT};
+use crate::link::{POLLIN, POLLOUT, Shared, is_would_block, poll2, reason_of};
 use crate::{DisconnectReason, Event, Message};
 
 /// Runs until connection `cgen` is dead or replaced.
@@ -75,15 +75,13 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         Message::Ping(_) | Message::Pong(_) if surface_pings => {
                             out.push(Event::Message(msg));
                         }
-                        Message::Close(frame) => {
-                            if !live.close_sent {
-                                let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                                    (u16::from(f.code), f.reason.to_string())
-                                });
-                                dead = Some(DisconnectReason::ClosedByPeer { code, reason });
-                                // Let the queued close reply go out below, then stop.
-                                break;
-                            }
+                        Message::Close(frame) if !live.close_sent => {
+                            let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                                (u16::from(f.code), f.reason.to_string())
+                            });
+                            dead = Some(DisconnectReason::ClosedByPeer { code, reason });
+                            // Let the queued close reply go out below, then stop.
+                            break;
                         }
                         _ => {}
                     }
@@ -115,7 +113,10 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         MutexGuard::unlock_fair(link);
         let received = out.len() as u64;
         if received > 0 {
-            shared.counters.received.fetch_add(received, Ordering::Relaxed);
+            shared
+                .counters
+                .received
+                .fetch_add(received, Ordering::Relaxed);
             for ev in out.drain(..) {
                 shared.emit(ev);
             }

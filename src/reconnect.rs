@@ -13,16 +13,16 @@ use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{after, select, Receiver};
-use tungstenite::protocol::frame::coding::CloseCode;
+use crossbeam_channel::{Receiver, after, select};
 use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::backoff::Failure;
 use crate::config::Attempt;
 use crate::connect::{self, Opened};
 use crate::heartbeat::HbState;
 use crate::link::{
-    is_would_block, wait_readable, wait_writable, Command, Link, Live, Shared, TimerCmd, Waker, Ws,
+    Command, Link, Live, Shared, TimerCmd, Waker, Ws, is_would_block, wait_readable, wait_writable,
 };
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
@@ -136,7 +136,11 @@ pub(crate) struct Supervisor {
 }
 
 /// Opens a connection and runs the user's on-connect hook on it.
-pub(crate) fn establish(shared: &Shared, number: u64, last_error: Option<&Error>) -> Result<Opened> {
+pub(crate) fn establish(
+    shared: &Shared,
+    number: u64,
+    last_error: Option<&Error>,
+) -> Result<Opened> {
     let cfg = &shared.cfg;
     let req = match &cfg.factory {
         Some(f) => f(&Attempt { number, last_error })?,
@@ -208,12 +212,10 @@ impl Supervisor {
             };
             let (cgen, reader) = match self.publish(opened) {
                 Ok(x) => x,
-                Err(e) => {
-                    match self.backoff(Some(e), None) {
-                        Ok(()) => continue,
-                        Err(stop) => break stop,
-                    }
-                }
+                Err(e) => match self.backoff(Some(e), None) {
+                    Ok(()) => continue,
+                    Err(stop) => break stop,
+                },
             };
             let opened_at = Instant::now();
             self.flush_queue(cgen);
@@ -231,6 +233,10 @@ impl Supervisor {
             }
             if !self.shared.cfg.reconnect {
                 break Some(Error::ConnectionLost(reason));
+            }
+            if reason == DisconnectReason::ReconnectRequested {
+                // The user asked for a fresh connection: no failure, no wait.
+                continue;
             }
             if opened_at.elapsed() >= self.shared.cfg.policy.lock().min_uptime() {
                 self.failures = 0;
@@ -335,7 +341,10 @@ impl Supervisor {
             cgen
         };
         if cgen > 1 {
-            self.shared.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .counters
+                .reconnects
+                .fetch_add(1, Ordering::Relaxed);
         }
         self.last_error = None;
         let shared = self.shared.clone();
@@ -346,7 +355,8 @@ impl Supervisor {
         let reader = match reader {
             Ok(r) => r,
             Err(e) => {
-                self.shared.report_dead(cgen, DisconnectReason::Io(e.to_string()));
+                self.shared
+                    .report_dead(cgen, DisconnectReason::Io(e.to_string()));
                 let r = self.teardown(cgen, None);
                 log::warn!("could not start reader thread: {r}");
                 return Err(Error::io(e));
@@ -362,7 +372,10 @@ impl Supervisor {
         loop {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
-            let Some(live) = link.conn.as_mut().filter(|l| l.generation == cgen && l.dead.is_none())
+            let Some(live) = link
+                .conn
+                .as_mut()
+                .filter(|l| l.generation == cgen && l.dead.is_none())
             else {
                 return;
             };
@@ -397,7 +410,9 @@ impl Supervisor {
             };
             if failed.is_none()
                 && !flushed
-                && live.pending_since.is_some_and(|t| t.elapsed() >= write_timeout)
+                && live
+                    .pending_since
+                    .is_some_and(|t| t.elapsed() >= write_timeout)
             {
                 failed = Some(DisconnectReason::WriteStalled);
             }
@@ -428,8 +443,11 @@ impl Supervisor {
                 Ok(Command::Dead(g)) if g == cgen => return End::Died,
                 Ok(Command::Dead(_)) => {}
                 Ok(Command::ReconnectNow) => {
-                    self.shared.reconnect_requested.store(false, Ordering::SeqCst);
-                    self.shared.report_dead(cgen, DisconnectReason::ReconnectRequested);
+                    self.shared
+                        .reconnect_requested
+                        .store(false, Ordering::SeqCst);
+                    self.shared
+                        .report_dead(cgen, DisconnectReason::ReconnectRequested);
                 }
                 Ok(Command::Close) | Err(_) => return End::Close,
             }
@@ -442,7 +460,10 @@ impl Supervisor {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
             self.shared.set_state(link, State::Closing);
-            let Some(live) = link.conn.as_mut().filter(|l| l.generation == cgen && l.dead.is_none())
+            let Some(live) = link
+                .conn
+                .as_mut()
+                .filter(|l| l.generation == cgen && l.dead.is_none())
             else {
                 return;
             };
@@ -460,7 +481,8 @@ impl Supervisor {
                     live.waker.wake();
                 }
                 Err(_) => {
-                    self.shared.mark_dead(link, cgen, DisconnectReason::ClosedByUser);
+                    self.shared
+                        .mark_dead(link, cgen, DisconnectReason::ClosedByUser);
                     return;
                 }
             }
@@ -494,7 +516,10 @@ impl Supervisor {
                 Some(mut live) => {
                     let in_flight = std::mem::take(&mut live.in_flight);
                     if !in_flight.is_empty() {
-                        log::debug!("connection {cgen}: {} messages back to the queue", in_flight.len());
+                        log::debug!(
+                            "connection {cgen}: {} messages back to the queue",
+                            in_flight.len()
+                        );
                         link.queue.requeue_front(in_flight.into_iter());
                     }
                     if matches!(link.state, State::Open) {

@@ -39,7 +39,11 @@ impl RedactedUrl<'_> {
             Some((scheme, rest)) => {
                 let (auth, path) = rest.split_once('/').unwrap_or((rest, ""));
                 let host = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
-                let userinfo = if auth.contains('@') { "<redacted>@" } else { "" };
+                let userinfo = if auth.contains('@') {
+                    "<redacted>@"
+                } else {
+                    ""
+                };
                 format!("{scheme}://{userinfo}{host}/{path}")
             }
             None => no_query.chars().take(64).collect(),
@@ -68,7 +72,10 @@ mod tests {
     fn url_secrets_are_hidden() {
         let u = Url::parse("wss://bob:hunter2@example.com:8443/feed?token=abc&x=1").unwrap();
         let s = RedactedUrl(&u).to_string();
-        assert_eq!(s, "wss://<redacted>@example.com:8443/feed?token=<redacted>&x=<redacted>");
+        assert_eq!(
+            s,
+            "wss://<redacted>@example.com:8443/feed?token=<redacted>&x=<redacted>"
+        );
         let r = RedactedUrl::raw("ws://bob:hunter2@exa mple.com/x?token=abc");
         assert!(!r.contains("hunter2") && !r.contains("abc"), "{r}");
     }

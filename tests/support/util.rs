@@ -1,0 +1,92 @@
+//! Process introspection (Linux `/proc`) and condition polling.
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+/// Interval between two evaluations of the condition in [`wait_until`].
+pub const POLL_INTERVAL: Duration = Duration::from_millis(2);
+
+/// Number of threads of this process (entries in `/proc/self/task`). Includes the
+/// harness's threads of other tests (even ones blocked in [`shared`]): exact only in a
+/// binary with a single test; otherwise prefer [`threads_named`].
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .expect("read /proc/self/task")
+        .count()
+}
+
+/// Names (`comm`, at most 15 bytes) of this process's threads.
+pub fn thread_names() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .expect("read /proc/self/task")
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_string())
+        .collect()
+}
+
+/// Number of threads whose name starts with `prefix` (e.g. `"wsbeat-"`). Unlike
+/// [`thread_count`] this ignores the test harness's own threads (one per running or
+/// waiting test), so it is exact even with other tests in the same binary.
+pub fn threads_named(prefix: &str) -> usize {
+    thread_names()
+        .iter()
+        .filter(|n| n.starts_with(prefix))
+        .count()
+}
+
+/// Number of threads started by the support code (`test-server*`, `fault-proxy*`).
+pub fn support_threads() -> usize {
+    threads_named("test-server") + threads_named("fault-proxy")
+}
+
+/// Number of open file descriptors of this process (`/proc/self/fd`, minus the one used to list it).
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .count()
+        .saturating_sub(1)
+}
+
+/// Resident set size of this process in KiB (`VmRSS` in `/proc/self/status`).
+pub fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// Evaluates `cond` every [`POLL_INTERVAL`] until it is true or `timeout` has passed; returns its last value.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return cond();
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Waits until the process has at most `n` threads (threads that just finished may linger briefly).
+pub fn wait_threads_at_most(n: usize, timeout: Duration) -> bool {
+    wait_until(timeout, || thread_count() <= n)
+}
+
+static PROCESS_WIDE: RwLock<()> = RwLock::new(());
+
+/// Shared hold on the process: take it in every test of a binary that also has
+/// [`exclusive`] tests, so that those measure threads / fds / RSS without interference.
+pub fn shared() -> RwLockReadGuard<'static, ()> {
+    PROCESS_WIDE.read()
+}
+
+/// Exclusive hold on the process for tests that count threads, fds or memory:
+/// no test holding [`shared`] runs meanwhile.
+pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    PROCESS_WIDE.write()
+}

@@ -432,6 +432,7 @@ impl Shared {
                 }
             }
             let live = link.conn.as_mut().expect("checked above");
+            let was_pending = live.pending_since.is_some();
             match live.try_flush() {
                 Ok(true) if unsent.is_none() => {
                     self.counters.sent.fetch_add(1, Ordering::Relaxed);
@@ -449,9 +450,12 @@ impl Shared {
                 return match unsent {
                     Some(m) => Err(Error::WouldBlock { message: m }),
                     None => {
-                        // Buffered: the reader flushes it when the socket drains.
-                        live.waker.wake();
-                        let _ = self.timer.send(TimerCmd::Wake);
+                        // Buffered: the reader flushes it when the socket drains, and
+                        // the timer judges a stall. Tell them once per pending episode.
+                        if !was_pending {
+                            live.waker.wake();
+                            let _ = self.timer.send(TimerCmd::Wake);
+                        }
                         self.counters.sent.fetch_add(1, Ordering::Relaxed);
                         Ok(())
                     }

@@ -148,9 +148,23 @@ pub(crate) fn establish(
     };
     let opened = connect::open(cfg, &req, &|s| {
         *shared.connecting.lock() = s.try_clone().ok();
+        // `close()` sets `closing` before it looks at `connecting`: one of us sees the other.
+        if shared.closing.load(Ordering::SeqCst) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     });
+    // `close()` can abort the attempt (and the hook below) by shutting the socket down.
+    let result = opened.and_then(|o| run_hook(shared, o));
     *shared.connecting.lock() = None;
-    let mut opened = opened?;
+    let opened = result?;
+    if shared.closing.load(Ordering::SeqCst) {
+        return Err(Error::Closed { message: None });
+    }
+    Ok(opened)
+}
+
+fn run_hook(shared: &Shared, mut opened: Opened) -> Result<Opened> {
+    let cfg = &shared.cfg;
     if shared.closing.load(Ordering::SeqCst) {
         return Err(Error::Closed { message: None });
     }

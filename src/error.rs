@@ -115,7 +115,7 @@ pub enum Error {
         body: Option<String>,
     },
     /// An HTTP proxy refused the CONNECT request.
-    #[error("HTTP proxy answered CONNECT with {status} (407: check the proxy credentials)")]
+    #[error("HTTP proxy answered CONNECT with {status} (401/407: check the proxy credentials; 403: the proxy forbids this destination)")]
     Proxy {
         /// The proxy's HTTP status code.
         status: u16,
@@ -172,9 +172,25 @@ pub enum Error {
 }
 
 fn body_hint(body: &Option<String>) -> String {
-    match body {
-        Some(b) if !b.trim().is_empty() => format!(": {}", b.trim()),
-        _ => String::new(),
+    // One line: an HTML error page is reduced to its <title>.
+    let Some(b) = body else {
+        return String::new();
+    };
+    let text = match (b.find("<title>"), b.find("</title>")) {
+        (Some(s), Some(e)) if s + 7 <= e => &b[s + 7..e],
+        _ => b.as_str(),
+    };
+    let text: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(200)
+        .collect();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
     }
 }
 
@@ -199,7 +215,9 @@ impl Error {
             Error::InvalidUrl { .. } | Error::InvalidHeader { .. } => true,
             Error::Http { status, .. } => matches!(status, 400 | 401 | 403 | 404),
             Error::Tls { kind, .. } => *kind == TlsErrorKind::Certificate,
-            Error::Proxy { status } => *status == 407,
+            // Wrong or missing proxy credentials (tinyproxy answers 401, others 407),
+            // or a destination the proxy forbids.
+            Error::Proxy { status } => matches!(status, 401 | 403 | 407),
             Error::GaveUp { .. } => true,
             _ => false,
         }

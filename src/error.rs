@@ -115,7 +115,9 @@ pub enum Error {
         body: Option<String>,
     },
     /// An HTTP proxy refused the CONNECT request.
-    #[error("HTTP proxy answered CONNECT with {status} (401/407: check the proxy credentials; 403: the proxy forbids this destination)")]
+    #[error(
+        "HTTP proxy answered CONNECT with {status} (401/407: check the proxy credentials; 403: the proxy forbids this destination)"
+    )]
     Proxy {
         /// The proxy's HTTP status code.
         status: u16,

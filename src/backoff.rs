@@ -133,7 +133,8 @@ impl Backoff {
         self.min_uptime = d;
         self
     }
-    /// Give up after this many failures in a row (`None`: never).
+    /// Retry at most this many times in a row: the failure after the `n`-th retry gives
+    /// up (`None`: never give up on count).
     pub fn max_attempts(mut self, n: Option<u32>) -> Self {
         self.max_attempts = n;
         self

@@ -142,6 +142,21 @@ impl Client {
             }
         };
         let supervisor_id = supervisor.thread().id();
+        if eager {
+            // The supervisor publishes the connection we opened. Return only after that
+            // (or after it failed), so the caller finds it open: `state()` is `Open`, and
+            // a `close()` right away does the close handshake on it. (The timed wait only
+            // guards against a supervisor that died without publishing.)
+            let mut link = shared.link.lock();
+            while link.generation == 0
+                && !matches!(link.state, State::Backoff | State::Closed)
+                && !supervisor.is_finished()
+            {
+                shared
+                    .changed
+                    .wait_for(&mut link, Duration::from_millis(50));
+            }
+        }
         Ok(Client {
             inner: Arc::new(Handle {
                 shared,
@@ -230,8 +245,14 @@ impl Client {
         }
     }
 
-    /// Skips the backoff wait, or drops an open connection and reconnects at once.
-    /// Safe from any thread, including an event handler; concurrent calls collapse into one.
+    /// Skips the backoff wait, or drops an open connection and reconnects at once (also
+    /// when automatic reconnection is off). Safe from any thread, including an event
+    /// handler. Concurrent calls collapse into one: a call made while a reconnection is
+    /// already under way joins it, so it yields one new connection (or one attempt).
+    ///
+    /// An open connection is closed in order (close frame 1001, reply awaited up to the
+    /// close timeout), so what was already sent on it reaches the peer; messages sent
+    /// meanwhile wait in the offline queue for the new connection.
     pub fn reconnect_now(&self) {
         let shared = &self.inner.shared;
         if !shared.reconnect_requested.swap(true, Ordering::SeqCst) {

@@ -1,21 +1,27 @@
 //! Opening one connection under one deadline: DNS, TCP, proxy CONNECT, TLS, upgrade.
 //!
-//! The socket stays in blocking mode with read/write timeouts set to the time left, so
-//! every step is bounded. We do the TLS handshake ourselves (tungstenite's own wrapper
-//! panics when native-tls returns `WouldBlock` with a timeout set) and resume
-//! tungstenite's `Interrupted` upgrade until the deadline.
+//! The socket stays in blocking mode; every read and write sets its timeout to the time
+//! left and fails past the deadline (`link::Tcp`), so every step is bounded, also against
+//! a peer that trickles bytes. We do the TLS handshake ourselves (tungstenite's own
+//! wrapper panics when native-tls returns `WouldBlock` with a timeout set), and drive the
+//! upgrade on tungstenite's handshake machine with a request we serialise ourselves
+//! (tungstenite's client handshake would log it, credentials included).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use tungstenite::client::IntoClientRequest;
-use tungstenite::handshake::HandshakeError;
-use tungstenite::http::{HeaderName, HeaderValue};
+use tungstenite::error::{ProtocolError, SubProtocolError};
+use tungstenite::handshake::client::Response;
+use tungstenite::handshake::derive_accept_key;
+use tungstenite::handshake::machine::{HandshakeMachine, RoundResult, StageResult};
+use tungstenite::http::{HeaderName, HeaderValue, StatusCode};
+use tungstenite::protocol::{Role, WebSocket};
 use url::Url;
 
 use crate::config::{Config, ProxySetting, Request, TlsSettings};
-use crate::link::{Stream, Ws};
+use crate::link::{Stream, Tcp, Ws};
 use crate::redact::RedactedUrl;
 use crate::{ConnectStage, Error, Result, TlsErrorKind};
 
@@ -94,43 +100,185 @@ pub(crate) fn open(cfg: &Config, req: &Request, on_socket: &dyn Fn(&TcpStream)) 
         dl.arm(&sock, ConnectStage::Proxy)?;
         proxy_connect(&sock, p, &host, port, &dl)?;
     }
+    // From here on every read and write is bounded by the time left (see `link::Tcp`).
+    let sock = Tcp::connecting(sock, dl.end);
     let stream = if tls {
-        dl.arm(&sock, ConnectStage::Tls)?;
         Stream::Tls(Box::new(tls_handshake(&cfg.tls, &host, sock, &dl)?))
     } else {
         Stream::Plain(sock)
     };
-    dl.arm(stream.tcp(), ConnectStage::Upgrade)?;
     let request = build_request(req)?;
-    let mut result =
-        tungstenite::client::client_with_config(request, stream, Some(cfg.ws_config()));
-    let (ws, resp) = loop {
-        match result {
-            Ok(ok) => break ok,
-            Err(HandshakeError::Interrupted(mid)) => {
-                let left = dl.left(ConnectStage::Upgrade)?;
-                let tcp = mid.get_ref().get_ref().tcp();
-                tcp.set_read_timeout(Some(left))?;
-                tcp.set_write_timeout(Some(left))?;
-                result = mid.handshake();
-            }
-            Err(HandshakeError::Failure(tungstenite::Error::Io(e))) if is_timeout(&e) => {
-                return Err(dl.timeout(ConnectStage::Upgrade));
-            }
-            Err(HandshakeError::Failure(e)) => return Err(Error::from_ws(e)),
-        }
-    };
-    let protocol = resp
-        .headers()
-        .get("sec-websocket-protocol")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let (mut ws, protocol) = upgrade(stream, request, cfg, &dl)?;
+    ws.get_mut().connected();
     let tcp = ws.get_ref().tcp();
     tcp.set_read_timeout(None)?;
     tcp.set_write_timeout(None)?;
     tcp.set_nonblocking(true)?;
     log::debug!("connected to {} in {:?}", RedactedUrl(url), start.elapsed());
     Ok(Opened { ws, protocol })
+}
+
+/// The HTTP upgrade, driven on tungstenite's handshake machine (which bounds the response
+/// head to 64 KiB) with a request we serialise ourselves: tungstenite's own client
+/// handshake logs the whole request, credentials included, at trace level.
+fn upgrade(
+    stream: Stream,
+    request: tungstenite::handshake::client::Request,
+    cfg: &Config,
+    dl: &Deadline,
+) -> Result<(Ws, Option<String>)> {
+    let stage = ConnectStage::Upgrade;
+    let failed = |e: tungstenite::Error| match e {
+        tungstenite::Error::Io(io) if is_timeout(&io) => dl.timeout(stage),
+        e => Error::from_ws(e),
+    };
+    let offered = request
+        .headers()
+        .get("sec-websocket-protocol")
+        .map(|v| v.to_str().map(str::to_string))
+        .transpose()
+        .map_err(|e| header_err("Sec-WebSocket-Protocol", e))?;
+    let (bytes, key) = request_bytes(&request)?;
+    let mut machine = HandshakeMachine::start_write(stream, bytes);
+    let stream = loop {
+        machine = match machine.single_round::<Response>().map_err(failed)? {
+            RoundResult::WouldBlock(m) | RoundResult::Incomplete(m) => m,
+            RoundResult::StageFinished(StageResult::DoneWriting(s)) => break s,
+            RoundResult::StageFinished(StageResult::DoneReading { .. }) => {
+                unreachable!("a writing stage ends with DoneWriting")
+            }
+        };
+        dl.left(stage)?;
+    };
+    let mut machine = HandshakeMachine::start_read(stream);
+    let (response, stream, tail) = loop {
+        machine = match machine.single_round::<Response>().map_err(failed)? {
+            RoundResult::WouldBlock(m) | RoundResult::Incomplete(m) => m,
+            RoundResult::StageFinished(StageResult::DoneReading {
+                result,
+                stream,
+                tail,
+            }) => break (result, stream, tail),
+            RoundResult::StageFinished(StageResult::DoneWriting(_)) => {
+                unreachable!("a reading stage ends with DoneReading")
+            }
+        };
+        dl.left(stage)?;
+    };
+    let protocol = verify_response(response, tail.clone(), &key, offered.as_deref())?;
+    let ws = WebSocket::from_partially_read(stream, tail, Role::Client, Some(cfg.ws_config()));
+    Ok((ws, protocol))
+}
+
+/// The upgrade request on the wire (what tungstenite's `generate_request` writes, without
+/// its trace log), and its `Sec-WebSocket-Key`.
+fn request_bytes(request: &tungstenite::handshake::client::Request) -> Result<(Vec<u8>, String)> {
+    const FIRST: [&str; 5] = [
+        "Host",
+        "Connection",
+        "Upgrade",
+        "Sec-WebSocket-Version",
+        "Sec-WebSocket-Key",
+    ];
+    let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut out = format!("GET {path} HTTP/1.1\r\n").into_bytes();
+    let headers = request.headers();
+    let mut key = String::new();
+    for name in FIRST {
+        let value = headers
+            .get(name)
+            .ok_or_else(|| Error::Protocol(format!("upgrade request without {name}")))?;
+        if name == "Sec-WebSocket-Key" {
+            key = value.to_str().map_err(|e| header_err(name, e))?.to_string();
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for (name, value) in headers {
+        if FIRST.iter().any(|f| name.as_str().eq_ignore_ascii_case(f)) {
+            continue;
+        }
+        // Some servers match these two case-sensitively (as tungstenite writes them).
+        let name = match name.as_str() {
+            "sec-websocket-protocol" => "Sec-WebSocket-Protocol",
+            "origin" => "Origin",
+            other => other,
+        };
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok((out, key))
+}
+
+/// RFC 6455 4.1 checks of the server's answer (as tungstenite's client does them).
+/// Returns the selected subprotocol.
+fn verify_response(
+    mut response: Response,
+    tail: Vec<u8>,
+    key: &str,
+    offered: Option<&str>,
+) -> Result<Option<String>> {
+    use tungstenite::Error as W;
+    let protocol_err = |e: ProtocolError| Error::from_ws(W::Protocol(e));
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        *response.body_mut() = Some(tail);
+        return Err(Error::from_ws(W::Http(Box::new(response))));
+    }
+    let headers = response.headers();
+    let is = |name: &str, want: &str| {
+        headers
+            .get(name)
+            .and_then(|h| h.to_str().ok())
+            .is_some_and(|h| h.eq_ignore_ascii_case(want))
+    };
+    if !is("Upgrade", "websocket") {
+        return Err(protocol_err(ProtocolError::MissingUpgradeWebSocketHeader));
+    }
+    if !is("Connection", "Upgrade") {
+        return Err(protocol_err(ProtocolError::MissingConnectionUpgradeHeader));
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    if headers
+        .get("Sec-WebSocket-Accept")
+        .is_none_or(|h| h != &accept)
+    {
+        return Err(protocol_err(ProtocolError::SecWebSocketAcceptKeyMismatch));
+    }
+    let selected = headers
+        .get("Sec-WebSocket-Protocol")
+        .map(|v| v.to_str().map(str::to_string))
+        .transpose()
+        .map_err(|_| {
+            protocol_err(ProtocolError::SecWebSocketSubProtocolError(
+                SubProtocolError::InvalidSubProtocol,
+            ))
+        })?;
+    match (offered, &selected) {
+        (None, None) => {}
+        (Some(_), None) => {
+            return Err(protocol_err(ProtocolError::SecWebSocketSubProtocolError(
+                SubProtocolError::NoSubProtocol,
+            )));
+        }
+        (None, Some(_)) => {
+            return Err(protocol_err(ProtocolError::SecWebSocketSubProtocolError(
+                SubProtocolError::ServerSentSubProtocolNoneRequested,
+            )));
+        }
+        (Some(offered), Some(sel)) => {
+            if !offered.split(',').any(|p| p.trim() == sel) {
+                return Err(protocol_err(ProtocolError::SecWebSocketSubProtocolError(
+                    SubProtocolError::InvalidSubProtocol,
+                )));
+            }
+        }
+    }
+    Ok(selected)
 }
 
 fn resolve(host: &str, port: u16, dl: &Deadline) -> Result<Vec<SocketAddr>> {
@@ -190,9 +338,9 @@ fn dial(addrs: &[SocketAddr], dl: &Deadline) -> Result<TcpStream> {
 fn tls_handshake(
     settings: &TlsSettings,
     host: &str,
-    sock: TcpStream,
+    sock: Tcp,
     dl: &Deadline,
-) -> Result<native_tls::TlsStream<TcpStream>> {
+) -> Result<native_tls::TlsStream<Tcp>> {
     let connector = match &settings.connector {
         Some(c) => c.clone(),
         None => {
@@ -215,15 +363,16 @@ fn tls_handshake(
             Ok(s) => return Ok(s),
             Err(native_tls::HandshakeError::WouldBlock(mid)) => {
                 // With a socket timeout set, WouldBlock means the time ran out (or a
-                // spurious wake-up): resume while time is left.
-                let left = dl.left(ConnectStage::Tls)?;
-                mid.get_ref().set_read_timeout(Some(left))?;
-                mid.get_ref().set_write_timeout(Some(left))?;
+                // spurious wake-up): resume while time is left (`Tcp` re-arms the timeout).
+                dl.left(ConnectStage::Tls)?;
                 result = mid.handshake();
             }
             Err(native_tls::HandshakeError::Failure(e)) => {
                 let msg = e.to_string();
-                if msg.contains("timed out") || msg.contains("Resource temporarily unavailable") {
+                if Instant::now() >= dl.end
+                    || msg.contains("timed out")
+                    || msg.contains("Resource temporarily unavailable")
+                {
                     return Err(dl.timeout(ConnectStage::Tls));
                 }
                 return Err(tls_error(&msg));
@@ -385,7 +534,8 @@ fn proxy_connect(
     let mut head = Vec::with_capacity(256);
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        dl.left(ConnectStage::Proxy)?;
+        // Re-armed per byte: a proxy that trickles its answer meets the deadline too.
+        dl.arm(sock, ConnectStage::Proxy)?;
         match (&*sock).read(&mut byte) {
             Ok(0) => {
                 return Err(Error::io(io::Error::new(

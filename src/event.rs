@@ -27,7 +27,9 @@ pub enum Event {
     },
     /// The client will try to connect again after `delay`.
     Reconnecting {
-        /// Attempt number since the last successful connection (1 = first retry).
+        /// Failures in a row since the last stable connection (1 = first retry); a
+        /// connection shorter than [`ReconnectPolicy::min_uptime`](crate::ReconnectPolicy::min_uptime)
+        /// does not start the count over.
         attempt: u32,
         /// Wait before the attempt.
         delay: Duration,

@@ -3,7 +3,10 @@
 //! The timer thread sleeps on a crossbeam `after` deadline (no polling loop). When it
 //! wakes it looks at the current connection under the lock and either sends a probe,
 //! counts a missed reply, declares the link dead, or computes the next deadline. Inbound
-//! traffic only moves the deadline later; the timer finds that out when it wakes.
+//! traffic only moves the deadline later; the timer finds that out when it wakes (while a
+//! probe is outstanding it looks at least every `interval`, so a reply is followed by the
+//! next probe `interval` later even when `timeout` is longer). Any inbound byte counts as
+//! traffic, even part of a frame, unless `strict`.
 //! Heartbeat state lives inside each connection, so a new connection always starts
 //! fresh and a stale deadline can never kill it.
 
@@ -149,8 +152,9 @@ impl Heartbeat {
         self
     }
 
-    /// Only probe replies prove liveness (default: any inbound frame does, so a reply
-    /// stuck behind bulk data never causes a false timeout).
+    /// Only probe replies prove liveness (default: any inbound traffic does, even part of
+    /// a frame, so a reply stuck behind bulk data never causes a false timeout). No effect
+    /// in passive mode.
     pub fn strict(mut self, yes: bool) -> Self {
         self.strict = yes;
         self
@@ -201,6 +205,13 @@ impl HbState {
             missed: 0,
             rtt: None,
         }
+    }
+
+    /// Called by the reader when the socket had bytes to read, before it reads messages:
+    /// part of a large frame proves the peer alive too, while a probe reply may be queued
+    /// behind that frame on the peer's side. Not a reply, so it does not count in strict mode.
+    pub(crate) fn on_bytes(&mut self, now: Instant) {
+        self.last_inbound = now;
     }
 
     /// Called by the reader for each inbound frame. Returns true when the message is a
@@ -257,7 +268,8 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
     match hb.mode {
         Mode::Off => None,
         Mode::Passive => {
-            let due = alive_since + hb.interval;
+            // No probes, so no replies: `strict` cannot apply, any inbound traffic counts.
+            let due = st.last_inbound + hb.interval;
             Some(if now >= due {
                 Step::Dead(DisconnectReason::HeartbeatTimeout {
                     silent_for: now - st.last_inbound,
@@ -275,7 +287,16 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
                 } else {
                     let due = sent + hb.timeout;
                     if now < due {
-                        return Some(Step::SleepUntil(due));
+                        // Traffic arriving from now on makes the next probe due at the
+                        // earliest `interval` from now: look again then, so a reply does
+                        // not leave the link unprobed until this deadline (interval < timeout).
+                        // (A zero interval probes back to back: no early look then.)
+                        let look = if hb.interval.is_zero() {
+                            due
+                        } else {
+                            due.min(now + hb.interval)
+                        };
+                        return Some(Step::SleepUntil(look));
                     }
                     st.missed += 1;
                     if st.missed >= hb.max_missed {

@@ -1,18 +1,39 @@
 //! The shared link: the socket behind the one lock, and the rules for touching it.
 //!
 //! # Lock discipline
-//! There is one lock per client, `Shared::link` (a `parking_lot::Mutex<Link>`). It guards
-//! the current socket, the offline queue, the connection state and the heartbeat state.
-//! No other lock is ever taken while it is held, so there is no lock order to get wrong.
-//! Rules, enforced by this file being the only one that touches the socket:
+//! There is one lock per client, `Shared::link` (a `parking_lot::Mutex<Link>`, with the
+//! `Shared::changed` condvar). It guards the current socket, the offline queue, the
+//! connection state and the heartbeat state.
+//!
+//! ## Every lock, and the order
+//! | lock | taken by | held around |
+//! |------|----------|-------------|
+//! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect` | socket calls in nonblocking mode, queue and state updates, `Heartbeat::app` reply matchers (user code), unbounded channel sends |
+//! | `Shared::connecting` | supervisor (`establish`: store / clear the socket of the attempt), `close()` (shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
+//! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
+//! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
+//!
+//! The order is simply: **`link`, `connecting` and `supervisor` are leaf locks** — no
+//! other lock is taken while one of them is held, so they can never be part of a cycle.
+//! The only nesting that can occur is `policy` → `link`, when the user's policy code calls
+//! a `Client` method; nothing ever takes `policy` while holding another lock. (crossbeam's
+//! internal channel locks are leaves too: an unbounded send never waits.)
+//! Consequences for user code: a `Heartbeat::app` reply matcher runs under `link` and must
+//! not call back into the `Client` (the mutex is not reentrant); event handlers, request
+//! factories, `on_connect` hooks and reconnect policies run with no `link` held.
+//!
+//! ## Rules for everything done under `link`
 //! 1. The socket is always in nonblocking mode once a connection is published, so no
 //!    call made under the lock can block on the network.
 //! 2. Waiting for readability or writability happens with `poll(2)` *without* the lock
 //!    (`MutexGuard::unlocked_fair`), on a `dup` of the socket so the descriptor stays valid.
 //! 3. The reader releases the lock with `unlock_fair` after at most `read_budget`
-//!    messages, so writers wait at most one drain.
+//!    messages and at most `READ_QUOTA` bytes read from the socket (`Tcp`'s read quota),
+//!    so writers wait at most one bounded drain, whatever the peer sends.
 //! 4. Only unbounded channels are sent to while the lock is held.
 //! 5. On `WouldBlock` tungstenite keeps the frame: we retry `flush()`, never re-send.
+//! 6. No thread is joined while any lock is held (the supervisor joins the reader after
+//!    releasing `link`, `close()` joins the supervisor after releasing `supervisor`).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -32,18 +53,113 @@ use crate::heartbeat::HbState;
 use crate::queue::{OfflineQueue, payload_len};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
+/// The TCP socket under a [`Stream`] (under TLS, if any), with two bounds:
+/// - while connecting, a deadline: every read and write waits at most the time left and
+///   fails with `TimedOut` past it, so a peer that trickles bytes cannot stretch the TLS
+///   handshake or the upgrade response beyond the connect timeout (a socket timeout alone
+///   bounds each call, not their sum);
+/// - while the reader drains, a read quota: past it reads report `WouldBlock`, so a peer
+///   that never completes a message (endless empty fragments) cannot keep the reader
+///   inside one `read()` under the lock.
+pub(crate) struct Tcp {
+    pub sock: TcpStream,
+    deadline: Option<Instant>,
+    read_quota: Option<usize>,
+}
+
+impl Tcp {
+    /// A socket whose reads and writes end at `deadline` (see [`Tcp::connected`]).
+    pub(crate) fn connecting(sock: TcpStream, deadline: Instant) -> Tcp {
+        Tcp {
+            sock,
+            deadline: Some(deadline),
+            read_quota: None,
+        }
+    }
+
+    /// The connection is established: no deadline any more.
+    pub(crate) fn connected(&mut self) {
+        self.deadline = None;
+    }
+
+    /// Time left before the connect deadline, as the socket timeout of the next call.
+    fn left(&self, read: bool) -> io::Result<()> {
+        if let Some(end) = self.deadline {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connect timeout reached",
+                ));
+            }
+            if read {
+                self.sock.set_read_timeout(Some(left))?;
+            } else {
+                self.sock.set_write_timeout(Some(left))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for Tcp {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.left(true)?;
+        let buf = match self.read_quota {
+            Some(0) => return Err(io::ErrorKind::WouldBlock.into()),
+            Some(q) => {
+                let n = buf.len().min(q);
+                &mut buf[..n]
+            }
+            None => buf,
+        };
+        let n = (&self.sock).read(buf)?;
+        if let Some(q) = self.read_quota.as_mut() {
+            *q -= n;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for Tcp {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.left(false)?;
+        (&self.sock).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (&self.sock).flush()
+    }
+}
+
 /// A plain or TLS byte stream under the WebSocket.
 pub(crate) enum Stream {
-    Plain(TcpStream),
-    Tls(Box<native_tls::TlsStream<TcpStream>>),
+    Plain(Tcp),
+    Tls(Box<native_tls::TlsStream<Tcp>>),
 }
 
 impl Stream {
     pub(crate) fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref(),
+            Stream::Plain(s) => &s.sock,
+            Stream::Tls(s) => &s.get_ref().sock,
         }
+    }
+
+    fn inner_mut(&mut self) -> &mut Tcp {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_mut(),
+        }
+    }
+
+    /// The connection is established: lift the connect deadline.
+    pub(crate) fn connected(&mut self) {
+        self.inner_mut().connected();
+    }
+
+    /// Caps the bytes read from the socket from now on (`None`: no cap).
+    pub(crate) fn set_read_quota(&mut self, bytes: Option<usize>) {
+        self.inner_mut().read_quota = bytes;
     }
 }
 

@@ -3,8 +3,8 @@
 //! It waits for the socket with `poll(2)` without holding the lock, then takes the lock
 //! and drains in nonblocking mode: `read()` until `WouldBlock` (tungstenite and OpenSSL
 //! buffer whole frames, so one read per wake-up would lose messages), at most
-//! `read_budget` messages per lock hold, then `unlock_fair` so writers get in. Events are
-//! sent to the user after the lock is released.
+//! `read_budget` messages and `READ_QUOTA` bytes per lock hold, then `unlock_fair` so
+//! writers get in. Events are sent to the user after the lock is released.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -15,6 +15,9 @@ use parking_lot::MutexGuard;
 
 use crate::link::{POLLIN, POLLOUT, Shared, is_would_block, poll2, reason_of};
 use crate::{DisconnectReason, Event, Message};
+
+/// Most bytes one lock hold reads from the socket (besides at most `read_budget` messages).
+const READ_QUOTA: usize = 256 << 10;
 
 /// Runs until connection `cgen` is dead or replaced.
 pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
@@ -30,14 +33,20 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     let surface_pings = shared.cfg.surface_pings;
     let hb = &shared.cfg.heartbeat;
     let mut want_write = false;
-    let mut more = false;
+    // Drain once before the first poll: frames that arrived with the upgrade response (or
+    // were left by an on_connect hook) already sit in tungstenite's (or OpenSSL's) buffer,
+    // and poll would never report them.
+    let mut more = true;
     let mut out: Vec<Event> = Vec::with_capacity(budget);
     loop {
+        // Bytes arrived on the socket (perhaps only part of a large frame).
+        let mut bytes_in = false;
         if !more {
             // Wait without the lock. Hang-up and errors wake us too (shutdown by teardown).
             let events = if want_write { POLLIN | POLLOUT } else { POLLIN };
             match poll2((fd, events), Some((waker.rx.as_raw_fd(), POLLIN)), None) {
-                Ok((_, w)) => {
+                Ok((r, w)) => {
+                    bytes_in = r & POLLIN != 0;
                     if w != 0 {
                         waker.drain();
                     }
@@ -59,6 +68,14 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         let mut n = 0;
         more = false;
         let now = Instant::now();
+        if bytes_in {
+            // Liveness even while a reply is stuck behind a frame still arriving.
+            live.hb.on_bytes(now);
+        }
+        // tungstenite's `read()` loops over frames until a whole message is in: a peer
+        // that never completes one (endless empty fragments) would keep us here for
+        // good. Past the quota the socket reports WouldBlock, so the lock is let go.
+        live.ws.get_mut().set_read_quota(Some(READ_QUOTA));
         loop {
             if n >= budget {
                 more = true;
@@ -97,6 +114,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                 }
             }
         }
+        live.ws.get_mut().set_read_quota(None);
         // Send queued pongs, close replies and output left by `try_send`.
         match live.try_flush() {
             Ok(done) => want_write = !done,

@@ -121,6 +121,8 @@ impl Session<'_> {
 enum End {
     Died,
     Close,
+    /// `reconnect_now` on this connection.
+    Reconnect,
 }
 
 pub(crate) struct Supervisor {
@@ -234,10 +236,17 @@ impl Supervisor {
             let opened_at = Instant::now();
             self.flush_queue(cgen);
             let end = self.wait_end(cgen);
-            if let End::Close = end {
-                self.close_handshake(cgen);
+            match end {
+                End::Close => self.close_handshake(cgen, true),
+                // The link is presumably healthy: close it in order, so what was handed to
+                // the OS before is read by the peer, not destroyed by our reset.
+                End::Reconnect => self.close_handshake(cgen, false),
+                End::Died => {}
             }
-            let reason = self.teardown(cgen, Some(reader));
+            let mut reason = self.teardown(cgen, Some(reader));
+            if let End::Reconnect = end {
+                reason = DisconnectReason::ReconnectRequested;
+            }
             self.shared.emit(Event::Disconnected {
                 generation: cgen,
                 reason: reason.clone(),
@@ -245,16 +254,17 @@ impl Supervisor {
             if let End::Close = end {
                 break None;
             }
-            if !self.shared.cfg.reconnect {
-                break Some(Error::ConnectionLost(reason));
-            }
-            if reason == DisconnectReason::ReconnectRequested {
-                // The user asked for a fresh connection: no failure, no wait.
-                continue;
-            }
             if opened_at.elapsed() >= self.shared.cfg.policy.lock().min_uptime() {
                 self.failures = 0;
                 self.first_failure = None;
+            }
+            if reason == DisconnectReason::ReconnectRequested {
+                // The user asked for a fresh connection (also when automatic reconnection
+                // is off): no failure, no wait.
+                continue;
+            }
+            if !self.shared.cfg.reconnect {
+                break Some(Error::ConnectionLost(reason));
             }
             let err = Error::ConnectionLost(reason.clone());
             match self.backoff(Some(err), Some(reason)) {
@@ -301,6 +311,12 @@ impl Supervisor {
         if !self.shared.cfg.reconnect {
             return Err(Some(last));
         }
+        // A `reconnect_now` made while the attempt that just failed was under way was
+        // served by it. Cleared before `Reconnecting` is emitted, so a call made in
+        // reaction to that event skips this wait.
+        self.shared
+            .reconnect_requested
+            .store(false, Ordering::SeqCst);
         self.set_state(State::Backoff);
         self.shared.emit(Event::Reconnecting {
             attempt: self.failures,
@@ -313,9 +329,13 @@ impl Supervisor {
             select! {
                 recv(self.ctl) -> cmd => match cmd {
                     Ok(Command::Close) | Err(_) => return Err(None),
+                    // The flag stays set until the attempt ends, so calls made meanwhile
+                    // join this attempt instead of starting another. A command that finds
+                    // it clear was already served (stale).
                     Ok(Command::ReconnectNow) => {
-                        self.shared.reconnect_requested.store(false, Ordering::SeqCst);
-                        return Ok(());
+                        if self.shared.reconnect_requested.load(Ordering::SeqCst) {
+                            return Ok(());
+                        }
                     }
                     Ok(Command::Dead(_)) => {} // stale
                 },
@@ -347,6 +367,12 @@ impl Supervisor {
                 close_sent: false,
             });
             self.shared.set_state(link, State::Open);
+            // This connection serves every `reconnect_now` made while it was being built
+            // (they collapse into one rebuild). Cleared before `Connected` is emitted, so a
+            // call made in reaction to that event replaces this connection.
+            self.shared
+                .reconnect_requested
+                .store(false, Ordering::SeqCst);
             // Emitted before the reader starts, so it precedes this connection's messages.
             self.shared.emit(Event::Connected {
                 generation: cgen,
@@ -456,12 +482,13 @@ impl Supervisor {
             match self.ctl.recv() {
                 Ok(Command::Dead(g)) if g == cgen => return End::Died,
                 Ok(Command::Dead(_)) => {}
+                // The flag stays set until the next connection is published (or the next
+                // attempt fails), so concurrent calls collapse into this one rebuild. A
+                // command that finds it clear was served by `cgen` itself (stale).
                 Ok(Command::ReconnectNow) => {
-                    self.shared
-                        .reconnect_requested
-                        .store(false, Ordering::SeqCst);
-                    self.shared
-                        .report_dead(cgen, DisconnectReason::ReconnectRequested);
+                    if self.shared.reconnect_requested.load(Ordering::SeqCst) {
+                        return End::Reconnect;
+                    }
                 }
                 Ok(Command::Close) | Err(_) => return End::Close,
             }
@@ -469,11 +496,18 @@ impl Supervisor {
     }
 
     /// Client-initiated close: queue a close frame, wait (bounded) for the peer's reply.
-    fn close_handshake(&self, cgen: u64) {
+    /// With `for_good` false (`reconnect_now`) the state stays `Open` and new sends wait in
+    /// the offline queue for the next connection.
+    fn close_handshake(&self, cgen: u64, for_good: bool) {
         {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
-            self.shared.set_state(link, State::Closing);
+            if for_good {
+                self.shared.set_state(link, State::Closing);
+            } else {
+                // Cleared by the teardown; keeps direct sends off the closing connection.
+                link.flushing_queue = true;
+            }
             let Some(live) = link
                 .conn
                 .as_mut()
@@ -483,7 +517,11 @@ impl Supervisor {
             };
             live.close_sent = true;
             let frame = CloseFrame {
-                code: CloseCode::Normal,
+                code: if for_good {
+                    CloseCode::Normal
+                } else {
+                    CloseCode::Away
+                },
                 reason: "".into(),
             };
             match live.ws.close(Some(frame)) {

@@ -1,0 +1,968 @@
+//! Heartbeat (issue 3): dead and half-open links are detected within `interval + timeout`
+//! and not before, busy links are never falsely killed, app-level and passive modes work,
+//! write stalls are detected, a fresh connection is never killed by a stale deadline, and
+//! the timer thread sleeps instead of polling.
+//!
+//! Time bounds: lower bounds are asserted strictly (minus a few ms of clock granularity),
+//! upper bounds with several seconds of slack for a loaded machine.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use support::proxy::FaultProxy;
+use support::server::{Behavior, Received, TestServer};
+use support::util;
+use wsbeat::{
+    Backoff, Client, ClientBuilder, DisconnectReason, Error, Event, Heartbeat, Message, State,
+};
+
+/// Deadline for anything that should happen "soon".
+const T: Duration = Duration::from_secs(10);
+/// Slack on upper time bounds (a loaded 2-core machine).
+const SLACK: Duration = Duration::from_secs(3);
+/// Clock granularity allowance on lower time bounds.
+const EPS: Duration = Duration::from_millis(5);
+
+fn builder(url: &str, hb: Heartbeat) -> ClientBuilder {
+    Client::builder(url)
+        .expect("valid url")
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(2))
+        .heartbeat(hb)
+        .reconnect_policy(
+            Backoff::default()
+                .initial(Duration::from_millis(20))
+                .max(Duration::from_millis(200)),
+        )
+}
+
+/// Waits for the first event matching `pred`. Returns it with its arrival time and the
+/// events that came before it. Panics (listing what arrived) after `timeout`.
+fn wait_event(
+    events: &Receiver<Event>,
+    timeout: Duration,
+    what: &str,
+    mut pred: impl FnMut(&Event) -> bool,
+) -> (Event, Instant, Vec<Event>) {
+    let deadline = Instant::now() + timeout;
+    let mut before = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(ev) => {
+                let at = Instant::now();
+                if pred(&ev) {
+                    return (ev, at, before);
+                }
+                before.push(ev);
+            }
+            Err(_) => panic!("no {what} within {timeout:?}; events so far: {before:?}"),
+        }
+    }
+}
+
+/// Waits for the `Disconnected` of connection `generation` and returns its reason and arrival time.
+fn wait_disconnected(
+    events: &Receiver<Event>,
+    generation: u64,
+    timeout: Duration,
+) -> (DisconnectReason, Instant, Vec<Event>) {
+    let (ev, at, before) = wait_event(
+        events,
+        timeout,
+        "Disconnected",
+        |e| matches!(e, Event::Disconnected { generation: g, .. } if *g == generation),
+    );
+    match ev {
+        Event::Disconnected { reason, .. } => (reason, at, before),
+        _ => unreachable!(),
+    }
+}
+
+fn silent_for(reason: &DisconnectReason) -> Duration {
+    match reason {
+        DisconnectReason::HeartbeatTimeout { silent_for } => *silent_for,
+        other => panic!("expected a heartbeat timeout, got {other:?}"),
+    }
+}
+
+fn is_disconnect(e: &Event) -> bool {
+    matches!(e, Event::Disconnected { .. })
+}
+
+/// Everything in `events` right now (non-blocking).
+fn drain(events: &Receiver<Event>) -> Vec<Event> {
+    events.try_iter().collect()
+}
+
+/// Pings received by the server so far on connection `conn` (consumes `server.controls()`
+/// into `seen`, so call it with the same vector each time).
+fn pings_on(server: &TestServer, seen: &mut Vec<Received>, conn: usize) -> Vec<Message> {
+    seen.extend(server.controls().try_iter());
+    seen.iter()
+        .filter(|r| r.conn == conn && matches!(r.msg, Message::Ping(_)))
+        .map(|r| r.msg.clone())
+        .collect()
+}
+
+/// Waits for the close frame the client sent on server connection `conn`; returns its code.
+fn wait_close_frame(server: &TestServer, conn: usize) -> u16 {
+    let deadline = Instant::now() + T;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match server.controls().recv_timeout(left) {
+            Ok(Received {
+                conn: c,
+                msg: Message::Close(frame),
+            }) if c == conn => {
+                return frame.map_or(1005, |f| u16::from(f.code));
+            }
+            Ok(_) => {}
+            Err(_) => panic!("the server saw no close frame on connection {conn}"),
+        }
+    }
+}
+
+/// Sends a text message every `gap` until stopped; counts what it sent.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(client: &Client, gap: Duration) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let (c, s, n) = (client.clone(), stop.clone(), sent.clone());
+        let thread = thread::spawn(move || {
+            let mut i = 0;
+            while !s.load(Ordering::SeqCst) {
+                if c.send_text(format!("traffic {i}")).is_err() {
+                    return;
+                }
+                i += 1;
+                n.fetch_add(1, Ordering::SeqCst);
+                // Pacing the traffic (the scenario), not synchronisation.
+                thread::sleep(gap);
+            }
+        });
+        Traffic {
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
+    fn sent(&self) -> usize {
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn defaults_suit_the_public_internet() {
+    let _g = util::shared();
+    let hb = Heartbeat::default();
+    assert_eq!(hb.interval(), Duration::from_secs(15));
+    assert_eq!(hb.timeout(), Duration::from_secs(10));
+    let shown = format!("{hb:?}");
+    assert!(shown.contains("ping"), "{shown}");
+    assert!(shown.contains("max_missed: 1"), "{shown}");
+    assert!(shown.contains("strict: false"), "{shown}");
+}
+
+#[test]
+fn peer_vanishes_without_fin_is_detected() {
+    let _g = util::shared();
+    let interval = Duration::from_millis(400);
+    let timeout = Duration::from_millis(400);
+    let server = TestServer::echo();
+    let proxy = FaultProxy::start(server.addr());
+    let client = builder(&proxy.url(), Heartbeat::ping(interval, timeout))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    wait_event(&events, T, "Connected", |e| {
+        matches!(e, Event::Connected { generation: 1, .. })
+    });
+
+    // The link is healthy: probes are answered, so it survives several windows.
+    let mut seen = Vec::new();
+    assert!(util::wait_until(T, || pings_on(&server, &mut seen, 0)
+        .len()
+        >= 3));
+    assert!(client.stats().rtt.is_some(), "answered probes give an RTT");
+
+    // A known inbound message, then the link silently stops forwarding (no FIN, no RST).
+    client.send_text("last words").unwrap();
+    wait_event(&events, T, "echo", |e| matches!(e, Event::Message(_)));
+    let last_inbound = client.stats().last_inbound.expect("open connection");
+    proxy.blackhole();
+    let cut = Instant::now();
+
+    let (reason, detected, before) = wait_disconnected(&events, 1, interval + timeout + T);
+    assert!(!before.iter().any(is_disconnect), "{before:?}");
+    let silent = silent_for(&reason);
+    assert!(
+        silent + EPS >= interval + timeout,
+        "declared dead after only {silent:?} of silence"
+    );
+    let since_inbound = detected - last_inbound;
+    assert!(
+        since_inbound + EPS >= interval + timeout,
+        "detected {since_inbound:?} after the last inbound traffic: before interval + timeout"
+    );
+    let since_cut = detected - cut;
+    assert!(
+        since_cut <= interval + timeout + SLACK,
+        "detection took {since_cut:?} after the blackhole"
+    );
+
+    // Handed over to the reconnect logic; once the link works again, a new connection.
+    wait_event(&events, T, "Reconnecting", |e| {
+        matches!(e, Event::Reconnecting { .. })
+    });
+    proxy.resume();
+    wait_event(&events, 2 * T, "Connected 2", |e| {
+        matches!(e, Event::Connected { generation: 2, .. })
+    });
+    // The dead connection was closed with a close frame, "going away" (held by the proxy
+    // until now).
+    assert_eq!(wait_close_frame(&server, 0), 1001);
+    client.close().unwrap();
+}
+
+#[test]
+fn peer_vanishing_right_after_a_reply_is_detected_within_interval_plus_timeout() {
+    let _g = util::shared();
+    // interval < timeout: after a reply the next probe must go out `interval` later, not
+    // when the answered probe's deadline would have been (that would take up to 2 * timeout).
+    let interval = Duration::from_millis(200);
+    let timeout = Duration::from_secs(4);
+    let server = TestServer::echo();
+    let proxy = FaultProxy::start(server.addr());
+    let client = builder(&proxy.url(), Heartbeat::ping(interval, timeout))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    assert!(util::wait_until(T, || client.stats().rtt.is_some()));
+    // Catch the moment a reply has just arrived on the idle link, then cut it.
+    let before = client.stats().last_inbound.unwrap();
+    assert!(util::wait_until(T, || client.stats().last_inbound.unwrap() > before));
+    let last_inbound = client.stats().last_inbound.unwrap();
+    proxy.blackhole();
+    let cut = Instant::now();
+
+    let (reason, detected, _) = wait_disconnected(&events, 1, interval + timeout + T);
+    assert!(
+        silent_for(&reason) + EPS >= interval + timeout,
+        "{reason:?}"
+    );
+    assert!(detected - last_inbound + EPS >= interval + timeout);
+    let since_cut = detected - cut;
+    assert!(
+        since_cut <= interval + timeout + SLACK,
+        "detection took {since_cut:?}, more than interval + timeout = {:?}",
+        interval + timeout
+    );
+    drop(client);
+}
+
+#[test]
+fn server_that_never_answers_pings_is_declared_dead() {
+    let _g = util::shared();
+    let interval = Duration::from_millis(300);
+    let timeout = Duration::from_millis(300);
+    let server = TestServer::start(Behavior::NoPong);
+    let start = Instant::now();
+    let client = builder(&server.url(), Heartbeat::ping(interval, timeout))
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+
+    let (reason, at, before) = wait_disconnected(&events, 1, interval + timeout + T);
+    assert!(
+        silent_for(&reason) + EPS >= interval + timeout,
+        "{reason:?}"
+    );
+    let elapsed = at - start;
+    assert!(
+        elapsed + EPS >= interval + timeout,
+        "dead after {elapsed:?}"
+    );
+    assert!(
+        elapsed <= interval + timeout + SLACK,
+        "dead only after {elapsed:?}"
+    );
+    // Default max_missed is 1: no HeartbeatMissed before death.
+    assert!(
+        !before
+            .iter()
+            .any(|e| matches!(e, Event::HeartbeatMissed { .. })),
+        "{before:?}"
+    );
+    // Exactly one probe, carrying its sequence number (8 bytes, big-endian).
+    let mut seen = Vec::new();
+    let pings = pings_on(&server, &mut seen, 0);
+    assert_eq!(pings.len(), 1, "{pings:?}");
+    assert_eq!(pings[0], Message::Ping(1u64.to_be_bytes().to_vec().into()));
+
+    // Reconnect is off: the client gives up and closes.
+    wait_event(&events, T, "Closed", |e| matches!(e, Event::Closed));
+    assert_eq!(client.state(), State::Closed);
+}
+
+#[test]
+fn heartbeat_death_closes_the_connection_on_the_server_side() {
+    let _g = util::shared();
+    let server = TestServer::start(Behavior::NoPong);
+    let hb = Heartbeat::ping(Duration::from_millis(200), Duration::from_millis(200));
+    let client = builder(&server.url(), hb)
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    assert!(server.wait_live(1, T));
+    let (reason, _, _) = wait_disconnected(&events, 1, T);
+    silent_for(&reason);
+
+    // The server gets a close frame ("going away"), then its connection ends.
+    assert_eq!(wait_close_frame(&server, 0), 1001);
+    assert!(server.wait_live(0, T), "the server connection stayed open");
+    drop(client);
+}
+
+#[test]
+fn max_missed_allows_n_probes() {
+    let _g = util::shared();
+    let interval = Duration::from_millis(200);
+    let timeout = Duration::from_millis(250);
+    let server = TestServer::start(Behavior::NoPong);
+    let hb = Heartbeat::ping(interval, timeout).max_missed(3);
+    let client = builder(&server.url(), hb)
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+
+    let (reason, _, before) = wait_disconnected(&events, 1, interval + 3 * timeout + T);
+    let missed: Vec<u32> = before
+        .iter()
+        .filter_map(|e| match e {
+            Event::HeartbeatMissed {
+                generation: 1,
+                missed,
+            } => Some(*missed),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(missed, vec![1, 2], "events before death: {before:?}");
+    assert!(
+        silent_for(&reason) + EPS >= interval + 3 * timeout,
+        "three probes must time out first: {reason:?}"
+    );
+    // Three probes, each with its own sequence number.
+    let mut seen = Vec::new();
+    let pings = pings_on(&server, &mut seen, 0);
+    let expected: Vec<Message> = (1u64..=3)
+        .map(|i| Message::Ping(i.to_be_bytes().to_vec().into()))
+        .collect();
+    assert_eq!(pings, expected);
+    drop(client);
+}
+
+#[test]
+fn busy_link_with_slow_pong_is_not_killed() {
+    let _g = util::shared();
+    // The server never answers pings but echoes data. The traffic leaves gaps longer than
+    // `interval` (so probes do go out) but much shorter than `interval + timeout`.
+    let interval = Duration::from_millis(150);
+    let timeout = Duration::from_millis(1000);
+    let gap = Duration::from_millis(300);
+    let server = TestServer::start(Behavior::NoPong);
+    let client = builder(&server.url(), Heartbeat::ping(interval, timeout))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let start = Instant::now();
+    let traffic = Traffic::start(&client, gap);
+
+    let mut seen = Vec::new();
+    assert!(
+        util::wait_until(T, || pings_on(&server, &mut seen, 0).len() >= 4
+            && start.elapsed() >= 2 * (interval + timeout)),
+        "probes were not sent"
+    );
+    let sent = traffic.sent();
+    drop(traffic);
+    let evs = drain(&events);
+    assert!(!evs.iter().any(is_disconnect), "falsely killed: {evs:?}");
+    let stats = client.stats();
+    assert_eq!(stats.generation, 1);
+    assert_eq!(stats.state, State::Open);
+    assert_eq!(stats.rtt, None, "no probe was ever answered");
+    assert!(sent >= 4, "traffic flowed ({sent} messages)");
+    client.close().unwrap();
+
+    // The same link in strict mode: only pongs count, so it dies despite the traffic.
+    let client = builder(
+        &server.url(),
+        Heartbeat::ping(interval, timeout).strict(true),
+    )
+    .reconnect(false)
+    .connect()
+    .expect("connect");
+    let events = client.events();
+    let start = Instant::now();
+    let traffic = Traffic::start(&client, gap);
+    let (reason, at, before) = wait_disconnected(&events, 1, interval + timeout + T);
+    let received = before
+        .iter()
+        .filter(|e| matches!(e, Event::Message(_)))
+        .count();
+    drop(traffic);
+    silent_for(&reason);
+    assert!(received >= 1, "echoes arrived before death: {before:?}");
+    let elapsed = at - start;
+    assert!(
+        elapsed + EPS >= interval + timeout,
+        "strict: dead after {elapsed:?}"
+    );
+    assert!(elapsed <= interval + timeout + SLACK, "{elapsed:?}");
+}
+
+/// A one-connection server that upgrades, then sends one binary frame of `chunks * 1 KiB`
+/// bytes, 1 KiB every `gap`. It cannot answer pings meanwhile (a pong cannot be put
+/// inside a frame), so they queue behind the bulk data; afterwards it answers them. Returns
+/// its address and a thread giving the number of pings it got.
+fn trickle_server(chunks: usize, gap: Duration) -> (String, thread::JoinHandle<usize>) {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let thread = thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        let mut ws = tungstenite::accept(tcp).expect("upgrade");
+        let len = (chunks * 1024) as u64;
+        let mut header = vec![0x82, 127];
+        header.extend_from_slice(&len.to_be_bytes());
+        ws.get_mut().write_all(&header).unwrap();
+        for _ in 0..chunks {
+            // Pacing the slow link (the scenario), not synchronisation.
+            thread::sleep(gap);
+            if ws.get_mut().write_all(&[b'z'; 1024]).is_err() {
+                return 0;
+            }
+        }
+        // Now the queued pings are read and answered, until the client closes.
+        let mut pings = 0;
+        loop {
+            match ws.read() {
+                Ok(Message::Ping(_)) => pings += 1,
+                Ok(_) => {}
+                Err(_) => return pings,
+            }
+        }
+    });
+    (url, thread)
+}
+
+#[test]
+fn pong_stuck_behind_a_slow_large_frame_does_not_kill_the_link() {
+    let _g = util::shared();
+    let interval = Duration::from_millis(300);
+    let timeout = Duration::from_millis(700);
+    // 2.5 s for one frame: 2.5 x (interval + timeout), while the bytes keep coming.
+    let chunks = 125;
+    let (url, server) = trickle_server(chunks, Duration::from_millis(20));
+    let client = builder(&url, Heartbeat::ping(interval, timeout))
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let (ev, _, before) = wait_event(&events, 3 * T, "the large message", |e| {
+        matches!(e, Event::Message(_)) || is_disconnect(e)
+    });
+    match ev {
+        Event::Message(Message::Binary(b)) => {
+            assert_eq!(b.len(), chunks * 1024);
+            assert!(b.iter().all(|&x| x == b'z'));
+        }
+        other => panic!("link killed while data was arriving: {other:?} after {before:?}"),
+    }
+    // The probes' pongs arrive after the frame; the link lives on.
+    assert!(util::wait_until(T, || client.stats().rtt.is_some()));
+    assert_eq!(client.stats().generation, 1);
+    assert_eq!(client.state(), State::Open);
+    client.close().unwrap();
+    let pings = server.join().unwrap();
+    assert!(pings >= 1, "no probe went out during the slow frame");
+}
+
+#[test]
+fn app_level_heartbeat_against_text_ping_server() {
+    let _g = util::shared();
+    let interval = Duration::from_millis(200);
+    let timeout = Duration::from_millis(1000);
+    let server = TestServer::start(Behavior::AppHeartbeat);
+    let is_pong = |m: &Message| matches!(m, Message::Text(t) if t.as_str() == r#"{"op":"pong"}"#);
+    // Strict: only matched replies prove liveness, so survival proves the matcher works.
+    let hb = Heartbeat::app(
+        interval,
+        timeout,
+        Message::text(r#"{"op":"ping"}"#),
+        is_pong,
+    )
+    .strict(true);
+    let client = builder(&server.url(), hb).connect().expect("connect");
+    let events = client.events();
+
+    // Several intervals, well past interval + timeout.
+    let start = Instant::now();
+    assert!(util::wait_until(T, || {
+        server
+            .received_on(0)
+            .iter()
+            .filter(|m| m.to_text().is_ok_and(|t| t == r#"{"op":"ping"}"#))
+            .count()
+            >= 5
+            && start.elapsed() >= 2 * (interval + timeout)
+    }));
+    let stats = client.stats();
+    assert_eq!(stats.generation, 1);
+    assert_eq!(stats.state, State::Open);
+    let rtt = stats.rtt.expect("app replies give an RTT");
+    assert!(rtt < T, "{rtt:?}");
+    assert!(stats.last_inbound.is_some());
+
+    // Replies are consumed, not delivered; no WebSocket pings were sent.
+    let evs = drain(&events);
+    assert!(
+        evs.iter()
+            .all(|e| matches!(e, Event::Connected { generation: 1, .. })),
+        "unexpected events: {evs:?}"
+    );
+    let mut seen = Vec::new();
+    assert!(pings_on(&server, &mut seen, 0).is_empty());
+
+    // User data still flows next to the heartbeat.
+    client.send_text("data").unwrap();
+    let (ev, _, _) = wait_event(&events, T, "echo", |e| matches!(e, Event::Message(_)));
+    match ev {
+        Event::Message(Message::Text(t)) => assert_eq!(t.as_str(), "data"),
+        other => panic!("{other:?}"),
+    }
+    client.close().unwrap();
+}
+
+#[test]
+fn app_level_replies_are_delivered_when_asked() {
+    let _g = util::shared();
+    let server = TestServer::start(Behavior::AppHeartbeat);
+    let hb = Heartbeat::app(
+        Duration::from_millis(200),
+        Duration::from_millis(1000),
+        Message::text(r#"{"op":"ping"}"#),
+        |m| matches!(m, Message::Text(t) if t.as_str() == r#"{"op":"pong"}"#),
+    )
+    .deliver_replies(true);
+    let client = builder(&server.url(), hb).connect().expect("connect");
+    let events = client.events();
+    let (ev, _, _) = wait_event(&events, T, "a delivered reply", |e| {
+        matches!(e, Event::Message(_))
+    });
+    match ev {
+        Event::Message(Message::Text(t)) => assert_eq!(t.as_str(), r#"{"op":"pong"}"#),
+        other => panic!("{other:?}"),
+    }
+    assert!(util::wait_until(T, || client.stats().rtt.is_some()));
+    client.close().unwrap();
+}
+
+#[test]
+fn app_level_heartbeat_dies_when_the_server_does_not_reply() {
+    let _g = util::shared();
+    // The echo server answers WebSocket pings but knows nothing of {"op":"ping"}: it echoes
+    // it back, which is not a reply. Strict app mode must declare the link dead.
+    let interval = Duration::from_millis(200);
+    let timeout = Duration::from_millis(300);
+    let server = TestServer::echo();
+    let hb = Heartbeat::app(
+        interval,
+        timeout,
+        Message::text(r#"{"op":"ping"}"#),
+        |m| matches!(m, Message::Text(t) if t.as_str() == r#"{"op":"pong"}"#),
+    )
+    .strict(true);
+    let start = Instant::now();
+    let client = builder(&server.url(), hb)
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let (reason, at, before) = wait_disconnected(&events, 1, T);
+    silent_for(&reason);
+    assert!(at - start + EPS >= interval + timeout);
+    // The echoed probe is not a reply, so it is delivered like any message.
+    assert!(
+        before.iter().any(
+            |e| matches!(e, Event::Message(Message::Text(t)) if t.as_str() == r#"{"op":"ping"}"#)
+        ),
+        "{before:?}"
+    );
+}
+
+#[test]
+fn passive_mode_detects_silence() {
+    let _g = util::shared();
+    let max_silence = Duration::from_millis(600);
+    let server = TestServer::echo();
+    let client = builder(&server.url(), Heartbeat::passive(max_silence))
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+
+    // While traffic flows (echoes every 150 ms), the link lives well past max_silence.
+    let start = Instant::now();
+    let traffic = Traffic::start(&client, Duration::from_millis(150));
+    assert!(util::wait_until(T, || server.received_count() >= 5
+        && start.elapsed() >= 3 * max_silence));
+    drop(traffic);
+    let evs = drain(&events);
+    assert!(!evs.iter().any(is_disconnect), "{evs:?}");
+
+    // Wait for the last echo, then silence: dead after max_silence, not before.
+    let sent = server.received_count();
+    assert!(util::wait_until(T, || client.stats().received as usize >= sent));
+    let last_inbound = client.stats().last_inbound.unwrap();
+    let (reason, at, _) = wait_disconnected(&events, 1, max_silence + T);
+    assert!(silent_for(&reason) + EPS >= max_silence, "{reason:?}");
+    assert!(at - last_inbound + EPS >= max_silence);
+    assert!(at - last_inbound <= max_silence + SLACK);
+
+    // Passive mode never probes.
+    let mut seen = Vec::new();
+    assert!(pings_on(&server, &mut seen, 0).is_empty());
+}
+
+#[test]
+fn passive_mode_counts_any_traffic_even_when_strict() {
+    let _g = util::shared();
+    // Passive mode sends no probes, so "strict" (only probe replies count) cannot apply:
+    // inbound traffic must keep the link alive.
+    let max_silence = Duration::from_millis(600);
+    let server = TestServer::echo();
+    let client = builder(&server.url(), Heartbeat::passive(max_silence).strict(true))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let start = Instant::now();
+    let traffic = Traffic::start(&client, Duration::from_millis(150));
+    assert!(util::wait_until(T, || server.received_count() >= 5
+        && start.elapsed() >= 3 * max_silence));
+    drop(traffic);
+    let evs = drain(&events);
+    assert!(!evs.iter().any(is_disconnect), "{evs:?}");
+    assert_eq!(client.stats().generation, 1);
+    client.close().unwrap();
+}
+
+#[test]
+fn heartbeat_off_sends_no_pings() {
+    let _g = util::shared();
+    let server = TestServer::echo();
+    let client = builder(&server.url(), Heartbeat::off())
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    // Watch a quiet link for a while: nothing happens.
+    let quiet = Duration::from_millis(1500);
+    let deadline = Instant::now() + quiet;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if let Ok(ev) = events.recv_timeout(left) {
+            assert!(
+                matches!(ev, Event::Connected { generation: 1, .. }),
+                "unexpected {ev:?}"
+            );
+        }
+    }
+    // A message sent now arrives after any ping sent before it (one ordered stream).
+    client.send_text("marker").unwrap();
+    assert!(server.wait_received(1, T));
+    let mut seen = Vec::new();
+    assert!(pings_on(&server, &mut seen, 0).is_empty(), "{seen:?}");
+    let stats = client.stats();
+    assert_eq!(stats.rtt, None);
+    assert_eq!(stats.generation, 1);
+    client.close().unwrap();
+}
+
+#[test]
+fn heartbeat_continues_while_user_is_not_reading_events() {
+    let _g = util::shared();
+    let interval = Duration::from_millis(200);
+    let timeout = Duration::from_millis(1000);
+    let server = TestServer::echo();
+    let client = builder(&server.url(), Heartbeat::ping(interval, timeout))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    for i in 0..20 {
+        client.send_text(format!("m{i}")).unwrap();
+    }
+    // Not reading events while several intervals pass and probes go back and forth.
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    assert!(util::wait_until(T, || {
+        pings_on(&server, &mut seen, 0).len() >= 5 && start.elapsed() >= 2 * (interval + timeout)
+    }));
+    let stats = client.stats();
+    assert_eq!(stats.generation, 1);
+    assert_eq!(stats.state, State::Open);
+    assert!(stats.rtt.is_some(), "probes were answered");
+
+    // Then everything is there, in order, and nothing went wrong meanwhile.
+    let evs = drain(&events);
+    assert!(matches!(evs[0], Event::Connected { generation: 1, .. }));
+    let texts: Vec<String> = evs[1..]
+        .iter()
+        .map(|e| match e {
+            Event::Message(Message::Text(t)) => t.to_string(),
+            other => panic!("unexpected event {other:?}"),
+        })
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(texts, expected);
+    client.close().unwrap();
+}
+
+#[test]
+fn fresh_connection_is_not_killed_by_stale_deadline() {
+    let _g = util::shared();
+    // Neither connection answers pings. Connection 1 is replaced while its probe is
+    // outstanding (its deadline still pending in the timer); connection 2 must get its own
+    // full interval + timeout.
+    let interval = Duration::from_millis(600);
+    let timeout = Duration::from_millis(600);
+    let server = TestServer::start(Behavior::NoPong);
+    let client = builder(&server.url(), Heartbeat::ping(interval, timeout))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let mut seen = Vec::new();
+    assert!(util::wait_until(T, || !pings_on(&server, &mut seen, 0).is_empty()));
+    // Connection 1's probe is out; its deadline is at most `timeout` from now.
+    let replaced = Instant::now();
+    client.reconnect_now();
+
+    let (reason, _, _) = wait_disconnected(&events, 1, T);
+    assert_eq!(reason, DisconnectReason::ReconnectRequested);
+    wait_event(&events, T, "Connected 2", |e| {
+        matches!(e, Event::Connected { generation: 2, .. })
+    });
+    let (reason, at, before) = wait_disconnected(&events, 2, interval + timeout + T);
+    assert!(
+        !before
+            .iter()
+            .any(|e| matches!(e, Event::HeartbeatMissed { .. })),
+        "{before:?}"
+    );
+    let lived = at - replaced;
+    assert!(
+        lived + EPS >= interval + timeout,
+        "connection 2 died {lived:?} after connection 1 was replaced: a stale deadline"
+    );
+    assert!(silent_for(&reason) + EPS >= interval + timeout);
+    assert!(lived <= interval + timeout + SLACK, "{lived:?}");
+    // Connection 2 sent its own first probe (sequence numbers restart).
+    let pings = pings_on(&server, &mut seen, 1);
+    assert_eq!(
+        pings,
+        vec![Message::Ping(1u64.to_be_bytes().to_vec().into())]
+    );
+    client.close().unwrap();
+}
+
+/// A server that stops reading (small receive buffer) and a client that keeps sending.
+fn stalled_client(write_timeout: Duration) -> (TestServer, Client) {
+    let server = TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .recv_buffer(4096)
+        .start();
+    // Heartbeat far away, so only the write stall can end the connection.
+    let hb = Heartbeat::ping(Duration::from_secs(60), Duration::from_secs(60));
+    let client = builder(&server.url(), hb)
+        .write_timeout(write_timeout)
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    (server, client)
+}
+
+#[test]
+fn write_stall_is_detected() {
+    let _g = util::shared();
+    let write_timeout = Duration::from_millis(500);
+    let (_server, client) = stalled_client(write_timeout);
+    let events = client.events();
+    let start = Instant::now();
+    let sender = {
+        let c = client.clone();
+        thread::spawn(move || {
+            let chunk = vec![7u8; 64 << 10];
+            // Blocking sends: each waits up to the write timeout. Once the stall is
+            // declared they go to the offline queue (until it is full or the client closed).
+            for _ in 0..10_000 {
+                match c.send_binary(chunk.clone()) {
+                    Ok(()) => {}
+                    Err(Error::Closed { .. } | Error::QueueFull { .. }) => return,
+                    Err(e) => panic!("send: {e}"),
+                }
+            }
+        })
+    };
+    let (reason, at, _) = wait_disconnected(&events, 1, write_timeout + T);
+    assert_eq!(reason, DisconnectReason::WriteStalled);
+    let elapsed = at - start;
+    assert!(elapsed + EPS >= write_timeout, "{elapsed:?}");
+    assert!(elapsed <= write_timeout + SLACK, "{elapsed:?}");
+    sender.join().unwrap();
+}
+
+#[test]
+fn write_stall_is_detected_by_the_timer_for_try_send() {
+    let _g = util::shared();
+    // try_send never waits, so nobody but the timer thread watches the pending output.
+    let write_timeout = Duration::from_millis(500);
+    let (_server, client) = stalled_client(write_timeout);
+    let events = client.events();
+    let start = Instant::now();
+    let chunk = vec![7u8; 64 << 10];
+    let mut accepted = 0;
+    // Until the output is full (or, on a slow machine, the stall was already declared and
+    // the message went to the offline queue, which then fills, or the client closed).
+    loop {
+        match client.try_send(Message::binary(chunk.clone())) {
+            Ok(()) => accepted += 1,
+            Err(Error::WouldBlock { .. } | Error::QueueFull { .. } | Error::Closed { .. }) => {
+                break;
+            }
+            Err(e) => panic!("try_send: {e:?}"),
+        }
+        assert!(start.elapsed() < T, "the output never filled up");
+    }
+    assert!(accepted > 0);
+    let (reason, at, _) = wait_disconnected(&events, 1, write_timeout + T);
+    assert_eq!(reason, DisconnectReason::WriteStalled);
+    let elapsed = at - start;
+    assert!(elapsed + EPS >= write_timeout, "{elapsed:?}");
+    assert!(elapsed <= write_timeout + SLACK, "{elapsed:?}");
+}
+
+#[test]
+fn stats_expose_rtt_and_last_inbound() {
+    let _g = util::shared();
+    let delay = Duration::from_millis(100);
+    let server = TestServer::echo();
+    let proxy = FaultProxy::start(server.addr());
+    proxy.set_delay(delay);
+    let interval = Duration::from_millis(200);
+    let client = builder(&proxy.url(), Heartbeat::ping(interval, T))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+
+    // The ping and its pong are each delayed by the proxy: RTT is at least 2 * delay.
+    assert!(util::wait_until(T, || client.stats().rtt.is_some()));
+    let rtt = client.stats().rtt.unwrap();
+    assert!(rtt + EPS >= 2 * delay, "rtt {rtt:?}");
+    assert!(rtt <= 2 * delay + SLACK, "rtt {rtt:?}");
+
+    // last_inbound follows data...
+    let before = Instant::now();
+    client.send_text("x").unwrap();
+    wait_event(&events, T, "echo", |e| matches!(e, Event::Message(_)));
+    let li = client.stats().last_inbound.unwrap();
+    assert!(li >= before, "last_inbound did not move with data");
+    assert!(li <= Instant::now());
+    // ...and pongs on an otherwise idle link.
+    assert!(util::wait_until(T, || client.stats().last_inbound.unwrap() > li));
+    client.close().unwrap();
+    let stats = client.stats();
+    assert_eq!(stats.state, State::Closed);
+    assert_eq!(stats.rtt, None, "no connection, no RTT");
+}
+
+/// CPU time (utime + stime, clock ticks) and voluntary context switches (times it went
+/// to sleep) of this process's one thread named `name`.
+fn thread_usage(name: &str) -> (u64, u64) {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = entry.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(path.join("stat")).unwrap();
+        // Fields after "(comm)": state is field 3; utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        let status = std::fs::read_to_string(path.join("status")).unwrap();
+        let sleeps = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("voluntary_ctxt_switches");
+        found.push((ticks, sleeps));
+    }
+    assert_eq!(found.len(), 1, "expected one {name} thread");
+    found[0]
+}
+
+#[test]
+fn timer_thread_does_not_busy_loop() {
+    // Alone in the process, so there is exactly one timer thread.
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let interval = Duration::from_millis(200);
+    let client = builder(&server.url(), Heartbeat::ping(interval, T))
+        .connect()
+        .expect("connect");
+    assert!(util::wait_until(T, || client.stats().rtt.is_some()));
+    let mut seen = Vec::new();
+    let pings_before = pings_on(&server, &mut seen, 0).len();
+    let (cpu_before, sleeps_before) = thread_usage("wsbeat-timer");
+    // Measuring CPU use over an idle period (not synchronisation).
+    thread::sleep(Duration::from_secs(2));
+    let (cpu_after, sleeps_after) = thread_usage("wsbeat-timer");
+    let (cpu, wakeups) = (cpu_after - cpu_before, sleeps_after - sleeps_before);
+    let pings = pings_on(&server, &mut seen, 0).len() - pings_before;
+    // It was working: about one probe per interval.
+    assert!(pings >= 4, "only {pings} probes in 2 s");
+    // A spinning loop would burn ~200 ticks (100 Hz) in 2 s; a sleeping timer a handful.
+    assert!(cpu <= 20, "timer thread used {cpu} ticks in 2 s");
+    // A polling loop (even with short sleeps) wakes hundreds of times; deadlines a few
+    // times per interval.
+    assert!(wakeups <= 200, "timer thread woke {wakeups} times in 2 s");
+    eprintln!("timer thread: {cpu} ticks, {wakeups} wake-ups, {pings} probes in 2 s");
+    client.close().unwrap();
+}

@@ -136,7 +136,8 @@ pub struct Limits {
     pub max_message_size: usize,
     /// Largest incoming frame (default 16 MiB).
     pub max_frame_size: usize,
-    /// Most bytes buffered for writing on one connection (default: max message + 64 KiB).
+    /// Most bytes buffered for writing on one connection (default: max message + 64 KiB;
+    /// never less than that, so the largest message always fits).
     pub max_write_buffer: usize,
     /// Offline queue bound in messages (default 10 000).
     pub queue_messages: usize,
@@ -207,7 +208,13 @@ impl Config {
         tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(self.read_buffer_size)
             .write_buffer_size(write_buffer)
-            .max_write_buffer_size(self.limits.max_write_buffer.max(write_buffer + 1))
+            // Room for at least one largest message, or it could never be sent.
+            .max_write_buffer_size(
+                self.limits
+                    .max_write_buffer
+                    .max(self.limits.max_message_size + (64 << 10))
+                    .max(write_buffer + 1),
+            )
             .max_message_size(Some(self.limits.max_message_size))
             .max_frame_size(Some(self.limits.max_frame_size))
     }

@@ -65,6 +65,8 @@ pub(crate) struct Tcp {
     pub sock: TcpStream,
     deadline: Option<Instant>,
     read_quota: Option<usize>,
+    /// When the OS last accepted outgoing bytes: a write stall is judged from here.
+    last_write: Instant,
 }
 
 impl Tcp {
@@ -74,6 +76,7 @@ impl Tcp {
             sock,
             deadline: Some(deadline),
             read_quota: None,
+            last_write: Instant::now(),
         }
     }
 
@@ -124,7 +127,11 @@ impl Read for Tcp {
 impl Write for Tcp {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.left(false)?;
-        (&self.sock).write(buf)
+        let n = (&self.sock).write(buf)?;
+        if n > 0 {
+            self.last_write = Instant::now();
+        }
+        Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
         (&self.sock).flush()
@@ -142,6 +149,14 @@ impl Stream {
         match self {
             Stream::Plain(s) => &s.sock,
             Stream::Tls(s) => &s.get_ref().sock,
+        }
+    }
+
+    /// When the OS last accepted outgoing bytes of this connection.
+    pub(crate) fn last_write(&self) -> Instant {
+        match self {
+            Stream::Plain(s) => s.last_write,
+            Stream::Tls(s) => s.get_ref().last_write,
         }
     }
 
@@ -297,7 +312,9 @@ pub(crate) struct Live {
     pub in_flight: VecDeque<Message>,
     /// Set once when the connection is declared dead (first reporter wins).
     pub dead: Option<DisconnectReason>,
-    /// Output is waiting for the socket to become writable since this instant.
+    /// Output is pending and the OS has accepted none of it since this instant
+    /// (moves forward while a slow peer still reads: only a peer that stopped reading
+    /// stalls). `None` when everything was flushed.
     pub pending_since: Option<Instant>,
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).
@@ -314,9 +331,11 @@ impl Live {
                 Ok(true)
             }
             Err(e) if is_would_block(&e) => {
-                if self.pending_since.is_none() {
-                    self.pending_since = Some(Instant::now());
-                }
+                let progress = self.ws.get_ref().last_write();
+                self.pending_since = Some(match self.pending_since {
+                    None => Instant::now(),
+                    Some(t) => t.max(progress),
+                });
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -517,7 +536,6 @@ impl Shared {
             unreachable!("write_direct without a connection")
         };
         let cgen = live.generation;
-        let mut deadline = None;
         let mut unsent = Some(msg);
         loop {
             let live = match link.conn.as_mut() {
@@ -577,7 +595,11 @@ impl Shared {
                     }
                 };
             }
-            let deadline = *deadline.get_or_insert_with(|| Instant::now() + write_timeout);
+            let Some(since) = live.pending_since else {
+                // Flushed: there is room for the message that did not fit. Retry.
+                continue;
+            };
+            let deadline = since + write_timeout;
             let now = Instant::now();
             if now >= deadline {
                 log::warn!("connection {cgen}: write stalled for {write_timeout:?}");

@@ -845,6 +845,76 @@ fn write_stall_is_detected() {
     sender.join().unwrap();
 }
 
+/// A server that reads slowly but steadily: `per_read` bytes, then a pause.
+fn slow_reader_server(per_read: usize, gap: Duration) -> (String, thread::JoinHandle<usize>) {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let thread = thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        let mut ws = tungstenite::accept(tcp).expect("upgrade");
+        let mut buf = vec![0u8; per_read];
+        let mut total = 0;
+        loop {
+            // Pacing the slow peer (the scenario), not synchronisation.
+            thread::sleep(gap);
+            match ws.get_mut().read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    });
+    (url, thread)
+}
+
+#[test]
+fn slow_but_steady_reader_is_not_a_write_stall() {
+    let _g = util::shared();
+    // The peer takes many write timeouts to read everything, but it keeps reading. With
+    // several senders the output buffer never empties completely; the stall clock must
+    // restart whenever the OS accepts more bytes, not only when everything drained.
+    let write_timeout = Duration::from_millis(300);
+    let (url, server) = slow_reader_server(64 << 10, Duration::from_millis(10));
+    let client = builder(&url, Heartbeat::off())
+        .write_timeout(write_timeout)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    let start = Instant::now();
+    let (senders, per_sender, size) = (4, 384, 16 << 10); // 24 MiB in all
+    let threads: Vec<_> = (0..senders)
+        .map(|_| {
+            let c = client.clone();
+            thread::spawn(move || {
+                for i in 0..per_sender {
+                    // Display only: the error carries the 16 KiB message.
+                    if let Err(e) = c.send_binary(vec![7u8; size]) {
+                        panic!("send {i} failed: {e}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let took = start.elapsed();
+    assert!(took > write_timeout * 2, "the peer was not slow: {took:?}");
+    let seen = drain(&events);
+    assert!(
+        !seen.iter().any(is_disconnect),
+        "a slow but live reader was declared dead after {took:?}: {seen:?}"
+    );
+    assert_eq!(client.stats().generation, 1);
+    client.close().unwrap();
+    let read = server.join().unwrap();
+    assert!(
+        read >= senders * per_sender * size,
+        "server read {read} bytes"
+    );
+}
+
 #[test]
 fn write_stall_is_detected_by_the_timer_for_try_send() {
     let _g = util::shared();

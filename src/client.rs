@@ -115,6 +115,7 @@ impl Client {
             reconnect_requested: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             closed_event: AtomicBool::new(false),
+            orphaned: AtomicBool::new(false),
             connecting: Mutex::new(None),
             counters: Counters::default(),
         });
@@ -265,7 +266,9 @@ impl Client {
     /// Calling it again returns an empty list.
     pub fn close(&self) -> Result<Vec<Message>> {
         let undelivered = self.inner.shutdown();
-        self.inner.shared.emit_closed();
+        if !self.inner.on_supervisor() {
+            self.inner.shared.emit_closed();
+        }
         Ok(undelivered)
     }
 }
@@ -283,18 +286,26 @@ impl Handle {
             Some(h) if std::thread::current().id() != self.supervisor_id => {
                 h.join().unwrap_or_default()
             }
+            _ if self.on_supervisor() => {
+                // Closed from a hook, factory or policy running on the supervisor: it
+                // cannot join itself. It finishes on its own and then emits what is left
+                // (`Undelivered`, `Closed`) itself.
+                shared.orphaned.store(true, Ordering::SeqCst);
+                Vec::new()
+            }
             _ => {
-                // Another handle is closing, or we are on the supervisor itself: wait for
-                // the closed state where that is possible.
-                if std::thread::current().id() != self.supervisor_id {
-                    let mut link = shared.link.lock();
-                    while link.state != State::Closed {
-                        shared.changed.wait(&mut link);
-                    }
+                // Another handle is closing: wait until it is done.
+                let mut link = shared.link.lock();
+                while link.state != State::Closed {
+                    shared.changed.wait(&mut link);
                 }
                 Vec::new()
             }
         }
+    }
+
+    fn on_supervisor(&self) -> bool {
+        std::thread::current().id() == self.supervisor_id
     }
 }
 
@@ -304,6 +315,8 @@ impl Drop for Handle {
         if !undelivered.is_empty() {
             self.shared.emit(Event::Undelivered(undelivered));
         }
-        self.shared.emit_closed();
+        if !self.on_supervisor() {
+            self.shared.emit_closed();
+        }
     }
 }

@@ -395,6 +395,8 @@ pub(crate) struct Shared {
     pub closing: AtomicBool,
     /// `Event::Closed` was emitted (it is emitted once, last).
     pub closed_event: AtomicBool,
+    /// The client was closed from the supervisor thread itself (nobody joins it).
+    pub orphaned: AtomicBool,
     /// The socket of an attempt in progress, so `close()` can abort it.
     pub connecting: Mutex<Option<TcpStream>>,
     pub counters: Counters,

@@ -626,7 +626,8 @@ impl Supervisor {
         if let Some(t) = self.timer.take() {
             let _ = t.join();
         }
-        if by_user {
+        if by_user && !self.shared.orphaned.load(Ordering::SeqCst) {
+            // close() joins us and returns these, then emits `Closed`.
             undelivered
         } else {
             if !undelivered.is_empty() {

@@ -1000,3 +1000,45 @@ fn client_is_clone_send_sync() {
     // Usable from many threads at once through an Arc, too.
     assert_send_sync::<Arc<Client>>();
 }
+
+#[test]
+fn close_from_inside_the_on_connect_hook_ends_cleanly() {
+    // The hook runs on the supervisor thread, which cannot join itself: the client must
+    // still close, hand back what was queued and emit `Closed` last.
+    let server = TestServer::echo();
+    let slot: Arc<std::sync::OnceLock<wsbeat::Client>> = Arc::default();
+    let hook_slot = slot.clone();
+    let client = Client::builder(&server.url())
+        .unwrap()
+        .no_proxy()
+        .on_connect(move |s| {
+            if s.generation() >= 2
+                && let Some(c) = hook_slot.get()
+            {
+                let _ = c.send_text("queued while closing");
+                c.close().unwrap();
+            }
+            Ok(())
+        })
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    slot.set(client.clone()).unwrap();
+    client.reconnect_now();
+    let seen = lifecycle_until_closed(&events);
+    assert!(
+        seen.iter().any(|e| matches!(e, Event::Undelivered(m)
+            if m.iter().any(|m| matches!(m, Message::Text(t) if t.as_str() == "queued while closing")))),
+        "the message queued during the hook was not handed back: {seen:?}"
+    );
+    assert!(
+        matches!(seen.iter().rev().nth(1), Some(Event::Undelivered(_))),
+        "Closed must come after everything else: {seen:?}"
+    );
+    assert_eq!(client.state(), State::Closed);
+    assert!(
+        client.send_text("after").is_err(),
+        "a closed client accepts nothing"
+    );
+}

@@ -21,19 +21,34 @@ use crate::{Error, Event, Message, Result, State};
 /// `Client` is a cheap handle: clone it and send from any thread. Dropping the last
 /// handle closes the client like [`close`](Client::close) does.
 ///
-/// ```no_run
-/// use wsbeat::{Client, Event};
+/// ```
+/// use std::time::Duration;
+/// use wsbeat::{Client, Event, Message};
 ///
-/// let client = Client::builder("ws://127.0.0.1:9001/feed")?.connect()?;
+/// # // A throwaway echo server on loopback, so this example runs as a doc test.
+/// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let url = format!("ws://{}/feed", listener.local_addr().unwrap());
+/// # std::thread::spawn(move || {
+/// #     let mut ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+/// #     while let Ok(m) = ws.read() {
+/// #         if m.is_text() && ws.send(m).is_err() { break }
+/// #     }
+/// # });
+/// let client = Client::builder(&url)?.connect()?;
 /// client.send_text("hello")?;
-/// for event in client.events() {
-///     match event {
-///         Event::Message(m) => println!("got {m}"),
-///         Event::Disconnected { reason, .. } => println!("lost: {reason}"),
-///         Event::Closed => break,
-///         _ => {}
+/// let events = client.events();
+/// loop {
+///     match events.recv_timeout(Duration::from_secs(5)).expect("an event") {
+///         Event::Message(Message::Text(t)) => {
+///             assert_eq!(t.as_str(), "hello");
+///             break;
+///         }
+///         Event::Disconnected { reason, .. } => panic!("lost: {reason}"),
+///         _ => {} // Connected, ...
 ///     }
 /// }
+/// let undelivered = client.close()?; // close handshake; every internal thread joined
+/// assert!(undelivered.is_empty());
 /// # Ok::<(), wsbeat::Error>(())
 /// ```
 #[derive(Clone)]

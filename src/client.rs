@@ -133,6 +133,9 @@ impl Client {
             orphaned: AtomicBool::new(false),
             connecting: Mutex::new(None),
             counters: Counters::default(),
+            writers: Default::default(),
+            gate: Default::default(),
+            gate_cv: Default::default(),
         });
         let first = if eager {
             Some(establish(&shared, 1, None)?)

@@ -178,6 +178,9 @@ pub(crate) struct TlsSettings {
     pub connector: Option<native_tls::TlsConnector>,
     pub danger_accept_invalid_certs: bool,
     pub danger_accept_invalid_hostnames: bool,
+    /// The connector built from the settings above on the first TLS attempt, reused by
+    /// every later attempt: building one loads the system CA bundle (tens of ms).
+    pub built: std::sync::OnceLock<native_tls::TlsConnector>,
 }
 
 /// The complete configuration of a client (built by [`ClientBuilder`]).

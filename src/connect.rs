@@ -341,9 +341,11 @@ fn tls_handshake(
     sock: Tcp,
     dl: &Deadline,
 ) -> Result<native_tls::TlsStream<Tcp>> {
-    let connector = match &settings.connector {
+    let connector = match settings.connector.as_ref().or(settings.built.get()) {
         Some(c) => c.clone(),
         None => {
+            // Built once per client: it loads and parses the system CA bundle, which
+            // costs tens of milliseconds, and would otherwise delay every reconnection.
             let mut b = native_tls::TlsConnector::builder();
             for r in &settings.roots {
                 b.add_root_certificate(r.clone());
@@ -353,7 +355,8 @@ fn tls_handshake(
             }
             b.danger_accept_invalid_certs(settings.danger_accept_invalid_certs);
             b.danger_accept_invalid_hostnames(settings.danger_accept_invalid_hostnames);
-            b.build().map_err(|e| tls_error(&e.to_string()))?
+            let built = b.build().map_err(|e| tls_error(&e.to_string()))?;
+            settings.built.get_or_init(|| built).clone()
         }
     };
     let domain = host.trim_start_matches('[').trim_end_matches(']');

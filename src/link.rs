@@ -12,11 +12,13 @@
 //! | `Shared::connecting` | supervisor (`establish`: store / clear the socket of the attempt), `close()` (shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
+//! | `Shared::gate` (+ `gate_cv`) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`wake_senders`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
 //!
 //! The order is simply: **`link`, `connecting` and `supervisor` are leaf locks** — no
 //! other lock is taken while one of them is held, so they can never be part of a cycle.
-//! The only nesting that can occur is `policy` → `link`, when the user's policy code calls
-//! a `Client` method; nothing ever takes `policy` while holding another lock. (crossbeam's
+//! The only nestings that can occur are `policy` → `link`, when the user's policy code
+//! calls a `Client` method (nothing ever takes `policy` while holding another lock), and
+//! `gate` → `link` by `try_lock` only, which cannot wait and so cannot deadlock. (crossbeam's
 //! internal channel locks are leaves too: an unbounded send never waits.)
 //! Consequences for user code: a `Heartbeat::app` reply matcher runs under `link` and must
 //! not call back into the `Client` (the mutex is not reentrant); event handlers, request
@@ -41,7 +43,7 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -319,6 +321,8 @@ pub(crate) struct Live {
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).
     pub close_sent: bool,
+    /// The reader thread, unparked when the last waiting sender got the lock.
+    pub reader: Option<std::thread::Thread>,
 }
 
 impl Live {
@@ -400,6 +404,12 @@ pub(crate) struct Shared {
     /// The socket of an attempt in progress, so `close()` can abort it.
     pub connecting: Mutex<Option<TcpStream>>,
     pub counters: Counters,
+    /// Senders waiting for `link` in [`Shared::lock_for_send`]. While it is not zero the
+    /// reader stops draining, lets go and waits until they had the lock.
+    pub writers: AtomicUsize,
+    /// Where waiting senders sleep. A leaf lock: nobody blocks on `link` while holding it.
+    pub gate: Mutex<()>,
+    pub gate_cv: Condvar,
 }
 
 /// How a send waits.
@@ -460,7 +470,58 @@ impl Shared {
                 message: msg,
             });
         }
-        self.dispatch(self.link.lock(), msg, mode)
+        self.dispatch(self.lock_for_send(), msg, mode)
+    }
+
+    /// Takes `link` for a send. Not with `lock()`: a contended parking_lot lock spins and
+    /// then calls `sched_yield` up to 7 times before it parks, and on a busy machine each
+    /// yield can cost the sender a whole scheduler slice, while `unlock_fair` only hands
+    /// the lock to *parked* threads, so the reader (always runnable under inbound load)
+    /// takes it straight back. A waiting sender is counted in `writers` and sleeps on
+    /// `gate_cv`; the reader wakes it when it lets go.
+    fn lock_for_send(&self) -> MutexGuard<'_, Link> {
+        if let Some(g) = self.link.try_lock() {
+            return g;
+        }
+        self.writers.fetch_add(1, Ordering::SeqCst);
+        let link = loop {
+            let mut gate = self.gate.lock();
+            if let Some(g) = self.link.try_lock() {
+                break g;
+            }
+            // Other holders (timer, supervisor, stats) do not notify: hence the bound.
+            self.gate_cv.wait_for(&mut gate, Duration::from_micros(200));
+        };
+        if self.writers.fetch_sub(1, Ordering::SeqCst) == 1
+            && let Some(r) = link.conn.as_ref().and_then(|l| l.reader.as_ref())
+        {
+            r.unpark();
+        }
+        link
+    }
+
+    /// Called by the reader right after it let go of `link`: wakes waiting senders.
+    pub(crate) fn wake_senders(&self) {
+        if self.writers.load(Ordering::SeqCst) > 0 {
+            drop(self.gate.lock());
+            self.gate_cv.notify_all();
+        }
+    }
+
+    /// Called by the reader before it takes `link` again: waits (bounded) until the
+    /// waiting senders had the lock, so it does not take it straight back.
+    pub(crate) fn wait_for_senders(&self) {
+        if self.writers.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_millis(5);
+        while self.writers.load(Ordering::SeqCst) > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
     }
 
     /// Sends on the open connection, or queues while there is none.

@@ -77,7 +77,8 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // good. Past the quota the socket reports WouldBlock, so the lock is let go.
         live.ws.get_mut().set_read_quota(Some(READ_QUOTA));
         loop {
-            if n >= budget {
+            // Let a waiting sender in after at least one message.
+            if n >= budget || (n > 0 && shared.writers.load(Ordering::Relaxed) > 0) {
                 more = true;
                 break;
             }
@@ -129,6 +130,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             shared.mark_dead(&mut link, cgen, reason);
         }
         MutexGuard::unlock_fair(link);
+        shared.wake_senders();
         let received = out.len() as u64;
         if received > 0 {
             shared
@@ -142,5 +144,6 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         if stop {
             return;
         }
+        shared.wait_for_senders();
     }
 }

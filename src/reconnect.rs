@@ -365,6 +365,7 @@ impl Supervisor {
                 pending_since: None,
                 hb: HbState::new(now),
                 close_sent: false,
+                reader: None,
             });
             self.shared.set_state(link, State::Open);
             // This connection serves every `reconnect_now` made while it was being built
@@ -402,6 +403,16 @@ impl Supervisor {
                 return Err(Error::io(e));
             }
         };
+        if let Some(l) = self
+            .shared
+            .link
+            .lock()
+            .conn
+            .as_mut()
+            .filter(|l| l.generation == cgen)
+        {
+            l.reader = Some(reader.thread().clone());
+        }
         let _ = self.shared.timer.send(TimerCmd::Wake);
         Ok((cgen, reader))
     }

@@ -1,0 +1,152 @@
+//! Goal 1: Echo round-trip latency, 64 B and 16 KiB, ws and wss: send one Binary message,
+//! wait for its echo. Raw: `send()` then `read()` on one thread. wsbeat: `send_binary()`
+//! then `events().recv()` (the reply crosses the reader thread and the event channel).
+//! Raw and wsbeat alternate in blocks (A/B/B/A...) on two connections to the same server.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use tungstenite::{Bytes, Message};
+use wsbeat::{Client, Event};
+
+use crate::server::Server;
+use crate::util::{self, RawWs, fmt_us, summarize, us};
+use crate::{Met, Opts, Row, ratio};
+
+const GOAL: f64 = 1.15;
+
+fn raw_rtt(ws: &mut RawWs, payload: &Bytes) -> f64 {
+    let t = Instant::now();
+    ws.send(Message::Binary(payload.clone())).expect("raw send");
+    loop {
+        if let Message::Binary(b) = ws.read().expect("raw read") {
+            black_box(b);
+            break;
+        }
+    }
+    us(t.elapsed())
+}
+
+fn wsbeat_rtt(c: &Client, rx: &crossbeam_channel::Receiver<Event>, payload: &Bytes) -> f64 {
+    let t = Instant::now();
+    c.send_binary(payload.clone()).expect("wsbeat send");
+    loop {
+        match rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("wsbeat echo")
+        {
+            Event::Message(Message::Binary(b)) => {
+                black_box(b);
+                break;
+            }
+            Event::Disconnected { reason, .. } => panic!("disconnected during latency: {reason}"),
+            _ => {}
+        }
+    }
+    us(t.elapsed())
+}
+
+/// Diagnostic: the cost of one hand-off to a thread blocked in a crossbeam `recv()` (what
+/// every wsbeat message goes through between the reader thread and the user), measured as
+/// send-to-wake-up time. The receiver is given time to park between samples, as the user
+/// thread in the echo test parks while waiting for the reply.
+fn handoff(n: usize) -> Vec<f64> {
+    let (tx, rx) = crossbeam_channel::unbounded::<Instant>();
+    let (back_tx, back) = crossbeam_channel::unbounded::<f64>();
+    let t = std::thread::spawn(move || {
+        for sent in rx {
+            let _ = back_tx.send(us(sent.elapsed()));
+        }
+    });
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        std::thread::sleep(Duration::from_micros(20));
+        tx.send(Instant::now()).unwrap();
+        v.push(back.recv().unwrap());
+    }
+    drop(tx);
+    let _ = t.join();
+    v
+}
+
+pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
+    let rounds = o.pick(10, 4);
+    let per_round = o.pick(2500, 300);
+    let warm = o.pick(500, 100);
+    let tls = util::tls_connector();
+    let mut rows = Vec::new();
+    for secure in [false, true] {
+        let srv = Server::start(secure);
+        for size in [64usize, 16 << 10] {
+            let payload = Bytes::from(vec![0x42u8; size]);
+            let mut raw = RawWs::connect(srv.addr, "/echo", secure.then_some(&tls));
+            let client = util::builder(&srv.url("/echo"))
+                .connect()
+                .expect("wsbeat connect");
+            let rx = client.events();
+            for _ in 0..warm {
+                raw_rtt(&mut raw, &payload);
+                wsbeat_rtt(&client, &rx, &payload);
+            }
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for r in 0..rounds {
+                for turn in 0..2 {
+                    if (r + turn) % 2 == 0 {
+                        a.extend((0..per_round).map(|_| raw_rtt(&mut raw, &payload)));
+                    } else {
+                        b.extend((0..per_round).map(|_| wsbeat_rtt(&client, &rx, &payload)));
+                    }
+                }
+            }
+            raw.close();
+            let _ = client.close();
+            let (ra, rb) = (summarize(&a), summarize(&b));
+            let label = format!(
+                "echo RTT {} {}",
+                if secure { "wss" } else { "ws" },
+                if size == 64 { "64 B" } else { "16 KiB" }
+            );
+            for (q, x, y) in [("p50", ra.p50, rb.p50), ("p99", ra.p99, rb.p99)] {
+                rows.push(Row::new(
+                    format!("{label} {q}"),
+                    fmt_us(x),
+                    fmt_us(y),
+                    ratio(y, x),
+                    format!("<= {GOAL}x"),
+                    Met::from(y <= x * GOAL),
+                ));
+            }
+            println!(
+                "  {label}: raw n={} p50 {} p99 {} max {} | wsbeat n={} p50 {} p99 {} max {}",
+                ra.n,
+                fmt_us(ra.p50),
+                fmt_us(ra.p99),
+                fmt_us(ra.max),
+                rb.n,
+                fmt_us(rb.p50),
+                fmt_us(rb.p99),
+                fmt_us(rb.max)
+            );
+        }
+    }
+    let h = summarize(&handoff(o.pick(5000, 500)));
+    println!(
+        "  thread hand-off (crossbeam send -> parked recv wakes): p50 {} p99 {}",
+        fmt_us(h.p50),
+        fmt_us(h.p99)
+    );
+    rows.push(Row::new(
+        "diagnostic: one wake-up of a thread parked in crossbeam recv(), p50 / p99",
+        "-",
+        format!("{} / {}", fmt_us(h.p50), fmt_us(h.p99)),
+        "-",
+        "-",
+        Met::Info,
+    ));
+    notes.push(format!(
+        "Latency: {} samples per cell ({rounds} alternating blocks of {per_round}), one Binary \
+         message echoed by a blocking tungstenite server thread (TCP_NODELAY).",
+        rounds * per_round
+    ));
+    rows
+}

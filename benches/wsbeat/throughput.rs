@@ -1,0 +1,256 @@
+//! Goal 2: Throughput over ws, 64 B and 64 KiB Binary messages.
+//! * client -> server: N `send()` calls (each returns once the bytes reached the OS, for
+//!   raw tungstenite too: `send` = write + flush), then Text `done`; the clock stops when
+//!   the server's count comes back.
+//! * server -> client: Text `go N SIZE`; the server writes N messages as fast as it can,
+//!   then Text `end`; the clock stops when the client has read `end` (wsbeat: received it
+//!   from `events()`, so every message crossed the event channel).
+//!
+//! Rounds alternate raw/wsbeat; the median round is reported.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use tungstenite::{Bytes, Message};
+use wsbeat::{Client, Event};
+
+use crate::server::Server;
+use crate::util::{self, RawWs, fmt_rate, median};
+use crate::{Met, Opts, Row, ratio};
+
+const GOAL: f64 = 0.9;
+
+fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        ws.send(Message::Binary(payload.clone())).expect("raw send");
+    }
+    ws.send(Message::text("done")).expect("raw send");
+    loop {
+        if let Message::Text(c) = ws.read().expect("raw read") {
+            assert_eq!(c.as_str(), n.to_string(), "server count");
+            break;
+        }
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn wsbeat_c2s(
+    c: &Client,
+    rx: &crossbeam_channel::Receiver<Event>,
+    n: usize,
+    payload: &Bytes,
+) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        c.send_binary(payload.clone()).expect("wsbeat send");
+    }
+    c.send_text("done").expect("wsbeat send");
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)).expect("count") {
+            Event::Message(Message::Text(cnt)) => {
+                assert_eq!(cnt.as_str(), n.to_string(), "server count");
+                break;
+            }
+            Event::Disconnected { reason, .. } => panic!("disconnected: {reason}"),
+            _ => {}
+        }
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn raw_s2c(ws: &mut RawWs, n: usize, size: usize) -> f64 {
+    let t = Instant::now();
+    ws.send(Message::text(format!("go {n} {size}")))
+        .expect("raw send");
+    let mut got = 0;
+    loop {
+        match ws.read().expect("raw read") {
+            Message::Binary(b) => {
+                black_box(b);
+                got += 1;
+            }
+            Message::Text(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(got, n);
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn wsbeat_s2c(c: &Client, rx: &crossbeam_channel::Receiver<Event>, n: usize, size: usize) -> f64 {
+    let t = Instant::now();
+    c.send_text(format!("go {n} {size}")).expect("wsbeat send");
+    let mut got = 0;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)).expect("flood") {
+            Event::Message(Message::Binary(b)) => {
+                black_box(b);
+                got += 1;
+            }
+            Event::Message(Message::Text(_)) => break,
+            Event::Disconnected { reason, .. } => panic!("disconnected: {reason}"),
+            _ => {}
+        }
+    }
+    assert_eq!(got, n);
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Diagnostic contender for server -> client: raw tungstenite read by its own thread that
+/// forwards every message over a crossbeam channel to the consuming thread, i.e. the
+/// floor of any client that delivers messages from a reader thread (no lock, no poll).
+struct Hop {
+    cmd: crossbeam_channel::Sender<(usize, usize)>,
+    data: crossbeam_channel::Receiver<Message>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hop {
+    fn start(addr: std::net::SocketAddr) -> Hop {
+        let (cmd, cmd_rx) = crossbeam_channel::unbounded::<(usize, usize)>();
+        let (data_tx, data) = crossbeam_channel::unbounded();
+        let mut raw = RawWs::connect(addr, "/flood", None);
+        let thread = std::thread::spawn(move || {
+            for (n, size) in cmd_rx {
+                raw.send(Message::text(format!("go {n} {size}")))
+                    .expect("hop send");
+                loop {
+                    let m = raw.read().expect("hop read");
+                    let end = matches!(m, Message::Text(_));
+                    let _ = data_tx.send(m);
+                    if end {
+                        break;
+                    }
+                }
+            }
+            raw.close();
+        });
+        Hop {
+            cmd,
+            data,
+            thread: Some(thread),
+        }
+    }
+
+    fn s2c(&self, n: usize, size: usize) -> f64 {
+        let t = Instant::now();
+        self.cmd.send((n, size)).unwrap();
+        let mut got = 0;
+        loop {
+            match self.data.recv().expect("hop data") {
+                Message::Binary(b) => {
+                    black_box(b);
+                    got += 1;
+                }
+                Message::Text(_) => break,
+                _ => {}
+            }
+        }
+        assert_eq!(got, n);
+        n as f64 / t.elapsed().as_secs_f64()
+    }
+}
+
+impl Drop for Hop {
+    fn drop(&mut self) {
+        let (tx, _) = crossbeam_channel::unbounded();
+        self.cmd = tx;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
+    let rounds = o.pick(7, 3);
+    let srv = Server::start(false);
+    let mut rows = Vec::new();
+    for (dir, path) in [("client->server", "/sink"), ("server->client", "/flood")] {
+        for size in [64usize, 64 << 10] {
+            let n = match (path, size) {
+                ("/sink", 64) => o.pick(100_000, 10_000),
+                ("/sink", _) => o.pick(10_000, 1_000),
+                (_, 64) => o.pick(1_000_000, 100_000),
+                _ => o.pick(10_000, 1_000),
+            };
+            let payload = Bytes::from(vec![0x33u8; size]);
+            let mut raw = RawWs::connect(srv.addr, path, None);
+            let client = util::builder(&srv.url(path))
+                .connect()
+                .expect("wsbeat connect");
+            let rx = client.events();
+            let hop = (path == "/flood").then(|| Hop::start(srv.addr));
+            let mut one = |wsbeat: bool, n: usize| -> f64 {
+                match (path, wsbeat) {
+                    ("/sink", false) => raw_c2s(&mut raw, n, &payload),
+                    ("/sink", true) => wsbeat_c2s(&client, &rx, n, &payload),
+                    (_, false) => raw_s2c(&mut raw, n, size),
+                    (_, true) => wsbeat_s2c(&client, &rx, n, size),
+                }
+            };
+            // Warm-up (buffers, caches, TCP windows).
+            one(false, n / 10);
+            one(true, n / 10);
+            if let Some(h) = &hop {
+                h.s2c(n / 10, size);
+            }
+            let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+            for r in 0..rounds {
+                if r % 2 == 0 {
+                    a.push(one(false, n));
+                    b.push(one(true, n));
+                } else {
+                    b.push(one(true, n));
+                    a.push(one(false, n));
+                }
+                if let Some(h) = &hop {
+                    c.push(h.s2c(n, size));
+                }
+            }
+            drop(hop);
+            raw.close();
+            let _ = client.close();
+            let (ma, mb) = (median(&a), median(&b));
+            let mbs = |m: f64| m * size as f64 / 1e6;
+            println!(
+                "  {dir} {size} B: raw rounds {:?} | wsbeat rounds {:?} (k msg/s)",
+                a.iter().map(|x| (x / 1e3).round()).collect::<Vec<_>>(),
+                b.iter().map(|x| (x / 1e3).round()).collect::<Vec<_>>()
+            );
+            let sz = if size == 64 { "64 B" } else { "64 KiB" };
+            rows.push(Row::new(
+                format!("throughput {dir} {sz} (msg/s; MB/s)"),
+                format!("{} msg/s; {:.0} MB/s", fmt_rate(ma), mbs(ma)),
+                format!("{} msg/s; {:.0} MB/s", fmt_rate(mb), mbs(mb)),
+                ratio(mb, ma),
+                format!(">= {GOAL}x"),
+                Met::from(mb >= ma * GOAL),
+            ));
+            if !c.is_empty() {
+                let mc = median(&c);
+                println!(
+                    "  {dir} {size} B: raw+reader thread+channel rounds {:?} (k msg/s)",
+                    c.iter().map(|x| (x / 1e3).round()).collect::<Vec<_>>()
+                );
+                rows.push(Row::new(
+                    format!(
+                        "diagnostic: {dir} {sz}, raw tungstenite behind a reader thread + \
+                         channel (raw column) vs wsbeat"
+                    ),
+                    format!("{} msg/s; {:.0} MB/s", fmt_rate(mc), mbs(mc)),
+                    format!("{} msg/s; {:.0} MB/s", fmt_rate(mb), mbs(mb)),
+                    ratio(mb, mc),
+                    "-",
+                    Met::Info,
+                ));
+            }
+        }
+    }
+    notes.push(format!(
+        "Throughput: median of {rounds} alternating rounds (full mode: c2s 100k x 64 B / 10k x \
+         64 KiB, s2c 1M x 64 B / 10k x 64 KiB per round), ws, one connection each; msg/s and \
+         bytes/s ratios are the same number since sizes are fixed."
+    ));
+    rows
+}

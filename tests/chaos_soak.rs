@@ -31,10 +31,11 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Once};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use support::client::{client_panics, watch_panics};
 
 use crossbeam_channel::Receiver;
 use support::proxy::{Dir, FaultProxy};
@@ -70,24 +71,6 @@ impl Rng {
     fn ms(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(lo + self.below(hi - lo + 1))
     }
-}
-
-static WSBEAT_PANICS: AtomicUsize = AtomicUsize::new(0);
-
-fn watch_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if std::thread::current()
-                .name()
-                .is_some_and(|n| n.starts_with("wsbeat-"))
-            {
-                WSBEAT_PANICS.fetch_add(1, SeqCst);
-            }
-            previous(info);
-        }));
-    });
 }
 
 /// Joins `t` within `limit`, or fails (a hung thread is a deadlock).
@@ -672,7 +655,7 @@ fn epoch(index: u64, secs: u64, rng: &mut Rng, replay: &str) {
             rss_after - rss_before
         ));
     }
-    assert_eq!(WSBEAT_PANICS.load(SeqCst), 0, "a wsbeat thread panicked");
+    assert_eq!(client_panics(), 0, "a wsbeat thread panicked");
     assert!(
         failures.is_empty(),
         "{replay}, epoch {index}:\n{}",

@@ -11,10 +11,11 @@ mod support;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use support::client::Fixed;
 
 use parking_lot::Mutex;
 use support::server::{Behavior, TestServer};
-use wsbeat::{Client, Event, Failure, ReconnectPolicy};
+use wsbeat::{Client, Event};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -47,14 +48,6 @@ fn capture() -> &'static Capture {
         log::set_max_level(log::LevelFilter::Trace);
         c
     })
-}
-
-struct Fixed(Duration);
-
-impl ReconnectPolicy for Fixed {
-    fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
-        Some(self.0)
-    }
 }
 
 fn base64(input: &[u8]) -> String {

@@ -12,17 +12,18 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use support::client::Fixed;
+use support::client::{client_panics, watch_panics};
 
 use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 use support::{net, util};
 use wsbeat::{
-    Client, ClientBuilder, ConnectStage, DisconnectReason, Error, Event, Failure, Heartbeat,
-    Limits, Message, ReconnectPolicy,
+    Client, ClientBuilder, ConnectStage, DisconnectReason, Error, Event, Heartbeat, Limits, Message,
 };
 
 /// Upper bound for anything that should happen "now".
@@ -34,27 +35,9 @@ const RSS_BUDGET_KIB: u64 = 64 << 10;
 // Panics in the client's threads (their JoinHandle results are ignored by the client, so
 // a panic there would otherwise go unnoticed).
 
-static WSBEAT_PANICS: AtomicUsize = AtomicUsize::new(0);
-
-fn watch_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if std::thread::current()
-                .name()
-                .is_some_and(|n| n.starts_with("wsbeat-"))
-            {
-                WSBEAT_PANICS.fetch_add(1, SeqCst);
-            }
-            previous(info);
-        }));
-    });
-}
-
 fn assert_no_client_panic() {
     assert_eq!(
-        WSBEAT_PANICS.load(SeqCst),
+        client_panics(),
         0,
         "a wsbeat-* thread panicked (see the output above)"
     );
@@ -363,15 +346,6 @@ fn read_head(peer: &mut Peer) -> Option<String> {
 
 // ---------------------------------------------------------------------------------------
 // Client helpers.
-
-/// Retries after a fixed delay, forever.
-struct Fixed(Duration);
-
-impl ReconnectPolicy for Fixed {
-    fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
-        Some(self.0)
-    }
-}
 
 fn builder(url: &str) -> ClientBuilder {
     Client::builder(url)

@@ -10,17 +10,16 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Barrier, Once};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+use support::client::Fixed;
+use support::client::{client_panics, watch_panics};
 
 use support::proxy::FaultProxy;
 use support::server::{Behavior, TestServer};
 use support::util;
-use wsbeat::{
-    Client, ClientBuilder, DisconnectReason, Error, Event, Failure, Heartbeat, Message,
-    ReconnectPolicy, State,
-};
+use wsbeat::{Client, ClientBuilder, DisconnectReason, Error, Event, Heartbeat, Message, State};
 
 /// Upper bound for anything that should happen "now".
 const T: Duration = Duration::from_secs(10);
@@ -32,32 +31,9 @@ fn iterations() -> usize {
         .unwrap_or(200)
 }
 
-static WSBEAT_PANICS: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts panics in the client's own threads (their join results are not surfaced).
-fn watch_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if std::thread::current()
-                .name()
-                .is_some_and(|n| n.starts_with("wsbeat-"))
-            {
-                WSBEAT_PANICS.fetch_add(1, SeqCst);
-            }
-            previous(info);
-        }));
-    });
-}
-
 /// No client thread panicked and none is left.
 fn assert_clean_end(what: &str) {
-    assert_eq!(
-        WSBEAT_PANICS.load(SeqCst),
-        0,
-        "{what}: a wsbeat thread panicked"
-    );
+    assert_eq!(client_panics(), 0, "{what}: a wsbeat thread panicked");
     assert!(
         util::wait_until(T, || util::threads_named("wsbeat-") == 0),
         "{what}: wsbeat threads left: {:?}",
@@ -66,14 +42,6 @@ fn assert_clean_end(what: &str) {
             .filter(|n| n.starts_with("wsbeat-"))
             .collect::<Vec<_>>()
     );
-}
-
-struct Fixed(Duration);
-
-impl ReconnectPolicy for Fixed {
-    fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
-        Some(self.0)
-    }
 }
 
 fn builder(url: &str) -> ClientBuilder {

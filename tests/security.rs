@@ -11,26 +11,18 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::time::{Duration, Instant};
+use support::client::Fixed;
 
 use parking_lot::Mutex;
 use support::certs::{self, ServerCert};
 use support::server::{Behavior, TestServer};
 use support::{net, util};
 use wsbeat::{
-    Client, ClientBuilder, DisconnectReason, Error, Event, Failure, Limits, Message,
-    ReconnectPolicy, TlsErrorKind,
+    Client, ClientBuilder, DisconnectReason, Error, Event, Limits, Message, TlsErrorKind,
 };
 
 const T: Duration = Duration::from_secs(10);
 const MIB: usize = 1 << 20;
-
-struct Fixed(Duration);
-
-impl ReconnectPolicy for Fixed {
-    fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
-        Some(self.0)
-    }
-}
 
 fn tls_server(cert: ServerCert) -> TestServer {
     TestServer::builder().tls(cert).start()

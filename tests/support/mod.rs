@@ -5,6 +5,7 @@
 //! - [`proxy`]: [`proxy::FaultProxy`], a TCP proxy that can blackhole, delay, cut and reset.
 //! - [`util`]: process counters (threads, fds, RSS) and [`util::wait_until`].
 //! - [`net`]: small socket helpers (RST via `SO_LINGER` 0, `poll`).
+//! - [`client`]: a fixed-delay reconnect policy and a panic counter for `wsbeat-*` threads.
 //!
 //! ```ignore
 //! let server = TestServer::echo();                  // ws://127.0.0.1:PORT/
@@ -22,6 +23,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod client;
 pub mod net;
 pub mod proxy;
 pub mod server;

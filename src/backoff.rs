@@ -49,7 +49,8 @@ pub trait ReconnectPolicy: Send + 'static {
 /// Exponential backoff with full jitter, the default policy.
 ///
 /// Delay for attempt `n` is uniform in `[0, min(max, initial * factor^(n-1))]`, but at
-/// least what the server asked for (`Retry-After` on 429/503; close code 1013 "try
+/// least what the server asked for (`Retry-After` seconds on 429/503, up to
+/// `max_retry_after`; close code 1013 "try
 /// again later" waits at least `try_later`). Fatal errors ([`Error::is_fatal`]: HTTP
 /// 400/401/403/404, certificate errors) give up unless `retry_fatal` is set.
 ///
@@ -70,6 +71,7 @@ pub struct Backoff {
     max_attempts: Option<u32>,
     max_elapsed: Option<Duration>,
     try_later: Duration,
+    max_retry_after: Duration,
     retry_fatal: bool,
     rng: u64,
 }
@@ -98,6 +100,7 @@ impl Default for Backoff {
             max_attempts: None,
             max_elapsed: None,
             try_later: Duration::from_secs(5),
+            max_retry_after: Duration::from_secs(600),
             retry_fatal: false,
             rng: seed(),
         }
@@ -149,6 +152,12 @@ impl Backoff {
         self.try_later = d;
         self
     }
+    /// Longest `Retry-After` honoured (default 10 min): a server cannot park the client
+    /// for days.
+    pub fn max_retry_after(mut self, d: Duration) -> Self {
+        self.max_retry_after = d;
+        self
+    }
     /// Also retry errors that are fatal by default (401, certificate errors...).
     pub fn retry_fatal(mut self, yes: bool) -> Self {
         self.retry_fatal = yes;
@@ -197,7 +206,7 @@ impl ReconnectPolicy for Backoff {
             ..
         }) = f.error
         {
-            delay = delay.max(*ra);
+            delay = delay.max((*ra).min(self.max_retry_after));
         }
         if let Some(DisconnectReason::ClosedByPeer { code: 1013, .. }) = f.reason {
             delay = delay.max(self.try_later.min(self.max));
@@ -251,5 +260,12 @@ mod tests {
             body: None,
         };
         assert!(b.next_delay(&fail(1, Some(&e503))).unwrap() >= Duration::from_secs(3));
+        let forever = Error::Http {
+            status: 503,
+            retry_after: Some(Duration::from_secs(1 << 40)),
+            body: None,
+        };
+        let capped = b.next_delay(&fail(1, Some(&forever))).unwrap();
+        assert_eq!(capped, Duration::from_secs(600));
     }
 }

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Makes a throw-away PKI for the nginx interop tests (tests/interop_tls.rs runs this
-# at test time into a temp dir; also handy for trying examples/wscat.rs by hand):
+# at test time into a temp dir), for the checked-in test certificates (tests/certs/gen.sh
+# runs it into tests/certs), and for trying examples/wscat.rs by hand:
 #
 #   sh tests/peers/gen_certs.sh OUTDIR
 #

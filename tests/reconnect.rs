@@ -1515,6 +1515,12 @@ fn every_message_is_delivered_or_handed_back(overflow: OverflowPolicy, outage_se
         }
     }
     handed_back.extend(&tally.err_back);
+    // The client may be done before the server: the server reads what is still in its
+    // socket until the client's close reply, then its connection ends. Count after that.
+    assert!(
+        server.wait_live(0, T),
+        "the server never finished its close"
+    );
     let received: Vec<u32> = server.received().iter().map(|r| number(&r.msg)).collect();
 
     let received_set: BTreeSet<u32> = received.iter().copied().collect();

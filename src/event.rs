@@ -83,6 +83,16 @@ pub enum DisconnectReason {
     ReconnectRequested,
 }
 
+impl DisconnectReason {
+    /// From the peer's close frame (1005 "no status" when it had none).
+    pub(crate) fn closed_by_peer(frame: Option<crate::CloseFrame>) -> Self {
+        let (code, reason) = frame.map_or((1005, String::new()), |f| {
+            (u16::from(f.code), f.reason.to_string())
+        });
+        DisconnectReason::ClosedByPeer { code, reason }
+    }
+}
+
 impl fmt::Display for DisconnectReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -325,7 +325,41 @@ pub(crate) struct Live {
     pub reader: Option<std::thread::Thread>,
 }
 
+/// What [`Live::write_tracked`] did with a message.
+pub(crate) enum Written {
+    /// In tungstenite's buffer (and in `in_flight` until a flush completes).
+    Buffered,
+    /// The write buffer is full: not buffered, handed back.
+    Full(Message),
+}
+
 impl Live {
+    /// Writes `m` into tungstenite's buffer without blocking and tracks it in `in_flight`
+    /// (a `WouldBlock` here still means buffered: tungstenite kept the frame).
+    pub(crate) fn write_tracked(
+        &mut self,
+        m: Message,
+    ) -> std::result::Result<Written, tungstenite::Error> {
+        self.in_flight.push_back(m.clone());
+        match self.ws.write(m) {
+            Ok(()) => Ok(Written::Buffered),
+            Err(e) if is_would_block(&e) => Ok(Written::Buffered),
+            Err(tungstenite::Error::WriteBufferFull(_)) => Ok(Written::Full(
+                self.in_flight.pop_back().expect("pushed above"),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Output is left pending: start the stall clock, or move it to the last progress.
+    pub(crate) fn note_pending(&mut self) {
+        let progress = self.ws.get_ref().last_write();
+        self.pending_since = Some(match self.pending_since {
+            None => Instant::now(),
+            Some(t) => t.max(progress),
+        });
+    }
+
     /// Flushes without blocking. `Ok(true)` when everything reached the OS.
     pub(crate) fn try_flush(&mut self) -> std::result::Result<bool, tungstenite::Error> {
         match self.ws.flush() {
@@ -335,11 +369,7 @@ impl Live {
                 Ok(true)
             }
             Err(e) if is_would_block(&e) => {
-                let progress = self.ws.get_ref().last_write();
-                self.pending_since = Some(match self.pending_since {
-                    None => Instant::now(),
-                    Some(t) => t.max(progress),
-                });
+                self.note_pending();
                 Ok(false)
             }
             Err(e) => Err(e),
@@ -613,14 +643,10 @@ impl Shared {
                 }
             };
             if let Some(m) = unsent.take() {
-                live.in_flight.push_back(m.clone());
-                match live.ws.write(m) {
-                    Ok(()) => {}
-                    Err(e) if is_would_block(&e) => {}
-                    Err(tungstenite::Error::WriteBufferFull(_)) => {
-                        // Not buffered: keep it and wait for room.
-                        unsent = live.in_flight.pop_back();
-                    }
+                match live.write_tracked(m) {
+                    Ok(Written::Buffered) => {}
+                    // Not buffered: keep it and wait for room.
+                    Ok(Written::Full(m)) => unsent = Some(m),
                     Err(e) => {
                         let reason = reason_of(&e);
                         self.mark_dead(&mut link, cgen, reason);

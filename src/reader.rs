@@ -94,10 +94,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                             out.push(Event::Message(msg));
                         }
                         Message::Close(frame) if !live.close_sent => {
-                            let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                                (u16::from(f.code), f.reason.to_string())
-                            });
-                            dead = Some(DisconnectReason::ClosedByPeer { code, reason });
+                            dead = Some(DisconnectReason::closed_by_peer(frame));
                             // Let the queued close reply go out below, then stop.
                             break;
                         }

@@ -22,7 +22,8 @@ use crate::config::Attempt;
 use crate::connect::{self, Opened};
 use crate::heartbeat::HbState;
 use crate::link::{
-    Command, Link, Live, Shared, TimerCmd, Waker, Ws, is_would_block, wait_readable, wait_writable,
+    Command, Link, Live, Shared, TimerCmd, Waker, Written, Ws, is_would_block, wait_readable,
+    wait_writable,
 };
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
@@ -95,10 +96,7 @@ impl Session<'_> {
             match self.ws.read() {
                 Ok(m @ (Message::Text(_) | Message::Binary(_))) => return Ok(m),
                 Ok(Message::Close(f)) => {
-                    return Err(Error::ConnectionLost(DisconnectReason::ClosedByPeer {
-                        code: f.as_ref().map_or(1005, |f| u16::from(f.code)),
-                        reason: f.map(|f| f.reason.to_string()).unwrap_or_default(),
-                    }));
+                    return Err(Error::ConnectionLost(DisconnectReason::closed_by_peer(f)));
                 }
                 Ok(_) => {}
                 Err(e) if is_would_block(&e) => {
@@ -434,12 +432,9 @@ impl Supervisor {
             let mut failed = None;
             while let Some(m) = link.queue.pop_front() {
                 moved = true;
-                live.in_flight.push_back(m.clone());
-                match live.ws.write(m) {
-                    Ok(()) => {}
-                    Err(e) if is_would_block(&e) => {}
-                    Err(tungstenite::Error::WriteBufferFull(_)) => {
-                        let m = live.in_flight.pop_back().expect("just pushed");
+                match live.write_tracked(m) {
+                    Ok(Written::Buffered) => {}
+                    Ok(Written::Full(m)) => {
                         link.queue.push_front(m);
                         break;
                     }
@@ -538,9 +533,7 @@ impl Supervisor {
             match live.ws.close(Some(frame)) {
                 Ok(()) => {}
                 Err(e) if is_would_block(&e) => {
-                    if live.pending_since.is_none() {
-                        live.pending_since = Some(Instant::now());
-                    }
+                    live.note_pending();
                     live.waker.wake();
                 }
                 Err(_) => {

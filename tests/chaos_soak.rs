@@ -281,18 +281,12 @@ const FAULTS: [Fault; 11] = [
 fn chaos_soak_accounts_for_every_message() {
     let _g = util::exclusive();
     watch_panics();
-    let secs: u64 = std::env::var("WSBEAT_SOAK_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
-    let seed: u64 = std::env::var("WSBEAT_SOAK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
+    let secs = util::env_u64("WSBEAT_SOAK_SECS").unwrap_or(20);
+    let seed = util::env_u64("WSBEAT_SOAK_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+    });
     // Long runs are cut into epochs of at most a minute, each with a fresh server, proxy
     // and clients: every epoch is accounted for on its own (the test server keeps every
     // message it received), and memory must stay flat from one epoch to the next.

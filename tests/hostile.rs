@@ -1474,14 +1474,8 @@ fn scenario(seed: u64) -> (Vec<u8>, Expect, Vec<String>) {
 fn random_frame_sequences_never_deliver_past_a_violation_panic_or_hang() {
     let _g = util::shared();
     watch_panics();
-    let seeds: u64 = std::env::var("WSBEAT_HOSTILE_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
-    let base: u64 = std::env::var("WSBEAT_HOSTILE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0xC0FF_EE00);
+    let seeds = util::env_u64("WSBEAT_HOSTILE_SEEDS").unwrap_or(300);
+    let base = util::env_u64("WSBEAT_HOSTILE_SEED").unwrap_or(0xC0FF_EE00);
     eprintln!(
         "generative hostile server: seeds {base}..{} (WSBEAT_HOSTILE_SEED / WSBEAT_HOSTILE_SEEDS)",
         base + seeds

@@ -25,10 +25,7 @@ use wsbeat::{Client, ClientBuilder, DisconnectReason, Error, Event, Heartbeat, M
 const T: Duration = Duration::from_secs(10);
 
 fn iterations() -> usize {
-    std::env::var("WSBEAT_RACE_ITERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200)
+    util::env_u64("WSBEAT_RACE_ITERS").unwrap_or(200) as usize
 }
 
 /// No client thread panicked and none is left.

@@ -90,3 +90,8 @@ pub fn shared() -> RwLockReadGuard<'static, ()> {
 pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
     PROCESS_WIDE.write()
 }
+
+/// A number from the environment (to lengthen or replay a test), if set and valid.
+pub fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}

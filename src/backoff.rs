@@ -49,10 +49,17 @@ pub trait ReconnectPolicy: Send + 'static {
 /// Exponential backoff with full jitter, the default policy.
 ///
 /// Delay for attempt `n` is uniform in `[0, min(max, initial * factor^(n-1))]`, but at
-/// least what the server asked for (`Retry-After` seconds on 429/503, up to
-/// `max_retry_after`; close code 1013 "try
-/// again later" waits at least `try_later`). Fatal errors ([`Error::is_fatal`]: HTTP
-/// 400/401/403/404, certificate errors) give up unless `retry_fatal` is set.
+/// least what the server asked for:
+/// - `Retry-After` on an HTTP rejection (429/503), up to `max_retry_after`;
+/// - close code 1013 "try again later": at least `try_later` (default 5 s);
+/// - close code 1012 "service restart": a random delay in `service_restart` (default
+///   5-30 s, as the IANA registry asks), so that the clients of a restarting server do
+///   not all come back at the same moment.
+///
+/// The server-requested waits of the two close codes are capped by `max`. Fatal errors
+/// ([`Error::is_fatal`]: HTTP 400/401/403/404, certificate errors, a panicking callback)
+/// give up unless `retry_fatal` is set. Every setting accepts any `Duration`, including
+/// `ZERO` (retry at once) and `Duration::MAX` (no limit).
 ///
 /// ```
 /// use std::time::Duration;
@@ -71,6 +78,7 @@ pub struct Backoff {
     max_attempts: Option<u32>,
     max_elapsed: Option<Duration>,
     try_later: Duration,
+    restart: (Duration, Duration),
     max_retry_after: Duration,
     retry_fatal: bool,
     rng: u64,
@@ -100,6 +108,7 @@ impl Default for Backoff {
             max_attempts: None,
             max_elapsed: None,
             try_later: Duration::from_secs(5),
+            restart: (Duration::from_secs(5), Duration::from_secs(30)),
             max_retry_after: Duration::from_secs(600),
             retry_fatal: false,
             rng: seed(),
@@ -152,6 +161,13 @@ impl Backoff {
         self.try_later = d;
         self
     }
+    /// After close code 1012 (service restart), wait a random time between `min` and
+    /// `max` (default 5 s to 30 s), capped by [`max`](Self::max). Reversed bounds are
+    /// swapped.
+    pub fn service_restart(mut self, min: Duration, max: Duration) -> Self {
+        self.restart = (min.min(max), min.max(max));
+        self
+    }
     /// Longest `Retry-After` honoured (default 10 min): a server cannot park the client
     /// for days.
     pub fn max_retry_after(mut self, d: Duration) -> Self {
@@ -182,7 +198,15 @@ impl Backoff {
     pub fn ceiling(&self, attempt: u32) -> Duration {
         let exp = self.factor.powi(attempt.saturating_sub(1).min(64) as i32);
         let secs = (self.initial.as_secs_f64() * exp).min(self.max.as_secs_f64());
-        Duration::from_secs_f64(secs.max(0.0))
+        // Past `Duration::MAX` (a huge `initial` or `max`): saturate, never panic.
+        Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::MAX)
+    }
+
+    /// A uniformly random duration in `[0, d]`, never panicking for huge `d`.
+    fn random_upto(&mut self, d: Duration) -> Duration {
+        Duration::try_from_secs_f64(d.as_secs_f64() * self.next_random())
+            .unwrap_or(d)
+            .min(d)
     }
 }
 
@@ -200,7 +224,8 @@ impl ReconnectPolicy for Backoff {
         if self.max_elapsed.is_some_and(|m| f.elapsed >= m) {
             return None;
         }
-        let mut delay = self.ceiling(f.attempt).mul_f64(self.next_random());
+        let ceiling = self.ceiling(f.attempt);
+        let mut delay = self.random_upto(ceiling);
         if let Some(Error::Http {
             retry_after: Some(ra),
             ..
@@ -208,8 +233,16 @@ impl ReconnectPolicy for Backoff {
         {
             delay = delay.max((*ra).min(self.max_retry_after));
         }
-        if let Some(DisconnectReason::ClosedByPeer { code: 1013, .. }) = f.reason {
-            delay = delay.max(self.try_later.min(self.max));
+        match f.reason {
+            Some(DisconnectReason::ClosedByPeer { code: 1013, .. }) => {
+                delay = delay.max(self.try_later.min(self.max));
+            }
+            Some(DisconnectReason::ClosedByPeer { code: 1012, .. }) => {
+                let (min, max) = self.restart;
+                let wait = min.saturating_add(self.random_upto(max - min));
+                delay = delay.max(wait.min(self.max));
+            }
+            _ => {}
         }
         Some(delay)
     }
@@ -267,5 +300,76 @@ mod tests {
         };
         let capped = b.next_delay(&fail(1, Some(&forever))).unwrap();
         assert_eq!(capped, Duration::from_secs(600));
+    }
+
+    fn closed(code: u16) -> DisconnectReason {
+        DisconnectReason::ClosedByPeer {
+            code,
+            reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn service_restart_waits_a_random_5_to_30_seconds() {
+        let mut b = Backoff::default().seed(3);
+        let reason = closed(1012);
+        let mut seen = Vec::new();
+        for attempt in 1..200 {
+            let f = Failure {
+                attempt: attempt % 3 + 1,
+                error: None,
+                reason: Some(&reason),
+                elapsed: Duration::ZERO,
+            };
+            let d = b.next_delay(&f).unwrap();
+            assert!(
+                d >= Duration::from_secs(5) && d <= Duration::from_secs(30),
+                "{d:?}"
+            );
+            seen.push(d);
+        }
+        // Randomised: a herd of clients spreads out over the window.
+        let (lo, hi) = (seen.iter().min().unwrap(), seen.iter().max().unwrap());
+        assert!(*hi - *lo > Duration::from_secs(15), "{lo:?}..{hi:?}");
+        // Configurable like try_later, and capped by max.
+        let mut fixed = Backoff::default()
+            .service_restart(Duration::from_secs(2), Duration::from_secs(2))
+            .seed(5);
+        let f = Failure {
+            attempt: 1,
+            error: None,
+            reason: Some(&reason),
+            elapsed: Duration::ZERO,
+        };
+        assert_eq!(fixed.next_delay(&f), Some(Duration::from_secs(2)));
+        let mut capped = Backoff::default().max(Duration::from_secs(1));
+        assert!(capped.next_delay(&f).unwrap() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn extreme_durations_never_panic() {
+        for d in [Duration::ZERO, Duration::from_nanos(1), Duration::MAX] {
+            let mut b = Backoff::default()
+                .initial(d)
+                .max(d)
+                .min_uptime(d)
+                .max_elapsed(Some(d))
+                .try_later(d)
+                .max_retry_after(d)
+                .service_restart(d, Duration::MAX)
+                .factor(f64::MAX);
+            for attempt in [1, 2, 64, u32::MAX] {
+                assert!(b.ceiling(attempt) <= d);
+                for reason in [None, Some(closed(1012)), Some(closed(1013))] {
+                    let f = Failure {
+                        attempt,
+                        error: None,
+                        reason: reason.as_ref(),
+                        elapsed: Duration::ZERO,
+                    };
+                    let _ = b.next_delay(&f);
+                }
+            }
+        }
     }
 }

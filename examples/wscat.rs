@@ -332,7 +332,7 @@ fn run(args: Args) -> Result<(), String> {
             },
         }
     }
-    let unsent = client.close().map_err(|e| e.to_string())?;
+    let unsent = client.close();
     for ev in events.try_iter() {
         show_event(ev, &mut failed);
     }

@@ -1,8 +1,8 @@
 //! The user's handle: send from any thread, read events, query state, close.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
@@ -10,10 +10,12 @@ use crossbeam_channel::{Receiver, unbounded};
 use parking_lot::Mutex;
 
 use crate::config::{ClientBuilder, Config};
+use crate::event::EventSink;
 use crate::link::{Command, Counters, Link, SendMode, Shared, TimerCmd};
 use crate::queue::OfflineQueue;
 use crate::reconnect::{Supervisor, establish};
 use crate::redact::RedactedUrl;
+use crate::time::deadline_in;
 use crate::{Error, Event, Message, Result, State};
 
 /// A WebSocket client that keeps its connection alive on its own.
@@ -47,13 +49,69 @@ use crate::{Error, Event, Message, Result, State};
 ///         _ => {} // Connected, ...
 ///     }
 /// }
-/// let undelivered = client.close()?; // close handshake; every internal thread joined
+/// let undelivered = client.close(); // close handshake; every internal thread joined
 /// assert!(undelivered.is_empty());
 /// # Ok::<(), wsbeat::Error>(())
 /// ```
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Handle>,
+}
+
+/// A handle that does not keep its client alive: for callbacks that need the client
+/// (a reconnect policy, a request factory, an `on_connect` hook, a reply matcher).
+///
+/// The client's configuration owns those callbacks, so a `Client` captured in one of
+/// them keeps the client alive forever (a reference cycle: its threads would never end).
+/// Capture a `WeakClient` instead and [`upgrade`](WeakClient::upgrade) it when needed;
+/// when the last `Client` is dropped, the client closes as usual.
+///
+/// ```
+/// use std::time::Duration;
+/// use wsbeat::{Client, Failure, ReconnectPolicy};
+///
+/// struct Watch(wsbeat::WeakClient);
+/// impl ReconnectPolicy for Watch {
+///     fn next_delay(&mut self, f: &Failure<'_>) -> Option<Duration> {
+///         if let Some(client) = self.0.upgrade() {
+///             eprintln!("retry {} while {:?}", f.attempt, client.state());
+///         }
+///         Some(Duration::from_secs(1))
+///     }
+/// }
+/// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let url = format!("ws://{}/", listener.local_addr().unwrap());
+/// # std::thread::spawn(move || { let _ws = tungstenite::accept(listener.accept().unwrap().0); });
+/// let client = Client::builder(&url)?.connect_lazy()?;
+/// let weak = client.downgrade();
+/// assert!(weak.upgrade().is_some());
+/// drop(client); // the last strong handle: the client closes, its threads are joined
+/// assert!(weak.upgrade().is_none());
+/// # let _ = Watch(weak);
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct WeakClient {
+    inner: Weak<Handle>,
+}
+
+impl WeakClient {
+    /// The client, if any strong handle to it is still alive.
+    ///
+    /// Drop the returned handle before your callback returns: if it turns out to be the
+    /// last one, dropping it closes the client (fine from a policy, factory or hook; a
+    /// reply matcher runs under the client's lock and must not be the one to close it).
+    pub fn upgrade(&self) -> Option<Client> {
+        self.inner.upgrade().map(|inner| Client { inner })
+    }
+}
+
+impl fmt::Debug for WeakClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakClient")
+            .field("alive", &(self.inner.strong_count() > 0))
+            .finish()
+    }
 }
 
 struct Handle {
@@ -109,6 +167,7 @@ impl Client {
     }
 
     pub(crate) fn start(cfg: Config, eager: bool) -> Result<Client> {
+        cfg.validate()?;
         let (ev_tx, ev_rx) = unbounded();
         let (ctl_tx, ctl_rx) = unbounded();
         let (timer_tx, timer_rx) = unbounded();
@@ -124,12 +183,11 @@ impl Client {
             }),
             changed: parking_lot::Condvar::new(),
             cfg,
-            events: ev_tx,
+            events: EventSink::new(ev_tx),
             ctl: ctl_tx,
             timer: timer_tx,
             reconnect_requested: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            closed_event: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
             connecting: Mutex::new(None),
             counters: Counters::default(),
@@ -250,7 +308,7 @@ impl Client {
     /// `Err(Closed)` if the client closed or gave up.
     pub fn wait_connected(&self, timeout: Duration) -> Result<()> {
         let shared = &self.inner.shared;
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_in(timeout);
         let mut link = shared.link.lock();
         loop {
             match link.state {
@@ -279,44 +337,60 @@ impl Client {
         }
     }
 
+    /// A handle that does not keep the client alive, for use inside its own callbacks.
+    /// See [`WeakClient`].
+    pub fn downgrade(&self) -> WeakClient {
+        WeakClient {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
     /// Closes: close handshake (bounded by the close timeout), socket shutdown, every
-    /// internal thread joined. Returns the messages that were still queued (never sent).
-    /// Calling it again returns an empty list.
-    pub fn close(&self) -> Result<Vec<Message>> {
+    /// internal thread joined, then [`Event::Closed`]. Works from any state (connecting,
+    /// backoff, open, after giving up or after a panic in a callback) and from any thread.
+    ///
+    /// Returns the messages that were accepted but never written (still queued); they are
+    /// then *not* also sent as [`Event::Undelivered`]. Calling it again, or from a second
+    /// thread, waits until the first call is done and returns an empty list. Called from a
+    /// callback on the client's own supervisor thread (policy, factory, hook), it cannot
+    /// wait for that thread: it returns an empty list at once, and the client ends right
+    /// after the callback returns, with the queued messages in `Event::Undelivered`.
+    pub fn close(&self) -> Vec<Message> {
         let undelivered = self.inner.shutdown();
         if !self.inner.on_supervisor() {
             self.inner.shared.emit_closed();
         }
-        Ok(undelivered)
+        undelivered
     }
 }
 
 impl Handle {
     fn shutdown(&self) -> Vec<Message> {
         let shared = &self.shared;
+        shared.events.begin_close();
         shared.closing.store(true, Ordering::SeqCst);
         let _ = shared.ctl.send(Command::Close);
         if let Some(s) = shared.connecting.lock().as_ref() {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
+        if self.on_supervisor() {
+            // Closed from a hook, factory or policy running on the supervisor: it cannot
+            // join itself. It finishes as soon as the callback returns and then emits what
+            // is left (`Undelivered`, `Closed`) itself. Its handle stays for a later
+            // `close()` or drop on another thread to join.
+            shared.orphaned.store(true, Ordering::SeqCst);
+            return Vec::new();
+        }
         let handle = self.supervisor.lock().take();
         match handle {
-            Some(h) if std::thread::current().id() != self.supervisor_id => {
-                h.join().unwrap_or_default()
-            }
-            _ if self.on_supervisor() => {
-                // Closed from a hook, factory or policy running on the supervisor: it
-                // cannot join itself. It finishes on its own and then emits what is left
-                // (`Undelivered`, `Closed`) itself.
-                shared.orphaned.store(true, Ordering::SeqCst);
-                Vec::new()
-            }
-            _ => {
-                // Another handle is closing: wait until it is done.
-                let mut link = shared.link.lock();
-                while link.state != State::Closed {
-                    shared.changed.wait(&mut link);
-                }
+            // The supervisor catches every panic (it ends the client properly and returns
+            // an empty list then), so a join error cannot happen; if it did, the queue
+            // was already handed back in `Undelivered`.
+            Some(h) => h.join().unwrap_or_default(),
+            // Another handle is closing (or closed already): wait until it is done. That
+            // closer's join is bounded, so this wait is too.
+            None => {
+                shared.events.wait_closed();
                 Vec::new()
             }
         }

@@ -19,6 +19,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default bounded wait for the peer's close reply.
 pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest [`ClientBuilder::close_timeout`]: `close()` ends within it (plus thread
+/// joins) even when the peer never answers.
+pub const MAX_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One connection request: URL, extra headers and subprotocols.
 ///
@@ -125,7 +128,8 @@ pub enum OverflowPolicy {
     /// Drop the oldest queued messages to make room and hand them back in
     /// [`Event::Undelivered`](crate::Event::Undelivered).
     DropOldest,
-    /// Wait up to the given time for room, then return [`Error::QueueFull`].
+    /// Wait up to the given time for room, then return [`Error::QueueFull`]
+    /// (`Duration::MAX`: wait as long as it takes; zero: like `Reject`).
     Block(Duration),
 }
 
@@ -206,6 +210,30 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// Rejects settings that cannot work, before any thread starts.
+    pub(crate) fn validate(&self) -> Result<()> {
+        let invalid = |setting, reason: &str| {
+            Err(Error::InvalidConfig {
+                setting,
+                reason: reason.into(),
+            })
+        };
+        if self.connect_timeout.is_zero() {
+            return invalid(
+                "connect_timeout",
+                "zero would fail every attempt at once; use Duration::MAX for no limit",
+            );
+        }
+        if self.write_timeout.is_zero() {
+            return invalid(
+                "write_timeout",
+                "zero would declare a stall whenever the socket buffer is full; use \
+                 Duration::MAX to never declare one",
+            );
+        }
+        self.heartbeat.validate()
+    }
+
     pub(crate) fn ws_config(&self) -> tungstenite::protocol::WebSocketConfig {
         let write_buffer = 128 << 10;
         tungstenite::protocol::WebSocketConfig::default()
@@ -215,7 +243,7 @@ impl Config {
             .max_write_buffer_size(
                 self.limits
                     .max_write_buffer
-                    .max(self.limits.max_message_size + (64 << 10))
+                    .max(self.limits.max_message_size.saturating_add(64 << 10))
                     .max(write_buffer + 1),
             )
             .max_message_size(Some(self.limits.max_message_size))
@@ -296,22 +324,27 @@ impl ClientBuilder {
     }
 
     /// Deadline for one whole connect: DNS, TCP (every address), proxy, TLS and upgrade.
-    /// Default 10 s.
+    /// Default 10 s. `Duration::MAX`: no limit (`close()` still aborts a connect in
+    /// progress); zero is rejected by `connect()`.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.cfg.connect_timeout = timeout;
         self
     }
 
     /// A send that cannot hand its bytes to the OS for this long declares the
-    /// connection stalled (the peer stopped reading). Default 10 s.
+    /// connection stalled (the peer stopped reading). Default 10 s. `Duration::MAX`:
+    /// never declare a stall; zero is rejected by `connect()`.
     pub fn write_timeout(mut self, timeout: Duration) -> Self {
         self.cfg.write_timeout = timeout;
         self
     }
 
-    /// Bounded wait for the peer's close reply in `close()`. Default 2 s.
+    /// Bounded wait for the peer's close reply in `close()`. Default 2 s. Zero: send the
+    /// close frame and do not wait for the reply. At most [`MAX_CLOSE_TIMEOUT`] (one
+    /// minute; longer values, `Duration::MAX` included, are capped): `close()` must end
+    /// even when the peer vanished.
     pub fn close_timeout(mut self, timeout: Duration) -> Self {
-        self.cfg.close_timeout = timeout;
+        self.cfg.close_timeout = timeout.min(MAX_CLOSE_TIMEOUT);
         self
     }
 
@@ -334,7 +367,14 @@ impl ClientBuilder {
         self
     }
 
-    /// Replaces the reconnect policy (default: [`Backoff::default`]).
+    /// Replaces the reconnect policy (default: [`Backoff::default`]). Not consulted when
+    /// automatic reconnection is off.
+    ///
+    /// The policy runs on the client's supervisor thread. A panic in it closes the client
+    /// (`GaveUp` with [`Error::Panicked`], then `Undelivered`, `Closed`). To reach the
+    /// client from the policy, capture a [`WeakClient`](crate::WeakClient), never a
+    /// `Client`: the client owns its policy, so a captured `Client` would keep it alive
+    /// forever.
     pub fn reconnect_policy(mut self, policy: impl ReconnectPolicy) -> Self {
         self.cfg.policy = Arc::new(parking_lot::Mutex::new(Box::new(policy)));
         self
@@ -342,6 +382,11 @@ impl ClientBuilder {
 
     /// Builds the request for every attempt (fresh tokens, failover between URLs).
     /// Replaces the URL, headers and subprotocols given to the builder.
+    ///
+    /// It runs on the supervisor thread (on the caller's thread for the first attempt of
+    /// [`connect`](Self::connect)). An error fails the attempt; a panic fails it with
+    /// [`Error::Panicked`], which is fatal. Capture a [`WeakClient`](crate::WeakClient)
+    /// if it needs the client, never a `Client` (see [`reconnect_policy`](Self::reconnect_policy)).
     pub fn request_factory(
         mut self,
         factory: impl Fn(&Attempt<'_>) -> Result<Request> + Send + Sync + 'static,
@@ -351,7 +396,10 @@ impl ClientBuilder {
     }
 
     /// Runs on every (re)connection before queued messages are flushed and before
-    /// `Connected` is emitted: authenticate, resubscribe. An error fails the attempt.
+    /// `Connected` is emitted: authenticate, resubscribe. An error fails the attempt; a
+    /// panic fails it with [`Error::Panicked`], which is fatal. It runs where the request
+    /// factory runs; capture a [`WeakClient`](crate::WeakClient) if it needs the client,
+    /// never a `Client` (see [`reconnect_policy`](Self::reconnect_policy)).
     pub fn on_connect(
         mut self,
         hook: impl Fn(&mut Session<'_>) -> Result<()> + Send + Sync + 'static,

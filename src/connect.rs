@@ -71,7 +71,7 @@ pub(crate) fn open(cfg: &Config, req: &Request, on_socket: &dyn Fn(&TcpStream)) 
     let start = Instant::now();
     let dl = Deadline {
         start,
-        end: start + cfg.connect_timeout,
+        end: crate::time::deadline(start, cfg.connect_timeout),
     };
     let url = &req.url;
     let host = url.host_str().unwrap_or_default().to_string();

@@ -125,9 +125,10 @@ pub enum Error {
     /// The peer broke the WebSocket protocol, or a size limit was exceeded.
     #[error("WebSocket protocol error: {0}")]
     Protocol(String),
-    /// A network I/O error.
+    /// A network I/O error. The underlying `io::Error` is its
+    /// [`source`](std::error::Error::source).
     #[error("I/O error: {0}")]
-    Io(Arc<io::Error>),
+    Io(#[source] Arc<io::Error>),
     /// The client is closed (or gave up); the message is handed back.
     #[error("the client is closed")]
     Closed {
@@ -163,13 +164,38 @@ pub enum Error {
     /// `wait_connected` ran out of time.
     #[error("not connected within {0:?}")]
     NotConnected(Duration),
-    /// The reconnect policy gave up (fatal error or attempt/time limit reached).
-    #[error("gave up reconnecting after {attempts} attempts; last error: {last}")]
+    /// The client stopped trying to connect: the reconnect policy gave up (fatal error,
+    /// attempt or time limit), or automatic reconnection is off and the connection (or the
+    /// one attempt) ended. This is what [`Event::GaveUp`](crate::Event::GaveUp) carries,
+    /// always; the cause is `last`.
+    #[error("gave up after {attempts} failures in a row; last error: {last}")]
     GaveUp {
-        /// Connection attempts made since the last successful connection.
+        /// Failures in a row (failed attempts and lost connections) when it gave up.
         attempts: u32,
-        /// The error of the last attempt.
+        /// The last failure: why the last attempt failed or the last connection ended.
         last: Box<Error>,
+    },
+    /// A setting given to the builder cannot work (for example a zero heartbeat
+    /// interval). Reported by `connect()` / `connect_lazy()`.
+    #[error("invalid setting {setting}: {reason}")]
+    InvalidConfig {
+        /// The builder method or value at fault, e.g. `"Heartbeat::ping interval"`.
+        setting: &'static str,
+        /// What is wrong and what to use instead.
+        reason: String,
+    },
+    /// Code given to wsbeat panicked: a reconnect policy, request factory, `on_connect`
+    /// hook or heartbeat reply matcher (`origin` says which; `"wsbeat"` means a bug in
+    /// wsbeat itself, please report it). The client does not die silently: a panic in the
+    /// factory or hook fails that attempt with this error, which is fatal (the default
+    /// policy gives up, see [`Error::is_fatal`]); a panic in the policy, or anywhere else
+    /// on the supervisor thread, closes the client (`GaveUp`, `Undelivered`, `Closed`).
+    #[error("{origin} panicked: {message}")]
+    Panicked {
+        /// Which callback panicked.
+        origin: &'static str,
+        /// The panic message.
+        message: String,
     },
 }
 
@@ -220,9 +246,29 @@ impl Error {
             // Wrong or missing proxy credentials (tinyproxy answers 401, others 407),
             // or a destination the proxy forbids.
             Error::Proxy { status } => matches!(status, 401 | 403 | 407),
-            Error::GaveUp { .. } => true,
+            Error::GaveUp { .. } | Error::InvalidConfig { .. } | Error::Panicked { .. } => true,
             _ => false,
         }
+    }
+
+    /// Runs user code (or any code that must not take a thread down); a panic becomes
+    /// [`Error::Panicked`].
+    pub(crate) fn catch<R>(origin: &'static str, f: impl FnOnce() -> R) -> Result<R> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+            let e = Error::panicked(origin, p.as_ref());
+            log::error!("{e}");
+            e
+        })
+    }
+
+    /// [`Error::Panicked`] from a panic payload.
+    pub(crate) fn panicked(origin: &'static str, payload: &(dyn std::any::Any + Send)) -> Error {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        Error::Panicked { origin, message }
     }
 
     pub(crate) fn io(e: io::Error) -> Error {

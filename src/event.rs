@@ -1,11 +1,53 @@
-//! What the client tells its user: events, disconnect reasons, connection state.
+//! What the client tells its user: events, disconnect reasons, connection state, and
+//! the one place that keeps the event stream in its grammar ([`EventSink`]).
 
 use std::fmt;
 use std::time::Duration;
 
+use crossbeam_channel::Sender;
+use parking_lot::{Condvar, Mutex};
+
 use crate::{Error, Message};
 
 /// Something that happened on the client. Read them from [`Client::events`](crate::Client::events).
+///
+/// # Order
+/// Events follow one grammar, on every path (user close, give-up, a panic in a
+/// callback, close from inside a callback):
+///
+/// ```text
+/// stream     = ( connection | Reconnecting | Undelivered )*  GaveUp?  Undelivered?  Closed
+/// connection = Connected ( Message | HeartbeatMissed | Undelivered )*  Disconnected
+/// ```
+///
+/// - `Connected` and `Disconnected` come in pairs with the same `generation`; every
+///   `Message` lies between the pair of the connection it arrived on.
+/// - `Reconnecting` comes only between connections, never once `close` has begun.
+/// - `GaveUp` at most once, then `Undelivered` (if anything was still queued and not
+///   returned by [`Client::close`](crate::Client::close)), then `Closed`.
+/// - `Closed` exactly once, always last: a loop that stops at `Closed` has seen every
+///   message that was handed back.
+///
+/// ```
+/// use wsbeat::{Event, Message};
+///
+/// fn handle(event: Event, resend: &mut Vec<Message>) -> bool {
+///     match event {
+///         Event::Message(m) => println!("got {m}"),
+///         Event::Connected { generation, .. } => println!("connection {generation} open"),
+///         Event::Disconnected { reason, .. } => println!("lost: {reason}"),
+///         Event::Reconnecting { delay, .. } => println!("retrying in {delay:?}"),
+///         Event::GaveUp(e) => println!("gave up: {e}"),
+///         // Accepted by `send` but never written: keep them, log them, or send elsewhere.
+///         Event::Undelivered(msgs) => resend.extend(msgs),
+///         Event::Closed => return false, // the last event: stop reading
+///         _ => {}
+///     }
+///     true
+/// }
+/// # let mut v = Vec::new();
+/// # assert!(!handle(Event::Closed, &mut v));
+/// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Event {
@@ -49,8 +91,86 @@ pub enum Event {
         /// Probes missed in a row.
         missed: u32,
     },
-    /// The client is closed and every internal thread has ended. Always the last event.
+    /// The client is closed and every internal thread has ended (or is returning). Exactly
+    /// once, always the last event.
     Closed,
+}
+
+/// The sending end of a client's event stream. Every event goes through
+/// [`EventSink::emit`], which keeps the stream in the grammar documented on [`Event`]:
+/// nothing after `Closed`, `Closed` once, `GaveUp` once, no `Reconnecting` once closing
+/// began. Its lock is a leaf: held only around an unbounded channel send.
+pub(crate) struct EventSink {
+    tx: Sender<Event>,
+    grammar: Mutex<Grammar>,
+    /// Signalled when `Closed` is emitted.
+    closed: Condvar,
+}
+
+#[derive(Default)]
+struct Grammar {
+    /// `close` has begun: no more `Reconnecting`.
+    closing: bool,
+    gave_up: bool,
+    closed: bool,
+}
+
+impl Grammar {
+    /// Whether `ev` may go out now; records it.
+    fn admit(&mut self, ev: &Event) -> bool {
+        if self.closed {
+            return false;
+        }
+        match ev {
+            Event::Reconnecting { .. } => !self.closing && !self.gave_up,
+            Event::GaveUp(_) => !std::mem::replace(&mut self.gave_up, true),
+            Event::Closed => {
+                self.closed = true;
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
+impl EventSink {
+    pub(crate) fn new(tx: Sender<Event>) -> Self {
+        EventSink {
+            tx,
+            grammar: Mutex::new(Grammar::default()),
+            closed: Condvar::new(),
+        }
+    }
+
+    /// Sends `ev` unless the grammar forbids it now. Never blocks (unbounded channel), so
+    /// it may be called with the link lock held.
+    pub(crate) fn emit(&self, ev: Event) {
+        let mut g = self.grammar.lock();
+        if !g.admit(&ev) {
+            log::debug!("event dropped by the grammar: {ev:?}");
+            return;
+        }
+        let closed = matches!(ev, Event::Closed);
+        // Fails only when every receiver is gone: nobody to tell.
+        let _ = self.tx.send(ev);
+        if closed {
+            self.closed.notify_all();
+        }
+    }
+
+    /// `close` has begun: `Reconnecting` would be a lie from now on.
+    pub(crate) fn begin_close(&self) {
+        self.grammar.lock().closing = true;
+    }
+
+    /// Waits until `Closed` was emitted (by the closer that joins the supervisor, or by
+    /// the supervisor itself). Bounded because that closer's join is.
+    pub(crate) fn wait_closed(&self) {
+        let mut g = self.grammar.lock();
+        while !g.closed {
+            self.closed.wait(&mut g);
+        }
+    }
 }
 
 /// Why a connection ended.
@@ -131,4 +251,41 @@ pub enum State {
     Closing,
     /// Closed for good (by the user, or the policy gave up).
     Closed,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sink_keeps_the_grammar() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let sink = EventSink::new(tx);
+        let reconnecting = || Event::Reconnecting {
+            attempt: 1,
+            delay: Duration::ZERO,
+            last_error: None,
+        };
+        sink.emit(reconnecting());
+        sink.begin_close();
+        sink.emit(reconnecting()); // dropped: closing
+        sink.emit(Event::GaveUp(Error::Closed { message: None }));
+        sink.emit(Event::GaveUp(Error::Closed { message: None })); // dropped: twice
+        sink.emit(Event::Undelivered(vec![]));
+        sink.emit(Event::Closed);
+        sink.emit(Event::Closed); // dropped: once
+        sink.emit(Event::Undelivered(vec![])); // dropped: after Closed
+        sink.wait_closed();
+        let kinds: Vec<_> = rx
+            .try_iter()
+            .map(|e| {
+                format!("{e:?}")
+                    .split([' ', '('])
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(kinds, ["Reconnecting", "GaveUp", "Undelivered", "Closed"]);
+    }
 }

@@ -16,11 +16,18 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, after, select};
 
-use crate::Message;
 use crate::event::{DisconnectReason, Event};
 use crate::link::{Shared, TimerCmd};
+use crate::time::deadline;
+use crate::{Error, Message, Result};
 
 /// Decides whether an inbound message is the reply to an application-level probe.
+///
+/// It runs on the reader thread *while the client's lock is held*: keep it short, and do
+/// not call back into the [`Client`](crate::Client) from it (the lock is not reentrant).
+/// Do not capture a `Client` either (the client owns its matcher: that would keep it
+/// alive forever), nor upgrade a captured [`WeakClient`](crate::WeakClient) in it.
+/// A matcher that panics is treated as "not a reply" (logged as an error).
 pub type ReplyMatcher = Arc<dyn Fn(&Message) -> bool + Send + Sync>;
 
 #[derive(Clone)]
@@ -39,6 +46,10 @@ pub(crate) enum Mode {
 ///
 /// The default is [`Heartbeat::ping`] with a 15 s idle interval and a 10 s timeout: a
 /// dead or half-open link is declared dead at most 25 s after the last inbound traffic.
+///
+/// Zero intervals and timeouts make no sense (probes back to back, every probe missed
+/// at once): `connect()` rejects them with [`Error::InvalidConfig`]. `Duration::MAX`
+/// means "never" (no probe, or no deadline for the reply).
 ///
 /// ```
 /// use std::time::Duration;
@@ -105,6 +116,9 @@ impl Heartbeat {
 
     /// An application-level probe message; `matcher` recognises the reply. Replies are
     /// consumed (not delivered as events) unless [`deliver_replies`](Self::deliver_replies).
+    ///
+    /// The matcher runs on the reader thread with the client's lock held: it must not
+    /// call the `Client` (see [`ReplyMatcher`]).
     pub fn app(
         interval: Duration,
         timeout: Duration,
@@ -180,6 +194,36 @@ impl Heartbeat {
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
+
+    /// Rejects settings that cannot work (see the type's docs).
+    pub(crate) fn validate(&self) -> Result<()> {
+        let invalid = |setting, reason: &str| {
+            Err(Error::InvalidConfig {
+                setting,
+                reason: reason.into(),
+            })
+        };
+        match self.mode {
+            Mode::Off => Ok(()),
+            Mode::Passive if self.interval.is_zero() => invalid(
+                "Heartbeat::passive max_silence",
+                "zero would declare every connection dead at once; use Heartbeat::off() \
+                 for no check, or Duration::MAX",
+            ),
+            Mode::Passive => Ok(()),
+            Mode::Ping | Mode::App { .. } if self.interval.is_zero() => invalid(
+                "heartbeat interval",
+                "zero would send probes back to back; use Heartbeat::off() for no \
+                 heartbeat, or an interval of at least a few milliseconds",
+            ),
+            Mode::Ping | Mode::App { .. } if self.timeout.is_zero() => invalid(
+                "heartbeat timeout",
+                "zero would count every probe as missed at once; give the peer time to \
+                 answer (e.g. a few seconds), or Duration::MAX for no deadline",
+            ),
+            Mode::Ping | Mode::App { .. } => Ok(()),
+        }
+    }
 }
 
 /// Heartbeat state of one connection (lives in its `Live`, guarded by the link lock).
@@ -231,7 +275,10 @@ impl HbState {
                 },
                 Message::Text(_) | Message::Binary(_),
             ) => {
-                let r = matcher(msg);
+                // User code on the reader thread, under the lock: a panic must not take
+                // the reader down with the lock's protected state half-updated.
+                let r =
+                    Error::catch("Heartbeat::app reply matcher", || matcher(msg)).unwrap_or(false);
                 (r, r && !deliver_replies)
             }
             _ => (false, false),
@@ -269,7 +316,7 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
         Mode::Off => None,
         Mode::Passive => {
             // No probes, so no replies: `strict` cannot apply, any inbound traffic counts.
-            let due = st.last_inbound + hb.interval;
+            let due = deadline(st.last_inbound, hb.interval);
             Some(if now >= due {
                 Step::Dead(DisconnectReason::HeartbeatTimeout {
                     silent_for: now - st.last_inbound,
@@ -285,7 +332,7 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
                     st.probe = None;
                     st.missed = 0;
                 } else {
-                    let due = sent + hb.timeout;
+                    let due = deadline(sent, hb.timeout);
                     if now < due {
                         // Traffic arriving from now on makes the next probe due at the
                         // earliest `interval` from now: look again then, so a reply does
@@ -294,7 +341,7 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
                         let look = if hb.interval.is_zero() {
                             due
                         } else {
-                            due.min(now + hb.interval)
+                            due.min(deadline(now, hb.interval))
                         };
                         return Some(Step::SleepUntil(look));
                     }
@@ -308,7 +355,10 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
                     return Some(Step::Missed(st.missed, probe_msg(seq), seq));
                 }
             }
-            let due = alive_since.max(st.probe.map_or(alive_since, |p| p.1)) + hb.interval;
+            let due = deadline(
+                alive_since.max(st.probe.map_or(alive_since, |p| p.1)),
+                hb.interval,
+            );
             if now < due {
                 return Some(Step::SleepUntil(due));
             }
@@ -335,7 +385,7 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
             {
                 let cgen = live.generation;
                 // Write stall: output pending longer than the write timeout.
-                let stall = live.pending_since.map(|t| t + write_timeout);
+                let stall = live.pending_since.map(|t| deadline(t, write_timeout));
                 let mut dead = None;
                 if let Some(due) = stall {
                     // Give the socket one more chance to drain before judging.

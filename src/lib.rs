@@ -60,12 +60,13 @@ mod queue;
 mod reader;
 mod reconnect;
 mod redact;
+mod time;
 
 pub use backoff::{Backoff, Failure, ReconnectPolicy};
-pub use client::{Client, Stats};
+pub use client::{Client, Stats, WeakClient};
 pub use config::{
     Attempt, ClientBuilder, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
-    Limits, OverflowPolicy, Request,
+    Limits, MAX_CLOSE_TIMEOUT, OverflowPolicy, Request,
 };
 pub use error::{ConnectStage, Error, Result, TlsErrorKind};
 pub use event::{DisconnectReason, Event, State};

@@ -13,12 +13,13 @@
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
 //! | `Shared::gate` (+ `gate_cv`) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`wake_senders`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
+//! | `EventSink::grammar` (event.rs) | whoever emits an event (any thread, also under `link`); `close()` (`begin_close`, `wait_closed`) | the grammar check and one unbounded channel send; the condvar wait for `Closed` |
 //!
-//! The order is simply: **`link`, `connecting` and `supervisor` are leaf locks** — no
-//! other lock is taken while one of them is held, so they can never be part of a cycle.
-//! The only nestings that can occur are `policy` → `link`, when the user's policy code
-//! calls a `Client` method (nothing ever takes `policy` while holding another lock), and
-//! `gate` → `link` by `try_lock` only, which cannot wait and so cannot deadlock. (crossbeam's
+//! The order is simply: **`connecting`, `supervisor` and the event grammar are leaf locks**,
+//! and under **`link`** only the grammar lock is ever taken (by `emit`) — so no cycle can
+//! form. The only other nestings are `policy` → `link`, when the user's policy code calls a
+//! `Client` method (nothing ever takes `policy` while holding another lock), and `gate` →
+//! `link` by `try_lock` only, which cannot wait and so cannot deadlock. (crossbeam's
 //! internal channel locks are leaves too: an unbounded send never waits.)
 //! Consequences for user code: a `Heartbeat::app` reply matcher runs under `link` and must
 //! not call back into the `Client` (the mutex is not reentrant); event handlers, request
@@ -51,8 +52,10 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use tungstenite::WebSocket;
 
 use crate::config::{Config, OverflowPolicy};
+use crate::event::EventSink;
 use crate::heartbeat::HbState;
 use crate::queue::{OfflineQueue, payload_len};
+use crate::time::{deadline, deadline_in};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
 /// The TCP socket under a [`Stream`] (under TLS, if any), with two bounds:
@@ -334,6 +337,12 @@ pub(crate) enum Written {
 }
 
 impl Live {
+    /// Whether data may still be written on this connection: not dead, and no close frame
+    /// queued (tungstenite refuses data after it: `SendAfterClosing`).
+    pub(crate) fn takes_data(&self) -> bool {
+        self.dead.is_none() && !self.close_sent
+    }
+
     /// Writes `m` into tungstenite's buffer without blocking and tracks it in `in_flight`
     /// (a `WouldBlock` here still means buffered: tungstenite kept the frame).
     pub(crate) fn write_tracked(
@@ -389,6 +398,13 @@ pub(crate) struct Link {
     pub flushing_queue: bool,
 }
 
+impl Link {
+    /// Whether a send goes straight to the open connection (rather than to the queue).
+    pub(crate) fn takes_direct(&self) -> bool {
+        !self.flushing_queue && self.conn.as_ref().is_some_and(Live::takes_data)
+    }
+}
+
 /// Counters for [`Stats`](crate::Stats).
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -420,15 +436,13 @@ pub(crate) struct Shared {
     /// Signalled on state changes and when the offline queue makes room.
     pub changed: Condvar,
     pub cfg: Config,
-    pub events: Sender<Event>,
+    pub events: EventSink,
     pub ctl: Sender<Command>,
     pub timer: Sender<TimerCmd>,
     /// One `reconnect_now` in flight at a time: concurrent calls collapse into one.
     pub reconnect_requested: AtomicBool,
     /// `close()` was called.
     pub closing: AtomicBool,
-    /// `Event::Closed` was emitted (it is emitted once, last).
-    pub closed_event: AtomicBool,
     /// The client was closed from the supervisor thread itself (nobody joins it).
     pub orphaned: AtomicBool,
     /// The socket of an attempt in progress, so `close()` can abort it.
@@ -452,16 +466,14 @@ pub(crate) enum SendMode {
 }
 
 impl Shared {
+    /// Emits an event, in the grammar (see [`EventSink`]). Never blocks: fine under the lock.
     pub(crate) fn emit(&self, ev: Event) {
-        // Unbounded: never blocks, fine under the lock. Fails only if every receiver is gone.
-        let _ = self.events.send(ev);
+        self.events.emit(ev);
     }
 
-    /// Emits the final `Event::Closed`, once.
+    /// Emits the final `Event::Closed` (once: the sink drops any later one).
     pub(crate) fn emit_closed(&self) {
-        if !self.closed_event.swap(true, Ordering::SeqCst) {
-            self.emit(Event::Closed);
-        }
+        self.emit(Event::Closed);
     }
 
     pub(crate) fn set_state(&self, link: &mut Link, state: State) {
@@ -559,8 +571,7 @@ impl Shared {
         if matches!(link.state, State::Closed | State::Closing) {
             return Err(Error::Closed { message: Some(msg) });
         }
-        let direct = !link.flushing_queue && link.conn.as_ref().is_some_and(|l| l.dead.is_none());
-        if direct {
+        if link.takes_direct() {
             self.write_direct(link, msg, mode)
         } else {
             self.enqueue(link, msg, mode)
@@ -597,11 +608,9 @@ impl Shared {
                 Ok(())
             }
             (OverflowPolicy::Block(limit), SendMode::Blocking) => {
-                let deadline = Instant::now() + limit;
+                let deadline = deadline_in(limit);
                 loop {
-                    let direct = !link.flushing_queue
-                        && link.conn.as_ref().is_some_and(|l| l.dead.is_none());
-                    if direct || matches!(link.state, State::Closed | State::Closing) {
+                    if link.takes_direct() || matches!(link.state, State::Closed | State::Closing) {
                         return self.dispatch(link, msg, SendMode::Blocking);
                     }
                     if link.queue.has_room(&msg) {
@@ -632,9 +641,10 @@ impl Shared {
         let mut unsent = Some(msg);
         loop {
             let live = match link.conn.as_mut() {
-                Some(l) if l.generation == cgen && l.dead.is_none() => l,
-                // The connection died while we waited: a message still unsent goes to
-                // the queue (or back to the caller); one in flight was requeued.
+                Some(l) if l.generation == cgen && l.takes_data() => l,
+                // The connection died (or its close frame was queued) while we waited: a
+                // message still unsent goes to the queue or back to the caller (never after
+                // a close frame); one in flight was requeued.
                 _ => {
                     return match unsent {
                         Some(m) => self.dispatch(link, m, mode),
@@ -688,7 +698,7 @@ impl Shared {
                 // Flushed: there is room for the message that did not fit. Retry.
                 continue;
             };
-            let deadline = since + write_timeout;
+            let deadline = deadline(since, write_timeout);
             let now = Instant::now();
             if now >= deadline {
                 log::warn!("connection {cgen}: write stalled for {write_timeout:?}");

@@ -25,6 +25,7 @@ use crate::link::{
     Command, Link, Live, Shared, TimerCmd, Waker, Written, Ws, is_would_block, wait_readable,
     wait_writable,
 };
+use crate::time::deadline_in;
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
 /// The connection handed to an [`on_connect`](crate::ClientBuilder::on_connect) hook,
@@ -65,7 +66,7 @@ impl Session<'_> {
 
     /// Sends a message and waits (up to the write timeout) until it reached the OS.
     pub fn send(&mut self, msg: Message) -> Result<()> {
-        let deadline = Instant::now() + self.write_timeout;
+        let deadline = deadline_in(self.write_timeout);
         let mut r = self.ws.write(msg);
         loop {
             match r {
@@ -91,7 +92,7 @@ impl Session<'_> {
 
     /// Waits up to `timeout` for the next text or binary message (pings are answered).
     pub fn read(&mut self, timeout: Duration) -> Result<Message> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_in(timeout);
         loop {
             match self.ws.read() {
                 Ok(m @ (Message::Text(_) | Message::Binary(_))) => return Ok(m),
@@ -127,6 +128,8 @@ pub(crate) struct Supervisor {
     pub shared: Arc<Shared>,
     pub ctl: Receiver<Command>,
     pub timer: Option<JoinHandle<()>>,
+    /// The reader of the current connection, with its generation.
+    reader: Option<(u64, JoinHandle<()>)>,
     /// Attempts made in total (numbers given to the request factory).
     attempts: u64,
     /// Failures in a row since the last stable connection.
@@ -143,7 +146,7 @@ pub(crate) fn establish(
 ) -> Result<Opened> {
     let cfg = &shared.cfg;
     let req = match &cfg.factory {
-        Some(f) => f(&Attempt { number, last_error })?,
+        Some(f) => Error::catch("request factory", || f(&Attempt { number, last_error }))??,
         None => cfg.request.clone(),
     };
     let opened = connect::open(cfg, &req, &|s| {
@@ -176,7 +179,7 @@ fn run_hook(shared: &Shared, mut opened: Opened) -> Result<Opened> {
             protocol: opened.protocol.as_deref(),
             write_timeout: cfg.write_timeout,
         };
-        hook(&mut s)?;
+        Error::catch("on_connect hook", || hook(&mut s))??;
     }
     Ok(opened)
 }
@@ -187,6 +190,7 @@ impl Supervisor {
             shared,
             ctl,
             timer: Some(timer),
+            reader: None,
             attempts: 0,
             failures: 0,
             first_failure: None,
@@ -195,7 +199,37 @@ impl Supervisor {
     }
 
     /// The thread body. Returns the messages still queued when the user closed.
+    ///
+    /// Whatever happens inside, the client ends properly: user callbacks run under
+    /// `Error::catch`, and any other panic (a bug) is caught here, the current connection
+    /// torn down, and the client closed as if the policy had given up.
     pub(crate) fn run(mut self, first: Option<Opened>) -> Vec<Message> {
+        let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(first)));
+        let give_up = match served {
+            Ok(give_up) => give_up,
+            Err(payload) => {
+                let e = Error::panicked("wsbeat supervisor", payload.as_ref());
+                log::error!("{e}; closing the client");
+                let current = self.shared.link.lock().conn.as_ref().map(|l| l.generation);
+                if let Some(cgen) = current {
+                    self.shared
+                        .report_dead(cgen, DisconnectReason::Io(e.to_string()));
+                    let reason = self.teardown(cgen);
+                    self.shared.emit(Event::Disconnected {
+                        generation: cgen,
+                        reason,
+                    });
+                }
+                self.failures = self.failures.saturating_add(1);
+                Some(e)
+            }
+        };
+        self.finish(give_up)
+    }
+
+    /// Connects, serves connections and reconnects until closed or given up. Returns the
+    /// last error when it gave up, `None` when the user closed.
+    fn serve(&mut self, first: Option<Opened>) -> Option<Error> {
         let mut pending = first;
         if pending.is_some() {
             self.attempts = 1;
@@ -224,7 +258,7 @@ impl Supervisor {
                     }
                 }
             };
-            let (cgen, reader) = match self.publish(opened) {
+            let cgen = match self.publish(opened) {
                 Ok(x) => x,
                 Err(e) => match self.backoff(Some(e), None) {
                     Ok(()) => continue,
@@ -241,7 +275,7 @@ impl Supervisor {
                 End::Reconnect => self.close_handshake(cgen, false),
                 End::Died => {}
             }
-            let mut reason = self.teardown(cgen, Some(reader));
+            let mut reason = self.teardown(cgen);
             if let End::Reconnect = end {
                 reason = DisconnectReason::ReconnectRequested;
             }
@@ -252,17 +286,21 @@ impl Supervisor {
             if let End::Close = end {
                 break None;
             }
-            if opened_at.elapsed() >= self.shared.cfg.policy.lock().min_uptime() {
-                self.failures = 0;
-                self.first_failure = None;
+            let min_uptime = Error::catch("reconnect policy", || {
+                self.shared.cfg.policy.lock().min_uptime()
+            });
+            match min_uptime {
+                Ok(t) if opened_at.elapsed() >= t => {
+                    self.failures = 0;
+                    self.first_failure = None;
+                }
+                Ok(_) => {}
+                Err(e) => break Some(e),
             }
             if reason == DisconnectReason::ReconnectRequested {
                 // The user asked for a fresh connection (also when automatic reconnection
                 // is off): no failure, no wait.
                 continue;
-            }
-            if !self.shared.cfg.reconnect {
-                break Some(Error::ConnectionLost(reason));
             }
             let err = Error::ConnectionLost(reason.clone());
             match self.backoff(Some(err), Some(reason)) {
@@ -270,7 +308,7 @@ impl Supervisor {
                 Err(stop) => break stop,
             }
         };
-        self.finish(give_up)
+        give_up
     }
 
     fn set_state(&self, state: State) {
@@ -280,8 +318,8 @@ impl Supervisor {
         }
     }
 
-    /// Records a failure and waits out the policy's delay. `Err(Some(e))`: gave up;
-    /// `Err(None)`: closed by the user meanwhile.
+    /// Records a failure and waits out the policy's delay. `Err(Some(e))`: gave up
+    /// (`e` is the last failure); `Err(None)`: closed by the user meanwhile.
     fn backoff(
         &mut self,
         error: Option<Error>,
@@ -289,26 +327,27 @@ impl Supervisor {
     ) -> std::result::Result<(), Option<Error>> {
         self.failures = self.failures.saturating_add(1);
         let first = *self.first_failure.get_or_insert_with(Instant::now);
-        let delay = {
+        let last = error.unwrap_or(Error::Closed { message: None });
+        self.last_error = Some(last.clone());
+        if !self.shared.cfg.reconnect {
+            // Automatic reconnection is off: the policy has nothing to decide.
+            return Err(Some(last));
+        }
+        let delay = Error::catch("reconnect policy", || {
             let f = Failure {
                 attempt: self.failures,
-                error: error.as_ref(),
+                error: Some(&last),
                 reason: reason.as_ref(),
                 elapsed: first.elapsed(),
             };
             self.shared.cfg.policy.lock().next_delay(&f)
+        });
+        let delay = match delay {
+            Ok(Some(delay)) => delay,
+            Ok(None) => return Err(Some(last)),
+            // The policy cannot be asked any more: give up with the panic as the cause.
+            Err(panicked) => return Err(Some(panicked)),
         };
-        let last = error.unwrap_or(Error::Closed { message: None });
-        self.last_error = Some(last.clone());
-        let Some(delay) = delay else {
-            return Err(Some(Error::GaveUp {
-                attempts: self.failures,
-                last: Box::new(last),
-            }));
-        };
-        if !self.shared.cfg.reconnect {
-            return Err(Some(last));
-        }
         // A `reconnect_now` made while the attempt that just failed was under way was
         // served by it. Cleared before `Reconnecting` is emitted, so a call made in
         // reaction to that event skips this wait.
@@ -343,7 +382,7 @@ impl Supervisor {
     }
 
     /// Makes a fresh connection the current one and starts its reader.
-    fn publish(&mut self, opened: Opened) -> Result<(u64, JoinHandle<()>)> {
+    fn publish(&mut self, opened: Opened) -> Result<u64> {
         let sock = Arc::new(opened.ws.get_ref().tcp().try_clone()?);
         let waker = Arc::new(Waker::new()?);
         let now = Instant::now();
@@ -396,7 +435,7 @@ impl Supervisor {
             Err(e) => {
                 self.shared
                     .report_dead(cgen, DisconnectReason::Io(e.to_string()));
-                let r = self.teardown(cgen, None);
+                let r = self.teardown(cgen);
                 log::warn!("could not start reader thread: {r}");
                 return Err(Error::io(e));
             }
@@ -411,8 +450,9 @@ impl Supervisor {
         {
             l.reader = Some(reader.thread().clone());
         }
+        self.reader = Some((cgen, reader));
         let _ = self.shared.timer.send(TimerCmd::Wake);
-        Ok((cgen, reader))
+        Ok(cgen)
     }
 
     /// Writes the offline queue into connection `cgen`, in order, before direct sends resume.
@@ -563,7 +603,11 @@ impl Supervisor {
 
     /// Takes connection `cgen` out of the link, puts its in-flight messages back at the
     /// front of the queue, shuts the socket and joins the reader.
-    fn teardown(&self, cgen: u64, reader: Option<JoinHandle<()>>) -> DisconnectReason {
+    fn teardown(&mut self, cgen: u64) -> DisconnectReason {
+        let reader = self
+            .reader
+            .take_if(|(g, _)| *g == cgen)
+            .map(|(_, reader)| reader);
         let live = {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
@@ -613,25 +657,34 @@ impl Supervisor {
         reason
     }
 
-    /// Final state: closed. Hands back what was never sent, stops the timer.
+    /// Final state: closed. Stops the timer, then hands back what was never sent: to the
+    /// `close()` that joins this thread (it returns them, then emits `Closed`), or, when
+    /// nobody will (gave up on its own, or closed from a callback on this thread), as
+    /// `Undelivered` followed by `Closed`. `give_up` is the last failure, if it gave up.
     fn finish(mut self, give_up: Option<Error>) -> Vec<Message> {
-        let by_user = give_up.is_none();
         let undelivered = {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
             self.shared.set_state(link, State::Closed);
             link.queue.drain_all()
         };
-        if let Some(e) = give_up {
-            log::warn!("giving up: {e}");
+        if let Some(last) = give_up {
+            let e = Error::GaveUp {
+                attempts: self.failures.max(1),
+                last: Box::new(last),
+            };
+            log::warn!("{e}");
             self.shared.emit(Event::GaveUp(e));
         }
         let _ = self.shared.timer.send(TimerCmd::Stop);
         if let Some(t) = self.timer.take() {
             let _ = t.join();
         }
-        if by_user && !self.shared.orphaned.load(Ordering::SeqCst) {
-            // close() joins us and returns these, then emits `Closed`.
+        // `close()` sets `closing` before it joins us (or, on this very thread, sets
+        // `orphaned` before we get here), so this cannot miss a closer that will join.
+        if self.shared.closing.load(Ordering::SeqCst)
+            && !self.shared.orphaned.load(Ordering::SeqCst)
+        {
             undelivered
         } else {
             if !undelivered.is_empty() {

@@ -143,7 +143,7 @@ fn echo_round_trip_over_ws() {
     assert_eq!(stats.sent, 3);
     assert_eq!(stats.received, 3);
     assert_eq!(stats.generation, 1);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -162,7 +162,7 @@ fn echo_round_trip_over_wss_with_test_ca() {
     assert_eq!(next_message(&events), Message::text("over tls"));
     assert_eq!(next_message(&events), Message::binary(vec![7u8; 100_000]));
     assert_eq!(server.received_on(0)[0], Message::text("over tls"));
-    client.close().unwrap();
+    client.close();
     assert_eq!(server_saw_close(&server).0, 1000);
 }
 
@@ -247,7 +247,7 @@ fn concurrent_senders_lose_and_reorder_nothing() {
     check("client", echoed);
     assert_eq!(client.stats().sent, (SENDERS * EACH) as u64);
     assert_eq!(client.stats().reconnects, 0);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -323,7 +323,7 @@ fn writer_is_not_starved_by_inbound_flood() {
         .collect();
     let expected: Vec<String> = (0..SENDS).map(|s| format!("w:{s}")).collect();
     assert_eq!(at_server, expected);
-    client.close().unwrap();
+    client.close();
 }
 
 // ---------------------------------------------------------------- closing
@@ -335,7 +335,7 @@ fn close_sends_close_1000_and_emits_closed_by_user_then_closed() {
     let events = client.events();
     wait_connected(&events);
 
-    let undelivered = client.close().unwrap();
+    let undelivered = client.close();
     assert!(undelivered.is_empty());
     assert_eq!(client.state(), State::Closed);
     assert_eq!(server_saw_close(&server), (1000, String::new()));
@@ -359,7 +359,7 @@ fn close_sends_close_1000_and_emits_closed_by_user_then_closed() {
         "server side of the connection ended"
     );
     // Closing again is harmless and returns nothing.
-    assert!(client.close().unwrap().is_empty());
+    assert!(client.close().is_empty());
     assert!(
         events.recv_timeout(Duration::from_millis(200)).is_err(),
         "Closed is the last event"
@@ -378,7 +378,7 @@ fn connect_returns_open_and_an_immediate_close_still_does_the_handshake() {
             "round {round}: connect() returned before the connection was open"
         );
         let events = client.events();
-        client.close().unwrap();
+        client.close();
         let (code, _) = server_saw_close(&server);
         assert_eq!(code, 1000, "round {round}");
         let life = lifecycle_until_closed(&events);
@@ -654,7 +654,7 @@ fn credentials_never_appear_in_debug_output_errors_or_logs() {
     let hs = server.last_handshake().unwrap();
     assert_eq!(hs.header("authorization"), Some("Bearer-b34rer"));
     assert_eq!(hs.path, "/feed?token=tok3nvalue");
-    client.close().unwrap();
+    client.close();
     for ev in lifecycle_until_closed(&events) {
         leaks("Event Debug", &format!("{ev:?}"));
     }
@@ -733,13 +733,13 @@ fn headers_and_subprotocols_reach_the_server_and_the_choice_is_reported() {
     assert_eq!(hs.header("x-trace-id"), Some("trace-42"));
     assert_eq!(hs.header("user-agent"), Some("wsbeat-test"));
     assert_eq!(hs.subprotocols(), vec!["v1.json", "v2.json"]);
-    client.close().unwrap();
+    client.close();
 
     // Without an offer, no protocol is reported.
     let client = Client::builder(&server.url()).unwrap().connect().unwrap();
     assert_eq!(wait_connected(&client.events()), None);
     assert!(server.last_handshake().unwrap().subprotocols().is_empty());
-    client.close().unwrap();
+    client.close();
 }
 
 // ---------------------------------------------------------------- send paths
@@ -799,7 +799,7 @@ fn try_send_never_blocks_and_hands_the_message_back() {
     }
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert_eq!(client.state(), State::Open);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -807,7 +807,7 @@ fn send_after_close_hands_the_message_back() {
     let server = TestServer::echo();
     let client = Client::builder(&server.url()).unwrap().connect().unwrap();
     let other = client.clone();
-    client.close().unwrap();
+    client.close();
 
     match client.send_text("too late") {
         Err(Error::Closed {
@@ -868,7 +868,7 @@ fn oversized_message_is_rejected_and_handed_back() {
     client.send(edge.clone()).unwrap();
     assert_eq!(next_message(&events), edge);
     assert_eq!(server.received_on(0), vec![edge]);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -889,7 +889,7 @@ fn four_mib_binary_message_round_trips() {
         other => panic!("expected the binary echo, got {other:?}"),
     }
     assert_eq!(next_message(&events), Message::text("after"));
-    client.close().unwrap();
+    client.close();
 }
 
 // ---------------------------------------------------------------- server-initiated traffic
@@ -945,7 +945,7 @@ fn server_ping_is_answered_with_a_matching_pong() {
     wait_connected(&events);
     let pong = ctl_rx.recv_timeout(T).expect("a pong");
     assert_eq!(pong, tungstenite::Message::Pong("are-you-there".into()));
-    client.close().unwrap();
+    client.close();
     assert!(matches!(
         ctl_rx.recv_timeout(T),
         Ok(tungstenite::Message::Close(Some(f))) if u16::from(f.code) == 1000
@@ -980,7 +980,7 @@ fn message_sent_by_the_server_right_after_the_upgrade_is_delivered() {
     wait_connected(&events);
     assert_eq!(next_message(&events), Message::text("welcome"));
     assert_eq!(next_message(&events), Message::binary(vec![1u8, 2, 3]));
-    client.close().unwrap();
+    client.close();
     assert!(matches!(
         ctl_rx.recv_timeout(T),
         Ok(tungstenite::Message::Close(_))
@@ -1016,7 +1016,7 @@ fn close_from_inside_the_on_connect_hook_ends_cleanly() {
                 && let Some(c) = hook_slot.get()
             {
                 let _ = c.send_text("queued while closing");
-                c.close().unwrap();
+                c.close();
             }
             Ok(())
         })

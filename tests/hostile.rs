@@ -426,7 +426,7 @@ impl Events {
 fn close_within(client: Client, limit: Duration) -> Vec<Message> {
     let (tx, rx) = crossbeam_channel::bounded(1);
     let t = std::thread::spawn(move || {
-        let _ = tx.send(client.close().expect("close"));
+        let _ = tx.send(client.close());
     });
     let r = rx
         .recv_timeout(limit)

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use support::client::Fixed;
-use support::client::{client_panics, watch_panics};
+use support::client::{check_grammar, client_panics, watch_panics};
 
 use support::proxy::FaultProxy;
 use support::server::{Behavior, TestServer};
@@ -98,6 +98,12 @@ fn events_until_closed(
     if let Ok(ev) = client_events.try_recv() {
         panic!("{what}: event after Closed: {ev:?}");
     }
+    // And everything before it follows the documented grammar.
+    let mut all = out.clone();
+    all.push(Event::Closed);
+    if let Err(e) = check_grammar(&all, true) {
+        panic!("{what}: event grammar violated: {e}");
+    }
     out
 }
 
@@ -131,11 +137,11 @@ fn close_while_reconnecting_returns_promptly_and_ends_with_closed() {
             std::thread::spawn(move || c.close())
         });
         let c = client.clone();
-        let back = bounded("close()", T, move || c.close().expect("close"));
+        let back = bounded("close()", T, move || c.close());
         assert!(back.is_empty(), "iteration {i}: nothing was queued");
         if let Some(t) = second {
             let r = bounded("second close()", T, move || t.join());
-            assert!(r.expect("closer").expect("close").is_empty());
+            assert!(r.expect("closer").is_empty());
         }
         assert_eq!(client.state(), State::Closed, "iteration {i}");
         let err = client.send_text("late").expect_err("closed");
@@ -172,7 +178,7 @@ fn close_while_connecting_aborts_the_attempt() {
         let t0 = Instant::now();
         let c = client.clone();
         let back = bounded("close() while connecting", T + connect_timeout, move || {
-            c.close().expect("close")
+            c.close()
         });
         let took = t0.elapsed();
         slowest = slowest.max(took);
@@ -229,7 +235,7 @@ fn send_while_closing_loses_nothing() {
         barrier.wait();
         jitter(i, 2000);
         let c = client.clone();
-        let closed_back = bounded("close() during sends", T, move || c.close().expect("close"));
+        let closed_back = bounded("close() during sends", T, move || c.close());
         let mut accepted = Vec::new();
         let mut back: Vec<String> = closed_back
             .iter()
@@ -319,7 +325,7 @@ fn dropping_the_last_handle_inside_the_event_loop_closes_cleanly() {
                 );
                 if trigger && let Some(c) = handle.take() {
                     if variant == 1 {
-                        let _ = c.close().expect("close inside the loop");
+                        let _ = c.close();
                     }
                     drop(c); // the last handle: joins every client thread from here
                 }
@@ -340,6 +346,9 @@ fn dropping_the_last_handle_inside_the_event_loop_closes_cleanly() {
             1,
             "iteration {i}: {evs:?}"
         );
+        if let Err(e) = check_grammar(&evs, true) {
+            panic!("iteration {i}: event grammar violated: {e}");
+        }
     }
     drop(proxy);
     assert_clean_end("drop inside the event loop");
@@ -437,7 +446,7 @@ fn reconnect_now_from_many_threads_at_once_collapses_and_loses_nothing() {
         back.len()
     );
     let c = client.clone();
-    assert!(bounded("close()", T, move || c.close().expect("close")).is_empty());
+    assert!(bounded("close()", T, move || c.close()).is_empty());
     drop(client);
     for ev in events_until_closed(&events, "storm") {
         if let Event::Disconnected { reason, .. } = ev {
@@ -487,7 +496,7 @@ fn heartbeat_timeout_racing_a_peer_close_ends_each_connection_once() {
         }
     }
     let c = client.clone();
-    bounded("close()", T, move || c.close().expect("close"));
+    bounded("close()", T, move || c.close());
     drop(client);
     let evs = events_until_closed(&events, "heartbeat race");
     // Per generation: Connected, then exactly one Disconnected, then the next Connected.

@@ -208,7 +208,7 @@ fn round_trip(s: &mut Session<'_>, text: &str) -> wsbeat::Result<()> {
 fn gave_up_with(e: &Event) -> Option<&Error> {
     match e {
         Event::GaveUp(Error::GaveUp { last, .. }) => Some(last),
-        Event::GaveUp(other) => Some(other),
+        Event::GaveUp(other) => panic!("GaveUp must carry Error::GaveUp, got {other:?}"),
         _ => None,
     }
 }
@@ -258,7 +258,7 @@ fn server_restart_on_the_same_port_is_survived() {
     let stats = client.stats();
     assert_eq!((stats.generation, stats.reconnects), (2, 1));
     assert_eq!(server.upgraded(), 2);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -309,7 +309,7 @@ fn blackholed_link_is_detected_by_heartbeat_and_recovers_after_resume() {
     ev.until("Connected 2", connected(2));
     client.send_text("after").unwrap();
     ev.until("echo of after", text_message("after"));
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -345,7 +345,7 @@ fn server_that_accepts_then_kicks_cannot_cause_a_reconnect_storm() {
         .count();
     assert!(opened >= 7, "only {opened} connections opened");
     assert_eq!(policy.ceiling(8), Duration::from_millis(320));
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -376,7 +376,7 @@ fn a_connection_that_outlives_min_uptime_resets_the_backoff() {
         matches!(e, Event::Reconnecting { attempt: 1, .. }),
         "a stable connection must reset the failure count: {e:?}"
     );
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -404,7 +404,7 @@ fn a_stable_connection_resets_the_backoff_even_when_replaced_on_request() {
     server.disconnect_all();
     let e = ev.until("Reconnecting", |e| matches!(e, Event::Reconnecting { .. }));
     assert!(matches!(e, Event::Reconnecting { attempt: 1, .. }), "{e:?}");
-    client.close().unwrap();
+    client.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -568,7 +568,7 @@ fn token_rejected_with_401_on_reconnect_gives_up_and_hands_back_the_queue() {
     handed_back.extend(refused);
     assert_eq!(handed_back, queued);
     assert_eq!(server.handshakes().len(), 2);
-    assert!(client.close().unwrap().is_empty());
+    assert!(client.close().is_empty());
 }
 
 #[test]
@@ -616,7 +616,7 @@ fn http_503_with_retry_after_is_retried_after_that_delay() {
         rejected + 1,
         "no attempt while waiting"
     );
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -726,20 +726,22 @@ fn fatal_errors_are_retried_when_the_policy_says_so() {
     server.set_behavior(Behavior::Echo);
     client.wait_connected(T).unwrap();
     assert!(server.handshakes().len() >= 3);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
-fn close_codes_1012_and_1013_reach_the_policy_and_1013_waits_try_later() {
+fn close_codes_1012_and_1013_reach_the_policy_and_wait_as_configured() {
     let _g = util::shared();
     let server = TestServer::echo();
     let try_later = Duration::from_millis(800);
+    let restart_wait = (Duration::from_millis(300), Duration::from_millis(700));
     let (policy, log) = recording(
         Backoff::default()
             .initial(Duration::from_millis(10))
             .max(Duration::from_secs(5))
             .min_uptime(Duration::ZERO)
-            .try_later(try_later),
+            .try_later(try_later)
+            .service_restart(restart_wait.0, restart_wait.1),
     );
     let client = builder(&server.url())
         .reconnect_policy(policy)
@@ -747,7 +749,7 @@ fn close_codes_1012_and_1013_reach_the_policy_and_1013_waits_try_later() {
         .unwrap();
     let mut ev = Watch::new(&client);
 
-    // 1012: service restart. Reconnect with the normal backoff.
+    // 1012: service restart. Reconnect after a random delay in `service_restart`.
     server.close_all(1012, "restart");
     let e = ev.until("Disconnected 1", disconnected(1));
     let restart = DisconnectReason::ClosedByPeer {
@@ -756,6 +758,13 @@ fn close_codes_1012_and_1013_reach_the_policy_and_1013_waits_try_later() {
     };
     assert!(
         matches!(&e, Event::Disconnected { reason, .. } if *reason == restart),
+        "{e:?}"
+    );
+    let e = ev.until("Reconnecting after 1012", |e| {
+        matches!(e, Event::Reconnecting { .. })
+    });
+    assert!(
+        matches!(e, Event::Reconnecting { delay, .. } if delay >= restart_wait.0 && delay <= restart_wait.1),
         "{e:?}"
     );
     ev.until("Connected 2", connected(2));
@@ -793,7 +802,7 @@ fn close_codes_1012_and_1013_reach_the_policy_and_1013_waits_try_later() {
     assert!(seen.delay.unwrap() >= try_later);
     assert_eq!(seen.attempt, 1, "min_uptime 0: every connection was stable");
     drop(log);
-    client.close().unwrap();
+    client.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -860,7 +869,7 @@ fn giving_up_after_max_attempts_hands_back_every_unsent_message() {
         Err(Error::Closed { message: Some(m) }) => assert_eq!(text_of(&m), "late"),
         other => panic!("{other:?}"),
     }
-    assert!(client.close().unwrap().is_empty());
+    assert!(client.close().is_empty());
 }
 
 #[test]
@@ -957,7 +966,7 @@ fn concurrent_reconnect_now_calls_collapse_into_one_new_connection() {
         vec![DisconnectReason::ReconnectRequested; rounds as usize]
     );
     drop(release_tx);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -1005,7 +1014,7 @@ fn concurrent_reconnect_now_during_backoff_makes_one_attempt() {
     assert!(entered_rx.try_recv().is_err(), "an extra attempt started");
     assert_eq!(client.state(), State::Backoff);
     drop(release_tx);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -1033,7 +1042,7 @@ fn reconnect_now_from_the_event_loop_skips_a_long_backoff() {
     }
     let took = skipped_at.expect("Reconnecting seen").elapsed();
     assert!(took < T, "the 30 s wait was not skipped: {took:?}");
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -1057,7 +1066,7 @@ fn reconnect_now_drops_an_open_connection_even_without_auto_reconnect() {
     ev.until("Connected 2", connected(2));
     client.send_text("still here").unwrap();
     ev.until("echo", text_message("still here"));
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -1093,7 +1102,7 @@ fn events_of_an_old_connection_never_follow_the_new_connected() {
             "an event of connection 1 after Connected 2: {e:?}"
         );
     }
-    client.close().unwrap();
+    client.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1150,7 +1159,7 @@ fn request_factory_builds_fresh_headers_for_every_attempt() {
         );
     }
     drop(seen);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -1190,7 +1199,7 @@ fn request_factory_fails_over_when_the_first_url_refuses() {
     drop(seen);
     client.send_text("via backup").unwrap();
     ev.until("echo", text_message("via backup"));
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -1234,7 +1243,7 @@ fn on_connect_runs_before_queued_messages_are_flushed() {
     let mut expected = vec!["hello-2".to_string()];
     expected.extend(queued);
     assert_eq!(second, expected);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -1293,7 +1302,7 @@ fn failing_on_connect_fails_the_attempt_and_is_retried() {
                 .to_vec(),
         ]
     );
-    client.close().unwrap();
+    client.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1339,7 +1348,7 @@ fn state_and_wait_connected_follow_the_connection() {
         client.wait_connected(T),
         Err(Error::Closed { .. })
     ));
-    closer.join().unwrap().unwrap();
+    closer.join().unwrap();
     assert_eq!(client.state(), State::Closed);
 }
 
@@ -1367,7 +1376,7 @@ fn messages_sent_during_an_outage_arrive_in_order_after_recovery() {
     assert_eq!(got, expected);
     assert!(received.iter().all(|r| r.conn == received[0].conn));
     assert_eq!(client.stats().queued, 0);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -1394,7 +1403,7 @@ fn overflow_block_waits_for_room_and_times_out_handing_the_message_back() {
         other => panic!("{other:?}"),
     }
     assert!(t0.elapsed() >= block);
-    assert_eq!(texts(&short.close().unwrap()), ["a", "b"]);
+    assert_eq!(texts(&short.close()), ["a", "b"]);
 
     // With a long enough block, room appears once the connection is back.
     let long = builder(&server.url())
@@ -1420,7 +1429,7 @@ fn overflow_block_waits_for_room_and_times_out_handing_the_message_back() {
     assert!(server.wait_received(3, T));
     let got: Vec<String> = server.received().iter().map(|r| text_of(&r.msg)).collect();
     assert_eq!(got, ["a", "b", "c"]);
-    long.close().unwrap();
+    long.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1497,7 +1506,7 @@ fn every_message_is_delivered_or_handed_back(overflow: OverflowPolicy, outage_se
     ev.until("Disconnected 2", disconnected(2));
     let waiting: Vec<u32> = (tally.next..tally.next + 10).collect();
     tally.send(&client, 10);
-    let returned = client.close().unwrap();
+    let returned = client.close();
     let returned_numbers: Vec<u32> = returned.iter().map(number).collect();
     assert!(
         returned_numbers.ends_with(&waiting),

@@ -39,3 +39,85 @@ pub fn watch_panics() {
 pub fn client_panics() -> usize {
     WSBEAT_PANICS.load(SeqCst)
 }
+
+/// Receives events until `Closed` (or `timeout`), returning them in order.
+pub fn events_until_closed(
+    rx: &crossbeam_channel::Receiver<wsbeat::Event>,
+    timeout: Duration,
+) -> Vec<wsbeat::Event> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    while let Ok(ev) = rx.recv_deadline(deadline) {
+        let last = matches!(ev, wsbeat::Event::Closed);
+        out.push(ev);
+        if last {
+            break;
+        }
+    }
+    out
+}
+
+/// Checks `events` against the grammar documented on `wsbeat::Event`:
+///
+/// ```text
+/// stream     = ( connection | Reconnecting | Undelivered )*  GaveUp?  Undelivered?  Closed
+/// connection = Connected ( Message | HeartbeatMissed | Undelivered )*  Disconnected
+/// ```
+///
+/// with `Connected`/`Disconnected` pairs of one generation, generations growing. With
+/// `complete`, the stream must end with `Closed`; otherwise it may stop anywhere.
+/// Returns a description of the first violation.
+pub fn check_grammar(events: &[wsbeat::Event], complete: bool) -> Result<(), String> {
+    use wsbeat::Event as E;
+    #[derive(Debug, PartialEq)]
+    enum At {
+        Between,
+        Open(u64),
+        GaveUp,
+        Tail,
+        Closed,
+    }
+    let mut at = At::Between;
+    let mut last_gen = 0;
+    let names: Vec<String> = events
+        .iter()
+        .map(|e| {
+            let d = format!("{e:?}");
+            d.split([' ', '(', '{']).next().unwrap_or("").to_string()
+        })
+        .collect();
+    for (i, ev) in events.iter().enumerate() {
+        let next = match (&at, ev) {
+            (At::Between, E::Connected { generation, .. }) if *generation > last_gen => {
+                last_gen = *generation;
+                At::Open(*generation)
+            }
+            (At::Between, E::Reconnecting { .. } | E::Undelivered(_)) => At::Between,
+            (At::Between, E::GaveUp(_)) => At::GaveUp,
+            (At::Between | At::GaveUp | At::Tail, E::Closed) => At::Closed,
+            (At::Open(g), E::Message(_) | E::HeartbeatMissed { .. } | E::Undelivered(_)) if !matches!(ev, E::HeartbeatMissed { generation, .. } if generation != g) => {
+                At::Open(*g)
+            }
+            (At::Open(g), E::Disconnected { generation, .. }) if generation == g => At::Between,
+            (At::GaveUp, E::Undelivered(_)) => At::Tail,
+            _ => {
+                return Err(format!(
+                    "event {i} ({}) not allowed after {at:?}; stream: {names:?}",
+                    names[i]
+                ));
+            }
+        };
+        at = next;
+    }
+    if complete && at != At::Closed {
+        return Err(format!("the stream does not end with Closed: {names:?}"));
+    }
+    Ok(())
+}
+
+/// Panics unless `events` follow the grammar (see [`check_grammar`]).
+pub fn assert_grammar(events: &[wsbeat::Event], complete: bool) {
+    if let Err(e) = check_grammar(events, complete) {
+        panic!("event grammar violated: {e}");
+    }
+}

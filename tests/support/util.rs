@@ -95,3 +95,19 @@ pub fn exclusive() -> RwLockWriteGuard<'static, ()> {
 pub fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
 }
+
+/// Whether a thread of this process named `name` exists and is asleep (state `S` in
+/// `/proc/self/task/*/stat`): blocked in a wait, for tests that must act only once another
+/// thread is waiting.
+pub fn thread_sleeping(name: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|t| {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        // "pid (comm) S ...": the state follows the last ')'.
+        let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
+        comm.trim_end() == name && state.is_some_and(|s| s.starts_with('S'))
+    })
+}

@@ -1,0 +1,849 @@
+//! Paths that must end whatever the user hands us: callbacks that panic, `Duration::MAX`
+//! and `Duration::ZERO` in every duration knob, two closers at once, close from inside a
+//! callback, a send racing the close frame, clients captured by their own callbacks.
+//!
+//! Every test holds `util::exclusive()`: they count `wsbeat-*` threads, which must be
+//! back to zero after each one.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use support::client::{Fixed, assert_grammar, client_panics, events_until_closed, watch_panics};
+use support::proxy::FaultProxy;
+use support::server::{Behavior, TestServer};
+use support::util;
+use wsbeat::{
+    Backoff, Client, ClientBuilder, DisconnectReason, Error, Event, Failure, Heartbeat, Limits,
+    Message, OverflowPolicy, ReconnectPolicy, State,
+};
+
+/// Upper bound for anything that should happen "now".
+const T: Duration = Duration::from_secs(10);
+
+fn builder(url: &str) -> ClientBuilder {
+    Client::builder(url)
+        .expect("url")
+        .connect_timeout(T)
+        .close_timeout(Duration::from_secs(2))
+}
+
+/// Runs `f` on a helper thread and fails if it does not finish within `limit`.
+fn bounded<R: Send + 'static>(
+    what: &str,
+    limit: Duration,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> R {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let t = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    let r = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"));
+    t.join().expect("helper thread");
+    r
+}
+
+fn no_client_threads_left(what: &str) {
+    assert!(
+        util::wait_until(T, || util::threads_named("wsbeat-") == 0),
+        "{what}: wsbeat threads left: {:?}",
+        util::thread_names()
+            .into_iter()
+            .filter(|n| n.starts_with("wsbeat-"))
+            .collect::<Vec<_>>()
+    );
+}
+
+fn texts(ms: &[Message]) -> Vec<String> {
+    ms.iter()
+        .map(|m| m.to_text().unwrap_or("<binary>").to_string())
+        .collect()
+}
+
+/// The messages in `Undelivered` events.
+fn undelivered(evs: &[Event]) -> Vec<String> {
+    evs.iter()
+        .filter_map(|e| match e {
+            Event::Undelivered(ms) => Some(texts(ms)),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn gave_up_cause(evs: &[Event]) -> Option<&Error> {
+    evs.iter().find_map(|e| match e {
+        Event::GaveUp(Error::GaveUp { last, .. }) => Some(&**last),
+        Event::GaveUp(other) => panic!("GaveUp must carry Error::GaveUp, got {other:?}"),
+        _ => None,
+    })
+}
+
+/// A client whose first attempt waits until the test released `gate` (so the test can
+/// queue messages while it is `Connecting`), against a server that rejects with 503.
+fn queued_then_rejected(
+    server: &TestServer,
+    policy: impl ReconnectPolicy,
+) -> (Client, Arc<Barrier>) {
+    let gate = Arc::new(Barrier::new(2));
+    let g = gate.clone();
+    let url = server.url();
+    let client = builder(&url)
+        .reconnect_policy(policy)
+        .request_factory(move |a| {
+            if a.number == 1 {
+                g.wait();
+            }
+            wsbeat::Request::new(&url)
+        })
+        .connect_lazy()
+        .expect("lazy");
+    (client, gate)
+}
+
+// ---------------------------------------------------------------------------------------
+// 1. Panics in callbacks
+// ---------------------------------------------------------------------------------------
+
+struct PanickingPolicy;
+impl ReconnectPolicy for PanickingPolicy {
+    fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
+        panic!("policy bug");
+    }
+}
+
+#[test]
+fn a_panicking_policy_closes_the_client_and_hands_back_the_queue() {
+    let _g = util::exclusive();
+    let server = TestServer::start(Behavior::reject(503));
+    let (client, gate) = queued_then_rejected(&server, PanickingPolicy);
+    let events = client.events();
+    client.send_text("one").expect("queued");
+    client.send_text("two").expect("queued");
+    gate.wait();
+    let evs = events_until_closed(&events, T);
+    assert_grammar(&evs, true);
+    match gave_up_cause(&evs) {
+        Some(Error::Panicked { origin, message }) => {
+            assert_eq!(*origin, "reconnect policy");
+            assert!(message.contains("policy bug"), "{message}");
+        }
+        other => panic!("expected GaveUp(Panicked): {other:?} in {evs:?}"),
+    }
+    assert_eq!(undelivered(&evs), ["one", "two"]);
+    // Every later call returns at once.
+    assert_eq!(client.state(), State::Closed);
+    let err = client.send_text("late").expect_err("closed");
+    assert!(matches!(err, Error::Closed { message: Some(_) }), "{err:?}");
+    assert!(matches!(
+        client.wait_connected(Duration::MAX),
+        Err(Error::Closed { .. })
+    ));
+    let c = client.clone();
+    assert!(bounded("close() after a panic", T, move || c.close()).is_empty());
+    let c = client.clone();
+    assert!(bounded("second close()", T, move || c.close()).is_empty());
+    bounded("drop after close()", T, move || drop(client));
+    no_client_threads_left("panicking policy");
+}
+
+#[test]
+fn a_panicking_request_factory_is_a_fatal_typed_error() {
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    // Eager: connect() returns the error.
+    let err = builder(&server.url())
+        .request_factory(|_| panic!("factory bug"))
+        .connect()
+        .expect_err("the factory panicked");
+    assert!(
+        matches!(&err, Error::Panicked { origin: "request factory", message } if message.contains("factory bug")),
+        "{err:?}"
+    );
+    assert!(err.is_fatal());
+    // Lazy: the default policy gives up on it; the client ends properly.
+    let client = builder(&server.url())
+        .request_factory(|_| panic!("factory bug"))
+        .connect_lazy()
+        .expect("lazy");
+    let evs = events_until_closed(&client.events(), T);
+    assert_grammar(&evs, true);
+    assert!(
+        matches!(
+            gave_up_cause(&evs),
+            Some(Error::Panicked {
+                origin: "request factory",
+                ..
+            })
+        ),
+        "{evs:?}"
+    );
+    bounded("drop", T, move || drop(client));
+    no_client_threads_left("panicking factory");
+}
+
+#[test]
+fn a_panicking_on_connect_hook_fails_the_attempt_and_is_retried_when_the_policy_says_so() {
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let err = builder(&server.url())
+        .on_connect(|_| panic!("hook bug"))
+        .connect()
+        .expect_err("the hook panicked");
+    assert!(
+        matches!(
+            &err,
+            Error::Panicked {
+                origin: "on_connect hook",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // A policy that retries everything keeps trying; close() still ends it at once.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let client = builder(&server.url())
+        .reconnect_policy(Fixed(Duration::from_millis(5)))
+        .on_connect(move |_| {
+            if c2.fetch_add(1, SeqCst) < 2 {
+                panic!("hook bug");
+            }
+            Ok(())
+        })
+        .connect_lazy()
+        .expect("lazy");
+    client.wait_connected(T).expect("third attempt succeeds");
+    assert_eq!(calls.load(SeqCst), 3);
+    let events = client.events();
+    let c = client.clone();
+    bounded("close()", T, move || c.close());
+    let evs: Vec<Event> = events.try_iter().collect();
+    assert_grammar(&evs, true);
+    let failures: Vec<_> = evs
+        .iter()
+        .filter_map(|e| match e {
+            Event::Reconnecting { last_error, .. } => last_error.clone(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures.len(), 2, "{evs:?}");
+    assert!(failures.iter().all(|e| matches!(
+        e,
+        Error::Panicked {
+            origin: "on_connect hook",
+            ..
+        }
+    )));
+    drop(client);
+    no_client_threads_left("panicking hook");
+}
+
+#[test]
+fn a_panicking_reply_matcher_is_not_a_reply_and_kills_nothing() {
+    let _g = util::exclusive();
+    watch_panics();
+    let before = client_panics();
+    let server = TestServer::start(Behavior::AppHeartbeat);
+    let client = builder(&server.url())
+        .heartbeat(Heartbeat::app(
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            Message::text(r#"{"op":"ping"}"#),
+            |m| {
+                if m.to_text().is_ok_and(|t| t.contains("boom")) {
+                    panic!("matcher bug");
+                }
+                m.to_text().is_ok_and(|t| t == r#"{"op":"pong"}"#)
+            },
+        ))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let next_text = || loop {
+        match events.recv_timeout(T).expect("an event") {
+            Event::Message(m) => return m.into_text().expect("text").to_string(),
+            Event::Disconnected { reason, .. } => panic!("disconnected: {reason}"),
+            _ => {}
+        }
+    };
+    client.send_text("boom").expect("send");
+    // The echo of "boom" made the matcher panic: it is delivered as a message, and
+    // the reader, heartbeat and connection live on.
+    assert_eq!(next_text(), "boom");
+    client.send_text("after").expect("send");
+    assert_eq!(next_text(), "after");
+    assert!(
+        util::wait_until(T, || client.stats().rtt.is_some()),
+        "probes answered"
+    );
+    assert_eq!(client.stats().generation, 1, "no reconnect");
+    assert_eq!(
+        client_panics(),
+        before + 1,
+        "the matcher's own panic, caught"
+    );
+    client.close();
+    no_client_threads_left("panicking matcher");
+}
+
+// ---------------------------------------------------------------------------------------
+// 3. Event order: `Closed` exactly once and last, on every path
+// ---------------------------------------------------------------------------------------
+
+/// Closes its own client from inside `next_delay`, tells the test, and returns only once
+/// the test says so (when a second closer is waiting).
+struct CloseFromPolicy {
+    client: Arc<parking_lot::Mutex<Option<wsbeat::WeakClient>>>,
+    closed: crossbeam_channel::Sender<()>,
+    go_on: crossbeam_channel::Receiver<()>,
+}
+impl ReconnectPolicy for CloseFromPolicy {
+    fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
+        let weak = self.client.lock().clone().expect("set before the attempt");
+        if let Some(c) = weak.upgrade() {
+            assert!(c.close().is_empty(), "cannot join its own thread");
+            let _ = self.closed.send(());
+            let _ = self.go_on.recv_timeout(T);
+        }
+        Some(Duration::from_millis(1))
+    }
+}
+
+#[test]
+fn closed_stays_last_when_closing_from_a_policy_and_a_second_thread() {
+    let _g = util::exclusive();
+    let server = TestServer::start(Behavior::reject(503));
+    for i in 0..10 {
+        let (tx, closed) = crossbeam_channel::bounded(1);
+        let (go_on, go_rx) = crossbeam_channel::bounded(1);
+        let gate = Arc::new(Barrier::new(2));
+        let g = gate.clone();
+        let url = server.url();
+        let slot: Arc<parking_lot::Mutex<Option<wsbeat::WeakClient>>> = Default::default();
+        let client = builder(&url)
+            .reconnect_policy(CloseFromPolicy {
+                client: slot.clone(),
+                closed: tx,
+                go_on: go_rx,
+            })
+            .request_factory(move |a| {
+                if a.number == 1 {
+                    g.wait();
+                }
+                wsbeat::Request::new(&url)
+            })
+            .connect_lazy()
+            .expect("lazy");
+        *slot.lock() = Some(client.downgrade());
+        let events = client.events();
+        client.send_text("queued").expect("queued");
+        gate.wait();
+        closed
+            .recv_timeout(T)
+            .expect("the policy closed the client");
+        // A second closer, waiting while the supervisor has yet to finish.
+        let c = client.clone();
+        let second = std::thread::Builder::new()
+            .name("second-closer".into())
+            .spawn(move || c.close())
+            .unwrap();
+        assert!(
+            util::wait_until(T, || util::thread_sleeping("second-closer")),
+            "the second closer waits"
+        );
+        go_on.send(()).unwrap();
+        let back = bounded("second close()", T, move || second.join()).expect("no panic");
+        assert!(back.is_empty());
+        let evs = events_until_closed(&events, T);
+        assert_grammar(&evs, true);
+        assert_eq!(undelivered(&evs), ["queued"], "iteration {i}: {evs:?}");
+        assert!(
+            !evs.iter().any(|e| matches!(e, Event::Reconnecting { .. })),
+            "iteration {i}: Reconnecting after close began: {evs:?}"
+        );
+        assert!(events.try_recv().is_err(), "nothing after Closed");
+        drop(client);
+        no_client_threads_left("close from policy");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 2 and 6. Duration::MAX and Duration::ZERO in every knob
+// ---------------------------------------------------------------------------------------
+
+/// Connects with `b`, checks one echo round trip, closes; all bounded.
+fn works(what: &str, b: ClientBuilder) {
+    let client = b.connect().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let events = client.events();
+    client.send_text("ping?").expect("send");
+    let deadline = Instant::now() + T;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Message(m)) if m.to_text().unwrap() == "ping?" => break,
+            Ok(Event::Disconnected { reason, .. }) => panic!("{what}: disconnected: {reason}"),
+            Ok(_) => {}
+            Err(_) => panic!("{what}: no echo"),
+        }
+    }
+    let c = client.clone();
+    bounded(what, T, move || c.close());
+}
+
+fn rejected(what: &str, b: impl Fn() -> ClientBuilder, setting: &str) {
+    for r in [b().connect().err(), b().connect_lazy().err()] {
+        match r {
+            Some(Error::InvalidConfig { setting: s, reason }) => {
+                assert!(s.contains(setting), "{what}: {s}");
+                assert!(!reason.is_empty());
+            }
+            other => panic!("{what}: expected InvalidConfig, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn every_duration_knob_takes_max_and_rejects_a_meaningless_zero() {
+    let _g = util::exclusive();
+    watch_panics();
+    let before = client_panics();
+    let server = TestServer::echo();
+    let url = server.url();
+    let max = Duration::MAX;
+    let zero = Duration::ZERO;
+    let short = Duration::from_millis(20);
+    let probe = || Message::text("probe");
+    let is_probe = |m: &Message| m.to_text().is_ok_and(|t| t == "probe");
+
+    works("connect_timeout(MAX)", builder(&url).connect_timeout(max));
+    rejected(
+        "connect_timeout(ZERO)",
+        || builder(&url).connect_timeout(zero),
+        "connect_timeout",
+    );
+    works("write_timeout(MAX)", builder(&url).write_timeout(max));
+    rejected(
+        "write_timeout(ZERO)",
+        || builder(&url).write_timeout(zero),
+        "write_timeout",
+    );
+    works("close_timeout(MAX)", builder(&url).close_timeout(max));
+    works("close_timeout(ZERO)", builder(&url).close_timeout(zero));
+    // A short interval so the timer computes probe deadlines with the huge timeout.
+    for (name, hb) in [
+        ("ping(MAX, MAX)", Heartbeat::ping(max, max)),
+        ("ping(short, MAX)", Heartbeat::ping(short, max)),
+        ("ping(MAX, short)", Heartbeat::ping(max, short)),
+        (
+            "app(short, MAX)",
+            Heartbeat::app(short, max, probe(), is_probe),
+        ),
+        ("app(MAX, MAX)", Heartbeat::app(max, max, probe(), is_probe)),
+        ("passive(MAX)", Heartbeat::passive(max)),
+        (
+            "ping(short, MAX).strict",
+            Heartbeat::ping(short, max).strict(true),
+        ),
+    ] {
+        works(name, builder(&url).heartbeat(hb.max_missed(u32::MAX)));
+    }
+    rejected(
+        "ping(ZERO, _)",
+        || builder(&url).heartbeat(Heartbeat::ping(zero, short)),
+        "interval",
+    );
+    rejected(
+        "ping(_, ZERO)",
+        || builder(&url).heartbeat(Heartbeat::ping(short, zero)),
+        "timeout",
+    );
+    rejected(
+        "app(_, ZERO)",
+        || builder(&url).heartbeat(Heartbeat::app(short, zero, probe(), is_probe)),
+        "timeout",
+    );
+    rejected(
+        "passive(ZERO)",
+        || builder(&url).heartbeat(Heartbeat::passive(zero)),
+        "passive",
+    );
+    works("off()", builder(&url).heartbeat(Heartbeat::off()));
+    // Huge backoff settings: the first delay is huge, close() still ends at once.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("ws://{}/", l.local_addr().unwrap())
+    };
+    for policy in [
+        Backoff::default().initial(max).max(max),
+        Backoff::default().initial(max).max(max).factor(f64::MAX),
+        Backoff::default().initial(zero).max(zero),
+        Backoff::default().max_elapsed(Some(max)).min_uptime(max),
+    ] {
+        let client = builder(&refused)
+            .reconnect_policy(policy)
+            .connect_lazy()
+            .expect("lazy");
+        let events = client.events();
+        let e = events.recv_timeout(T).expect("an event");
+        assert!(matches!(e, Event::Reconnecting { .. }), "{e:?}");
+        let c = client.clone();
+        bounded("close() during a huge backoff", T, move || c.close());
+    }
+    assert_eq!(client_panics(), before, "a wsbeat thread panicked");
+    no_client_threads_left("duration knobs");
+}
+
+#[test]
+fn limits_take_extreme_values() {
+    let _g = util::exclusive();
+    watch_panics();
+    let before = client_panics();
+    let server = TestServer::echo();
+    let huge = Limits {
+        max_message_size: usize::MAX,
+        max_frame_size: usize::MAX,
+        max_write_buffer: usize::MAX,
+        queue_messages: usize::MAX,
+        queue_bytes: usize::MAX,
+    };
+    works("Limits at usize::MAX", builder(&server.url()).limits(huge));
+    let tiny = Limits {
+        max_message_size: 0,
+        max_frame_size: 0,
+        max_write_buffer: 0,
+        queue_messages: 0,
+        queue_bytes: 0,
+    };
+    let client = builder(&server.url())
+        .limits(tiny)
+        .connect()
+        .expect("connect");
+    let err = client.send_text("x").expect_err("over the limit");
+    assert!(
+        matches!(
+            err,
+            Error::MessageTooLarge {
+                size: 1,
+                limit: 0,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    client.send_text("").expect("an empty message fits");
+    let c = client.clone();
+    bounded("close()", T, move || c.close());
+    assert_eq!(client_panics(), before, "a wsbeat thread panicked");
+    drop(client);
+    no_client_threads_left("extreme limits");
+}
+
+#[test]
+fn wait_connected_and_session_timeouts_take_max_and_zero() {
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let client = builder(&server.url())
+        .on_connect(|s| {
+            s.send(Message::text("hello"))?;
+            let m = s.read(Duration::MAX)?;
+            assert_eq!(m.to_text().unwrap(), "hello");
+            // Nothing more comes: a zero timeout is an immediate, typed timeout.
+            match s.read(Duration::ZERO) {
+                Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => Ok(()),
+                other => panic!("read(ZERO): {other:?}"),
+            }
+        })
+        .write_timeout(Duration::MAX)
+        .connect()
+        .expect("connect");
+    client.wait_connected(Duration::MAX).expect("open");
+    client.wait_connected(Duration::ZERO).expect("open");
+    client.close();
+    // Not connected: ZERO answers at once.
+    let hang = TestServer::start(Behavior::Hang);
+    let client = builder(&hang.url()).connect_lazy().expect("lazy");
+    assert!(matches!(
+        client.wait_connected(Duration::ZERO),
+        Err(Error::NotConnected(_))
+    ));
+    let c = client.clone();
+    let waiter = std::thread::spawn(move || c.wait_connected(Duration::MAX));
+    let c = client.clone();
+    bounded("close()", T, move || c.close());
+    let r = bounded("wait_connected(MAX) ended by close()", T, move || {
+        waiter.join()
+    });
+    assert!(matches!(r, Ok(Err(Error::Closed { .. }))), "{r:?}");
+    drop(client);
+    no_client_threads_left("wait_connected");
+}
+
+#[test]
+fn overflow_block_takes_max_and_zero() {
+    let _g = util::exclusive();
+    let hang = TestServer::start(Behavior::Hang);
+    let limits = Limits {
+        queue_messages: 1,
+        ..Limits::default()
+    };
+    // ZERO: like Reject.
+    let client = builder(&hang.url())
+        .limits(limits.clone())
+        .overflow(OverflowPolicy::Block(Duration::ZERO))
+        .connect_lazy()
+        .expect("lazy");
+    client.send_text("one").expect("queued");
+    let err = client.send_text("two").expect_err("full");
+    assert!(matches!(err, Error::QueueFull { .. }), "{err:?}");
+    assert_eq!(client.close().len(), 1);
+    // MAX: waits until room or close; close hands the message back.
+    let client = builder(&hang.url())
+        .limits(limits)
+        .overflow(OverflowPolicy::Block(Duration::MAX))
+        .connect_lazy()
+        .expect("lazy");
+    client.send_text("one").expect("queued");
+    let c = client.clone();
+    let blocked = std::thread::spawn(move || c.send_text("two"));
+    // Whether the sender is already waiting or not, close ends it with the message back.
+    let c = client.clone();
+    let back = bounded("close()", T, move || c.close());
+    let r = bounded("blocked send", T, move || blocked.join()).expect("no panic");
+    let err = r.expect_err("closed");
+    assert_eq!(
+        err.into_message()
+            .and_then(|m| m.into_text().ok())
+            .as_deref(),
+        Some("two")
+    );
+    assert_eq!(texts(&back), ["one"]);
+    drop(client);
+    no_client_threads_left("overflow block");
+}
+
+// ---------------------------------------------------------------------------------------
+// 5. Nothing written after the close frame
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_send_waiting_for_room_is_handed_back_once_the_close_frame_is_queued() {
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let proxy = FaultProxy::start(server.addr());
+    let size = 100 << 10;
+    let client = builder(&proxy.url())
+        .close_timeout(Duration::from_secs(20))
+        .write_timeout(Duration::from_secs(60))
+        .heartbeat(Heartbeat::off())
+        .limits(Limits {
+            max_message_size: size,
+            max_write_buffer: 0,
+            ..Limits::default()
+        })
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    proxy.blackhole();
+    // Fill the kernel buffers and tungstenite's write buffer.
+    let big = move || Message::binary(vec![7u8; size]);
+    let mut filled = 0;
+    while client.try_send(big()).is_ok() {
+        filled += 1;
+        assert!(filled < 10_000, "the socket never filled");
+    }
+    // This sender finds no room and waits (without the lock) for the socket.
+    let c = client.clone();
+    let sender = std::thread::spawn(move || c.send(big()));
+    // Give it time to reach its wait; if it has not, it meets the close below first,
+    // which must hand its message back just the same.
+    std::thread::sleep(Duration::from_millis(300));
+    let c = client.clone();
+    let closer = std::thread::spawn(move || c.close());
+    assert!(
+        util::wait_until(T, || client.state() == State::Closing),
+        "close began"
+    );
+    // The close frame is queued behind the buffered data. Now the peer reads again:
+    // the waiting sender wakes up with room in the buffer, after the close frame.
+    proxy.resume();
+    let r = bounded("the waiting send", 2 * T, move || sender.join()).expect("no panic");
+    bounded("close()", 3 * T, move || closer.join()).expect("no panic");
+    match r {
+        Err(Error::Closed { message: Some(m) }) => assert_eq!(m.len(), size),
+        other => panic!("the late message must be handed back, got {other:?}"),
+    }
+    let evs = events_until_closed(&events, T);
+    assert_grammar(&evs, true);
+    let reason = evs.iter().find_map(|e| match e {
+        Event::Disconnected { reason, .. } => Some(reason.clone()),
+        _ => None,
+    });
+    assert_eq!(reason, Some(DisconnectReason::ClosedByUser), "{evs:?}");
+    drop(client);
+    no_client_threads_left("send after close frame");
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Clients captured by their own callbacks
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_client_captured_weakly_by_its_callbacks_closes_when_the_last_handle_drops() {
+    let _g = util::exclusive();
+    let server = TestServer::start(Behavior::AppHeartbeat);
+    let slot: Arc<parking_lot::Mutex<Option<wsbeat::WeakClient>>> = Default::default();
+    let used = Arc::new(AtomicUsize::new(0));
+    struct Policy(
+        Arc<parking_lot::Mutex<Option<wsbeat::WeakClient>>>,
+        Arc<AtomicUsize>,
+    );
+    impl ReconnectPolicy for Policy {
+        fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
+            if let Some(c) = self.0.lock().as_ref().and_then(|w| w.upgrade()) {
+                let _ = c.state();
+                self.1.fetch_add(1, SeqCst);
+            }
+            Some(Duration::from_millis(1))
+        }
+    }
+    let (s1, s2, s3) = (slot.clone(), slot.clone(), slot.clone());
+    let (u1, u2) = (used.clone(), used.clone());
+    let url = server.url();
+    let client = builder(&url)
+        .reconnect_policy(Policy(slot.clone(), used.clone()))
+        .request_factory(move |_| {
+            if let Some(c) = s1.lock().as_ref().and_then(|w| w.upgrade()) {
+                let _ = c.stats();
+                u1.fetch_add(1, SeqCst);
+            }
+            wsbeat::Request::new(&url)
+        })
+        .on_connect(move |_| {
+            if let Some(c) = s2.lock().as_ref().and_then(|w| w.upgrade()) {
+                let _ = c.state();
+                u2.fetch_add(1, SeqCst);
+            }
+            Ok(())
+        })
+        .heartbeat(Heartbeat::app(
+            Duration::from_millis(20),
+            T,
+            Message::text(r#"{"op":"ping"}"#),
+            move |m| {
+                // A matcher runs under the client's lock: it may hold the weak handle but
+                // must not upgrade it (dropping the last handle there would deadlock).
+                let _held = &s3;
+                m.to_text().is_ok_and(|t| t == r#"{"op":"pong"}"#)
+            },
+        ))
+        .connect_lazy()
+        .expect("lazy");
+    *slot.lock() = Some(client.downgrade());
+    let events = client.events();
+    client.wait_connected(T).expect("connected");
+    client.reconnect_now(); // factory and hook run again, with the handle set
+    assert!(
+        util::wait_until(T, || client.stats().generation == 2
+            && used.load(SeqCst) >= 2),
+        "callbacks used the weak handle"
+    );
+    let weak = client.downgrade();
+    bounded("drop of the last handle", T, move || drop(client));
+    assert!(weak.upgrade().is_none());
+    no_client_threads_left("weakly captured client");
+    let evs = events_until_closed(&events, T);
+    assert_grammar(&evs, true);
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. One meaning each
+// ---------------------------------------------------------------------------------------
+
+struct Counting(Arc<AtomicUsize>);
+impl ReconnectPolicy for Counting {
+    fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
+        self.0.fetch_add(1, SeqCst);
+        Some(Duration::from_millis(1))
+    }
+}
+
+#[test]
+fn without_reconnect_the_policy_is_not_asked_and_gave_up_carries_error_gave_up() {
+    let _g = util::exclusive();
+    let server = TestServer::start(Behavior::close_after_upgrade(4001, "bye"));
+    let asked = Arc::new(AtomicUsize::new(0));
+    let client = builder(&server.url())
+        .reconnect(false)
+        .reconnect_policy(Counting(asked.clone()))
+        .connect()
+        .expect("connect");
+    let evs = events_until_closed(&client.events(), T);
+    assert_grammar(&evs, true);
+    let want = DisconnectReason::ClosedByPeer {
+        code: 4001,
+        reason: "bye".into(),
+    };
+    assert!(
+        matches!(gave_up_cause(&evs), Some(Error::ConnectionLost(r)) if *r == want),
+        "{evs:?}"
+    );
+    // A failed attempt (lazy) too.
+    let rejecting = TestServer::start(Behavior::reject(503));
+    let client2 = builder(&rejecting.url())
+        .reconnect(false)
+        .reconnect_policy(Counting(asked.clone()))
+        .connect_lazy()
+        .expect("lazy");
+    let evs = events_until_closed(&client2.events(), T);
+    assert_grammar(&evs, true);
+    assert!(
+        matches!(gave_up_cause(&evs), Some(Error::Http { status: 503, .. })),
+        "{evs:?}"
+    );
+    assert_eq!(asked.load(SeqCst), 0, "the policy was consulted");
+    drop((client, client2));
+    no_client_threads_left("reconnect off");
+}
+
+#[test]
+fn io_errors_expose_their_source() {
+    use std::error::Error as _;
+    let e: Error = std::io::Error::new(std::io::ErrorKind::TimedOut, "slow").into();
+    let source = e.source().expect("a source");
+    assert_eq!(source.to_string(), "slow");
+    let panicked = Error::Panicked {
+        origin: "request factory",
+        message: "x".into(),
+    };
+    assert!(panicked.is_fatal());
+}
+
+// ---------------------------------------------------------------------------------------
+// 10. Close code 1012: a randomised wait, not a thundering herd
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn close_code_1012_waits_a_randomised_five_to_thirty_seconds_by_default() {
+    let _g = util::exclusive();
+    let server = TestServer::start(Behavior::close_after_upgrade(1012, "restart"));
+    let client = builder(&server.url()).connect().expect("connect");
+    let events = client.events();
+    let deadline = Instant::now() + T;
+    let delay = loop {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Reconnecting { delay, .. }) => break delay,
+            Ok(_) => {}
+            Err(_) => panic!("no Reconnecting"),
+        }
+    };
+    assert!(
+        delay >= Duration::from_secs(5) && delay <= Duration::from_secs(30),
+        "{delay:?}"
+    );
+    bounded("close() during the wait", T, move || client.close());
+    no_client_threads_left("1012");
+}

@@ -166,12 +166,16 @@ impl Client {
         Self::builder(url)?.connect()
     }
 
-    pub(crate) fn start(cfg: Config, eager: bool) -> Result<Client> {
+    /// Starts the client's threads; `eager` connects first, on the caller's thread.
+    /// `carried` are messages already accepted (by a client this one restarts): they go
+    /// first in the offline queue.
+    pub(crate) fn start(cfg: Config, eager: bool, carried: Vec<Message>) -> Result<Client> {
         cfg.validate()?;
         let (ev_tx, ev_rx) = unbounded();
         let (ctl_tx, ctl_rx) = unbounded();
         let (timer_tx, timer_rx) = unbounded();
-        let queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
+        let mut queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
+        queue.requeue_front(carried.into_iter());
         let stack = cfg.stack_size;
         let shared = Arc::new(Shared {
             link: Mutex::new(Link {
@@ -343,6 +347,42 @@ impl Client {
         WeakClient {
             inner: Arc::downgrade(&self.inner),
         }
+    }
+
+    /// Starts this client again as a new client with the same configuration (URL or
+    /// request factory, headers, TLS, heartbeat, the same reconnect policy object,
+    /// callbacks), connecting in the background like
+    /// [`connect_lazy`](crate::ClientBuilder::connect_lazy). Meant for a client that
+    /// gave up ([`Event::GaveUp`]): fix what made it give up (the server, or the token
+    /// your request factory returns) and restart it.
+    ///
+    /// If this client is still running it is closed first, as by [`close`](Self::close)
+    /// (its events end with `Closed`), and the messages it had not sent move to the front
+    /// of the new client's queue, in order: nothing is lost. The new client has its own
+    /// event stream; handles and [`WeakClient`]s of this one keep pointing at this one.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    /// # let url = format!("ws://{}/", listener.local_addr().unwrap());
+    /// # std::thread::spawn(move || {
+    /// #     for s in listener.incoming() {
+    /// #         let mut ws = tungstenite::accept(s.unwrap()).unwrap();
+    /// #         std::thread::spawn(move || while let Ok(m) = ws.read() { if m.is_text() { let _ = ws.send(m); } });
+    /// #     }
+    /// # });
+    /// use wsbeat::{Client, Event};
+    ///
+    /// let client = Client::builder(&url)?.reconnect(false).connect()?;
+    /// // ... later the connection ended and the client gave up:
+    /// client.close();
+    /// let client = client.restart()?; // same settings, new connection
+    /// client.wait_connected(Duration::from_secs(5))?;
+    /// # Ok::<(), wsbeat::Error>(())
+    /// ```
+    pub fn restart(&self) -> Result<Client> {
+        let unsent = self.close();
+        Client::start(self.inner.shared.cfg.clone(), false, unsent)
     }
 
     /// Closes: close handshake (bounded by the close timeout), socket shutdown, every

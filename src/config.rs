@@ -497,12 +497,12 @@ impl ClientBuilder {
     /// Connects now (blocking until open or a typed error), then keeps the connection
     /// alive in the background.
     pub fn connect(self) -> Result<Client> {
-        Client::start(self.cfg, true)
+        Client::start(self.cfg, true, Vec::new())
     }
 
     /// Returns at once and connects in the background, retrying per the policy.
     /// Use [`Client::wait_connected`] or the `Connected` event.
     pub fn connect_lazy(self) -> Result<Client> {
-        Client::start(self.cfg, false)
+        Client::start(self.cfg, false, Vec::new())
     }
 }

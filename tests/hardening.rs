@@ -847,3 +847,79 @@ fn close_code_1012_waits_a_randomised_five_to_thirty_seconds_by_default() {
     bounded("close() during the wait", T, move || client.close());
     no_client_threads_left("1012");
 }
+
+// ---------------------------------------------------------------------------------------
+// A client that gave up can be started again (issue 14, item 7)
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_client_that_gave_up_restarts_with_its_configuration() {
+    let _g = util::exclusive();
+    let server = TestServer::start(Behavior::reject(401));
+    let client = builder(&server.url())
+        .header("X-Kept", "yes")
+        .connect_lazy()
+        .expect("lazy");
+    client.send_text("queued-before").expect("queued");
+    let evs = events_until_closed(&client.events(), T);
+    assert_grammar(&evs, true);
+    assert!(
+        matches!(gave_up_cause(&evs), Some(Error::Http { status: 401, .. })),
+        "{evs:?}"
+    );
+    assert_eq!(
+        undelivered(&evs),
+        ["queued-before"],
+        "handed back on give-up"
+    );
+    // The server is fixed; start again with the same settings.
+    server.set_behavior(Behavior::Echo);
+    let again = client.restart().expect("restart");
+    again.wait_connected(T).expect("connected");
+    assert_eq!(
+        server
+            .last_handshake()
+            .and_then(|h| h.header("x-kept").map(str::to_string)),
+        Some("yes".to_string()),
+        "the configuration was kept"
+    );
+    assert_eq!(client.state(), State::Closed, "the old client stays closed");
+    // Restarting a running client moves its unsent messages, in order. It cannot
+    // connect (the proxy refuses) until it has been restarted.
+    let proxy = FaultProxy::start(server.addr());
+    proxy.refuse(true);
+    let stuck = builder(&proxy.url())
+        .reconnect_policy(Fixed(Duration::from_millis(5)))
+        .connect_lazy()
+        .expect("lazy");
+    for t in ["a", "b", "c"] {
+        stuck.send_text(t).expect("queued");
+    }
+    let old_events = stuck.events();
+    let moved = bounded("restart of a running client", T, move || {
+        let c = stuck.restart().expect("restart");
+        drop(stuck);
+        c
+    });
+    let old = events_until_closed(&old_events, T);
+    assert_grammar(&old, true);
+    assert!(
+        undelivered(&old).is_empty(),
+        "moved, not handed back: {old:?}"
+    );
+    assert!(!old.iter().any(|e| matches!(e, Event::Connected { .. })));
+    proxy.refuse(false);
+    moved.wait_connected(T).expect("connected");
+    let evs = moved.events();
+    let mut echoed = Vec::new();
+    while echoed.len() < 3 {
+        match evs.recv_timeout(T).expect("echo") {
+            Event::Message(m) => echoed.push(m.into_text().unwrap().to_string()),
+            Event::Disconnected { reason, .. } => panic!("{reason}"),
+            _ => {}
+        }
+    }
+    assert_eq!(echoed, ["a", "b", "c"]);
+    drop((client, again, moved));
+    no_client_threads_left("restart");
+}

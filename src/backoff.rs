@@ -81,6 +81,7 @@ pub struct Backoff {
     restart: (Duration, Duration),
     max_retry_after: Duration,
     retry_fatal: bool,
+    jitter: bool,
     rng: u64,
 }
 
@@ -93,6 +94,7 @@ impl fmt::Debug for Backoff {
             .field("min_uptime", &self.min_uptime)
             .field("max_attempts", &self.max_attempts)
             .field("max_elapsed", &self.max_elapsed)
+            .field("jitter", &self.jitter)
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +113,7 @@ impl Default for Backoff {
             restart: (Duration::from_secs(5), Duration::from_secs(30)),
             max_retry_after: Duration::from_secs(600),
             retry_fatal: false,
+            jitter: true,
             rng: seed(),
         }
     }
@@ -125,6 +128,29 @@ fn seed() -> u64 {
 }
 
 impl Backoff {
+    /// The same delay before every attempt, without jitter (the classic "retry every 3 s"),
+    /// keeping the rest of the default policy (fatal errors give up, `Retry-After` and
+    /// close codes 1012/1013 are honoured, capped by `delay`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let every_3s = wsbeat::Backoff::fixed(Duration::from_secs(3));
+    /// assert_eq!(every_3s.ceiling(1), Duration::from_secs(3));
+    /// assert_eq!(every_3s.ceiling(10), Duration::from_secs(3));
+    /// ```
+    pub fn fixed(delay: Duration) -> Self {
+        Backoff::default()
+            .initial(delay)
+            .factor(1.0)
+            .max(delay)
+            .jitter(false)
+    }
+    /// Full jitter (default `true`): each delay is uniform in `[0, ceiling]`, so clients
+    /// that failed together do not retry together. `false`: each delay is the ceiling.
+    pub fn jitter(mut self, yes: bool) -> Self {
+        self.jitter = yes;
+        self
+    }
     /// Upper bound of the first delay.
     pub fn initial(mut self, d: Duration) -> Self {
         self.initial = d;
@@ -225,7 +251,11 @@ impl ReconnectPolicy for Backoff {
             return None;
         }
         let ceiling = self.ceiling(f.attempt);
-        let mut delay = self.random_upto(ceiling);
+        let mut delay = if self.jitter {
+            self.random_upto(ceiling)
+        } else {
+            ceiling
+        };
         if let Some(Error::Http {
             retry_after: Some(ra),
             ..
@@ -300,6 +330,23 @@ mod tests {
         };
         let capped = b.next_delay(&fail(1, Some(&forever))).unwrap();
         assert_eq!(capped, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn fixed_waits_the_same_delay_every_time() {
+        let mut b = Backoff::fixed(Duration::from_secs(3));
+        for attempt in [1, 2, 7, 100] {
+            assert_eq!(
+                b.next_delay(&fail(attempt, None)),
+                Some(Duration::from_secs(3))
+            );
+        }
+        let e401 = Error::Http {
+            status: 401,
+            retry_after: None,
+            body: None,
+        };
+        assert_eq!(b.next_delay(&fail(1, Some(&e401))), None, "still fatal");
     }
 
     fn closed(code: u16) -> DisconnectReason {

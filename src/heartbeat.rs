@@ -5,8 +5,8 @@
 //! counts a missed reply, declares the link dead, or computes the next deadline. Inbound
 //! traffic only moves the deadline later; the timer finds that out when it wakes (while a
 //! probe is outstanding it looks at least every `interval`, so a reply is followed by the
-//! next probe `interval` later even when `timeout` is longer). Any inbound byte counts as
-//! traffic, even part of a frame, unless `strict`.
+//! next probe `interval` later even when `timeout` is longer). What counts as a sign of
+//! life is the heartbeat's [`Liveness`] rule.
 //! Heartbeat state lives inside each connection, so a new connection always starts
 //! fresh and a stale deadline can never kill it.
 
@@ -74,7 +74,40 @@ pub struct Heartbeat {
     pub(crate) interval: Duration,
     pub(crate) timeout: Duration,
     pub(crate) max_missed: u32,
-    pub(crate) strict: bool,
+    pub(crate) liveness: Liveness,
+}
+
+/// What proves the peer alive: the three rules side by side.
+///
+/// | what arrives | `Traffic` | `Data` | `Replies` |
+/// |---|---|---|---|
+/// | a reply to our probe (pong with our payload, or a matched app reply) | yes | yes | yes |
+/// | a text or binary message | yes | yes | no |
+/// | bytes of a message still arriving | yes | yes | no |
+/// | a ping or an unsolicited pong from the peer | yes | **no** | no |
+///
+/// - `Traffic` (default for [`Heartbeat::ping`] and [`Heartbeat::passive`]): anything at
+///   all. A reply stuck behind a large frame never causes a false timeout; but a server
+///   whose WebSocket library keeps pinging while its application hangs looks alive.
+/// - `Data` (default for [`Heartbeat::app`]): the browser rule, for application-level
+///   heartbeats. A browser never sees control frames, so a page that sends `"ping"` and
+///   waits for any message judges the *application*: a library that pings on its own
+///   does not keep a hung application alive, while a busy data stream does.
+/// - `Replies` ([`Heartbeat::strict`]): only replies to our probes. Detects an
+///   application that keeps streaming data but stopped answering; the reply must not get
+///   stuck behind more than `timeout` of bulk data.
+///
+/// In passive mode there are no probes, so `Replies` behaves like `Traffic`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Liveness {
+    /// Any inbound byte, control frames included.
+    Traffic,
+    /// Data messages (and bytes of one still arriving) and probe replies; not control
+    /// frames.
+    Data,
+    /// Probe replies only.
+    Replies,
 }
 
 impl Default for Heartbeat {
@@ -96,7 +129,7 @@ impl fmt::Debug for Heartbeat {
             .field("interval", &self.interval)
             .field("timeout", &self.timeout)
             .field("max_missed", &self.max_missed)
-            .field("strict", &self.strict)
+            .field("liveness", &self.liveness)
             .finish()
     }
 }
@@ -110,7 +143,7 @@ impl Heartbeat {
             interval,
             timeout,
             max_missed: 1,
-            strict: false,
+            liveness: Liveness::Traffic,
         }
     }
 
@@ -134,7 +167,7 @@ impl Heartbeat {
             interval,
             timeout,
             max_missed: 1,
-            strict: false,
+            liveness: Liveness::Data,
         }
     }
 
@@ -145,7 +178,7 @@ impl Heartbeat {
             interval: max_silence,
             timeout: Duration::ZERO,
             max_missed: 1,
-            strict: false,
+            liveness: Liveness::Traffic,
         }
     }
 
@@ -156,7 +189,7 @@ impl Heartbeat {
             interval: Duration::ZERO,
             timeout: Duration::ZERO,
             max_missed: 1,
-            strict: false,
+            liveness: Liveness::Traffic,
         }
     }
 
@@ -166,11 +199,31 @@ impl Heartbeat {
         self
     }
 
-    /// Only probe replies prove liveness (default: any inbound traffic does, even part of
-    /// a frame, so a reply stuck behind bulk data never causes a false timeout). No effect
-    /// in passive mode.
+    /// `true`: only probe replies prove liveness ([`Liveness::Replies`]); `false`: back
+    /// to the mode's default (`Traffic`, or `Data` for app heartbeats). No effect in
+    /// passive mode.
     pub fn strict(mut self, yes: bool) -> Self {
-        self.strict = yes;
+        self.liveness = match (yes, &self.mode) {
+            (true, _) => Liveness::Replies,
+            (false, Mode::App { .. }) => Liveness::Data,
+            (false, _) => Liveness::Traffic,
+        };
+        self
+    }
+
+    /// Sets what proves the peer alive (see [`Liveness`] for the three rules).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use wsbeat::{Heartbeat, Liveness, Message};
+    ///
+    /// // Any data message resets the timers; the server's own pings do not.
+    /// let hb = Heartbeat::ping(Duration::from_secs(10), Duration::from_secs(11))
+    ///     .liveness(Liveness::Data);
+    /// # let _ = hb;
+    /// ```
+    pub fn liveness(mut self, rule: Liveness) -> Self {
+        self.liveness = rule;
         self
     }
 
@@ -229,7 +282,14 @@ impl Heartbeat {
 /// Heartbeat state of one connection (lives in its `Live`, guarded by the link lock).
 #[derive(Debug)]
 pub(crate) struct HbState {
+    /// Last inbound anything (bytes or frames).
     pub last_inbound: Instant,
+    /// Last complete data message, or bytes that completed no frame (a data message
+    /// still arriving): what `Liveness::Data` counts.
+    pub last_data: Instant,
+    /// `last_data` before the bytes of the current drain were counted: restored when
+    /// those bytes turn out to be a control frame.
+    data_before_bytes: Instant,
     /// Last probe reply (pong with our payload, or an app reply).
     pub last_reply: Instant,
     /// Outstanding probe: sequence number and send time.
@@ -243,6 +303,8 @@ impl HbState {
     pub(crate) fn new(now: Instant) -> Self {
         HbState {
             last_inbound: now,
+            last_data: now,
+            data_before_bytes: now,
             last_reply: now,
             probe: None,
             next_seq: 1,
@@ -254,14 +316,31 @@ impl HbState {
     /// Called by the reader when the socket had bytes to read, before it reads messages:
     /// part of a large frame proves the peer alive too, while a probe reply may be queued
     /// behind that frame on the peer's side. Not a reply, so it does not count in strict mode.
+    ///
+    /// For `Liveness::Data` the bytes count as data in progress until the drain shows
+    /// them to be a control frame ([`HbState::on_inbound`] then takes it back).
     pub(crate) fn on_bytes(&mut self, now: Instant) {
         self.last_inbound = now;
+        self.data_before_bytes = self.last_data;
+        self.last_data = now;
     }
 
     /// Called by the reader for each inbound frame. Returns true when the message is a
     /// heartbeat reply to be consumed (not delivered).
     pub(crate) fn on_inbound(&mut self, hb: &Heartbeat, msg: &Message, now: Instant) -> bool {
         self.last_inbound = now;
+        match msg {
+            Message::Text(_) | Message::Binary(_) => {
+                self.last_data = now;
+                self.data_before_bytes = now;
+            }
+            // The bytes of this drain were (also) a control frame: not data after all,
+            // unless a data message completes in the same drain.
+            _ if self.last_data == now && self.data_before_bytes != now => {
+                self.last_data = self.data_before_bytes;
+            }
+            _ => {}
+        }
         let (is_reply, consume) = match (&hb.mode, msg) {
             (Mode::Ping, Message::Pong(p)) => {
                 let seq = <[u8; 8]>::try_from(&p[..]).ok().map(u64::from_be_bytes);
@@ -303,10 +382,10 @@ enum Step {
 }
 
 fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
-    let alive_since = if hb.strict {
-        st.last_reply
-    } else {
-        st.last_inbound
+    let alive_since = match hb.liveness {
+        Liveness::Traffic => st.last_inbound,
+        Liveness::Data => st.last_data.max(st.last_reply),
+        Liveness::Replies => st.last_reply,
     };
     let probe_msg = |seq: u64| match &hb.mode {
         Mode::App { probe, .. } => probe.clone(),
@@ -315,11 +394,15 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
     match hb.mode {
         Mode::Off => None,
         Mode::Passive => {
-            // No probes, so no replies: `strict` cannot apply, any inbound traffic counts.
-            let due = deadline(st.last_inbound, hb.interval);
+            // No probes, so no replies: `Replies` cannot apply and counts all traffic.
+            let since = match hb.liveness {
+                Liveness::Data => st.last_data,
+                Liveness::Traffic | Liveness::Replies => st.last_inbound,
+            };
+            let due = deadline(since, hb.interval);
             Some(if now >= due {
                 Step::Dead(DisconnectReason::HeartbeatTimeout {
-                    silent_for: now - st.last_inbound,
+                    silent_for: now - since,
                 })
             } else {
                 Step::SleepUntil(due)

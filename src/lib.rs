@@ -70,7 +70,7 @@ pub use config::{
 };
 pub use error::{ConnectStage, Error, Result, TlsErrorKind};
 pub use event::{DisconnectReason, Event, State};
-pub use heartbeat::{Heartbeat, ReplyMatcher};
+pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
 /// Re-exported for [`ClientBuilder::identity`] and [`ClientBuilder::tls_connector`].
 pub use native_tls;
 pub use reconnect::Session;

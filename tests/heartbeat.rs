@@ -18,7 +18,8 @@ use support::proxy::FaultProxy;
 use support::server::{Behavior, Received, TestServer};
 use support::util;
 use wsbeat::{
-    Backoff, Client, ClientBuilder, DisconnectReason, Error, Event, Heartbeat, Message, State,
+    Backoff, Client, ClientBuilder, DisconnectReason, Error, Event, Heartbeat, Liveness, Message,
+    State,
 };
 
 /// Deadline for anything that should happen "soon".
@@ -182,7 +183,7 @@ fn defaults_suit_the_public_internet() {
     let shown = format!("{hb:?}");
     assert!(shown.contains("ping"), "{shown}");
     assert!(shown.contains("max_missed: 1"), "{shown}");
-    assert!(shown.contains("strict: false"), "{shown}");
+    assert!(shown.contains("liveness: Traffic"), "{shown}");
 }
 
 #[test]
@@ -484,13 +485,20 @@ fn trickle_server(chunks: usize, gap: Duration) -> (String, thread::JoinHandle<u
 
 #[test]
 fn pong_stuck_behind_a_slow_large_frame_does_not_kill_the_link() {
+    for liveness in [Liveness::Traffic, Liveness::Data] {
+        pong_stuck_behind_a_slow_large_frame(liveness);
+    }
+}
+
+fn pong_stuck_behind_a_slow_large_frame(liveness: Liveness) {
     let _g = util::shared();
     let interval = Duration::from_millis(300);
     let timeout = Duration::from_millis(700);
     // 2.5 s for one frame: 2.5 x (interval + timeout), while the bytes keep coming.
+    // Under `Liveness::Data` too: bytes of a data message still arriving are data.
     let chunks = 125;
     let (url, server) = trickle_server(chunks, Duration::from_millis(20));
-    let client = builder(&url, Heartbeat::ping(interval, timeout))
+    let client = builder(&url, Heartbeat::ping(interval, timeout).liveness(liveness))
         .reconnect(false)
         .connect()
         .expect("connect");
@@ -568,6 +576,116 @@ fn app_level_heartbeat_against_text_ping_server() {
         other => panic!("{other:?}"),
     }
     client.close();
+}
+
+/// The seed's rule (`Liveness::Data`, the default for app heartbeats) against a server
+/// whose application hangs while its WebSocket library keeps pinging: detected within
+/// `interval + timeout`. Under `Liveness::Traffic` the pings keep it "alive".
+#[test]
+fn app_heartbeat_detects_a_hung_application_whose_library_keeps_pinging() {
+    let _g = util::shared();
+    let interval = Duration::from_millis(200);
+    let timeout = Duration::from_millis(300);
+    let server = TestServer::start(Behavior::Silent {
+        ping_every: Some(Duration::from_millis(50)),
+        data_every: None,
+    });
+    let app = || {
+        Heartbeat::app(interval, timeout, Message::text("检测"), |m| {
+            m.to_text().is_ok_and(|t| t == "检测")
+        })
+    };
+    let client = builder(&server.url(), app())
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let start = Instant::now();
+    let (reason, at, _) = wait_disconnected(&events, 1, interval + timeout + T);
+    silent_for(&reason);
+    let elapsed = at - start;
+    assert!(
+        elapsed + EPS >= interval + timeout,
+        "dead after {elapsed:?}"
+    );
+    assert!(elapsed <= interval + timeout + SLACK, "{elapsed:?}");
+    assert!(
+        server
+            .controls()
+            .try_iter()
+            .any(|r| r.conn == 0 && matches!(r.msg, Message::Pong(_))),
+        "the server's pings were answered meanwhile"
+    );
+
+    // The same server under `Traffic`: its pings prove "liveness", nothing is detected.
+    let client = builder(&server.url(), app().liveness(Liveness::Traffic))
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let start = Instant::now();
+    assert!(util::wait_until(T, || start.elapsed() >= 3 * (interval + timeout)));
+    let evs = drain(&events);
+    assert!(!evs.iter().any(is_disconnect), "{evs:?}");
+    assert_eq!(client.stats().generation, 1);
+    client.close();
+}
+
+/// An application that never answers the probe but keeps sending data: alive under the
+/// seed's rule (data counts), dead under `strict` (only replies count).
+#[test]
+fn app_heartbeat_counts_data_by_default_and_only_replies_when_strict() {
+    let _g = util::shared();
+    let interval = Duration::from_millis(200);
+    let timeout = Duration::from_millis(300);
+    let server = TestServer::start(Behavior::Silent {
+        ping_every: None,
+        data_every: Some(Duration::from_millis(50)),
+    });
+    let app = || {
+        Heartbeat::app(interval, timeout, Message::text("检测"), |m| {
+            m.to_text().is_ok_and(|t| t == "检测")
+        })
+    };
+    let client = builder(&server.url(), app())
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let start = Instant::now();
+    assert!(util::wait_until(T, || start.elapsed() >= 3 * (interval + timeout)));
+    let evs = drain(&events);
+    assert!(
+        !evs.iter().any(is_disconnect),
+        "killed a chatty peer: {evs:?}"
+    );
+    assert!(
+        evs.iter()
+            .filter(|e| matches!(e, Event::Message(_)))
+            .count()
+            >= 5,
+        "data flowed: {evs:?}"
+    );
+    client.close();
+
+    let client = builder(&server.url(), app().strict(true))
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let start = Instant::now();
+    let (reason, at, before) = wait_disconnected(&events, 1, interval + timeout + T);
+    silent_for(&reason);
+    let elapsed = at - start;
+    assert!(
+        elapsed + EPS >= interval + timeout,
+        "dead after {elapsed:?}"
+    );
+    assert!(elapsed <= interval + timeout + SLACK, "{elapsed:?}");
+    assert!(
+        before.iter().any(|e| matches!(e, Event::Message(_))),
+        "{before:?}"
+    );
 }
 
 #[test]

@@ -72,6 +72,15 @@ pub enum Behavior {
     /// Upgrade, then never read from the socket again (the client's writes eventually stall;
     /// see [`ServerBuilder::recv_buffer`]). A close_all still sends a close frame.
     StopReading,
+    /// Upgrade; read and record everything but answer no data (no echo: an application
+    /// that hangs), while its WebSocket library still answers pings. Sends a Ping every
+    /// `ping_every` and a text message `"tick-N"` every `data_every`, if set.
+    Silent {
+        /// Period of the server's own pings.
+        ping_every: Option<Duration>,
+        /// Period of unsolicited data messages.
+        data_every: Option<Duration>,
+    },
 }
 
 impl Behavior {
@@ -798,7 +807,7 @@ fn start_close(ws: &mut WebSocket<Stream>, code: u16, reason: &str) -> bool {
     }
 }
 
-/// tungstenite-driven loop for Echo, Flood, StopReading and CloseAfterUpgrade.
+/// tungstenite-driven loop for Echo, Flood, StopReading, Silent and CloseAfterUpgrade.
 fn ws_loop(
     id: usize,
     mut ws: WebSocket<Stream>,
@@ -813,6 +822,17 @@ fn ws_loop(
     let flooding = flood_left > 0;
     let mut flood_i = 0usize;
     let stop_reading = *behavior == Behavior::StopReading;
+    let (ping_every, data_every, silent) = match behavior {
+        Behavior::Silent {
+            ping_every,
+            data_every,
+        } => (*ping_every, *data_every, true),
+        _ => (None, None, false),
+    };
+    let start = Instant::now();
+    let (mut next_ping, mut next_data) =
+        (ping_every.map(|d| start + d), data_every.map(|d| start + d));
+    let mut ticks = 0usize;
     let mut closing: Option<Instant> = None;
     if let Behavior::CloseAfterUpgrade { code, reason } = behavior {
         if !start_close(&mut ws, *code, reason) {
@@ -838,6 +858,34 @@ fn ws_loop(
             return;
         }
         let mut progressed = false;
+
+        // Silent: the server's own pings and unsolicited data, on their periods.
+        let now = Instant::now();
+        if closing.is_none() && !pending {
+            if let (Some(at), Some(every)) = (next_ping, ping_every)
+                && now >= at
+            {
+                next_ping = Some(at + every);
+                match ws.write(Message::Ping(Bytes::from_static(b"server"))) {
+                    Ok(()) => {}
+                    Err(e) if would_block(&e) => pending = true,
+                    Err(_) => return,
+                }
+                progressed = true;
+            }
+            if let (Some(at), Some(every)) = (next_data, data_every)
+                && now >= at
+            {
+                next_data = Some(at + every);
+                ticks += 1;
+                match ws.write(Message::text(format!("tick-{ticks}"))) {
+                    Ok(()) => {}
+                    Err(e) if would_block(&e) => pending = true,
+                    Err(_) => return,
+                }
+                progressed = true;
+            }
+        }
 
         // Flood: queue messages while the previous ones could be written out.
         if flood_left > 0 && closing.is_none() && !pending {
@@ -871,7 +919,7 @@ fn ws_loop(
                         match msg {
                             Message::Text(_) | Message::Binary(_) => {
                                 sh.record_data(id, msg.clone());
-                                if closing.is_some() {
+                                if closing.is_some() || silent {
                                     continue;
                                 }
                                 if let Some((t, code, reason)) = &sh.cfg.close_on_text

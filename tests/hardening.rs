@@ -11,10 +11,14 @@ use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use support::client::{Fixed, assert_grammar, client_panics, events_until_closed, watch_panics};
+use support::client::{
+    Fixed, assert_grammar, assert_no_client_threads, client_panics, events_until_closed,
+    watch_panics,
+};
 use support::proxy::FaultProxy;
 use support::server::{Behavior, TestServer};
 use support::util;
+use support::util::bounded;
 use wsbeat::{
     Backoff, Client, ClientBuilder, DisconnectReason, Error, Event, Failure, Heartbeat, Limits,
     Message, OverflowPolicy, ReconnectPolicy, State,
@@ -30,32 +34,8 @@ fn builder(url: &str) -> ClientBuilder {
         .close_timeout(Duration::from_secs(2))
 }
 
-/// Runs `f` on a helper thread and fails if it does not finish within `limit`.
-fn bounded<R: Send + 'static>(
-    what: &str,
-    limit: Duration,
-    f: impl FnOnce() -> R + Send + 'static,
-) -> R {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let t = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    let r = rx
-        .recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?}"));
-    t.join().expect("helper thread");
-    r
-}
-
 fn no_client_threads_left(what: &str) {
-    assert!(
-        util::wait_until(T, || util::threads_named("wsbeat-") == 0),
-        "{what}: wsbeat threads left: {:?}",
-        util::thread_names()
-            .into_iter()
-            .filter(|n| n.starts_with("wsbeat-"))
-            .collect::<Vec<_>>()
-    );
+    assert_no_client_threads(what, T);
 }
 
 fn texts(ms: &[Message]) -> Vec<String> {

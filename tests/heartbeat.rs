@@ -578,67 +578,60 @@ fn app_level_heartbeat_against_text_ping_server() {
     client.close();
 }
 
-/// The seed's rule (`Liveness::Data`, the default for app heartbeats) against a server
-/// whose application hangs while its WebSocket library keeps pinging: detected within
-/// `interval + timeout`. Under `Liveness::Traffic` the pings keep it "alive".
+/// How a link under a liveness rule ends up in [`liveness_rules_side_by_side`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Verdict {
+    /// Declared dead within `interval + timeout` (and not before).
+    Dies,
+    /// Still open after three times `interval + timeout`.
+    Lives,
+}
+
+/// Connects with `hb` to `server` and checks the verdict.
+fn judge(server: &TestServer, hb: Heartbeat, verdict: Verdict, what: &str) {
+    let limit = hb.interval() + hb.timeout();
+    let client = builder(&server.url(), hb)
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let start = Instant::now();
+    match verdict {
+        Verdict::Dies => {
+            let (reason, at, _) = wait_disconnected(&events, 1, limit + T);
+            silent_for(&reason);
+            let elapsed = at - start;
+            assert!(elapsed + EPS >= limit, "{what}: dead after {elapsed:?}");
+            assert!(
+                elapsed <= limit + SLACK,
+                "{what}: dead only after {elapsed:?}"
+            );
+        }
+        Verdict::Lives => {
+            assert!(util::wait_until(T, || start.elapsed() >= 3 * limit));
+            let evs = drain(&events);
+            assert!(!evs.iter().any(is_disconnect), "{what}: killed: {evs:?}");
+            assert_eq!(client.stats().generation, 1, "{what}");
+            client.close();
+        }
+    }
+}
+
+/// The three liveness rules against the two servers the seed was replayed against (see
+/// `Liveness`): (a) an application that hangs while its WebSocket library keeps pinging,
+/// (b) an application that never answers the probe but keeps sending data. The seed's
+/// rule (`Data`, the default for app heartbeats) catches (a) and keeps (b); `Traffic`
+/// keeps both; `Replies` (strict) catches both.
 #[test]
-fn app_heartbeat_detects_a_hung_application_whose_library_keeps_pinging() {
+fn liveness_rules_side_by_side() {
     let _g = util::shared();
     let interval = Duration::from_millis(200);
     let timeout = Duration::from_millis(300);
-    let server = TestServer::start(Behavior::Silent {
+    let pinging = TestServer::start(Behavior::Silent {
         ping_every: Some(Duration::from_millis(50)),
         data_every: None,
     });
-    let app = || {
-        Heartbeat::app(interval, timeout, Message::text("检测"), |m| {
-            m.to_text().is_ok_and(|t| t == "检测")
-        })
-    };
-    let client = builder(&server.url(), app())
-        .reconnect(false)
-        .connect()
-        .expect("connect");
-    let events = client.events();
-    let start = Instant::now();
-    let (reason, at, _) = wait_disconnected(&events, 1, interval + timeout + T);
-    silent_for(&reason);
-    let elapsed = at - start;
-    assert!(
-        elapsed + EPS >= interval + timeout,
-        "dead after {elapsed:?}"
-    );
-    assert!(elapsed <= interval + timeout + SLACK, "{elapsed:?}");
-    assert!(
-        server
-            .controls()
-            .try_iter()
-            .any(|r| r.conn == 0 && matches!(r.msg, Message::Pong(_))),
-        "the server's pings were answered meanwhile"
-    );
-
-    // The same server under `Traffic`: its pings prove "liveness", nothing is detected.
-    let client = builder(&server.url(), app().liveness(Liveness::Traffic))
-        .reconnect(false)
-        .connect()
-        .expect("connect");
-    let events = client.events();
-    let start = Instant::now();
-    assert!(util::wait_until(T, || start.elapsed() >= 3 * (interval + timeout)));
-    let evs = drain(&events);
-    assert!(!evs.iter().any(is_disconnect), "{evs:?}");
-    assert_eq!(client.stats().generation, 1);
-    client.close();
-}
-
-/// An application that never answers the probe but keeps sending data: alive under the
-/// seed's rule (data counts), dead under `strict` (only replies count).
-#[test]
-fn app_heartbeat_counts_data_by_default_and_only_replies_when_strict() {
-    let _g = util::shared();
-    let interval = Duration::from_millis(200);
-    let timeout = Duration::from_millis(300);
-    let server = TestServer::start(Behavior::Silent {
+    let chatty = TestServer::start(Behavior::Silent {
         ping_every: None,
         data_every: Some(Duration::from_millis(50)),
     });
@@ -647,44 +640,34 @@ fn app_heartbeat_counts_data_by_default_and_only_replies_when_strict() {
             m.to_text().is_ok_and(|t| t == "检测")
         })
     };
-    let client = builder(&server.url(), app())
-        .reconnect(false)
-        .connect()
-        .expect("connect");
-    let events = client.events();
-    let start = Instant::now();
-    assert!(util::wait_until(T, || start.elapsed() >= 3 * (interval + timeout)));
-    let evs = drain(&events);
+    use Verdict::{Dies, Lives};
+    for (server, name, hb, verdict) in [
+        (&pinging, "pinging, app default (Data)", app(), Dies),
+        (
+            &pinging,
+            "pinging, Traffic",
+            app().liveness(Liveness::Traffic),
+            Lives,
+        ),
+        (&pinging, "pinging, strict", app().strict(true), Dies),
+        (&chatty, "chatty, app default (Data)", app(), Lives),
+        (
+            &chatty,
+            "chatty, Traffic",
+            app().liveness(Liveness::Traffic),
+            Lives,
+        ),
+        (&chatty, "chatty, strict", app().strict(true), Dies),
+    ] {
+        judge(server, hb, verdict, name);
+    }
+    // The pinging server's pings were answered by the client all along.
     assert!(
-        !evs.iter().any(is_disconnect),
-        "killed a chatty peer: {evs:?}"
-    );
-    assert!(
-        evs.iter()
-            .filter(|e| matches!(e, Event::Message(_)))
-            .count()
-            >= 5,
-        "data flowed: {evs:?}"
-    );
-    client.close();
-
-    let client = builder(&server.url(), app().strict(true))
-        .reconnect(false)
-        .connect()
-        .expect("connect");
-    let events = client.events();
-    let start = Instant::now();
-    let (reason, at, before) = wait_disconnected(&events, 1, interval + timeout + T);
-    silent_for(&reason);
-    let elapsed = at - start;
-    assert!(
-        elapsed + EPS >= interval + timeout,
-        "dead after {elapsed:?}"
-    );
-    assert!(elapsed <= interval + timeout + SLACK, "{elapsed:?}");
-    assert!(
-        before.iter().any(|e| matches!(e, Event::Message(_))),
-        "{before:?}"
+        pinging
+            .controls()
+            .try_iter()
+            .any(|r| matches!(r.msg, Message::Pong(_))),
+        "the server's pings were answered"
     );
 }
 

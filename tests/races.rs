@@ -14,11 +14,12 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use support::client::Fixed;
-use support::client::{check_grammar, client_panics, watch_panics};
+use support::client::{assert_no_client_threads, check_grammar, client_panics, watch_panics};
 
 use support::proxy::FaultProxy;
 use support::server::{Behavior, TestServer};
 use support::util;
+use support::util::bounded;
 use wsbeat::{Client, ClientBuilder, DisconnectReason, Error, Event, Heartbeat, Message, State};
 
 /// Upper bound for anything that should happen "now".
@@ -31,14 +32,7 @@ fn iterations() -> usize {
 /// No client thread panicked and none is left.
 fn assert_clean_end(what: &str) {
     assert_eq!(client_panics(), 0, "{what}: a wsbeat thread panicked");
-    assert!(
-        util::wait_until(T, || util::threads_named("wsbeat-") == 0),
-        "{what}: wsbeat threads left: {:?}",
-        util::thread_names()
-            .into_iter()
-            .filter(|n| n.starts_with("wsbeat-"))
-            .collect::<Vec<_>>()
-    );
+    assert_no_client_threads(what, T);
 }
 
 fn builder(url: &str) -> ClientBuilder {
@@ -61,23 +55,6 @@ fn jitter(i: usize, max_micros: u64) {
     while start.elapsed() < d {
         std::hint::spin_loop();
     }
-}
-
-/// Runs `f` on a helper thread and fails if it does not finish within `limit`.
-fn bounded<R: Send + 'static>(
-    what: &str,
-    limit: Duration,
-    f: impl FnOnce() -> R + Send + 'static,
-) -> R {
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let t = std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    let r = rx
-        .recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?} (deadlock?)"));
-    t.join().expect("helper thread");
-    r
 }
 
 /// All events until (and including) `Closed`; fails if `Closed` does not come or if

@@ -121,3 +121,17 @@ pub fn assert_grammar(events: &[wsbeat::Event], complete: bool) {
         panic!("event grammar violated: {e}");
     }
 }
+
+/// Fails unless every `wsbeat-*` thread is gone within `timeout` (threads that just
+/// finished may linger briefly). Exact only under `util::exclusive()`.
+pub fn assert_no_client_threads(what: &str, timeout: Duration) {
+    use super::util;
+    assert!(
+        util::wait_until(timeout, || util::threads_named("wsbeat-") == 0),
+        "{what}: wsbeat threads left: {:?}",
+        util::thread_names()
+            .into_iter()
+            .filter(|n| n.starts_with("wsbeat-"))
+            .collect::<Vec<_>>()
+    );
+}

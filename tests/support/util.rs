@@ -111,3 +111,22 @@ pub fn thread_sleeping(name: &str) -> bool {
         comm.trim_end() == name && state.is_some_and(|s| s.starts_with('S'))
     })
 }
+
+/// Runs `f` on a helper thread and fails if it does not finish within `limit`: for calls
+/// that must end (close, drop, a send racing a close), so a deadlock fails the test
+/// instead of hanging it.
+pub fn bounded<R: Send + 'static>(
+    what: &str,
+    limit: Duration,
+    f: impl FnOnce() -> R + Send + 'static,
+) -> R {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let t = std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    let r = rx
+        .recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what} did not finish within {limit:?} (deadlock?)"));
+    t.join().expect("helper thread");
+    r
+}

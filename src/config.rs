@@ -387,6 +387,8 @@ impl ClientBuilder {
     /// [`connect`](Self::connect)). An error fails the attempt; a panic fails it with
     /// [`Error::Panicked`], which is fatal. Capture a [`WeakClient`](crate::WeakClient)
     /// if it needs the client, never a `Client` (see [`reconnect_policy`](Self::reconnect_policy)).
+    /// Return promptly (fetch a token with a timeout): wsbeat cannot interrupt your code,
+    /// so `close()` waits for a factory call in progress.
     pub fn request_factory(
         mut self,
         factory: impl Fn(&Attempt<'_>) -> Result<Request> + Send + Sync + 'static,

@@ -10,6 +10,7 @@ use crossbeam_channel::{Receiver, unbounded};
 use parking_lot::Mutex;
 
 use crate::config::{ClientBuilder, Config};
+use crate::dial::Cancel;
 use crate::event::EventSink;
 use crate::link::{Command, Counters, Link, SendMode, Shared, TimerCmd};
 use crate::queue::OfflineQueue;
@@ -193,7 +194,7 @@ impl Client {
             reconnect_requested: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
-            connecting: Mutex::new(None),
+            connecting: Cancel::new()?,
             counters: Counters::default(),
             writers: Default::default(),
             gate: Default::default(),
@@ -410,9 +411,7 @@ impl Handle {
         shared.events.begin_close();
         shared.closing.store(true, Ordering::SeqCst);
         let _ = shared.ctl.send(Command::Close);
-        if let Some(s) = shared.connecting.lock().as_ref() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        shared.connecting.cancel();
         if self.on_supervisor() {
             // Closed from a hook, factory or policy running on the supervisor: it cannot
             // join itself. It finishes as soon as the callback returns and then emits what

@@ -164,15 +164,83 @@ impl Default for Limits {
 pub(crate) type RequestFactory = Arc<dyn Fn(&Attempt<'_>) -> Result<Request> + Send + Sync>;
 pub(crate) type ConnectHook = Arc<dyn Fn(&mut Session<'_>) -> Result<()> + Send + Sync>;
 
-/// How to pick an HTTP proxy.
+/// How to pick a proxy.
 #[derive(Clone, Debug)]
 pub(crate) enum ProxySetting {
-    /// `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` from the environment (default).
+    /// `https_proxy` / `http_proxy` / `all_proxy` / `no_proxy` from the environment (default).
     Env,
     /// Never use a proxy.
     None,
-    /// Always use this `http://[user:pass@]host:port` proxy.
+    /// Always use this `http://`, `socks5://` or `socks5h://` proxy.
     Explicit(Url),
+}
+
+/// The proxy URL schemes wsbeat speaks; any other is an error, never a direct connection.
+pub(crate) const PROXY_SCHEMES: [&str; 3] = ["http", "socks5", "socks5h"];
+
+/// TCP keepalive probes (`SO_KEEPALIVE`), for links where the OS should notice a dead
+/// peer even without traffic (the heartbeat does this at the WebSocket level).
+///
+/// ```
+/// use std::time::Duration;
+/// let ka = wsbeat::TcpKeepalive::new(Duration::from_secs(60))
+///     .interval(Duration::from_secs(10))
+///     .retries(3);
+/// # let _ = ka;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub(crate) time: Duration,
+    pub(crate) interval: Option<Duration>,
+    pub(crate) retries: Option<u32>,
+}
+
+impl TcpKeepalive {
+    /// Probes start after the connection was idle for `time` (whole seconds on Linux).
+    pub fn new(time: Duration) -> TcpKeepalive {
+        TcpKeepalive {
+            time,
+            interval: None,
+            retries: None,
+        }
+    }
+    /// Time between two unanswered probes (system default when not set).
+    pub fn interval(mut self, interval: Duration) -> TcpKeepalive {
+        self.interval = Some(interval);
+        self
+    }
+    /// Unanswered probes before the OS declares the connection dead (system default
+    /// when not set).
+    pub fn retries(mut self, retries: u32) -> TcpKeepalive {
+        self.retries = Some(retries);
+        self
+    }
+}
+
+/// Default delay between two connection attempts of Happy Eyeballs (RFC 8305 5).
+pub const DEFAULT_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+/// Default number of redirects followed on the upgrade request.
+pub const DEFAULT_MAX_REDIRECTS: usize = 5;
+
+/// Socket-level settings of every TCP connection the client opens (to the server or to
+/// the proxy).
+#[derive(Debug, Clone)]
+pub(crate) struct SocketOptions {
+    pub keepalive: Option<TcpKeepalive>,
+    pub local_address: Option<std::net::IpAddr>,
+    pub device: Option<String>,
+    pub attempt_delay: Duration,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions {
+            keepalive: None,
+            local_address: None,
+            device: None,
+            attempt_delay: DEFAULT_ATTEMPT_DELAY,
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -199,6 +267,8 @@ pub(crate) struct Config {
     pub limits: Limits,
     pub tls: TlsSettings,
     pub proxy: ProxySetting,
+    pub socket: SocketOptions,
+    pub max_redirects: usize,
     pub heartbeat: Heartbeat,
     pub reconnect: bool,
     pub policy: Arc<parking_lot::Mutex<Box<dyn ReconnectPolicy>>>,
@@ -299,6 +369,8 @@ impl ClientBuilder {
                 limits: Limits::default(),
                 tls: TlsSettings::default(),
                 proxy: ProxySetting::Env,
+                socket: SocketOptions::default(),
+                max_redirects: DEFAULT_MAX_REDIRECTS,
                 heartbeat: Heartbeat::default(),
                 reconnect: true,
                 policy: Arc::new(parking_lot::Mutex::new(Box::new(Backoff::default()))),
@@ -476,18 +548,72 @@ impl ClientBuilder {
         self
     }
 
-    /// Connects through this HTTP proxy (`http://[user:pass@]host:port`) with CONNECT.
+    /// Connects through this proxy, whatever the environment says:
+    /// - `http://[user:pass@]host:port`: an HTTP proxy, with `CONNECT`;
+    /// - `socks5://[user:pass@]host:port`: SOCKS5, the host name resolved here;
+    /// - `socks5h://[user:pass@]host:port`: SOCKS5, the host name resolved by the proxy
+    ///   (what Tor and `ssh -D` users want: no DNS query leaves this machine).
+    ///
+    /// Any other scheme is an [`Error::InvalidUrl`].
+    ///
+    /// ```
+    /// let b = wsbeat::Client::builder("wss://example.com/feed")?
+    ///     .proxy("socks5h://127.0.0.1:9050")?;
+    /// assert!(wsbeat::Client::builder("ws://x")?.proxy("ftp://p:21").is_err());
+    /// # let _ = b;
+    /// # Ok::<(), wsbeat::Error>(())
+    /// ```
     pub fn proxy(mut self, proxy_url: &str) -> Result<Self> {
         let u = Url::parse(proxy_url).map_err(|e| Error::InvalidUrl {
             reason: format!("proxy URL: {e}"),
         })?;
-        if u.scheme() != "http" || u.host_str().is_none() {
+        if !PROXY_SCHEMES.contains(&u.scheme()) || u.host_str().is_none_or(str::is_empty) {
             return Err(Error::InvalidUrl {
-                reason: "proxy URL must be http://host:port".into(),
+                reason: "proxy URL must be http://, socks5:// or socks5h://host:port".into(),
             });
         }
         self.cfg.proxy = ProxySetting::Explicit(u);
         Ok(self)
+    }
+
+    /// How many redirects (HTTP 301/302/303/307/308 with a `Location`) of the upgrade
+    /// request to follow per connection attempt; default 5, 0 turns following off (a
+    /// 3xx answer is then a fatal [`Error::Http`]). A redirect from `wss` to `ws` is never
+    /// followed, `Authorization` and `Cookie` headers and URL credentials are dropped
+    /// when the origin changes, and a loop is an [`Error::Redirect`]. Every attempt
+    /// starts again from the configured URL.
+    pub fn max_redirects(mut self, limit: usize) -> Self {
+        self.cfg.max_redirects = limit;
+        self
+    }
+
+    /// Turns on TCP keepalive probes on every connection (off by default).
+    pub fn tcp_keepalive(mut self, keepalive: TcpKeepalive) -> Self {
+        self.cfg.socket.keepalive = Some(keepalive);
+        self
+    }
+
+    /// Connects from this local address (port chosen by the OS). Only destination
+    /// addresses of the same family are tried.
+    pub fn local_address(mut self, ip: std::net::IpAddr) -> Self {
+        self.cfg.socket.local_address = Some(ip);
+        self
+    }
+
+    /// Binds every socket to this network interface (`SO_BINDTODEVICE`, Linux only;
+    /// needs `CAP_NET_RAW` on older kernels). Elsewhere connecting fails with
+    /// [`Error::Io`] rather than silently using another interface.
+    pub fn bind_device(mut self, interface: impl Into<String>) -> Self {
+        self.cfg.socket.device = Some(interface.into());
+        self
+    }
+
+    /// Delay between two connection attempts to the addresses of one host, alternating
+    /// IPv6 and IPv4 (Happy Eyeballs, RFC 8305); default 250 ms. A failed attempt starts
+    /// the next one at once.
+    pub fn happy_eyeballs_delay(mut self, delay: Duration) -> Self {
+        self.cfg.socket.attempt_delay = delay.max(Duration::from_millis(10));
+        self
     }
 
     /// Ignores proxy environment variables.

@@ -1,15 +1,18 @@
-//! Opening one connection under one deadline: DNS, TCP, proxy CONNECT, TLS, upgrade.
+//! Opening one connection under one deadline: DNS, TCP (Happy Eyeballs), proxy (HTTP
+//! CONNECT or SOCKS5), TLS, upgrade, redirects; cancellable at every stage.
 //!
-//! The socket stays in blocking mode; every read and write sets its timeout to the time
-//! left and fails past the deadline (`link::Tcp`), so every step is bounded, also against
-//! a peer that trickles bytes. We do the TLS handshake ourselves (tungstenite's own
-//! wrapper panics when native-tls returns `WouldBlock` with a timeout set), and drive the
-//! upgrade on tungstenite's handshake machine with a request we serialise ourselves
+//! DNS and the TCP dial wait in `poll` together with the client's [`Cancel`] (see
+//! `dial.rs`). Once connected the socket stays in blocking mode; every read and write
+//! sets its timeout to the time left and fails past the deadline (`link::Tcp`), so every
+//! step is bounded, also against a peer that trickles bytes, and `Cancel` aborts those
+//! steps by shutting the socket down. We do the TLS handshake ourselves (tungstenite's
+//! own wrapper panics when native-tls returns `WouldBlock` with a timeout set), and drive
+//! the upgrade on tungstenite's handshake machine with a request we serialise ourselves
 //! (tungstenite's client handshake would log it, credentials included).
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs};
-use std::time::{Duration, Instant};
+use std::net::{IpAddr, TcpStream};
+use std::time::Instant;
 
 use tungstenite::client::IntoClientRequest;
 use tungstenite::error::{ProtocolError, SubProtocolError};
@@ -20,10 +23,12 @@ use tungstenite::http::{HeaderName, HeaderValue, StatusCode};
 use tungstenite::protocol::{Role, WebSocket};
 use url::Url;
 
-use crate::config::{Config, ProxySetting, Request, TlsSettings};
+use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request, TlsSettings};
+use crate::dial::{self, Cancel, Deadline, is_timeout};
 use crate::link::{Stream, Tcp, Ws};
 use crate::redact::RedactedUrl;
-use crate::{ConnectStage, Error, Result, TlsErrorKind};
+use crate::socks;
+use crate::{ConnectStage, Error, RedirectRefusal, Result, TlsErrorKind};
 
 /// A freshly opened connection, not yet shared with any thread.
 pub(crate) struct Opened {
@@ -31,55 +36,48 @@ pub(crate) struct Opened {
     pub protocol: Option<String>,
 }
 
-struct Deadline {
-    start: Instant,
-    end: Instant,
+/// How one hop of a connect ended.
+enum Hop {
+    Open(Opened),
+    /// A 3xx answer to the upgrade, with its `Location` (if any).
+    Redirect(Option<String>),
 }
 
-impl Deadline {
-    fn left(&self, stage: ConnectStage) -> Result<Duration> {
-        let now = Instant::now();
-        if now >= self.end {
-            return Err(self.timeout(stage));
+/// Opens a connection for `req`, following redirects, all under one deadline. `cancel`
+/// aborts it from another thread at any stage; the socket of the attempt stays attached
+/// to `cancel` (the caller detaches it when it is done with the connection set-up).
+pub(crate) fn open(cfg: &Config, req: &Request, cancel: &Cancel) -> Result<Opened> {
+    let dl = Deadline::after(cfg.connect_timeout);
+    let mut req = req.clone();
+    let mut visited = vec![req.url.clone()];
+    loop {
+        match hop(cfg, &req, &dl, cancel)? {
+            Hop::Open(opened) => {
+                log::debug!(
+                    "connected to {} in {:?}",
+                    RedactedUrl(&req.url),
+                    dl.start.elapsed()
+                );
+                return Ok(opened);
+            }
+            Hop::Redirect(location) => {
+                req = follow(&req, location.as_deref(), &mut visited, cfg.max_redirects)?;
+                log::debug!("redirected to {}", RedactedUrl(&req.url));
+            }
         }
-        Ok(self.end - now)
-    }
-    fn timeout(&self, stage: ConnectStage) -> Error {
-        Error::Timeout {
-            stage,
-            elapsed: self.start.elapsed(),
-        }
-    }
-    fn arm(&self, sock: &TcpStream, stage: ConnectStage) -> Result<()> {
-        let left = self.left(stage)?;
-        sock.set_read_timeout(Some(left))?;
-        sock.set_write_timeout(Some(left))?;
-        Ok(())
     }
 }
 
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
-}
-
-/// Opens a connection for `req`. `on_socket` gets a clone of the TCP socket as soon as it
-/// exists, so `close()` can abort a connect in progress by shutting it down.
-pub(crate) fn open(cfg: &Config, req: &Request, on_socket: &dyn Fn(&TcpStream)) -> Result<Opened> {
-    let start = Instant::now();
-    let dl = Deadline {
-        start,
-        end: crate::time::deadline(start, cfg.connect_timeout),
-    };
+/// One connection: dial, proxy, TLS, upgrade.
+fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Hop> {
     let url = &req.url;
     let host = url.host_str().unwrap_or_default().to_string();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
     let tls = url.scheme() == "wss";
     let port = url
         .port_or_known_default()
         .unwrap_or(if tls { 443 } else { 80 });
-    let proxy = pick_proxy(&cfg.proxy, url, &host);
+    let proxy = pick_proxy(&cfg.proxy, url, &host, port)?;
     log::debug!(
         "connecting to {}{}",
         RedactedUrl(url),
@@ -88,34 +86,125 @@ pub(crate) fn open(cfg: &Config, req: &Request, on_socket: &dyn Fn(&TcpStream)) 
     let (dial_host, dial_port) = match &proxy {
         Some(p) => (
             p.host_str().unwrap_or_default().to_string(),
-            p.port_or_known_default().unwrap_or(8080),
+            p.port_or_known_default()
+                .unwrap_or(if p.scheme() == "http" { 8080 } else { 1080 }),
         ),
         None => (host.clone(), port),
     };
-    let addrs = resolve(&dial_host, dial_port, &dl)?;
-    let sock = dial(&addrs, &dl)?;
-    on_socket(&sock);
-    sock.set_nodelay(true)?;
+    let addrs = dial::resolve(&dial_host, dial_port, dl, cancel)?;
+    let sock = dial::dial(&addrs, &cfg.socket, dl, cancel)?;
+    // From here `cancel` aborts any wait of the set-up by shutting the socket down.
+    cancel.attach(&sock);
     if let Some(p) = &proxy {
-        dl.arm(&sock, ConnectStage::Proxy)?;
-        proxy_connect(&sock, p, &host, port, &dl)?;
+        let user = percent_decode(p.username());
+        let pass = p.password().map(percent_decode).unwrap_or_default();
+        let credentials = (!p.username().is_empty()).then_some((user.as_str(), pass.as_str()));
+        match p.scheme() {
+            "http" => {
+                dl.arm(&sock, ConnectStage::Proxy)?;
+                proxy_connect(&sock, credentials, &host, port, dl)?;
+            }
+            "socks5" | "socks5h" => {
+                let target = match bare.parse::<IpAddr>() {
+                    Ok(ip) => socks::Target::Ip(ip),
+                    Err(_) if p.scheme() == "socks5h" => socks::Target::Name(bare),
+                    Err(_) => {
+                        let addrs = dial::resolve(bare, port, dl, cancel)?;
+                        socks::Target::Ip(addrs[0].ip())
+                    }
+                };
+                socks::connect(&sock, credentials, target, port, dl)?;
+            }
+            other => {
+                return Err(Error::UnsupportedProxy {
+                    scheme: other.into(),
+                });
+            }
+        }
     }
     // From here on every read and write is bounded by the time left (see `link::Tcp`).
     let sock = Tcp::connecting(sock, dl.end);
     let stream = if tls {
-        Stream::Tls(Box::new(tls_handshake(&cfg.tls, &host, sock, &dl)?))
+        Stream::Tls(Box::new(tls_handshake(&cfg.tls, &host, sock, dl)?))
     } else {
         Stream::Plain(sock)
     };
     let request = build_request(req)?;
-    let (mut ws, protocol) = upgrade(stream, request, cfg, &dl)?;
+    let (mut ws, protocol) = match upgrade(stream, request, cfg, dl)? {
+        Upgraded::Open(ws, protocol) => (ws, protocol),
+        Upgraded::Redirect(location) => return Ok(Hop::Redirect(location)),
+    };
     ws.get_mut().connected();
     let tcp = ws.get_ref().tcp();
     tcp.set_read_timeout(None)?;
     tcp.set_write_timeout(None)?;
     tcp.set_nonblocking(true)?;
-    log::debug!("connected to {} in {:?}", RedactedUrl(url), start.elapsed());
-    Ok(Opened { ws, protocol })
+    Ok(Hop::Open(Opened { ws, protocol }))
+}
+
+/// The request for the redirect target `location` of `req`, or why it is not followed.
+/// `visited` holds every URL of this attempt, the first one included.
+fn follow(
+    req: &Request,
+    location: Option<&str>,
+    visited: &mut Vec<Url>,
+    limit: usize,
+) -> Result<Request> {
+    let refuse = |reason, location: String| Error::Redirect { reason, location };
+    let Some(location) = location else {
+        return Err(refuse(RedirectRefusal::BadLocation, "(none)".into()));
+    };
+    let bad = || refuse(RedirectRefusal::BadLocation, RedactedUrl::raw(location));
+    let mut next = req.url.join(location).map_err(|_| bad())?;
+    let scheme = match next.scheme() {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        _ => return Err(bad()),
+    };
+    next.set_scheme(scheme).map_err(|()| bad())?;
+    next.set_fragment(None);
+    if next.host_str().is_none_or(str::is_empty) {
+        return Err(bad());
+    }
+    let shown = RedactedUrl(&next).to_string();
+    if req.url.scheme() == "wss" && scheme == "ws" {
+        return Err(refuse(RedirectRefusal::Downgrade, shown));
+    }
+    let origin = |u: &Url| {
+        (
+            u.scheme().to_string(),
+            u.host_str().map(str::to_ascii_lowercase),
+            u.port_or_known_default(),
+        )
+    };
+    let mut out = req.clone();
+    if origin(&next) == origin(&req.url) {
+        // Same origin: the credentials in the URL go along, unless the target has its own.
+        if next.username().is_empty() && next.password().is_none() {
+            let _ = next.set_username(req.url.username());
+            let _ = next.set_password(req.url.password());
+        }
+    } else {
+        out.headers.retain(|(name, _)| {
+            !name.eq_ignore_ascii_case("authorization") && !name.eq_ignore_ascii_case("cookie")
+        });
+        let _ = next.set_username("");
+        let _ = next.set_password(None);
+    }
+    if visited.contains(&next) {
+        return Err(refuse(RedirectRefusal::Loop, shown));
+    }
+    if visited.len() > limit {
+        return Err(refuse(RedirectRefusal::TooMany(limit), shown));
+    }
+    visited.push(next.clone());
+    out.url = next;
+    Ok(out)
+}
+
+enum Upgraded {
+    Open(Ws, Option<String>),
+    Redirect(Option<String>),
 }
 
 /// The HTTP upgrade, driven on tungstenite's handshake machine (which bounds the response
@@ -126,7 +215,7 @@ fn upgrade(
     request: tungstenite::handshake::client::Request,
     cfg: &Config,
     dl: &Deadline,
-) -> Result<(Ws, Option<String>)> {
+) -> Result<Upgraded> {
     let stage = ConnectStage::Upgrade;
     let failed = |e: tungstenite::Error| match e {
         tungstenite::Error::Io(io) if is_timeout(&io) => dl.timeout(stage),
@@ -138,6 +227,13 @@ fn upgrade(
         .map(|v| v.to_str().map(str::to_string))
         .transpose()
         .map_err(|e| header_err("Sec-WebSocket-Protocol", e))?;
+    let extensions: Vec<String> = request
+        .headers()
+        .get_all("sec-websocket-extensions")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(extension_names)
+        .collect();
     let (bytes, key) = request_bytes(&request)?;
     let mut machine = HandshakeMachine::start_write(stream, bytes);
     let stream = loop {
@@ -165,9 +261,23 @@ fn upgrade(
         };
         dl.left(stage)?;
     };
-    let protocol = verify_response(response, tail.clone(), &key, offered.as_deref())?;
+    if cfg.max_redirects > 0 && matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+        let location = response
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        return Ok(Upgraded::Redirect(location));
+    }
+    let protocol = verify_response(
+        response,
+        tail.clone(),
+        &key,
+        offered.as_deref(),
+        &extensions,
+    )?;
     let ws = WebSocket::from_partially_read(stream, tail, Role::Client, Some(cfg.ws_config()));
-    Ok((ws, protocol))
+    Ok(Upgraded::Open(ws, protocol))
 }
 
 /// The upgrade request on the wire (what tungstenite's `generate_request` writes, without
@@ -222,6 +332,7 @@ fn verify_response(
     tail: Vec<u8>,
     key: &str,
     offered: Option<&str>,
+    extensions: &[String],
 ) -> Result<Option<String>> {
     use tungstenite::Error as W;
     let protocol_err = |e: ProtocolError| Error::from_ws(W::Protocol(e));
@@ -248,6 +359,16 @@ fn verify_response(
         .is_none_or(|h| h != &accept)
     {
         return Err(protocol_err(ProtocolError::SecWebSocketAcceptKeyMismatch));
+    }
+    // RFC 6455 4.1: an extension the client did not ask for fails the connection.
+    for name in headers
+        .get_all("Sec-WebSocket-Extensions")
+        .iter()
+        .flat_map(|v| extension_names(&String::from_utf8_lossy(v.as_bytes())))
+    {
+        if !extensions.iter().any(|o| o.eq_ignore_ascii_case(&name)) {
+            return Err(Error::UnexpectedExtension { name });
+        }
     }
     let selected = headers
         .get("Sec-WebSocket-Protocol")
@@ -281,58 +402,15 @@ fn verify_response(
     Ok(selected)
 }
 
-fn resolve(host: &str, port: u16, dl: &Deadline) -> Result<Vec<SocketAddr>> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        return Ok(vec![SocketAddr::new(ip, port)]);
-    }
-    // getaddrinfo has no timeout: resolve on a helper thread and stop waiting at the
-    // deadline (the helper ends by itself when the resolver returns).
-    let (tx, rx) = crossbeam_channel::bounded(1);
-    let name = host.to_string();
-    std::thread::Builder::new()
-        .name("wsbeat-dns".into())
-        .stack_size(64 << 10)
-        .spawn(move || {
-            let _ = tx.send(
-                (name.as_str(), port)
-                    .to_socket_addrs()
-                    .map(|a| a.collect::<Vec<_>>()),
-            );
-        })?;
-    match rx.recv_timeout(dl.left(ConnectStage::Dns)?) {
-        Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
-        Ok(Ok(_)) => Err(Error::Dns {
-            host: host.into(),
-            message: "no addresses".into(),
-        }),
-        Ok(Err(e)) => Err(Error::Dns {
-            host: host.into(),
-            message: e.to_string(),
-        }),
-        Err(_) => Err(dl.timeout(ConnectStage::Dns)),
-    }
-}
-
-fn dial(addrs: &[SocketAddr], dl: &Deadline) -> Result<TcpStream> {
-    let mut last = None;
-    for addr in addrs {
-        let left = dl.left(ConnectStage::Tcp)?;
-        match TcpStream::connect_timeout(addr, left) {
-            Ok(s) => return Ok(s),
-            Err(e) => {
-                log::debug!("connect {addr}: {e}");
-                last = Some(match e.kind() {
-                    io::ErrorKind::ConnectionRefused => Error::Refused {
-                        addr: addr.to_string(),
-                    },
-                    _ if is_timeout(&e) => dl.timeout(ConnectStage::Tcp),
-                    _ => Error::io(e),
-                });
-            }
-        }
-    }
-    Err(last.unwrap_or_else(|| dl.timeout(ConnectStage::Tcp)))
+/// The extension names of a `Sec-WebSocket-Extensions` value
+/// (`permessage-deflate; client_max_window_bits, x-foo` gives both names).
+fn extension_names(value: &str) -> Vec<String> {
+    value
+        .split(',')
+        .filter_map(|e| e.split(';').next())
+        .map(|n| n.trim().to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
 }
 
 fn tls_handshake(
@@ -444,68 +522,156 @@ fn build_request(req: &Request) -> Result<tungstenite::handshake::client::Reques
 }
 
 /// Which proxy (if any) to use for `url`.
-fn pick_proxy(setting: &ProxySetting, url: &Url, host: &str) -> Option<Url> {
+fn pick_proxy(setting: &ProxySetting, url: &Url, host: &str, port: u16) -> Result<Option<Url>> {
     match setting {
-        ProxySetting::None => None,
-        ProxySetting::Explicit(p) => Some(p.clone()),
-        ProxySetting::Env => {
-            // Like Go's net/http: loopback destinations never go through an env proxy.
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
-            if bare.eq_ignore_ascii_case("localhost")
-                || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-            {
-                return None;
-            }
-            let names: &[&str] = if url.scheme() == "wss" {
-                &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
-            } else {
-                &["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
-            };
-            let value = names
-                .iter()
-                .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))?;
-            let no_proxy = std::env::var("NO_PROXY")
-                .or_else(|_| std::env::var("no_proxy"))
-                .unwrap_or_default();
-            if no_proxy_matches(&no_proxy, bare) {
-                return None;
-            }
-            let value = if value.contains("://") {
-                value
-            } else {
-                format!("http://{value}")
-            };
-            match Url::parse(&value) {
-                Ok(u) if u.scheme() == "http" && u.host_str().is_some() => Some(u),
-                _ => {
-                    log::warn!("ignoring unusable proxy setting in the environment");
-                    None
-                }
-            }
-        }
+        ProxySetting::None => Ok(None),
+        ProxySetting::Explicit(p) => Ok(Some(p.clone())),
+        ProxySetting::Env => proxy_from_env(url, host, port, |name| std::env::var(name).ok()),
     }
 }
 
-/// `NO_PROXY` matching: `*`, exact host, or domain suffix (`example.com`, `.example.com`).
-pub(crate) fn no_proxy_matches(list: &str, host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
-    list.split(',')
+/// The proxy the environment asks for, the way curl reads it: `https_proxy` (or
+/// `HTTPS_PROXY`) for `wss`, `http_proxy` for `ws` (never `HTTP_PROXY`: in a CGI program
+/// a request header `Proxy:` becomes that variable, "httpoxy"), then `all_proxy` /
+/// `ALL_PROXY`; `no_proxy` before `NO_PROXY`. A proxy whose scheme wsbeat does not speak
+/// is an error, never a direct connection.
+fn proxy_from_env(
+    url: &Url,
+    host: &str,
+    port: u16,
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Option<Url>> {
+    // Like curl and Go's net/http: loopback destinations never go through an env proxy.
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if bare.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    {
+        return Ok(None);
+    }
+    let names: &[&str] = if url.scheme() == "wss" {
+        &["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
+    } else {
+        &["http_proxy", "all_proxy", "ALL_PROXY"]
+    };
+    let Some((name, value)) = names
+        .iter()
+        .find_map(|n| var(n).filter(|v| !v.trim().is_empty()).map(|v| (*n, v)))
+    else {
+        return Ok(None);
+    };
+    let no_proxy = var("no_proxy")
+        .or_else(|| var("NO_PROXY"))
+        .unwrap_or_default();
+    if no_proxy_matches(&no_proxy, bare, port) {
+        return Ok(None);
+    }
+    let value = value.trim();
+    let value = if value.contains("://") {
+        value.to_string()
+    } else {
+        format!("http://{value}")
+    };
+    let proxy = Url::parse(&value).map_err(|e| Error::InvalidUrl {
+        reason: format!("proxy in ${name}: {e}"),
+    })?;
+    if !PROXY_SCHEMES.contains(&proxy.scheme()) {
+        return Err(Error::UnsupportedProxy {
+            scheme: proxy.scheme().into(),
+        });
+    }
+    if proxy.host_str().is_none_or(str::is_empty) {
+        return Err(Error::InvalidUrl {
+            reason: format!("proxy in ${name} has no host"),
+        });
+    }
+    Ok(Some(proxy))
+}
+
+/// `NO_PROXY` matching, as curl and Go do it. Entries are separated by commas (or
+/// spaces); each is one of:
+/// - `*`: every destination;
+/// - a domain, with or without a leading `.` or `*.`: that host and every subdomain
+///   (`example.com` matches `api.example.com`, not `badexample.com`);
+/// - an IP address (IPv6 with or without brackets) or a CIDR range (`10.0.0.0/8`,
+///   `fd00::/8`): destinations given as an address in it (names are not resolved);
+/// - any of the above with `:port` (`[::1]:8080`, `example.com:443`): only that port.
+pub(crate) fn no_proxy_matches(list: &str, host: &str, port: u16) -> bool {
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let host_ip = host.parse::<IpAddr>().ok();
+    list.split([',', ' ', '\t'])
         .map(str::trim)
         .filter(|e| !e.is_empty())
         .any(|entry| {
             if entry == "*" {
                 return true;
             }
-            let entry = entry.to_ascii_lowercase();
-            let entry = entry.split(':').next().unwrap_or("");
-            let suffix = entry.trim_start_matches('.');
-            host == suffix || host.ends_with(&format!(".{suffix}"))
+            let (pattern, entry_port) = split_port(entry);
+            if entry_port.is_some_and(|p| p != port) {
+                return false;
+            }
+            let pattern = pattern.to_ascii_lowercase();
+            if let Some((net, bits)) = pattern.split_once('/') {
+                return match (net.parse::<IpAddr>(), bits.parse::<u8>(), host_ip) {
+                    (Ok(net), Ok(bits), Some(ip)) => in_cidr(ip, net, bits),
+                    _ => false,
+                };
+            }
+            if let Ok(ip) = pattern.parse::<IpAddr>() {
+                return host_ip == Some(ip);
+            }
+            let domain = pattern
+                .trim_start_matches("*.")
+                .trim_start_matches('.')
+                .trim_end_matches('.');
+            !domain.is_empty()
+                && (host == domain
+                    || host
+                        .strip_suffix(domain)
+                        .is_some_and(|rest| rest.ends_with('.')))
         })
+}
+
+/// `host:port`, `[v6]:port`, `[v6]`, a bare IPv6 address or CIDR (no port), or a name.
+fn split_port(entry: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = entry.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((ip, tail)) => (ip, tail.strip_prefix(':').and_then(|p| p.parse().ok())),
+            None => (entry, None),
+        };
+    }
+    if entry.matches(':').count() > 1 {
+        return (entry, None); // IPv6 without brackets cannot carry a port
+    }
+    match entry.rsplit_once(':') {
+        Some((h, p)) => match p.parse() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => (entry, None),
+        },
+        None => (entry, None),
+    }
+}
+
+fn in_cidr(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(ip), IpAddr::V4(net)) if bits <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            u32::from(ip) & mask == u32::from(net) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V6(net)) if bits <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            u128::from(ip) & mask == u128::from(net) & mask
+        }
+        _ => false,
+    }
 }
 
 fn proxy_connect(
     sock: &TcpStream,
-    proxy: &Url,
+    credentials: Option<(&str, &str)>,
     host: &str,
     port: u16,
     dl: &Deadline,
@@ -516,9 +682,7 @@ fn proxy_connect(
         format!("{host}:{port}")
     };
     let mut req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n");
-    if !proxy.username().is_empty() {
-        let user = percent_decode(proxy.username());
-        let pass = proxy.password().map(percent_decode).unwrap_or_default();
+    if let Some((user, pass)) = credentials {
         req.push_str(&format!(
             "Proxy-Authorization: Basic {}\r\n",
             base64(format!("{user}:{pass}").as_bytes())
@@ -622,10 +786,195 @@ mod tests {
 
     #[test]
     fn no_proxy_rules() {
-        assert!(no_proxy_matches("*", "x.com"));
-        assert!(no_proxy_matches("example.com", "api.example.com"));
-        assert!(no_proxy_matches(".example.com, other", "example.com"));
-        assert!(!no_proxy_matches("example.com", "badexample.com"));
-        assert!(!no_proxy_matches("", "x.com"));
+        let m = |list, host| no_proxy_matches(list, host, 443);
+        assert!(m("*", "x.com"));
+        assert!(m("example.com", "api.example.com"));
+        assert!(m(".example.com, other", "example.com"));
+        assert!(m("*.example.com", "a.b.example.com"));
+        assert!(m("EXAMPLE.com", "Api.Example.COM."));
+        assert!(!m("example.com", "badexample.com"));
+        assert!(!m("", "x.com"));
+        assert!(!m("*.", "x.com"));
+        // Ports.
+        assert!(m("example.com:443", "example.com"));
+        assert!(!m("example.com:8443", "example.com"));
+        assert!(m("[2001:db8::1]:443", "[2001:db8::1]"));
+        assert!(!m("[2001:db8::1]:80", "2001:db8::1"));
+        // IP literals and CIDR ranges (IPv4 and IPv6).
+        assert!(m("10.1.2.3", "10.1.2.3"));
+        assert!(!m("10.1.2.3", "10.1.2.4"));
+        assert!(m("10.0.0.0/8", "10.200.1.1"));
+        assert!(!m("10.0.0.0/8", "11.0.0.1"));
+        assert!(m("192.168.1.0/24 172.16.0.0/12", "172.31.255.255"));
+        assert!(m("0.0.0.0/0", "8.8.8.8"));
+        assert!(m("2001:db8::1", "[2001:db8::1]"));
+        assert!(m("[2001:db8::1]", "2001:db8::1"));
+        assert!(m("2001:db8::/32", "[2001:db8:ffff::5]"));
+        assert!(!m("2001:db8::/32", "[2001:db9::5]"));
+        assert!(!m("10.0.0.0/8", "fd00::1"));
+        assert!(!m("10.0.0.0/99", "10.0.0.1"));
+        // A CIDR never matches a name (no resolution).
+        assert!(!m("10.0.0.0/8", "ten.example"));
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    fn env_proxy(url: &str, vars: &[(&str, &str)]) -> Result<Option<String>> {
+        let u = Url::parse(url).unwrap();
+        let host = u.host_str().unwrap().to_string();
+        let port = u.port_or_known_default().unwrap();
+        proxy_from_env(&u, &host, port, env(vars)).map(|p| p.map(|p| p.to_string()))
+    }
+
+    #[test]
+    fn env_proxy_like_curl() {
+        // Lowercase wins; uppercase HTTP_PROXY is never read (httpoxy).
+        let got = env_proxy("ws://a.example/", &[("HTTP_PROXY", "http://up:1")]).unwrap();
+        assert_eq!(got, None);
+        let got = env_proxy(
+            "ws://a.example/",
+            &[("http_proxy", "low:2"), ("ALL_PROXY", "http://all:3")],
+        )
+        .unwrap();
+        assert_eq!(got.as_deref(), Some("http://low:2/"));
+        let got = env_proxy(
+            "wss://a.example/",
+            &[
+                ("HTTPS_PROXY", "http://up:1"),
+                ("https_proxy", "http://low:2"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(got.as_deref(), Some("http://low:2/"));
+        let got = env_proxy("wss://a.example/", &[("ALL_PROXY", "socks5h://s:1080")]).unwrap();
+        assert_eq!(got.as_deref(), Some("socks5h://s:1080"));
+        // no_proxy before NO_PROXY.
+        let vars = [
+            ("all_proxy", "socks5://s:1080"),
+            ("no_proxy", "other.example"),
+            ("NO_PROXY", "a.example"),
+        ];
+        assert!(env_proxy("ws://a.example/", &vars).unwrap().is_some());
+        assert!(env_proxy("ws://x.other.example/", &vars).unwrap().is_none());
+        // Loopback never goes through an env proxy.
+        assert!(env_proxy("ws://127.0.0.1:9/", &vars).unwrap().is_none());
+        assert!(env_proxy("ws://[::1]:9/", &vars).unwrap().is_none());
+        // An unsupported scheme is an error, never a direct connection.
+        let err = env_proxy("ws://a.example/", &[("all_proxy", "socks4://s:1080")]).unwrap_err();
+        assert!(matches!(&err, Error::UnsupportedProxy { scheme } if scheme == "socks4"));
+        let err = env_proxy("ws://a.example/", &[("http_proxy", "https://p:443")]).unwrap_err();
+        assert!(matches!(err, Error::UnsupportedProxy { .. }));
+    }
+
+    fn request(url: &str) -> Request {
+        Request::new(url)
+            .unwrap()
+            .header("Authorization", "Bearer t")
+            .header("Cookie", "c=1")
+            .header("X-Other", "kept")
+    }
+
+    fn names(r: &Request) -> Vec<&str> {
+        r.headers.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    #[test]
+    fn redirect_rules() {
+        let start = request("wss://u:p@a.example/feed");
+        let mut visited = vec![start.url.clone()];
+        // Same origin: credentials kept, relative Location resolved.
+        let next = follow(&start, Some("/v2/feed?x=1"), &mut visited, 5).unwrap();
+        assert_eq!(next.url.as_str(), "wss://u:p@a.example/v2/feed?x=1");
+        assert_eq!(names(&next), ["Authorization", "Cookie", "X-Other"]);
+        // Other origin (https maps to wss): every credential dropped.
+        let other = follow(&next, Some("https://b.example/feed"), &mut visited, 5).unwrap();
+        assert_eq!(other.url.as_str(), "wss://b.example/feed");
+        assert_eq!(names(&other), ["X-Other"]);
+        // A port change is another origin too.
+        let mut v = vec![start.url.clone()];
+        let port = follow(&start, Some("wss://a.example:8443/feed"), &mut v, 5).unwrap();
+        assert_eq!(names(&port), ["X-Other"]);
+        assert_eq!(port.url.username(), "");
+        // Never wss -> ws.
+        let mut v = vec![start.url.clone()];
+        let err = follow(&start, Some("ws://a.example/feed"), &mut v, 5).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Redirect {
+                reason: RedirectRefusal::Downgrade,
+                ..
+            }
+        ));
+        let err = follow(&start, Some("http://a.example/feed"), &mut v, 5).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Redirect {
+                reason: RedirectRefusal::Downgrade,
+                ..
+            }
+        ));
+        // ws -> wss is fine.
+        let plain = request("ws://a.example/");
+        let mut v = vec![plain.url.clone()];
+        assert!(follow(&plain, Some("wss://a.example/"), &mut v, 5).is_ok());
+        // A loop, too many, a bad Location.
+        let mut v = vec![start.url.clone()];
+        let err = follow(&start, Some("/feed"), &mut v, 5).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Redirect {
+                reason: RedirectRefusal::Loop,
+                ..
+            }
+        ));
+        let mut v = vec![start.url.clone()];
+        let one = follow(&start, Some("/1"), &mut v, 1).unwrap();
+        let err = follow(&one, Some("/2"), &mut v, 1).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::Redirect {
+                reason: RedirectRefusal::TooMany(1),
+                ..
+            }
+        ));
+        for bad in [None, Some("ftp://a.example/"), Some("http://")] {
+            let mut v = vec![start.url.clone()];
+            let err = follow(&start, bad, &mut v, 5).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Redirect {
+                        reason: RedirectRefusal::BadLocation,
+                        ..
+                    }
+                ),
+                "{bad:?}: {err:?}"
+            );
+        }
+        // The error never shows credentials.
+        let mut v = vec![start.url.clone()];
+        let err = follow(
+            &start,
+            Some("ws://x:secret@a.example/?token=abc"),
+            &mut v,
+            5,
+        )
+        .unwrap_err();
+        assert!(!err.to_string().contains("secret") && !err.to_string().contains("abc"));
+    }
+
+    #[test]
+    fn extension_names_are_split() {
+        assert_eq!(
+            extension_names("permessage-deflate; client_max_window_bits, x-foo"),
+            ["permessage-deflate", "x-foo"]
+        );
+        assert!(extension_names(" , ").is_empty());
     }
 }

@@ -44,6 +44,78 @@ pub enum TlsErrorKind {
     Other,
 }
 
+/// Why a SOCKS proxy did not open the tunnel ([`Error::Socks`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SocksFailure {
+    /// The proxy answered the SOCKS5 `CONNECT` with this reply code (RFC 1928 6):
+    /// 1 general failure, 2 not allowed by its rules, 3 network unreachable, 4 host
+    /// unreachable, 5 connection refused, 6 TTL expired, 7 command not supported,
+    /// 8 address type not supported.
+    Reply(u8),
+    /// The proxy requires a user name and password and the proxy URL has none
+    /// (`socks5h://user:password@host:port`).
+    AuthRequired,
+    /// The proxy rejected the user name or password (RFC 1929).
+    AuthRejected,
+}
+
+impl fmt::Display for SocksFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SocksFailure::Reply(code) => {
+                let what = match code {
+                    1 => "general failure",
+                    2 => "connection not allowed by the proxy's rules",
+                    3 => "network unreachable",
+                    4 => "host unreachable",
+                    5 => "connection refused by the destination",
+                    6 => "TTL expired",
+                    7 => "command not supported",
+                    8 => {
+                        "address type not supported (try socks5h:// to let the proxy resolve names)"
+                    }
+                    _ => "unknown reply code",
+                };
+                write!(f, "reply code {code}: {what}")
+            }
+            SocksFailure::AuthRequired => {
+                f.write_str("the proxy requires authentication: put user:password in the proxy URL")
+            }
+            SocksFailure::AuthRejected => {
+                f.write_str("the proxy rejected the user name or password")
+            }
+        }
+    }
+}
+
+/// Why a redirect of the upgrade request was not followed ([`Error::Redirect`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedirectRefusal {
+    /// The redirect points back to a URL already visited in this attempt.
+    Loop,
+    /// More redirects than [`ClientBuilder::max_redirects`](crate::ClientBuilder::max_redirects).
+    TooMany(usize),
+    /// From `wss://` to `ws://` (or `http://`): never followed, it would drop TLS.
+    Downgrade,
+    /// The `Location` is missing, unparsable, or not a ws/wss/http/https URL.
+    BadLocation,
+}
+
+impl fmt::Display for RedirectRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedirectRefusal::Loop => f.write_str("redirect loop"),
+            RedirectRefusal::TooMany(n) => {
+                write!(f, "more than {n} redirects (raise max_redirects)")
+            }
+            RedirectRefusal::Downgrade => f.write_str("refusing a redirect from wss to ws"),
+            RedirectRefusal::BadLocation => f.write_str("unusable Location header"),
+        }
+    }
+}
+
 /// Every error wsbeat returns.
 ///
 /// Errors that hand a message back (`QueueFull`, `Closed`, `WouldBlock`) carry it so
@@ -109,7 +181,8 @@ pub enum Error {
     Http {
         /// The HTTP status code.
         status: u16,
-        /// The `Retry-After` delay, when the server sent one in seconds.
+        /// The `Retry-After` delay, when the server sent one (in seconds or as an
+        /// HTTP date, counted from now).
         retry_after: Option<Duration>,
         /// The start of the response body, if any (at most 512 bytes, lossy UTF-8).
         body: Option<String>,
@@ -121,6 +194,33 @@ pub enum Error {
     Proxy {
         /// The proxy's HTTP status code.
         status: u16,
+    },
+    /// A SOCKS proxy refused to open the tunnel.
+    #[error("SOCKS proxy: {0}")]
+    Socks(SocksFailure),
+    /// The proxy URL (from the builder or the environment) has a scheme wsbeat does not
+    /// speak. wsbeat never falls back to a direct connection.
+    #[error(
+        "unsupported proxy scheme {scheme:?}: use http://, socks5:// or socks5h:// (or no_proxy())"
+    )]
+    UnsupportedProxy {
+        /// The scheme of the proxy URL.
+        scheme: String,
+    },
+    /// The server redirected the upgrade request and the redirect was not followed.
+    #[error("redirect not followed: {reason} (Location: {location})")]
+    Redirect {
+        /// Why it was refused.
+        reason: RedirectRefusal,
+        /// The redirect target, credentials and query removed.
+        location: String,
+    },
+    /// The server accepted the upgrade with an extension that was not offered
+    /// (RFC 6455 4.1): the frames it sends could not be read.
+    #[error("the server enabled the WebSocket extension {name:?}, which was not offered")]
+    UnexpectedExtension {
+        /// The extension's name as the server sent it.
+        name: String,
     },
     /// The peer broke the WebSocket protocol, or a size limit was exceeded.
     #[error("WebSocket protocol error: {0}")]
@@ -241,7 +341,14 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         match self {
             Error::InvalidUrl { .. } | Error::InvalidHeader { .. } => true,
-            Error::Http { status, .. } => matches!(status, 400 | 401 | 403 | 404),
+            // A 3xx reaches the policy only when it was not followed (following is off).
+            Error::Http { status, .. } => {
+                matches!(status, 300..=399 | 400 | 401 | 403 | 404)
+            }
+            Error::Socks(f) => !matches!(f, SocksFailure::Reply(1 | 3 | 4 | 5 | 6)),
+            Error::UnsupportedProxy { .. }
+            | Error::Redirect { .. }
+            | Error::UnexpectedExtension { .. } => true,
             Error::Tls { kind, .. } => *kind == TlsErrorKind::Certificate,
             // Wrong or missing proxy credentials (tinyproxy answers 401, others 407),
             // or a destination the proxy forbids.
@@ -284,8 +391,7 @@ impl Error {
                     .headers()
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|s| s.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
+                    .and_then(|s| retry_after(s, std::time::SystemTime::now()));
                 let body = resp.body().as_ref().map(|b| {
                     let end = b.len().min(512);
                     String::from_utf8_lossy(&b[..end]).into_owned()
@@ -311,6 +417,17 @@ impl Error {
     }
 }
 
+/// `Retry-After` in either form (RFC 9110 10.2.3): delay-seconds or an HTTP date, the
+/// latter counted from `now` (a date in the past is no delay).
+fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 impl From<io::Error> for Error {
     fn from(e: io::Error) -> Self {
         Error::io(e)
@@ -319,3 +436,27 @@ impl From<io::Error> for Error {
 
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    #[test]
+    fn retry_after_both_forms() {
+        // Sun, 06 Nov 1994 08:49:37 GMT (RFC 9110's example) is 784111777.
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777 - 90);
+        assert_eq!(retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        let later = UNIX_EPOCH + Duration::from_secs(784_111_777 + 5);
+        assert_eq!(
+            retry_after("Sun, 06 Nov 1994 08:49:37 GMT", later),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after("soon", SystemTime::now()), None);
+        assert_eq!(retry_after("-3", SystemTime::now()), None);
+    }
+}

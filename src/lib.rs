@@ -52,6 +52,7 @@ mod backoff;
 mod client;
 mod config;
 mod connect;
+mod dial;
 mod error;
 mod event;
 mod heartbeat;
@@ -60,15 +61,17 @@ mod queue;
 mod reader;
 mod reconnect;
 mod redact;
+mod socks;
 mod time;
 
 pub use backoff::{Backoff, Failure, ReconnectPolicy};
 pub use client::{Client, Stats, WeakClient};
 pub use config::{
-    Attempt, ClientBuilder, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_WRITE_TIMEOUT,
-    Limits, MAX_CLOSE_TIMEOUT, OverflowPolicy, Request,
+    Attempt, ClientBuilder, DEFAULT_ATTEMPT_DELAY, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_MAX_REDIRECTS, DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT, OverflowPolicy,
+    Request, TcpKeepalive,
 };
-pub use error::{ConnectStage, Error, Result, TlsErrorKind};
+pub use error::{ConnectStage, Error, RedirectRefusal, Result, SocksFailure, TlsErrorKind};
 pub use event::{DisconnectReason, Event, State};
 pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
 /// Re-exported for [`ClientBuilder::identity`] and [`ClientBuilder::tls_connector`].

@@ -9,7 +9,7 @@
 //! | lock | taken by | held around |
 //! |------|----------|-------------|
 //! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect` | socket calls in nonblocking mode, queue and state updates, `Heartbeat::app` reply matchers (user code), unbounded channel sends |
-//! | `Shared::connecting` | supervisor (`establish`: store / clear the socket of the attempt), `close()` (shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
+//! | `Shared::connecting` (the mutex inside `dial::Cancel`) | supervisor (`establish` / `connect::open`: attach / detach the socket of the attempt), `close()` (`Cancel::cancel`: shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
 //! | `Shared::gate` (+ `gate_cv`) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`wake_senders`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
@@ -52,6 +52,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use tungstenite::WebSocket;
 
 use crate::config::{Config, OverflowPolicy};
+use crate::dial::Cancel;
 use crate::event::EventSink;
 use crate::heartbeat::HbState;
 use crate::queue::{OfflineQueue, payload_len};
@@ -445,8 +446,9 @@ pub(crate) struct Shared {
     pub closing: AtomicBool,
     /// The client was closed from the supervisor thread itself (nobody joins it).
     pub orphaned: AtomicBool,
-    /// The socket of an attempt in progress, so `close()` can abort it.
-    pub connecting: Mutex<Option<TcpStream>>,
+    /// Aborts a connect attempt in progress (DNS, dial, proxy, TLS, upgrade, hook) from
+    /// `close()`; once cancelled, every later attempt ends at once too.
+    pub connecting: Cancel,
     pub counters: Counters,
     /// Senders waiting for `link` in [`Shared::lock_for_send`]. While it is not zero the
     /// reader stops draining, lets go and waits until they had the lock.

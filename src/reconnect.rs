@@ -149,16 +149,11 @@ pub(crate) fn establish(
         Some(f) => Error::catch("request factory", || f(&Attempt { number, last_error }))??,
         None => cfg.request.clone(),
     };
-    let opened = connect::open(cfg, &req, &|s| {
-        *shared.connecting.lock() = s.try_clone().ok();
-        // `close()` sets `closing` before it looks at `connecting`: one of us sees the other.
-        if shared.closing.load(Ordering::SeqCst) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    });
-    // `close()` can abort the attempt (and the hook below) by shutting the socket down.
+    // `close()` aborts the attempt at any stage, and the hook below by shutting the
+    // socket down.
+    let opened = connect::open(cfg, &req, &shared.connecting);
     let result = opened.and_then(|o| run_hook(shared, o));
-    *shared.connecting.lock() = None;
+    shared.connecting.detach();
     let opened = result?;
     if shared.closing.load(Ordering::SeqCst) {
         return Err(Error::Closed { message: None });

@@ -1,0 +1,515 @@
+//! Dialling under one deadline, cancellable at any moment: DNS raced against
+//! cancellation, Happy Eyeballs (RFC 8305) over nonblocking sockets, socket options.
+//!
+//! Nothing here blocks without also watching the client's [`Cancel`]: `close()` ends a
+//! dial in progress within a poll wake-up, whatever the network does. Transport layer:
+//! no imports from the shared link or the threads.
+
+use std::io::{self, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
+
+use crate::config::SocketOptions;
+use crate::{ConnectStage, Error, Result};
+
+/// The one deadline of a connect attempt (every stage checks the time left against it).
+pub(crate) struct Deadline {
+    pub start: Instant,
+    pub end: Instant,
+}
+
+impl Deadline {
+    /// `timeout` from now; `Duration::MAX` means no deadline (see `time::deadline`).
+    pub(crate) fn after(timeout: Duration) -> Deadline {
+        let start = Instant::now();
+        let end = crate::time::deadline(start, timeout);
+        Deadline { start, end }
+    }
+    pub(crate) fn left(&self, stage: ConnectStage) -> Result<Duration> {
+        let now = Instant::now();
+        if now >= self.end {
+            return Err(self.timeout(stage));
+        }
+        Ok(self.end - now)
+    }
+    pub(crate) fn timeout(&self, stage: ConnectStage) -> Error {
+        Error::Timeout {
+            stage,
+            elapsed: self.start.elapsed(),
+        }
+    }
+    /// Sets the socket's read and write timeouts to the time left.
+    pub(crate) fn arm(&self, sock: &TcpStream, stage: ConnectStage) -> Result<()> {
+        let left = self.left(stage)?;
+        sock.set_read_timeout(Some(left))?;
+        sock.set_write_timeout(Some(left))?;
+        Ok(())
+    }
+}
+
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Aborts a connect attempt from another thread (`close()`, drop of the last handle).
+///
+/// Once cancelled it stays cancelled: its wake-up descriptor stays readable, so every
+/// later wait of the attempt returns at once. The stages that wait with `poll` (DNS, the
+/// TCP dial) watch [`Cancel::fd`]; the stages that read and write a connected socket
+/// with timeouts (proxy, TLS, upgrade) are woken by the socket shutdown `cancel` does on
+/// the socket [`attach`](Cancel::attach)ed for them.
+pub(crate) struct Cancel {
+    cancelled: AtomicBool,
+    tx: UnixStream,
+    rx: UnixStream,
+    /// A clone of the socket of the attempt in progress. A leaf lock held only around a
+    /// `try_clone`, a `shutdown` and an atomic load.
+    sock: Mutex<Option<TcpStream>>,
+}
+
+impl Cancel {
+    pub(crate) fn new() -> io::Result<Cancel> {
+        let (tx, rx) = UnixStream::pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok(Cancel {
+            cancelled: AtomicBool::new(false),
+            tx,
+            rx,
+            sock: Mutex::new(None),
+        })
+    }
+
+    /// Cancels the attempt in progress and every later one.
+    pub(crate) fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+        // The pair's buffer holds far more than the few bytes repeated calls may write.
+        let _ = (&self.tx).write(&[1]);
+        if let Some(s) = self.lock().as_ref() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// `Err(Closed)` once cancelled.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            return Err(Error::Closed { message: None });
+        }
+        Ok(())
+    }
+
+    /// Readable once cancelled.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.rx.as_raw_fd()
+    }
+
+    /// Registers the connected socket of the attempt: `cancel` shuts it down.
+    pub(crate) fn attach(&self, sock: &TcpStream) {
+        *self.lock() = sock.try_clone().ok();
+        // `cancel` sets the flag before it looks at the socket: one of us sees the other.
+        if self.is_cancelled() {
+            let _ = sock.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// The attempt is over (connected or failed): forget its socket.
+    pub(crate) fn detach(&self) {
+        *self.lock() = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<TcpStream>> {
+        self.sock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// `poll(2)` on several descriptors: the one place to port to another platform
+/// (`WSAPoll` on Windows). `None` waits without a time limit. Returns how many are ready.
+pub(crate) fn poll_fds(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let ms = match timeout {
+        None => -1,
+        // Round up so a sub-millisecond remainder does not spin with a 0 timeout.
+        Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+    };
+    loop {
+        // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd structs for the
+        // duration of the call, and its length is passed with it.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+type Lookup = fn(&str, u16) -> io::Result<Vec<SocketAddr>>;
+
+fn system_lookup(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    (host, port).to_socket_addrs().map(Iterator::collect)
+}
+
+/// Resolves `host` (an IP literal needs no lookup) within the deadline, cancellable.
+///
+/// `getaddrinfo` has no timeout and cannot be interrupted, so it runs on a helper thread
+/// (`wsbeat-dns`) while this thread polls for its end, the deadline and the cancel
+/// descriptor together. When the lookup ends first, the helper is joined. When the
+/// deadline or a cancel comes first, the helper is left to finish on its own
+/// (detached): it holds nothing of the client and ends when the resolver returns, which
+/// the system resolver bounds (glibc: `timeout` x `attempts` of resolv.conf, 5 s x 2 by
+/// default, per name server).
+pub(crate) fn resolve(
+    host: &str,
+    port: u16,
+    dl: &Deadline,
+    cancel: &Cancel,
+) -> Result<Vec<SocketAddr>> {
+    resolve_with(host, port, dl, cancel, system_lookup)
+}
+
+fn resolve_with(
+    host: &str,
+    port: u16,
+    dl: &Deadline,
+    cancel: &Cancel,
+    lookup: Lookup,
+) -> Result<Vec<SocketAddr>> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    cancel.check()?;
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    // The helper holds `done_tx`: when it ends (or unwinds) `done_rx` reads end-of-file,
+    // which wakes the poll below.
+    let (done_tx, done_rx) = UnixStream::pair()?;
+    let name = bare.to_string();
+    let helper = std::thread::Builder::new()
+        .name("wsbeat-dns".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let _done = done_tx;
+            let _ = tx.send(lookup(&name, port));
+        })?;
+    loop {
+        let left = dl.left(ConnectStage::Dns)?;
+        let mut fds = [
+            pollfd(cancel.fd(), libc::POLLIN),
+            pollfd(done_rx.as_raw_fd(), libc::POLLIN),
+        ];
+        poll_fds(&mut fds, Some(left))?;
+        cancel.check()?;
+        if fds[1].revents != 0 {
+            break;
+        }
+    }
+    let _ = helper.join();
+    match rx.try_recv() {
+        Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
+        Ok(Ok(_)) => Err(Error::Dns {
+            host: host.into(),
+            message: "no addresses".into(),
+        }),
+        Ok(Err(e)) => Err(Error::Dns {
+            host: host.into(),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(Error::Dns {
+            host: host.into(),
+            message: "the resolver thread failed".into(),
+        }),
+    }
+}
+
+/// RFC 8305 section 4: alternate the address families, starting with the family of the
+/// first address the resolver returned, keeping the resolver's order within a family.
+fn interleave(addrs: &[SocketAddr]) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return Vec::new();
+    };
+    let (mut same, mut other): (Vec<SocketAddr>, Vec<SocketAddr>) =
+        addrs.iter().partition(|a| a.is_ipv6() == first.is_ipv6());
+    same.reverse();
+    other.reverse();
+    let mut out = Vec::with_capacity(addrs.len());
+    while !same.is_empty() || !other.is_empty() {
+        out.extend(same.pop());
+        out.extend(other.pop());
+    }
+    out
+}
+
+/// Opens a TCP connection to one of `addrs`, Happy Eyeballs style (RFC 8305): attempts
+/// start `opts.attempt_delay` apart (at once when the previous one failed), alternating
+/// address families; the first to connect wins and the others are closed. Everything is
+/// bounded by `dl` and ends early on `cancel`. The returned socket is in blocking mode.
+pub(crate) fn dial(
+    addrs: &[SocketAddr],
+    opts: &SocketOptions,
+    dl: &Deadline,
+    cancel: &Cancel,
+) -> Result<TcpStream> {
+    let candidates: Vec<SocketAddr> = match opts.local_address {
+        Some(local) => addrs
+            .iter()
+            .copied()
+            .filter(|a| a.is_ipv6() == local.is_ipv6())
+            .collect(),
+        None => addrs.to_vec(),
+    };
+    if candidates.is_empty() {
+        return Err(Error::io(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no resolved address has the family of the configured local address",
+        )));
+    }
+    let order = interleave(&candidates);
+    let mut pending: Vec<(Socket, SocketAddr)> = Vec::new();
+    let mut next = 0;
+    let mut next_at = Instant::now();
+    let mut last = None;
+    loop {
+        cancel.check()?;
+        let now = Instant::now();
+        if next < order.len() && (pending.is_empty() || now >= next_at) {
+            let addr = order[next];
+            next += 1;
+            next_at = now + opts.attempt_delay;
+            match start(addr, opts) {
+                Ok((sock, true)) => return finish(sock),
+                Ok((sock, false)) => pending.push((sock, addr)),
+                Err(e) => last = Some(dial_error(e, addr, dl)),
+            }
+            continue;
+        }
+        if pending.is_empty() {
+            return Err(last.unwrap_or_else(|| dl.timeout(ConnectStage::Tcp)));
+        }
+        let left = dl.left(ConnectStage::Tcp)?;
+        let wait = if next < order.len() {
+            left.min(next_at.saturating_duration_since(now))
+        } else {
+            left
+        };
+        let mut fds = Vec::with_capacity(pending.len() + 1);
+        fds.push(pollfd(cancel.fd(), libc::POLLIN));
+        fds.extend(
+            pending
+                .iter()
+                .map(|(s, _)| pollfd(s.as_raw_fd(), libc::POLLOUT)),
+        );
+        poll_fds(&mut fds, Some(wait))?;
+        cancel.check()?;
+        // Walk backwards so removing an entry keeps the indices of the others.
+        for i in (0..pending.len()).rev() {
+            if fds[i + 1].revents == 0 {
+                continue;
+            }
+            let (sock, addr) = pending.swap_remove(i);
+            match sock.take_error() {
+                Ok(None) => {
+                    log::debug!("connected to {addr}");
+                    // Dropping `pending` closes the losers.
+                    return finish(sock);
+                }
+                Ok(Some(e)) | Err(e) => {
+                    log::debug!("connect {addr}: {e}");
+                    last = Some(dial_error(e, addr, dl));
+                    // A failed attempt starts the next one at once (RFC 8305 5).
+                    next_at = Instant::now();
+                }
+            }
+        }
+    }
+}
+
+/// Starts a nonblocking connect to `addr` with the socket options applied. `true` when
+/// it connected at once.
+///
+/// socket2 rather than `TcpStream::connect_timeout`: std cannot start a connect without
+/// waiting for it, bind before connecting, or set keepalive interval and count.
+fn start(addr: SocketAddr, opts: &SocketOptions) -> io::Result<(Socket, bool)> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_nonblocking(true)?;
+    apply(&sock, opts)?;
+    if let Some(ip) = opts.local_address {
+        sock.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    match sock.connect(&addr.into()) {
+        Ok(()) => Ok((sock, true)),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EINPROGRESS)
+                || e.kind() == io::ErrorKind::WouldBlock =>
+        {
+            Ok((sock, false))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Keepalive and the bound device, set before connecting.
+fn apply(sock: &Socket, opts: &SocketOptions) -> io::Result<()> {
+    if let Some(ka) = &opts.keepalive {
+        let mut k = TcpKeepalive::new().with_time(ka.time);
+        if let Some(i) = ka.interval {
+            k = k.with_interval(i);
+        }
+        if let Some(n) = ka.retries {
+            k = k.with_retries(n);
+        }
+        sock.set_tcp_keepalive(&k)?;
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Some(dev) = &opts.device {
+        sock.bind_device(Some(dev.as_bytes()))?;
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    if opts.device.is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "bind_device is only supported on Linux",
+        ));
+    }
+    Ok(())
+}
+
+fn finish(sock: Socket) -> Result<TcpStream> {
+    sock.set_nonblocking(false)?;
+    let sock: TcpStream = sock.into();
+    sock.set_nodelay(true)?;
+    Ok(sock)
+}
+
+fn dial_error(e: io::Error, addr: SocketAddr, dl: &Deadline) -> Error {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused => Error::Refused {
+            addr: addr.to_string(),
+        },
+        _ if is_timeout(&e) => dl.timeout(ConnectStage::Tcp),
+        _ => Error::io(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn v4(p: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], p))
+    }
+    fn v6(p: u16) -> SocketAddr {
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p))
+    }
+
+    #[test]
+    fn interleaves_families_starting_with_the_first() {
+        assert_eq!(
+            interleave(&[v6(1), v6(2), v4(3), v4(4), v4(5)]),
+            vec![v6(1), v4(3), v6(2), v4(4), v4(5)]
+        );
+        assert_eq!(interleave(&[v4(1), v6(2)]), vec![v4(1), v6(2)]);
+        assert!(interleave(&[]).is_empty());
+    }
+
+    fn slow_lookup(_: &str, _: u16) -> io::Result<Vec<SocketAddr>> {
+        std::thread::sleep(Duration::from_secs(3));
+        Ok(vec![v4(1)])
+    }
+
+    fn quick_lookup(_: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        Ok(vec![v4(port)])
+    }
+
+    /// A resolver that never answers in time: a cancel ends the wait at once (the helper
+    /// thread is left to finish its sleep). A private hook: there is no portable way to
+    /// make the system resolver hang on loopback only.
+    #[test]
+    fn cancel_ends_a_slow_lookup_at_once() {
+        let cancel = std::sync::Arc::new(Cancel::new().unwrap());
+        let c = cancel.clone();
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let at = Instant::now();
+            c.cancel();
+            at
+        });
+        let dl = Deadline::after(Duration::from_secs(30));
+        let r = resolve_with("slow.example", 80, &dl, &cancel, slow_lookup);
+        let returned = Instant::now();
+        let cancelled_at = canceller.join().unwrap();
+        assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
+        let lag = returned - cancelled_at;
+        assert!(
+            lag < Duration::from_millis(500),
+            "returned {lag:?} after cancel"
+        );
+    }
+
+    #[test]
+    fn lookup_that_ends_is_joined_and_used() {
+        let cancel = Cancel::new().unwrap();
+        let dl = Deadline::after(Duration::from_secs(30));
+        let r = resolve_with("quick.example", 81, &dl, &cancel, quick_lookup).unwrap();
+        assert_eq!(r, vec![v4(81)]);
+        let dl = Deadline::after(Duration::from_millis(50));
+        let r = resolve_with("slow.example", 80, &dl, &cancel, slow_lookup);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Timeout {
+                    stage: ConnectStage::Dns,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn huge_timeouts_do_not_overflow() {
+        let dl = Deadline::after(Duration::MAX);
+        assert!(dl.left(ConnectStage::Tcp).unwrap() > Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn first_family_dead_falls_back_to_the_other() {
+        // Nothing listens on the v6 port (refused), the v4 listener answers.
+        let l4 = TcpListener::bind(v4(0)).unwrap();
+        let dead = TcpListener::bind(v6(0)).unwrap();
+        let dead_port = dead.local_addr().unwrap().port();
+        drop(dead);
+        let cancel = Cancel::new().unwrap();
+        let dl = Deadline::after(Duration::from_secs(10));
+        let s = dial(
+            &[v6(dead_port), l4.local_addr().unwrap()],
+            &SocketOptions::default(),
+            &dl,
+            &cancel,
+        )
+        .unwrap();
+        assert_eq!(s.peer_addr().unwrap(), l4.local_addr().unwrap());
+    }
+}

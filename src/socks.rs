@@ -1,0 +1,174 @@
+//! The SOCKS5 client handshake (RFC 1928), with user name / password authentication
+//! (RFC 1929), on an already connected socket, bounded by the connect deadline.
+//!
+//! Written here rather than taken from a crate: the blocking SOCKS crates (`socks`)
+//! open the TCP connection themselves, with no deadline covering the handshake and no
+//! way to cancel it, while this one runs on the socket our cancellable Happy Eyeballs
+//! dial opened, with every read and write bounded by the one connect deadline. The
+//! protocol is four small messages.
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, TcpStream};
+
+use crate::dial::{Deadline, is_timeout};
+use crate::{ConnectStage, Error, Result, SocksFailure};
+
+const VERSION: u8 = 5;
+const NO_AUTH: u8 = 0;
+const USER_PASS: u8 = 2;
+const NO_ACCEPTABLE: u8 = 0xff;
+const CONNECT: u8 = 1;
+const ATYP_V4: u8 = 1;
+const ATYP_NAME: u8 = 3;
+const ATYP_V6: u8 = 4;
+
+/// Where the tunnel goes: a name the proxy resolves (`socks5h`) or an address.
+pub(crate) enum Target<'a> {
+    Name(&'a str),
+    Ip(IpAddr),
+}
+
+/// Opens a tunnel to `target:port` through the SOCKS5 proxy at the other end of `sock`.
+/// The socket's timeouts are re-armed before every read and write.
+pub(crate) fn connect(
+    sock: &TcpStream,
+    credentials: Option<(&str, &str)>,
+    target: Target<'_>,
+    port: u16,
+    dl: &Deadline,
+) -> Result<()> {
+    let mut io = Io { sock, dl };
+    let methods: &[u8] = if credentials.is_some() {
+        &[NO_AUTH, USER_PASS]
+    } else {
+        &[NO_AUTH]
+    };
+    let mut hello = vec![VERSION, methods.len() as u8];
+    hello.extend_from_slice(methods);
+    io.write(&hello)?;
+    let [version, method] = io.read::<2>()?;
+    if version != VERSION {
+        return Err(malformed("not a SOCKS5 proxy"));
+    }
+    match (method, credentials) {
+        (NO_AUTH, _) => {}
+        (USER_PASS, Some((user, pass))) => authenticate(&mut io, user, pass)?,
+        (NO_ACCEPTABLE, _) => {
+            return Err(Error::Socks(if credentials.is_some() {
+                SocksFailure::AuthRejected
+            } else {
+                SocksFailure::AuthRequired
+            }));
+        }
+        _ => {
+            return Err(malformed(
+                "the proxy chose an authentication method not offered",
+            ));
+        }
+    }
+    let mut req = vec![VERSION, CONNECT, 0];
+    match target {
+        Target::Ip(IpAddr::V4(ip)) => {
+            req.push(ATYP_V4);
+            req.extend_from_slice(&ip.octets());
+        }
+        Target::Ip(IpAddr::V6(ip)) => {
+            req.push(ATYP_V6);
+            req.extend_from_slice(&ip.octets());
+        }
+        Target::Name(name) => {
+            let len = u8::try_from(name.len()).map_err(|_| Error::InvalidUrl {
+                reason: "host name longer than 255 bytes cannot go through SOCKS5".into(),
+            })?;
+            req.push(ATYP_NAME);
+            req.push(len);
+            req.extend_from_slice(name.as_bytes());
+        }
+    }
+    req.extend_from_slice(&port.to_be_bytes());
+    io.write(&req)?;
+    let [version, reply, _reserved, atyp] = io.read::<4>()?;
+    if version != VERSION {
+        return Err(malformed("bad reply version"));
+    }
+    if reply != 0 {
+        return Err(Error::Socks(SocksFailure::Reply(reply)));
+    }
+    // The bound address: read and drop it, so no tunnelled byte is consumed with it.
+    let rest = match atyp {
+        ATYP_V4 => 4 + 2,
+        ATYP_V6 => 16 + 2,
+        ATYP_NAME => io.read::<1>()?[0] as usize + 2,
+        _ => return Err(malformed("bad address type in the reply")),
+    };
+    let mut skip = [0u8; 257];
+    io.read_exact(&mut skip[..rest])?;
+    Ok(())
+}
+
+/// RFC 1929: version 1, user name, password; a status of 0 is success.
+fn authenticate(io: &mut Io<'_>, user: &str, pass: &str) -> Result<()> {
+    let too_long = || Error::InvalidUrl {
+        reason: "SOCKS5 user name and password are limited to 255 bytes each".into(),
+    };
+    let ulen = u8::try_from(user.len()).map_err(|_| too_long())?;
+    let plen = u8::try_from(pass.len()).map_err(|_| too_long())?;
+    let mut msg = vec![1, ulen];
+    msg.extend_from_slice(user.as_bytes());
+    msg.push(plen);
+    msg.extend_from_slice(pass.as_bytes());
+    io.write(&msg)?;
+    let [_version, status] = io.read::<2>()?;
+    if status != 0 {
+        return Err(Error::Socks(SocksFailure::AuthRejected));
+    }
+    Ok(())
+}
+
+fn malformed(what: &str) -> Error {
+    Error::Protocol(format!("SOCKS proxy: {what}"))
+}
+
+/// Reads and writes with the time left as the socket timeout.
+struct Io<'a> {
+    sock: &'a TcpStream,
+    dl: &'a Deadline,
+}
+
+impl Io<'_> {
+    fn fail(&self, e: io::Error) -> Error {
+        if is_timeout(&e) {
+            self.dl.timeout(ConnectStage::Proxy)
+        } else if e.kind() == io::ErrorKind::UnexpectedEof {
+            Error::io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the SOCKS proxy closed the connection during its handshake",
+            ))
+        } else {
+            Error::io(e)
+        }
+    }
+    fn write(&mut self, buf: &[u8]) -> Result<()> {
+        self.dl.arm(self.sock, ConnectStage::Proxy)?;
+        self.sock.write_all(buf).map_err(|e| self.fail(e))
+    }
+    fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            // Re-armed per read: a proxy that trickles its answer meets the deadline too.
+            self.dl.arm(self.sock, ConnectStage::Proxy)?;
+            match self.sock.read(&mut buf[got..]) {
+                Ok(0) => return Err(self.fail(io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        Ok(())
+    }
+    fn read<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut buf = [0u8; N];
+        self.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+}

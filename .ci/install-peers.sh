@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs the third-party peers of the interop tests (tests/interop_*.rs):
-#   - nginx, tinyproxy, openssl      (Debian packages)
+#   - nginx, tinyproxy, openssl,     (Debian packages)
+#     dante-server, microsocks
 #   - websockets 17.x                (PyPI, into the python3 found on PATH)
 #   - ws 8.x                         (npm, into tests/peers/node_modules, from the
 #                                     committed tests/peers/package-lock.json)
@@ -16,7 +17,7 @@ say() { printf 'install-peers: %s\n' "$*"; }
 # binary:package pairs; node, npm and python3 normally come with the machine image.
 missing=""
 for pair in nginx:nginx tinyproxy:tinyproxy openssl:openssl node:nodejs npm:npm \
-            python3:python3; do
+            python3:python3 danted:dante-server microsocks:microsocks; do
   bin=${pair%%:*}
   pkg=${pair#*:}
   if ! command -v "$bin" >/dev/null 2>&1; then
@@ -28,8 +29,9 @@ if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null
 fi
 if [ -n "$missing" ]; then
   say "apt-get install:$missing"
-  # Debian's nginx and tinyproxy packages start a system-wide daemon (ports 80 and
-  # 8888) on install unless policy-rc.d forbids it; the tests start their own.
+  # Debian's nginx, tinyproxy and dante-server packages start a system-wide daemon
+  # (ports 80, 8888, 1080) on install unless policy-rc.d forbids it; the tests start
+  # their own.
   made_policy=""
   if ! [ -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
@@ -42,7 +44,7 @@ if [ -n "$missing" ]; then
   apt-get install -y -q --no-install-recommends $missing
   if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
 else
-  say "nginx, tinyproxy, openssl, node, npm, python3: already installed"
+  say "nginx, tinyproxy, openssl, node, npm, python3, danted, microsocks: already installed"
 fi
 
 # --- Python websockets ------------------------------------------------------------
@@ -67,4 +69,5 @@ else
 fi
 
 say "versions: $(nginx -v 2>&1 | tr -d '\n'); $(tinyproxy -v 2>&1 | head -n1); $(openssl version)"
+say "versions: $(danted -v 2>&1 | head -n1 | cut -d' ' -f1-2); microsocks $(dpkg-query -W -f '${Version}' microsocks 2>/dev/null)"
 say "versions: python $("$PY" -c 'import sys, websockets; print(sys.version.split()[0], "websockets", websockets.version.version)'); node $(node --version) ws $(node -p 'require(process.argv[1]).version' "$PEERS/node_modules/ws/package.json")"

@@ -36,7 +36,9 @@ pub(crate) struct Opened {
     pub protocol: Option<String>,
 }
 
-/// How one hop of a connect ended.
+/// How one hop of a connect ended. Returned once per hop and moved out at once, so the
+/// size difference of the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Hop {
     Open(Opened),
     /// A 3xx answer to the upgrade, with its `Location` (if any).
@@ -130,16 +132,16 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
         Stream::Plain(sock)
     };
     let request = build_request(req)?;
-    let (mut ws, protocol) = match upgrade(stream, request, cfg, dl)? {
-        Upgraded::Open(ws, protocol) => (ws, protocol),
-        Upgraded::Redirect(location) => return Ok(Hop::Redirect(location)),
+    let mut opened = match upgrade(stream, request, cfg, dl)? {
+        Hop::Open(opened) => opened,
+        redirect => return Ok(redirect),
     };
-    ws.get_mut().connected();
-    let tcp = ws.get_ref().tcp();
+    opened.ws.get_mut().connected();
+    let tcp = opened.ws.get_ref().tcp();
     tcp.set_read_timeout(None)?;
     tcp.set_write_timeout(None)?;
     tcp.set_nonblocking(true)?;
-    Ok(Hop::Open(Opened { ws, protocol }))
+    Ok(Hop::Open(opened))
 }
 
 /// The request for the redirect target `location` of `req`, or why it is not followed.
@@ -202,11 +204,6 @@ fn follow(
     Ok(out)
 }
 
-enum Upgraded {
-    Open(Ws, Option<String>),
-    Redirect(Option<String>),
-}
-
 /// The HTTP upgrade, driven on tungstenite's handshake machine (which bounds the response
 /// head to 64 KiB) with a request we serialise ourselves: tungstenite's own client
 /// handshake logs the whole request, credentials included, at trace level.
@@ -215,7 +212,7 @@ fn upgrade(
     request: tungstenite::handshake::client::Request,
     cfg: &Config,
     dl: &Deadline,
-) -> Result<Upgraded> {
+) -> Result<Hop> {
     let stage = ConnectStage::Upgrade;
     let failed = |e: tungstenite::Error| match e {
         tungstenite::Error::Io(io) if is_timeout(&io) => dl.timeout(stage),
@@ -267,7 +264,7 @@ fn upgrade(
             .get("location")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        return Ok(Upgraded::Redirect(location));
+        return Ok(Hop::Redirect(location));
     }
     let protocol = verify_response(
         response,
@@ -277,7 +274,7 @@ fn upgrade(
         &extensions,
     )?;
     let ws = WebSocket::from_partially_read(stream, tail, Role::Client, Some(cfg.ws_config()));
-    Ok(Upgraded::Open(ws, protocol))
+    Ok(Hop::Open(Opened { ws, protocol }))
 }
 
 /// The upgrade request on the wire (what tungstenite's `generate_request` writes, without

@@ -415,6 +415,7 @@ fn dial_error(e: io::Error, addr: SocketAddr, dl: &Deadline) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_ATTEMPT_DELAY;
     use std::net::TcpListener;
 
     fn v4(p: u16) -> SocketAddr {
@@ -511,5 +512,105 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.peer_addr().unwrap(), l4.local_addr().unwrap());
+    }
+
+    /// A listener on `addr` whose accept queue is full: connects to it hang (their
+    /// SYNs are dropped). `None` where the kernel does not behave so.
+    fn hung(addr: SocketAddr) -> Option<(Socket, Vec<Socket>, SocketAddr)> {
+        let l = Socket::new(Domain::for_address(addr), Type::STREAM, None).ok()?;
+        if addr.is_ipv6() {
+            l.set_only_v6(true).ok()?;
+        }
+        l.bind(&addr.into()).ok()?;
+        l.listen(0).ok()?;
+        let addr = l.local_addr().ok()?.as_socket()?;
+        let mut fillers = Vec::new();
+        for _ in 0..64 {
+            let c = Socket::new(Domain::for_address(addr), Type::STREAM, None).ok()?;
+            c.set_nonblocking(true).ok()?;
+            let _ = c.connect(&addr.into());
+            let mut fds = [pollfd(c.as_raw_fd(), libc::POLLOUT)];
+            let ready = poll_fds(&mut fds, Some(Duration::from_millis(300))).ok()? > 0;
+            fillers.push(c);
+            if !ready {
+                return Some((l, fillers, addr));
+            }
+        }
+        None
+    }
+
+    /// RFC 8305 on loopback: the first family hangs (SYNs dropped), the other answers
+    /// on the same port; the dial wins on the second family after about one attempt
+    /// delay instead of spending the whole deadline on the first address.
+    #[test]
+    fn happy_eyeballs_when_the_first_family_hangs() {
+        for v6_first in [true, false] {
+            let live = TcpListener::bind(if v6_first { v4(0) } else { v6(0) }).unwrap();
+            let port = live.local_addr().unwrap().port();
+            let dead = if v6_first { v6(port) } else { v4(port) };
+            let Some(_hung) = hung(dead) else {
+                eprintln!("SKIPPING: cannot make {dead} hang on this kernel");
+                return;
+            };
+            let cancel = Cancel::new().unwrap();
+            let dl = Deadline::after(Duration::from_secs(5));
+            let t0 = Instant::now();
+            let s = dial(
+                &[dead, live.local_addr().unwrap()],
+                &SocketOptions::default(),
+                &dl,
+                &cancel,
+            )
+            .unwrap_or_else(|e| panic!("dial with {dead} hanging: {e}"));
+            let took = t0.elapsed();
+            eprintln!("{dead} hanging: connected to the other family in {took:?}");
+            assert_eq!(s.peer_addr().unwrap(), live.local_addr().unwrap());
+            assert!(took >= DEFAULT_ATTEMPT_DELAY, "{took:?}");
+            assert!(took < Duration::from_secs(3), "{took:?}");
+        }
+    }
+
+    #[test]
+    fn cancel_ends_a_hanging_dial_at_once() {
+        let Some((_l, _f, dead)) = hung(v4(0)) else {
+            eprintln!("SKIPPING: cannot make a loopback address hang on this kernel");
+            return;
+        };
+        let cancel = std::sync::Arc::new(Cancel::new().unwrap());
+        let c = cancel.clone();
+        let canceller = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let at = Instant::now();
+            c.cancel();
+            at
+        });
+        let dl = Deadline::after(Duration::from_secs(30));
+        let r = dial(&[dead], &SocketOptions::default(), &dl, &cancel);
+        let lag = Instant::now() - canceller.join().unwrap();
+        assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
+        assert!(
+            lag < Duration::from_millis(500),
+            "returned {lag:?} after cancel"
+        );
+    }
+
+    #[test]
+    fn a_hanging_dial_ends_at_the_deadline() {
+        let Some((_l, _f, dead)) = hung(v4(0)) else {
+            return;
+        };
+        let cancel = Cancel::new().unwrap();
+        let dl = Deadline::after(Duration::from_millis(300));
+        let r = dial(&[dead], &SocketOptions::default(), &dl, &cancel);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Timeout {
+                    stage: ConnectStage::Tcp,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
     }
 }

@@ -172,3 +172,80 @@ impl Io<'_> {
         Ok(buf)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    /// Runs the client against a scripted proxy; returns what the client sent.
+    fn exchange(
+        answers: &'static [&'static [u8]],
+        credentials: Option<(&str, &str)>,
+        target: Target<'_>,
+    ) -> (Result<()>, Vec<u8>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let proxy = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            let mut got = Vec::new();
+            for a in answers {
+                let mut buf = [0u8; 512];
+                let n = s.read(&mut buf).unwrap_or(0);
+                got.extend_from_slice(&buf[..n]);
+                s.write_all(a).unwrap();
+            }
+            got
+        });
+        let sock = TcpStream::connect(addr).unwrap();
+        let dl = Deadline::after(Duration::from_secs(10));
+        let r = connect(&sock, credentials, target, 443, &dl);
+        drop(sock);
+        (r, proxy.join().unwrap())
+    }
+
+    #[test]
+    fn socks5h_sends_the_name_and_skips_the_bound_address() {
+        let (r, sent) = exchange(
+            &[&[5, 0], &[5, 0, 0, 3, 4, b'b', b'n', b'd', b'x', 0, 80]],
+            None,
+            Target::Name("example.com"),
+        );
+        r.unwrap();
+        let mut want = vec![5, 1, 0, 5, 1, 0, 3, 11];
+        want.extend_from_slice(b"example.com");
+        want.extend_from_slice(&443u16.to_be_bytes());
+        assert_eq!(sent, want);
+    }
+
+    #[test]
+    fn user_password_then_ipv6_and_reply_codes() {
+        let (r, sent) = exchange(
+            &[&[5, 2], &[1, 0], &[5, 4, 0, 1, 0, 0, 0, 0, 0, 0]],
+            Some(("u", "pw")),
+            Target::Ip("::1".parse().unwrap()),
+        );
+        assert!(
+            matches!(r, Err(Error::Socks(SocksFailure::Reply(4)))),
+            "{r:?}"
+        );
+        let mut want = vec![5, 2, 0, 2, 1, 1, b'u', 2, b'p', b'w', 5, 1, 0, 4];
+        want.extend_from_slice(&[0; 15]);
+        want.push(1);
+        want.extend_from_slice(&443u16.to_be_bytes());
+        assert_eq!(sent, want);
+    }
+
+    #[test]
+    fn not_a_socks_server() {
+        let (r, _) = exchange(
+            &[b"HTTP/1.1 400 Bad Request\r\n\r\n"],
+            None,
+            Target::Name("x"),
+        );
+        assert!(matches!(r, Err(Error::Protocol(_))), "{r:?}");
+    }
+}

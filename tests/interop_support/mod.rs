@@ -16,6 +16,7 @@
 
 pub mod echo;
 pub mod proxy;
+pub mod socks;
 pub mod tls;
 
 use std::fs;
@@ -181,6 +182,11 @@ impl Proc {
             child,
             logs: vec![stderr_log.to_path_buf()],
         }
+    }
+
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn add_log(&mut self, p: PathBuf) {

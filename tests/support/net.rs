@@ -179,3 +179,43 @@ impl Write for Stream {
         }
     }
 }
+
+/// A listener that never accepts and whose accept queue is full, so a new connect to
+/// it hangs in SYN-SENT (its SYNs are dropped): a blackholed address on loopback,
+/// without root. Keep it alive for as long as the hang is needed.
+pub struct HungListener {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fillers: Vec<socket2::Socket>,
+}
+
+impl HungListener {
+    /// Binds `addr` (port 0 for any) with a backlog of 0 and fills the queue. `None`
+    /// when this kernel accepts connections beyond the backlog (the caller skips).
+    pub fn bind(addr: SocketAddr) -> Option<HungListener> {
+        use socket2::{Domain, Socket, Type};
+        let l = Socket::new(Domain::for_address(addr), Type::STREAM, None).ok()?;
+        if addr.is_ipv6() {
+            l.set_only_v6(true).ok()?;
+        }
+        l.bind(&addr.into()).ok()?;
+        l.listen(0).ok()?;
+        let addr = l.local_addr().ok()?.as_socket()?;
+        let mut fillers = Vec::new();
+        for _ in 0..64 {
+            let c = Socket::new(Domain::for_address(addr), Type::STREAM, None).ok()?;
+            c.set_nonblocking(true).ok()?;
+            let _ = c.connect(&addr.into());
+            let done = wait_fd(c.as_raw_fd(), false, true, Duration::from_millis(300)).write;
+            fillers.push(c);
+            if !done {
+                return Some(HungListener {
+                    addr,
+                    _listener: l,
+                    _fillers: fillers,
+                });
+            }
+        }
+        None
+    }
+}

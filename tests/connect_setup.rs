@@ -1,0 +1,375 @@
+//! Connection set-up against real sockets: close during a hanging dial, Happy Eyeballs
+//! on loopback, redirects of the upgrade, `Retry-After` dates, extensions the client
+//! never offered, socket options.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant, SystemTime};
+
+use support::client::Fixed;
+use support::net::HungListener;
+use support::server::{Behavior, TestServer};
+use support::util;
+use wsbeat::{Client, Error, Event, RedirectRefusal};
+
+const T: Duration = Duration::from_secs(10);
+
+/// SYN-SENT sockets towards `port` (from /proc/net/tcp and tcp6).
+fn syn_sent_to(port: u16) -> usize {
+    let needle = format!(":{port:04X} 02 ");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.lines().filter(|l| l.contains(&needle)).count())
+        .sum()
+}
+
+fn hung_v4() -> Option<HungListener> {
+    let hung = HungListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)));
+    if hung.is_none() {
+        eprintln!(
+            "SKIPPING: this kernel completes connects beyond a full accept queue, so no \
+             loopback address hangs a dial here"
+        );
+    }
+    hung
+}
+
+/// Starts a lazy client towards a hung address and waits until its dial is in
+/// progress (one more SYN-SENT socket towards the port than before).
+fn client_dialling(hung: &HungListener, connect_timeout: Duration) -> Client {
+    let before = syn_sent_to(hung.addr.port());
+    let client = Client::builder(&format!("ws://{}/", hung.addr))
+        .unwrap()
+        .connect_timeout(connect_timeout)
+        .reconnect_policy(Fixed(Duration::from_millis(10)))
+        .connect_lazy()
+        .unwrap();
+    assert!(
+        util::wait_until(T, || syn_sent_to(hung.addr.port()) > before),
+        "the client's dial never started"
+    );
+    client
+}
+
+/// `close()` while the TCP connect hangs (SYNs dropped) returns at once, not after the
+/// connect timeout (before the cancellable dial it took the whole 8 s).
+#[test]
+fn close_during_a_hanging_tcp_dial_returns_at_once() {
+    let Some(hung) = hung_v4() else { return };
+    let mut worst = Duration::ZERO;
+    for _ in 0..5 {
+        let client = client_dialling(&hung, Duration::from_secs(8));
+        let events = client.events();
+        let t0 = Instant::now();
+        client.close().unwrap();
+        let took = t0.elapsed();
+        worst = worst.max(took);
+        assert!(
+            took < Duration::from_millis(1000),
+            "close() during a dial took {took:?}"
+        );
+        // Nothing connected, and Closed is the end.
+        let evs: Vec<Event> = events.try_iter().collect();
+        assert!(matches!(evs.last(), Some(Event::Closed)), "{evs:?}");
+    }
+    eprintln!("close() during a hanging dial: worst {worst:?}");
+    assert!(
+        util::wait_until(T, || util::threads_named("wsbeat-") == 0),
+        "threads left: {:?}",
+        util::thread_names()
+    );
+}
+
+/// Dropping the last handle during a hanging dial is as quick.
+#[test]
+fn drop_during_a_hanging_tcp_dial_returns_at_once() {
+    let Some(hung) = hung_v4() else { return };
+    let client = client_dialling(&hung, Duration::from_secs(8));
+    let events = client.events();
+    let t0 = Instant::now();
+    drop(client);
+    let took = t0.elapsed();
+    eprintln!("drop during a hanging dial: {took:?}");
+    assert!(took < Duration::from_millis(1000), "drop took {took:?}");
+    assert!(matches!(events.try_iter().last(), Some(Event::Closed)));
+}
+
+/// Happy Eyeballs end to end: `localhost` resolving to ::1 and 127.0.0.1, the first
+/// family hanging and the server on the other. Where `localhost` has one family only
+/// (this machine's /etc/hosts), the dial-level test in src/dial.rs covers it.
+#[test]
+fn happy_eyeballs_through_localhost_when_the_first_family_hangs() {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = ("localhost", 0).to_socket_addrs().unwrap().collect();
+    let (Some(first), true) = (
+        addrs.first(),
+        addrs.iter().any(|a| a.is_ipv4()) && addrs.iter().any(|a| a.is_ipv6()),
+    ) else {
+        eprintln!("SKIPPING: localhost resolves to {addrs:?} here, not to both ::1 and 127.0.0.1");
+        return;
+    };
+    let server = if first.is_ipv6() {
+        TestServer::echo()
+    } else {
+        TestServer::builder().ipv6().start()
+    };
+    let dead = SocketAddr::new(first.ip(), server.port());
+    let Some(_hung) = HungListener::bind(dead) else {
+        eprintln!("SKIPPING: cannot hang {dead}");
+        return;
+    };
+    let t0 = Instant::now();
+    let client = Client::builder(&format!("ws://localhost:{}/", server.port()))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .expect("Happy Eyeballs should reach the live family");
+    eprintln!(
+        "connected past a hanging {} in {:?}",
+        first.ip(),
+        t0.elapsed()
+    );
+    client.close().unwrap();
+}
+
+fn redirect_to(url: &str, status: u16) -> TestServer {
+    TestServer::start(Behavior::reject_with(status, &[("Location", url)]))
+}
+
+#[test]
+fn redirects_are_followed_and_credentials_stay_at_their_origin() {
+    let target = TestServer::echo();
+    // A relative Location on the same server keeps everything; another port is another
+    // origin and drops the credentials.
+    let hop2 = redirect_to(&format!("{}final?x=1", target.url()), 307);
+    let hop1 = redirect_to("/second", 301);
+    hop1.set_behavior(Behavior::reject_with(302, &[("Location", &hop2.url())]));
+    let client = Client::builder(&hop1.url().replace("ws://", "ws://user:pw@"))
+        .unwrap()
+        .header("Authorization", "Bearer secret")
+        .header("Cookie", "session=1")
+        .header("X-Kept", "yes")
+        .connect_timeout(T)
+        .connect()
+        .expect("redirects followed");
+    client.send_text("after two redirects").unwrap();
+    let got = client
+        .events()
+        .recv_timeout(T)
+        .expect("an event after connecting");
+    let got = match got {
+        Event::Connected { .. } => client.events().recv_timeout(T).unwrap(),
+        e => e,
+    };
+    assert!(
+        matches!(&got, Event::Message(m) if m.to_text().unwrap() == "after two redirects"),
+        "{got:?}"
+    );
+    let hs = &target.handshakes()[0];
+    assert_eq!(hs.path, "/final?x=1");
+    assert_eq!(hs.header("x-kept"), Some("yes"));
+    assert_eq!(
+        hs.header("authorization"),
+        None,
+        "credentials crossed origins"
+    );
+    assert_eq!(hs.header("cookie"), None, "cookie crossed origins");
+    // The first hop got the credentials (header and URL user info as Basic: the header
+    // given explicitly wins).
+    assert_eq!(
+        hop1.handshakes()[0].header("authorization"),
+        Some("Bearer secret")
+    );
+    client.close().unwrap();
+}
+
+#[test]
+fn redirect_loop_is_a_fatal_typed_error() {
+    let a = TestServer::start(Behavior::reject(302));
+    let b = redirect_to(&a.url(), 302);
+    a.set_behavior(Behavior::reject_with(302, &[("Location", &b.url())]));
+    match Client::builder(&a.url())
+        .unwrap()
+        .connect_timeout(T)
+        .connect()
+    {
+        Err(
+            e @ Error::Redirect {
+                reason: RedirectRefusal::Loop,
+                ..
+            },
+        ) => assert!(e.is_fatal()),
+        Err(e) => panic!("expected a redirect loop, got {e:?}"),
+        Ok(_) => panic!("connected through a redirect loop"),
+    }
+    // With reconnection on (default policy): one attempt, then GaveUp, not retried forever.
+    let client = Client::builder(&a.url())
+        .unwrap()
+        .connect_timeout(T)
+        .connect_lazy()
+        .unwrap();
+    let events = client.events();
+    loop {
+        match events.recv_timeout(T).expect("GaveUp") {
+            Event::GaveUp(_) => break,
+            Event::Reconnecting { .. } => panic!("a redirect loop was retried"),
+            _ => {}
+        }
+    }
+    // Too many: a chain longer than the limit.
+    let c = redirect_to(&a.url(), 308);
+    let d = redirect_to(&c.url(), 308);
+    match Client::builder(&d.url())
+        .unwrap()
+        .max_redirects(1)
+        .connect()
+    {
+        Err(Error::Redirect {
+            reason: RedirectRefusal::TooMany(1),
+            ..
+        }) => {}
+        other => panic!("expected TooMany(1), got {:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn redirect_with_following_off_is_a_fatal_http_error() {
+    let target = TestServer::echo();
+    let r = redirect_to(&target.url(), 302);
+    match Client::builder(&r.url())
+        .unwrap()
+        .max_redirects(0)
+        .connect()
+    {
+        Err(e @ Error::Http { status: 302, .. }) => assert!(e.is_fatal()),
+        other => panic!("expected Error::Http 302, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(target.accepted(), 0);
+}
+
+#[test]
+fn redirect_from_wss_to_ws_is_refused() {
+    let plain = TestServer::echo();
+    let tls = TestServer::builder()
+        .tls(support::certs::ServerCert::Valid)
+        .behavior(Behavior::reject_with(302, &[("Location", &plain.url())]))
+        .start();
+    match Client::builder(&tls.wss_localhost_url())
+        .unwrap()
+        .add_root_certificate(&support::certs::ca_pem())
+        .unwrap()
+        .connect()
+    {
+        Err(
+            e @ Error::Redirect {
+                reason: RedirectRefusal::Downgrade,
+                ..
+            },
+        ) => {
+            assert!(e.is_fatal())
+        }
+        other => panic!("expected a refused downgrade, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(plain.accepted(), 0);
+}
+
+#[test]
+fn retry_after_as_an_http_date_is_honoured() {
+    let at = SystemTime::now() + Duration::from_secs(120);
+    let date = httpdate::fmt_http_date(at);
+    let server = TestServer::start(Behavior::reject_with(503, &[("Retry-After", &date)]));
+    match Client::builder(&server.url()).unwrap().connect() {
+        Err(Error::Http {
+            status: 503,
+            retry_after: Some(d),
+            ..
+        }) => {
+            // Whole seconds in the date: 119-120 s from now, minus the time spent.
+            assert!(
+                d > Duration::from_secs(100) && d <= Duration::from_secs(120),
+                "{d:?}"
+            );
+        }
+        other => panic!("expected 503 with Retry-After, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// A server that answers the upgrade with an extension nobody offered.
+#[test]
+fn an_extension_that_was_not_offered_fails_the_handshake() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap() == 1 {
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+            .unwrap();
+        let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+        write!(
+            s,
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\n\
+             Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n\r\n"
+        )
+        .unwrap();
+        head
+    });
+    match Client::builder(&format!("ws://{addr}/")).unwrap().connect() {
+        Err(e @ Error::UnexpectedExtension { .. }) => {
+            assert!(e.is_fatal());
+            assert!(e.to_string().contains("permessage-deflate"), "{e}");
+        }
+        other => panic!("expected UnexpectedExtension, got {:?}", other.map(|_| ())),
+    }
+    let head = server.join().unwrap();
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-extensions")
+    );
+}
+
+/// Socket options reach the socket: the server sees the local address asked for.
+/// (Keepalive is set on the same socket before connecting; an error there would fail
+/// the connect. Its probes cannot be observed on loopback in test time.)
+#[test]
+fn local_address_and_keepalive() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let local: std::net::IpAddr = "127.0.0.2".parse().unwrap();
+    let client = Client::builder(&format!("ws://{}/", listener.local_addr().unwrap()))
+        .unwrap()
+        .local_address(local)
+        .tcp_keepalive(
+            wsbeat::TcpKeepalive::new(Duration::from_secs(30))
+                .interval(Duration::from_secs(5))
+                .retries(3),
+        )
+        .connect_timeout(T)
+        .connect_lazy()
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let mut peer = None;
+    let events = client.events();
+    assert!(util::wait_until(T, || {
+        if let Ok((_, a)) = listener.accept() {
+            peer = Some(a);
+        }
+        if let Ok(Event::Reconnecting { last_error, .. }) = events.try_recv() {
+            panic!("connect from {local} failed: {last_error:?}");
+        }
+        peer.is_some()
+    }));
+    assert_eq!(peer.unwrap().ip(), local);
+    client.close().unwrap();
+}

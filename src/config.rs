@@ -171,12 +171,12 @@ pub(crate) enum ProxySetting {
     Env,
     /// Never use a proxy.
     None,
-    /// Always use this `http://`, `socks5://` or `socks5h://` proxy.
+    /// Always use this `http`, `socks5`, `socks5h`, `socks4` or `socks4a` proxy.
     Explicit(Url),
 }
 
 /// The proxy URL schemes wsbeat speaks; any other is an error, never a direct connection.
-pub(crate) const PROXY_SCHEMES: [&str; 3] = ["http", "socks5", "socks5h"];
+pub(crate) const PROXY_SCHEMES: [&str; 5] = ["http", "socks5", "socks5h", "socks4", "socks4a"];
 
 /// TCP keepalive probes (`SO_KEEPALIVE`), for links where the OS should notice a dead
 /// peer even without traffic (the heartbeat does this at the WebSocket level).
@@ -552,7 +552,10 @@ impl ClientBuilder {
     /// - `http://[user:pass@]host:port`: an HTTP proxy, with `CONNECT`;
     /// - `socks5://[user:pass@]host:port`: SOCKS5, the host name resolved here;
     /// - `socks5h://[user:pass@]host:port`: SOCKS5, the host name resolved by the proxy
-    ///   (what Tor and `ssh -D` users want: no DNS query leaves this machine).
+    ///   (what Tor and `ssh -D` users want: no DNS query leaves this machine);
+    /// - `socks4://[user@]host:port` (IPv4 destinations, resolved here) and
+    ///   `socks4a://[user@]host:port` (the proxy resolves the name); the user name is
+    ///   sent as the SOCKS4 user id.
     ///
     /// Any other scheme is an [`Error::InvalidUrl`].
     ///
@@ -569,7 +572,8 @@ impl ClientBuilder {
         })?;
         if !PROXY_SCHEMES.contains(&u.scheme()) || u.host_str().is_none_or(str::is_empty) {
             return Err(Error::InvalidUrl {
-                reason: "proxy URL must be http://, socks5:// or socks5h://host:port".into(),
+                reason: "proxy URL must be http://, socks5://, socks5h://, socks4:// or socks4a://host:port"
+                    .into(),
             });
         }
         self.cfg.proxy = ProxySetting::Explicit(u);
@@ -579,8 +583,9 @@ impl ClientBuilder {
     /// How many redirects (HTTP 301/302/303/307/308 with a `Location`) of the upgrade
     /// request to follow per connection attempt; default 5, 0 turns following off (a
     /// 3xx answer is then a fatal [`Error::Http`]). A redirect from `wss` to `ws` is never
-    /// followed, `Authorization` and `Cookie` headers and URL credentials are dropped
-    /// when the origin changes, and a loop is an [`Error::Redirect`]. Every attempt
+    /// followed; `Authorization`, `Cookie`, every header named like a credential
+    /// (`*token*`, `*key*`, `*secret*`, `*auth*`, `*password*`) and URL credentials are
+    /// dropped when the origin (scheme, host, port) changes, and a loop is an [`Error::Redirect`]. Every attempt
     /// starts again from the configured URL.
     pub fn max_redirects(mut self, limit: usize) -> Self {
         self.cfg.max_redirects = limit;

@@ -26,7 +26,7 @@ use url::Url;
 use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request, TlsSettings};
 use crate::dial::{self, Cancel, Deadline, is_timeout};
 use crate::link::{Stream, Tcp, Ws};
-use crate::redact::RedactedUrl;
+use crate::redact::{RedactedUrl, is_secret_header};
 use crate::socks;
 use crate::{ConnectStage, Error, RedirectRefusal, Result, TlsErrorKind};
 
@@ -117,6 +117,21 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
                 };
                 socks::connect(&sock, credentials, target, port, dl)?;
             }
+            "socks4" | "socks4a" => {
+                let target = match bare.parse::<IpAddr>() {
+                    Ok(ip) => socks::Target::Ip(ip),
+                    Err(_) if p.scheme() == "socks4a" => socks::Target::Name(bare),
+                    Err(_) => {
+                        let addrs = dial::resolve(bare, port, dl, cancel)?;
+                        let v4 = addrs.iter().find(|a| a.is_ipv4()).ok_or_else(|| Error::Dns {
+                            host: bare.into(),
+                            message: "no IPv4 address, which SOCKS4 needs (use socks4a:// or socks5h://)".into(),
+                        })?;
+                        socks::Target::Ip(v4.ip())
+                    }
+                };
+                socks::connect4(&sock, &user, target, port, dl)?;
+            }
             other => {
                 return Err(Error::UnsupportedProxy {
                     scheme: other.into(),
@@ -187,9 +202,9 @@ fn follow(
             let _ = next.set_password(req.url.password());
         }
     } else {
-        out.headers.retain(|(name, _)| {
-            !name.eq_ignore_ascii_case("authorization") && !name.eq_ignore_ascii_case("cookie")
-        });
+        // Authorization, Cookie, and every header that looks like a credential (the
+        // ones never logged: *token*, *key*, *secret*, *auth*, *password*).
+        out.headers.retain(|(name, _)| !is_secret_header(name));
         let _ = next.set_username("");
         let _ = next.set_password(None);
     }
@@ -863,8 +878,8 @@ mod tests {
         assert!(env_proxy("ws://127.0.0.1:9/", &vars).unwrap().is_none());
         assert!(env_proxy("ws://[::1]:9/", &vars).unwrap().is_none());
         // An unsupported scheme is an error, never a direct connection.
-        let err = env_proxy("ws://a.example/", &[("all_proxy", "socks4://s:1080")]).unwrap_err();
-        assert!(matches!(&err, Error::UnsupportedProxy { scheme } if scheme == "socks4"));
+        let err = env_proxy("ws://a.example/", &[("all_proxy", "socks://s:1080")]).unwrap_err();
+        assert!(matches!(&err, Error::UnsupportedProxy { scheme } if scheme == "socks"));
         let err = env_proxy("ws://a.example/", &[("http_proxy", "https://p:443")]).unwrap_err();
         assert!(matches!(err, Error::UnsupportedProxy { .. }));
     }
@@ -874,6 +889,7 @@ mod tests {
             .unwrap()
             .header("Authorization", "Bearer t")
             .header("Cookie", "c=1")
+            .header("X-Api-Token", "t2")
             .header("X-Other", "kept")
     }
 
@@ -888,7 +904,10 @@ mod tests {
         // Same origin: credentials kept, relative Location resolved.
         let next = follow(&start, Some("/v2/feed?x=1"), &mut visited, 5).unwrap();
         assert_eq!(next.url.as_str(), "wss://u:p@a.example/v2/feed?x=1");
-        assert_eq!(names(&next), ["Authorization", "Cookie", "X-Other"]);
+        assert_eq!(
+            names(&next),
+            ["Authorization", "Cookie", "X-Api-Token", "X-Other"]
+        );
         // Other origin (https maps to wss): every credential dropped.
         let other = follow(&next, Some("https://b.example/feed"), &mut visited, 5).unwrap();
         assert_eq!(other.url.as_str(), "wss://b.example/feed");

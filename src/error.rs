@@ -14,7 +14,7 @@ pub enum ConnectStage {
     Dns,
     /// The TCP connect (every resolved address was tried).
     Tcp,
-    /// The HTTP CONNECT exchange with a proxy.
+    /// The exchange with a proxy: HTTP CONNECT or the SOCKS5 handshake.
     Proxy,
     /// The TLS handshake.
     Tls,
@@ -27,7 +27,7 @@ impl fmt::Display for ConnectStage {
         f.write_str(match self {
             ConnectStage::Dns => "DNS resolution",
             ConnectStage::Tcp => "TCP connect",
-            ConnectStage::Proxy => "proxy CONNECT",
+            ConnectStage::Proxy => "proxy handshake (HTTP CONNECT or SOCKS)",
             ConnectStage::Tls => "TLS handshake",
             ConnectStage::Upgrade => "WebSocket upgrade",
         })
@@ -48,10 +48,11 @@ pub enum TlsErrorKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SocksFailure {
-    /// The proxy answered the SOCKS5 `CONNECT` with this reply code (RFC 1928 6):
+    /// The proxy answered `CONNECT` with this reply code. SOCKS5 (RFC 1928 6):
     /// 1 general failure, 2 not allowed by its rules, 3 network unreachable, 4 host
     /// unreachable, 5 connection refused, 6 TTL expired, 7 command not supported,
-    /// 8 address type not supported.
+    /// 8 address type not supported. SOCKS4: 91 rejected or failed, 92 and 93 identd
+    /// failures.
     Reply(u8),
     /// The proxy requires a user name and password and the proxy URL has none
     /// (`socks5h://user:password@host:port`).
@@ -74,6 +75,13 @@ impl fmt::Display for SocksFailure {
                     7 => "command not supported",
                     8 => {
                         "address type not supported (try socks5h:// to let the proxy resolve names)"
+                    }
+                    91 => {
+                        "SOCKS4 request rejected or failed (a proxy without SOCKS4a rejects \
+                         host names: use socks4:// or socks5h://)"
+                    }
+                    92 | 93 => {
+                        "SOCKS4 request rejected: the proxy could not check the user id with identd"
                     }
                     _ => "unknown reply code",
                 };
@@ -201,7 +209,7 @@ pub enum Error {
     /// The proxy URL (from the builder or the environment) has a scheme wsbeat does not
     /// speak. wsbeat never falls back to a direct connection.
     #[error(
-        "unsupported proxy scheme {scheme:?}: use http://, socks5:// or socks5h:// (or no_proxy())"
+        "unsupported proxy scheme {scheme:?}: use http://, socks5://, socks5h://, socks4:// or socks4a:// (or no_proxy())"
     )]
     UnsupportedProxy {
         /// The scheme of the proxy URL.
@@ -345,7 +353,9 @@ impl Error {
             Error::Http { status, .. } => {
                 matches!(status, 300..=399 | 400 | 401 | 403 | 404)
             }
-            Error::Socks(f) => !matches!(f, SocksFailure::Reply(1 | 3 | 4 | 5 | 6)),
+            // Transient: failures of the network behind the proxy, and SOCKS4's 91, which
+            // means "rejected or failed" alike.
+            Error::Socks(f) => !matches!(f, SocksFailure::Reply(1 | 3 | 4 | 5 | 6 | 91)),
             Error::UnsupportedProxy { .. }
             | Error::Redirect { .. }
             | Error::UnexpectedExtension { .. } => true,

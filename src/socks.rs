@@ -1,5 +1,6 @@
 //! The SOCKS5 client handshake (RFC 1928), with user name / password authentication
-//! (RFC 1929), on an already connected socket, bounded by the connect deadline.
+//! (RFC 1929), and SOCKS4 / SOCKS4a, on an already connected socket, bounded by the
+//! connect deadline.
 //!
 //! Written here rather than taken from a crate: the blocking SOCKS crates (`socks`)
 //! open the TCP connection themselves, with no deadline covering the handshake and no
@@ -106,6 +107,56 @@ pub(crate) fn connect(
     Ok(())
 }
 
+/// SOCKS4 (an IPv4 address) or SOCKS4a (a name the proxy resolves) `CONNECT`, with
+/// `user` as the user id. The reply is 8 bytes; code 90 is success.
+pub(crate) fn connect4(
+    sock: &TcpStream,
+    user: &str,
+    target: Target<'_>,
+    port: u16,
+    dl: &Deadline,
+) -> Result<()> {
+    let mut io = Io { sock, dl };
+    let mut req = vec![4, CONNECT];
+    req.extend_from_slice(&port.to_be_bytes());
+    let name = match target {
+        Target::Ip(IpAddr::V4(ip)) => {
+            req.extend_from_slice(&ip.octets());
+            None
+        }
+        Target::Ip(IpAddr::V6(_)) => {
+            return Err(Error::InvalidUrl {
+                reason: "SOCKS4 reaches IPv4 addresses only: use socks4a:// or socks5h://".into(),
+            });
+        }
+        // 0.0.0.x with x != 0 tells a SOCKS4a proxy that a name follows.
+        Target::Name(name) => {
+            req.extend_from_slice(&[0, 0, 0, 1]);
+            Some(name)
+        }
+    };
+    if user.contains('\0') || name.is_some_and(|n| n.contains('\0')) {
+        return Err(Error::InvalidUrl {
+            reason: "NUL byte in a SOCKS4 user id or host name".into(),
+        });
+    }
+    req.extend_from_slice(user.as_bytes());
+    req.push(0);
+    if let Some(name) = name {
+        req.extend_from_slice(name.as_bytes());
+        req.push(0);
+    }
+    io.write(&req)?;
+    let reply = io.read::<8>()?;
+    if reply[0] != 0 {
+        return Err(malformed("not a SOCKS4 reply"));
+    }
+    if reply[1] != 90 {
+        return Err(Error::Socks(SocksFailure::Reply(reply[1])));
+    }
+    Ok(())
+}
+
 /// RFC 1929: version 1, user name, password; a status of 0 is success.
 fn authenticate(io: &mut Io<'_>, user: &str, pass: &str) -> Result<()> {
     let too_long = || Error::InvalidUrl {
@@ -179,11 +230,11 @@ mod tests {
     use std::net::TcpListener;
     use std::time::Duration;
 
-    /// Runs the client against a scripted proxy; returns what the client sent.
+    /// Runs `client` against a scripted proxy that answers each read with the next of
+    /// `answers`; returns the client's result and every byte it sent.
     fn exchange(
         answers: &'static [&'static [u8]],
-        credentials: Option<(&str, &str)>,
-        target: Target<'_>,
+        client: impl FnOnce(&TcpStream, &Deadline) -> Result<()>,
     ) -> (Result<()>, Vec<u8>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -202,7 +253,7 @@ mod tests {
         });
         let sock = TcpStream::connect(addr).unwrap();
         let dl = Deadline::after(Duration::from_secs(10));
-        let r = connect(&sock, credentials, target, 443, &dl);
+        let r = client(&sock, &dl);
         drop(sock);
         (r, proxy.join().unwrap())
     }
@@ -211,8 +262,7 @@ mod tests {
     fn socks5h_sends_the_name_and_skips_the_bound_address() {
         let (r, sent) = exchange(
             &[&[5, 0], &[5, 0, 0, 3, 4, b'b', b'n', b'd', b'x', 0, 80]],
-            None,
-            Target::Name("example.com"),
+            |s, dl| connect(s, None, Target::Name("example.com"), 443, dl),
         );
         r.unwrap();
         let mut want = vec![5, 1, 0, 5, 1, 0, 3, 11];
@@ -225,8 +275,15 @@ mod tests {
     fn user_password_then_ipv6_and_reply_codes() {
         let (r, sent) = exchange(
             &[&[5, 2], &[1, 0], &[5, 4, 0, 1, 0, 0, 0, 0, 0, 0]],
-            Some(("u", "pw")),
-            Target::Ip("::1".parse().unwrap()),
+            |s, dl| {
+                connect(
+                    s,
+                    Some(("u", "pw")),
+                    Target::Ip("::1".parse().unwrap()),
+                    443,
+                    dl,
+                )
+            },
         );
         assert!(
             matches!(r, Err(Error::Socks(SocksFailure::Reply(4)))),
@@ -240,12 +297,29 @@ mod tests {
     }
 
     #[test]
-    fn not_a_socks_server() {
-        let (r, _) = exchange(
-            &[b"HTTP/1.1 400 Bad Request\r\n\r\n"],
-            None,
-            Target::Name("x"),
+    fn socks4a_sends_the_name_and_reads_the_reply() {
+        let (r, sent) = exchange(&[&[0, 91, 0, 0, 0, 0, 0, 0]], |s, dl| {
+            connect4(s, "me", Target::Name("a.example"), 443, dl)
+        });
+        assert!(
+            matches!(r, Err(Error::Socks(SocksFailure::Reply(91)))),
+            "{r:?}"
         );
+        let mut want = vec![4, 1, 1, 187, 0, 0, 0, 1, b'm', b'e', 0];
+        want.extend_from_slice(b"a.example\0");
+        assert_eq!(sent, want);
+        let (r, sent) = exchange(&[&[0, 90, 0, 0, 0, 0, 0, 0]], |s, dl| {
+            connect4(s, "", Target::Ip("10.1.2.3".parse().unwrap()), 443, dl)
+        });
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(sent, [4, 1, 1, 187, 10, 1, 2, 3, 0]);
+    }
+
+    #[test]
+    fn not_a_socks_server() {
+        let (r, _) = exchange(&[b"HTTP/1.1 400 Bad Request\r\n\r\n"], |s, dl| {
+            connect(s, None, Target::Name("x"), 443, dl)
+        });
         assert!(matches!(r, Err(Error::Protocol(_))), "{r:?}");
     }
 }

@@ -151,6 +151,7 @@ fn redirects_are_followed_and_credentials_stay_at_their_origin() {
         .unwrap()
         .header("Authorization", "Bearer secret")
         .header("Cookie", "session=1")
+        .header("X-Api-Key", "k")
         .header("X-Kept", "yes")
         .connect_timeout(T)
         .connect()
@@ -177,6 +178,7 @@ fn redirects_are_followed_and_credentials_stay_at_their_origin() {
         "credentials crossed origins"
     );
     assert_eq!(hs.header("cookie"), None, "cookie crossed origins");
+    assert_eq!(hs.header("x-api-key"), None, "api key crossed origins");
     // The first hop got the credentials (header and URL user info as Basic: the header
     // given explicitly wins).
     assert_eq!(

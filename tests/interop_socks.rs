@@ -181,3 +181,29 @@ fn microsocks_reports_a_refused_destination() {
         Ok(_) => panic!("connected to a closed port"),
     }
 }
+
+#[test]
+fn socks4_through_dante() {
+    let Some(server) = EchoServer::start_any() else {
+        return;
+    };
+    let Some(proxy) = Socks::dante(interop_support::free_port()) else {
+        return;
+    };
+    // SOCKS4: the name is resolved here, the proxy gets an IPv4 address and a user id.
+    let url = server.url().replace("127.0.0.1", "localhost");
+    let client = via(&url, &format!("socks4://wsuser@127.0.0.1:{}", proxy.port))
+        .connect()
+        .unwrap_or_else(|e| panic!("socks4 via Dante: {e}\n{}", proxy.diagnostics()));
+    echo_once(&client, "through socks4");
+    client.close().unwrap();
+    // Dante 1.4 does not do SOCKS4a (names): it answers 91, a typed error whose message
+    // points to the alternatives.
+    match via(&url, &proxy.url("socks4a")).connect() {
+        Err(e @ Error::Socks(SocksFailure::Reply(91))) => {
+            assert!(e.to_string().contains("socks5h://"), "{e}")
+        }
+        Err(e) => panic!("expected Error::Socks(Reply(91)) from Dante, got {e:?}"),
+        Ok(_) => eprintln!("this Dante build resolved a SOCKS4a name"),
+    }
+}

@@ -36,9 +36,10 @@ OPTIONS:
         --ping-timeout SECS      heartbeat: declare the link dead when no reply
                                  arrives within SECS (default: 10, or the interval
                                  if shorter)
-        --proxy URL              connect through an HTTP CONNECT proxy,
-                                 http://[user:pass@]host:port (default: HTTPS_PROXY /
-                                 HTTP_PROXY / NO_PROXY from the environment)
+        --proxy URL              connect through a proxy: http://, socks5://,
+                                 socks5h://, socks4:// or socks4a://[user:pass@]host:port
+                                 (default: https_proxy / http_proxy / all_proxy /
+                                 no_proxy from the environment, like curl)
         --no-proxy               ignore the proxy environment variables
         --connect-timeout SECS   deadline for one connect (default 10)
         --no-reconnect           exit when the connection ends instead of reconnecting

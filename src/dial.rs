@@ -412,8 +412,14 @@ fn dial_error(e: io::Error, addr: SocketAddr, dl: &Deadline) -> Error {
     }
 }
 
+/// The integration tests' hung listener, shared with the unit tests below.
+#[cfg(test)]
+#[path = "../tests/support/hung.rs"]
+mod hung;
+
 #[cfg(test)]
 mod tests {
+    use super::hung::HungListener;
     use super::*;
     use crate::config::DEFAULT_ATTEMPT_DELAY;
     use std::net::TcpListener;
@@ -435,6 +441,17 @@ mod tests {
         assert!(interleave(&[]).is_empty());
     }
 
+    /// Cancels `cancel` from another thread 100 ms from now; the thread returns when.
+    fn cancel_soon(cancel: &std::sync::Arc<Cancel>) -> std::thread::JoinHandle<Instant> {
+        let c = cancel.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let at = Instant::now();
+            c.cancel();
+            at
+        })
+    }
+
     fn slow_lookup(_: &str, _: u16) -> io::Result<Vec<SocketAddr>> {
         std::thread::sleep(Duration::from_secs(3));
         Ok(vec![v4(1)])
@@ -450,13 +467,7 @@ mod tests {
     #[test]
     fn cancel_ends_a_slow_lookup_at_once() {
         let cancel = std::sync::Arc::new(Cancel::new().unwrap());
-        let c = cancel.clone();
-        let canceller = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            let at = Instant::now();
-            c.cancel();
-            at
-        });
+        let canceller = cancel_soon(&cancel);
         let dl = Deadline::after(Duration::from_secs(30));
         let r = resolve_with("slow.example", 80, &dl, &cancel, slow_lookup);
         let returned = Instant::now();
@@ -514,31 +525,6 @@ mod tests {
         assert_eq!(s.peer_addr().unwrap(), l4.local_addr().unwrap());
     }
 
-    /// A listener on `addr` whose accept queue is full: connects to it hang (their
-    /// SYNs are dropped). `None` where the kernel does not behave so.
-    fn hung(addr: SocketAddr) -> Option<(Socket, Vec<Socket>, SocketAddr)> {
-        let l = Socket::new(Domain::for_address(addr), Type::STREAM, None).ok()?;
-        if addr.is_ipv6() {
-            l.set_only_v6(true).ok()?;
-        }
-        l.bind(&addr.into()).ok()?;
-        l.listen(0).ok()?;
-        let addr = l.local_addr().ok()?.as_socket()?;
-        let mut fillers = Vec::new();
-        for _ in 0..64 {
-            let c = Socket::new(Domain::for_address(addr), Type::STREAM, None).ok()?;
-            c.set_nonblocking(true).ok()?;
-            let _ = c.connect(&addr.into());
-            let mut fds = [pollfd(c.as_raw_fd(), libc::POLLOUT)];
-            let ready = poll_fds(&mut fds, Some(Duration::from_millis(300))).ok()? > 0;
-            fillers.push(c);
-            if !ready {
-                return Some((l, fillers, addr));
-            }
-        }
-        None
-    }
-
     /// RFC 8305 on loopback: the first family hangs (SYNs dropped), the other answers
     /// on the same port; the dial wins on the second family after about one attempt
     /// delay instead of spending the whole deadline on the first address.
@@ -548,7 +534,7 @@ mod tests {
             let live = TcpListener::bind(if v6_first { v4(0) } else { v6(0) }).unwrap();
             let port = live.local_addr().unwrap().port();
             let dead = if v6_first { v6(port) } else { v4(port) };
-            let Some(_hung) = hung(dead) else {
+            let Some(_hung) = HungListener::bind(dead) else {
                 eprintln!("SKIPPING: cannot make {dead} hang on this kernel");
                 return;
             };
@@ -572,18 +558,13 @@ mod tests {
 
     #[test]
     fn cancel_ends_a_hanging_dial_at_once() {
-        let Some((_l, _f, dead)) = hung(v4(0)) else {
+        let Some(hung) = HungListener::bind(v4(0)) else {
             eprintln!("SKIPPING: cannot make a loopback address hang on this kernel");
             return;
         };
+        let dead = hung.addr;
         let cancel = std::sync::Arc::new(Cancel::new().unwrap());
-        let c = cancel.clone();
-        let canceller = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            let at = Instant::now();
-            c.cancel();
-            at
-        });
+        let canceller = cancel_soon(&cancel);
         let dl = Deadline::after(Duration::from_secs(30));
         let r = dial(&[dead], &SocketOptions::default(), &dl, &cancel);
         let lag = Instant::now() - canceller.join().unwrap();
@@ -596,9 +577,10 @@ mod tests {
 
     #[test]
     fn a_hanging_dial_ends_at_the_deadline() {
-        let Some((_l, _f, dead)) = hung(v4(0)) else {
+        let Some(hung) = HungListener::bind(v4(0)) else {
             return;
         };
+        let dead = hung.addr;
         let cancel = Cancel::new().unwrap();
         let dl = Deadline::after(Duration::from_millis(300));
         let r = dial(&[dead], &SocketOptions::default(), &dl, &cancel);

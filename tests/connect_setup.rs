@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant, SystemTime};
 
 use support::client::Fixed;
-use support::net::HungListener;
+use support::hung::HungListener;
 use support::server::{Behavior, TestServer};
 use support::util;
 use wsbeat::{Client, Error, Event, RedirectRefusal};
@@ -374,4 +374,32 @@ fn local_address_and_keepalive() {
     }));
     assert_eq!(peer.unwrap().ip(), local);
     client.close();
+}
+
+/// `close()` while a SOCKS proxy has taken the greeting and never answers: the proxy
+/// stage is aborted at once too (its socket is shut down), not after the connect timeout.
+#[test]
+fn close_while_a_socks_proxy_never_answers_returns_at_once() {
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = Client::builder("ws://wsbeat.test/")
+        .unwrap()
+        .proxy(&format!("socks5h://{}", proxy.local_addr().unwrap()))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(8))
+        .connect_lazy()
+        .unwrap();
+    let (mut conn, _) = proxy.accept().unwrap();
+    conn.set_read_timeout(Some(T)).unwrap();
+    let mut greeting = [0u8; 3];
+    conn.read_exact(&mut greeting).unwrap();
+    assert_eq!(greeting, [5, 1, 0], "SOCKS5, one method: no authentication");
+    // The client now waits for the proxy's answer.
+    let t0 = Instant::now();
+    client.close();
+    let took = t0.elapsed();
+    eprintln!("close() during the SOCKS handshake: {took:?}");
+    assert!(took < Duration::from_millis(1000), "close() took {took:?}");
+    // The proxy sees the connection end.
+    let mut rest = Vec::new();
+    assert_eq!(conn.read_to_end(&mut rest).unwrap(), 0);
 }

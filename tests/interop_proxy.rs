@@ -10,21 +10,11 @@
 
 mod interop_support;
 
-use std::time::Duration;
-
 use interop_support::echo::{EchoServer, next_text, short_heartbeat};
 use interop_support::proxy::Tinyproxy;
 use interop_support::tls::{Nginx, Site};
-use interop_support::{next_event, poll_until};
-use wsbeat::{Client, ClientBuilder, Error, Event};
-
-fn via(url: &str, proxy: &str) -> ClientBuilder {
-    Client::builder(url)
-        .unwrap()
-        .proxy(proxy)
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-}
+use interop_support::{next_event, poll_until, via};
+use wsbeat::{Error, Event};
 
 /// tinyproxy logs every CONNECT it handles ("CONNECT HOST:PORT HTTP/1.1").
 fn connects_logged(proxy: &Tinyproxy, host: &str, port: u16) -> usize {

@@ -7,21 +7,11 @@
 
 mod interop_support;
 
-use std::time::Duration;
-
 use interop_support::echo::{EchoServer, next_text, short_heartbeat};
 use interop_support::socks::Socks;
 use interop_support::tls::{Nginx, Site};
-use interop_support::{next_event, poll_until};
-use wsbeat::{Client, ClientBuilder, Error, Event, SocksFailure};
-
-fn via(url: &str, proxy: &str) -> ClientBuilder {
-    Client::builder(url)
-        .unwrap()
-        .proxy(proxy)
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-}
+use interop_support::{next_event, poll_until, via};
+use wsbeat::{Client, Error, Event, SocksFailure};
 
 fn echo_once(client: &Client, text: &str) {
     client.send_text(text).unwrap();

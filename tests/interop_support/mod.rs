@@ -29,10 +29,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use wsbeat::Event;
+use wsbeat::{Client, ClientBuilder, Event};
 
 /// Generous deadline for anything a test waits on (events, readiness, lines).
 pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A client builder for `url` through the proxy at `proxy_url`, connect timeout 5 s.
+pub fn via(url: &str, proxy_url: &str) -> ClientBuilder {
+    Client::builder(url)
+        .unwrap()
+        .proxy(proxy_url)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+}
 
 /// The directory holding the peer scripts (`tests/peers`).
 pub fn peers_dir() -> PathBuf {

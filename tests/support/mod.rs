@@ -5,6 +5,7 @@
 //! - [`proxy`]: [`proxy::FaultProxy`], a TCP proxy that can blackhole, delay, cut and reset.
 //! - [`util`]: process counters (threads, fds, RSS) and [`util::wait_until`].
 //! - [`net`]: small socket helpers (RST via `SO_LINGER` 0, `poll`).
+//! - [`hung`]: [`hung::HungListener`], a loopback address where a TCP connect hangs.
 //! - [`client`]: a fixed-delay reconnect policy and a panic counter for `wsbeat-*` threads.
 //!
 //! ```ignore
@@ -24,6 +25,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod hung;
 pub mod net;
 pub mod proxy;
 pub mod server;

@@ -614,8 +614,8 @@ impl ClientBuilder {
     }
 
     /// Delay between two connection attempts to the addresses of one host, alternating
-    /// IPv6 and IPv4 (Happy Eyeballs, RFC 8305); default 250 ms. A failed attempt starts
-    /// the next one at once.
+    /// IPv6 and IPv4 (Happy Eyeballs, RFC 8305); default 250 ms, at least 10 ms. A
+    /// failed attempt starts the next one at once.
     pub fn happy_eyeballs_delay(mut self, delay: Duration) -> Self {
         self.cfg.socket.attempt_delay = delay.max(Duration::from_millis(10));
         self

@@ -355,7 +355,8 @@ fn start(addr: SocketAddr, opts: &SocketOptions) -> io::Result<(Socket, bool)> {
     sock.set_nonblocking(true)?;
     apply(&sock, opts)?;
     if let Some(ip) = opts.local_address {
-        sock.bind(&SocketAddr::new(ip, 0).into())?;
+        sock.bind(&SocketAddr::new(ip, 0).into())
+            .map_err(|e| context(e, &format!("binding to local address {ip}")))?;
     }
     match sock.connect(&addr.into()) {
         Ok(()) => Ok((sock, true)),
@@ -379,11 +380,13 @@ fn apply(sock: &Socket, opts: &SocketOptions) -> io::Result<()> {
         if let Some(n) = ka.retries {
             k = k.with_retries(n);
         }
-        sock.set_tcp_keepalive(&k)?;
+        sock.set_tcp_keepalive(&k)
+            .map_err(|e| context(e, "setting TCP keepalive"))?;
     }
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if let Some(dev) = &opts.device {
-        sock.bind_device(Some(dev.as_bytes()))?;
+        sock.bind_device(Some(dev.as_bytes()))
+            .map_err(|e| context(e, &format!("binding to network interface {dev:?}")))?;
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     if opts.device.is_some() {
@@ -393,6 +396,11 @@ fn apply(sock: &Socket, opts: &SocketOptions) -> io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The same error kind, with what was being done in front of the OS message.
+fn context(e: io::Error, what: &str) -> io::Error {
+    io::Error::new(e.kind(), format!("{what}: {e}"))
 }
 
 fn finish(sock: Socket) -> Result<TcpStream> {

@@ -403,3 +403,37 @@ fn close_while_a_socks_proxy_never_answers_returns_at_once() {
     let mut rest = Vec::new();
     assert_eq!(conn.read_to_end(&mut rest).unwrap(), 0);
 }
+
+/// `bind_device`: the loopback interface works for a loopback server; an interface that
+/// does not exist fails the attempt with an I/O error instead of using another one.
+#[cfg(target_os = "linux")]
+#[test]
+fn bind_device_is_applied() {
+    let server = TestServer::echo();
+    let missing = Client::builder(&server.url())
+        .unwrap()
+        .bind_device("wsbeat-none0")
+        .connect();
+    match missing {
+        Err(e @ Error::Io(_)) => {
+            assert!(e.to_string().contains("wsbeat-none0"), "{e}");
+            eprintln!("{e}");
+        }
+        other => panic!("expected an I/O error, got {:?}", other.map(|_| ())),
+    }
+    match Client::builder(&server.url())
+        .unwrap()
+        .bind_device("lo")
+        .connect()
+    {
+        Ok(client) => {
+            assert!(server.wait_upgraded(1, T));
+            client.close();
+        }
+        // SO_BINDTODEVICE needs CAP_NET_RAW on kernels before 5.7.
+        Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("SKIPPING the positive half: {e}")
+        }
+        Err(e) => panic!("bind_device(\"lo\"): {e}"),
+    }
+}

@@ -621,7 +621,17 @@ impl ClientBuilder {
         self
     }
 
-    /// Ignores proxy environment variables.
+    /// Connects directly, ignoring the proxy environment variables.
+    ///
+    /// Without this or [`proxy`](Self::proxy), the environment decides, the way curl
+    /// reads it: `https_proxy` (or `HTTPS_PROXY`) for `wss://`, `http_proxy` for `ws://`
+    /// (never the uppercase `HTTP_PROXY`: a CGI program inherits it from a request's
+    /// `Proxy:` header), then `all_proxy` / `ALL_PROXY`. `no_proxy` (or `NO_PROXY`) lists
+    /// destinations that go direct: `*`, domains (`example.com` covers its
+    /// subdomains), IP addresses, CIDR ranges (`10.0.0.0/8`, `fd00::/8`), each with an
+    /// optional `:port`. Loopback destinations always go direct. A proxy scheme wsbeat
+    /// does not speak is [`Error::UnsupportedProxy`] when connecting, never a direct
+    /// connection.
     pub fn no_proxy(mut self) -> Self {
         self.cfg.proxy = ProxySetting::None;
         self

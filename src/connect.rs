@@ -935,6 +935,11 @@ mod tests {
                 ..
             }
         ));
+        // Percent-encoded user info survives a same-origin hop unchanged.
+        let enc = request("ws://u%40x:p%2Fq@a.example/");
+        let mut v = vec![enc.url.clone()];
+        let next = follow(&enc, Some("/b"), &mut v, 5).unwrap();
+        assert_eq!(next.url.as_str(), "ws://u%40x:p%2Fq@a.example/b");
         // ws -> wss is fine.
         let plain = request("ws://a.example/");
         let mut v = vec![plain.url.clone()];

@@ -1,9 +1,10 @@
 //! Harness for the interop tests (`tests/interop_*.rs`): real third-party peers
-//! (Python `websockets`, Node `ws`, nginx, tinyproxy, the openssl CLI) started as
-//! child processes on free loopback ports.
+//! (Python `websockets`, Node `ws`, nginx, tinyproxy, Dante, microsocks, the openssl
+//! CLI) started as child processes on free loopback ports.
 //!
 //! - Peers are found on `PATH` (overrides: `WSBEAT_PYTHON`, `WSBEAT_NODE`,
-//!   `WSBEAT_NGINX`, `WSBEAT_TINYPROXY`, `WSBEAT_OPENSSL`). A missing peer skips the
+//!   `WSBEAT_NGINX`, `WSBEAT_TINYPROXY`, `WSBEAT_DANTED`, `WSBEAT_MICROSOCKS`,
+//!   `WSBEAT_OPENSSL`). A missing peer skips the
 //!   test with a loud message on stderr, or fails it when `WSBEAT_REQUIRE_PEERS=1`.
 //!   `sh .ci/install-peers.sh` (as root) installs them all.
 //! - Every child is killed and reaped by a Drop guard ([`Proc`]), and also gets
@@ -11,7 +12,8 @@
 //! - Readiness is a port printed by the peer, or a TCP connect polled with a deadline.
 //!
 //! Submodules: [`echo`] (the echo servers and the cases shared by the Python and
-//! Node suites), [`tls`] (generated PKI + nginx), [`proxy`] (tinyproxy).
+//! Node suites), [`tls`] (generated PKI + nginx), [`proxy`] (tinyproxy), [`socks`]
+//! (Dante, microsocks).
 #![allow(dead_code)]
 
 pub mod echo;

@@ -903,3 +903,79 @@ fn a_client_that_gave_up_restarts_with_its_configuration() {
     drop((client, again, moved));
     no_client_threads_left("restart");
 }
+
+// ---------------------------------------------------------------------------------------
+// close() from every state: within 100 ms plus the close timeout, every thread joined.
+// (A hanging TCP dial and a silent SOCKS proxy: `connect_setup::close_during_*`.)
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn close_from_every_state_returns_within_100_ms_plus_the_close_timeout() {
+    let _g = util::exclusive();
+    let close_timeout = Duration::from_secs(1);
+    let limit = close_timeout + Duration::from_millis(100);
+    let hang = TestServer::start(Behavior::Hang);
+    let echo = TestServer::echo();
+    let rejecting = TestServer::start(Behavior::reject(503));
+    let lazy = |url: &str| {
+        builder(url)
+            .close_timeout(close_timeout)
+            .connect_timeout(Duration::from_secs(30))
+    };
+    let mut report = Vec::new();
+    let mut check = |state: &str, client: Client| {
+        let events = client.events();
+        let t0 = Instant::now();
+        let c = client.clone();
+        bounded(state, T, move || c.close());
+        let took = t0.elapsed();
+        report.push(format!("{state}: {took:?}"));
+        assert!(took < limit, "close() in state {state} took {took:?}");
+        drop(client);
+        let evs = events_until_closed(&events, T);
+        assert_grammar(&evs, true);
+        no_client_threads_left(state);
+    };
+
+    // Waiting for the upgrade response (TCP accepted, nothing answered).
+    let client = lazy(&hang.url()).connect_lazy().expect("lazy");
+    assert!(hang.wait_accepted(1, T));
+    check("upgrade", client);
+    // Inside the TLS handshake (TCP accepted, no TLS answer).
+    let client = lazy(&hang.wss_url())
+        .danger_accept_invalid_certs(true)
+        .connect_lazy()
+        .expect("lazy");
+    assert!(hang.wait_accepted(2, T));
+    check("TLS handshake", client);
+    // Inside an on_connect hook waiting for an answer that never comes.
+    let (entered, in_hook) = crossbeam_channel::bounded(1);
+    let client = lazy(&echo.url())
+        .on_connect(move |s| {
+            let _ = entered.try_send(());
+            s.read(Duration::MAX).map(drop)
+        })
+        .connect_lazy()
+        .expect("lazy");
+    in_hook.recv_timeout(T).expect("the hook runs");
+    check("on_connect hook", client);
+    // Waiting out a long backoff.
+    let client = lazy(&rejecting.url())
+        .reconnect_policy(Fixed(Duration::from_secs(3600)))
+        .connect_lazy()
+        .expect("lazy");
+    let e = client.events().recv_timeout(T).expect("an event");
+    assert!(matches!(e, Event::Reconnecting { .. }), "{e:?}");
+    check("backoff", client);
+    // Open.
+    let client = lazy(&echo.url()).connect().expect("connect");
+    check("open", client);
+    // After a panic in the policy ended the client.
+    let client = lazy(&rejecting.url())
+        .reconnect_policy(PanickingPolicy)
+        .connect_lazy()
+        .expect("lazy");
+    assert!(util::wait_until(T, || client.state() == State::Closed));
+    check("after a panic", client);
+    eprintln!("close() took: {}", report.join(", "));
+}

@@ -83,6 +83,15 @@ pub enum Event {
     /// Messages accepted by `send` that will never be sent (dropped by
     /// `OverflowPolicy::DropOldest`, or still queued when the client closed or gave up).
     Undelivered(Vec<Message>),
+    /// At-most-once delivery: messages that were being written when connection
+    /// `generation` died. They are not sent again; the peer may or may not have them.
+    /// Emitted just before that connection's `Disconnected`.
+    Unconfirmed {
+        /// Connection number that died.
+        generation: u64,
+        /// The messages, in the order they were sent.
+        messages: Vec<Message>,
+    },
     /// A heartbeat probe got no answer in time (sent before death when more than
     /// one miss is allowed).
     HeartbeatMissed {

@@ -57,6 +57,7 @@ mod error;
 mod event;
 mod heartbeat;
 mod link;
+mod outbox;
 mod queue;
 mod reader;
 mod reconnect;
@@ -76,6 +77,7 @@ pub use event::{DisconnectReason, Event, State};
 pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
 /// Re-exported for [`ClientBuilder::identity`] and [`ClientBuilder::tls_connector`].
 pub use native_tls;
+pub use outbox::{Acks, Delivery, IdReader};
 pub use reconnect::Session;
 pub use tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
 pub use tungstenite::{Bytes, Message};

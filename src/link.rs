@@ -55,6 +55,7 @@ use crate::config::{Config, OverflowPolicy};
 use crate::dial::Cancel;
 use crate::event::EventSink;
 use crate::heartbeat::HbState;
+use crate::outbox::{Admit, Outbox};
 use crate::queue::{OfflineQueue, payload_len};
 use crate::time::{deadline, deadline_in};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
@@ -73,6 +74,11 @@ pub(crate) struct Tcp {
     read_quota: Option<usize>,
     /// When the OS last accepted outgoing bytes: a write stall is judged from here.
     last_write: Instant,
+    /// Bytes the OS accepted on this socket so far (TLS records included): the offset
+    /// at which each flushed message ends, to match against the kernel's send queue.
+    written: u64,
+    /// `written` when bytes last arrived from the peer (its last sign of life).
+    written_at_read: u64,
 }
 
 impl Tcp {
@@ -83,6 +89,8 @@ impl Tcp {
             deadline: Some(deadline),
             read_quota: None,
             last_write: Instant::now(),
+            written: 0,
+            written_at_read: 0,
         }
     }
 
@@ -126,6 +134,9 @@ impl Read for Tcp {
         if let Some(q) = self.read_quota.as_mut() {
             *q -= n;
         }
+        if n > 0 {
+            self.written_at_read = self.written;
+        }
         Ok(n)
     }
 }
@@ -136,6 +147,7 @@ impl Write for Tcp {
         let n = (&self.sock).write(buf)?;
         if n > 0 {
             self.last_write = Instant::now();
+            self.written += n as u64;
         }
         Ok(n)
     }
@@ -163,6 +175,13 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.last_write,
             Stream::Tls(s) => s.get_ref().last_write,
+        }
+    }
+
+    fn inner(&self) -> &Tcp {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
         }
     }
 
@@ -306,6 +325,71 @@ impl Waker {
     }
 }
 
+/// Bytes of `sock` the peer's TCP has not acknowledged yet (sent or not): the kernel's
+/// send queue. Linux: the `SIOCOUTQ` ioctl; macOS/iOS: `SO_NWRITE`. Elsewhere `None`
+/// (Windows has no per-socket equivalent short of `SIO_TCP_INFO`, and wsbeat is
+/// Unix-only). Behind a proxy this is what the *proxy's* TCP has not acknowledged.
+pub(crate) fn unacked_bytes(sock: &TcpStream) -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (= SIOCOUTQ on sockets) writes one int to the pointer.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        (r == 0 && n >= 0).then_some(n as u64)
+    }
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    {
+        let mut n: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: SO_NWRITE writes one int; `len` holds its size.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NWRITE,
+                (&mut n as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0 && n >= 0).then_some(n as u64)
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios"
+    )))]
+    {
+        let _ = sock;
+        None
+    }
+}
+
+/// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
+/// the socket byte offset at which each ended (at-least-once delivery only). Pruned
+/// against the kernel's send queue every `PRUNE_EVERY` messages or bytes, so memory
+/// stays within about what the kernel itself holds, plus `TRACK_CAP`.
+#[derive(Default)]
+pub(crate) struct Tracked {
+    msgs: VecDeque<(u64, Message)>,
+    bytes: usize,
+    prune_at: usize,
+}
+
+const PRUNE_EVERY: usize = 1024;
+const PRUNE_EVERY_BYTES: usize = 1 << 20;
+/// Past this many tracked bytes, messages the peer's TCP acknowledged after its last
+/// sign of life are forgotten (no longer counted as possibly lost).
+const TRACK_CAP: usize = 4 << 20;
+
+/// What a dead connection leaves to send again.
+pub(crate) struct Leftover {
+    /// In order: to be sent again on the next connection.
+    pub resend: Vec<Message>,
+    /// Acknowledged by the peer's TCP after the peer's last sign of life, not resent.
+    pub possibly_lost: u64,
+}
+
 /// One open connection, owned by the link while published.
 pub(crate) struct Live {
     pub ws: Ws,
@@ -314,8 +398,11 @@ pub(crate) struct Live {
     pub waker: Arc<Waker>,
     pub generation: u64,
     /// Messages written into tungstenite's buffer whose flush has not completed yet.
-    /// Cleared on every successful flush; put back in the offline queue if the link dies.
+    /// Cleared on every successful flush (into `tracked`, when tracking); put back in
+    /// the offline queue if the link dies (at-least-once) or handed back.
     pub in_flight: VecDeque<Message>,
+    /// Flushed messages the peer's TCP may not have acknowledged (`None`: not tracked).
+    pub tracked: Option<Tracked>,
     /// Set once when the connection is declared dead (first reporter wins).
     pub dead: Option<DisconnectReason>,
     /// Output is pending and the OS has accepted none of it since this instant
@@ -374,7 +461,7 @@ impl Live {
     pub(crate) fn try_flush(&mut self) -> std::result::Result<bool, tungstenite::Error> {
         match self.ws.flush() {
             Ok(()) => {
-                self.in_flight.clear();
+                self.flushed();
                 self.pending_since = None;
                 Ok(true)
             }
@@ -383,6 +470,66 @@ impl Live {
                 Ok(false)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Everything in flight reached the OS: it ends at or before the current offset.
+    fn flushed(&mut self) {
+        let Some(t) = self.tracked.as_mut() else {
+            self.in_flight.clear();
+            return;
+        };
+        if self.in_flight.is_empty() {
+            return;
+        }
+        let end = self.ws.get_ref().inner().written;
+        for m in self.in_flight.drain(..) {
+            t.bytes += payload_len(&m);
+            t.msgs.push_back((end, m));
+        }
+        if t.msgs.len() >= t.prune_at.max(PRUNE_EVERY) || t.bytes >= PRUNE_EVERY_BYTES {
+            let tcp = self.ws.get_ref().inner();
+            let (written, mark) = (tcp.written, tcp.written_at_read);
+            let acked = unacked_bytes(&self.sock).map(|q| written.saturating_sub(q));
+            let mut keep_after = acked.unwrap_or(mark).min(mark);
+            if t.bytes > TRACK_CAP {
+                keep_after = acked.unwrap_or(mark);
+            }
+            while let Some((e, m)) = t.msgs.front() {
+                if *e > keep_after && t.bytes <= 2 * TRACK_CAP {
+                    break;
+                }
+                t.bytes -= payload_len(m);
+                t.msgs.pop_front();
+            }
+            // Not acknowledged yet: look again when as many more were flushed.
+            t.prune_at = t.msgs.len() * 2;
+        }
+    }
+
+    /// The connection is dead: what to send again on the next one (at-least-once).
+    /// Reads the kernel's send queue, so call it before the socket is shut down.
+    pub(crate) fn leftover(&mut self) -> Leftover {
+        let mut resend = Vec::new();
+        let mut possibly_lost = 0;
+        if let Some(t) = self.tracked.as_mut() {
+            let tcp = self.ws.get_ref().inner();
+            let (written, mark) = (tcp.written, tcp.written_at_read);
+            // Unknown: everything after the peer's last sign of life is sent again.
+            let acked = unacked_bytes(&self.sock).map_or(mark, |q| written.saturating_sub(q));
+            for (end, m) in t.msgs.drain(..) {
+                if end > acked {
+                    resend.push(m);
+                } else if end > mark {
+                    possibly_lost += 1;
+                }
+            }
+            t.bytes = 0;
+        }
+        resend.extend(self.in_flight.drain(..));
+        Leftover {
+            resend,
+            possibly_lost,
         }
     }
 }
@@ -397,6 +544,8 @@ pub(crate) struct Link {
     /// The supervisor is writing the offline queue into a fresh connection; sends
     /// append to the queue so order is kept.
     pub flushing_queue: bool,
+    /// Acked delivery: the unacked messages.
+    pub outbox: Option<Outbox>,
 }
 
 impl Link {
@@ -412,6 +561,12 @@ pub(crate) struct Counters {
     pub sent: AtomicU64,
     pub received: AtomicU64,
     pub reconnects: AtomicU64,
+    /// At-least-once: messages written on a connection that died, and the kernel's
+    /// send queue still held (or the write never completed): sent again.
+    pub resent: AtomicU64,
+    /// At-least-once: messages the peer's TCP acknowledged after its last sign of life
+    /// on a connection that then died: perhaps never processed, not sent again.
+    pub possibly_lost: AtomicU64,
 }
 
 /// Commands to the supervisor (reconnect) thread. The channel is unbounded.
@@ -456,6 +611,19 @@ pub(crate) struct Shared {
     /// Where waiting senders sleep. A leaf lock: nobody blocks on `link` while holding it.
     pub gate: Mutex<()>,
     pub gate_cv: Condvar,
+}
+
+fn outbox_timeout(link: &Link) -> Duration {
+    link.outbox
+        .as_ref()
+        .map_or(Duration::MAX, |o| o.ack_timeout())
+}
+
+/// Messages a batch buffered on connection `cgen` (0: none yet) since its last flush.
+#[derive(Default)]
+struct Batch {
+    cgen: u64,
+    buffered: u64,
 }
 
 /// How a send waits.
@@ -503,18 +671,182 @@ impl Shared {
         self.mark_dead(&mut link, cgen, reason);
     }
 
-    /// The send path shared by `send` and `try_send`.
+    /// The send path of `send` and `try_send`: a batch of one.
     pub(crate) fn send(&self, msg: Message, mode: SendMode) -> Result<()> {
+        let mut failed = None;
+        self.send_many(std::iter::once((0, msg)), mode, &mut |_, e| {
+            failed = Some(e)
+        });
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// Sends a batch under one lock hold: each message is written into tungstenite's
+    /// buffer (or queued, or handed back to `fail` with its index), and the buffer is
+    /// flushed once at the end (and whenever it is full). The lock is let go only to
+    /// wait for the socket (`unlocked_fair`), never across a network wait.
+    pub(crate) fn send_many(
+        &self,
+        msgs: impl Iterator<Item = (usize, Message)>,
+        mode: SendMode,
+        fail: &mut dyn FnMut(usize, Error),
+    ) {
         let limit = self.cfg.limits.max_message_size;
-        let size = payload_len(&msg);
-        if size > limit {
-            return Err(Error::MessageTooLarge {
-                size,
-                limit,
-                message: msg,
-            });
+        let mut link = self.lock_for_send();
+        let mut batch = Batch::default();
+        for (i, msg) in msgs {
+            let size = payload_len(&msg);
+            if size > limit {
+                fail(
+                    i,
+                    Error::MessageTooLarge {
+                        size,
+                        limit,
+                        message: msg,
+                    },
+                );
+                continue;
+            }
+            if let Err(e) = self.accept(&mut link, msg, mode, &mut batch) {
+                fail(i, e);
+            }
         }
-        self.dispatch(self.lock_for_send(), msg, mode)
+        if batch.cgen != 0 {
+            self.flush_batch(&mut link, &mut batch, mode);
+        }
+    }
+
+    /// One message of a batch: admitted to the outbox (acked delivery), then written into
+    /// the connection's buffer (not flushed), or queued, or handed back.
+    fn accept(
+        &self,
+        link: &mut MutexGuard<'_, Link>,
+        mut msg: Message,
+        mode: SendMode,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        if link.outbox.is_some() {
+            self.admit(link, &msg, mode)
+                .map_err(|()| Error::QueueFull {
+                    message: msg.clone(),
+                })?;
+        }
+        loop {
+            if matches!(link.state, State::Closed | State::Closing) {
+                self.unadmit(link, &msg);
+                return Err(Error::Closed { message: Some(msg) });
+            }
+            if !link.takes_direct() {
+                if !self.cfg.offline_queue && !link.flushing_queue {
+                    self.unadmit(link, &msg);
+                    return Err(Error::Offline { message: msg });
+                }
+                match self.enqueue(link, msg, mode) {
+                    Ok(None) => return Ok(()),
+                    // A connection opened while we waited for queue room: write on it.
+                    Ok(Some(m)) => {
+                        msg = m;
+                        continue;
+                    }
+                    Err(e) => {
+                        if let Some(m) = match &e {
+                            Error::QueueFull { message } => Some(message),
+                            _ => None,
+                        } {
+                            self.unadmit(link, m);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            let l: &mut Link = link;
+            let live = l.conn.as_mut().expect("direct: a live connection");
+            if batch.cgen != live.generation {
+                // A new connection (the previous one died under this batch).
+                *batch = Batch {
+                    cgen: live.generation,
+                    buffered: 0,
+                };
+            }
+            let id = l.outbox.as_ref().and_then(|o| o.id(&msg));
+            let written = live.write_tracked(msg);
+            if let (Some(o), Some(id)) = (l.outbox.as_mut(), id)
+                && !matches!(written, Ok(Written::Full(_)))
+            {
+                o.written(id, Instant::now());
+            }
+            match written {
+                Ok(Written::Buffered) => {
+                    batch.buffered += 1;
+                    return Ok(());
+                }
+                Ok(Written::Full(m)) => {
+                    msg = m;
+                    // Make room: flush what is buffered (waiting, unless `Try`).
+                    self.flush_batch(link, batch, mode);
+                    let still_full = link
+                        .conn
+                        .as_ref()
+                        .is_some_and(|l| l.generation == batch.cgen && l.pending_since.is_some());
+                    if mode == SendMode::Try && still_full {
+                        self.unadmit(link, &msg);
+                        return Err(Error::WouldBlock { message: msg });
+                    }
+                }
+                Err(e) => {
+                    // In `in_flight`: requeued or handed back with the connection.
+                    let reason = reason_of(&e);
+                    self.mark_dead(link, batch.cgen, reason);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Acked delivery: makes room in the outbox per the overflow policy and tracks `msg`.
+    fn admit(
+        &self,
+        link: &mut MutexGuard<'_, Link>,
+        msg: &Message,
+        mode: SendMode,
+    ) -> std::result::Result<(), ()> {
+        let until = match self.cfg.overflow {
+            OverflowPolicy::Block(limit) => deadline_in(limit),
+            _ => Instant::now(),
+        };
+        loop {
+            let outbox = link.outbox.as_mut().expect("acked delivery");
+            let was_empty = outbox.len() == 0;
+            if let Admit::Ok = outbox.admit(msg) {
+                if was_empty {
+                    // The timer computes the first ack deadline.
+                    let _ = self.timer.send(TimerCmd::Wake);
+                }
+                return Ok(());
+            }
+            match (self.cfg.overflow, mode) {
+                (OverflowPolicy::DropOldest, _) => match outbox.drop_oldest_written() {
+                    Some(old) => self.emit(Event::Undelivered(vec![old])),
+                    None => return Err(()),
+                },
+                (OverflowPolicy::Block(_), SendMode::Blocking) => {
+                    if matches!(link.state, State::Closed | State::Closing) {
+                        return Err(());
+                    }
+                    // The reader notifies `changed` when acks made room.
+                    if self.changed.wait_until(link, until).timed_out() {
+                        return Err(());
+                    }
+                }
+                _ => return Err(()),
+            }
+        }
+    }
+
+    /// Acked delivery: `msg` was handed back after all, stop tracking it.
+    fn unadmit(&self, link: &mut Link, msg: &Message) {
+        if let Some(o) = link.outbox.as_mut() {
+            o.forget(msg);
+        }
     }
 
     /// Takes `link` for a send. Not with `lock()`: a contended parking_lot lock spins and
@@ -568,25 +900,20 @@ impl Shared {
         }
     }
 
-    /// Sends on the open connection, or queues while there is none.
-    fn dispatch(&self, link: MutexGuard<'_, Link>, msg: Message, mode: SendMode) -> Result<()> {
-        if matches!(link.state, State::Closed | State::Closing) {
-            return Err(Error::Closed { message: Some(msg) });
-        }
-        if link.takes_direct() {
-            self.write_direct(link, msg, mode)
-        } else {
-            self.enqueue(link, msg, mode)
-        }
-    }
-
-    fn enqueue(&self, mut link: MutexGuard<'_, Link>, msg: Message, mode: SendMode) -> Result<()> {
+    /// Queues `msg` while no connection takes direct sends. `Ok(Some(msg))`: a
+    /// connection opened while we waited for room (`Block`), write on it instead.
+    fn enqueue(
+        &self,
+        link: &mut MutexGuard<'_, Link>,
+        msg: Message,
+        mode: SendMode,
+    ) -> Result<Option<Message>> {
         if !link.queue.could_fit(&msg) {
             return Err(Error::QueueFull { message: msg });
         }
         if link.queue.has_room(&msg) {
             link.queue.push_back(msg);
-            return Ok(());
+            return Ok(None);
         }
         match (self.cfg.overflow, mode) {
             (OverflowPolicy::Reject, _) | (OverflowPolicy::Block(_), SendMode::Try) => {
@@ -601,25 +928,28 @@ impl Shared {
                     }
                 }
                 link.queue.push_back(msg);
-                drop(link);
+                for m in &dropped {
+                    self.unadmit(link, m);
+                }
                 log::warn!(
                     "offline queue full: dropped {} oldest messages",
                     dropped.len()
                 );
+                // Unbounded channel: fine under the lock (rule 4).
                 self.emit(Event::Undelivered(dropped));
-                Ok(())
+                Ok(None)
             }
             (OverflowPolicy::Block(limit), SendMode::Blocking) => {
                 let deadline = deadline_in(limit);
                 loop {
                     if link.takes_direct() || matches!(link.state, State::Closed | State::Closing) {
-                        return self.dispatch(link, msg, SendMode::Blocking);
+                        return Ok(Some(msg));
                     }
                     if link.queue.has_room(&msg) {
                         link.queue.push_back(msg);
-                        return Ok(());
+                        return Ok(None);
                     }
-                    if self.changed.wait_until(&mut link, deadline).timed_out() {
+                    if self.changed.wait_until(link, deadline).timed_out() {
                         return Err(Error::QueueFull { message: msg });
                     }
                 }
@@ -627,94 +957,118 @@ impl Shared {
         }
     }
 
-    /// Writes on the open connection. Returns `Ok` once the message reached the OS, or
-    /// once the connection died with it in flight (it is then requeued by the supervisor).
-    fn write_direct(
-        &self,
-        mut link: MutexGuard<'_, Link>,
-        msg: Message,
-        mode: SendMode,
-    ) -> Result<()> {
+    /// Flushes what the batch buffered on its connection. Blocking: waits (without the
+    /// lock) until it all reached the OS, the connection died, or the write stalled past
+    /// the write timeout (then declares it dead; what was in flight is requeued or handed
+    /// back with the connection). `Try`: one nonblocking flush, the rest is left to the
+    /// reader (woken) and judged by the timer.
+    fn flush_batch(&self, link: &mut MutexGuard<'_, Link>, batch: &mut Batch, mode: SendMode) {
         let write_timeout = self.cfg.write_timeout;
-        let Some(live) = link.conn.as_mut() else {
-            unreachable!("write_direct without a connection")
-        };
-        let cgen = live.generation;
-        let mut unsent = Some(msg);
+        let cgen = batch.cgen;
         loop {
-            let live = match link.conn.as_mut() {
-                Some(l) if l.generation == cgen && l.takes_data() => l,
-                // The connection died (or its close frame was queued) while we waited: a
-                // message still unsent goes to the queue or back to the caller (never after
-                // a close frame); one in flight was requeued.
-                _ => {
-                    return match unsent {
-                        Some(m) => self.dispatch(link, m, mode),
-                        None => Ok(()),
-                    };
-                }
+            let Some(live) = link
+                .conn
+                .as_mut()
+                .filter(|l| l.generation == cgen && l.takes_data())
+            else {
+                // Died (or its close frame was queued) meanwhile: the batch's messages
+                // went with the connection.
+                batch.buffered = 0;
+                return;
             };
-            if let Some(m) = unsent.take() {
-                match live.write_tracked(m) {
-                    Ok(Written::Buffered) => {}
-                    // Not buffered: keep it and wait for room.
-                    Ok(Written::Full(m)) => unsent = Some(m),
-                    Err(e) => {
-                        let reason = reason_of(&e);
-                        self.mark_dead(&mut link, cgen, reason);
-                        return Ok(());
-                    }
-                }
-            }
-            let live = link.conn.as_mut().expect("checked above");
             let was_pending = live.pending_since.is_some();
             match live.try_flush() {
-                Ok(true) if unsent.is_none() => {
-                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
+                Ok(true) => {
+                    self.counters
+                        .sent
+                        .fetch_add(std::mem::take(&mut batch.buffered), Ordering::Relaxed);
+                    return;
                 }
-                Ok(_) => {}
+                Ok(false) => {}
                 Err(e) => {
+                    batch.buffered = 0;
                     let reason = reason_of(&e);
-                    self.mark_dead(&mut link, cgen, reason);
-                    return Ok(());
+                    self.mark_dead(link, cgen, reason);
+                    return;
                 }
             }
-            // Output is pending.
             if mode == SendMode::Try {
-                return match unsent {
-                    Some(m) => Err(Error::WouldBlock { message: m }),
-                    None => {
-                        // Buffered: the reader flushes it when the socket drains, and
-                        // the timer judges a stall. Tell them once per pending episode.
-                        if !was_pending {
-                            live.waker.wake();
-                            let _ = self.timer.send(TimerCmd::Wake);
-                        }
-                        self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    }
-                };
-            }
-            let Some(since) = live.pending_since else {
-                // Flushed: there is room for the message that did not fit. Retry.
-                continue;
-            };
-            let deadline = deadline(since, write_timeout);
-            let now = Instant::now();
-            if now >= deadline {
-                log::warn!("connection {cgen}: write stalled for {write_timeout:?}");
-                if let Some(m) = unsent.take() {
-                    link.queue.push_front(m);
+                // Buffered: the reader flushes it when the socket drains, and the timer
+                // judges a stall. Tell them once per pending episode.
+                if !was_pending {
+                    live.waker.wake();
+                    let _ = self.timer.send(TimerCmd::Wake);
                 }
-                self.mark_dead(&mut link, cgen, DisconnectReason::WriteStalled);
-                return Ok(());
+                self.counters
+                    .sent
+                    .fetch_add(std::mem::take(&mut batch.buffered), Ordering::Relaxed);
+                return;
+            }
+            let since = live.pending_since.unwrap_or_else(Instant::now);
+            let now = Instant::now();
+            let left = deadline(since, write_timeout).saturating_duration_since(now);
+            if left.is_zero() {
+                log::warn!("connection {cgen}: write stalled for {write_timeout:?}");
+                batch.buffered = 0;
+                self.mark_dead(link, cgen, DisconnectReason::WriteStalled);
+                return;
             }
             let sock = live.sock.clone();
-            MutexGuard::unlocked_fair(&mut link, || {
-                wait_writable(&sock, deadline - now);
+            MutexGuard::unlocked_fair(link, || {
+                wait_writable(&sock, left);
             });
         }
+    }
+
+    /// Acked delivery, called by the timer under the lock: writes again the messages
+    /// whose ack is overdue (in order, without waiting: what does not fit waits for the
+    /// next round). Returns when to look again.
+    pub(crate) fn resend_overdue(&self, link: &mut Link, now: Instant) -> Option<Instant> {
+        let outbox = link.outbox.as_mut()?;
+        let live = link.conn.as_mut().filter(|l| l.takes_data())?;
+        if link.flushing_queue {
+            // The supervisor is writing the queue; look again shortly.
+            return Some(deadline(now, Duration::from_millis(10)));
+        }
+        let (due, next) = outbox.overdue(now);
+        if due.is_empty() {
+            return next;
+        }
+        let cgen = live.generation;
+        log::debug!(
+            "connection {cgen}: {} acks overdue, sending again",
+            due.len()
+        );
+        let mut failed = None;
+        for m in due {
+            let id = outbox.id(&m);
+            match live.write_tracked(m) {
+                Ok(Written::Buffered) => {}
+                Ok(Written::Full(_)) => break,
+                Err(e) => {
+                    failed = Some(reason_of(&e));
+                }
+            }
+            if let Some(id) = id {
+                outbox.written(id, now);
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        if failed.is_none() {
+            match live.try_flush() {
+                Ok(true) => {}
+                Ok(false) => live.waker.wake(),
+                Err(e) => failed = Some(reason_of(&e)),
+            }
+        }
+        if let Some(reason) = failed {
+            self.mark_dead(link, cgen, reason);
+            return None;
+        }
+        let again = deadline(now, outbox_timeout(link));
+        Some(next.map_or(again, |n| n.min(again)))
     }
 
     /// Shuts the socket of `live` down so its reader wakes; used by teardown.

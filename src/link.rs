@@ -367,20 +367,27 @@ pub(crate) fn unacked_bytes(sock: &TcpStream) -> Option<u64> {
 
 /// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
 /// the socket byte offset at which each ended (at-least-once delivery only). Pruned
-/// against the kernel's send queue every `PRUNE_EVERY` messages or bytes, so memory
-/// stays within about what the kernel itself holds, plus `TRACK_CAP`.
+/// against the kernel's send queue (one ioctl) every `PRUNE_EVERY` messages or
+/// `PRUNE_EVERY_BYTES` bytes, so memory stays within about what the kernel itself
+/// holds, plus `TRACK_CAP`.
 #[derive(Default)]
 pub(crate) struct Tracked {
     msgs: VecDeque<(u64, Message)>,
     bytes: usize,
-    prune_at: usize,
+    since_prune: usize,
+    bytes_since_prune: usize,
+    /// End offsets of messages the peer's TCP acknowledged after its last sign of life.
+    acked_ends: VecDeque<u64>,
 }
 
 const PRUNE_EVERY: usize = 1024;
 const PRUNE_EVERY_BYTES: usize = 1 << 20;
-/// Past this many tracked bytes, messages the peer's TCP acknowledged after its last
-/// sign of life are forgotten (no longer counted as possibly lost).
+/// With no kernel figure (no `SIOCOUTQ` equivalent), at most this many bytes of
+/// messages sent after the peer's last sign of life are kept for a re-send.
 const TRACK_CAP: usize = 4 << 20;
+/// At most this many messages acknowledged by TCP after the peer's last sign of life
+/// are remembered (8 bytes each) for the possibly-lost count.
+const ACKED_CAP: usize = 1 << 16;
 
 /// What a dead connection leaves to send again.
 pub(crate) struct Leftover {
@@ -484,26 +491,45 @@ impl Live {
         }
         let end = self.ws.get_ref().inner().written;
         for m in self.in_flight.drain(..) {
-            t.bytes += payload_len(&m);
+            let n = payload_len(&m);
+            t.bytes += n;
+            t.bytes_since_prune += n;
+            t.since_prune += 1;
             t.msgs.push_back((end, m));
         }
-        if t.msgs.len() >= t.prune_at.max(PRUNE_EVERY) || t.bytes >= PRUNE_EVERY_BYTES {
+        if t.since_prune >= PRUNE_EVERY || t.bytes_since_prune >= PRUNE_EVERY_BYTES {
+            t.since_prune = 0;
+            t.bytes_since_prune = 0;
             let tcp = self.ws.get_ref().inner();
             let (written, mark) = (tcp.written, tcp.written_at_read);
             let acked = unacked_bytes(&self.sock).map(|q| written.saturating_sub(q));
-            let mut keep_after = acked.unwrap_or(mark).min(mark);
-            if t.bytes > TRACK_CAP {
-                keep_after = acked.unwrap_or(mark);
-            }
+            // Keep the messages the peer's TCP has not acknowledged (bounded by the
+            // kernel's send buffer); of those it acknowledged after its last sign of
+            // life only the end offsets (possibly lost if the link dies now), at most
+            // `ACKED_CAP`. With no kernel figure, keep what came after the last sign of
+            // life, up to `TRACK_CAP` bytes.
+            let keep_after = match acked {
+                Some(a) => a,
+                None if t.bytes <= TRACK_CAP => mark,
+                None => u64::MAX,
+            };
             while let Some((e, m)) = t.msgs.front() {
-                if *e > keep_after && t.bytes <= 2 * TRACK_CAP {
+                let e = *e;
+                if e > keep_after {
                     break;
+                }
+                if acked.is_some() && e > mark {
+                    if t.acked_ends.len() >= ACKED_CAP {
+                        t.acked_ends.pop_front();
+                    }
+                    t.acked_ends.push_back(e);
                 }
                 t.bytes -= payload_len(m);
                 t.msgs.pop_front();
             }
-            // Not acknowledged yet: look again when as many more were flushed.
-            t.prune_at = t.msgs.len() * 2;
+            while t.acked_ends.front().is_some_and(|e| *e <= mark) {
+                t.acked_ends.pop_front();
+            }
         }
     }
 
@@ -524,6 +550,7 @@ impl Live {
                     possibly_lost += 1;
                 }
             }
+            possibly_lost += t.acked_ends.drain(..).filter(|e| *e > mark).count() as u64;
             t.bytes = 0;
         }
         resend.extend(self.in_flight.drain(..));
@@ -624,7 +651,13 @@ fn outbox_timeout(link: &Link) -> Duration {
 struct Batch {
     cgen: u64,
     buffered: u64,
+    /// Frame bytes buffered since the last flush attempt (payload + at most 14 header).
+    bytes: usize,
 }
+
+/// A batch hands its buffer to the OS every this many bytes (tungstenite's own write
+/// buffer size), so memory and `in_flight` stay small in long batches.
+const BATCH_FLUSH_BYTES: usize = 128 << 10;
 
 /// How a send waits.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -730,6 +763,7 @@ impl Shared {
                     message: msg.clone(),
                 })?;
         }
+        let size = payload_len(&msg);
         loop {
             if matches!(link.state, State::Closed | State::Closing) {
                 self.unadmit(link, &msg);
@@ -764,7 +798,7 @@ impl Shared {
                 // A new connection (the previous one died under this batch).
                 *batch = Batch {
                     cgen: live.generation,
-                    buffered: 0,
+                    ..Batch::default()
                 };
             }
             let id = l.outbox.as_ref().and_then(|o| o.id(&msg));
@@ -777,6 +811,25 @@ impl Shared {
             match written {
                 Ok(Written::Buffered) => {
                     batch.buffered += 1;
+                    batch.bytes += size + 14;
+                    if batch.bytes >= BATCH_FLUSH_BYTES {
+                        // Hand a full buffer to the OS without waiting (as tungstenite
+                        // itself would), so `in_flight` stays small in a long batch.
+                        batch.bytes = 0;
+                        match live.try_flush() {
+                            Ok(true) => {
+                                self.counters.sent.fetch_add(
+                                    std::mem::take(&mut batch.buffered),
+                                    Ordering::Relaxed,
+                                );
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                let reason = reason_of(&e);
+                                self.mark_dead(link, batch.cgen, reason);
+                            }
+                        }
+                    }
                     return Ok(());
                 }
                 Ok(Written::Full(m)) => {

@@ -6,6 +6,9 @@
 //!   then Text `end`; the clock stops when the client has read `end` (wsbeat: received it
 //!   from `events()`, so every message crossed the event channel).
 //!
+//! * client -> server batched (64 B): raw tungstenite `write()` N messages then one
+//!   `flush()`, against wsbeat `send_all` of the same N (goal >= 0.8x).
+//!
 //! Rounds alternate raw/wsbeat; the median round is reported.
 
 use std::hint::black_box;
@@ -19,12 +22,10 @@ use crate::util::{self, RawWs, fmt_rate, median};
 use crate::{Met, Opts, Row, ratio};
 
 const GOAL: f64 = 0.9;
+const BATCH_GOAL: f64 = 0.8;
 
-fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
-    let t = Instant::now();
-    for _ in 0..n {
-        ws.send(Message::Binary(payload.clone())).expect("raw send");
-    }
+/// Waits for the sink's count after `done`.
+fn raw_count(ws: &mut RawWs, n: usize) {
     ws.send(Message::text("done")).expect("raw send");
     loop {
         if let Message::Text(c) = ws.read().expect("raw read") {
@@ -32,6 +33,91 @@ fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
             break;
         }
     }
+}
+
+fn wsbeat_count(c: &Client, rx: &crossbeam_channel::Receiver<Event>, n: usize) {
+    c.send_text("done").expect("wsbeat send");
+    loop {
+        match rx.recv_timeout(Duration::from_secs(60)).expect("count") {
+            Event::Message(Message::Text(cnt)) => {
+                assert_eq!(cnt.as_str(), n.to_string(), "server count");
+                break;
+            }
+            Event::Disconnected { reason, .. } => panic!("disconnected: {reason}"),
+            _ => {}
+        }
+    }
+}
+
+fn raw_c2s_batched(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        ws.write(Message::Binary(payload.clone()))
+            .expect("raw write");
+    }
+    ws.flush().expect("raw flush");
+    raw_count(ws, n);
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn wsbeat_c2s_batched(
+    c: &Client,
+    rx: &crossbeam_channel::Receiver<Event>,
+    n: usize,
+    payload: &Bytes,
+) -> f64 {
+    let t = Instant::now();
+    c.send_all((0..n).map(|_| Message::Binary(payload.clone())))
+        .expect("wsbeat send_all");
+    wsbeat_count(c, rx, n);
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Client -> server 64 B, batched: one flush per N messages on both sides.
+fn batched(o: &Opts, srv: &Server, rounds: usize, rows: &mut Vec<Row>) {
+    let n = o.pick(1_000_000, 100_000);
+    let payload = Bytes::from(vec![0x33u8; 64]);
+    let mut raw = RawWs::connect(srv.addr, "/sink", None);
+    let client = util::builder(&srv.url("/sink"))
+        .connect()
+        .expect("wsbeat connect");
+    let rx = client.events();
+    raw_c2s_batched(&mut raw, n / 10, &payload);
+    wsbeat_c2s_batched(&client, &rx, n / 10, &payload);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        if r % 2 == 0 {
+            a.push(raw_c2s_batched(&mut raw, n, &payload));
+            b.push(wsbeat_c2s_batched(&client, &rx, n, &payload));
+        } else {
+            b.push(wsbeat_c2s_batched(&client, &rx, n, &payload));
+            a.push(raw_c2s_batched(&mut raw, n, &payload));
+        }
+    }
+    raw.close();
+    let _ = client.close();
+    let (ma, mb) = (median(&a), median(&b));
+    println!(
+        "  client->server 64 B batched: raw rounds {:?} | wsbeat rounds {:?} (k msg/s)",
+        a.iter().map(|x| (x / 1e3).round()).collect::<Vec<_>>(),
+        b.iter().map(|x| (x / 1e3).round()).collect::<Vec<_>>()
+    );
+    rows.push(Row::new(
+        "throughput client->server 64 B batched: raw write-all-then-flush vs send_all (msg/s; MB/s)",
+        format!("{} msg/s; {:.0} MB/s", fmt_rate(ma), ma * 64.0 / 1e6),
+        format!("{} msg/s; {:.0} MB/s", fmt_rate(mb), mb * 64.0 / 1e6),
+        ratio(mb, ma),
+        format!(">= {BATCH_GOAL}x"),
+        Met::from(mb >= ma * BATCH_GOAL),
+    ));
+}
+
+fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        ws.send(Message::Binary(payload.clone())).expect("raw send");
+    }
+    raw_count(ws, n);
     n as f64 / t.elapsed().as_secs_f64()
 }
 
@@ -45,17 +131,7 @@ fn wsbeat_c2s(
     for _ in 0..n {
         c.send_binary(payload.clone()).expect("wsbeat send");
     }
-    c.send_text("done").expect("wsbeat send");
-    loop {
-        match rx.recv_timeout(Duration::from_secs(60)).expect("count") {
-            Event::Message(Message::Text(cnt)) => {
-                assert_eq!(cnt.as_str(), n.to_string(), "server count");
-                break;
-            }
-            Event::Disconnected { reason, .. } => panic!("disconnected: {reason}"),
-            _ => {}
-        }
-    }
+    wsbeat_count(c, rx, n);
     n as f64 / t.elapsed().as_secs_f64()
 }
 
@@ -246,10 +322,13 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                 ));
             }
         }
+        if path == "/sink" {
+            batched(o, &srv, rounds, &mut rows);
+        }
     }
     notes.push(format!(
         "Throughput: median of {rounds} alternating rounds (full mode: c2s 100k x 64 B / 10k x \
-         64 KiB, s2c 1M x 64 B / 10k x 64 KiB per round), ws, one connection each; msg/s and \
+         64 KiB, c2s batched 1M x 64 B, s2c 1M x 64 B / 10k x 64 KiB per round), ws, one connection each; msg/s and \
          bytes/s ratios are the same number since sizes are fixed."
     ));
     rows

@@ -66,7 +66,7 @@ fn send_all_writes_a_batch_in_order_and_hands_back_failures_by_index() {
         .collect();
     assert_eq!(texts(&server, 0), want);
     // Offline, the batch goes to the queue in order and follows the queue's bounds.
-    client.close().unwrap();
+    client.close();
     let closed = client.send_all(["a", "b"]).unwrap_err();
     assert!(matches!(&closed[1].1, Error::Closed { message: Some(m) } if *m == Message::text("b")));
 }
@@ -144,7 +144,7 @@ fn at_most_once_hands_in_flight_messages_back_and_never_resends_them() {
         "nothing resent"
     );
     assert_eq!(client.stats().resent, 0);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -177,7 +177,7 @@ fn at_least_once_resends_in_flight_messages_on_the_next_connection() {
         accepted.len() as u64,
         "every accepted message is resent or counted ({st:?})"
     );
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]
@@ -202,7 +202,7 @@ fn offline_queue_off_fails_sends_at_once_with_the_message() {
         other => panic!("expected Offline, got {other:?}"),
     }
     assert_eq!(client.stats().queued, 0);
-    assert!(client.close().unwrap().is_empty());
+    assert!(client.close().is_empty());
 }
 
 fn id_msg(i: u64) -> Message {
@@ -253,7 +253,7 @@ fn acked_outbox_resends_unacked_after_reconnect_and_hands_them_back_on_close() {
     server.reset_all();
     assert_eq!(next_connected(&events), 4);
     client.send_all((111..=113).map(id_msg)).unwrap();
-    let back = client.close().unwrap();
+    let back = client.close();
     assert_eq!(back, (111..=113).map(id_msg).collect::<Vec<_>>());
 }
 
@@ -290,7 +290,7 @@ fn acked_outbox_resends_after_the_ack_timeout_on_the_same_connection() {
     let st = client.stats();
     assert_eq!((st.outbox, st.resent, st.reconnects), (0, 2, 0), "{st:?}");
     assert_eq!(texts(&server, 0), vec!["id:1", "id:2", "id:1", "id:2"]);
-    client.close().unwrap();
+    client.close();
 }
 
 #[test]

@@ -135,7 +135,7 @@ fn acked_delivery_loses_nothing_while_the_server_is_killed_every_second() {
     while client.stats().outbox > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20)); // polling a counter with a deadline
     }
-    let back = client.close().unwrap();
+    let back = client.close();
     let st = client.stats();
     drop(server);
     for m in back {

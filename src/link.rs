@@ -490,7 +490,8 @@ impl Live {
             return;
         }
         let end = self.ws.get_ref().inner().written;
-        for m in self.in_flight.drain(..) {
+        // `pop_front`, not `drain`: cheaper for the usual one or two messages.
+        while let Some(m) = self.in_flight.pop_front() {
             let n = payload_len(&m);
             t.bytes += n;
             t.bytes_since_prune += n;

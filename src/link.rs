@@ -3,12 +3,12 @@
 //! # Lock discipline
 //! There is one lock per client, `Shared::link` (a `parking_lot::Mutex<Link>`, with the
 //! `Shared::changed` condvar). It guards the current socket, the offline queue, the
-//! connection state and the heartbeat state.
+//! connection state, the heartbeat state and the outbox of acked delivery.
 //!
 //! ## Every lock, and the order
 //! | lock | taken by | held around |
 //! |------|----------|-------------|
-//! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect` | socket calls in nonblocking mode, queue and state updates, `Heartbeat::app` reply matchers (user code), unbounded channel sends |
+//! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect` | socket calls in nonblocking mode, queue, outbox and state updates, `Heartbeat::app` reply matchers and `Acks` id readers (user code), one `SIOCOUTQ` ioctl per 1024 flushed messages, unbounded channel sends |
 //! | `Shared::connecting` (the mutex inside `dial::Cancel`) | supervisor (`establish` / `connect::open`: attach / detach the socket of the attempt), `close()` (`Cancel::cancel`: shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
@@ -21,8 +21,9 @@
 //! `Client` method (nothing ever takes `policy` while holding another lock), and `gate` →
 //! `link` by `try_lock` only, which cannot wait and so cannot deadlock. (crossbeam's
 //! internal channel locks are leaves too: an unbounded send never waits.)
-//! Consequences for user code: a `Heartbeat::app` reply matcher runs under `link` and must
-//! not call back into the `Client` (the mutex is not reentrant); event handlers, request
+//! Consequences for user code: a `Heartbeat::app` reply matcher and the `Acks` id readers
+//! (`id_of`, `ack_of`) run under `link` and must not call back into the `Client` (the
+//! mutex is not reentrant); event handlers, request
 //! factories, `on_connect` hooks and reconnect policies run with no `link` held.
 //!
 //! ## Rules for everything done under `link`
@@ -37,6 +38,9 @@
 //! 5. On `WouldBlock` tungstenite keeps the frame: we retry `flush()`, never re-send.
 //! 6. No thread is joined while any lock is held (the supervisor joins the reader after
 //!    releasing `link`, `close()` joins the supervisor after releasing `supervisor`).
+//! 7. A batch (`send_all`) keeps `link` across its messages, but like a single send it lets
+//!    go whenever it waits: for the socket (`unlocked_fair` around `poll`), or for queue /
+//!    outbox room under `OverflowPolicy::Block` (the `changed` condvar).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -830,6 +834,10 @@ impl Shared {
                                 self.mark_dead(link, batch.cgen, reason);
                             }
                         }
+                        // A long batch lets the reader, the timer and other senders in
+                        // between chunks (handed over if one is parked on the lock). Each
+                        // later message checks the connection again.
+                        MutexGuard::unlocked_fair(link, || {});
                     }
                     return Ok(());
                 }

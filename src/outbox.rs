@@ -74,8 +74,8 @@ impl Acks {
     /// `id_of` reads the id of an outgoing message (`None`: not tracked, sent at least
     /// once); `ack_of` recognises an inbound ack and returns the id it acknowledges.
     /// Both run under the client's lock (like a heartbeat reply matcher): keep them
-    /// short and do not call back into the `Client`. Ids must be unique among the
-    /// unacked messages.
+    /// short and do not call back into the `Client`; a panic in them is logged and
+    /// counts as `None`. Ids must be unique among the unacked messages.
     ///
     /// Defaults: ack timeout 10 s, at most 10 000 unacked messages (the overflow policy
     /// of [`ClientBuilder::overflow`](crate::ClientBuilder::overflow) applies when full),
@@ -154,6 +154,12 @@ fn json_u64(m: &Message, key: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
+/// Runs a user's id reader. It runs under the lock on a wsbeat thread or in a sender:
+/// a panic is logged and counts as "no id" (not tracked / not an ack).
+fn read_id(f: &IdReader, msg: &Message, origin: &'static str) -> Option<u64> {
+    crate::Error::catch(origin, || f(msg)).ok().flatten()
+}
+
 struct Entry {
     id: u64,
     /// `None` once acked (or dropped): the slot waits to be popped from the front.
@@ -204,7 +210,7 @@ impl Outbox {
 
     /// Tracks `msg` (if it has an id). `Full` when the bound is reached.
     pub(crate) fn admit(&mut self, msg: &Message) -> Admit {
-        let Some(id) = (self.acks.id_of)(msg) else {
+        let Some(id) = read_id(&self.acks.id_of, msg, "Acks id_of") else {
             return Admit::Ok;
         };
         if self.index.len() >= self.acks.max_messages {
@@ -228,7 +234,7 @@ impl Outbox {
 
     /// The id of `msg`, if it has one (is tracked).
     pub(crate) fn id(&self, msg: &Message) -> Option<u64> {
-        (self.acks.id_of)(msg)
+        read_id(&self.acks.id_of, msg, "Acks id_of")
     }
 
     /// The message with `id` was written to a connection (buffered in tungstenite, or
@@ -246,7 +252,7 @@ impl Outbox {
     /// Called by the reader for each inbound text/binary message under the lock.
     /// Returns true when it is an ack to consume (not deliver).
     pub(crate) fn on_inbound(&mut self, msg: &Message) -> bool {
-        let Some(id) = (self.acks.ack_of)(msg) else {
+        let Some(id) = read_id(&self.acks.ack_of, msg, "Acks ack_of") else {
             return false;
         };
         if let Some(seq) = self.index.remove(&id) {
@@ -294,7 +300,7 @@ impl Outbox {
 
     /// Stops tracking `msg` (handed back to the caller after all).
     pub(crate) fn forget(&mut self, msg: &Message) {
-        let Some(id) = (self.acks.id_of)(msg) else {
+        let Some(id) = read_id(&self.acks.id_of, msg, "Acks id_of") else {
             return;
         };
         if let Some(seq) = self.index.remove(&id) {
@@ -364,5 +370,13 @@ mod tests {
         assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
         assert_eq!((o.len(), o.acked), (1, 2));
         assert_eq!(o.entries.len(), 1, "acked slots at the front are popped");
+    }
+
+    #[test]
+    fn a_panicking_id_reader_means_no_id() {
+        let mut o = Outbox::new(Acks::new(|_| panic!("boom"), |_| panic!("boom")));
+        assert!(matches!(o.admit(&Message::text("x")), Admit::Ok));
+        assert_eq!(o.len(), 0, "not tracked");
+        assert!(!o.on_inbound(&Message::text("y")), "not an ack: delivered");
     }
 }

@@ -711,46 +711,53 @@ impl Shared {
 
     /// The send path of `send` and `try_send`: a batch of one.
     pub(crate) fn send(&self, msg: Message, mode: SendMode) -> Result<()> {
-        let mut failed = None;
-        self.send_many(std::iter::once((0, msg)), mode, &mut |_, e| {
-            failed = Some(e)
-        });
-        failed.map_or(Ok(()), Err)
+        let msg = self.check_size(msg)?;
+        let mut link = self.lock_for_send();
+        let mut batch = Batch::default();
+        let r = self.accept(&mut link, msg, mode, &mut batch);
+        if batch.cgen != 0 {
+            self.flush_batch(&mut link, &mut batch, mode);
+        }
+        r
     }
 
     /// Sends a batch under one lock hold: each message is written into tungstenite's
     /// buffer (or queued, or handed back to `fail` with its index), and the buffer is
-    /// flushed once at the end (and whenever it is full). The lock is let go only to
-    /// wait for the socket (`unlocked_fair`), never across a network wait.
+    /// flushed once at the end (and every 128 KiB). The lock is let go only to wait for
+    /// the socket (`unlocked_fair`), never across a network wait, and between chunks.
     pub(crate) fn send_many(
         &self,
         msgs: impl Iterator<Item = (usize, Message)>,
         mode: SendMode,
         fail: &mut dyn FnMut(usize, Error),
     ) {
-        let limit = self.cfg.limits.max_message_size;
         let mut link = self.lock_for_send();
         let mut batch = Batch::default();
         for (i, msg) in msgs {
-            let size = payload_len(&msg);
-            if size > limit {
-                fail(
-                    i,
-                    Error::MessageTooLarge {
-                        size,
-                        limit,
-                        message: msg,
-                    },
-                );
-                continue;
-            }
-            if let Err(e) = self.accept(&mut link, msg, mode, &mut batch) {
+            let r = self
+                .check_size(msg)
+                .and_then(|msg| self.accept(&mut link, msg, mode, &mut batch));
+            if let Err(e) = r {
                 fail(i, e);
             }
         }
         if batch.cgen != 0 {
             self.flush_batch(&mut link, &mut batch, mode);
         }
+    }
+
+    /// Hands back a message over the size limit.
+    fn check_size(&self, msg: Message) -> Result<Message> {
+        let limit = self.cfg.limits.max_message_size;
+        let size = payload_len(&msg);
+        if size > limit {
+            return Err(Error::MessageTooLarge {
+                size,
+                limit,
+                message: msg,
+            });
+        }
+        Ok(msg)
     }
 
     /// One message of a batch: admitted to the outbox (acked delivery), then written into

@@ -49,30 +49,6 @@ fn wsbeat_count(c: &Client, rx: &crossbeam_channel::Receiver<Event>, n: usize) {
     }
 }
 
-fn raw_c2s_batched(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
-    let t = Instant::now();
-    for _ in 0..n {
-        ws.write(Message::Binary(payload.clone()))
-            .expect("raw write");
-    }
-    ws.flush().expect("raw flush");
-    raw_count(ws, n);
-    n as f64 / t.elapsed().as_secs_f64()
-}
-
-fn wsbeat_c2s_batched(
-    c: &Client,
-    rx: &crossbeam_channel::Receiver<Event>,
-    n: usize,
-    payload: &Bytes,
-) -> f64 {
-    let t = Instant::now();
-    c.send_all((0..n).map(|_| Message::Binary(payload.clone())))
-        .expect("wsbeat send_all");
-    wsbeat_count(c, rx, n);
-    n as f64 / t.elapsed().as_secs_f64()
-}
-
 /// Client -> server 64 B, batched: one flush per N messages on both sides.
 fn batched(o: &Opts, srv: &Server, rounds: usize, rows: &mut Vec<Row>) {
     let n = o.pick(1_000_000, 100_000);
@@ -82,16 +58,16 @@ fn batched(o: &Opts, srv: &Server, rounds: usize, rows: &mut Vec<Row>) {
         .connect()
         .expect("wsbeat connect");
     let rx = client.events();
-    raw_c2s_batched(&mut raw, n / 10, &payload);
-    wsbeat_c2s_batched(&client, &rx, n / 10, &payload);
+    raw_c2s(&mut raw, n / 10, &payload, true);
+    wsbeat_c2s(&client, &rx, n / 10, &payload, true);
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         if r % 2 == 0 {
-            a.push(raw_c2s_batched(&mut raw, n, &payload));
-            b.push(wsbeat_c2s_batched(&client, &rx, n, &payload));
+            a.push(raw_c2s(&mut raw, n, &payload, true));
+            b.push(wsbeat_c2s(&client, &rx, n, &payload, true));
         } else {
-            b.push(wsbeat_c2s_batched(&client, &rx, n, &payload));
-            a.push(raw_c2s_batched(&mut raw, n, &payload));
+            b.push(wsbeat_c2s(&client, &rx, n, &payload, true));
+            a.push(raw_c2s(&mut raw, n, &payload, true));
         }
     }
     raw.close();
@@ -112,10 +88,19 @@ fn batched(o: &Opts, srv: &Server, rounds: usize, rows: &mut Vec<Row>) {
     ));
 }
 
-fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
+/// N messages, each flushed (`send`), or all flushed once (`write` then `flush`).
+fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes, batched: bool) -> f64 {
     let t = Instant::now();
-    for _ in 0..n {
-        ws.send(Message::Binary(payload.clone())).expect("raw send");
+    if batched {
+        for _ in 0..n {
+            ws.write(Message::Binary(payload.clone()))
+                .expect("raw write");
+        }
+        ws.flush().expect("raw flush");
+    } else {
+        for _ in 0..n {
+            ws.send(Message::Binary(payload.clone())).expect("raw send");
+        }
     }
     raw_count(ws, n);
     n as f64 / t.elapsed().as_secs_f64()
@@ -126,10 +111,16 @@ fn wsbeat_c2s(
     rx: &crossbeam_channel::Receiver<Event>,
     n: usize,
     payload: &Bytes,
+    batched: bool,
 ) -> f64 {
     let t = Instant::now();
-    for _ in 0..n {
-        c.send_binary(payload.clone()).expect("wsbeat send");
+    if batched {
+        c.send_all((0..n).map(|_| Message::Binary(payload.clone())))
+            .expect("wsbeat send_all");
+    } else {
+        for _ in 0..n {
+            c.send_binary(payload.clone()).expect("wsbeat send");
+        }
     }
     wsbeat_count(c, rx, n);
     n as f64 / t.elapsed().as_secs_f64()
@@ -259,8 +250,8 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
             let hop = (path == "/flood").then(|| Hop::start(srv.addr));
             let mut one = |wsbeat: bool, n: usize| -> f64 {
                 match (path, wsbeat) {
-                    ("/sink", false) => raw_c2s(&mut raw, n, &payload),
-                    ("/sink", true) => wsbeat_c2s(&client, &rx, n, &payload),
+                    ("/sink", false) => raw_c2s(&mut raw, n, &payload, false),
+                    ("/sink", true) => wsbeat_c2s(&client, &rx, n, &payload, false),
                     (_, false) => raw_s2c(&mut raw, n, size),
                     (_, true) => wsbeat_s2c(&client, &rx, n, size),
                 }

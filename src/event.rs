@@ -17,11 +17,13 @@ use crate::{Error, Message};
 ///
 /// ```text
 /// stream     = ( connection | Reconnecting | Undelivered )*  GaveUp?  Undelivered?  Closed
-/// connection = Connected ( Message | HeartbeatMissed | Undelivered )*  Disconnected
+/// connection = Connected ( Message | HeartbeatMissed | Undelivered | Unconfirmed )*  Disconnected
 /// ```
 ///
 /// - `Connected` and `Disconnected` come in pairs with the same `generation`; every
 ///   `Message` lies between the pair of the connection it arrived on.
+/// - `Unconfirmed` (at-most-once delivery only) at most once per connection, before
+///   the `Disconnected` of the connection whose in-flight messages it hands back.
 /// - `Reconnecting` comes only between connections, never once `close` has begun.
 /// - `GaveUp` at most once, then `Undelivered` (if anything was still queued and not
 ///   returned by [`Client::close`](crate::Client::close)), then `Closed`.
@@ -85,7 +87,7 @@ pub enum Event {
     Undelivered(Vec<Message>),
     /// At-most-once delivery: messages that were being written when connection
     /// `generation` died. They are not sent again; the peer may or may not have them.
-    /// Emitted just before that connection's `Disconnected`.
+    /// Emitted once, before that connection's `Disconnected`.
     Unconfirmed {
         /// Connection number that died.
         generation: u64,

@@ -459,6 +459,27 @@ impl Live {
         }
     }
 
+    /// [`write_tracked`](Self::write_tracked), and under acked delivery the outbox
+    /// notes the message as written (also when the write failed: it is in flight on a
+    /// dead connection and is sent again with the outbox).
+    pub(crate) fn write_noted(
+        &mut self,
+        outbox: Option<&mut Outbox>,
+        m: Message,
+    ) -> std::result::Result<Written, tungstenite::Error> {
+        let Some(outbox) = outbox else {
+            return self.write_tracked(m);
+        };
+        let id = outbox.id(&m);
+        let written = self.write_tracked(m);
+        if let Some(id) = id
+            && !matches!(written, Ok(Written::Full(_)))
+        {
+            outbox.written(id, Instant::now());
+        }
+        written
+    }
+
     /// Output is left pending: start the stall clock, or move it to the last progress.
     pub(crate) fn note_pending(&mut self) {
         let progress = self.ws.get_ref().last_write();
@@ -813,14 +834,7 @@ impl Shared {
                     ..Batch::default()
                 };
             }
-            let id = l.outbox.as_ref().and_then(|o| o.id(&msg));
-            let written = live.write_tracked(msg);
-            if let (Some(o), Some(id)) = (l.outbox.as_mut(), id)
-                && !matches!(written, Ok(Written::Full(_)))
-            {
-                o.written(id, Instant::now());
-            }
-            match written {
+            match live.write_noted(l.outbox.as_mut(), msg) {
                 Ok(Written::Buffered) => {
                     batch.buffered += 1;
                     batch.bytes += size + 14;
@@ -1110,19 +1124,13 @@ impl Shared {
         );
         let mut failed = None;
         for m in due {
-            let id = outbox.id(&m);
-            match live.write_tracked(m) {
+            match live.write_noted(Some(&mut *outbox), m) {
                 Ok(Written::Buffered) => {}
                 Ok(Written::Full(_)) => break,
                 Err(e) => {
                     failed = Some(reason_of(&e));
+                    break;
                 }
-            }
-            if let Some(id) = id {
-                outbox.written(id, now);
-            }
-            if failed.is_some() {
-                break;
             }
         }
         if failed.is_none() {

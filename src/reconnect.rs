@@ -471,14 +471,7 @@ impl Supervisor {
             let mut failed = None;
             while let Some(m) = link.queue.pop_front() {
                 moved = true;
-                let id = link.outbox.as_ref().and_then(|o| o.id(&m));
-                let written = live.write_tracked(m);
-                if let (Some(o), Some(id)) = (link.outbox.as_mut(), id)
-                    && !matches!(written, Ok(Written::Full(_)))
-                {
-                    o.written(id, Instant::now());
-                }
-                match written {
+                match live.write_noted(link.outbox.as_mut(), m) {
                     Ok(Written::Buffered) => {}
                     Ok(Written::Full(m)) => {
                         link.queue.push_front(m);

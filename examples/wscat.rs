@@ -174,7 +174,7 @@ fn build(args: &Args) -> Result<wsbeat::ClientBuilder, String> {
     if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
         let c = std::fs::read(cert).map_err(|e| format!("--cert {cert}: {e}"))?;
         let k = std::fs::read(key).map_err(|e| format!("--key {key}: {e}"))?;
-        let id = wsbeat::native_tls::Identity::from_pkcs8(&c, &k)
+        let id = wsbeat::Identity::from_pem(&c, &k)
             .map_err(|e| format!("--cert/--key: {e} (the key must be PKCS#8 PEM)"))?;
         b = b.identity(id);
     }

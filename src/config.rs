@@ -12,6 +12,10 @@ use crate::heartbeat::Heartbeat;
 use crate::outbox::Delivery;
 use crate::reconnect::Session;
 use crate::redact::{RedactedUrl, is_secret_header};
+#[cfg(any(feature = "native-tls", feature = "rustls"))]
+use crate::tls_config::Connector;
+use crate::tls_config::Identity;
+pub(crate) use crate::tls_config::TlsSettings;
 use crate::{Error, Result};
 
 /// Default connect timeout: DNS + TCP + proxy + TLS + upgrade together.
@@ -54,7 +58,9 @@ impl Request {
     /// Uses an already parsed URL (must be `ws` or `wss` with a host).
     pub fn from_url(url: Url) -> Result<Request> {
         match url.scheme() {
-            "ws" | "wss" => {}
+            "ws" => {}
+            "wss" if cfg!(any(feature = "native-tls", feature = "rustls")) => {}
+            "wss" => return Err(Error::NoTls),
             other => {
                 return Err(Error::InvalidUrl {
                     reason: format!("scheme {other:?} is not ws or wss"),
@@ -242,18 +248,6 @@ impl Default for SocketOptions {
             attempt_delay: DEFAULT_ATTEMPT_DELAY,
         }
     }
-}
-
-#[derive(Clone, Default)]
-pub(crate) struct TlsSettings {
-    pub roots: Vec<native_tls::Certificate>,
-    pub identity: Option<native_tls::Identity>,
-    pub connector: Option<native_tls::TlsConnector>,
-    pub danger_accept_invalid_certs: bool,
-    pub danger_accept_invalid_hostnames: bool,
-    /// The connector built from the settings above on the first TLS attempt, reused by
-    /// every later attempt: building one loads the system CA bundle (tens of ms).
-    pub built: std::sync::OnceLock<native_tls::TlsConnector>,
 }
 
 /// The complete configuration of a client (built by [`ClientBuilder`]).
@@ -533,27 +527,67 @@ impl ClientBuilder {
         self
     }
 
-    /// Trusts this extra root certificate (PEM or DER) besides the system roots.
+    /// Trusts these extra root certificates (PEM, one or more, or DER) besides the
+    /// platform's roots. Checked now: a file the TLS backend cannot read is an
+    /// [`Error::Tls`] here, not at the first connect.
+    ///
+    /// ```no_run
+    /// let ca = std::fs::read("ca.pem")?;
+    /// let client = wsbeat::Client::builder("wss://localhost:8443/")?
+    ///     .add_root_certificate(&ca)?
+    ///     .connect()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn add_root_certificate(mut self, cert: &[u8]) -> Result<Self> {
-        let c = native_tls::Certificate::from_pem(cert)
-            .or_else(|_| native_tls::Certificate::from_der(cert))
-            .map_err(|e| Error::Tls {
-                kind: crate::TlsErrorKind::Other,
-                message: format!("bad root certificate: {e}"),
-            })?;
-        self.cfg.tls.roots.push(c);
+        self.cfg.tls.add_root(cert)?;
         Ok(self)
     }
 
-    /// Presents a client certificate (mutual TLS).
-    pub fn identity(mut self, identity: native_tls::Identity) -> Self {
+    /// Presents a client certificate (mutual TLS); see [`Identity`].
+    pub fn identity(mut self, identity: Identity) -> Self {
         self.cfg.tls.identity = Some(identity);
         self
     }
 
-    /// Uses a fully custom TLS connector (overrides roots, identity and `danger_` options).
+    /// Uses your own native-tls connector (overrides roots, identity and the `danger_`
+    /// options).
+    #[cfg(feature = "native-tls")]
     pub fn tls_connector(mut self, connector: native_tls::TlsConnector) -> Self {
-        self.cfg.tls.connector = Some(connector);
+        self.cfg.tls.connector = Some(Connector::Native(connector));
+        self
+    }
+
+    /// Uses rustls with the settings of this builder (roots, identity, `danger_`
+    /// options), also when native-tls is compiled in too (which is otherwise the
+    /// default). With only the `rustls` feature, rustls is used anyway.
+    #[cfg(feature = "rustls")]
+    pub fn use_rustls(mut self) -> Self {
+        self.cfg.tls.use_rustls = true;
+        self
+    }
+
+    /// Uses your own rustls configuration (overrides roots, identity and the `danger_`
+    /// options). With both backends compiled in, this also selects rustls (native-tls is
+    /// the default otherwise).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// let mut roots = wsbeat::rustls::RootCertStore::empty();
+    /// // roots.add(...)
+    /// let config = wsbeat::rustls::ClientConfig::builder_with_provider(Arc::new(
+    ///     wsbeat::rustls::crypto::ring::default_provider(),
+    /// ))
+    /// .with_safe_default_protocol_versions()?
+    /// .with_root_certificates(roots)
+    /// .with_no_client_auth();
+    /// let client = wsbeat::Client::builder("wss://example.com/feed")?
+    ///     .rustls_config(Arc::new(config))
+    ///     .connect()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "rustls")]
+    pub fn rustls_config(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.cfg.tls.connector = Some(Connector::Rustls(config));
         self
     }
 

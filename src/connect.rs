@@ -12,7 +12,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpStream};
-use std::time::Instant;
 
 use tungstenite::client::IntoClientRequest;
 use tungstenite::error::{ProtocolError, SubProtocolError};
@@ -23,12 +22,13 @@ use tungstenite::http::{HeaderName, HeaderValue, StatusCode};
 use tungstenite::protocol::{Role, WebSocket};
 use url::Url;
 
-use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request, TlsSettings};
+use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request};
 use crate::dial::{self, Cancel, Deadline, is_timeout};
 use crate::link::{Stream, Tcp, Ws};
 use crate::redact::{RedactedUrl, is_secret_header};
 use crate::socks;
-use crate::{ConnectStage, Error, RedirectRefusal, Result, TlsErrorKind};
+use crate::tls;
+use crate::{ConnectStage, Error, RedirectRefusal, Result};
 
 /// A freshly opened connection, not yet shared with any thread.
 pub(crate) struct Opened {
@@ -142,7 +142,9 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
     // From here on every read and write is bounded by the time left (see `link::Tcp`).
     let sock = Tcp::connecting(sock, dl.end);
     let stream = if tls {
-        Stream::Tls(Box::new(tls_handshake(&cfg.tls, &host, sock, dl)?))
+        Stream::Tls(Box::new(tls::handshake(
+            &cfg.tls, &host, sock, dl.start, dl.end,
+        )?))
     } else {
         Stream::Plain(sock)
     };
@@ -423,68 +425,6 @@ fn extension_names(value: &str) -> Vec<String> {
         .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
         .collect()
-}
-
-fn tls_handshake(
-    settings: &TlsSettings,
-    host: &str,
-    sock: Tcp,
-    dl: &Deadline,
-) -> Result<native_tls::TlsStream<Tcp>> {
-    let connector = match settings.connector.as_ref().or(settings.built.get()) {
-        Some(c) => c.clone(),
-        None => {
-            // Built once per client: it loads and parses the system CA bundle, which
-            // costs tens of milliseconds, and would otherwise delay every reconnection.
-            let mut b = native_tls::TlsConnector::builder();
-            for r in &settings.roots {
-                b.add_root_certificate(r.clone());
-            }
-            if let Some(id) = &settings.identity {
-                b.identity(id.clone());
-            }
-            b.danger_accept_invalid_certs(settings.danger_accept_invalid_certs);
-            b.danger_accept_invalid_hostnames(settings.danger_accept_invalid_hostnames);
-            let built = b.build().map_err(|e| tls_error(&e.to_string()))?;
-            settings.built.get_or_init(|| built).clone()
-        }
-    };
-    let domain = host.trim_start_matches('[').trim_end_matches(']');
-    let mut result = connector.connect(domain, sock);
-    loop {
-        match result {
-            Ok(s) => return Ok(s),
-            Err(native_tls::HandshakeError::WouldBlock(mid)) => {
-                // With a socket timeout set, WouldBlock means the time ran out (or a
-                // spurious wake-up): resume while time is left (`Tcp` re-arms the timeout).
-                dl.left(ConnectStage::Tls)?;
-                result = mid.handshake();
-            }
-            Err(native_tls::HandshakeError::Failure(e)) => {
-                let msg = e.to_string();
-                if Instant::now() >= dl.end
-                    || msg.contains("timed out")
-                    || msg.contains("Resource temporarily unavailable")
-                {
-                    return Err(dl.timeout(ConnectStage::Tls));
-                }
-                return Err(tls_error(&msg));
-            }
-        }
-    }
-}
-
-fn tls_error(msg: &str) -> Error {
-    let lower = msg.to_ascii_lowercase();
-    let kind = if lower.contains("certificate") || lower.contains("hostname mismatch") {
-        TlsErrorKind::Certificate
-    } else {
-        TlsErrorKind::Other
-    };
-    Error::Tls {
-        kind,
-        message: msg.to_string(),
-    }
 }
 
 fn header_err(name: &str, e: impl std::fmt::Display) -> Error {

@@ -183,6 +183,13 @@ pub enum Error {
         /// The TLS library's message.
         message: String,
     },
+    /// A `wss://` URL, but wsbeat was built without a TLS backend: enable its
+    /// `native-tls` or `rustls` feature. Returned by the builder (and by a request
+    /// factory's `wss://` request), never a panic.
+    #[error(
+        "wss:// needs TLS, but wsbeat was built without a TLS backend: enable its `native-tls` or `rustls` feature"
+    )]
+    NoTls,
     /// The server answered the upgrade request with a non-101 HTTP status
     /// (401/403: check credentials; 404: check the path; 429/503: come back later).
     #[error("server rejected the WebSocket upgrade with HTTP {status}{}", body_hint(.body))]
@@ -357,7 +364,7 @@ impl Error {
     /// The default reconnect policy gives up on these.
     pub fn is_fatal(&self) -> bool {
         match self {
-            Error::InvalidUrl { .. } | Error::InvalidHeader { .. } => true,
+            Error::InvalidUrl { .. } | Error::InvalidHeader { .. } | Error::NoTls => true,
             // A 3xx reaches the policy only when it was not followed (following is off).
             Error::Http { status, .. } => {
                 matches!(status, 300..=399 | 400 | 401 | 403 | 404)

@@ -66,7 +66,10 @@ mod reader;
 mod reconnect;
 mod redact;
 mod socks;
+mod sys;
 mod time;
+mod tls;
+mod tls_config;
 
 pub use backoff::{Backoff, Failure, ReconnectPolicy};
 pub use client::{Client, Stats, WeakClient};
@@ -78,9 +81,14 @@ pub use config::{
 pub use error::{ConnectStage, Error, RedirectRefusal, Result, SocksFailure, TlsErrorKind};
 pub use event::{DisconnectReason, Event, State};
 pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
-/// Re-exported for [`ClientBuilder::identity`] and [`ClientBuilder::tls_connector`].
+/// Re-exported for [`ClientBuilder::tls_connector`] (the same version wsbeat uses).
+#[cfg(feature = "native-tls")]
 pub use native_tls;
 pub use outbox::{Acks, Delivery, IdReader};
 pub use reconnect::Session;
+/// Re-exported for [`ClientBuilder::rustls_config`] (the same version wsbeat uses).
+#[cfg(feature = "rustls")]
+pub use rustls;
+pub use tls_config::Identity;
 pub use tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
 pub use tungstenite::{Bytes, Message};

@@ -46,7 +46,6 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -61,6 +60,7 @@ use crate::event::EventSink;
 use crate::heartbeat::HbState;
 use crate::outbox::{Admit, Outbox};
 use crate::queue::{OfflineQueue, payload_len};
+use crate::sys::{Waker, wait_writable};
 use crate::time::{deadline, deadline_in};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
@@ -163,7 +163,7 @@ impl Write for Tcp {
 /// A plain or TLS byte stream under the WebSocket.
 pub(crate) enum Stream {
     Plain(Tcp),
-    Tls(Box<native_tls::TlsStream<Tcp>>),
+    Tls(Box<crate::tls::TlsStream<Tcp>>),
 }
 
 impl Stream {
@@ -233,56 +233,6 @@ impl Write for Stream {
 
 pub(crate) type Ws = WebSocket<Stream>;
 
-pub(crate) const POLLIN: i16 = libc::POLLIN;
-pub(crate) const POLLOUT: i16 = libc::POLLOUT;
-
-/// `poll(2)` on up to two descriptors; `None` waits forever. Returns the revents.
-pub(crate) fn poll2(
-    a: (i32, i16),
-    b: Option<(i32, i16)>,
-    timeout: Option<Duration>,
-) -> io::Result<(i16, i16)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a.0,
-            events: a.1,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.map_or(-1, |b| b.0),
-            events: b.map_or(0, |b| b.1),
-            revents: 0,
-        },
-    ];
-    let n = if b.is_some() { 2 } else { 1 };
-    let ms = match timeout {
-        None => -1,
-        // Round up so a sub-millisecond remainder does not spin with a 0 timeout.
-        Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
-    };
-    loop {
-        // SAFETY: `fds` is a valid array of `n` pollfd structs for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
-        if r >= 0 {
-            return Ok((fds[0].revents, fds[1].revents));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// Waits until `sock` is writable (or in error/hang-up), up to `timeout`.
-pub(crate) fn wait_writable(sock: &TcpStream, timeout: Duration) -> bool {
-    matches!(poll2((sock.as_raw_fd(), POLLOUT), None, Some(timeout)), Ok((r, _)) if r != 0)
-}
-
-/// Waits until `sock` is readable (or in error/hang-up), up to `timeout`.
-pub(crate) fn wait_readable(sock: &TcpStream, timeout: Duration) -> bool {
-    matches!(poll2((sock.as_raw_fd(), POLLIN), None, Some(timeout)), Ok((r, _)) if r != 0)
-}
-
 pub(crate) fn is_would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
 }
@@ -304,28 +254,6 @@ pub(crate) fn reason_of(e: &tungstenite::Error) -> DisconnectReason {
         | W::AlreadyClosed => DisconnectReason::Reset,
         W::Tls(t) => DisconnectReason::Io(format!("TLS: {t}")),
         other => DisconnectReason::Protocol(other.to_string()),
-    }
-}
-
-/// Wakes a reader thread out of `poll` (a socket pair; the reader polls the read end).
-pub(crate) struct Waker {
-    tx: UnixStream,
-    pub(crate) rx: UnixStream,
-}
-
-impl Waker {
-    pub(crate) fn new() -> io::Result<Waker> {
-        let (tx, rx) = UnixStream::pair()?;
-        tx.set_nonblocking(true)?;
-        rx.set_nonblocking(true)?;
-        Ok(Waker { tx, rx })
-    }
-    pub(crate) fn wake(&self) {
-        let _ = (&self.tx).write(&[1]);
-    }
-    pub(crate) fn drain(&self) {
-        let mut buf = [0u8; 64];
-        while matches!((&self.rx).read(&mut buf), Ok(n) if n > 0) {}
     }
 }
 

@@ -6,14 +6,14 @@
 //! `read_budget` messages and `READ_QUOTA` bytes per lock hold, then `unlock_fair` so
 //! writers get in. Events are sent to the user after the lock is released.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
-use crate::link::{Link, POLLIN, POLLOUT, Shared, is_would_block, poll2, reason_of};
+use crate::link::{Link, Shared, is_would_block, reason_of};
+use crate::sys::{POLLIN, POLLOUT, poll2, raw};
 use crate::{DisconnectReason, Event, Message};
 
 /// Most bytes one lock hold reads from the socket (besides at most `read_budget` messages).
@@ -28,7 +28,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             None => return,
         }
     };
-    let fd = sock.as_raw_fd();
+    let fd = raw(&*sock);
     let budget = shared.cfg.read_budget;
     let surface_pings = shared.cfg.surface_pings;
     let hb = &shared.cfg.heartbeat;
@@ -44,7 +44,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         if !more {
             // Wait without the lock. Hang-up and errors wake us too (shutdown by teardown).
             let events = if want_write { POLLIN | POLLOUT } else { POLLIN };
-            match poll2((fd, events), Some((waker.rx.as_raw_fd(), POLLIN)), None) {
+            match poll2((fd, events), Some((raw(&waker.rx), POLLIN)), None) {
                 Ok((r, w)) => {
                     bytes_in = r & POLLIN != 0;
                     if w != 0 {

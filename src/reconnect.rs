@@ -21,11 +21,9 @@ use crate::backoff::Failure;
 use crate::config::Attempt;
 use crate::connect::{self, Opened};
 use crate::heartbeat::HbState;
-use crate::link::{
-    Command, Link, Live, Shared, TimerCmd, Waker, Written, Ws, is_would_block, wait_readable,
-    wait_writable,
-};
+use crate::link::{Command, Link, Live, Shared, TimerCmd, Written, Ws, is_would_block};
 use crate::outbox::Delivery;
+use crate::sys::{Waker, wait_readable, wait_writable};
 use crate::time::deadline_in;
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 

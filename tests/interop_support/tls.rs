@@ -58,9 +58,9 @@ impl Pki {
         fs::read(self.path(file)).unwrap_or_else(|e| panic!("read {file}: {e}"))
     }
 
-    /// `NAME.pem` + `NAME.key` as a native-tls client identity (PKCS#8).
-    pub fn identity(&self, name: &str) -> wsbeat::native_tls::Identity {
-        wsbeat::native_tls::Identity::from_pkcs8(
+    /// `NAME.pem` + `NAME.key` as a client identity (PKCS#8 PEM, every backend).
+    pub fn identity(&self, name: &str) -> wsbeat::Identity {
+        wsbeat::Identity::from_pem(
             &self.read(&format!("{name}.pem")),
             &self.read(&format!("{name}.key")),
         )

@@ -1,0 +1,100 @@
+//! The platform-specific part of the transport: waiting on sockets (`poll(2)` on Unix,
+//! `WSAPoll` on Windows) and the waker that interrupts such a wait.
+//!
+//! Everything above this module sees one API: [`poll2`] on two raw sockets, [`raw`] to
+//! get one, [`wait_readable`] / [`wait_writable`], and [`Waker`].
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+#[cfg(unix)]
+mod unix;
+#[cfg(unix)]
+pub(crate) use unix::{POLLIN, POLLOUT, Pipe, poll2, raw, socket_pair};
+
+#[cfg(windows)]
+mod windows;
+#[cfg(windows)]
+pub(crate) use windows::{POLLIN, POLLOUT, Pipe, poll2, raw, socket_pair};
+
+/// A poll timeout in milliseconds: `-1` waits forever; a sub-millisecond remainder is
+/// rounded up so it does not spin with a 0 timeout.
+fn timeout_ms(timeout: Option<Duration>) -> i32 {
+    match timeout {
+        None => -1,
+        Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+    }
+}
+
+/// Waits until `sock` is writable (or in error/hang-up), up to `timeout`.
+pub(crate) fn wait_writable(sock: &TcpStream, timeout: Duration) -> bool {
+    matches!(poll2((raw(sock), POLLOUT), None, Some(timeout)), Ok((r, _)) if r != 0)
+}
+
+/// Waits until `sock` is readable (or in error/hang-up), up to `timeout`.
+pub(crate) fn wait_readable(sock: &TcpStream, timeout: Duration) -> bool {
+    matches!(poll2((raw(sock), POLLIN), None, Some(timeout)), Ok((r, _)) if r != 0)
+}
+
+/// Wakes a reader thread out of `poll` (a connected socket pair; the reader polls the
+/// read end).
+pub(crate) struct Waker {
+    tx: Pipe,
+    pub(crate) rx: Pipe,
+}
+
+impl Waker {
+    pub(crate) fn new() -> io::Result<Waker> {
+        let (tx, rx) = socket_pair()?;
+        tx.set_nonblocking(true)?;
+        rx.set_nonblocking(true)?;
+        Ok(Waker { tx, rx })
+    }
+    pub(crate) fn wake(&self) {
+        let _ = (&self.tx).write(&[1]);
+    }
+    pub(crate) fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while matches!((&self.rx).read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Instant;
+
+    #[test]
+    fn waker_interrupts_a_poll_and_drains() {
+        let w = Waker::new().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _b = l.accept().unwrap();
+        // Nothing to read: times out with no event.
+        let (r, w0) = poll2(
+            (raw(&a), POLLIN),
+            Some((raw(&w.rx), POLLIN)),
+            Some(Duration::from_millis(20)),
+        )
+        .unwrap();
+        assert_eq!((r, w0), (0, 0));
+        w.wake();
+        let start = Instant::now();
+        let (r, w1) = poll2((raw(&a), POLLIN), Some((raw(&w.rx), POLLIN)), None).unwrap();
+        assert_eq!(r, 0);
+        assert!(w1 & POLLIN != 0, "waker end readable");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        w.drain();
+        let (_, w2) = poll2(
+            (raw(&a), POLLIN),
+            Some((raw(&w.rx), POLLIN)),
+            Some(Duration::ZERO),
+        )
+        .unwrap();
+        assert_eq!(w2, 0, "drained");
+        assert!(wait_writable(&a, Duration::from_secs(5)));
+        assert!(!wait_readable(&a, Duration::from_millis(10)));
+    }
+}

@@ -1,0 +1,210 @@
+//! TLS on a connecting socket, bounded by the connect deadline, with the backend chosen
+//! by the crate features (`native-tls`, `rustls`).
+//!
+//! We drive the handshake ourselves under both backends: tungstenite's own TLS wrapper
+//! panics when native-tls returns `WouldBlock` with a socket timeout set, and it could
+//! not be bounded by our deadline. Transport layer: no locks, no threads; generic over
+//! the socket so it does not depend on the shared link.
+
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+#[cfg(any(feature = "native-tls", feature = "rustls"))]
+use crate::ConnectStage;
+#[cfg(any(feature = "native-tls", feature = "rustls"))]
+use crate::tls_config::Connector;
+use crate::tls_config::TlsSettings;
+use crate::{Error, Result};
+
+#[cfg(feature = "native-tls")]
+mod native;
+#[cfg(feature = "rustls")]
+mod rustls;
+
+/// A TLS stream over `S`, from whichever backend made the handshake.
+pub(crate) enum TlsStream<S: Read + Write> {
+    #[cfg(feature = "native-tls")]
+    Native(native_tls::TlsStream<S>),
+    #[cfg(feature = "rustls")]
+    Rustls(::rustls::StreamOwned<::rustls::ClientConnection, S>),
+    /// Built without TLS: no value of this type can exist.
+    #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
+    #[allow(dead_code)]
+    None(std::convert::Infallible, std::marker::PhantomData<S>),
+}
+
+impl<S: Read + Write> TlsStream<S> {
+    /// The socket under the TLS layer.
+    pub(crate) fn get_ref(&self) -> &S {
+        match self {
+            #[cfg(feature = "native-tls")]
+            TlsStream::Native(s) => s.get_ref(),
+            #[cfg(feature = "rustls")]
+            TlsStream::Rustls(s) => s.get_ref(),
+            #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
+            TlsStream::None(never, _) => match *never {},
+        }
+    }
+
+    /// The socket under the TLS layer (to tune it; never read or write it directly).
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        match self {
+            #[cfg(feature = "native-tls")]
+            TlsStream::Native(s) => s.get_mut(),
+            #[cfg(feature = "rustls")]
+            TlsStream::Rustls(s) => s.get_mut(),
+            #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
+            TlsStream::None(never, _) => match *never {},
+        }
+    }
+}
+
+impl<S: Read + Write> Read for TlsStream<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            #[cfg(feature = "native-tls")]
+            TlsStream::Native(s) => s.read(buf),
+            #[cfg(feature = "rustls")]
+            TlsStream::Rustls(s) => s.read(buf),
+            #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
+            TlsStream::None(never, _) => {
+                let _ = buf;
+                match *never {}
+            }
+        }
+    }
+}
+
+impl<S: Read + Write> Write for TlsStream<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            #[cfg(feature = "native-tls")]
+            TlsStream::Native(s) => s.write(buf),
+            #[cfg(feature = "rustls")]
+            TlsStream::Rustls(s) => s.write(buf),
+            #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
+            TlsStream::None(never, _) => {
+                let _ = buf;
+                match *never {}
+            }
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            #[cfg(feature = "native-tls")]
+            TlsStream::Native(s) => s.flush(),
+            #[cfg(feature = "rustls")]
+            TlsStream::Rustls(s) => s.flush(),
+            #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
+            TlsStream::None(never, _) => match *never {},
+        }
+    }
+}
+
+/// The connect deadline, as the TLS step sees it.
+#[cfg(any(feature = "native-tls", feature = "rustls"))]
+struct Deadline {
+    start: Instant,
+    end: Instant,
+}
+
+#[cfg(any(feature = "native-tls", feature = "rustls"))]
+impl Deadline {
+    /// `Err(Timeout)` once the deadline has passed.
+    fn check(&self) -> Result<()> {
+        if Instant::now() >= self.end {
+            return Err(self.timeout());
+        }
+        Ok(())
+    }
+    fn timeout(&self) -> Error {
+        Error::Timeout {
+            stage: ConnectStage::Tls,
+            elapsed: self.start.elapsed(),
+        }
+    }
+}
+
+/// The TLS handshake for `host` on `sock`, which must bound each read and write by the
+/// time left before `end` (the connect deadline, started at `start`).
+pub(crate) fn handshake<S: Read + Write>(
+    settings: &TlsSettings,
+    host: &str,
+    sock: S,
+    start: Instant,
+    end: Instant,
+) -> Result<TlsStream<S>> {
+    #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
+    {
+        // `Request` already refuses `wss://` in such a build; this is the backstop.
+        let _ = (settings, host, sock, start, end);
+        Err(Error::NoTls)
+    }
+    #[cfg(any(feature = "native-tls", feature = "rustls"))]
+    {
+        let dl = Deadline { start, end };
+        let domain = host.trim_start_matches('[').trim_end_matches(']');
+        match connector(settings)? {
+            #[cfg(feature = "native-tls")]
+            Connector::Native(c) => native::handshake(&c, domain, sock, &dl).map(TlsStream::Native),
+            #[cfg(feature = "rustls")]
+            Connector::Rustls(c) => rustls::handshake(c, domain, sock, &dl).map(TlsStream::Rustls),
+        }
+    }
+}
+
+/// The user's connector, or the one built from the settings (once per client: it loads
+/// and parses the system CA bundle, tens of milliseconds, which would otherwise delay
+/// every reconnection).
+#[cfg(any(feature = "native-tls", feature = "rustls"))]
+fn connector(settings: &TlsSettings) -> Result<Connector> {
+    if let Some(c) = settings.connector.as_ref().or(settings.built.get()) {
+        return Ok(c.clone());
+    }
+    // With both backends compiled, native-tls is the default (`use_rustls` or
+    // `rustls_config` pick rustls).
+    #[cfg(all(feature = "native-tls", feature = "rustls"))]
+    let built = if settings.use_rustls {
+        Connector::Rustls(rustls::build(settings)?)
+    } else {
+        Connector::Native(native::build(settings)?)
+    };
+    #[cfg(all(feature = "native-tls", not(feature = "rustls")))]
+    let built = Connector::Native(native::build(settings)?);
+    #[cfg(not(feature = "native-tls"))]
+    let built = Connector::Rustls(rustls::build(settings)?);
+    Ok(settings.built.get_or_init(|| built).clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Client, Error, Identity, Request};
+
+    #[test]
+    fn wss_without_a_backend_is_a_typed_error_and_ws_still_works() {
+        let tls = cfg!(any(feature = "native-tls", feature = "rustls"));
+        let built = Client::builder("wss://127.0.0.1:9/");
+        assert_eq!(built.is_ok(), tls, "{:?}", built.err());
+        if !tls {
+            assert!(matches!(
+                Request::new("wss://127.0.0.1:9/"),
+                Err(Error::NoTls)
+            ));
+            let e = Error::NoTls;
+            assert!(e.is_fatal());
+            assert!(e.to_string().contains("rustls"), "{e}");
+        }
+        assert!(Client::builder("ws://127.0.0.1:9/").is_ok());
+    }
+
+    #[test]
+    fn identity_debug_never_shows_the_key() {
+        let cert = include_bytes!("../../tests/certs/client.pem");
+        let key = include_bytes!("../../tests/certs/client.key");
+        let id = Identity::from_pem(cert, key).expect("test identity");
+        assert_eq!(format!("{id:?}"), "Identity { .. }");
+        if cfg!(any(feature = "native-tls", feature = "rustls")) {
+            assert!(Identity::from_pem(cert, b"not a key").is_err());
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The native-tls backend (OpenSSL, Schannel, Security.framework).
+
+use std::io::{Read, Write};
+
+use super::Deadline;
+use crate::tls_config::TlsSettings;
+use crate::{Error, Result, TlsErrorKind};
+
+pub(super) fn build(settings: &TlsSettings) -> Result<native_tls::TlsConnector> {
+    let mut b = native_tls::TlsConnector::builder();
+    for r in &settings.roots {
+        for c in r.native()? {
+            b.add_root_certificate(c);
+        }
+    }
+    if let Some(id) = &settings.identity {
+        b.identity(id.native()?);
+    }
+    b.danger_accept_invalid_certs(settings.danger_accept_invalid_certs);
+    b.danger_accept_invalid_hostnames(settings.danger_accept_invalid_hostnames);
+    b.build().map_err(|e| error(&e.to_string()))
+}
+
+pub(super) fn handshake<S: Read + Write>(
+    connector: &native_tls::TlsConnector,
+    domain: &str,
+    sock: S,
+    dl: &Deadline,
+) -> Result<native_tls::TlsStream<S>> {
+    let mut result = connector.connect(domain, sock);
+    loop {
+        match result {
+            Ok(s) => return Ok(s),
+            Err(native_tls::HandshakeError::WouldBlock(mid)) => {
+                // With a socket timeout set, WouldBlock means the time ran out (or a
+                // spurious wake-up): resume while time is left (the socket re-arms its
+                // timeout to the time left on every call).
+                dl.check()?;
+                result = mid.handshake();
+            }
+            Err(native_tls::HandshakeError::Failure(e)) => {
+                let msg = e.to_string();
+                if dl.check().is_err()
+                    || msg.contains("timed out")
+                    || msg.contains("Resource temporarily unavailable")
+                {
+                    return Err(dl.timeout());
+                }
+                return Err(error(&msg));
+            }
+        }
+    }
+}
+
+/// native-tls reports failures as text only (its error type is opaque across platforms).
+fn error(msg: &str) -> Error {
+    let lower = msg.to_ascii_lowercase();
+    let kind = if lower.contains("certificate") || lower.contains("hostname mismatch") {
+        TlsErrorKind::Certificate
+    } else {
+        TlsErrorKind::Other
+    };
+    Error::Tls {
+        kind,
+        message: msg.to_string(),
+    }
+}

@@ -1,0 +1,237 @@
+//! The rustls backend (pure Rust, `ring` crypto), trusting the platform's roots
+//! (`rustls-native-certs`), plus Mozilla's with the `webpki-roots` feature.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct,
+    RootCertStore, SignatureScheme, StreamOwned,
+};
+
+use super::Deadline;
+use crate::tls_config::TlsSettings;
+use crate::{Error, Result, TlsErrorKind};
+
+pub(super) fn build(settings: &TlsSettings) -> Result<Arc<ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| error(&e))?;
+    let verifier: Arc<dyn ServerCertVerifier> = if settings.danger_accept_invalid_certs {
+        Arc::new(AcceptAnyCertificate(provider))
+    } else {
+        let roots = Arc::new(roots(settings)?);
+        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| Error::Tls {
+                kind: TlsErrorKind::Other,
+                message: e.to_string(),
+            })?;
+        if settings.danger_accept_invalid_hostnames {
+            Arc::new(AnyHostName(webpki))
+        } else {
+            webpki
+        }
+    };
+    let builder = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let config = match &settings.identity {
+        Some(id) => {
+            let (chain, key) = id.rustls()?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| error(&e))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(config))
+}
+
+/// The platform's roots, Mozilla's (with `webpki-roots`) and the user's extra roots.
+fn roots(settings: &TlsSettings) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    #[cfg(feature = "webpki-roots")]
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let platform = rustls_native_certs::load_native_certs();
+    for e in &platform.errors {
+        log::debug!("platform root certificates: {e}");
+    }
+    let (found, unusable) = roots.add_parsable_certificates(platform.certs);
+    log::debug!("{found} platform root certificates ({unusable} unusable)");
+    for r in &settings.roots {
+        roots.add_parsable_certificates(r.rustls()?);
+    }
+    if roots.is_empty() {
+        return Err(Error::Tls {
+            kind: TlsErrorKind::Certificate,
+            message: "no trusted root certificates: the platform has none; add one with \
+                      add_root_certificate or enable wsbeat's webpki-roots feature"
+                .into(),
+        });
+    }
+    Ok(roots)
+}
+
+pub(super) fn handshake<S: Read + Write>(
+    config: Arc<ClientConfig>,
+    domain: &str,
+    mut sock: S,
+    dl: &Deadline,
+) -> Result<StreamOwned<ClientConnection, S>> {
+    let name = ServerName::try_from(domain.to_string()).map_err(|e| Error::Tls {
+        kind: TlsErrorKind::Other,
+        message: format!("invalid server name {domain:?}: {e}"),
+    })?;
+    let mut conn = ClientConnection::new(config, name).map_err(|e| error(&e))?;
+    while conn.is_handshaking() || conn.wants_write() {
+        match conn.complete_io(&mut sock) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // The socket's timeout is the time left: past the deadline this fails.
+            Err(e) if is_timeout(&e) => dl.check()?,
+            Err(e) => {
+                return Err(match e.get_ref().and_then(|i| i.downcast_ref()) {
+                    Some(tls) => error(tls),
+                    None => Error::Tls {
+                        kind: TlsErrorKind::Other,
+                        message: format!("during the handshake: {e}"),
+                    },
+                });
+            }
+        }
+    }
+    Ok(StreamOwned::new(conn, sock))
+}
+
+/// Maps rustls's typed errors: every certificate problem, ours or the server's opinion of
+/// our client certificate, is `TlsErrorKind::Certificate`.
+fn error(e: &rustls::Error) -> Error {
+    use rustls::Error as E;
+    let certificate = match e {
+        E::InvalidCertificate(_) | E::InvalidCertRevocationList(_) => true,
+        E::AlertReceived(a) => matches!(
+            a,
+            AlertDescription::BadCertificate
+                | AlertDescription::UnsupportedCertificate
+                | AlertDescription::CertificateRevoked
+                | AlertDescription::CertificateExpired
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::UnknownCA
+                | AlertDescription::CertificateRequired
+        ),
+        _ => false,
+    };
+    Error::Tls {
+        kind: if certificate {
+            TlsErrorKind::Certificate
+        } else {
+            TlsErrorKind::Other
+        },
+        message: e.to_string(),
+    }
+}
+
+/// `danger_accept_invalid_certs(true)`: any certificate, but the handshake signatures are
+/// still checked (the peer must hold the key of the certificate it sent).
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// `danger_accept_invalid_hostnames(true)`: the chain is verified, the name is not.
+#[derive(Debug)]
+struct AnyHostName(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for AnyHostName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// A socket timeout: with a timeout set, the deadline ran out (or a spurious wake-up).
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}

@@ -1110,6 +1110,10 @@ fn thread_usage(name: &str) -> (u64, u64) {
 }
 
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "reads Linux per-thread CPU time and context switches from /proc"
+)]
 fn timer_thread_does_not_busy_loop() {
     // Alone in the process, so there is exactly one timer thread.
     let _g = util::exclusive();

@@ -13,8 +13,8 @@ use windows_sys::Win32::Networking::WinSock::{
 
 /// Readable: normal data (`POLLIN` on Windows also asks for band data, which `WSAPoll`
 /// rejects on some versions).
-pub(crate) const POLLIN: i16 = POLLRDNORM as i16;
-pub(crate) const POLLOUT: i16 = POLLWRNORM as i16;
+pub(crate) const POLLIN: i16 = POLLRDNORM;
+pub(crate) const POLLOUT: i16 = POLLWRNORM;
 
 /// The waker's socket pair ends.
 pub(crate) type Pipe = TcpStream;
@@ -47,12 +47,12 @@ pub(crate) fn poll2(
     let mut fds = [
         WSAPOLLFD {
             fd: a.0 as SOCKET,
-            events: a.1 as _,
+            events: a.1,
             revents: 0,
         },
         WSAPOLLFD {
             fd: b.map_or(0, |b| b.0 as SOCKET),
-            events: b.map_or(0, |b| b.1 as _),
+            events: b.map_or(0, |b| b.1),
             revents: 0,
         },
     ];
@@ -63,7 +63,7 @@ pub(crate) fn poll2(
         // call.
         let r = unsafe { WSAPoll(fds.as_mut_ptr(), n, ms) };
         if r != SOCKET_ERROR {
-            return Ok((fds[0].revents as i16, fds[1].revents as i16));
+            return Ok((fds[0].revents, fds[1].revents));
         }
         // SAFETY: no precondition; reads this thread's last Winsock error.
         let code = unsafe { WSAGetLastError() };

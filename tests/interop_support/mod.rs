@@ -363,11 +363,12 @@ pub fn wait_event(
 pub fn shorten(e: &Event) -> String {
     let s = format!("{e:?}");
     if s.len() > 300 {
-        format!(
-            "{}... ({} chars)",
-            &s[..s.floor_char_boundary(300)],
-            s.len()
-        )
+        // (`floor_char_boundary` needs Rust 1.91, above the MSRV.)
+        let cut = (0..=300)
+            .rev()
+            .find(|&i| s.is_char_boundary(i))
+            .unwrap_or(0);
+        format!("{}... ({} chars)", &s[..cut], s.len())
     } else {
         s
     }

@@ -2,19 +2,30 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
+#[cfg(unix)]
+pub use std::os::fd::{AsFd as AsSock, AsRawFd as AsRawSock, RawFd as RawSock};
+#[cfg(windows)]
+pub use std::os::windows::io::{
+    AsRawSocket as AsRawSock, AsSocket as AsSock, RawSocket as RawSock,
+};
 use std::time::{Duration, Instant};
+
+use socket2::SockRef;
 
 /// Granularity at which support threads notice control requests.
 pub const TICK: Duration = Duration::from_millis(10);
 
+/// The raw descriptor (Unix) or socket (Windows) of `s`, for [`poll_fds`].
+pub fn raw(s: &impl AsRawSock) -> RawSock {
+    #[cfg(unix)]
+    return s.as_raw_fd();
+    #[cfg(windows)]
+    return s.as_raw_socket();
+}
+
 /// Sets `SO_LINGER` to {on, 0 s}: closing the last descriptor of the socket then sends RST.
-pub fn set_linger_zero(fd: &impl AsRawFd) -> io::Result<()> {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &l)
+pub fn set_linger_zero(s: &impl AsSock) -> io::Result<()> {
+    SockRef::from(s).set_linger(Some(Duration::ZERO))
 }
 
 /// Aborts a connection: `SO_LINGER` 0 then close, so the peer gets RST.
@@ -23,34 +34,14 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Sets `SO_RCVBUF` (the kernel doubles the value and applies a minimum).
-pub fn set_recv_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
-    let v = bytes as libc::c_int;
-    setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, &v)
+/// Sets `SO_RCVBUF` (Linux doubles the value and applies a minimum).
+pub fn set_recv_buffer(s: &impl AsSock, bytes: usize) -> io::Result<()> {
+    SockRef::from(s).set_recv_buffer_size(bytes)
 }
 
-/// Sets `SO_SNDBUF` (the kernel doubles the value and applies a minimum).
-pub fn set_send_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
-    let v = bytes as libc::c_int;
-    setsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_SNDBUF, &v)
-}
-
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, v: &T) -> io::Result<()> {
-    // SAFETY: `v` points to a live value of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (v as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+/// Sets `SO_SNDBUF` (Linux doubles the value and applies a minimum).
+pub fn set_send_buffer(s: &impl AsSock, bytes: usize) -> io::Result<()> {
+    SockRef::from(s).set_send_buffer_size(bytes)
 }
 
 /// Readiness reported by [`poll_fds`].
@@ -62,9 +53,10 @@ pub struct Ready {
     pub write: bool,
 }
 
-/// `poll(2)` on up to a few descriptors: `(fd, want_read, want_write)`. Returns one
-/// [`Ready`] per entry; all false on timeout. EINTR counts as a timeout.
-pub fn poll_fds(fds: &[(RawFd, bool, bool)], timeout: Duration) -> Vec<Ready> {
+/// `poll(2)` (`WSAPoll` on Windows) on up to a few sockets: `(fd, want_read, want_write)`.
+/// Returns one [`Ready`] per entry; all false on timeout. EINTR counts as a timeout.
+#[cfg(unix)]
+pub fn poll_fds(fds: &[(RawSock, bool, bool)], timeout: Duration) -> Vec<Ready> {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&(fd, r, w)| libc::pollfd {
@@ -88,8 +80,49 @@ pub fn poll_fds(fds: &[(RawFd, bool, bool)], timeout: Duration) -> Vec<Ready> {
         .collect()
 }
 
+/// `poll(2)` (`WSAPoll` on Windows) on up to a few sockets: `(fd, want_read, want_write)`.
+/// Returns one [`Ready`] per entry; all false on timeout.
+#[cfg(windows)]
+pub fn poll_fds(fds: &[(RawSock, bool, bool)], timeout: Duration) -> Vec<Ready> {
+    use windows_sys::Win32::Networking::WinSock::{
+        POLLERR, POLLHUP, POLLNVAL, POLLRDNORM, POLLWRNORM, SOCKET, WSAPOLLFD, WSAPoll,
+    };
+    // WSAPoll rejects an entry with no events; those are left out and reported not ready.
+    let wanted: Vec<usize> = (0..fds.len()).filter(|&i| fds[i].1 || fds[i].2).collect();
+    let mut pfds: Vec<WSAPOLLFD> = wanted
+        .iter()
+        .map(|&i| {
+            let (fd, r, w) = fds[i];
+            WSAPOLLFD {
+                fd: fd as SOCKET,
+                events: (if r { POLLRDNORM } else { 0 }) | (if w { POLLWRNORM } else { 0 }),
+                revents: 0,
+            }
+        })
+        .collect();
+    let mut out = vec![Ready::default(); fds.len()];
+    if pfds.is_empty() {
+        std::thread::sleep(timeout);
+        return out;
+    }
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `pfds` is a valid array of `pfds.len()` WSAPOLLFD structs.
+    let rc = unsafe { WSAPoll(pfds.as_mut_ptr(), pfds.len() as u32, ms) };
+    if rc <= 0 {
+        return out;
+    }
+    let err = POLLERR | POLLHUP | POLLNVAL;
+    for (p, &i) in pfds.iter().zip(&wanted) {
+        out[i] = Ready {
+            read: p.revents & (POLLRDNORM | err) != 0,
+            write: p.revents & (POLLWRNORM | err) != 0,
+        };
+    }
+    out
+}
+
 /// Waits (at most `timeout`) until `fd` is readable (if `read`) or writable (if `write`).
-pub fn wait_fd(fd: RawFd, read: bool, write: bool, timeout: Duration) -> Ready {
+pub fn wait_fd(fd: RawSock, read: bool, write: bool, timeout: Duration) -> Ready {
     poll_fds(&[(fd, read, write)], timeout)[0]
 }
 
@@ -113,12 +146,12 @@ pub fn accept_tick(listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
     match listener.accept() {
         Ok(c) => Some(c),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            wait_fd(listener.as_raw_fd(), true, false, TICK);
+            wait_fd(raw(listener), true, false, TICK);
             None
         }
         // ECONNABORTED, EMFILE, ...: back off one tick and let the caller retry.
         Err(_) => {
-            wait_fd(listener.as_raw_fd(), true, false, TICK);
+            wait_fd(raw(listener), true, false, TICK);
             None
         }
     }
@@ -149,9 +182,9 @@ impl Stream {
         }
     }
 
-    /// Raw fd of the underlying TCP socket.
-    pub fn fd(&self) -> RawFd {
-        self.tcp().as_raw_fd()
+    /// Raw fd (socket on Windows) of the underlying TCP socket.
+    pub fn fd(&self) -> RawSock {
+        raw(self.tcp())
     }
 }
 

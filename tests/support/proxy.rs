@@ -9,7 +9,6 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
@@ -402,8 +401,8 @@ fn pump(pair: Arc<Pair>, dir: Dir, sh: Arc<Shared>) {
         let want_read = open && !eof && queued < MAX_QUEUED;
         net::poll_fds(
             &[
-                (src.as_raw_fd(), want_read, false),
-                (dst.as_raw_fd(), false, open && want_write),
+                (net::raw(src), want_read, false),
+                (net::raw(dst), false, open && want_write),
             ],
             timeout,
         );

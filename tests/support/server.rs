@@ -10,7 +10,6 @@ use super::util;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, unbounded};
 use parking_lot::Mutex;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::thread::JoinHandle;
@@ -718,7 +717,7 @@ fn tls_accept(
                     }
                     return None;
                 }
-                net::wait_fd(mid.get_ref().as_raw_fd(), true, false, TICK);
+                net::wait_fd(net::raw(mid.get_ref()), true, false, TICK);
                 res = mid.handshake();
             }
         }

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds test binaries for Windows (x86_64-pc-windows-gnu, Debian's mingw) and runs them
+# under Debian's Wine 8. Idempotent: installs only what is missing.
+#   bash .ci/windows.sh [cargo test args...]   (default: the suites listed below)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v x86_64-w64-mingw32-gcc >/dev/null || need+=(gcc-mingw-w64-x86-64)
+[ -x /usr/lib/wine/wine64 ] || need+=(wine64)
+if ((${#need[@]})); then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+rustup target list --installed | grep -qx x86_64-pc-windows-gnu || rustup target add x86_64-pc-windows-gnu
+
+export WINEPREFIX="${WINEPREFIX:-$HOME/.wine-wsbeat}"
+export WINEDEBUG=-all
+wine=/usr/lib/wine/wine64
+# Current Rust std needs ProcessPrng (bcryptprimitives.dll), which Wine 8 lacks: a shim
+# DLL on top of RtlGenRandom, built from .ci/processprng.c.
+dll="$WINEPREFIX/drive_c/windows/system32/bcryptprimitives.dll"
+if [ ! -f "$dll" ]; then
+    [ -d "$WINEPREFIX/drive_c/windows/system32" ] || "$wine" wineboot --init >/dev/null 2>&1 || true
+    out="$(mktemp -d)"
+    x86_64-w64-mingw32-gcc -O2 -shared -o "$out/bcryptprimitives.dll" .ci/processprng.c -ladvapi32
+    cp "$out/bcryptprimitives.dll" "$dll"
+fi
+
+export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_LINKER=x86_64-w64-mingw32-gcc
+export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="$wine"
+if (($#)); then
+    cargo test --target x86_64-pc-windows-gnu "$@"
+else
+    cargo test --target x86_64-pc-windows-gnu --lib --test core --test heartbeat --test reconnect --test races
+fi

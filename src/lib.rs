@@ -47,7 +47,12 @@
 //! ([`Delivery::AtMostOnce`]), or kept until the server acks it ([`Delivery::Acked`]).
 //! [`Client::send_all`] sends a batch with one flush. See `RELIABILITY.md`.
 //!
-//! Unix only (it waits on sockets with `poll(2)`).
+//! ## Platforms and TLS
+//! Linux, the BSDs and macOS (`poll(2)`) and Windows (`WSAPoll`). `wss://` uses the
+//! platform's TLS through `native-tls` (default feature; `native-tls-vendored` builds
+//! OpenSSL from source), or pure-Rust `rustls` with the platform's roots (feature
+//! `rustls`, plus `webpki-roots` for Mozilla's). Built with neither, a `wss://` URL is
+//! [`Error::NoTls`]. The README says what is tested where.
 
 #![warn(missing_docs)]
 

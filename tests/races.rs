@@ -140,7 +140,7 @@ fn close_while_reconnecting_returns_promptly_and_ends_with_closed() {
 #[test]
 #[cfg_attr(
     windows,
-    ignore = "known defect: on Windows (Wine) shutdown() of the socket does not interrupt a blocking connect-time read, so close() waits for the connect timeout (see README, Platforms and TLS)"
+    ignore = "known gap under Wine: shutdown() does not wake a read blocked in the upgrade step, so close() waits for the connect timeout (README, Platforms and TLS)"
 )]
 fn close_while_connecting_aborts_the_attempt() {
     let _g = util::exclusive();

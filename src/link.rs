@@ -29,7 +29,7 @@
 //! ## Rules for everything done under `link`
 //! 1. The socket is always in nonblocking mode once a connection is published, so no
 //!    call made under the lock can block on the network.
-//! 2. Waiting for readability or writability happens with `poll(2)` *without* the lock
+//! 2. Waiting for readability or writability happens with `sys::poll2` *without* the lock
 //!    (`MutexGuard::unlocked_fair`), on a `dup` of the socket so the descriptor stays valid.
 //! 3. The reader releases the lock with `unlock_fair` after at most `read_budget`
 //!    messages and at most `READ_QUOTA` bytes read from the socket (`Tcp`'s read quota),

@@ -7,8 +7,6 @@
 
 use std::io::{self, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,6 +14,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 
 use crate::config::SocketOptions;
+use crate::sys::{self, POLLIN, POLLOUT, Pipe, Raw, poll_fds, pollfd};
 use crate::{ConnectStage, Error, Result};
 
 /// The one deadline of a connect attempt (every stage checks the time left against it).
@@ -69,8 +68,8 @@ pub(crate) fn is_timeout(e: &io::Error) -> bool {
 /// the socket [`attach`](Cancel::attach)ed for them.
 pub(crate) struct Cancel {
     cancelled: AtomicBool,
-    tx: UnixStream,
-    rx: UnixStream,
+    tx: Pipe,
+    rx: Pipe,
     /// A clone of the socket of the attempt in progress. A leaf lock held only around a
     /// `try_clone`, a `shutdown` and an atomic load.
     sock: Mutex<Option<TcpStream>>,
@@ -78,7 +77,7 @@ pub(crate) struct Cancel {
 
 impl Cancel {
     pub(crate) fn new() -> io::Result<Cancel> {
-        let (tx, rx) = UnixStream::pair()?;
+        let (tx, rx) = sys::socket_pair()?;
         tx.set_nonblocking(true)?;
         rx.set_nonblocking(true)?;
         Ok(Cancel {
@@ -112,8 +111,8 @@ impl Cancel {
     }
 
     /// Readable once cancelled.
-    pub(crate) fn fd(&self) -> RawFd {
-        self.rx.as_raw_fd()
+    pub(crate) fn fd(&self) -> Raw {
+        sys::raw(&self.rx)
     }
 
     /// Registers the connected socket of the attempt: `cancel` shuts it down.
@@ -132,36 +131,6 @@ impl Cancel {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<TcpStream>> {
         self.sock.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// `poll(2)` on several descriptors: the one place to port to another platform
-/// (`WSAPoll` on Windows). `None` waits without a time limit. Returns how many are ready.
-pub(crate) fn poll_fds(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
-    let ms = match timeout {
-        None => -1,
-        // Round up so a sub-millisecond remainder does not spin with a 0 timeout.
-        Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
-    };
-    loop {
-        // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd structs for the
-        // duration of the call, and its length is passed with it.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if r >= 0 {
-            return Ok(r as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-fn pollfd(fd: RawFd, events: i16) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events,
-        revents: 0,
     }
 }
 
@@ -204,7 +173,7 @@ fn resolve_with(
     let (tx, rx) = crossbeam_channel::bounded(1);
     // The helper holds `done_tx`: when it ends (or unwinds) `done_rx` reads end-of-file,
     // which wakes the poll below.
-    let (done_tx, done_rx) = UnixStream::pair()?;
+    let (done_tx, done_rx) = sys::socket_pair()?;
     let name = bare.to_string();
     let helper = std::thread::Builder::new()
         .name("wsbeat-dns".into())
@@ -216,8 +185,8 @@ fn resolve_with(
     loop {
         let left = dl.left(ConnectStage::Dns)?;
         let mut fds = [
-            pollfd(cancel.fd(), libc::POLLIN),
-            pollfd(done_rx.as_raw_fd(), libc::POLLIN),
+            pollfd(cancel.fd(), POLLIN),
+            pollfd(sys::raw(&done_rx), POLLIN),
         ];
         poll_fds(&mut fds, Some(left))?;
         cancel.check()?;
@@ -314,12 +283,8 @@ pub(crate) fn dial(
             left
         };
         let mut fds = Vec::with_capacity(pending.len() + 1);
-        fds.push(pollfd(cancel.fd(), libc::POLLIN));
-        fds.extend(
-            pending
-                .iter()
-                .map(|(s, _)| pollfd(s.as_raw_fd(), libc::POLLOUT)),
-        );
+        fds.push(pollfd(cancel.fd(), POLLIN));
+        fds.extend(pending.iter().map(|(s, _)| pollfd(sys::raw(s), POLLOUT)));
         poll_fds(&mut fds, Some(wait))?;
         cancel.check()?;
         // Walk backwards so removing an entry keeps the indices of the others.
@@ -360,12 +325,7 @@ fn start(addr: SocketAddr, opts: &SocketOptions) -> io::Result<(Socket, bool)> {
     }
     match sock.connect(&addr.into()) {
         Ok(()) => Ok((sock, true)),
-        Err(e)
-            if e.raw_os_error() == Some(libc::EINPROGRESS)
-                || e.kind() == io::ErrorKind::WouldBlock =>
-        {
-            Ok((sock, false))
-        }
+        Err(e) if sys::connect_in_progress(&e) => Ok((sock, false)),
         Err(e) => Err(e),
     }
 }

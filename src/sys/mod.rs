@@ -1,8 +1,9 @@
 //! The platform-specific part of the transport: waiting on sockets (`poll(2)` on Unix,
 //! `WSAPoll` on Windows) and the waker that interrupts such a wait.
 //!
-//! Everything above this module sees one API: [`poll2`] on two raw sockets, [`raw`] to
-//! get one, [`wait_readable`] / [`wait_writable`], and [`Waker`].
+//! Everything above this module sees one API: [`poll_fds`] on raw sockets ([`raw`],
+//! [`pollfd`]), [`poll2`] on two, [`wait_readable`] / [`wait_writable`], [`Waker`], and
+//! [`connect_in_progress`] for nonblocking connects.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -11,12 +12,20 @@ use std::time::Duration;
 #[cfg(unix)]
 mod unix;
 #[cfg(unix)]
-pub(crate) use unix::{POLLIN, POLLOUT, Pipe, poll2, raw, socket_pair};
+use unix::poll_fds as poll_ms;
+#[cfg(unix)]
+pub(crate) use unix::{
+    POLLIN, POLLOUT, Pipe, PollFd, Raw, connect_in_progress, pollfd, raw, socket_pair,
+};
 
 #[cfg(windows)]
 mod windows;
 #[cfg(windows)]
-pub(crate) use windows::{POLLIN, POLLOUT, Pipe, poll2, raw, socket_pair};
+use windows::poll_fds as poll_ms;
+#[cfg(windows)]
+pub(crate) use windows::{
+    POLLIN, POLLOUT, Pipe, PollFd, Raw, connect_in_progress, pollfd, raw, socket_pair,
+};
 
 /// A poll timeout in milliseconds: `-1` waits forever; a sub-millisecond remainder is
 /// rounded up so it does not spin with a 0 timeout.
@@ -25,6 +34,27 @@ fn timeout_ms(timeout: Option<Duration>) -> i32 {
         None => -1,
         Some(d) => d.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
     }
+}
+
+/// `poll(2)` / `WSAPoll` on several sockets; `None` waits without a time limit. Returns
+/// how many are ready (their `revents` say how).
+pub(crate) fn poll_fds(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> {
+    poll_ms(fds, timeout_ms(timeout))
+}
+
+/// [`poll_fds`] on one or two sockets; returns their revents.
+pub(crate) fn poll2(
+    a: (Raw, i16),
+    b: Option<(Raw, i16)>,
+    timeout: Option<Duration>,
+) -> io::Result<(i16, i16)> {
+    let mut fds = [pollfd(a.0, a.1), pollfd(a.0, 0)];
+    if let Some(b) = b {
+        fds[1] = pollfd(b.0, b.1);
+    }
+    let n = if b.is_some() { 2 } else { 1 };
+    poll_fds(&mut fds[..n], timeout)?;
+    Ok((fds[0].revents, fds[1].revents))
 }
 
 /// Waits until `sock` is writable (or in error/hang-up), up to `timeout`.

@@ -3,16 +3,20 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
 
 pub(crate) const POLLIN: i16 = libc::POLLIN;
 pub(crate) const POLLOUT: i16 = libc::POLLOUT;
 
+/// A socket as `poll` sees it.
+pub(crate) type Raw = RawFd;
+/// One entry of [`poll_fds`].
+pub(crate) type PollFd = libc::pollfd;
+
 /// The waker's socket pair ends.
 pub(crate) type Pipe = UnixStream;
 
-/// The descriptor to hand to [`poll2`].
-pub(crate) fn raw(s: &impl AsRawFd) -> RawFd {
+/// The descriptor to hand to [`poll_fds`].
+pub(crate) fn raw(s: &impl AsRawFd) -> Raw {
     s.as_raw_fd()
 }
 
@@ -20,31 +24,28 @@ pub(crate) fn socket_pair() -> io::Result<(Pipe, Pipe)> {
     UnixStream::pair()
 }
 
-/// `poll(2)` on up to two descriptors; `None` waits forever. Returns the revents.
-pub(crate) fn poll2(
-    a: (RawFd, i16),
-    b: Option<(RawFd, i16)>,
-    timeout: Option<Duration>,
-) -> io::Result<(i16, i16)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a.0,
-            events: a.1,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b.map_or(-1, |b| b.0),
-            events: b.map_or(0, |b| b.1),
-            revents: 0,
-        },
-    ];
-    let n = if b.is_some() { 2 } else { 1 };
-    let ms = super::timeout_ms(timeout);
+/// An entry of [`poll_fds`]; `events` is [`POLLIN`] and/or [`POLLOUT`].
+pub(crate) fn pollfd(fd: Raw, events: i16) -> PollFd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}
+
+/// A nonblocking `connect` that has started and not finished yet.
+pub(crate) fn connect_in_progress(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// `poll(2)`; `ms` -1 waits forever. Returns how many entries are ready.
+pub(crate) fn poll_fds(fds: &mut [PollFd], ms: i32) -> io::Result<usize> {
     loop {
-        // SAFETY: `fds` is a valid array of `n` pollfd structs for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), n as libc::nfds_t, ms) };
+        // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd structs for the
+        // duration of the call, and its length is passed with it.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if r >= 0 {
-            return Ok((fds[0].revents, fds[1].revents));
+            return Ok(r as usize);
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

@@ -1,26 +1,29 @@
 //! Windows: `WSAPoll` (through `windows-sys`) and a connected loopback TCP pair (Windows
-//! has no `socketpair`; an `AF_UNIX` pair would need Windows 10 1803 and cannot be
-//! polled reliably with `WSAPoll`).
+//! has no `socketpair`).
 
 use std::io;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::windows::io::{AsRawSocket, RawSocket};
-use std::time::Duration;
 
 use windows_sys::Win32::Networking::WinSock::{
     POLLRDNORM, POLLWRNORM, SOCKET, SOCKET_ERROR, WSAEINTR, WSAGetLastError, WSAPOLLFD, WSAPoll,
 };
 
-/// Readable: normal data (`POLLIN` on Windows also asks for band data, which `WSAPoll`
+/// Readable: normal data (Windows' `POLLIN` also asks for band data, which `WSAPoll`
 /// rejects on some versions).
 pub(crate) const POLLIN: i16 = POLLRDNORM;
 pub(crate) const POLLOUT: i16 = POLLWRNORM;
 
+/// A socket as `WSAPoll` sees it.
+pub(crate) type Raw = RawSocket;
+/// One entry of [`poll_fds`].
+pub(crate) type PollFd = WSAPOLLFD;
+
 /// The waker's socket pair ends.
 pub(crate) type Pipe = TcpStream;
 
-/// The socket to hand to [`poll2`].
-pub(crate) fn raw(s: &impl AsRawSocket) -> RawSocket {
+/// The socket to hand to [`poll_fds`].
+pub(crate) fn raw(s: &impl AsRawSocket) -> Raw {
     s.as_raw_socket()
 }
 
@@ -38,32 +41,28 @@ pub(crate) fn socket_pair() -> io::Result<(Pipe, Pipe)> {
     }
 }
 
-/// `WSAPoll` on up to two sockets; `None` waits forever. Returns the revents.
-pub(crate) fn poll2(
-    a: (RawSocket, i16),
-    b: Option<(RawSocket, i16)>,
-    timeout: Option<Duration>,
-) -> io::Result<(i16, i16)> {
-    let mut fds = [
-        WSAPOLLFD {
-            fd: a.0 as SOCKET,
-            events: a.1,
-            revents: 0,
-        },
-        WSAPOLLFD {
-            fd: b.map_or(0, |b| b.0 as SOCKET),
-            events: b.map_or(0, |b| b.1),
-            revents: 0,
-        },
-    ];
-    let n = if b.is_some() { 2 } else { 1 };
-    let ms = super::timeout_ms(timeout);
+/// An entry of [`poll_fds`]; `events` is [`POLLIN`] and/or [`POLLOUT`].
+pub(crate) fn pollfd(fd: Raw, events: i16) -> PollFd {
+    WSAPOLLFD {
+        fd: fd as SOCKET,
+        events,
+        revents: 0,
+    }
+}
+
+/// A nonblocking `connect` that has started and not finished yet (`WSAEWOULDBLOCK`).
+pub(crate) fn connect_in_progress(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+/// `WSAPoll`; `ms` -1 waits forever. Returns how many entries are ready.
+pub(crate) fn poll_fds(fds: &mut [PollFd], ms: i32) -> io::Result<usize> {
     loop {
-        // SAFETY: `fds` is a valid array of `n` WSAPOLLFD structs for the duration of the
-        // call.
-        let r = unsafe { WSAPoll(fds.as_mut_ptr(), n, ms) };
+        // SAFETY: `fds` is a valid, exclusively borrowed slice of WSAPOLLFD structs for
+        // the duration of the call, and its length is passed with it.
+        let r = unsafe { WSAPoll(fds.as_mut_ptr(), fds.len() as u32, ms) };
         if r != SOCKET_ERROR {
-            return Ok((fds[0].revents, fds[1].revents));
+            return Ok(r as usize);
         }
         // SAFETY: no precondition; reads this thread's last Winsock error.
         let code = unsafe { WSAGetLastError() };

@@ -1,11 +1,10 @@
 //! [`HungListener`]: a loopback address where a TCP connect hangs, without root.
 //!
-//! Standalone (socket2 and libc only): also compiled into the crate's own unit tests
+//! Standalone (socket2 and libc / windows-sys only): also compiled into the crate's own unit tests
 //! (`src/dial.rs`, with `#[path]`), which cannot use the rest of this support code.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Socket, Type};
 
@@ -49,7 +48,9 @@ impl HungListener {
     }
 }
 
+#[cfg(unix)]
 fn writable_within_300ms(s: &Socket) -> bool {
+    use std::os::fd::AsRawFd;
     let mut fd = libc::pollfd {
         fd: s.as_raw_fd(),
         events: libc::POLLOUT,
@@ -57,4 +58,17 @@ fn writable_within_300ms(s: &Socket) -> bool {
     };
     // SAFETY: one valid pollfd for the duration of the call.
     unsafe { libc::poll(&mut fd, 1, 300) > 0 }
+}
+
+#[cfg(windows)]
+fn writable_within_300ms(s: &Socket) -> bool {
+    use std::os::windows::io::AsRawSocket;
+    use windows_sys::Win32::Networking::WinSock::{POLLWRNORM, WSAPOLLFD, WSAPoll};
+    let mut fd = WSAPOLLFD {
+        fd: s.as_raw_socket() as usize,
+        events: POLLWRNORM,
+        revents: 0,
+    };
+    // SAFETY: one valid WSAPOLLFD for the duration of the call.
+    unsafe { WSAPoll(&mut fd, 1, 300) > 0 }
 }

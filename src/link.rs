@@ -45,7 +45,6 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -60,7 +59,7 @@ use crate::event::EventSink;
 use crate::heartbeat::HbState;
 use crate::outbox::{Admit, Outbox};
 use crate::queue::{OfflineQueue, payload_len};
-use crate::sys::{Waker, wait_writable};
+use crate::sys::{Waker, unacked_bytes, wait_writable};
 use crate::time::{deadline, deadline_in};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
@@ -254,46 +253,6 @@ pub(crate) fn reason_of(e: &tungstenite::Error) -> DisconnectReason {
         | W::AlreadyClosed => DisconnectReason::Reset,
         W::Tls(t) => DisconnectReason::Io(format!("TLS: {t}")),
         other => DisconnectReason::Protocol(other.to_string()),
-    }
-}
-
-/// Bytes of `sock` the peer's TCP has not acknowledged yet (sent or not): the kernel's
-/// send queue. Linux: the `SIOCOUTQ` ioctl; macOS/iOS: `SO_NWRITE`. Elsewhere `None`
-/// (Windows has no per-socket equivalent short of `SIO_TCP_INFO`, and wsbeat is
-/// Unix-only). Behind a proxy this is what the *proxy's* TCP has not acknowledged.
-pub(crate) fn unacked_bytes(sock: &TcpStream) -> Option<u64> {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    {
-        let mut n: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ (= SIOCOUTQ on sockets) writes one int to the pointer.
-        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
-        (r == 0 && n >= 0).then_some(n as u64)
-    }
-    #[cfg(any(target_os = "macos", target_os = "ios"))]
-    {
-        let mut n: libc::c_int = 0;
-        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: SO_NWRITE writes one int; `len` holds its size.
-        let r = unsafe {
-            libc::getsockopt(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_NWRITE,
-                (&mut n as *mut libc::c_int).cast(),
-                &mut len,
-            )
-        };
-        (r == 0 && n >= 0).then_some(n as u64)
-    }
-    #[cfg(not(any(
-        target_os = "linux",
-        target_os = "android",
-        target_os = "macos",
-        target_os = "ios"
-    )))]
-    {
-        let _ = sock;
-        None
     }
 }
 

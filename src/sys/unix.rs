@@ -1,6 +1,7 @@
 //! Unix: `poll(2)` and a `UnixStream` pair.
 
 use std::io;
+use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -51,5 +52,44 @@ pub(crate) fn poll_fds(fds: &mut [PollFd], ms: i32) -> io::Result<usize> {
         if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
+    }
+}
+
+/// Bytes of `sock` the peer's TCP has not acknowledged yet (sent or not): the kernel's
+/// send queue. Linux: the `SIOCOUTQ` ioctl; macOS/iOS: `SO_NWRITE`. Elsewhere `None`
+/// (other Unix systems). Behind a proxy this is what the *proxy's* TCP has not acknowledged.
+pub(crate) fn unacked_bytes(sock: &TcpStream) -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (= SIOCOUTQ on sockets) writes one int to the pointer.
+        let r = unsafe { libc::ioctl(raw(sock), libc::TIOCOUTQ, &mut n) };
+        (r == 0 && n >= 0).then_some(n as u64)
+    }
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    {
+        let mut n: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: SO_NWRITE writes one int; `len` holds its size.
+        let r = unsafe {
+            libc::getsockopt(
+                raw(sock),
+                libc::SOL_SOCKET,
+                libc::SO_NWRITE,
+                (&mut n as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0 && n >= 0).then_some(n as u64)
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios"
+    )))]
+    {
+        let _ = sock;
+        None
     }
 }

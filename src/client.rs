@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use crate::config::{ClientBuilder, Config};
 use crate::dial::Cancel;
 use crate::event::EventSink;
+use crate::inbound::{Batch, EventTx, Events, Inbound};
 use crate::link::{Command, Counters, Link, SendMode, Shared, TimerCmd};
 use crate::queue::OfflineQueue;
 use crate::reconnect::{Supervisor, establish};
@@ -117,7 +118,8 @@ impl fmt::Debug for WeakClient {
 
 struct Handle {
     shared: Arc<Shared>,
-    events: Receiver<Event>,
+    events: Receiver<Batch>,
+    inbound: Arc<Inbound>,
     supervisor: Mutex<Option<JoinHandle<Vec<Message>>>>,
     supervisor_id: ThreadId,
 }
@@ -142,6 +144,16 @@ pub struct Stats {
     pub received: u64,
     /// Successful reconnections so far.
     pub reconnects: u64,
+    /// Text/binary messages waiting for the consumer in [`Client::events`].
+    pub events_queued: usize,
+    /// Payload bytes of those messages.
+    pub events_queued_bytes: usize,
+    /// Since when the reader is held back because the consumer left the event channel
+    /// full (see [`ClientBuilder::event_capacity`]); `None` while it reads freely.
+    pub consumer_behind_since: Option<Instant>,
+    /// Times the consumer left the event channel full for longer than
+    /// [`ClientBuilder::consumer_stall_timeout`] (each also logged as a warning).
+    pub consumer_stalls: u64,
 }
 
 impl fmt::Debug for Client {
@@ -172,7 +184,12 @@ impl Client {
     /// first in the offline queue.
     pub(crate) fn start(cfg: Config, eager: bool, carried: Vec<Message>) -> Result<Client> {
         cfg.validate()?;
-        let (ev_tx, ev_rx) = unbounded();
+        let inbound = Arc::new(Inbound::new(
+            cfg.event_capacity.0,
+            cfg.event_capacity.1,
+            cfg.consumer_stall_timeout,
+        ));
+        let (ev_tx, ev_rx) = EventTx::new(inbound.clone());
         let (ctl_tx, ctl_rx) = unbounded();
         let (timer_tx, timer_rx) = unbounded();
         let mut queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
@@ -243,6 +260,7 @@ impl Client {
             inner: Arc::new(Handle {
                 shared,
                 events: ev_rx,
+                inbound,
                 supervisor: Mutex::new(Some(supervisor)),
                 supervisor_id,
             }),
@@ -281,10 +299,17 @@ impl Client {
         self.inner.shared.send(msg, SendMode::Try)
     }
 
-    /// The event stream (a crossbeam `Receiver`, usable in `select!`). Every clone
-    /// shares one stream: each event goes to one receiver. It is unbounded, so read it.
-    pub fn events(&self) -> Receiver<Event> {
-        self.inner.events.clone()
+    /// The event stream. Read it one event at a time ([`Events::recv`], iteration), or
+    /// wait on it together with other channels through [`Events::receiver`] in
+    /// `crossbeam_channel::select!`. Every `Events` of a client shares one stream: each
+    /// event goes to one of them.
+    ///
+    /// Inbound messages are bounded ([`ClientBuilder::event_capacity`]): while the
+    /// consumer leaves that many waiting, the client stops reading from the server
+    /// (TCP pushes back; nothing is dropped) until the consumer catches up. Control
+    /// events (`Connected`, `Disconnected`, ..., `Closed`) are never held back.
+    pub fn events(&self) -> Events {
+        Events::new(self.inner.events.clone(), self.inner.inbound.clone())
     }
 
     /// Current state.
@@ -297,6 +322,7 @@ impl Client {
         let shared = &self.inner.shared;
         let link = shared.link.lock();
         let live = link.conn.as_ref();
+        let inbound = &self.inner.inbound;
         Stats {
             state: link.state,
             generation: link.generation,
@@ -306,6 +332,10 @@ impl Client {
             sent: shared.counters.sent.load(Ordering::Relaxed),
             received: shared.counters.received.load(Ordering::Relaxed),
             reconnects: shared.counters.reconnects.load(Ordering::Relaxed),
+            events_queued: inbound.queued().0,
+            events_queued_bytes: inbound.queued().1,
+            consumer_behind_since: inbound.held_since(),
+            consumer_stalls: inbound.stalls(),
         }
     }
 

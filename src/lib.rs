@@ -56,6 +56,7 @@ mod dial;
 mod error;
 mod event;
 mod heartbeat;
+mod inbound;
 mod link;
 mod queue;
 mod reader;
@@ -74,6 +75,10 @@ pub use config::{
 pub use error::{ConnectStage, Error, RedirectRefusal, Result, SocksFailure, TlsErrorKind};
 pub use event::{DisconnectReason, Event, State};
 pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
+pub use inbound::{
+    Batch, DEFAULT_CONSUMER_STALL_TIMEOUT, DEFAULT_EVENT_CAPACITY_BYTES,
+    DEFAULT_EVENT_CAPACITY_MESSAGES, Events, IntoIter, Iter, TryIter,
+};
 /// Re-exported for [`ClientBuilder::identity`] and [`ClientBuilder::tls_connector`].
 pub use native_tls;
 pub use reconnect::Session;

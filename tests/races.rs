@@ -60,7 +60,7 @@ fn jitter(i: usize, max_micros: u64) {
 /// All events until (and including) `Closed`; fails if `Closed` does not come or if
 /// anything follows it.
 fn events_until_closed(
-    client_events: &crossbeam_channel::Receiver<Event>,
+    client_events: &wsbeat::Events,
     what: &str,
 ) -> Vec<Event> {
     let mut out = Vec::new();

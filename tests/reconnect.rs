@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, bounded, unbounded};
+use crossbeam_channel::{bounded, unbounded};
 use parking_lot::Mutex;
 use support::certs::{self, ServerCert};
 use support::proxy::FaultProxy;
@@ -35,7 +35,7 @@ const QUIET: Duration = Duration::from_millis(400);
 
 /// Reads a client's events and remembers them (for assertions and failure messages).
 struct Watch {
-    rx: Receiver<Event>,
+    rx: wsbeat::Events,
     seen: Vec<Event>,
 }
 

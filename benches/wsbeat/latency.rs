@@ -27,7 +27,7 @@ fn raw_rtt(ws: &mut RawWs, payload: &Bytes) -> f64 {
     us(t.elapsed())
 }
 
-fn wsbeat_rtt(c: &Client, rx: &crossbeam_channel::Receiver<Event>, payload: &Bytes) -> f64 {
+fn wsbeat_rtt(c: &Client, rx: &wsbeat::Events, payload: &Bytes) -> f64 {
     let t = Instant::now();
     c.send_binary(payload.clone()).expect("wsbeat send");
     loop {

@@ -37,7 +37,7 @@ fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
 
 fn wsbeat_c2s(
     c: &Client,
-    rx: &crossbeam_channel::Receiver<Event>,
+    rx: &wsbeat::Events,
     n: usize,
     payload: &Bytes,
 ) -> f64 {
@@ -78,7 +78,7 @@ fn raw_s2c(ws: &mut RawWs, n: usize, size: usize) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
-fn wsbeat_s2c(c: &Client, rx: &crossbeam_channel::Receiver<Event>, n: usize, size: usize) -> f64 {
+fn wsbeat_s2c(c: &Client, rx: &wsbeat::Events, n: usize, size: usize) -> f64 {
     let t = Instant::now();
     c.send_text(format!("go {n} {size}")).expect("wsbeat send");
     let mut got = 0;

@@ -42,7 +42,7 @@ pub fn client_panics() -> usize {
 
 /// Receives events until `Closed` (or `timeout`), returning them in order.
 pub fn events_until_closed(
-    rx: &crossbeam_channel::Receiver<wsbeat::Event>,
+    rx: &wsbeat::Events,
     timeout: Duration,
 ) -> Vec<wsbeat::Event> {
     let deadline = std::time::Instant::now() + timeout;

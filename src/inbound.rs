@@ -292,9 +292,9 @@ impl EventTx {
             bytes: 0,
             inbound: None,
         };
-        self.tx.send(batch).map_err(|SendError(mut b)| {
-            SendError(b.events.pop_front().expect("a batch of one"))
-        })
+        self.tx
+            .send(batch)
+            .map_err(|SendError(mut b)| SendError(b.events.pop_front().expect("a batch of one")))
     }
 
     /// Sends the messages of one drain (`msgs` text/binary messages of `bytes` payload

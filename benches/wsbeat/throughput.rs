@@ -35,12 +35,7 @@ fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
     n as f64 / t.elapsed().as_secs_f64()
 }
 
-fn wsbeat_c2s(
-    c: &Client,
-    rx: &wsbeat::Events,
-    n: usize,
-    payload: &Bytes,
-) -> f64 {
+fn wsbeat_c2s(c: &Client, rx: &wsbeat::Events, n: usize, payload: &Bytes) -> f64 {
     let t = Instant::now();
     for _ in 0..n {
         c.send_binary(payload.clone()).expect("wsbeat send");

@@ -320,9 +320,12 @@ impl Client {
     /// Health snapshot: RTT, last inbound traffic, counters.
     pub fn stats(&self) -> Stats {
         let shared = &self.inner.shared;
+        // Before `link`: the inbound locks are leaves, never taken under `link`.
+        let inbound = &self.inner.inbound;
+        let (events_queued, events_queued_bytes) = inbound.queued();
+        let consumer_behind_since = inbound.held_since();
         let link = shared.link.lock();
         let live = link.conn.as_ref();
-        let inbound = &self.inner.inbound;
         Stats {
             state: link.state,
             generation: link.generation,
@@ -332,9 +335,9 @@ impl Client {
             sent: shared.counters.sent.load(Ordering::Relaxed),
             received: shared.counters.received.load(Ordering::Relaxed),
             reconnects: shared.counters.reconnects.load(Ordering::Relaxed),
-            events_queued: inbound.queued().0,
-            events_queued_bytes: inbound.queued().1,
-            consumer_behind_since: inbound.held_since(),
+            events_queued,
+            events_queued_bytes,
+            consumer_behind_since,
             consumer_stalls: inbound.stalls(),
         }
     }

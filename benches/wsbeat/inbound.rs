@@ -132,7 +132,7 @@ fn slow_consumer(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
             Met::from(growth_mib < bound_mib),
         ),
         Row::new(
-            "slow consumer: messages delivered in order / lost",
+            "slow consumer: messages delivered / lost (order: tests/inbound.rs)",
             "-",
             format!("{got}/{n} / {}", n - got.min(n)),
             "-",

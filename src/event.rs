@@ -165,7 +165,10 @@ impl EventSink {
     pub(crate) fn emit_messages(&self, events: &mut VecDeque<Event>, msgs: usize, bytes: usize) {
         let g = self.grammar.lock();
         if g.closed {
-            log::debug!("{} events dropped by the grammar: after Closed", events.len());
+            log::debug!(
+                "{} events dropped by the grammar: after Closed",
+                events.len()
+            );
             events.clear();
             return;
         }

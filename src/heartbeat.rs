@@ -338,6 +338,7 @@ impl HbState {
     /// the consumer catches up and reading resumes (at most `interval + timeout` later).
     pub(crate) fn held_back(&mut self, now: Instant) {
         self.last_inbound = now;
+        self.last_data = now;
         self.last_reply = now;
     }
 

@@ -217,7 +217,11 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // that never completes one (endless empty fragments) would keep us here for
         // good. Past the quota the socket reports WouldBlock, so the lock is let go.
         live.ws.get_mut().set_read_quota(Some(READ_QUOTA));
-        while read {
+        // Held back: only flush (below), read nothing.
+        loop {
+            if !read {
+                break;
+            }
             // Let a waiting sender in after at least one message.
             if n >= budget || (n > 0 && shared.writers.load(Ordering::Relaxed) > 0) {
                 more = true;

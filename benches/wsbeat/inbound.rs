@@ -213,21 +213,13 @@ pub fn idle_clients_main() {
         .unwrap_or(500);
     util::raise_nofile();
     let mut stdout = std::io::stdout();
-    let exe = std::env::current_exe().expect("current exe");
-    let mut server = Command::new(exe)
-        .env(ROLE_ENV, "scale-server")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn scale-server");
-    let mut sout = BufReader::new(server.stdout.take().unwrap());
-    let mut line = String::new();
-    sout.read_line(&mut line).expect("server port");
-    let port: u16 = line
-        .trim()
-        .strip_prefix("PORT ")
-        .and_then(|p| p.parse().ok())
-        .expect("PORT line");
+    // Keep its stdin open: the server ends at EOF.
+    let crate::scale::ScaleServer {
+        mut server,
+        sin: _sin,
+        sout: _sout,
+        port,
+    } = crate::scale::ScaleServer::spawn();
     let url = format!("ws://127.0.0.1:{port}/echo");
     let settle = Duration::from_secs(2);
     let (rss0, rss1) = if kind == "wsbeat" {

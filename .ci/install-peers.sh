@@ -2,6 +2,7 @@
 # Installs the third-party peers of the interop tests (tests/interop_*.rs):
 #   - nginx, tinyproxy, openssl,     (Debian packages)
 #     dante-server, microsocks
+#   - iptables                       (Debian; the half-open requeue test, root only)
 #   - websockets 17.x                (PyPI, into the python3 found on PATH)
 #   - ws 8.x                         (npm, into tests/peers/node_modules, from the
 #                                     committed tests/peers/package-lock.json)
@@ -16,7 +17,7 @@ say() { printf 'install-peers: %s\n' "$*"; }
 # --- Debian packages ------------------------------------------------------------
 # binary:package pairs; node, npm and python3 normally come with the machine image.
 missing=""
-for pair in nginx:nginx tinyproxy:tinyproxy openssl:openssl node:nodejs npm:npm \
+for pair in nginx:nginx tinyproxy:tinyproxy openssl:openssl iptables:iptables node:nodejs npm:npm \
             python3:python3 danted:dante-server microsocks:microsocks; do
   bin=${pair%%:*}
   pkg=${pair#*:}

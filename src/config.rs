@@ -9,6 +9,7 @@ use url::Url;
 use crate::backoff::{Backoff, ReconnectPolicy};
 use crate::client::Client;
 use crate::heartbeat::Heartbeat;
+use crate::outbox::Delivery;
 use crate::reconnect::Session;
 use crate::redact::{RedactedUrl, is_secret_header};
 use crate::{Error, Result};
@@ -280,6 +281,8 @@ pub(crate) struct Config {
     /// Most (messages, payload bytes) waiting for the consumer.
     pub event_capacity: (usize, usize),
     pub consumer_stall_timeout: Duration,
+    pub delivery: Delivery,
+    pub offline_queue: bool,
 }
 
 impl Config {
@@ -387,6 +390,8 @@ impl ClientBuilder {
                     crate::inbound::DEFAULT_EVENT_CAPACITY_BYTES,
                 ),
                 consumer_stall_timeout: crate::inbound::DEFAULT_CONSUMER_STALL_TIMEOUT,
+                delivery: Delivery::AtLeastOnce,
+                offline_queue: true,
             },
         }
     }
@@ -493,6 +498,22 @@ impl ClientBuilder {
     /// What `send` does when the offline queue is full. Default [`OverflowPolicy::Reject`].
     pub fn overflow(mut self, policy: OverflowPolicy) -> Self {
         self.cfg.overflow = policy;
+        self
+    }
+
+    /// What is promised about accepted messages when a connection dies: at least once
+    /// (default), at most once, or end-to-end acked. See [`Delivery`].
+    pub fn delivery(mut self, delivery: Delivery) -> Self {
+        self.cfg.delivery = delivery;
+        self
+    }
+
+    /// With `false`, a send while no connection is open fails at once with
+    /// [`Error::Offline`] (the message handed back) instead of waiting in the offline
+    /// queue. Default `true`. Messages already accepted (in flight on a connection that
+    /// died, under at-least-once or acked delivery) are still sent on the next one.
+    pub fn offline_queue(mut self, enabled: bool) -> Self {
+        self.cfg.offline_queue = enabled;
         self
     }
 

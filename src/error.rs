@@ -243,11 +243,19 @@ pub enum Error {
         /// The message that was not sent, if the call carried one.
         message: Option<Message>,
     },
-    /// The offline queue is full (`OverflowPolicy::Reject` or a timed-out `Block`);
-    /// the message is handed back.
+    /// The offline queue, or the outbox of acked delivery, is full
+    /// (`OverflowPolicy::Reject` or a timed-out `Block`); the message is handed back.
     #[error("the offline queue is full; message handed back")]
     QueueFull {
         /// The message that was not queued.
+        message: Message,
+    },
+    /// No connection is open and the offline queue is off
+    /// ([`ClientBuilder::offline_queue`](crate::ClientBuilder::offline_queue)); the
+    /// message is handed back. Retry after `Event::Connected`, or drop it.
+    #[error("not connected (offline queue off); message handed back")]
+    Offline {
+        /// The message that was not sent.
         message: Message,
     },
     /// `try_send` could not send without waiting; the message is handed back.
@@ -331,11 +339,12 @@ fn body_hint(body: &Option<String>) -> String {
 }
 
 impl Error {
-    /// Takes back the message carried by `QueueFull`, `Closed`, `WouldBlock` or
-    /// `MessageTooLarge`.
+    /// Takes back the message carried by `QueueFull`, `Offline`, `Closed`, `WouldBlock`
+    /// or `MessageTooLarge`.
     pub fn into_message(self) -> Option<Message> {
         match self {
             Error::QueueFull { message }
+            | Error::Offline { message }
             | Error::WouldBlock { message }
             | Error::MessageTooLarge { message, .. } => Some(message),
             Error::Closed { message } => message,

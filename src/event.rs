@@ -19,11 +19,13 @@ use crate::{Error, Message};
 ///
 /// ```text
 /// stream     = ( connection | Reconnecting | Undelivered )*  GaveUp?  Undelivered?  Closed
-/// connection = Connected ( Message | HeartbeatMissed | Undelivered )*  Disconnected
+/// connection = Connected ( Message | HeartbeatMissed | Undelivered | Unconfirmed )*  Disconnected
 /// ```
 ///
 /// - `Connected` and `Disconnected` come in pairs with the same `generation`; every
 ///   `Message` lies between the pair of the connection it arrived on.
+/// - `Unconfirmed` (at-most-once delivery only) at most once per connection, before
+///   the `Disconnected` of the connection whose in-flight messages it hands back.
 /// - `Reconnecting` comes only between connections, never once `close` has begun.
 /// - `GaveUp` at most once, then `Undelivered` (if anything was still queued and not
 ///   returned by [`Client::close`](crate::Client::close)), then `Closed`.
@@ -85,6 +87,15 @@ pub enum Event {
     /// Messages accepted by `send` that will never be sent (dropped by
     /// `OverflowPolicy::DropOldest`, or still queued when the client closed or gave up).
     Undelivered(Vec<Message>),
+    /// At-most-once delivery: messages that were being written when connection
+    /// `generation` died. They are not sent again; the peer may or may not have them.
+    /// Emitted once, before that connection's `Disconnected`.
+    Unconfirmed {
+        /// Connection number that died.
+        generation: u64,
+        /// The messages, in the order they were sent.
+        messages: Vec<Message>,
+    },
     /// A heartbeat probe got no answer in time (sent before death when more than
     /// one miss is allowed).
     HeartbeatMissed {

@@ -557,6 +557,10 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                     wake_at = None;
                 }
             }
+            // Acked delivery: messages whose ack is overdue are written again.
+            if let Some(t) = shared.resend_overdue(&mut link, now) {
+                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+            }
         }
         if let Some(ev) = event {
             shared.emit(ev);

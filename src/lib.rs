@@ -40,9 +40,12 @@
 //! ## What "nothing lost" means
 //! A message accepted by `send` (it returned `Ok`) is either handed to the OS on some
 //! connection, or handed back: in an error, in [`Event::Undelivered`], or in the
-//! return value of [`Client::close`]. Messages that were in flight when a connection
-//! died are sent again on the next one, so a message can arrive twice (at least once);
-//! see `RELIABILITY.md`.
+//! return value of [`Client::close`]. What happens to messages in flight when a
+//! connection dies is a choice ([`ClientBuilder::delivery`]): sent again on the next
+//! connection, so a message can arrive twice ([`Delivery::AtLeastOnce`], the default;
+//! what the peer's TCP never acknowledged is re-sent exactly), handed back
+//! ([`Delivery::AtMostOnce`]), or kept until the server acks it ([`Delivery::Acked`]).
+//! [`Client::send_all`] sends a batch with one flush. See `RELIABILITY.md`.
 //!
 //! Unix only (it waits on sockets with `poll(2)`).
 
@@ -58,6 +61,7 @@ mod event;
 mod heartbeat;
 mod inbound;
 mod link;
+mod outbox;
 mod queue;
 mod reader;
 mod reconnect;
@@ -81,6 +85,7 @@ pub use inbound::{
 };
 /// Re-exported for [`ClientBuilder::identity`] and [`ClientBuilder::tls_connector`].
 pub use native_tls;
+pub use outbox::{Acks, Delivery, IdReader};
 pub use reconnect::Session;
 pub use tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
 pub use tungstenite::{Bytes, Message};

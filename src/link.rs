@@ -3,12 +3,12 @@
 //! # Lock discipline
 //! There is one lock per client, `Shared::link` (a `parking_lot::Mutex<Link>`, with the
 //! `Shared::changed` condvar). It guards the current socket, the offline queue, the
-//! connection state and the heartbeat state.
+//! connection state, the heartbeat state and the outbox of acked delivery.
 //!
 //! ## Every lock, and the order
 //! | lock | taken by | held around |
 //! |------|----------|-------------|
-//! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect` | socket calls in nonblocking mode, queue and state updates, `Heartbeat::app` reply matchers (user code), unbounded channel sends |
+//! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect` | socket calls in nonblocking mode, queue, outbox and state updates, `Heartbeat::app` reply matchers and `Acks` id readers (user code), one `SIOCOUTQ` ioctl per 1024 flushed messages, unbounded channel sends |
 //! | `Shared::connecting` (the mutex inside `dial::Cancel`) | supervisor (`establish` / `connect::open`: attach / detach the socket of the attempt), `close()` (`Cancel::cancel`: shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
@@ -22,8 +22,9 @@
 //! `Client` method (nothing ever takes `policy` while holding another lock), and `gate` →
 //! `link` by `try_lock` only, which cannot wait and so cannot deadlock. (crossbeam's
 //! internal channel locks are leaves too: an unbounded send never waits.)
-//! Consequences for user code: a `Heartbeat::app` reply matcher runs under `link` and must
-//! not call back into the `Client` (the mutex is not reentrant); event handlers, request
+//! Consequences for user code: a `Heartbeat::app` reply matcher and the `Acks` id readers
+//! (`id_of`, `ack_of`) run under `link` and must not call back into the `Client` (the
+//! mutex is not reentrant); event handlers, request
 //! factories, `on_connect` hooks and reconnect policies run with no `link` held.
 //!
 //! ## Rules for everything done under `link`
@@ -38,6 +39,9 @@
 //! 5. On `WouldBlock` tungstenite keeps the frame: we retry `flush()`, never re-send.
 //! 6. No thread is joined while any lock is held (the supervisor joins the reader after
 //!    releasing `link`, `close()` joins the supervisor after releasing `supervisor`).
+//! 7. A batch (`send_all`) keeps `link` across its messages, but like a single send it lets
+//!    go whenever it waits: for the socket (`unlocked_fair` around `poll`), or for queue /
+//!    outbox room under `OverflowPolicy::Block` (the `changed` condvar).
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -56,6 +60,7 @@ use crate::config::{Config, OverflowPolicy};
 use crate::dial::Cancel;
 use crate::event::EventSink;
 use crate::heartbeat::HbState;
+use crate::outbox::{Admit, Outbox};
 use crate::queue::{OfflineQueue, payload_len};
 use crate::time::{deadline, deadline_in};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
@@ -74,6 +79,11 @@ pub(crate) struct Tcp {
     read_quota: Option<usize>,
     /// When the OS last accepted outgoing bytes: a write stall is judged from here.
     last_write: Instant,
+    /// Bytes the OS accepted on this socket so far (TLS records included): the offset
+    /// at which each flushed message ends, to match against the kernel's send queue.
+    written: u64,
+    /// `written` when bytes last arrived from the peer (its last sign of life).
+    written_at_read: u64,
 }
 
 impl Tcp {
@@ -84,6 +94,8 @@ impl Tcp {
             deadline: Some(deadline),
             read_quota: None,
             last_write: Instant::now(),
+            written: 0,
+            written_at_read: 0,
         }
     }
 
@@ -127,6 +139,9 @@ impl Read for Tcp {
         if let Some(q) = self.read_quota.as_mut() {
             *q -= n;
         }
+        if n > 0 {
+            self.written_at_read = self.written;
+        }
         Ok(n)
     }
 }
@@ -137,6 +152,7 @@ impl Write for Tcp {
         let n = (&self.sock).write(buf)?;
         if n > 0 {
             self.last_write = Instant::now();
+            self.written += n as u64;
         }
         Ok(n)
     }
@@ -164,6 +180,13 @@ impl Stream {
         match self {
             Stream::Plain(s) => s.last_write,
             Stream::Tls(s) => s.get_ref().last_write,
+        }
+    }
+
+    fn inner(&self) -> &Tcp {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref(),
         }
     }
 
@@ -307,6 +330,78 @@ impl Waker {
     }
 }
 
+/// Bytes of `sock` the peer's TCP has not acknowledged yet (sent or not): the kernel's
+/// send queue. Linux: the `SIOCOUTQ` ioctl; macOS/iOS: `SO_NWRITE`. Elsewhere `None`
+/// (Windows has no per-socket equivalent short of `SIO_TCP_INFO`, and wsbeat is
+/// Unix-only). Behind a proxy this is what the *proxy's* TCP has not acknowledged.
+pub(crate) fn unacked_bytes(sock: &TcpStream) -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (= SIOCOUTQ on sockets) writes one int to the pointer.
+        let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        (r == 0 && n >= 0).then_some(n as u64)
+    }
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    {
+        let mut n: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: SO_NWRITE writes one int; `len` holds its size.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NWRITE,
+                (&mut n as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0 && n >= 0).then_some(n as u64)
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "macos",
+        target_os = "ios"
+    )))]
+    {
+        let _ = sock;
+        None
+    }
+}
+
+/// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
+/// the socket byte offset at which each ended (at-least-once delivery only). Pruned
+/// against the kernel's send queue (one ioctl) every `PRUNE_EVERY` messages or
+/// `PRUNE_EVERY_BYTES` bytes, so memory stays within about what the kernel itself
+/// holds, plus `TRACK_CAP`.
+#[derive(Default)]
+pub(crate) struct Tracked {
+    msgs: VecDeque<(u64, Message)>,
+    bytes: usize,
+    since_prune: usize,
+    bytes_since_prune: usize,
+    /// End offsets of messages the peer's TCP acknowledged after its last sign of life.
+    acked_ends: VecDeque<u64>,
+}
+
+const PRUNE_EVERY: usize = 1024;
+const PRUNE_EVERY_BYTES: usize = 1 << 20;
+/// With no kernel figure (no `SIOCOUTQ` equivalent), at most this many bytes of
+/// messages sent after the peer's last sign of life are kept for a re-send.
+const TRACK_CAP: usize = 4 << 20;
+/// At most this many messages acknowledged by TCP after the peer's last sign of life
+/// are remembered (8 bytes each) for the possibly-lost count.
+const ACKED_CAP: usize = 1 << 16;
+
+/// What a dead connection leaves to send again.
+pub(crate) struct Leftover {
+    /// In order: to be sent again on the next connection.
+    pub resend: Vec<Message>,
+    /// Acknowledged by the peer's TCP after the peer's last sign of life, not resent.
+    pub possibly_lost: u64,
+}
+
 /// One open connection, owned by the link while published.
 pub(crate) struct Live {
     pub ws: Ws,
@@ -315,8 +410,11 @@ pub(crate) struct Live {
     pub waker: Arc<Waker>,
     pub generation: u64,
     /// Messages written into tungstenite's buffer whose flush has not completed yet.
-    /// Cleared on every successful flush; put back in the offline queue if the link dies.
+    /// Cleared on every successful flush (into `tracked`, when tracking); put back in
+    /// the offline queue if the link dies (at-least-once) or handed back.
     pub in_flight: VecDeque<Message>,
+    /// Flushed messages the peer's TCP may not have acknowledged (`None`: not tracked).
+    pub tracked: Option<Tracked>,
     /// Set once when the connection is declared dead (first reporter wins).
     pub dead: Option<DisconnectReason>,
     /// Output is pending and the OS has accepted none of it since this instant
@@ -362,6 +460,27 @@ impl Live {
         }
     }
 
+    /// [`write_tracked`](Self::write_tracked), and under acked delivery the outbox
+    /// notes the message as written (also when the write failed: it is in flight on a
+    /// dead connection and is sent again with the outbox).
+    pub(crate) fn write_noted(
+        &mut self,
+        outbox: Option<&mut Outbox>,
+        m: Message,
+    ) -> std::result::Result<Written, tungstenite::Error> {
+        let Some(outbox) = outbox else {
+            return self.write_tracked(m);
+        };
+        let id = outbox.id(&m);
+        let written = self.write_tracked(m);
+        if let Some(id) = id
+            && !matches!(written, Ok(Written::Full(_)))
+        {
+            outbox.written(id, Instant::now());
+        }
+        written
+    }
+
     /// Output is left pending: start the stall clock, or move it to the last progress.
     pub(crate) fn note_pending(&mut self) {
         let progress = self.ws.get_ref().last_write();
@@ -375,7 +494,7 @@ impl Live {
     pub(crate) fn try_flush(&mut self) -> std::result::Result<bool, tungstenite::Error> {
         match self.ws.flush() {
             Ok(()) => {
-                self.in_flight.clear();
+                self.flushed();
                 self.pending_since = None;
                 Ok(true)
             }
@@ -384,6 +503,87 @@ impl Live {
                 Ok(false)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Everything in flight reached the OS: it ends at or before the current offset.
+    fn flushed(&mut self) {
+        let Some(t) = self.tracked.as_mut() else {
+            self.in_flight.clear();
+            return;
+        };
+        if self.in_flight.is_empty() {
+            return;
+        }
+        let end = self.ws.get_ref().inner().written;
+        // `pop_front`, not `drain`: cheaper for the usual one or two messages.
+        while let Some(m) = self.in_flight.pop_front() {
+            let n = payload_len(&m);
+            t.bytes += n;
+            t.bytes_since_prune += n;
+            t.since_prune += 1;
+            t.msgs.push_back((end, m));
+        }
+        if t.since_prune >= PRUNE_EVERY || t.bytes_since_prune >= PRUNE_EVERY_BYTES {
+            t.since_prune = 0;
+            t.bytes_since_prune = 0;
+            let tcp = self.ws.get_ref().inner();
+            let (written, mark) = (tcp.written, tcp.written_at_read);
+            let acked = unacked_bytes(&self.sock).map(|q| written.saturating_sub(q));
+            // Keep the messages the peer's TCP has not acknowledged (bounded by the
+            // kernel's send buffer); of those it acknowledged after its last sign of
+            // life only the end offsets (possibly lost if the link dies now), at most
+            // `ACKED_CAP`. With no kernel figure, keep what came after the last sign of
+            // life, up to `TRACK_CAP` bytes.
+            let keep_after = match acked {
+                Some(a) => a,
+                None if t.bytes <= TRACK_CAP => mark,
+                None => u64::MAX,
+            };
+            while let Some((e, m)) = t.msgs.front() {
+                let e = *e;
+                if e > keep_after {
+                    break;
+                }
+                if acked.is_some() && e > mark {
+                    if t.acked_ends.len() >= ACKED_CAP {
+                        t.acked_ends.pop_front();
+                    }
+                    t.acked_ends.push_back(e);
+                }
+                t.bytes -= payload_len(m);
+                t.msgs.pop_front();
+            }
+            while t.acked_ends.front().is_some_and(|e| *e <= mark) {
+                t.acked_ends.pop_front();
+            }
+        }
+    }
+
+    /// The connection is dead: what to send again on the next one (at-least-once).
+    /// Reads the kernel's send queue, so call it before the socket is shut down.
+    pub(crate) fn leftover(&mut self) -> Leftover {
+        let mut resend = Vec::new();
+        let mut possibly_lost = 0;
+        if let Some(t) = self.tracked.as_mut() {
+            let tcp = self.ws.get_ref().inner();
+            let (written, mark) = (tcp.written, tcp.written_at_read);
+            // Unknown: everything after the peer's last sign of life is sent again.
+            let acked = unacked_bytes(&self.sock).map_or(mark, |q| written.saturating_sub(q));
+            for (end, m) in t.msgs.drain(..) {
+                if end > acked {
+                    resend.push(m);
+                } else if end > mark {
+                    possibly_lost += 1;
+                }
+            }
+            possibly_lost += t.acked_ends.drain(..).filter(|e| *e > mark).count() as u64;
+            t.bytes = 0;
+        }
+        resend.extend(self.in_flight.drain(..));
+        Leftover {
+            resend,
+            possibly_lost,
         }
     }
 }
@@ -398,6 +598,8 @@ pub(crate) struct Link {
     /// The supervisor is writing the offline queue into a fresh connection; sends
     /// append to the queue so order is kept.
     pub flushing_queue: bool,
+    /// Acked delivery: the unacked messages.
+    pub outbox: Option<Outbox>,
 }
 
 impl Link {
@@ -413,6 +615,12 @@ pub(crate) struct Counters {
     pub sent: AtomicU64,
     pub received: AtomicU64,
     pub reconnects: AtomicU64,
+    /// At-least-once: messages written on a connection that died, and the kernel's
+    /// send queue still held (or the write never completed): sent again.
+    pub resent: AtomicU64,
+    /// At-least-once: messages the peer's TCP acknowledged after its last sign of life
+    /// on a connection that then died: perhaps never processed, not sent again.
+    pub possibly_lost: AtomicU64,
 }
 
 /// Commands to the supervisor (reconnect) thread. The channel is unbounded.
@@ -459,6 +667,25 @@ pub(crate) struct Shared {
     pub gate_cv: Condvar,
 }
 
+fn outbox_timeout(link: &Link) -> Duration {
+    link.outbox
+        .as_ref()
+        .map_or(Duration::MAX, |o| o.ack_timeout())
+}
+
+/// Messages a batch buffered on connection `cgen` (0: none yet) since its last flush.
+#[derive(Default)]
+struct Batch {
+    cgen: u64,
+    buffered: u64,
+    /// Frame bytes buffered since the last flush attempt (payload + at most 14 header).
+    bytes: usize,
+}
+
+/// A batch hands its buffer to the OS every this many bytes (tungstenite's own write
+/// buffer size), so memory and `in_flight` stay small in long batches.
+const BATCH_FLUSH_BYTES: usize = 128 << 10;
+
 /// How a send waits.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SendMode {
@@ -504,8 +731,45 @@ impl Shared {
         self.mark_dead(&mut link, cgen, reason);
     }
 
-    /// The send path shared by `send` and `try_send`.
+    /// The send path of `send` and `try_send`: a batch of one.
     pub(crate) fn send(&self, msg: Message, mode: SendMode) -> Result<()> {
+        let msg = self.check_size(msg)?;
+        let mut link = self.lock_for_send();
+        let mut batch = Batch::default();
+        let r = self.accept(&mut link, msg, mode, &mut batch);
+        if batch.cgen != 0 {
+            self.flush_batch(&mut link, &mut batch, mode);
+        }
+        r
+    }
+
+    /// Sends a batch under one lock hold: each message is written into tungstenite's
+    /// buffer (or queued, or handed back to `fail` with its index), and the buffer is
+    /// flushed once at the end (and every 128 KiB). The lock is let go only to wait for
+    /// the socket (`unlocked_fair`), never across a network wait, and between chunks.
+    pub(crate) fn send_many(
+        &self,
+        msgs: impl Iterator<Item = (usize, Message)>,
+        mode: SendMode,
+        fail: &mut dyn FnMut(usize, Error),
+    ) {
+        let mut link = self.lock_for_send();
+        let mut batch = Batch::default();
+        for (i, msg) in msgs {
+            let r = self
+                .check_size(msg)
+                .and_then(|msg| self.accept(&mut link, msg, mode, &mut batch));
+            if let Err(e) = r {
+                fail(i, e);
+            }
+        }
+        if batch.cgen != 0 {
+            self.flush_batch(&mut link, &mut batch, mode);
+        }
+    }
+
+    /// Hands back a message over the size limit.
+    fn check_size(&self, msg: Message) -> Result<Message> {
         let limit = self.cfg.limits.max_message_size;
         let size = payload_len(&msg);
         if size > limit {
@@ -515,7 +779,158 @@ impl Shared {
                 message: msg,
             });
         }
-        self.dispatch(self.lock_for_send(), msg, mode)
+        Ok(msg)
+    }
+
+    /// One message of a batch: admitted to the outbox (acked delivery), then written into
+    /// the connection's buffer (not flushed), or queued, or handed back.
+    fn accept(
+        &self,
+        link: &mut MutexGuard<'_, Link>,
+        mut msg: Message,
+        mode: SendMode,
+        batch: &mut Batch,
+    ) -> Result<()> {
+        if link.outbox.is_some() {
+            self.admit(link, &msg, mode)
+                .map_err(|()| Error::QueueFull {
+                    message: msg.clone(),
+                })?;
+        }
+        let size = payload_len(&msg);
+        loop {
+            if matches!(link.state, State::Closed | State::Closing) {
+                self.unadmit(link, &msg);
+                return Err(Error::Closed { message: Some(msg) });
+            }
+            if !link.takes_direct() {
+                if !self.cfg.offline_queue && !link.flushing_queue {
+                    self.unadmit(link, &msg);
+                    return Err(Error::Offline { message: msg });
+                }
+                match self.enqueue(link, msg, mode) {
+                    Ok(None) => return Ok(()),
+                    // A connection opened while we waited for queue room: write on it.
+                    Ok(Some(m)) => {
+                        msg = m;
+                        continue;
+                    }
+                    Err(e) => {
+                        if let Some(m) = match &e {
+                            Error::QueueFull { message } => Some(message),
+                            _ => None,
+                        } {
+                            self.unadmit(link, m);
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+            let l: &mut Link = link;
+            let live = l.conn.as_mut().expect("direct: a live connection");
+            if batch.cgen != live.generation {
+                // A new connection (the previous one died under this batch).
+                *batch = Batch {
+                    cgen: live.generation,
+                    ..Batch::default()
+                };
+            }
+            match live.write_noted(l.outbox.as_mut(), msg) {
+                Ok(Written::Buffered) => {
+                    batch.buffered += 1;
+                    batch.bytes += size + 14;
+                    if batch.bytes >= BATCH_FLUSH_BYTES {
+                        // Hand a full buffer to the OS without waiting (as tungstenite
+                        // itself would), so `in_flight` stays small in a long batch.
+                        batch.bytes = 0;
+                        match live.try_flush() {
+                            Ok(true) => {
+                                self.counters.sent.fetch_add(
+                                    std::mem::take(&mut batch.buffered),
+                                    Ordering::Relaxed,
+                                );
+                            }
+                            Ok(false) => {}
+                            Err(e) => {
+                                let reason = reason_of(&e);
+                                self.mark_dead(link, batch.cgen, reason);
+                            }
+                        }
+                        // A long batch lets the reader, the timer and other senders in
+                        // between chunks (handed over if one is parked on the lock). Each
+                        // later message checks the connection again.
+                        MutexGuard::unlocked_fair(link, || {});
+                    }
+                    return Ok(());
+                }
+                Ok(Written::Full(m)) => {
+                    msg = m;
+                    // Make room: flush what is buffered (waiting, unless `Try`).
+                    self.flush_batch(link, batch, mode);
+                    let still_full = link
+                        .conn
+                        .as_ref()
+                        .is_some_and(|l| l.generation == batch.cgen && l.pending_since.is_some());
+                    if mode == SendMode::Try && still_full {
+                        self.unadmit(link, &msg);
+                        return Err(Error::WouldBlock { message: msg });
+                    }
+                }
+                Err(e) => {
+                    // In `in_flight`: requeued or handed back with the connection.
+                    let reason = reason_of(&e);
+                    self.mark_dead(link, batch.cgen, reason);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Acked delivery: makes room in the outbox per the overflow policy and tracks `msg`.
+    fn admit(
+        &self,
+        link: &mut MutexGuard<'_, Link>,
+        msg: &Message,
+        mode: SendMode,
+    ) -> std::result::Result<(), ()> {
+        let until = match self.cfg.overflow {
+            OverflowPolicy::Block(limit) => deadline_in(limit),
+            _ => Instant::now(),
+        };
+        loop {
+            let outbox = link.outbox.as_mut().expect("acked delivery");
+            let was_empty = outbox.len() == 0;
+            if let Admit::Ok = outbox.admit(msg) {
+                if was_empty {
+                    // The timer computes the first ack deadline.
+                    let _ = self.timer.send(TimerCmd::Wake);
+                }
+                return Ok(());
+            }
+            match (self.cfg.overflow, mode) {
+                (OverflowPolicy::DropOldest, _) => match outbox.drop_oldest_written() {
+                    Some(old) => self.emit(Event::Undelivered(vec![old])),
+                    None => return Err(()),
+                },
+                (OverflowPolicy::Block(_), SendMode::Blocking) => {
+                    if matches!(link.state, State::Closed | State::Closing) {
+                        return Err(());
+                    }
+                    // The reader notifies `changed` when acks made room.
+                    if self.changed.wait_until(link, until).timed_out() {
+                        return Err(());
+                    }
+                }
+                _ => return Err(()),
+            }
+        }
+    }
+
+    /// Acked delivery: `msg` was handed back after all, stop tracking it.
+    fn unadmit(&self, link: &mut Link, msg: &Message) {
+        if let Some(o) = link.outbox.as_mut() {
+            o.forget(msg);
+        }
     }
 
     /// Takes `link` for a send. Not with `lock()`: a contended parking_lot lock spins and
@@ -569,25 +984,20 @@ impl Shared {
         }
     }
 
-    /// Sends on the open connection, or queues while there is none.
-    fn dispatch(&self, link: MutexGuard<'_, Link>, msg: Message, mode: SendMode) -> Result<()> {
-        if matches!(link.state, State::Closed | State::Closing) {
-            return Err(Error::Closed { message: Some(msg) });
-        }
-        if link.takes_direct() {
-            self.write_direct(link, msg, mode)
-        } else {
-            self.enqueue(link, msg, mode)
-        }
-    }
-
-    fn enqueue(&self, mut link: MutexGuard<'_, Link>, msg: Message, mode: SendMode) -> Result<()> {
+    /// Queues `msg` while no connection takes direct sends. `Ok(Some(msg))`: a
+    /// connection opened while we waited for room (`Block`), write on it instead.
+    fn enqueue(
+        &self,
+        link: &mut MutexGuard<'_, Link>,
+        msg: Message,
+        mode: SendMode,
+    ) -> Result<Option<Message>> {
         if !link.queue.could_fit(&msg) {
             return Err(Error::QueueFull { message: msg });
         }
         if link.queue.has_room(&msg) {
             link.queue.push_back(msg);
-            return Ok(());
+            return Ok(None);
         }
         match (self.cfg.overflow, mode) {
             (OverflowPolicy::Reject, _) | (OverflowPolicy::Block(_), SendMode::Try) => {
@@ -602,25 +1012,28 @@ impl Shared {
                     }
                 }
                 link.queue.push_back(msg);
-                drop(link);
+                for m in &dropped {
+                    self.unadmit(link, m);
+                }
                 log::warn!(
                     "offline queue full: dropped {} oldest messages",
                     dropped.len()
                 );
+                // Unbounded channel: fine under the lock (rule 4).
                 self.emit(Event::Undelivered(dropped));
-                Ok(())
+                Ok(None)
             }
             (OverflowPolicy::Block(limit), SendMode::Blocking) => {
                 let deadline = deadline_in(limit);
                 loop {
                     if link.takes_direct() || matches!(link.state, State::Closed | State::Closing) {
-                        return self.dispatch(link, msg, SendMode::Blocking);
+                        return Ok(Some(msg));
                     }
                     if link.queue.has_room(&msg) {
                         link.queue.push_back(msg);
-                        return Ok(());
+                        return Ok(None);
                     }
-                    if self.changed.wait_until(&mut link, deadline).timed_out() {
+                    if self.changed.wait_until(link, deadline).timed_out() {
                         return Err(Error::QueueFull { message: msg });
                     }
                 }
@@ -628,94 +1041,112 @@ impl Shared {
         }
     }
 
-    /// Writes on the open connection. Returns `Ok` once the message reached the OS, or
-    /// once the connection died with it in flight (it is then requeued by the supervisor).
-    fn write_direct(
-        &self,
-        mut link: MutexGuard<'_, Link>,
-        msg: Message,
-        mode: SendMode,
-    ) -> Result<()> {
+    /// Flushes what the batch buffered on its connection. Blocking: waits (without the
+    /// lock) until it all reached the OS, the connection died, or the write stalled past
+    /// the write timeout (then declares it dead; what was in flight is requeued or handed
+    /// back with the connection). `Try`: one nonblocking flush, the rest is left to the
+    /// reader (woken) and judged by the timer.
+    fn flush_batch(&self, link: &mut MutexGuard<'_, Link>, batch: &mut Batch, mode: SendMode) {
         let write_timeout = self.cfg.write_timeout;
-        let Some(live) = link.conn.as_mut() else {
-            unreachable!("write_direct without a connection")
-        };
-        let cgen = live.generation;
-        let mut unsent = Some(msg);
+        let cgen = batch.cgen;
         loop {
-            let live = match link.conn.as_mut() {
-                Some(l) if l.generation == cgen && l.takes_data() => l,
-                // The connection died (or its close frame was queued) while we waited: a
-                // message still unsent goes to the queue or back to the caller (never after
-                // a close frame); one in flight was requeued.
-                _ => {
-                    return match unsent {
-                        Some(m) => self.dispatch(link, m, mode),
-                        None => Ok(()),
-                    };
-                }
+            let Some(live) = link
+                .conn
+                .as_mut()
+                .filter(|l| l.generation == cgen && l.takes_data())
+            else {
+                // Died (or its close frame was queued) meanwhile: the batch's messages
+                // went with the connection.
+                batch.buffered = 0;
+                return;
             };
-            if let Some(m) = unsent.take() {
-                match live.write_tracked(m) {
-                    Ok(Written::Buffered) => {}
-                    // Not buffered: keep it and wait for room.
-                    Ok(Written::Full(m)) => unsent = Some(m),
-                    Err(e) => {
-                        let reason = reason_of(&e);
-                        self.mark_dead(&mut link, cgen, reason);
-                        return Ok(());
-                    }
-                }
-            }
-            let live = link.conn.as_mut().expect("checked above");
             let was_pending = live.pending_since.is_some();
             match live.try_flush() {
-                Ok(true) if unsent.is_none() => {
-                    self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
+                Ok(true) => {
+                    self.counters
+                        .sent
+                        .fetch_add(std::mem::take(&mut batch.buffered), Ordering::Relaxed);
+                    return;
                 }
-                Ok(_) => {}
+                Ok(false) => {}
                 Err(e) => {
+                    batch.buffered = 0;
                     let reason = reason_of(&e);
-                    self.mark_dead(&mut link, cgen, reason);
-                    return Ok(());
+                    self.mark_dead(link, cgen, reason);
+                    return;
                 }
             }
-            // Output is pending.
             if mode == SendMode::Try {
-                return match unsent {
-                    Some(m) => Err(Error::WouldBlock { message: m }),
-                    None => {
-                        // Buffered: the reader flushes it when the socket drains, and
-                        // the timer judges a stall. Tell them once per pending episode.
-                        if !was_pending {
-                            live.waker.wake();
-                            let _ = self.timer.send(TimerCmd::Wake);
-                        }
-                        self.counters.sent.fetch_add(1, Ordering::Relaxed);
-                        Ok(())
-                    }
-                };
-            }
-            let Some(since) = live.pending_since else {
-                // Flushed: there is room for the message that did not fit. Retry.
-                continue;
-            };
-            let deadline = deadline(since, write_timeout);
-            let now = Instant::now();
-            if now >= deadline {
-                log::warn!("connection {cgen}: write stalled for {write_timeout:?}");
-                if let Some(m) = unsent.take() {
-                    link.queue.push_front(m);
+                // Buffered: the reader flushes it when the socket drains, and the timer
+                // judges a stall. Tell them once per pending episode.
+                if !was_pending {
+                    live.waker.wake();
+                    let _ = self.timer.send(TimerCmd::Wake);
                 }
-                self.mark_dead(&mut link, cgen, DisconnectReason::WriteStalled);
-                return Ok(());
+                self.counters
+                    .sent
+                    .fetch_add(std::mem::take(&mut batch.buffered), Ordering::Relaxed);
+                return;
+            }
+            let since = live.pending_since.unwrap_or_else(Instant::now);
+            let now = Instant::now();
+            let left = deadline(since, write_timeout).saturating_duration_since(now);
+            if left.is_zero() {
+                log::warn!("connection {cgen}: write stalled for {write_timeout:?}");
+                batch.buffered = 0;
+                self.mark_dead(link, cgen, DisconnectReason::WriteStalled);
+                return;
             }
             let sock = live.sock.clone();
-            MutexGuard::unlocked_fair(&mut link, || {
-                wait_writable(&sock, deadline - now);
+            MutexGuard::unlocked_fair(link, || {
+                wait_writable(&sock, left);
             });
         }
+    }
+
+    /// Acked delivery, called by the timer under the lock: writes again the messages
+    /// whose ack is overdue (in order, without waiting: what does not fit waits for the
+    /// next round). Returns when to look again.
+    pub(crate) fn resend_overdue(&self, link: &mut Link, now: Instant) -> Option<Instant> {
+        let outbox = link.outbox.as_mut()?;
+        let live = link.conn.as_mut().filter(|l| l.takes_data())?;
+        if link.flushing_queue {
+            // The supervisor is writing the queue; look again shortly.
+            return Some(deadline(now, Duration::from_millis(10)));
+        }
+        let (due, next) = outbox.overdue(now);
+        if due.is_empty() {
+            return next;
+        }
+        let cgen = live.generation;
+        log::debug!(
+            "connection {cgen}: {} acks overdue, sending again",
+            due.len()
+        );
+        let mut failed = None;
+        for m in due {
+            match live.write_noted(Some(&mut *outbox), m) {
+                Ok(Written::Buffered) => {}
+                Ok(Written::Full(_)) => break,
+                Err(e) => {
+                    failed = Some(reason_of(&e));
+                    break;
+                }
+            }
+        }
+        if failed.is_none() {
+            match live.try_flush() {
+                Ok(true) => {}
+                Ok(false) => live.waker.wake(),
+                Err(e) => failed = Some(reason_of(&e)),
+            }
+        }
+        if let Some(reason) = failed {
+            self.mark_dead(link, cgen, reason);
+            return None;
+        }
+        let again = deadline(now, outbox_timeout(link));
+        Some(next.map_or(again, |n| n.min(again)))
     }
 
     /// Shuts the socket of `live` down so its reader wakes; used by teardown.

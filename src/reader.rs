@@ -24,7 +24,7 @@ use parking_lot::MutexGuard;
 use tungstenite::Bytes;
 use tungstenite::protocol::frame::Utf8Bytes;
 
-use crate::link::{POLLIN, POLLOUT, Shared, is_would_block, poll2, reason_of};
+use crate::link::{Link, POLLIN, POLLOUT, Shared, is_would_block, poll2, reason_of};
 use crate::{DisconnectReason, Event, Message};
 
 /// Most bytes one lock hold reads from the socket (besides at most `read_budget` messages).
@@ -195,9 +195,12 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             }
         }
         let mut link = shared.link.lock();
-        let Some(live) = link.conn.as_mut().filter(|l| l.generation == cgen) else {
+        let l: &mut Link = &mut link;
+        let Some(live) = l.conn.as_mut().filter(|l| l.generation == cgen) else {
             return;
         };
+        let mut outbox = l.outbox.as_mut();
+        let acked_before = outbox.as_ref().map(|o| o.acked);
         if live.dead.is_some() {
             return;
         }
@@ -230,7 +233,8 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             match live.ws.read() {
                 Ok(msg) => {
                     n += 1;
-                    let consumed = live.hb.on_inbound(hb, &msg, now);
+                    let consumed = live.hb.on_inbound(hb, &msg, now)
+                        || outbox.as_mut().is_some_and(|o| o.on_inbound(&msg));
                     match msg {
                         Message::Text(_) | Message::Binary(_) if !consumed => {
                             msgs += 1;
@@ -268,6 +272,10 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                     dead = Some(reason_of(&e));
                 }
             }
+        }
+        if outbox.is_some_and(|o| Some(o.acked) != acked_before) {
+            // Acks made room for senders waiting under `OverflowPolicy::Block`.
+            shared.changed.notify_all();
         }
         let stop = dead.is_some();
         if let Some(reason) = dead {

@@ -25,6 +25,7 @@ use crate::link::{
     Command, Link, Live, Shared, TimerCmd, Waker, Written, Ws, is_would_block, wait_readable,
     wait_writable,
 };
+use crate::outbox::Delivery;
 use crate::time::deadline_in;
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
@@ -393,6 +394,9 @@ impl Supervisor {
                 waker,
                 generation: cgen,
                 in_flight: Default::default(),
+                // At-least-once: remember flushed messages until the peer's TCP acked them.
+                tracked: matches!(self.shared.cfg.delivery, Delivery::AtLeastOnce)
+                    .then(Default::default),
                 dead: None,
                 pending_since: None,
                 hb: HbState::new(now),
@@ -467,7 +471,7 @@ impl Supervisor {
             let mut failed = None;
             while let Some(m) = link.queue.pop_front() {
                 moved = true;
-                match live.write_tracked(m) {
+                match live.write_noted(link.outbox.as_mut(), m) {
                     Ok(Written::Buffered) => {}
                     Ok(Written::Full(m)) => {
                         link.queue.push_front(m);
@@ -596,8 +600,59 @@ impl Supervisor {
         }
     }
 
+    /// What was in flight on dead connection `live`, per the delivery mode: back at the
+    /// front of the queue (at-least-once: what the peer's TCP did not acknowledge;
+    /// acked: every written, unacked message), or handed back (at-most-once).
+    fn requeue(&self, link: &mut Link, live: &mut Live) {
+        let cgen = live.generation;
+        let counters = &self.shared.counters;
+        let resend = match &self.shared.cfg.delivery {
+            Delivery::AtLeastOnce => {
+                let left = live.leftover();
+                counters
+                    .resent
+                    .fetch_add(left.resend.len() as u64, Ordering::Relaxed);
+                if left.possibly_lost > 0 {
+                    log::warn!(
+                        "connection {cgen}: {} messages acknowledged by the peer's TCP after \
+                         its last sign of life: possibly lost",
+                        left.possibly_lost
+                    );
+                    counters
+                        .possibly_lost
+                        .fetch_add(left.possibly_lost, Ordering::Relaxed);
+                }
+                left.resend
+            }
+            Delivery::AtMostOnce => {
+                let messages: Vec<Message> = live.in_flight.drain(..).collect();
+                if !messages.is_empty() {
+                    self.shared.emit(Event::Unconfirmed {
+                        generation: cgen,
+                        messages,
+                    });
+                }
+                Vec::new()
+            }
+            Delivery::Acked(_) => {
+                let outbox = link.outbox.as_mut().expect("acked delivery");
+                let mut resend = outbox.take_written();
+                // Untracked messages (no id) follow at-least-once.
+                resend.extend(live.in_flight.drain(..).filter(|m| outbox.id(m).is_none()));
+                resend
+            }
+        };
+        if !resend.is_empty() {
+            log::debug!(
+                "connection {cgen}: {} messages back to the queue",
+                resend.len()
+            );
+            link.queue.requeue_front(resend.into_iter());
+        }
+    }
+
     /// Takes connection `cgen` out of the link, puts its in-flight messages back at the
-    /// front of the queue, shuts the socket and joins the reader.
+    /// front of the queue (per the delivery mode), shuts the socket and joins the reader.
     fn teardown(&mut self, cgen: u64) -> DisconnectReason {
         let reader = self
             .reader
@@ -609,14 +664,7 @@ impl Supervisor {
             link.flushing_queue = false;
             match link.conn.take_if(|l| l.generation == cgen) {
                 Some(mut live) => {
-                    let in_flight = std::mem::take(&mut live.in_flight);
-                    if !in_flight.is_empty() {
-                        log::debug!(
-                            "connection {cgen}: {} messages back to the queue",
-                            in_flight.len()
-                        );
-                        link.queue.requeue_front(in_flight.into_iter());
-                    }
+                    self.requeue(link, &mut live);
                     if matches!(link.state, State::Open) {
                         self.shared.set_state(link, State::Connecting);
                     }
@@ -661,6 +709,10 @@ impl Supervisor {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
             self.shared.set_state(link, State::Closed);
+            // Every unacked message is in the queue by now (teardown put them back).
+            if let Some(o) = link.outbox.as_mut() {
+                o.clear();
+            }
             link.queue.drain_all()
         };
         if let Some(last) = give_up {

@@ -6,6 +6,9 @@
 //!   then Text `end`; the clock stops when the client has read `end` (wsbeat: received it
 //!   from `events()`, so every message crossed the event channel).
 //!
+//! * client -> server batched (64 B): raw tungstenite `write()` N messages then one
+//!   `flush()`, against wsbeat `send_all` of the same N (goal >= 0.8x).
+//!
 //! Rounds alternate raw/wsbeat; the median round is reported.
 
 use std::hint::black_box;
@@ -20,12 +23,10 @@ use crate::util::{self, RawWs, fmt_rate, median};
 use crate::{Met, Opts, Row, ratio};
 
 const GOAL: f64 = 0.9;
+const BATCH_GOAL: f64 = 0.8;
 
-fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
-    let t = Instant::now();
-    for _ in 0..n {
-        ws.send(Message::Binary(payload.clone())).expect("raw send");
-    }
+/// Waits for the sink's count after `done`.
+fn raw_count(ws: &mut RawWs, n: usize) {
     ws.send(Message::text("done")).expect("raw send");
     loop {
         if let Message::Text(c) = ws.read().expect("raw read") {
@@ -33,14 +34,9 @@ fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes) -> f64 {
             break;
         }
     }
-    n as f64 / t.elapsed().as_secs_f64()
 }
 
-fn wsbeat_c2s(c: &Client, rx: &wsbeat::Events, n: usize, payload: &Bytes) -> f64 {
-    let t = Instant::now();
-    for _ in 0..n {
-        c.send_binary(payload.clone()).expect("wsbeat send");
-    }
+fn wsbeat_count(c: &Client, rx: &wsbeat::Events, n: usize) {
     c.send_text("done").expect("wsbeat send");
     loop {
         match rx.recv_timeout(Duration::from_secs(60)).expect("count") {
@@ -52,6 +48,76 @@ fn wsbeat_c2s(c: &Client, rx: &wsbeat::Events, n: usize, payload: &Bytes) -> f64
             _ => {}
         }
     }
+}
+
+/// Client -> server 64 B, batched: one flush per N messages on both sides.
+fn batched(o: &Opts, srv: &Server, rounds: usize, rows: &mut Vec<Row>) {
+    let n = o.pick(1_000_000, 100_000);
+    let payload = Bytes::from(vec![0x33u8; 64]);
+    let mut raw = RawWs::connect(srv.addr, "/sink", None);
+    let client = util::builder(&srv.url("/sink"))
+        .connect()
+        .expect("wsbeat connect");
+    let rx = client.events();
+    raw_c2s(&mut raw, n / 10, &payload, true);
+    wsbeat_c2s(&client, &rx, n / 10, &payload, true);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        if r % 2 == 0 {
+            a.push(raw_c2s(&mut raw, n, &payload, true));
+            b.push(wsbeat_c2s(&client, &rx, n, &payload, true));
+        } else {
+            b.push(wsbeat_c2s(&client, &rx, n, &payload, true));
+            a.push(raw_c2s(&mut raw, n, &payload, true));
+        }
+    }
+    raw.close();
+    let _ = client.close();
+    let (ma, mb) = (median(&a), median(&b));
+    println!(
+        "  client->server 64 B batched: raw rounds {:?} | wsbeat rounds {:?} (k msg/s)",
+        a.iter().map(|x| (x / 1e3).round()).collect::<Vec<_>>(),
+        b.iter().map(|x| (x / 1e3).round()).collect::<Vec<_>>()
+    );
+    rows.push(Row::new(
+        "throughput client->server 64 B batched: raw write-all-then-flush vs send_all (msg/s; MB/s)",
+        format!("{} msg/s; {:.0} MB/s", fmt_rate(ma), ma * 64.0 / 1e6),
+        format!("{} msg/s; {:.0} MB/s", fmt_rate(mb), mb * 64.0 / 1e6),
+        ratio(mb, ma),
+        format!(">= {BATCH_GOAL}x"),
+        Met::from(mb >= ma * BATCH_GOAL),
+    ));
+}
+
+/// N messages, each flushed (`send`), or all flushed once (`write` then `flush`).
+fn raw_c2s(ws: &mut RawWs, n: usize, payload: &Bytes, batched: bool) -> f64 {
+    let t = Instant::now();
+    if batched {
+        for _ in 0..n {
+            ws.write(Message::Binary(payload.clone()))
+                .expect("raw write");
+        }
+        ws.flush().expect("raw flush");
+    } else {
+        for _ in 0..n {
+            ws.send(Message::Binary(payload.clone())).expect("raw send");
+        }
+    }
+    raw_count(ws, n);
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn wsbeat_c2s(c: &Client, rx: &wsbeat::Events, n: usize, payload: &Bytes, batched: bool) -> f64 {
+    let t = Instant::now();
+    if batched {
+        c.send_all((0..n).map(|_| Message::Binary(payload.clone())))
+            .expect("wsbeat send_all");
+    } else {
+        for _ in 0..n {
+            c.send_binary(payload.clone()).expect("wsbeat send");
+        }
+    }
+    wsbeat_count(c, rx, n);
     n as f64 / t.elapsed().as_secs_f64()
 }
 
@@ -180,8 +246,8 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
             let mut tt = (path == "/flood").then(|| Tt::connect(&srv.url(path)));
             let mut one = |wsbeat: bool, n: usize| -> f64 {
                 match (path, wsbeat) {
-                    ("/sink", false) => raw_c2s(&mut raw, n, &payload),
-                    ("/sink", true) => wsbeat_c2s(&client, &rx, n, &payload),
+                    ("/sink", false) => raw_c2s(&mut raw, n, &payload, false),
+                    ("/sink", true) => wsbeat_c2s(&client, &rx, n, &payload, false),
                     (_, false) => raw_s2c(&mut raw, n, size),
                     (_, true) => wsbeat_s2c(&client, &rx, n, size),
                 }
@@ -280,11 +346,14 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                 ));
             }
         }
+        if path == "/sink" {
+            batched(o, &srv, rounds, &mut rows);
+        }
     }
     notes.push(format!(
         "Throughput: median of {rounds} rounds (raw and wsbeat alternate; the reader-thread \
          diagnostic and tokio-tungstenite follow in each round) (full mode: c2s 100k x 64 B / 10k x \
-         64 KiB, s2c 1M x 64 B / 10k x 64 KiB per round), ws, one connection each; msg/s and \
+         64 KiB, c2s batched 1M x 64 B, s2c 1M x 64 B / 10k x 64 KiB per round), ws, one connection each; msg/s and \
          bytes/s ratios are the same number since sizes are fixed."
     ));
     rows

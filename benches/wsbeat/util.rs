@@ -169,6 +169,13 @@ impl RawWs {
     pub fn read(&mut self) -> tungstenite::Result<Message> {
         with_ws!(self, ws => ws.read())
     }
+    /// Buffers a message (tungstenite writes out whenever its 128 KiB buffer is full).
+    pub fn write(&mut self, m: Message) -> tungstenite::Result<()> {
+        with_ws!(self, ws => ws.write(m))
+    }
+    pub fn flush(&mut self) -> tungstenite::Result<()> {
+        with_ws!(self, ws => ws.flush())
+    }
     pub fn close(mut self) {
         let this = &mut self;
         let _ = with_ws!(this, ws => ws.close(None));

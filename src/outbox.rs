@@ -1,0 +1,382 @@
+//! Delivery modes and the outbox of acked delivery: every message stays here, under the
+//! link lock, until the server's ack for its id arrives.
+//!
+//! The outbox costs no lock round trip of its own: a send admits its message while it
+//! holds `link` anyway, and the reader matches acks while it holds `link` to drain the
+//! socket (like the heartbeat's reply matcher).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::Message;
+
+/// Reads the id of an outgoing message, or of the message a server's ack acknowledges.
+pub type IdReader = Arc<dyn Fn(&Message) -> Option<u64> + Send + Sync>;
+
+/// What wsbeat promises about a message accepted by `send` (returned `Ok`).
+/// Chosen with [`ClientBuilder::delivery`](crate::ClientBuilder::delivery); see
+/// RELIABILITY.md for the exact promise of each mode and the test that checks it.
+///
+/// ```
+/// use wsbeat::{Acks, Client, Delivery};
+///
+/// // Orders must never be replayed after a reconnect:
+/// let b = Client::builder("ws://127.0.0.1:9/")?.delivery(Delivery::AtMostOnce);
+/// // Telemetry must all arrive; the server answers {"ack": N} for {"id": N, ...}:
+/// let b = Client::builder("ws://127.0.0.1:9/")?.delivery(Delivery::Acked(Acks::json_field("id", "ack")));
+/// # let _ = b;
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// Default. A message in flight when its connection dies is sent again on the next
+    /// one: the ones the peer's TCP never acknowledged exactly (Linux, macOS), the others
+    /// counted in [`Stats::possibly_lost`](crate::Stats::possibly_lost). Duplicates are
+    /// possible, silent loss only of what the peer's TCP stack (or a proxy) acknowledged.
+    #[default]
+    AtLeastOnce,
+    /// A message in flight when its connection dies is never sent again: it is handed
+    /// back in [`Event::Unconfirmed`](crate::Event::Unconfirmed) (the peer may or may
+    /// not have it). Messages queued while offline are sent later (turn that off with
+    /// [`ClientBuilder::offline_queue`](crate::ClientBuilder::offline_queue)).
+    AtMostOnce,
+    /// End-to-end acks: each message stays in an outbox until the server acknowledges its
+    /// id; unacked messages are sent again, in order, after a reconnect and after the
+    /// ack timeout; on close or give-up they are handed back.
+    Acked(Acks),
+}
+
+/// How acked delivery reads ids and recognises the server's acks. For
+/// [`Delivery::Acked`].
+#[derive(Clone)]
+pub struct Acks {
+    pub(crate) id_of: IdReader,
+    pub(crate) ack_of: IdReader,
+    pub(crate) timeout: Duration,
+    pub(crate) max_messages: usize,
+    pub(crate) deliver_acks: bool,
+}
+
+impl fmt::Debug for Acks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acks")
+            .field("timeout", &self.timeout)
+            .field("max_messages", &self.max_messages)
+            .field("deliver_acks", &self.deliver_acks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Acks {
+    /// `id_of` reads the id of an outgoing message (`None`: not tracked, sent at least
+    /// once); `ack_of` recognises an inbound ack and returns the id it acknowledges.
+    /// Both run under the client's lock (like a heartbeat reply matcher): keep them
+    /// short and do not call back into the `Client`; a panic in them is logged and
+    /// counts as `None`. Ids must be unique among the unacked messages.
+    ///
+    /// Defaults: ack timeout 10 s, at most 10 000 unacked messages (the overflow policy
+    /// of [`ClientBuilder::overflow`](crate::ClientBuilder::overflow) applies when full),
+    /// acks consumed (not delivered as events).
+    ///
+    /// ```
+    /// use wsbeat::{Acks, Message};
+    /// // Binary frames that start with a big-endian u64 id; the ack is the 8-byte id.
+    /// let id = |m: &Message| match m {
+    ///     Message::Binary(b) if b.len() >= 8 => Some(u64::from_be_bytes(b[..8].try_into().unwrap())),
+    ///     _ => None,
+    /// };
+    /// let acks = Acks::new(id, id).timeout(std::time::Duration::from_secs(3));
+    /// # let _ = acks;
+    /// ```
+    pub fn new(
+        id_of: impl Fn(&Message) -> Option<u64> + Send + Sync + 'static,
+        ack_of: impl Fn(&Message) -> Option<u64> + Send + Sync + 'static,
+    ) -> Acks {
+        Acks {
+            id_of: Arc::new(id_of),
+            ack_of: Arc::new(ack_of),
+            timeout: Duration::from_secs(10),
+            max_messages: 10_000,
+            deliver_acks: false,
+        }
+    }
+
+    /// Text messages that are JSON objects with an unsigned integer field `id_field`
+    /// (e.g. `{"id": 7, ...}`), acked by text messages with the field `ack_field`
+    /// (e.g. `{"ack": 7}`). A small scanner, not a JSON parser: the field is looked
+    /// for as `"name":` followed by digits.
+    ///
+    /// ```
+    /// use wsbeat::{Acks, Message};
+    /// let acks = Acks::json_field("id", "ack");
+    /// # let _ = acks;
+    /// ```
+    pub fn json_field(id_field: &str, ack_field: &str) -> Acks {
+        let id_key = format!("\"{id_field}\"");
+        let ack_key = format!("\"{ack_field}\"");
+        Acks::new(
+            move |m| json_u64(m, &id_key),
+            move |m| json_u64(m, &ack_key),
+        )
+    }
+
+    /// An unacked message is sent again after this long without its ack (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Most unacked messages kept (default 10 000, at least 1).
+    pub fn max_messages(mut self, n: usize) -> Self {
+        self.max_messages = n.max(1);
+        self
+    }
+
+    /// Also deliver acks as [`Event::Message`](crate::Event::Message) (default: consumed).
+    pub fn deliver_acks(mut self, yes: bool) -> Self {
+        self.deliver_acks = yes;
+        self
+    }
+}
+
+/// The unsigned integer after `"key":` in a text message.
+fn json_u64(m: &Message, key: &str) -> Option<u64> {
+    let Message::Text(t) = m else { return None };
+    let s = t.as_str();
+    let rest = &s[s.find(key)? + key.len()..];
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Runs a user's id reader. It runs under the lock on a wsbeat thread or in a sender:
+/// a panic is logged and counts as "no id" (not tracked / not an ack).
+fn read_id(f: &IdReader, msg: &Message, origin: &'static str) -> Option<u64> {
+    crate::Error::catch(origin, || f(msg)).ok().flatten()
+}
+
+struct Entry {
+    id: u64,
+    /// `None` once acked (or dropped): the slot waits to be popped from the front.
+    msg: Option<Message>,
+    /// When it was last written to a connection; `None` while it waits in the queue.
+    sent: Option<Instant>,
+    writes: u32,
+}
+
+/// Why [`Outbox::admit`] refused a message.
+pub(crate) enum Admit {
+    Ok,
+    Full,
+}
+
+/// The unacked messages, in the order they were accepted.
+pub(crate) struct Outbox {
+    acks: Acks,
+    entries: VecDeque<Entry>,
+    /// Sequence number of `entries[0]`.
+    head: u64,
+    /// id -> sequence number of its entry.
+    index: HashMap<u64, u64>,
+    pub acked: u64,
+    pub resent: u64,
+}
+
+impl Outbox {
+    pub(crate) fn new(acks: Acks) -> Outbox {
+        Outbox {
+            acks,
+            entries: VecDeque::new(),
+            head: 0,
+            index: HashMap::new(),
+            acked: 0,
+            resent: 0,
+        }
+    }
+
+    /// Unacked messages.
+    pub(crate) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub(crate) fn ack_timeout(&self) -> Duration {
+        self.acks.timeout
+    }
+
+    /// Tracks `msg` (if it has an id). `Full` when the bound is reached.
+    pub(crate) fn admit(&mut self, msg: &Message) -> Admit {
+        let Some(id) = read_id(&self.acks.id_of, msg, "Acks id_of") else {
+            return Admit::Ok;
+        };
+        if self.index.len() >= self.acks.max_messages {
+            return Admit::Full;
+        }
+        let seq = self.head + self.entries.len() as u64;
+        self.index.insert(id, seq);
+        self.entries.push_back(Entry {
+            id,
+            msg: Some(msg.clone()),
+            sent: None,
+            writes: 0,
+        });
+        Admit::Ok
+    }
+
+    fn entry_mut(&mut self, id: u64) -> Option<&mut Entry> {
+        let seq = *self.index.get(&id)?;
+        self.entries.get_mut((seq - self.head) as usize)
+    }
+
+    /// The id of `msg`, if it has one (is tracked).
+    pub(crate) fn id(&self, msg: &Message) -> Option<u64> {
+        read_id(&self.acks.id_of, msg, "Acks id_of")
+    }
+
+    /// The message with `id` was written to a connection (buffered in tungstenite, or
+    /// in flight on a connection that died while writing it).
+    pub(crate) fn written(&mut self, id: u64, now: Instant) {
+        if let Some(e) = self.entry_mut(id) {
+            e.sent = Some(now);
+            e.writes += 1;
+            if e.writes > 1 {
+                self.resent += 1;
+            }
+        }
+    }
+
+    /// Called by the reader for each inbound text/binary message under the lock.
+    /// Returns true when it is an ack to consume (not deliver).
+    pub(crate) fn on_inbound(&mut self, msg: &Message) -> bool {
+        let Some(id) = read_id(&self.acks.ack_of, msg, "Acks ack_of") else {
+            return false;
+        };
+        if let Some(seq) = self.index.remove(&id) {
+            let i = (seq - self.head) as usize;
+            self.entries[i].msg = None;
+            self.acked += 1;
+            self.pop_done();
+        }
+        !self.acks.deliver_acks
+    }
+
+    fn pop_done(&mut self) {
+        while self.entries.front().is_some_and(|e| e.msg.is_none()) {
+            self.entries.pop_front();
+            self.head += 1;
+        }
+    }
+
+    /// Stops tracking the oldest message that was written (for `DropOldest`) and hands
+    /// it back. `None` when every unacked message still waits in the queue.
+    pub(crate) fn drop_oldest_written(&mut self) -> Option<Message> {
+        let e = self
+            .entries
+            .iter_mut()
+            .find(|e| e.msg.is_some() && e.sent.is_some())?;
+        let m = e.msg.take();
+        let id = e.id;
+        self.index.remove(&id);
+        self.pop_done();
+        m
+    }
+
+    /// The connection died: the written, unacked messages in order, marked as waiting
+    /// again (the caller puts them back at the front of the queue).
+    pub(crate) fn take_written(&mut self) -> Vec<Message> {
+        let mut out = Vec::new();
+        for e in self.entries.iter_mut() {
+            if let (Some(m), Some(_)) = (&e.msg, e.sent) {
+                out.push(m.clone());
+                e.sent = None;
+            }
+        }
+        out
+    }
+
+    /// Stops tracking `msg` (handed back to the caller after all).
+    pub(crate) fn forget(&mut self, msg: &Message) {
+        let Some(id) = read_id(&self.acks.id_of, msg, "Acks id_of") else {
+            return;
+        };
+        if let Some(seq) = self.index.remove(&id) {
+            self.entries[(seq - self.head) as usize].msg = None;
+            self.pop_done();
+        }
+    }
+
+    /// Written messages whose ack is overdue at `now`, in order, marked as written now;
+    /// and when the next one falls due.
+    pub(crate) fn overdue(&mut self, now: Instant) -> (Vec<Message>, Option<Instant>) {
+        let t = self.acks.timeout;
+        let mut out = Vec::new();
+        let mut next: Option<Instant> = None;
+        for e in self.entries.iter_mut() {
+            let (Some(m), Some(sent)) = (&e.msg, e.sent) else {
+                continue;
+            };
+            let due = sent.checked_add(t);
+            match due {
+                Some(d) if d <= now => out.push(m.clone()),
+                Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
+                None => {}
+            }
+        }
+        (out, next)
+    }
+
+    /// Forgets everything (close / give-up: the queue already holds every unacked one).
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.index.clear();
+        self.head = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_field_reads_ids() {
+        let m = Message::text(r#"{"op":"x", "id" : 42,"v":1}"#);
+        assert_eq!(json_u64(&m, "\"id\""), Some(42));
+        assert_eq!(json_u64(&Message::text(r#"{"ack":7}"#), "\"ack\""), Some(7));
+        assert_eq!(json_u64(&Message::text(r#"{"ack":"x"}"#), "\"ack\""), None);
+        assert_eq!(json_u64(&Message::binary(vec![1]), "\"id\""), None);
+    }
+
+    #[test]
+    fn ack_out_of_order_and_requeue_in_order() {
+        let mut o = Outbox::new(Acks::json_field("id", "ack").max_messages(3));
+        let m = |i: u64| Message::text(format!("{{\"id\":{i}}}"));
+        let now = Instant::now();
+        for i in 1..=3 {
+            assert!(matches!(o.admit(&m(i)), Admit::Ok));
+            o.written(i, now);
+        }
+        assert!(matches!(o.admit(&m(4)), Admit::Full));
+        assert!(o.on_inbound(&Message::text(r#"{"ack":2}"#)));
+        assert_eq!(o.len(), 2);
+        assert_eq!(o.take_written(), vec![m(1), m(3)]);
+        o.written(1, now);
+        assert_eq!(o.resent, 1);
+        assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
+        // A late duplicate ack changes nothing.
+        assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
+        assert_eq!((o.len(), o.acked), (1, 2));
+        assert_eq!(o.entries.len(), 1, "acked slots at the front are popped");
+    }
+
+    #[test]
+    fn a_panicking_id_reader_means_no_id() {
+        let mut o = Outbox::new(Acks::new(|_| panic!("boom"), |_| panic!("boom")));
+        assert!(matches!(o.admit(&Message::text("x")), Admit::Ok));
+        assert_eq!(o.len(), 0, "not tracked");
+        assert!(!o.on_inbound(&Message::text("y")), "not an ack: delivered");
+    }
+}

@@ -301,10 +301,13 @@ fn run(args: Args) -> Result<(), String> {
             lines.clone()
         };
         select! {
-            recv(events) -> ev => match ev {
-                Ok(ev) => {
-                    if !show_event(ev, &mut failed) {
-                        return if failed { Err("closed".into()) } else { Ok(()) };
+            // Events come in batches (one per read of the socket); show them in order.
+            recv(events.receiver()) -> batch => match batch {
+                Ok(batch) => {
+                    for ev in batch {
+                        if !show_event(ev, &mut failed) {
+                            return if failed { Err("closed".into()) } else { Ok(()) };
+                        }
                     }
                 }
                 Err(_) => return Ok(()),

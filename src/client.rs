@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use crate::config::{ClientBuilder, Config};
 use crate::dial::Cancel;
 use crate::event::EventSink;
+use crate::inbound::{Batch, EventTx, Events, Inbound};
 use crate::link::{Command, Counters, Link, SendMode, Shared, TimerCmd};
 use crate::outbox::{Delivery, Outbox};
 use crate::queue::OfflineQueue;
@@ -118,7 +119,8 @@ impl fmt::Debug for WeakClient {
 
 struct Handle {
     shared: Arc<Shared>,
-    events: Receiver<Event>,
+    events: Receiver<Batch>,
+    inbound: Arc<Inbound>,
     supervisor: Mutex<Option<JoinHandle<Vec<Message>>>>,
     supervisor_id: ThreadId,
 }
@@ -143,6 +145,16 @@ pub struct Stats {
     pub received: u64,
     /// Successful reconnections so far.
     pub reconnects: u64,
+    /// Text/binary messages waiting for the consumer in [`Client::events`].
+    pub events_queued: usize,
+    /// Payload bytes of those messages.
+    pub events_queued_bytes: usize,
+    /// Since when the reader is held back because the consumer left the event channel
+    /// full (see [`ClientBuilder::event_capacity`]); `None` while it reads freely.
+    pub consumer_behind_since: Option<Instant>,
+    /// Times the consumer left the event channel full for longer than
+    /// [`ClientBuilder::consumer_stall_timeout`] (each also logged as a warning).
+    pub consumer_stalls: u64,
     /// Acked delivery: messages waiting for their ack (0 otherwise).
     pub outbox: usize,
     /// Acked delivery: messages acknowledged by the server so far.
@@ -184,7 +196,12 @@ impl Client {
     /// first in the offline queue.
     pub(crate) fn start(cfg: Config, eager: bool, carried: Vec<Message>) -> Result<Client> {
         cfg.validate()?;
-        let (ev_tx, ev_rx) = unbounded();
+        let inbound = Arc::new(Inbound::new(
+            cfg.event_capacity.0,
+            cfg.event_capacity.1,
+            cfg.consumer_stall_timeout,
+        ));
+        let (ev_tx, ev_rx) = EventTx::new(inbound.clone());
         let (ctl_tx, ctl_rx) = unbounded();
         let (timer_tx, timer_rx) = unbounded();
         let mut queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
@@ -259,6 +276,7 @@ impl Client {
             inner: Arc::new(Handle {
                 shared,
                 events: ev_rx,
+                inbound,
                 supervisor: Mutex::new(Some(supervisor)),
                 supervisor_id,
             }),
@@ -353,10 +371,17 @@ impl Client {
         Err(failed)
     }
 
-    /// The event stream (a crossbeam `Receiver`, usable in `select!`). Every clone
-    /// shares one stream: each event goes to one receiver. It is unbounded, so read it.
-    pub fn events(&self) -> Receiver<Event> {
-        self.inner.events.clone()
+    /// The event stream. Read it one event at a time ([`Events::recv`], iteration), or
+    /// wait on it together with other channels through [`Events::receiver`] in
+    /// `crossbeam_channel::select!`. Every `Events` of a client shares one stream: each
+    /// event goes to one of them.
+    ///
+    /// Inbound messages are bounded ([`ClientBuilder::event_capacity`]): while the
+    /// consumer leaves that many waiting, the client stops reading from the server
+    /// (TCP pushes back; nothing is dropped) until the consumer catches up. Control
+    /// events (`Connected`, `Disconnected`, ..., `Closed`) are never held back.
+    pub fn events(&self) -> Events {
+        Events::new(self.inner.events.clone(), self.inner.inbound.clone())
     }
 
     /// Current state.
@@ -367,6 +392,10 @@ impl Client {
     /// Health snapshot: RTT, last inbound traffic, counters.
     pub fn stats(&self) -> Stats {
         let shared = &self.inner.shared;
+        // Before `link`: the inbound locks are leaves, never taken under `link`.
+        let inbound = &self.inner.inbound;
+        let (events_queued, events_queued_bytes) = inbound.queued();
+        let consumer_behind_since = inbound.held_since();
         let link = shared.link.lock();
         let live = link.conn.as_ref();
         Stats {
@@ -378,6 +407,10 @@ impl Client {
             sent: shared.counters.sent.load(Ordering::Relaxed),
             received: shared.counters.received.load(Ordering::Relaxed),
             reconnects: shared.counters.reconnects.load(Ordering::Relaxed),
+            events_queued,
+            events_queued_bytes,
+            consumer_behind_since,
+            consumer_stalls: inbound.stalls(),
             outbox: link.outbox.as_ref().map_or(0, |o| o.len()),
             acked: link.outbox.as_ref().map_or(0, |o| o.acked),
             resent: shared.counters.resent.load(Ordering::Relaxed)

@@ -272,6 +272,9 @@ pub(crate) struct Config {
     pub read_budget: usize,
     pub stack_size: usize,
     pub read_buffer_size: usize,
+    /// Most (messages, payload bytes) waiting for the consumer.
+    pub event_capacity: (usize, usize),
+    pub consumer_stall_timeout: Duration,
     pub delivery: Delivery,
     pub offline_queue: bool,
 }
@@ -375,7 +378,12 @@ impl ClientBuilder {
                 surface_pings: false,
                 read_budget: 64,
                 stack_size: 256 << 10,
-                read_buffer_size: 128 << 10,
+                read_buffer_size: 64 << 10,
+                event_capacity: (
+                    crate::inbound::DEFAULT_EVENT_CAPACITY_MESSAGES,
+                    crate::inbound::DEFAULT_EVENT_CAPACITY_BYTES,
+                ),
+                consumer_stall_timeout: crate::inbound::DEFAULT_CONSUMER_STALL_TIMEOUT,
                 delivery: Delivery::AtLeastOnce,
                 offline_queue: true,
             },
@@ -521,9 +529,44 @@ impl ClientBuilder {
         self
     }
 
-    /// tungstenite read buffer size per connection (default 128 KiB).
+    /// tungstenite read buffer size per connection, and the most one socket read takes
+    /// (default 64 KiB). tungstenite zero-fills it on the first read, so all of it is
+    /// resident: 64 KiB keeps an idle client below tokio-tungstenite's memory (which
+    /// uses 128 KiB) and cost no measurable throughput with 64 KiB messages.
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
         self.cfg.read_buffer_size = bytes.max(4096);
+        self
+    }
+
+    /// Bounds the inbound messages waiting for the consumer in
+    /// [`Client::events`](crate::Client::events): at most `messages` text/binary messages
+    /// and `bytes` payload bytes (defaults 10 000 and 32 MiB; 0 counts as 1). When either
+    /// is reached the client stops reading from the server until the consumer has taken
+    /// half of them out: TCP pushes back on the server, nothing is dropped. The bound can
+    /// be passed by one read of the socket (at most [`read_budget`](Self::read_budget)
+    /// messages and 256 KiB, or one message up to `Limits::max_message_size`).
+    ///
+    /// A slow consumer never makes the heartbeat kill a live peer: while reading is held
+    /// back, unread input (in the socket or already read into the client) proves the peer
+    /// alive, and the peer's silence is judged again once reading resumes.
+    ///
+    /// ```
+    /// # fn main() -> wsbeat::Result<()> {
+    /// let builder = wsbeat::Client::builder("ws://127.0.0.1:9/feed")?
+    ///     .event_capacity(1_000, 8 << 20); // 1000 messages or 8 MiB
+    /// # let _ = builder; Ok(()) }
+    /// ```
+    pub fn event_capacity(mut self, messages: usize, bytes: usize) -> Self {
+        self.cfg.event_capacity = (messages.max(1), bytes.max(1));
+        self
+    }
+
+    /// A consumer that leaves the event channel full for this long is reported: a
+    /// warning in the log and [`Stats::consumer_stalls`](crate::Stats::consumer_stalls)
+    /// (while it is behind, [`Stats::consumer_behind_since`](crate::Stats::consumer_behind_since)
+    /// is set). Default 10 s. Nothing is dropped; reading resumes when it catches up.
+    pub fn consumer_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.consumer_stall_timeout = timeout;
         self
     }
 

@@ -290,7 +290,15 @@ fn upgrade(
         offered.as_deref(),
         &extensions,
     )?;
-    let ws = WebSocket::from_partially_read(stream, tail, Role::Client, Some(cfg.ws_config()));
+    // Not `from_partially_read` with an empty tail: its buffer starts with capacity 0, and
+    // since delivered messages share it, every later allocation is sized for one frame
+    // (a `recv` and a zero-filled allocation per message). `from_raw_socket` keeps the
+    // configured read buffer size.
+    let ws = if tail.is_empty() {
+        WebSocket::from_raw_socket(stream, Role::Client, Some(cfg.ws_config()))
+    } else {
+        WebSocket::from_partially_read(stream, tail, Role::Client, Some(cfg.ws_config()))
+    };
     Ok(Hop::Open(Opened { ws, protocol }))
 }
 

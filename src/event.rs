@@ -1,12 +1,14 @@
 //! What the client tells its user: events, disconnect reasons, connection state, and
 //! the one place that keeps the event stream in its grammar ([`EventSink`]).
 
+use std::collections::VecDeque;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
+use crate::inbound::{EventTx, Inbound};
 use crate::{Error, Message};
 
 /// Something that happened on the client. Read them from [`Client::events`](crate::Client::events).
@@ -112,7 +114,7 @@ pub enum Event {
 /// nothing after `Closed`, `Closed` once, `GaveUp` once, no `Reconnecting` once closing
 /// began. Its lock is a leaf: held only around an unbounded channel send.
 pub(crate) struct EventSink {
-    tx: Sender<Event>,
+    tx: EventTx,
     grammar: Mutex<Grammar>,
     /// Signalled when `Closed` is emitted.
     closed: Condvar,
@@ -145,7 +147,7 @@ impl Grammar {
 }
 
 impl EventSink {
-    pub(crate) fn new(tx: Sender<Event>) -> Self {
+    pub(crate) fn new(tx: EventTx) -> Self {
         EventSink {
             tx,
             grammar: Mutex::new(Grammar::default()),
@@ -167,6 +169,26 @@ impl EventSink {
         if closed {
             self.closed.notify_all();
         }
+    }
+
+    /// Sends the messages of one reader drain as one batch (see `inbound.rs`), unless
+    /// `Closed` was emitted (never the case while a reader runs: it is joined first).
+    pub(crate) fn emit_messages(&self, events: &mut VecDeque<Event>, msgs: usize, bytes: usize) {
+        let g = self.grammar.lock();
+        if g.closed {
+            log::debug!(
+                "{} events dropped by the grammar: after Closed",
+                events.len()
+            );
+            events.clear();
+            return;
+        }
+        self.tx.send_messages(events, msgs, bytes);
+    }
+
+    /// The bound on inbound messages and the reader's hold on it.
+    pub(crate) fn inbound(&self) -> &Arc<Inbound> {
+        self.tx.inbound()
     }
 
     /// `close` has begun: `Reconnecting` would be a lie from now on.
@@ -270,7 +292,8 @@ mod tests {
 
     #[test]
     fn the_sink_keeps_the_grammar() {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let inbound = Arc::new(Inbound::new(10, 10, Duration::from_secs(1)));
+        let (tx, rx) = EventTx::new(inbound.clone());
         let sink = EventSink::new(tx);
         let reconnecting = || Event::Reconnecting {
             attempt: 1,
@@ -287,7 +310,7 @@ mod tests {
         sink.emit(Event::Closed); // dropped: once
         sink.emit(Event::Undelivered(vec![])); // dropped: after Closed
         sink.wait_closed();
-        let kinds: Vec<_> = rx
+        let kinds: Vec<_> = crate::inbound::Events::new(rx, inbound)
             .try_iter()
             .map(|e| {
                 format!("{e:?}")

@@ -7,6 +7,11 @@
 //! probe is outstanding it looks at least every `interval`, so a reply is followed by the
 //! next probe `interval` later even when `timeout` is longer). What counts as a sign of
 //! life is the heartbeat's [`Liveness`] rule.
+//! While the consumer is behind and the reader does not read (`event_capacity`), unread
+//! input (bytes in the socket, or frames left in tungstenite's buffer) counts as traffic
+//! and as a reply: the peer sent it, so it is alive, and the consumer's pace must not
+//! kill the link. With nothing unread, probes and deadlines run as usual (a reply makes
+//! the socket readable).
 //! Heartbeat state lives inside each connection, so a new connection always starts
 //! fresh and a stale deadline can never kill it.
 
@@ -325,6 +330,18 @@ impl HbState {
         self.last_data = now;
     }
 
+    /// Called by the timer while the reader is held back by a full event channel (the
+    /// consumer is behind) and input waits unread, in the socket or in tungstenite's
+    /// buffer. That input proves the peer alive, and a probe reply may wait behind it, so
+    /// it counts as traffic and, even in strict mode, as a reply: a slow consumer must
+    /// never get a live peer declared dead. A peer that vanished meanwhile is judged once
+    /// the consumer catches up and reading resumes (at most `interval + timeout` later).
+    pub(crate) fn held_back(&mut self, now: Instant) {
+        self.last_inbound = now;
+        self.last_data = now;
+        self.last_reply = now;
+    }
+
     /// Called by the reader for each inbound frame. Returns true when the message is a
     /// heartbeat reply to be consumed (not delivered).
     pub(crate) fn on_inbound(&mut self, hb: &Heartbeat, msg: &Message, now: Instant) -> bool {
@@ -478,6 +495,14 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                         Ok(false) => wake_at = Some(due),
                         Err(e) => dead = Some(crate::link::reason_of(&e)),
                     }
+                }
+                if dead.is_none()
+                    && let Some(buffered) = shared.events.inbound().held_back()
+                    && (buffered || crate::sys::wait_readable(&live.sock, Duration::ZERO))
+                {
+                    // The consumer is behind: the reader does not read, so replies wait
+                    // unread. Unread input proves the peer alive (see `HbState::held_back`).
+                    live.hb.held_back(now);
                 }
                 if dead.is_none() {
                     loop {

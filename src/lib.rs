@@ -64,6 +64,7 @@ mod dial;
 mod error;
 mod event;
 mod heartbeat;
+mod inbound;
 mod link;
 mod outbox;
 mod queue;
@@ -86,6 +87,10 @@ pub use config::{
 pub use error::{ConnectStage, Error, RedirectRefusal, Result, SocksFailure, TlsErrorKind};
 pub use event::{DisconnectReason, Event, State};
 pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
+pub use inbound::{
+    Batch, DEFAULT_CONSUMER_STALL_TIMEOUT, DEFAULT_EVENT_CAPACITY_BYTES,
+    DEFAULT_EVENT_CAPACITY_MESSAGES, Events, IntoIter, Iter, TryIter,
+};
 /// Re-exported for [`ClientBuilder::tls_connector`] (the same version wsbeat uses).
 #[cfg(feature = "native-tls")]
 pub use native_tls;

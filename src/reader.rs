@@ -4,13 +4,24 @@
 //! and drains in nonblocking mode: `read()` until `WouldBlock` (tungstenite and OpenSSL
 //! buffer whole frames, so one read per wake-up would lose messages), at most
 //! `read_budget` messages and `READ_QUOTA` bytes per lock hold, then `unlock_fair` so
-//! writers get in. Events are sent to the user after the lock is released.
+//! writers get in. The messages of one drain go to the user as one batch, after the lock
+//! is released (one channel send and at most one wake-up per drain, not per message).
+//!
+//! While the event channel is full (`event_capacity`) the reader does not read: it waits
+//! in `poll` for the consumer to make room (the consumer writes to this connection's
+//! waker), for a hang-up of the socket, or for a flush request, holding no lock. TCP
+//! then pushes back on the server. The heartbeat knows (`Inbound::held_back`): unread
+//! input counts as traffic, so a slow consumer never gets a live peer declared dead.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use crossbeam_channel::{Receiver, Sender};
 use parking_lot::MutexGuard;
+use tungstenite::Bytes;
+use tungstenite::protocol::frame::Utf8Bytes;
 
 use crate::link::{Link, Shared, is_would_block, reason_of};
 use crate::sys::{POLLIN, POLLOUT, poll2, raw};
@@ -18,6 +29,109 @@ use crate::{DisconnectReason, Event, Message};
 
 /// Most bytes one lock hold reads from the socket (besides at most `read_budget` messages).
 const READ_QUOTA: usize = 256 << 10;
+
+/// Payloads at least this large are copied out of tungstenite's read buffer into recycled
+/// buffers (see [`Recycler`]).
+const COPY_MIN: usize = 8 << 10;
+/// Most bytes of emptied payload buffers kept for reuse, and the largest buffer kept.
+const RECYCLE_BYTES: usize = 4 << 20;
+const RECYCLE_MAX_BUF: usize = 1 << 20;
+
+/// Payload buffers that come back to the reader when the user drops a message.
+///
+/// tungstenite hands out payloads that share its read buffer. While the user holds them
+/// (they wait in the event channel), the next large frame cannot reuse that buffer, so
+/// tungstenite allocates a fresh one per frame; the user's thread frees it, and glibc
+/// then trims the reader's arena, so the next allocation page-faults its memory in again
+/// (issue 11: 20-108 k page faults per 20 k 64 KiB messages, against ~280 for raw
+/// tungstenite, which drops each payload before it reads the next). Copying a large
+/// payload into a recycled buffer costs one `memcpy` and lets tungstenite reuse its own
+/// buffer in place; the copy's buffer returns here when the user drops the message.
+struct Recycler {
+    tx: Sender<Vec<u8>>,
+    rx: Receiver<Vec<u8>>,
+    /// Capacity of the buffers waiting in `rx`.
+    kept: AtomicUsize,
+}
+
+/// A payload buffer on its way back to its [`Recycler`] (the owner of a `Bytes`).
+struct Recycled {
+    buf: Vec<u8>,
+    home: Arc<Recycler>,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        let cap = self.buf.capacity();
+        if cap <= RECYCLE_MAX_BUF
+            && self.home.kept.fetch_add(cap, Ordering::Relaxed) < RECYCLE_BYTES
+        {
+            if self.home.tx.try_send(std::mem::take(&mut self.buf)).is_ok() {
+                return;
+            }
+        } else if cap > RECYCLE_MAX_BUF {
+            return;
+        }
+        self.home.kept.fetch_sub(cap, Ordering::Relaxed);
+    }
+}
+
+impl Recycler {
+    fn new() -> Arc<Recycler> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        Arc::new(Recycler {
+            tx,
+            rx,
+            kept: AtomicUsize::new(0),
+        })
+    }
+
+    /// A copy of `data` in a recycled buffer when one fits.
+    fn copy(self: &Arc<Self>, data: &[u8]) -> Bytes {
+        let mut buf = Vec::new();
+        while let Ok(b) = self.rx.try_recv() {
+            self.kept.fetch_sub(b.capacity(), Ordering::Relaxed);
+            if b.capacity() >= data.len() {
+                buf = b;
+                break;
+            }
+        }
+        buf.clear();
+        buf.extend_from_slice(data);
+        Bytes::from_owner(Recycled {
+            buf,
+            home: self.clone(),
+        })
+    }
+
+    /// `msg` with a large payload moved out of tungstenite's read buffer.
+    fn detach(self: &Arc<Self>, msg: Message) -> Message {
+        match msg {
+            Message::Binary(b) if b.len() >= COPY_MIN => Message::Binary(self.copy(&b)),
+            Message::Text(t) if t.len() >= COPY_MIN => {
+                let bytes = self.copy(t.as_bytes());
+                // SAFETY: `bytes` is a copy of `t`, which is valid UTF-8.
+                Message::Text(unsafe { Utf8Bytes::from_bytes_unchecked(bytes) })
+            }
+            m => m,
+        }
+    }
+}
+
+/// Detaches the reader from the inbound hand-off however it ends.
+struct Attached<'a>(&'a crate::inbound::Inbound);
+
+impl Drop for Attached<'_> {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
 
 /// Runs until connection `cgen` is dead or replaced.
 pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
@@ -29,6 +143,9 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         }
     };
     let fd = raw(&*sock);
+    let inbound = shared.events.inbound().clone();
+    inbound.attach(waker.clone());
+    let _attached = Attached(&inbound);
     let budget = shared.cfg.read_budget;
     let surface_pings = shared.cfg.surface_pings;
     let hb = &shared.cfg.heartbeat;
@@ -37,18 +154,38 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     // were left by an on_connect hook) already sit in tungstenite's (or OpenSSL's) buffer,
     // and poll would never report them.
     let mut more = true;
-    let mut out: Vec<Event> = Vec::with_capacity(budget);
+    let mut out: VecDeque<Event> = VecDeque::with_capacity(budget);
+    let recycler = Recycler::new();
     loop {
         // Bytes arrived on the socket (perhaps only part of a large frame).
         let mut bytes_in = false;
-        if !more {
-            // Wait without the lock. Hang-up and errors wake us too (shutdown by teardown).
-            let events = if want_write { POLLIN | POLLOUT } else { POLLIN };
-            match poll2((fd, events), Some((raw(&waker.rx), POLLIN)), None) {
+        // Read this time (false: held back by a full event channel).
+        let mut read = true;
+        let held = inbound.is_full() && inbound.hold(more);
+        if held || !more {
+            // Wait without the lock. Hang-up and errors wake us too (shutdown by teardown),
+            // also while held back: `poll` reports them whatever was asked for.
+            let mut events = if want_write { POLLOUT } else { 0 };
+            if !held {
+                events |= POLLIN;
+            }
+            let stall = if held { inbound.stall_deadline() } else { None };
+            let timeout = stall.map(|t| t.saturating_duration_since(Instant::now()));
+            match poll2((fd, events), Some((raw(&waker.rx), POLLIN)), timeout) {
                 Ok((r, w)) => {
                     bytes_in = r & POLLIN != 0;
                     if w != 0 {
                         waker.drain();
+                    }
+                    if held {
+                        if r == 0 && w == 0 {
+                            inbound.report_stall();
+                        }
+                        let hang_up = r & (libc::POLLHUP | libc::POLLERR) != 0;
+                        read = hang_up || !inbound.is_full();
+                        if read {
+                            inbound.set_free();
+                        }
                     }
                 }
                 Err(e) => {
@@ -69,7 +206,11 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         }
         let mut dead = None;
         let mut n = 0;
-        more = false;
+        // Messages for the user in this drain, and their payload bytes.
+        let (mut msgs, mut bytes) = (0, 0);
+        if read {
+            more = false;
+        }
         let now = Instant::now();
         if bytes_in {
             // Liveness even while a reply is stuck behind a frame still arriving.
@@ -79,7 +220,11 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // that never completes one (endless empty fragments) would keep us here for
         // good. Past the quota the socket reports WouldBlock, so the lock is let go.
         live.ws.get_mut().set_read_quota(Some(READ_QUOTA));
+        // Held back: only flush (below), read nothing.
         loop {
+            if !read {
+                break;
+            }
             // Let a waiting sender in after at least one message.
             if n >= budget || (n > 0 && shared.writers.load(Ordering::Relaxed) > 0) {
                 more = true;
@@ -92,10 +237,12 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         || outbox.as_mut().is_some_and(|o| o.on_inbound(&msg));
                     match msg {
                         Message::Text(_) | Message::Binary(_) if !consumed => {
-                            out.push(Event::Message(msg));
+                            msgs += 1;
+                            bytes += msg.len();
+                            out.push_back(Event::Message(recycler.detach(msg)));
                         }
                         Message::Ping(_) | Message::Pong(_) if surface_pings => {
-                            out.push(Event::Message(msg));
+                            out.push_back(Event::Message(msg));
                         }
                         Message::Close(frame) if !live.close_sent => {
                             dead = Some(DisconnectReason::closed_by_peer(frame));
@@ -136,15 +283,13 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         }
         MutexGuard::unlock_fair(link);
         shared.wake_senders();
-        let received = out.len() as u64;
-        if received > 0 {
+        if !out.is_empty() {
             shared
                 .counters
                 .received
-                .fetch_add(received, Ordering::Relaxed);
-            for ev in out.drain(..) {
-                shared.emit(ev);
-            }
+                .fetch_add(msgs as u64, Ordering::Relaxed);
+            // One channel send for the whole drain.
+            shared.events.emit_messages(&mut out, msgs, bytes);
         }
         if stop {
             return;

@@ -37,7 +37,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use support::client::{client_panics, watch_panics};
 
-use crossbeam_channel::Receiver;
 use support::proxy::{Dir, FaultProxy};
 use support::server::TestServer;
 use support::util;
@@ -127,7 +126,7 @@ struct Seen {
     end_marker: bool,
 }
 
-fn collect_events(client: usize, events: Receiver<Event>, end_marker: Arc<AtomicBool>) -> Seen {
+fn collect_events(client: usize, events: wsbeat::Events, end_marker: Arc<AtomicBool>) -> Seen {
     let mut seen = Seen::default();
     let mut generation = 0;
     let mut last_echo: Option<u64> = None;

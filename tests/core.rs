@@ -11,7 +11,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, unbounded};
+use crossbeam_channel::unbounded;
 use parking_lot::Mutex;
 use support::certs::{self, ServerCert};
 use support::server::{Behavior, TestServer, flood_message};
@@ -38,7 +38,7 @@ fn brief(ev: &Event) -> String {
 }
 
 /// Waits for the first event matching `pred`; fails with everything seen meanwhile.
-fn wait_event(rx: &Receiver<Event>, what: &str, mut pred: impl FnMut(&Event) -> bool) -> Event {
+fn wait_event(rx: &wsbeat::Events, what: &str, mut pred: impl FnMut(&Event) -> bool) -> Event {
     let deadline = Instant::now() + T;
     let mut seen = Vec::new();
     loop {
@@ -51,7 +51,7 @@ fn wait_event(rx: &Receiver<Event>, what: &str, mut pred: impl FnMut(&Event) -> 
 }
 
 /// Waits for `Connected` and returns the negotiated subprotocol.
-fn wait_connected(rx: &Receiver<Event>) -> Option<String> {
+fn wait_connected(rx: &wsbeat::Events) -> Option<String> {
     match wait_event(rx, "Connected", |e| matches!(e, Event::Connected { .. })) {
         Event::Connected { protocol, .. } => protocol,
         _ => unreachable!(),
@@ -59,7 +59,7 @@ fn wait_connected(rx: &Receiver<Event>) -> Option<String> {
 }
 
 /// Waits for the next text or binary message.
-fn next_message(rx: &Receiver<Event>) -> Message {
+fn next_message(rx: &wsbeat::Events) -> Message {
     match wait_event(rx, "a message", |e| matches!(e, Event::Message(_))) {
         Event::Message(m) => m,
         _ => unreachable!(),
@@ -67,7 +67,7 @@ fn next_message(rx: &Receiver<Event>) -> Message {
 }
 
 /// Every event up to and including `Closed` (which must come within `T`).
-fn lifecycle_until_closed(rx: &Receiver<Event>) -> Vec<Event> {
+fn lifecycle_until_closed(rx: &wsbeat::Events) -> Vec<Event> {
     let deadline = Instant::now() + T;
     let mut out = Vec::new();
     loop {

@@ -35,7 +35,7 @@ fn assert_no_wsbeat_threads(after: &str) {
 }
 
 /// Waits for `Event::Closed`.
-fn wait_closed(events: &crossbeam_channel::Receiver<Event>) {
+fn wait_closed(events: &wsbeat::Events) {
     let deadline = Instant::now() + T;
     loop {
         match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {

@@ -7,7 +7,6 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use crossbeam_channel::Receiver;
 use support::client::Fixed;
 use support::server::{Behavior, TestServer};
 use support::util::wait_until;
@@ -16,7 +15,7 @@ use wsbeat::{Acks, Client, Delivery, Error, Event, Heartbeat, Limits, Message};
 /// Upper bound for anything that should happen "now" (generous: loaded 2-core machine).
 const T: Duration = Duration::from_secs(10);
 
-fn next_connected(events: &Receiver<Event>) -> u64 {
+fn next_connected(events: &wsbeat::Events) -> u64 {
     loop {
         match events.recv_timeout(T).expect("Connected in time") {
             Event::Connected { generation, .. } => return generation,

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use support::proxy::FaultProxy;
 use support::server::{Behavior, Received, TestServer};
 use support::util;
@@ -45,7 +44,7 @@ fn builder(url: &str, hb: Heartbeat) -> ClientBuilder {
 /// Waits for the first event matching `pred`. Returns it with its arrival time and the
 /// events that came before it. Panics (listing what arrived) after `timeout`.
 fn wait_event(
-    events: &Receiver<Event>,
+    events: &wsbeat::Events,
     timeout: Duration,
     what: &str,
     mut pred: impl FnMut(&Event) -> bool,
@@ -69,7 +68,7 @@ fn wait_event(
 
 /// Waits for the `Disconnected` of connection `generation` and returns its reason and arrival time.
 fn wait_disconnected(
-    events: &Receiver<Event>,
+    events: &wsbeat::Events,
     generation: u64,
     timeout: Duration,
 ) -> (DisconnectReason, Instant, Vec<Event>) {
@@ -97,7 +96,7 @@ fn is_disconnect(e: &Event) -> bool {
 }
 
 /// Everything in `events` right now (non-blocking).
-fn drain(events: &Receiver<Event>) -> Vec<Event> {
+fn drain(events: &wsbeat::Events) -> Vec<Event> {
     events.try_iter().collect()
 }
 

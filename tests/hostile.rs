@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use support::client::Fixed;
 use support::client::{client_panics, watch_panics};
 
-use crossbeam_channel::Receiver;
 use parking_lot::Mutex;
 use support::{net, util};
 use wsbeat::{
@@ -361,7 +360,7 @@ fn builder(url: &str) -> ClientBuilder {
 
 /// Every event seen so far, for failure messages.
 struct Events {
-    rx: Receiver<Event>,
+    rx: wsbeat::Events,
     log: Vec<String>,
 }
 

@@ -59,10 +59,7 @@ fn jitter(i: usize, max_micros: u64) {
 
 /// All events until (and including) `Closed`; fails if `Closed` does not come or if
 /// anything follows it.
-fn events_until_closed(
-    client_events: &crossbeam_channel::Receiver<Event>,
-    what: &str,
-) -> Vec<Event> {
+fn events_until_closed(client_events: &wsbeat::Events, what: &str) -> Vec<Event> {
     let mut out = Vec::new();
     loop {
         match client_events.recv_timeout(T) {

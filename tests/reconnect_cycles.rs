@@ -7,7 +7,6 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use support::server::{Behavior, TestServer};
 use support::util;
 use wsbeat::{Client, Event, Failure, Heartbeat, ReconnectPolicy, State};
@@ -39,7 +38,7 @@ fn client(url: &str) -> Client {
 }
 
 /// Waits for `Connected { generation >= g }` and returns its generation.
-fn wait_connected_gen(events: &Receiver<Event>, g: u64) -> u64 {
+fn wait_connected_gen(events: &wsbeat::Events, g: u64) -> u64 {
     let deadline = Instant::now() + T;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tungstenite::{Bytes, Message};
 use wsbeat::{Client, Event};
 
+use crate::contender::Tt;
 use crate::server::Server;
 use crate::util::{self, RawWs, fmt_us, summarize, us};
 use crate::{Met, Opts, Row, ratio};
@@ -27,7 +28,7 @@ fn raw_rtt(ws: &mut RawWs, payload: &Bytes) -> f64 {
     us(t.elapsed())
 }
 
-fn wsbeat_rtt(c: &Client, rx: &crossbeam_channel::Receiver<Event>, payload: &Bytes) -> f64 {
+fn wsbeat_rtt(c: &Client, rx: &wsbeat::Events, payload: &Bytes) -> f64 {
     let t = Instant::now();
     c.send_binary(payload.clone()).expect("wsbeat send");
     loop {
@@ -84,21 +85,33 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                 .connect()
                 .expect("wsbeat connect");
             let rx = client.events();
+            // tokio-tungstenite only over ws (the goal is for ws; its TLS needs another feature).
+            let mut tt = (!secure).then(|| Tt::connect(&srv.url("/echo")));
             for _ in 0..warm {
                 raw_rtt(&mut raw, &payload);
                 wsbeat_rtt(&client, &rx, &payload);
+                if let Some(t) = tt.as_mut() {
+                    t.rtt(&payload);
+                }
             }
-            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
             for r in 0..rounds {
-                for turn in 0..2 {
-                    if (r + turn) % 2 == 0 {
-                        a.extend((0..per_round).map(|_| raw_rtt(&mut raw, &payload)));
-                    } else {
-                        b.extend((0..per_round).map(|_| wsbeat_rtt(&client, &rx, &payload)));
+                for turn in 0..3 {
+                    match (r + turn) % 3 {
+                        0 => a.extend((0..per_round).map(|_| raw_rtt(&mut raw, &payload))),
+                        1 => b.extend((0..per_round).map(|_| wsbeat_rtt(&client, &rx, &payload))),
+                        _ => {
+                            if let Some(t) = tt.as_mut() {
+                                c.extend((0..per_round).map(|_| t.rtt(&payload)));
+                            }
+                        }
                     }
                 }
             }
             raw.close();
+            if let Some(t) = tt {
+                t.close();
+            }
             let _ = client.close();
             let (ra, rb) = (summarize(&a), summarize(&b));
             let label = format!(
@@ -115,6 +128,26 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                     format!("<= {GOAL}x"),
                     Met::from(y <= x * GOAL),
                 ));
+            }
+            if !c.is_empty() {
+                let rc = summarize(&c);
+                for (q, x, y) in [("p50", rc.p50, rb.p50), ("p99", rc.p99, rb.p99)] {
+                    rows.push(Row::new(
+                        format!("{label} {q}: tokio-tungstenite (raw column) vs wsbeat"),
+                        fmt_us(x),
+                        fmt_us(y),
+                        ratio(y, x),
+                        "<= 1.05x",
+                        Met::from(y <= x * 1.05),
+                    ));
+                }
+                println!(
+                    "  {label}: tokio-tungstenite n={} p50 {} p99 {} max {}",
+                    rc.n,
+                    fmt_us(rc.p50),
+                    fmt_us(rc.p99),
+                    fmt_us(rc.max)
+                );
             }
             println!(
                 "  {label}: raw n={} p50 {} p99 {} max {} | wsbeat n={} p50 {} p99 {} max {}",
@@ -144,7 +177,7 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
         Met::Info,
     ));
     notes.push(format!(
-        "Latency: {} samples per cell ({rounds} alternating blocks of {per_round}), one Binary \
+        "Latency: {} samples per cell ({rounds} rotating blocks of {per_round}: raw, wsbeat, tokio-tungstenite), one Binary \
          message echoed by a blocking tungstenite server thread (TCP_NODELAY).",
         rounds * per_round
     ));

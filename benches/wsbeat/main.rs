@@ -9,7 +9,8 @@
 //! cargo bench --bench wsbeat -- latency reconnect   # only some sections
 //! ```
 //!
-//! Sections: `latency`, `throughput`, `mixed`, `idle`, `deadpeer`, `reconnect`, `scale`.
+//! Sections: `latency`, `throughput`, `inbound` (slow consumer, idle RSS against
+//! tokio-tungstenite), `mixed`, `idle`, `deadpeer`, `reconnect`, `scale`.
 //! The final markdown table is printed and written to `target/wsbeat-bench/latest.md`
 //! (or `$WSBEAT_BENCH_OUT`). Goals are checked here, never in timed unit tests: a missed
 //! goal is reported in the table as "NO", the run itself still succeeds.
@@ -18,8 +19,10 @@
 //! `scale-clients` runs the scale benchmark in a fresh process so its RSS holds only the
 //! clients, and `scale-server` is the echo server that process talks to.
 
+mod contender;
 mod deadpeer;
 mod idle;
+mod inbound;
 mod latency;
 mod mixed;
 mod proxy;
@@ -168,9 +171,10 @@ fn utc_now() -> String {
     )
 }
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "latency",
     "throughput",
+    "inbound",
     "mixed",
     "idle",
     "deadpeer",
@@ -182,6 +186,7 @@ fn main() {
     match std::env::var(ROLE_ENV).as_deref() {
         Ok("scale-server") => return server::scale_server_main(),
         Ok("scale-clients") => return scale::clients_main(),
+        Ok("idle-clients") => return inbound::idle_clients_main(),
         _ => {}
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -216,9 +221,10 @@ fn main() {
     let mut rows: Vec<Row> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     type Section = fn(&Opts, &mut Vec<String>) -> Vec<Row>;
-    let runs: [(&str, Section); 7] = [
+    let runs: [(&str, Section); 8] = [
         ("latency", latency::run),
         ("throughput", throughput::run),
+        ("inbound", inbound::run),
         ("mixed", mixed::run),
         ("idle", idle::run),
         ("deadpeer", deadpeer::run),

@@ -145,6 +145,42 @@ fn cpu_ms() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// The scale-server helper process, started by a clients process.
+pub struct ScaleServer {
+    pub server: std::process::Child,
+    pub sin: std::process::ChildStdin,
+    pub sout: BufReader<std::process::ChildStdout>,
+    pub port: u16,
+}
+
+impl ScaleServer {
+    /// Starts it and reads the port it listens on.
+    pub fn spawn() -> ScaleServer {
+        let exe = std::env::current_exe().expect("current exe");
+        let mut server = Command::new(exe)
+            .env(ROLE_ENV, "scale-server")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn scale-server");
+        let sin = server.stdin.take().unwrap();
+        let mut sout = BufReader::new(server.stdout.take().unwrap());
+        let mut line = String::new();
+        sout.read_line(&mut line).expect("server port");
+        let port: u16 = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .expect("PORT line");
+        ScaleServer {
+            server,
+            sin,
+            sout,
+            port,
+        }
+    }
+}
+
 /// The scale-clients process.
 pub fn clients_main() {
     let n: usize = std::env::var("WSBEAT_SCALE_N")
@@ -157,22 +193,13 @@ pub fn clients_main() {
         .unwrap_or(60);
     let nofile = util::raise_nofile();
     let mut stdout = std::io::stdout();
-    let exe = std::env::current_exe().expect("current exe");
-    let mut server = Command::new(exe)
-        .env(ROLE_ENV, "scale-server")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn scale-server");
-    let mut sin = server.stdin.take().unwrap();
-    let mut sout = BufReader::new(server.stdout.take().unwrap());
+    let ScaleServer {
+        mut server,
+        mut sin,
+        mut sout,
+        port,
+    } = ScaleServer::spawn();
     let mut line = String::new();
-    sout.read_line(&mut line).expect("server port");
-    let port: u16 = line
-        .trim()
-        .strip_prefix("PORT ")
-        .and_then(|p| p.parse().ok())
-        .expect("PORT line");
     let url = format!("ws://127.0.0.1:{port}/echo");
     let hb = Heartbeat::ping(Duration::from_secs(2), Duration::from_secs(5));
     let defaults = std::env::var("WSBEAT_SCALE_DEFAULTS").is_ok_and(|v| v == "1");

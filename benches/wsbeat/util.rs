@@ -6,7 +6,6 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Receiver;
 use native_tls::{Certificate, Identity, TlsConnector, TlsStream};
 use tungstenite::{Message, WebSocket};
 use wsbeat::{Client, ClientBuilder, Event, Failure, ReconnectPolicy};
@@ -212,7 +211,7 @@ impl ReconnectPolicy for Fixed {
 /// Waits for the first event matching `pred` (others are dropped). Returns it and its
 /// arrival time.
 pub fn wait_event(
-    rx: &Receiver<Event>,
+    rx: &wsbeat::Events,
     timeout: Duration,
     mut pred: impl FnMut(&Event) -> bool,
 ) -> Option<(Event, Instant)> {

@@ -227,7 +227,7 @@ pub fn pattern(size: usize) -> Vec<u8> {
 }
 
 /// Waits for the next text or binary message (skipping other events).
-pub fn next_message(events: &Receiver<Event>, what: &str) -> Message {
+pub fn next_message(events: &wsbeat::Events, what: &str) -> Message {
     match wait_event(events, what, |e| {
         matches!(e, Event::Message(Message::Text(_) | Message::Binary(_)))
     }) {
@@ -237,7 +237,7 @@ pub fn next_message(events: &Receiver<Event>, what: &str) -> Message {
 }
 
 /// Waits for a text message and returns it.
-pub fn next_text(events: &Receiver<Event>, what: &str) -> String {
+pub fn next_text(events: &wsbeat::Events, what: &str) -> String {
     match next_message(events, what) {
         Message::Text(t) => t.as_str().to_string(),
         other => panic!(
@@ -527,7 +527,7 @@ pub fn case_stop_reading_chatty_strict(kind: Kind) {
     expect_heartbeat_death_then_reconnect(&client, &events);
 }
 
-fn expect_heartbeat_death_then_reconnect(client: &Client, events: &Receiver<Event>) {
+fn expect_heartbeat_death_then_reconnect(client: &Client, events: &wsbeat::Events) {
     match wait_event(events, "Disconnected", |e| {
         matches!(e, Event::Disconnected { .. })
     }) {

@@ -327,7 +327,7 @@ pub fn run_output(cmd: &mut Command) -> Result<String, String> {
 }
 
 /// The next event, whatever it is (panics after [`DEADLINE`]).
-pub fn next_event(events: &Receiver<Event>, waiting_for: &str) -> Event {
+pub fn next_event(events: &wsbeat::Events, waiting_for: &str) -> Event {
     match events.recv_timeout(DEADLINE) {
         Ok(e) => e,
         Err(RecvTimeoutError::Timeout) => panic!("no event within {DEADLINE:?} ({waiting_for})"),
@@ -338,7 +338,7 @@ pub fn next_event(events: &Receiver<Event>, waiting_for: &str) -> Event {
 /// Skips events until one matches `pred` (panics after [`DEADLINE`] overall, listing
 /// what was skipped). `Closed` never gets skipped: nothing can follow it.
 pub fn wait_event(
-    events: &Receiver<Event>,
+    events: &wsbeat::Events,
     waiting_for: &str,
     mut pred: impl FnMut(&Event) -> bool,
 ) -> Event {

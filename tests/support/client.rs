@@ -41,10 +41,7 @@ pub fn client_panics() -> usize {
 }
 
 /// Receives events until `Closed` (or `timeout`), returning them in order.
-pub fn events_until_closed(
-    rx: &crossbeam_channel::Receiver<wsbeat::Event>,
-    timeout: Duration,
-) -> Vec<wsbeat::Event> {
+pub fn events_until_closed(rx: &wsbeat::Events, timeout: Duration) -> Vec<wsbeat::Event> {
     let deadline = std::time::Instant::now() + timeout;
     let mut out = Vec::new();
     while let Ok(ev) = rx.recv_deadline(deadline) {

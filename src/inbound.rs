@@ -1,0 +1,522 @@
+//! The inbound hand-off: events from the client's threads to the user, in batches, with
+//! a bound on the messages waiting for the consumer.
+//!
+//! # Why batches
+//! One channel operation and one possible wake-up per message cost more than reading the
+//! message (issue 11: ~70 ns of channel ops and up to 65 ns of wake-up per 64 B message).
+//! The reader therefore sends everything one drain produced (at most `read_budget`
+//! messages) as one [`Batch`]: one channel send, at most one wake-up. [`Events`] unpacks
+//! batches so the user still reads events one by one. Control events (`Connected`,
+//! `Disconnected`, ...) travel as batches of one through [`EventTx::send`].
+//!
+//! # Why bounded, and how
+//! A consumer slower than the server would otherwise keep every inbound message in memory.
+//! The bound counts text/binary messages and their payload bytes between the reader and
+//! the consumer (`event_capacity`). When either count reaches its limit the reader stops
+//! reading the socket (TCP then pushes back on the server: nothing is dropped) and waits
+//! in `poll(2)` without any lock until the consumer took enough out, then reads on. The
+//! reader checks before each drain, so the bound may be passed by one drain (at most
+//! `read_budget` messages and 256 KiB read, or one message of any allowed size).
+//! Control events are never held back: they are rare, and the supervisor and the timer
+//! must never wait for the user.
+//!
+//! While the reader is held back the heartbeat cannot see replies; unread input proves
+//! the peer alive instead (see [`Inbound::held_back`] and the heartbeat notes).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{
+    Receiver, RecvError, RecvTimeoutError, SendError, Sender, TryRecvError, bounded,
+};
+use parking_lot::Mutex;
+
+use crate::Event;
+use crate::sys::Waker;
+
+/// Default most text/binary messages waiting for the consumer.
+pub const DEFAULT_EVENT_CAPACITY_MESSAGES: usize = 10_000;
+/// Default most payload bytes waiting for the consumer.
+pub const DEFAULT_EVENT_CAPACITY_BYTES: usize = 32 << 20;
+/// Default time the reader may be held back by a full event channel before the consumer
+/// is reported stalled.
+pub const DEFAULT_CONSUMER_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Emptied batch buffers kept for the reader (so it does not allocate one per drain).
+const SPARE_BUFFERS: usize = 8;
+
+/// Values of [`Inbound::held`].
+const FREE: u8 = 0;
+const HELD: u8 = 1;
+const HELD_WITH_INPUT: u8 = 2;
+
+/// Events handed over in one channel operation. Iterate it to get the events in order.
+///
+/// You only meet a `Batch` when you wait on [`Events::receiver`] yourself (in
+/// `crossbeam_channel::select!`); [`Events::recv`] and friends unpack batches for you.
+pub struct Batch {
+    events: VecDeque<Event>,
+    /// Messages and payload bytes counted against the bound; released on unpack or drop.
+    msgs: usize,
+    bytes: usize,
+    inbound: Option<Arc<Inbound>>,
+}
+
+impl Batch {
+    /// Number of events in the batch.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Whether the batch is empty (never the case for a batch taken from the channel).
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Takes the events out and gives the room they took back to the reader.
+    fn unpack(mut self) -> VecDeque<Event> {
+        self.release();
+        std::mem::take(&mut self.events)
+    }
+
+    fn release(&mut self) {
+        if let Some(inbound) = self.inbound.take() {
+            inbound.release(self.msgs, self.bytes);
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl fmt::Debug for Batch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.events.iter()).finish()
+    }
+}
+
+impl IntoIterator for Batch {
+    type Item = Event;
+    type IntoIter = std::collections::vec_deque::IntoIter<Event>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.unpack().into_iter()
+    }
+}
+
+/// Shared by the reader, the consumer ([`Events`]) and `stats()`: the bound, what waits,
+/// and how the reader is woken when room is made.
+pub(crate) struct Inbound {
+    max_msgs: usize,
+    max_bytes: usize,
+    stall_timeout: Duration,
+    msgs: AtomicUsize,
+    bytes: AtomicUsize,
+    /// The reader is waiting for room: the consumer wakes it once half the room is free.
+    waiting: AtomicBool,
+    /// The waker of the current connection's reader (its `poll` watches it).
+    waker: Mutex<Option<Arc<Waker>>>,
+    /// `HELD` while the reader does not read because of the bound; `HELD_WITH_INPUT` when
+    /// it also left read input unprocessed in tungstenite's buffer.
+    held: AtomicU8,
+    /// Since when the reader is held back (for `stats()`); `None` while it reads.
+    held_since: Mutex<Option<Instant>>,
+    stalls: AtomicU64,
+    /// Emptied batch buffers going back to the reader.
+    spare_tx: Sender<VecDeque<Event>>,
+    spare_rx: Receiver<VecDeque<Event>>,
+}
+
+impl Inbound {
+    pub(crate) fn new(max_msgs: usize, max_bytes: usize, stall_timeout: Duration) -> Inbound {
+        let (spare_tx, spare_rx) = bounded(SPARE_BUFFERS);
+        Inbound {
+            max_msgs: max_msgs.max(1),
+            max_bytes: max_bytes.max(1),
+            stall_timeout,
+            msgs: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            waiting: AtomicBool::new(false),
+            waker: Mutex::new(None),
+            held: AtomicU8::new(FREE),
+            held_since: Mutex::new(None),
+            stalls: AtomicU64::new(0),
+            spare_tx,
+            spare_rx,
+        }
+    }
+
+    /// The bound is reached: the reader must not read.
+    pub(crate) fn is_full(&self) -> bool {
+        self.msgs.load(Ordering::SeqCst) >= self.max_msgs
+            || self.bytes.load(Ordering::SeqCst) >= self.max_bytes
+    }
+
+    /// Messages and payload bytes waiting for the consumer.
+    pub(crate) fn queued(&self) -> (usize, usize) {
+        (
+            self.msgs.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    fn release(&self, msgs: usize, bytes: usize) {
+        let m = self.msgs.fetch_sub(msgs, Ordering::SeqCst) - msgs;
+        let b = self.bytes.fetch_sub(bytes, Ordering::SeqCst) - bytes;
+        // Wake a waiting reader once half the room is free, not per batch taken.
+        if self.waiting.load(Ordering::SeqCst)
+            && m <= self.max_msgs / 2
+            && b <= self.max_bytes / 2
+            && self.waiting.swap(false, Ordering::SeqCst)
+            && let Some(w) = self.waker.lock().as_ref()
+        {
+            w.wake();
+        }
+    }
+
+    /// A buffer for the reader's next batch.
+    pub(crate) fn buffer(&self, capacity: usize) -> VecDeque<Event> {
+        self.spare_rx
+            .try_recv()
+            .unwrap_or_else(|_| VecDeque::with_capacity(capacity))
+    }
+
+    fn recycle(&self, buf: VecDeque<Event>) {
+        // Batches of one control event are not worth keeping.
+        if buf.capacity() >= 16 {
+            let _ = self.spare_tx.try_send(buf);
+        }
+    }
+
+    /// Set by the reader of a new connection (its `poll` watches this waker).
+    pub(crate) fn attach(&self, waker: Arc<Waker>) {
+        *self.waker.lock() = Some(waker);
+    }
+
+    /// The reader ended.
+    pub(crate) fn detach(&self) {
+        self.waiting.store(false, Ordering::SeqCst);
+        self.set_free();
+        *self.waker.lock() = None;
+    }
+
+    /// The reader is about to wait for room. Returns false when room was made meanwhile
+    /// (then it must not wait). `input` = read input is left unprocessed.
+    pub(crate) fn hold(&self, input: bool) -> bool {
+        self.waiting.store(true, Ordering::SeqCst);
+        if !self.is_full() {
+            self.waiting.store(false, Ordering::SeqCst);
+            return false;
+        }
+        let held = if input { HELD_WITH_INPUT } else { HELD };
+        if self.held.swap(held, Ordering::SeqCst) == FREE {
+            *self.held_since.lock() = Some(Instant::now());
+        }
+        true
+    }
+
+    /// The reader reads again.
+    pub(crate) fn set_free(&self) {
+        if self.held.swap(FREE, Ordering::SeqCst) != FREE {
+            *self.held_since.lock() = None;
+        }
+    }
+
+    /// How long the reader may wait for room before the consumer is reported stalled, from
+    /// now; `None` once reported (or never).
+    pub(crate) fn stall_deadline(&self) -> Option<Instant> {
+        let since = (*self.held_since.lock())?;
+        let due = since + self.stall_timeout;
+        (Instant::now() < due).then_some(due)
+    }
+
+    /// Reports a consumer that let the reader wait longer than the stall timeout.
+    pub(crate) fn report_stall(&self) {
+        self.stalls.fetch_add(1, Ordering::Relaxed);
+        let (m, b) = self.queued();
+        log::warn!(
+            "the event consumer took nothing for {:?}: {m} messages ({b} bytes) wait; \
+             reading from the server is paused until it catches up",
+            self.stall_timeout
+        );
+    }
+
+    /// Whether the reader is held back by the bound, and whether it left read input
+    /// unprocessed: `None` when it reads freely, `Some(input)` when held back.
+    pub(crate) fn held_back(&self) -> Option<bool> {
+        match self.held.load(Ordering::SeqCst) {
+            FREE => None,
+            h => Some(h == HELD_WITH_INPUT),
+        }
+    }
+
+    /// Since when the reader is held back, if it is.
+    pub(crate) fn held_since(&self) -> Option<Instant> {
+        *self.held_since.lock()
+    }
+
+    /// Consumer stalls reported so far.
+    pub(crate) fn stalls(&self) -> u64 {
+        self.stalls.load(Ordering::Relaxed)
+    }
+}
+
+/// The sending side: owned by the client's shared state.
+pub(crate) struct EventTx {
+    tx: Sender<Batch>,
+    inbound: Arc<Inbound>,
+}
+
+impl EventTx {
+    pub(crate) fn new(inbound: Arc<Inbound>) -> (EventTx, Receiver<Batch>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        (EventTx { tx, inbound }, rx)
+    }
+
+    pub(crate) fn inbound(&self) -> &Arc<Inbound> {
+        &self.inbound
+    }
+
+    /// Sends one control event. Unbounded: never blocks, fine under the lock. Fails only
+    /// when every receiver is gone.
+    pub(crate) fn send(&self, ev: Event) -> Result<(), SendError<Event>> {
+        let batch = Batch {
+            events: VecDeque::from([ev]),
+            msgs: 0,
+            bytes: 0,
+            inbound: None,
+        };
+        self.tx
+            .send(batch)
+            .map_err(|SendError(mut b)| SendError(b.events.pop_front().expect("a batch of one")))
+    }
+
+    /// Sends the messages of one drain (`msgs` text/binary messages of `bytes` payload
+    /// bytes among `events`), counted against the bound until the consumer takes them.
+    /// Empties `events` (its buffer may go back to the reader through the consumer).
+    pub(crate) fn send_messages(&self, events: &mut VecDeque<Event>, msgs: usize, bytes: usize) {
+        self.inbound.msgs.fetch_add(msgs, Ordering::SeqCst);
+        self.inbound.bytes.fetch_add(bytes, Ordering::SeqCst);
+        let batch = Batch {
+            events: std::mem::replace(events, self.inbound.buffer(events.capacity())),
+            msgs,
+            bytes,
+            inbound: Some(self.inbound.clone()),
+        };
+        // No receiver left: the batch is dropped, which releases its room.
+        let _ = self.tx.send(batch);
+    }
+}
+
+/// The events of a client, in order. From [`Client::events`](crate::Client::events).
+///
+/// Read them one by one with [`recv`](Events::recv), [`recv_timeout`](Events::recv_timeout),
+/// [`try_recv`](Events::try_recv) or by iterating. Every `Events` of a client shares one
+/// stream: each event goes to one of them. Inbound messages are handed over in batches
+/// (one channel operation per read of the socket, not per message); an `Events` keeps
+/// the rest of a batch it took and hands it out first.
+///
+/// The stream is bounded ([`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)):
+/// while it is full the client stops reading from the server, so read it.
+///
+/// # Waiting on several clients and channels at once
+/// [`receiver`](Events::receiver) is the crossbeam channel underneath: use it in
+/// `crossbeam_channel::select!` and iterate the [`Batch`] you get:
+///
+/// ```
+/// use std::time::Duration;
+/// use crossbeam_channel::{select, tick};
+/// use wsbeat::{Client, Event, Message};
+///
+/// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+/// # let url = format!("ws://{}/feed", listener.local_addr().unwrap());
+/// # std::thread::spawn(move || {
+/// #     let mut ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+/// #     while let Ok(m) = ws.read() {
+/// #         if m.is_text() && ws.send(m).is_err() { break }
+/// #     }
+/// # });
+/// let client = Client::builder(&url)?.connect()?;
+/// client.send_text("hi")?;
+/// let events = client.events();
+/// let ticker = tick(Duration::from_millis(100));
+/// 'outer: loop {
+///     select! {
+///         recv(events.receiver()) -> batch => {
+///             for event in batch.expect("events end only after Closed") {
+///                 if let Event::Message(Message::Text(t)) = event {
+///                     assert_eq!(t.as_str(), "hi");
+///                     break 'outer;
+///                 }
+///             }
+///         }
+///         recv(ticker) -> _ => { /* periodic work */ }
+///     }
+/// }
+/// client.close();
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+/// Events already taken out of a batch by `recv`-style calls on the same `Events` are
+/// not in the channel any more: when you mix both styles, empty
+/// [`try_recv_buffered`](Events::try_recv_buffered) before you `select!`.
+pub struct Events {
+    rx: Receiver<Batch>,
+    inbound: Arc<Inbound>,
+    buf: RefCell<VecDeque<Event>>,
+}
+
+impl fmt::Debug for Events {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Events")
+            .field("buffered", &self.buf.borrow().len())
+            .field("batches", &self.rx.len())
+            .finish()
+    }
+}
+
+impl Clone for Events {
+    /// Another reader of the same stream (with its own, empty, batch buffer).
+    fn clone(&self) -> Self {
+        Events::new(self.rx.clone(), self.inbound.clone())
+    }
+}
+
+impl Events {
+    pub(crate) fn new(rx: Receiver<Batch>, inbound: Arc<Inbound>) -> Events {
+        Events {
+            rx,
+            inbound,
+            buf: RefCell::new(VecDeque::new()),
+        }
+    }
+
+    /// Takes the next event from the buffer, or refills the buffer from `batch`.
+    fn take(&self, batch: Batch) -> Event {
+        let mut events = batch.unpack();
+        let ev = events.pop_front().expect("batches are never empty");
+        let mut buf = self.buf.borrow_mut();
+        // Keep the fuller buffer; the empty one goes back to the reader.
+        let old = std::mem::replace(&mut *buf, events);
+        self.inbound.recycle(old);
+        ev
+    }
+
+    /// An event already taken out of a batch, if any (never waits, never touches the channel).
+    pub fn try_recv_buffered(&self) -> Option<Event> {
+        self.buf.borrow_mut().pop_front()
+    }
+
+    /// Waits for the next event. `Err` once the client is gone and every event was read
+    /// (after [`Event::Closed`]).
+    pub fn recv(&self) -> Result<Event, RecvError> {
+        if let Some(ev) = self.try_recv_buffered() {
+            return Ok(ev);
+        }
+        Ok(self.take(self.rx.recv()?))
+    }
+
+    /// Waits up to `timeout` for the next event.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Event, RecvTimeoutError> {
+        if let Some(ev) = self.try_recv_buffered() {
+            return Ok(ev);
+        }
+        Ok(self.take(self.rx.recv_timeout(timeout)?))
+    }
+
+    /// Waits until `deadline` for the next event.
+    pub fn recv_deadline(&self, deadline: Instant) -> Result<Event, RecvTimeoutError> {
+        if let Some(ev) = self.try_recv_buffered() {
+            return Ok(ev);
+        }
+        Ok(self.take(self.rx.recv_deadline(deadline)?))
+    }
+
+    /// The next event if one is ready.
+    pub fn try_recv(&self) -> Result<Event, TryRecvError> {
+        if let Some(ev) = self.try_recv_buffered() {
+            return Ok(ev);
+        }
+        Ok(self.take(self.rx.try_recv()?))
+    }
+
+    /// Blocking iterator: ends once the client is gone and every event was read.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter { events: self }
+    }
+
+    /// Iterator over the events ready now.
+    pub fn try_iter(&self) -> TryIter<'_> {
+        TryIter { events: self }
+    }
+
+    /// Whether no event is ready now.
+    pub fn is_empty(&self) -> bool {
+        self.buf.borrow().is_empty() && self.rx.is_empty()
+    }
+
+    /// The channel underneath, for `crossbeam_channel::select!`: it yields [`Batch`]es.
+    pub fn receiver(&self) -> &Receiver<Batch> {
+        &self.rx
+    }
+}
+
+/// Blocking iterator over [`Events`].
+#[derive(Debug)]
+pub struct Iter<'a> {
+    events: &'a Events,
+}
+
+impl Iterator for Iter<'_> {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.events.recv().ok()
+    }
+}
+
+/// Non-blocking iterator over [`Events`].
+#[derive(Debug)]
+pub struct TryIter<'a> {
+    events: &'a Events,
+}
+
+impl Iterator for TryIter<'_> {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.events.try_recv().ok()
+    }
+}
+
+/// Owning blocking iterator over [`Events`].
+#[derive(Debug)]
+pub struct IntoIter {
+    events: Events,
+}
+
+impl Iterator for IntoIter {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.events.recv().ok()
+    }
+}
+
+impl IntoIterator for Events {
+    type Item = Event;
+    type IntoIter = IntoIter;
+    fn into_iter(self) -> IntoIter {
+        IntoIter { events: self }
+    }
+}
+
+impl<'a> IntoIterator for &'a Events {
+    type Item = Event;
+    type IntoIter = Iter<'a>;
+    fn into_iter(self) -> Iter<'a> {
+        self.iter()
+    }
+}

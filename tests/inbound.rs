@@ -1,0 +1,246 @@
+//! Inbound hand-off (issue 11): batched events, the bound on what waits for the consumer,
+//! and what a slow consumer must never cause (a false heartbeat kill, loss, reordering).
+
+use std::net::TcpListener;
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, tick};
+use tungstenite::{Bytes, Message};
+use wsbeat::{Client, DisconnectReason, Event, Events, Heartbeat};
+
+/// The tests here measure the client's queue and heartbeat while flooding: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A loopback server that sends `n` binary messages of `size` bytes (the first 8 bytes are
+/// the big-endian sequence number) as fast as TCP lets it, then Text "end", then waits for
+/// the client to close. It never reads while flooding, so it answers no ping meanwhile:
+/// only unread input can prove it alive to the client.
+fn flood_server(n: u64, size: usize) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/flood", listener.local_addr().unwrap());
+    let t = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        let mut payload = vec![0x5au8; size.max(8)];
+        for i in 0..n {
+            payload[..8].copy_from_slice(&i.to_be_bytes());
+            if ws
+                .write(Message::Binary(Bytes::copy_from_slice(&payload)))
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = ws.send(Message::text("end"));
+        // Answer pings and the close handshake until the client goes away.
+        while ws.read().is_ok() {}
+    });
+    (url, t)
+}
+
+/// Reads every event up to Text "end", checking the sequence numbers; panics on a
+/// disconnect. Returns how many binary messages arrived.
+fn read_all_in_order(events: &Events, n: u64) -> u64 {
+    let mut next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let ev = events
+            .recv_deadline(deadline)
+            .unwrap_or_else(|e| panic!("no event after message {next}: {e}"));
+        match ev {
+            Event::Message(Message::Binary(b)) => {
+                let seq = u64::from_be_bytes(b[..8].try_into().unwrap());
+                assert_eq!(seq, next, "message lost or reordered");
+                next += 1;
+            }
+            Event::Message(Message::Text(t)) if t.as_str() == "end" => break,
+            Event::Disconnected { reason, .. } => {
+                panic!("disconnected after {next} of {n} messages: {reason}")
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(next, n, "every message delivered");
+    next
+}
+
+fn wait_connected(events: &Events) {
+    match events.recv_timeout(Duration::from_secs(20)) {
+        Ok(Event::Connected { .. }) => {}
+        other => panic!("expected Connected, got {other:?}"),
+    }
+}
+
+/// The consumer stops reading for 10x `interval + timeout` while the server floods and
+/// answers no ping (it is stuck writing): the client must stop reading (bounded queue),
+/// report the stalled consumer, keep the link, and deliver everything in order after.
+#[test]
+fn stalled_consumer_is_no_heartbeat_timeout_and_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 40_000;
+    let (url, server) = flood_server(n, 1024);
+    let (cap_msgs, budget) = (200usize, 64usize);
+    let client = Client::builder(&url)
+        .unwrap()
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(100),
+            Duration::from_millis(100),
+        ))
+        .event_capacity(cap_msgs, 1 << 30)
+        .read_budget(budget)
+        .consumer_stall_timeout(Duration::from_millis(300))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    // The consumer stalls: 2 s = 10x (interval + timeout). Sleeping *is* the scenario here
+    // (a consumer busy elsewhere), not a synchronisation.
+    let stall_end = Instant::now() + Duration::from_secs(2);
+    let mut peak = 0;
+    while Instant::now() < stall_end {
+        let st = client.stats();
+        peak = peak.max(st.events_queued);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = client.stats();
+    assert_eq!(
+        st.generation, 1,
+        "the stalled consumer got the link killed: {st:?}"
+    );
+    assert_eq!(st.state, wsbeat::State::Open, "{st:?}");
+    assert!(
+        st.consumer_behind_since.is_some(),
+        "the reader is held back while the consumer stalls: {st:?}"
+    );
+    assert!(
+        st.consumer_stalls >= 1,
+        "a consumer stalled past the stall timeout is reported: {st:?}"
+    );
+    assert!(
+        peak <= cap_msgs + budget,
+        "at most one drain past the bound waits: {peak} > {cap_msgs} + {budget}"
+    );
+    assert!(peak >= cap_msgs, "the flood filled the queue ({peak})");
+    // Catch up: everything arrives, in order, on the same connection.
+    read_all_in_order(&events, n);
+    let st = client.stats();
+    assert_eq!(st.generation, 1, "no reconnect: {st:?}");
+    assert!(
+        st.consumer_behind_since.is_none(),
+        "reading resumed: {st:?}"
+    );
+    assert_eq!(st.events_queued, 0);
+    client.close();
+    loop {
+        match events
+            .recv_timeout(Duration::from_secs(20))
+            .expect("Closed")
+        {
+            Event::Disconnected { reason, .. } => {
+                assert_eq!(reason, DisconnectReason::ClosedByUser)
+            }
+            Event::Closed => break,
+            _ => {}
+        }
+    }
+    server.join().unwrap();
+}
+
+/// Bytes bound: 64 KiB messages against a 1 MiB bound; the queue never holds more than the
+/// bound plus one drain (256 KiB read quota + one message).
+#[test]
+fn byte_bound_holds_for_large_messages() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 600;
+    let size = 64 << 10;
+    let (url, server) = flood_server(n, size);
+    let cap_bytes = 1 << 20;
+    let client = Client::builder(&url)
+        .unwrap()
+        .event_capacity(1_000_000, cap_bytes)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    let stall_end = Instant::now() + Duration::from_secs(1);
+    let mut peak = 0;
+    while Instant::now() < stall_end {
+        peak = peak.max(client.stats().events_queued_bytes);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        peak <= cap_bytes + (256 << 10) + size,
+        "queued bytes {peak} past the bound plus one drain"
+    );
+    assert!(peak >= cap_bytes, "the flood filled the queue ({peak})");
+    read_all_in_order(&events, n);
+    client.close();
+    server.join().unwrap();
+}
+
+/// `select!` on `Events::receiver` together with another channel, one batch at a time,
+/// and mixing that with `recv`: every message once, in order.
+#[test]
+fn select_on_the_receiver_sees_every_message_in_order() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 20_000;
+    let (url, server) = flood_server(n, 64);
+    let client = Client::connect(&url).unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    // First a few through recv (leaves the rest of a batch buffered in `events`) ...
+    let mut next = 0u64;
+    let mut check = |ev: Event| -> bool {
+        match ev {
+            Event::Message(Message::Binary(b)) => {
+                let seq = u64::from_be_bytes(b[..8].try_into().unwrap());
+                assert_eq!(seq, next, "message lost or reordered");
+                next += 1;
+                false
+            }
+            Event::Message(Message::Text(_)) => true,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    for _ in 0..10 {
+        let ev = events.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert!(!check(ev));
+    }
+    // ... then select: the buffered rest first, as documented.
+    while let Some(ev) = events.try_recv_buffered() {
+        assert!(!check(ev));
+    }
+    let ticker = tick(Duration::from_millis(50));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut batches = 0;
+    'outer: loop {
+        assert!(Instant::now() < deadline, "flood not received in time");
+        select! {
+            recv(events.receiver()) -> batch => {
+                let batch = batch.expect("client alive");
+                assert!(!batch.is_empty());
+                batches += 1;
+                for ev in batch {
+                    if check(ev) {
+                        break 'outer;
+                    }
+                }
+            }
+            recv(ticker) -> _ => {}
+        }
+    }
+    assert_eq!(next, n);
+    assert!(
+        batches < n / 2,
+        "messages are handed over in batches ({batches} batches for {n} messages)"
+    );
+    assert_eq!(
+        client.stats().events_queued,
+        0,
+        "taken batches give their room back"
+    );
+    client.close();
+    server.join().unwrap();
+}

@@ -24,7 +24,7 @@ use tungstenite::Bytes;
 use tungstenite::protocol::frame::Utf8Bytes;
 
 use crate::link::{Link, Shared, is_would_block, reason_of};
-use crate::sys::{POLLIN, POLLOUT, poll2, raw};
+use crate::sys::{POLLHUP_ERR, POLLIN, POLLOUT, poll2, raw};
 use crate::{DisconnectReason, Event, Message};
 
 /// Most bytes one lock hold reads from the socket (besides at most `read_budget` messages).
@@ -181,7 +181,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         if r == 0 && w == 0 {
                             inbound.report_stall();
                         }
-                        let hang_up = r & (libc::POLLHUP | libc::POLLERR) != 0;
+                        let hang_up = r & POLLHUP_ERR != 0;
                         read = hang_up || !inbound.is_full();
                         if read {
                             inbound.set_free();

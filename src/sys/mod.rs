@@ -15,7 +15,7 @@ mod unix;
 use unix::poll_fds as poll_ms;
 #[cfg(unix)]
 pub(crate) use unix::{
-    POLLIN, POLLOUT, Pipe, PollFd, Raw, connect_in_progress, pollfd, raw, socket_pair,
+    POLLHUP_ERR, POLLIN, POLLOUT, Pipe, PollFd, Raw, connect_in_progress, pollfd, raw, socket_pair,
     unacked_bytes,
 };
 
@@ -25,7 +25,7 @@ mod windows;
 use windows::poll_fds as poll_ms;
 #[cfg(windows)]
 pub(crate) use windows::{
-    POLLIN, POLLOUT, Pipe, PollFd, Raw, connect_in_progress, pollfd, raw, socket_pair,
+    POLLHUP_ERR, POLLIN, POLLOUT, Pipe, PollFd, Raw, connect_in_progress, pollfd, raw, socket_pair,
     unacked_bytes,
 };
 

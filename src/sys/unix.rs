@@ -7,6 +7,8 @@ use std::os::unix::net::UnixStream;
 
 pub(crate) const POLLIN: i16 = libc::POLLIN;
 pub(crate) const POLLOUT: i16 = libc::POLLOUT;
+/// Hang-up or error: reported whatever was asked for.
+pub(crate) const POLLHUP_ERR: i16 = libc::POLLHUP | libc::POLLERR;
 
 /// A socket as `poll` sees it.
 pub(crate) type Raw = RawFd;

@@ -6,13 +6,16 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::windows::io::{AsRawSocket, RawSocket};
 
 use windows_sys::Win32::Networking::WinSock::{
-    POLLRDNORM, POLLWRNORM, SOCKET, SOCKET_ERROR, WSAEINTR, WSAGetLastError, WSAPOLLFD, WSAPoll,
+    POLLERR, POLLHUP, POLLRDNORM, POLLWRNORM, SOCKET, SOCKET_ERROR, WSAEINTR, WSAGetLastError,
+    WSAPOLLFD, WSAPoll,
 };
 
 /// Readable: normal data (Windows' `POLLIN` also asks for band data, which `WSAPoll`
 /// rejects on some versions).
 pub(crate) const POLLIN: i16 = POLLRDNORM;
 pub(crate) const POLLOUT: i16 = POLLWRNORM;
+/// Hang-up or error: reported whatever was asked for.
+pub(crate) const POLLHUP_ERR: i16 = POLLHUP | POLLERR;
 
 /// A socket as `WSAPoll` sees it.
 pub(crate) type Raw = RawSocket;

@@ -69,6 +69,16 @@ else
   (cd "$PEERS" && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# --- localhost on both families ----------------------------------------------------
+# The Happy Eyeballs test (tests/connect_setup.rs) needs `localhost` to resolve to ::1
+# and 127.0.0.1, as Debian's default /etc/hosts has it; some container images map it to
+# 127.0.0.1 only. Added only where ::1 exists on lo and is missing for localhost.
+if grep -q '^00000000000000000000000000000001 ' /proc/net/if_inet6 2>/dev/null \
+  && ! getent ahosts localhost | grep -q '^::1 '; then
+  say "adding '::1 localhost' to /etc/hosts"
+  echo '::1 localhost' >> /etc/hosts
+fi
+
 say "versions: $(nginx -v 2>&1 | tr -d '\n'); $(tinyproxy -v 2>&1 | head -n1); $(openssl version)"
 say "versions: $(danted -v 2>&1 | head -n1 | cut -d' ' -f1-2); microsocks $(dpkg-query -W -f '${Version}' microsocks 2>/dev/null)"
 say "versions: python $("$PY" -c 'import sys, websockets; print(sys.version.split()[0], "websockets", websockets.version.version)'); node $(node --version) ws $(node -p 'require(process.argv[1]).version' "$PEERS/node_modules/ws/package.json")"

@@ -70,6 +70,7 @@ pub trait ReconnectPolicy: Send + 'static {
 /// # let _ = policy;
 /// ```
 #[derive(Clone)]
+#[must_use = "a Backoff does nothing until given to ClientBuilder::reconnect_policy"]
 pub struct Backoff {
     initial: Duration,
     factor: f64,

@@ -486,7 +486,7 @@ impl Client {
     ///
     /// let client = Client::builder(&url)?.reconnect(false).connect()?;
     /// // ... later the connection ended and the client gave up:
-    /// client.close();
+    /// let _ = client.close();
     /// let client = client.restart()?; // same settings, new connection
     /// client.wait_connected(Duration::from_secs(5))?;
     /// # Ok::<(), wsbeat::Error>(())
@@ -506,6 +506,7 @@ impl Client {
     /// callback on the client's own supervisor thread (policy, factory, hook), it cannot
     /// wait for that thread: it returns an empty list at once, and the client ends right
     /// after the callback returns, with the queued messages in `Event::Undelivered`.
+    #[must_use = "close() hands back the messages that were never sent; `let _ = client.close();` drops them"]
     pub fn close(&self) -> Vec<Message> {
         let undelivered = self.inner.shutdown();
         if !self.inner.on_supervisor() {

@@ -40,6 +40,7 @@ pub const MAX_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// # Ok::<(), wsbeat::Error>(())
 /// ```
 #[derive(Clone)]
+#[must_use = "a Request does nothing until given to ClientBuilder::from_request or returned by a request factory"]
 pub struct Request {
     pub(crate) url: Url,
     pub(crate) headers: Vec<(String, String)>,
@@ -129,6 +130,7 @@ pub struct Attempt<'a> {
 
 /// What `send` does when the offline queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum OverflowPolicy {
     /// Return [`Error::QueueFull`] with the message (default).
     Reject,
@@ -336,6 +338,7 @@ impl Config {
 /// client.send_text("hello")?;
 /// # Ok::<(), wsbeat::Error>(())
 /// ```
+#[must_use = "a builder does nothing until connect() or connect_lazy()"]
 pub struct ClientBuilder {
     pub(crate) cfg: Config,
 }

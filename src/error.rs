@@ -9,6 +9,7 @@ use crate::Message;
 
 /// Which step of opening a connection ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConnectStage {
     /// Resolving the host name.
     Dns,
@@ -36,6 +37,7 @@ impl fmt::Display for ConnectStage {
 
 /// What kind of TLS failure happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TlsErrorKind {
     /// The server certificate was rejected: unknown issuer, wrong host name, expired.
     /// Retrying will not help; fix the CA configuration or the URL.

@@ -273,6 +273,7 @@ impl fmt::Display for DisconnectReason {
 
 /// Where the client is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum State {
     /// Opening a connection.
     Connecting,

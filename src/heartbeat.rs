@@ -74,6 +74,7 @@ pub(crate) enum Mode {
 /// # let _ = (hb, app, passive);
 /// ```
 #[derive(Clone)]
+#[must_use = "a Heartbeat does nothing until given to ClientBuilder::heartbeat"]
 pub struct Heartbeat {
     pub(crate) mode: Mode,
     pub(crate) interval: Duration,

@@ -359,7 +359,7 @@ impl EventTx {
 ///         recv(ticker) -> _ => { /* periodic work */ }
 ///     }
 /// }
-/// client.close();
+/// let _ = client.close();
 /// # Ok::<(), wsbeat::Error>(())
 /// ```
 /// Events already taken out of a batch by `recv`-style calls on the same `Events` are

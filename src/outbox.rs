@@ -52,6 +52,7 @@ pub enum Delivery {
 /// How acked delivery reads ids and recognises the server's acks. For
 /// [`Delivery::Acked`].
 #[derive(Clone)]
+#[must_use = "Acks do nothing until given to ClientBuilder::delivery as Delivery::Acked"]
 pub struct Acks {
     pub(crate) id_of: IdReader,
     pub(crate) ack_of: IdReader,

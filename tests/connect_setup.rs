@@ -64,7 +64,7 @@ fn close_during_a_hanging_tcp_dial_returns_at_once() {
         let client = client_dialling(&hung, Duration::from_secs(8));
         let events = client.events();
         let t0 = Instant::now();
-        client.close();
+        let _ = client.close();
         let took = t0.elapsed();
         worst = worst.max(took);
         assert!(
@@ -132,7 +132,7 @@ fn happy_eyeballs_through_localhost_when_the_first_family_hangs() {
         first.ip(),
         t0.elapsed()
     );
-    client.close();
+    let _ = client.close();
 }
 
 fn redirect_to(url: &str, status: u16) -> TestServer {
@@ -185,7 +185,7 @@ fn redirects_are_followed_and_credentials_stay_at_their_origin() {
         hop1.handshakes()[0].header("authorization"),
         Some("Bearer secret")
     );
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -373,7 +373,7 @@ fn local_address_and_keepalive() {
         peer.is_some()
     }));
     assert_eq!(peer.unwrap().ip(), local);
-    client.close();
+    let _ = client.close();
 }
 
 /// `close()` while a SOCKS proxy has taken the greeting and never answers: the proxy
@@ -395,7 +395,7 @@ fn close_while_a_socks_proxy_never_answers_returns_at_once() {
     assert_eq!(greeting, [5, 1, 0], "SOCKS5, one method: no authentication");
     // The client now waits for the proxy's answer.
     let t0 = Instant::now();
-    client.close();
+    let _ = client.close();
     let took = t0.elapsed();
     eprintln!("close() during the SOCKS handshake: {took:?}");
     assert!(took < Duration::from_millis(1000), "close() took {took:?}");
@@ -428,7 +428,7 @@ fn bind_device_is_applied() {
     {
         Ok(client) => {
             assert!(server.wait_upgraded(1, T));
-            client.close();
+            let _ = client.close();
         }
         // SO_BINDTODEVICE needs CAP_NET_RAW on kernels before 5.7.
         Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {

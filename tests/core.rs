@@ -143,7 +143,7 @@ fn echo_round_trip_over_ws() {
     assert_eq!(stats.sent, 3);
     assert_eq!(stats.received, 3);
     assert_eq!(stats.generation, 1);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -166,7 +166,7 @@ fn echo_round_trip_over_wss_with_test_ca() {
     assert_eq!(next_message(&events), Message::text("over tls"));
     assert_eq!(next_message(&events), Message::binary(vec![7u8; 100_000]));
     assert_eq!(server.received_on(0)[0], Message::text("over tls"));
-    client.close();
+    let _ = client.close();
     assert_eq!(server_saw_close(&server).0, 1000);
 }
 
@@ -255,7 +255,7 @@ fn concurrent_senders_lose_and_reorder_nothing() {
     check("client", echoed);
     assert_eq!(client.stats().sent, (SENDERS * EACH) as u64);
     assert_eq!(client.stats().reconnects, 0);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -331,7 +331,7 @@ fn writer_is_not_starved_by_inbound_flood() {
         .collect();
     let expected: Vec<String> = (0..SENDS).map(|s| format!("w:{s}")).collect();
     assert_eq!(at_server, expected);
-    client.close();
+    let _ = client.close();
 }
 
 // ---------------------------------------------------------------- closing
@@ -386,7 +386,7 @@ fn connect_returns_open_and_an_immediate_close_still_does_the_handshake() {
             "round {round}: connect() returned before the connection was open"
         );
         let events = client.events();
-        client.close();
+        let _ = client.close();
         let (code, _) = server_saw_close(&server);
         assert_eq!(code, 1000, "round {round}");
         let life = lifecycle_until_closed(&events);
@@ -662,7 +662,7 @@ fn credentials_never_appear_in_debug_output_errors_or_logs() {
     let hs = server.last_handshake().unwrap();
     assert_eq!(hs.header("authorization"), Some("Bearer-b34rer"));
     assert_eq!(hs.path, "/feed?token=tok3nvalue");
-    client.close();
+    let _ = client.close();
     for ev in lifecycle_until_closed(&events) {
         leaks("Event Debug", &format!("{ev:?}"));
     }
@@ -741,13 +741,13 @@ fn headers_and_subprotocols_reach_the_server_and_the_choice_is_reported() {
     assert_eq!(hs.header("x-trace-id"), Some("trace-42"));
     assert_eq!(hs.header("user-agent"), Some("wsbeat-test"));
     assert_eq!(hs.subprotocols(), vec!["v1.json", "v2.json"]);
-    client.close();
+    let _ = client.close();
 
     // Without an offer, no protocol is reported.
     let client = Client::builder(&server.url()).unwrap().connect().unwrap();
     assert_eq!(wait_connected(&client.events()), None);
     assert!(server.last_handshake().unwrap().subprotocols().is_empty());
-    client.close();
+    let _ = client.close();
 }
 
 // ---------------------------------------------------------------- send paths
@@ -807,7 +807,7 @@ fn try_send_never_blocks_and_hands_the_message_back() {
     }
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert_eq!(client.state(), State::Open);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -815,7 +815,7 @@ fn send_after_close_hands_the_message_back() {
     let server = TestServer::echo();
     let client = Client::builder(&server.url()).unwrap().connect().unwrap();
     let other = client.clone();
-    client.close();
+    let _ = client.close();
 
     match client.send_text("too late") {
         Err(Error::Closed {
@@ -876,7 +876,7 @@ fn oversized_message_is_rejected_and_handed_back() {
     client.send(edge.clone()).unwrap();
     assert_eq!(next_message(&events), edge);
     assert_eq!(server.received_on(0), vec![edge]);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -897,7 +897,7 @@ fn four_mib_binary_message_round_trips() {
         other => panic!("expected the binary echo, got {other:?}"),
     }
     assert_eq!(next_message(&events), Message::text("after"));
-    client.close();
+    let _ = client.close();
 }
 
 // ---------------------------------------------------------------- server-initiated traffic
@@ -953,7 +953,7 @@ fn server_ping_is_answered_with_a_matching_pong() {
     wait_connected(&events);
     let pong = ctl_rx.recv_timeout(T).expect("a pong");
     assert_eq!(pong, tungstenite::Message::Pong("are-you-there".into()));
-    client.close();
+    let _ = client.close();
     assert!(matches!(
         ctl_rx.recv_timeout(T),
         Ok(tungstenite::Message::Close(Some(f))) if u16::from(f.code) == 1000
@@ -988,7 +988,7 @@ fn message_sent_by_the_server_right_after_the_upgrade_is_delivered() {
     wait_connected(&events);
     assert_eq!(next_message(&events), Message::text("welcome"));
     assert_eq!(next_message(&events), Message::binary(vec![1u8, 2, 3]));
-    client.close();
+    let _ = client.close();
     assert!(matches!(
         ctl_rx.recv_timeout(T),
         Ok(tungstenite::Message::Close(_))
@@ -1024,7 +1024,7 @@ fn close_from_inside_the_on_connect_hook_ends_cleanly() {
                 && let Some(c) = hook_slot.get()
             {
                 let _ = c.send_text("queued while closing");
-                c.close();
+                let _ = c.close();
             }
             Ok(())
         })

@@ -79,7 +79,7 @@ fn close_joins_every_internal_thread() {
         wsbeat_threads()
     );
 
-    client.close();
+    let _ = client.close();
     assert_eq!(client.state(), State::Closed);
     assert_no_wsbeat_threads("close()");
     wait_closed(&events);
@@ -177,7 +177,7 @@ fn connect_close_cycles_leave_no_threads_or_descriptors() {
     // Warm up once so lazily opened, process-lifetime descriptors are in the baseline.
     for c in [plain(), tls(), by_name()] {
         echo_once(&c);
-        c.close();
+        let _ = c.close();
     }
     assert!(server.wait_live(0, T) && tls_server.wait_live(0, T));
     let baseline = util::fd_count();
@@ -194,7 +194,7 @@ fn connect_close_cycles_leave_no_threads_or_descriptors() {
             "an open client holds descriptors"
         );
         if round < 3 {
-            c.close();
+            let _ = c.close();
         } else {
             drop(c);
         }

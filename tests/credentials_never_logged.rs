@@ -171,7 +171,7 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
         hs.header("authorization"),
         Some(format!("Basic {}", base64(format!("alice:{USER_PW}").as_bytes())).as_str())
     );
-    client.close();
+    let _ = client.close();
 
     // 3. Failing connects: rejected upgrade, refused port, refused proxy, lazy retries.
     server.set_behavior(Behavior::reject(401));
@@ -219,7 +219,7 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
         retries += matches!(e, Event::Reconnecting { .. }) as u32;
         retries >= 3
     });
-    client.close();
+    let _ = client.close();
 
     // 4. Nothing in the log.
     let lines = log.lines.lock().clone();

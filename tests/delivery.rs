@@ -65,7 +65,7 @@ fn send_all_writes_a_batch_in_order_and_hands_back_failures_by_index() {
         .collect();
     assert_eq!(texts(&server, 0), want);
     // Offline, the batch goes to the queue in order and follows the queue's bounds.
-    client.close();
+    let _ = client.close();
     let closed = client.send_all(["a", "b"]).unwrap_err();
     assert!(matches!(&closed[1].1, Error::Closed { message: Some(m) } if *m == Message::text("b")));
 }
@@ -146,7 +146,7 @@ fn at_most_once_hands_in_flight_messages_back_and_never_resends_them() {
         "nothing resent"
     );
     assert_eq!(client.stats().resent, 0);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -185,7 +185,7 @@ fn at_least_once_resends_in_flight_messages_on_the_next_connection() {
         accepted.len() as u64,
         "every accepted message is resent or counted ({st:?})"
     );
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -298,7 +298,7 @@ fn acked_outbox_resends_after_the_ack_timeout_on_the_same_connection() {
     let st = client.stats();
     assert_eq!((st.outbox, st.resent, st.reconnects), (0, 2, 0), "{st:?}");
     assert_eq!(texts(&server, 0), vec!["id:1", "id:2", "id:1", "id:2"]);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]

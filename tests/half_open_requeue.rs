@@ -203,7 +203,7 @@ fn half_open_case(tls: bool) {
             == Some(total - 1)
     }));
     let st = client.stats();
-    client.close();
+    let _ = client.close();
 
     let received = server.received();
     let got: HashSet<u64> = received.iter().filter_map(|r| seq_of(&r.msg)).collect();

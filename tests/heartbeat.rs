@@ -243,7 +243,7 @@ fn peer_vanishes_without_fin_is_detected() {
     // The dead connection was closed with a close frame, "going away" (held by the proxy
     // until now).
     assert_eq!(wait_close_frame(&server, 0), 1001);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -417,7 +417,7 @@ fn busy_link_with_slow_pong_is_not_killed() {
     assert_eq!(stats.state, State::Open);
     assert_eq!(stats.rtt, None, "no probe was ever answered");
     assert!(sent >= 4, "traffic flowed ({sent} messages)");
-    client.close();
+    let _ = client.close();
 
     // The same link in strict mode: only pongs count, so it dies despite the traffic.
     let client = builder(
@@ -516,7 +516,7 @@ fn pong_stuck_behind_a_slow_large_frame(liveness: Liveness) {
     assert!(util::wait_until(T, || client.stats().rtt.is_some()));
     assert_eq!(client.stats().generation, 1);
     assert_eq!(client.state(), State::Open);
-    client.close();
+    let _ = client.close();
     let pings = server.join().unwrap();
     assert!(pings >= 1, "no probe went out during the slow frame");
 }
@@ -574,7 +574,7 @@ fn app_level_heartbeat_against_text_ping_server() {
         Event::Message(Message::Text(t)) => assert_eq!(t.as_str(), "data"),
         other => panic!("{other:?}"),
     }
-    client.close();
+    let _ = client.close();
 }
 
 /// How a link under a liveness rule ends up in [`liveness_rules_side_by_side`].
@@ -611,7 +611,7 @@ fn judge(server: &TestServer, hb: Heartbeat, verdict: Verdict, what: &str) {
             let evs = drain(&events);
             assert!(!evs.iter().any(is_disconnect), "{what}: killed: {evs:?}");
             assert_eq!(client.stats().generation, 1, "{what}");
-            client.close();
+            let _ = client.close();
         }
     }
 }
@@ -691,7 +691,7 @@ fn app_level_replies_are_delivered_when_asked() {
         other => panic!("{other:?}"),
     }
     assert!(util::wait_until(T, || client.stats().rtt.is_some()));
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -780,7 +780,7 @@ fn passive_mode_counts_any_traffic_even_when_strict() {
     let evs = drain(&events);
     assert!(!evs.iter().any(is_disconnect), "{evs:?}");
     assert_eq!(client.stats().generation, 1);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -810,7 +810,7 @@ fn heartbeat_off_sends_no_pings() {
     let stats = client.stats();
     assert_eq!(stats.rtt, None);
     assert_eq!(stats.generation, 1);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -849,7 +849,7 @@ fn heartbeat_continues_while_user_is_not_reading_events() {
         .collect();
     let expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
     assert_eq!(texts, expected);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -896,7 +896,7 @@ fn fresh_connection_is_not_killed_by_stale_deadline() {
         pings,
         vec![Message::Ping(1u64.to_be_bytes().to_vec().into())]
     );
-    client.close();
+    let _ = client.close();
 }
 
 /// A server that stops reading (small receive buffer) and a client that keeps sending.
@@ -1007,7 +1007,7 @@ fn slow_but_steady_reader_is_not_a_write_stall() {
         "a slow but live reader was declared dead after {took:?}: {seen:?}"
     );
     assert_eq!(client.stats().generation, 1);
-    client.close();
+    let _ = client.close();
     let read = server.join().unwrap();
     assert!(
         read >= senders * per_sender * size,
@@ -1073,7 +1073,7 @@ fn stats_expose_rtt_and_last_inbound() {
     assert!(li <= Instant::now());
     // ...and pongs on an otherwise idle link.
     assert!(util::wait_until(T, || client.stats().last_inbound.unwrap() > li));
-    client.close();
+    let _ = client.close();
     let stats = client.stats();
     assert_eq!(stats.state, State::Closed);
     assert_eq!(stats.rtt, None, "no connection, no RTT");
@@ -1138,5 +1138,5 @@ fn timer_thread_does_not_busy_loop() {
     // times per interval.
     assert!(wakeups <= 200, "timer thread woke {wakeups} times in 2 s");
     eprintln!("timer thread: {cpu} ticks, {wakeups} wake-ups, {pings} probes in 2 s");
-    client.close();
+    let _ = client.close();
 }

@@ -132,7 +132,7 @@ fn stalled_consumer_is_no_heartbeat_timeout_and_loses_nothing() {
         "reading resumed: {st:?}"
     );
     assert_eq!(st.events_queued, 0);
-    client.close();
+    let _ = client.close();
     loop {
         match events
             .recv_timeout(Duration::from_secs(20))
@@ -176,7 +176,7 @@ fn byte_bound_holds_for_large_messages() {
     );
     assert!(peak >= cap_bytes, "the flood filled the queue ({peak})");
     read_all_in_order(&events, n);
-    client.close();
+    let _ = client.close();
     server.join().unwrap();
 }
 
@@ -241,6 +241,6 @@ fn select_on_the_receiver_sees_every_message_in_order() {
         0,
         "taken batches give their room back"
     );
-    client.close();
+    let _ = client.close();
     server.join().unwrap();
 }

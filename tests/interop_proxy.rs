@@ -47,7 +47,7 @@ fn ws_through_tinyproxy() {
         "{}",
         proxy.log()
     );
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -64,7 +64,7 @@ fn proxy_basic_auth() {
         .unwrap_or_else(|e| panic!("connect with proxy auth: {e}\n{}", proxy.diagnostics()));
     client.send_text("authenticated").unwrap();
     assert_eq!(next_text(&client.events(), "echo"), "authenticated");
-    client.close();
+    let _ = client.close();
 
     // No credentials: 407 Proxy Authentication Required, which is fatal.
     let no_creds = format!("http://127.0.0.1:{}", proxy.port);
@@ -146,5 +146,5 @@ fn wss_through_tinyproxy_to_nginx() {
         "{}",
         proxy.log()
     );
-    client.close();
+    let _ = client.close();
 }

@@ -41,7 +41,7 @@ fn ws_through_dante_socks5_and_socks5h() {
             poll_until(|| client.stats().rtt.is_some()),
             "no heartbeat reply through the proxy"
         );
-        client.close();
+        let _ = client.close();
     }
     // Dante logged both tunnels (it logs the address it connected to, also for the
     // name; the bytes socks5h sends are checked in src/socks.rs's unit tests).
@@ -77,7 +77,7 @@ fn wss_through_dante_to_nginx() {
         next_text(&client.events(), "proto"),
         "header X-Forwarded-Proto=https"
     );
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -130,7 +130,7 @@ fn microsocks_user_password_ok_bad_and_missing() {
     .connect()
     .unwrap_or_else(|e| panic!("microsocks with auth: {e}\n{}", proxy.diagnostics()));
     echo_once(&client, "authenticated");
-    client.close();
+    let _ = client.close();
 
     // Missing: the proxy accepts no method we offer.
     match via(&server.url(), &proxy.url("socks5")).connect() {
@@ -186,7 +186,7 @@ fn socks4_through_dante() {
         .connect()
         .unwrap_or_else(|e| panic!("socks4 via Dante: {e}\n{}", proxy.diagnostics()));
     echo_once(&client, "through socks4");
-    client.close();
+    let _ = client.close();
     // Dante 1.4 does not do SOCKS4a (names): it answers 91, a typed error whose message
     // points to the alternatives.
     match via(&url, &proxy.url("socks4a")).connect() {

@@ -131,7 +131,7 @@ fn wss_through_nginx_with_custom_root_ca() {
         "no heartbeat reply through nginx"
     );
     assert_eq!(client.stats().generation, 1);
-    client.close();
+    let _ = client.close();
 
     // The IP address SAN works too.
     let url = format!("wss://127.0.0.1:{}/", nginx.port(Site::Good));
@@ -144,7 +144,7 @@ fn wss_through_nginx_with_custom_root_ca() {
         .unwrap();
     client.send_text("by IP").unwrap();
     assert_eq!(next_text(&client.events(), "echo by IP"), "by IP");
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -207,7 +207,7 @@ fn mutual_tls_with_client_identity() {
         "header X-Client-Dn=CN=wsbeat interop client",
         "nginx did not see our client certificate"
     );
-    client.close();
+    let _ = client.close();
 }
 
 #[test]

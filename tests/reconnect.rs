@@ -258,7 +258,7 @@ fn server_restart_on_the_same_port_is_survived() {
     let stats = client.stats();
     assert_eq!((stats.generation, stats.reconnects), (2, 1));
     assert_eq!(server.upgraded(), 2);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -309,7 +309,7 @@ fn blackholed_link_is_detected_by_heartbeat_and_recovers_after_resume() {
     ev.until("Connected 2", connected(2));
     client.send_text("after").unwrap();
     ev.until("echo of after", text_message("after"));
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -345,7 +345,7 @@ fn server_that_accepts_then_kicks_cannot_cause_a_reconnect_storm() {
         .count();
     assert!(opened >= 7, "only {opened} connections opened");
     assert_eq!(policy.ceiling(8), Duration::from_millis(320));
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -376,7 +376,7 @@ fn a_connection_that_outlives_min_uptime_resets_the_backoff() {
         matches!(e, Event::Reconnecting { attempt: 1, .. }),
         "a stable connection must reset the failure count: {e:?}"
     );
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -404,7 +404,7 @@ fn a_stable_connection_resets_the_backoff_even_when_replaced_on_request() {
     server.disconnect_all();
     let e = ev.until("Reconnecting", |e| matches!(e, Event::Reconnecting { .. }));
     assert!(matches!(e, Event::Reconnecting { attempt: 1, .. }), "{e:?}");
-    client.close();
+    let _ = client.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -616,7 +616,7 @@ fn http_503_with_retry_after_is_retried_after_that_delay() {
         rejected + 1,
         "no attempt while waiting"
     );
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -730,7 +730,7 @@ fn fatal_errors_are_retried_when_the_policy_says_so() {
     server.set_behavior(Behavior::Echo);
     client.wait_connected(T).unwrap();
     assert!(server.handshakes().len() >= 3);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -806,7 +806,7 @@ fn close_codes_1012_and_1013_reach_the_policy_and_wait_as_configured() {
     assert!(seen.delay.unwrap() >= try_later);
     assert_eq!(seen.attempt, 1, "min_uptime 0: every connection was stable");
     drop(log);
-    client.close();
+    let _ = client.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -970,7 +970,7 @@ fn concurrent_reconnect_now_calls_collapse_into_one_new_connection() {
         vec![DisconnectReason::ReconnectRequested; rounds as usize]
     );
     drop(release_tx);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -1018,7 +1018,7 @@ fn concurrent_reconnect_now_during_backoff_makes_one_attempt() {
     assert!(entered_rx.try_recv().is_err(), "an extra attempt started");
     assert_eq!(client.state(), State::Backoff);
     drop(release_tx);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -1046,7 +1046,7 @@ fn reconnect_now_from_the_event_loop_skips_a_long_backoff() {
     }
     let took = skipped_at.expect("Reconnecting seen").elapsed();
     assert!(took < T, "the 30 s wait was not skipped: {took:?}");
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -1070,7 +1070,7 @@ fn reconnect_now_drops_an_open_connection_even_without_auto_reconnect() {
     ev.until("Connected 2", connected(2));
     client.send_text("still here").unwrap();
     ev.until("echo", text_message("still here"));
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -1106,7 +1106,7 @@ fn events_of_an_old_connection_never_follow_the_new_connected() {
             "an event of connection 1 after Connected 2: {e:?}"
         );
     }
-    client.close();
+    let _ = client.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1163,7 +1163,7 @@ fn request_factory_builds_fresh_headers_for_every_attempt() {
         );
     }
     drop(seen);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -1203,7 +1203,7 @@ fn request_factory_fails_over_when_the_first_url_refuses() {
     drop(seen);
     client.send_text("via backup").unwrap();
     ev.until("echo", text_message("via backup"));
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -1247,7 +1247,7 @@ fn on_connect_runs_before_queued_messages_are_flushed() {
     let mut expected = vec!["hello-2".to_string()];
     expected.extend(queued);
     assert_eq!(second, expected);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -1306,7 +1306,7 @@ fn failing_on_connect_fails_the_attempt_and_is_retried() {
                 .to_vec(),
         ]
     );
-    client.close();
+    let _ = client.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1380,7 +1380,7 @@ fn messages_sent_during_an_outage_arrive_in_order_after_recovery() {
     assert_eq!(got, expected);
     assert!(received.iter().all(|r| r.conn == received[0].conn));
     assert_eq!(client.stats().queued, 0);
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -1433,7 +1433,7 @@ fn overflow_block_waits_for_room_and_times_out_handing_the_message_back() {
     assert!(server.wait_received(3, T));
     let got: Vec<String> = server.received().iter().map(|r| text_of(&r.msg)).collect();
     assert_eq!(got, ["a", "b", "c"]);
-    long.close();
+    let _ = long.close();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ fn two_thousand_reconnect_now_cycles_leak_no_thread_or_fd() {
     assert_eq!(server.upgraded() as u64, 1 + cycles);
     assert_no_leak(&before, &server, &client, cycles);
 
-    client.close();
+    let _ = client.close();
     assert_eq!(util::threads_named("wsbeat-"), 0);
 }
 
@@ -158,6 +158,6 @@ fn a_thousand_server_kicks_with_zero_backoff_leak_no_thread_or_fd() {
     }
     assert_no_leak(&before, &server, &client, reached - first);
 
-    client.close();
+    let _ = client.close();
     assert_eq!(util::threads_named("wsbeat-"), 0);
 }

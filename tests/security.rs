@@ -99,7 +99,7 @@ fn tls_verification_is_on_by_default() {
         .connect()
         .expect("trusted CA connects");
     echo(&client, "verified");
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -125,7 +125,7 @@ fn only_danger_accept_invalid_certs_lets_an_untrusted_certificate_through() {
         .connect()
         .expect("danger_accept_invalid_certs(true) connects");
     echo(&client, "insecure but asked for");
-    client.close();
+    let _ = client.close();
 
     // The hostname opt-out accepts a trusted certificate for another name, and only that.
     let wrong_host = tls_server(ServerCert::WrongHost);
@@ -134,7 +134,7 @@ fn only_danger_accept_invalid_certs_lets_an_untrusted_certificate_through() {
         .connect()
         .expect("danger_accept_invalid_hostnames(true) connects");
     echo(&client, "wrong name accepted on request");
-    client.close();
+    let _ = client.close();
 }
 
 #[test]
@@ -168,7 +168,7 @@ fn a_certificate_error_is_fatal_for_the_default_policy() {
         }
     }
     assert!(server.accepted() <= 1, "retried a fatal certificate error");
-    client.close();
+    let _ = client.close();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -264,7 +264,7 @@ fn reconnects_of_a_wss_client_never_fall_back_to_plaintext() {
             _ => {}
         }
     }
-    client.close();
+    let _ = client.close();
     let seen = raw.seen.lock().clone();
     assert!(seen.len() >= 3, "attempts seen: {}", seen.len());
     for first in &seen {
@@ -311,7 +311,7 @@ fn message_over_16_mib_from_the_server_is_rejected_by_default() {
         }
     };
     assert_eq!(got.len(), 16 * MIB);
-    client.close();
+    let _ = client.close();
     drop(server);
 
     let server = TestServer::start(Behavior::Flood {
@@ -351,7 +351,7 @@ fn sending_a_message_over_the_limit_hands_it_back_unsent() {
     assert_eq!(err.into_message(), Some(Message::binary(big)));
     echo(&client, "after the refused one");
     assert_eq!(server.received_count(), 1, "the big message went out");
-    client.close();
+    let _ = client.close();
 }
 
 /// A port nothing listens on (bound, then released).

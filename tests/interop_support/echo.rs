@@ -295,7 +295,7 @@ pub fn case_echo(kind: Kind) {
         "header X-Wsbeat-Test=interop 1"
     );
     assert_eq!(client.stats().generation, 1);
-    client.close();
+    let _ = client.close();
     server.expect_line("peer-closed 1000");
 }
 
@@ -342,7 +342,7 @@ pub fn case_heartbeat_ping_pong(kind: Kind) {
         .expect("an answered probe sets stats().rtt");
     assert!(rtt < DEADLINE, "rtt {rtt:?}");
     assert_eq!(client.stats().generation, 1);
-    client.close();
+    let _ = client.close();
 }
 
 /// Pings sent by the server get pongs from the client (the server waits for each).
@@ -366,7 +366,7 @@ pub fn case_server_pings(kind: Kind) {
         }
     }
     assert_eq!(pings, 3, "pings surfaced to the user");
-    client.close();
+    let _ = client.close();
 }
 
 /// The server closes with a custom code and reason: the client reports exactly them,
@@ -405,7 +405,7 @@ pub fn case_server_close(kind: Kind) {
     });
     client.send_text("after reconnect").unwrap();
     assert_eq!(next_text(&events, "echo on gen 2"), "after reconnect");
-    client.close();
+    let _ = client.close();
 }
 
 /// Same, without reconnection: the client ends with `GaveUp` (caused by `ConnectionLost`),
@@ -489,7 +489,7 @@ pub fn case_large_fragmented(kind: Kind) {
         }
     }
     assert_eq!(client.stats().generation, 1, "no reconnect on the way");
-    client.close();
+    let _ = client.close();
 }
 
 /// The server stops reading its socket and sends nothing: its kernel still ACKs TCP,
@@ -548,5 +548,5 @@ fn expect_heartbeat_death_then_reconnect(client: &Client, events: &wsbeat::Event
     );
     drop(got);
     assert_eq!(client.stats().generation, 2);
-    client.close();
+    let _ = client.close();
 }

@@ -438,13 +438,8 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
                         // Traffic arriving from now on makes the next probe due at the
                         // earliest `interval` from now: look again then, so a reply does
                         // not leave the link unprobed until this deadline (interval < timeout).
-                        // (A zero interval probes back to back: no early look then.)
-                        let look = if hb.interval.is_zero() {
-                            due
-                        } else {
-                            due.min(deadline(now, hb.interval))
-                        };
-                        return Some(Step::SleepUntil(look));
+                        // (A zero interval is rejected by `Heartbeat::validate`.)
+                        return Some(Step::SleepUntil(due.min(deadline(now, hb.interval))));
                     }
                     st.missed += 1;
                     if st.missed >= hb.max_missed {

@@ -329,7 +329,10 @@ fn epoch(index: u64, secs: u64, rng: &mut Rng, replay: &str) {
     eprintln!("epoch {index}: {secs} s of chaos");
     let fds_before = util::fd_count();
     let threads_before = util::thread_count();
-    assert_eq!(util::threads_named("wsbeat-"), 0);
+    assert!(
+        util::wait_until(T, || util::threads_named("wsbeat-") == 0),
+        "wsbeat threads from an earlier epoch"
+    );
 
     let server = TestServer::echo();
     let proxy = FaultProxy::start(server.addr());

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, unbounded};
 use parking_lot::Mutex;
 
-use crate::config::{ClientBuilder, Config};
+use crate::config::Config;
 use crate::dial::Cancel;
 use crate::event::EventSink;
 use crate::inbound::{Batch, EventTx, Events, Inbound};
@@ -150,10 +150,10 @@ pub struct Stats {
     /// Payload bytes of those messages.
     pub events_queued_bytes: usize,
     /// Since when the reader is held back because the consumer left the event channel
-    /// full (see [`ClientBuilder::event_capacity`]); `None` while it reads freely.
+    /// full (see [`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)); `None` while it reads freely.
     pub consumer_behind_since: Option<Instant>,
     /// Times the consumer left the event channel full for longer than
-    /// [`ClientBuilder::consumer_stall_timeout`] (each also logged as a warning).
+    /// [`ClientBuilder::consumer_stall_timeout`](crate::ClientBuilder::consumer_stall_timeout) (each also logged as a warning).
     pub consumer_stalls: u64,
     /// Acked delivery: messages waiting for their ack (0 otherwise).
     pub outbox: usize,
@@ -181,16 +181,6 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// Starts configuring a client for a `ws://` or `wss://` URL.
-    pub fn builder(url: &str) -> Result<ClientBuilder> {
-        ClientBuilder::new(url)
-    }
-
-    /// Connects with default settings.
-    pub fn connect(url: &str) -> Result<Client> {
-        Self::builder(url)?.connect()
-    }
-
     /// Starts the client's threads; `eager` connects first, on the caller's thread.
     /// `carried` are messages already accepted (by a client this one restarts): they go
     /// first in the offline queue.
@@ -376,7 +366,7 @@ impl Client {
     /// `crossbeam_channel::select!`. Every `Events` of a client shares one stream: each
     /// event goes to one of them.
     ///
-    /// Inbound messages are bounded ([`ClientBuilder::event_capacity`]): while the
+    /// Inbound messages are bounded ([`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)): while the
     /// consumer leaves that many waiting, the client stops reading from the server
     /// (TCP pushes back; nothing is dropped) until the consumer catches up. Control
     /// events (`Connected`, `Disconnected`, ..., `Closed`) are never held back.

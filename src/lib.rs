@@ -57,6 +57,7 @@
 #![warn(missing_docs)]
 
 mod backoff;
+mod builder;
 mod client;
 mod config;
 mod connect;
@@ -78,9 +79,10 @@ mod tls;
 mod tls_config;
 
 pub use backoff::{Backoff, Failure, ReconnectPolicy};
+pub use builder::ClientBuilder;
 pub use client::{Client, Stats, WeakClient};
 pub use config::{
-    Attempt, ClientBuilder, DEFAULT_ATTEMPT_DELAY, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    Attempt, DEFAULT_ATTEMPT_DELAY, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_MAX_REDIRECTS, DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT, OverflowPolicy,
     Request, TcpKeepalive,
 };

@@ -1,0 +1,463 @@
+//! The user's way in: [`ClientBuilder`] collects the settings ([`Config`]) and starts a
+//! [`Client`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::backoff::{Backoff, ReconnectPolicy};
+use crate::client::Client;
+use crate::config::{
+    Attempt, Config, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
+    DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT, OverflowPolicy, PROXY_SCHEMES, ProxySetting,
+    Request, SocketOptions, TcpKeepalive,
+};
+use crate::heartbeat::Heartbeat;
+use crate::outbox::Delivery;
+use crate::reconnect::Session;
+#[cfg(any(feature = "native-tls", feature = "rustls"))]
+use crate::tls_config::Connector;
+use crate::tls_config::{Identity, TlsSettings};
+use crate::{Error, Result};
+
+impl Client {
+    /// Starts configuring a client for a `ws://` or `wss://` URL.
+    pub fn builder(url: &str) -> Result<ClientBuilder> {
+        ClientBuilder::new(url)
+    }
+
+    /// Connects with default settings.
+    pub fn connect(url: &str) -> Result<Client> {
+        Self::builder(url)?.connect()
+    }
+}
+
+/// Builds a [`Client`]. Start with [`Client::builder`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use wsbeat::{Client, Heartbeat};
+///
+/// let client = Client::builder("wss://example.com/feed")?
+///     .connect_timeout(Duration::from_secs(5))
+///     .header("Authorization", "Bearer t0ken")
+///     .subprotocol("v1.json")
+///     .heartbeat(Heartbeat::ping(Duration::from_secs(15), Duration::from_secs(10)))
+///     .connect()?;
+/// client.send_text("hello")?;
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+#[must_use = "a builder does nothing until connect() or connect_lazy()"]
+pub struct ClientBuilder {
+    pub(crate) cfg: Config,
+}
+
+impl fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("request", &self.cfg.request)
+            .field("connect_timeout", &self.cfg.connect_timeout)
+            .field("heartbeat", &self.cfg.heartbeat)
+            .field("reconnect", &self.cfg.reconnect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    pub(crate) fn new(url: &str) -> Result<ClientBuilder> {
+        Ok(Self::from_request(Request::new(url)?))
+    }
+
+    /// Starts from a prepared [`Request`].
+    pub fn from_request(request: Request) -> ClientBuilder {
+        ClientBuilder {
+            cfg: Config {
+                request,
+                factory: None,
+                on_connect: None,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                write_timeout: DEFAULT_WRITE_TIMEOUT,
+                close_timeout: DEFAULT_CLOSE_TIMEOUT,
+                limits: Limits::default(),
+                tls: TlsSettings::default(),
+                proxy: ProxySetting::Env,
+                socket: SocketOptions::default(),
+                max_redirects: DEFAULT_MAX_REDIRECTS,
+                heartbeat: Heartbeat::default(),
+                reconnect: true,
+                policy: Arc::new(parking_lot::Mutex::new(Box::new(Backoff::default()))),
+                overflow: OverflowPolicy::Reject,
+                surface_pings: false,
+                read_budget: 64,
+                stack_size: 256 << 10,
+                read_buffer_size: 64 << 10,
+                event_capacity: (
+                    crate::inbound::DEFAULT_EVENT_CAPACITY_MESSAGES,
+                    crate::inbound::DEFAULT_EVENT_CAPACITY_BYTES,
+                ),
+                consumer_stall_timeout: crate::inbound::DEFAULT_CONSUMER_STALL_TIMEOUT,
+                delivery: Delivery::AtLeastOnce,
+                offline_queue: true,
+            },
+        }
+    }
+
+    /// Adds a header to every upgrade request (e.g. `Authorization`). Never logged.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.cfg.request = self.cfg.request.header(name, value);
+        self
+    }
+
+    /// Asks for a subprotocol.
+    pub fn subprotocol(mut self, protocol: impl Into<String>) -> Self {
+        self.cfg.request = self.cfg.request.subprotocol(protocol);
+        self
+    }
+
+    /// Deadline for one whole connect: DNS, TCP (every address), proxy, TLS and upgrade.
+    /// Default 10 s. `Duration::MAX`: no limit (`close()` still aborts a connect in
+    /// progress); zero is rejected by `connect()`.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.connect_timeout = timeout;
+        self
+    }
+
+    /// A send that cannot hand its bytes to the OS for this long declares the
+    /// connection stalled (the peer stopped reading). Default 10 s. `Duration::MAX`:
+    /// never declare a stall; zero is rejected by `connect()`.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.write_timeout = timeout;
+        self
+    }
+
+    /// Bounded wait for the peer's close reply in `close()`. Default 2 s. Zero: send the
+    /// close frame and do not wait for the reply. At most [`MAX_CLOSE_TIMEOUT`] (one
+    /// minute; longer values, `Duration::MAX` included, are capped): `close()` must end
+    /// even when the peer vanished.
+    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.close_timeout = timeout.min(MAX_CLOSE_TIMEOUT);
+        self
+    }
+
+    /// Size limits (message, frame, write buffer, offline queue).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.cfg.limits = limits;
+        self
+    }
+
+    /// Heartbeat settings; default [`Heartbeat::default`] (ping after 15 s idle, 10 s timeout).
+    pub fn heartbeat(mut self, heartbeat: Heartbeat) -> Self {
+        self.cfg.heartbeat = heartbeat;
+        self
+    }
+
+    /// Turns automatic reconnection on (default) or off. When off, the client
+    /// closes when its connection ends.
+    pub fn reconnect(mut self, enabled: bool) -> Self {
+        self.cfg.reconnect = enabled;
+        self
+    }
+
+    /// Replaces the reconnect policy (default: [`Backoff::default`]). Not consulted when
+    /// automatic reconnection is off.
+    ///
+    /// The policy runs on the client's supervisor thread. A panic in it closes the client
+    /// (`GaveUp` with [`Error::Panicked`], then `Undelivered`, `Closed`). To reach the
+    /// client from the policy, capture a [`WeakClient`](crate::WeakClient), never a
+    /// `Client`: the client owns its policy, so a captured `Client` would keep it alive
+    /// forever.
+    pub fn reconnect_policy(mut self, policy: impl ReconnectPolicy) -> Self {
+        self.cfg.policy = Arc::new(parking_lot::Mutex::new(Box::new(policy)));
+        self
+    }
+
+    /// Builds the request for every attempt (fresh tokens, failover between URLs).
+    /// Replaces the URL, headers and subprotocols given to the builder.
+    ///
+    /// It runs on the supervisor thread (on the caller's thread for the first attempt of
+    /// [`connect`](Self::connect)). An error fails the attempt; a panic fails it with
+    /// [`Error::Panicked`], which is fatal. Capture a [`WeakClient`](crate::WeakClient)
+    /// if it needs the client, never a `Client` (see [`reconnect_policy`](Self::reconnect_policy)).
+    /// Return promptly (fetch a token with a timeout): wsbeat cannot interrupt your code,
+    /// so `close()` waits for a factory call in progress.
+    pub fn request_factory(
+        mut self,
+        factory: impl Fn(&Attempt<'_>) -> Result<Request> + Send + Sync + 'static,
+    ) -> Self {
+        self.cfg.factory = Some(Arc::new(factory));
+        self
+    }
+
+    /// Runs on every (re)connection before queued messages are flushed and before
+    /// `Connected` is emitted: authenticate, resubscribe. An error fails the attempt; a
+    /// panic fails it with [`Error::Panicked`], which is fatal. It runs where the request
+    /// factory runs; capture a [`WeakClient`](crate::WeakClient) if it needs the client,
+    /// never a `Client` (see [`reconnect_policy`](Self::reconnect_policy)).
+    pub fn on_connect(
+        mut self,
+        hook: impl Fn(&mut Session<'_>) -> Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.cfg.on_connect = Some(Arc::new(hook));
+        self
+    }
+
+    /// What `send` does when the offline queue is full. Default [`OverflowPolicy::Reject`].
+    pub fn overflow(mut self, policy: OverflowPolicy) -> Self {
+        self.cfg.overflow = policy;
+        self
+    }
+
+    /// What is promised about accepted messages when a connection dies: at least once
+    /// (default), at most once, or end-to-end acked. See [`Delivery`].
+    pub fn delivery(mut self, delivery: Delivery) -> Self {
+        self.cfg.delivery = delivery;
+        self
+    }
+
+    /// With `false`, a send while no connection is open fails at once with
+    /// [`Error::Offline`] (the message handed back) instead of waiting in the offline
+    /// queue. Default `true`. Messages already accepted (in flight on a connection that
+    /// died, under at-least-once or acked delivery) are still sent on the next one.
+    pub fn offline_queue(mut self, enabled: bool) -> Self {
+        self.cfg.offline_queue = enabled;
+        self
+    }
+
+    /// Also deliver incoming pings and pongs as [`Event::Message`](crate::Event::Message).
+    pub fn surface_pings(mut self, yes: bool) -> Self {
+        self.cfg.surface_pings = yes;
+        self
+    }
+
+    /// Messages the reader handles per lock hold before letting writers in (default 64).
+    pub fn read_budget(mut self, messages: usize) -> Self {
+        self.cfg.read_budget = messages.max(1);
+        self
+    }
+
+    /// Stack size of the internal threads (default 256 KiB; only touched pages use memory).
+    pub fn thread_stack_size(mut self, bytes: usize) -> Self {
+        self.cfg.stack_size = bytes.max(32 << 10);
+        self
+    }
+
+    /// tungstenite read buffer size per connection, and the most one socket read takes
+    /// (default 64 KiB). tungstenite zero-fills it on the first read, so all of it is
+    /// resident: 64 KiB keeps an idle client below tokio-tungstenite's memory (which
+    /// uses 128 KiB) and cost no measurable throughput with 64 KiB messages.
+    pub fn read_buffer_size(mut self, bytes: usize) -> Self {
+        self.cfg.read_buffer_size = bytes.max(4096);
+        self
+    }
+
+    /// Bounds the inbound messages waiting for the consumer in
+    /// [`Client::events`](crate::Client::events): at most `messages` text/binary messages
+    /// and `bytes` payload bytes (defaults 10 000 and 32 MiB; 0 counts as 1). When either
+    /// is reached the client stops reading from the server until the consumer has taken
+    /// half of them out: TCP pushes back on the server, nothing is dropped. The bound can
+    /// be passed by one read of the socket (at most [`read_budget`](Self::read_budget)
+    /// messages and 256 KiB, or one message up to `Limits::max_message_size`).
+    ///
+    /// A slow consumer never makes the heartbeat kill a live peer: while reading is held
+    /// back, unread input (in the socket or already read into the client) proves the peer
+    /// alive, and the peer's silence is judged again once reading resumes.
+    ///
+    /// ```
+    /// # fn main() -> wsbeat::Result<()> {
+    /// let builder = wsbeat::Client::builder("ws://127.0.0.1:9/feed")?
+    ///     .event_capacity(1_000, 8 << 20); // 1000 messages or 8 MiB
+    /// # let _ = builder; Ok(()) }
+    /// ```
+    pub fn event_capacity(mut self, messages: usize, bytes: usize) -> Self {
+        self.cfg.event_capacity = (messages.max(1), bytes.max(1));
+        self
+    }
+
+    /// A consumer that leaves the event channel full for this long is reported: a
+    /// warning in the log and [`Stats::consumer_stalls`](crate::Stats::consumer_stalls)
+    /// (while it is behind, [`Stats::consumer_behind_since`](crate::Stats::consumer_behind_since)
+    /// is set). Default 10 s. Nothing is dropped; reading resumes when it catches up.
+    pub fn consumer_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.cfg.consumer_stall_timeout = timeout;
+        self
+    }
+
+    /// Trusts these extra root certificates (PEM, one or more, or DER) besides the
+    /// platform's roots. Checked now: a file the TLS backend cannot read is an
+    /// [`Error::Tls`] here, not at the first connect.
+    ///
+    /// ```no_run
+    /// let ca = std::fs::read("ca.pem")?;
+    /// let client = wsbeat::Client::builder("wss://localhost:8443/")?
+    ///     .add_root_certificate(&ca)?
+    ///     .connect()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn add_root_certificate(mut self, cert: &[u8]) -> Result<Self> {
+        self.cfg.tls.add_root(cert)?;
+        Ok(self)
+    }
+
+    /// Presents a client certificate (mutual TLS); see [`Identity`].
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.cfg.tls.identity = Some(identity);
+        self
+    }
+
+    /// Uses your own native-tls connector (overrides roots, identity and the `danger_`
+    /// options).
+    #[cfg(feature = "native-tls")]
+    pub fn tls_connector(mut self, connector: native_tls::TlsConnector) -> Self {
+        self.cfg.tls.connector = Some(Connector::Native(connector));
+        self
+    }
+
+    /// Uses rustls with the settings of this builder (roots, identity, `danger_`
+    /// options), also when native-tls is compiled in too (which is otherwise the
+    /// default). With only the `rustls` feature, rustls is used anyway.
+    #[cfg(feature = "rustls")]
+    pub fn use_rustls(mut self) -> Self {
+        self.cfg.tls.use_rustls = true;
+        self
+    }
+
+    /// Uses your own rustls configuration (overrides roots, identity and the `danger_`
+    /// options). With both backends compiled in, this also selects rustls (native-tls is
+    /// the default otherwise).
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// let mut roots = wsbeat::rustls::RootCertStore::empty();
+    /// // roots.add(...)
+    /// let config = wsbeat::rustls::ClientConfig::builder_with_provider(Arc::new(
+    ///     wsbeat::rustls::crypto::ring::default_provider(),
+    /// ))
+    /// .with_safe_default_protocol_versions()?
+    /// .with_root_certificates(roots)
+    /// .with_no_client_auth();
+    /// let client = wsbeat::Client::builder("wss://example.com/feed")?
+    ///     .rustls_config(Arc::new(config))
+    ///     .connect()?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[cfg(feature = "rustls")]
+    pub fn rustls_config(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.cfg.tls.connector = Some(Connector::Rustls(config));
+        self
+    }
+
+    /// DANGER: accepts any server certificate. Only for tests against self-signed servers.
+    pub fn danger_accept_invalid_certs(mut self, yes: bool) -> Self {
+        self.cfg.tls.danger_accept_invalid_certs = yes;
+        self
+    }
+
+    /// DANGER: accepts a certificate for another host name.
+    pub fn danger_accept_invalid_hostnames(mut self, yes: bool) -> Self {
+        self.cfg.tls.danger_accept_invalid_hostnames = yes;
+        self
+    }
+
+    /// Connects through this proxy, whatever the environment says:
+    /// - `http://[user:pass@]host:port`: an HTTP proxy, with `CONNECT`;
+    /// - `socks5://[user:pass@]host:port`: SOCKS5, the host name resolved here;
+    /// - `socks5h://[user:pass@]host:port`: SOCKS5, the host name resolved by the proxy
+    ///   (what Tor and `ssh -D` users want: no DNS query leaves this machine);
+    /// - `socks4://[user@]host:port` (IPv4 destinations, resolved here) and
+    ///   `socks4a://[user@]host:port` (the proxy resolves the name); the user name is
+    ///   sent as the SOCKS4 user id.
+    ///
+    /// Any other scheme is an [`Error::InvalidUrl`].
+    ///
+    /// ```
+    /// let b = wsbeat::Client::builder("wss://example.com/feed")?
+    ///     .proxy("socks5h://127.0.0.1:9050")?;
+    /// assert!(wsbeat::Client::builder("ws://x")?.proxy("ftp://p:21").is_err());
+    /// # let _ = b;
+    /// # Ok::<(), wsbeat::Error>(())
+    /// ```
+    pub fn proxy(mut self, proxy_url: &str) -> Result<Self> {
+        let u = Url::parse(proxy_url).map_err(|e| Error::InvalidUrl {
+            reason: format!("proxy URL: {e}"),
+        })?;
+        if !PROXY_SCHEMES.contains(&u.scheme()) || u.host_str().is_none_or(str::is_empty) {
+            return Err(Error::InvalidUrl {
+                reason: "proxy URL must be http://, socks5://, socks5h://, socks4:// or socks4a://host:port"
+                    .into(),
+            });
+        }
+        self.cfg.proxy = ProxySetting::Explicit(u);
+        Ok(self)
+    }
+
+    /// How many redirects (HTTP 301/302/303/307/308 with a `Location`) of the upgrade
+    /// request to follow per connection attempt; default 5, 0 turns following off (a
+    /// 3xx answer is then a fatal [`Error::Http`]). A redirect from `wss` to `ws` is never
+    /// followed; `Authorization`, `Cookie`, every header named like a credential
+    /// (`*token*`, `*key*`, `*secret*`, `*auth*`, `*password*`) and URL credentials are
+    /// dropped when the origin (scheme, host, port) changes, and a loop is an [`Error::Redirect`]. Every attempt
+    /// starts again from the configured URL.
+    pub fn max_redirects(mut self, limit: usize) -> Self {
+        self.cfg.max_redirects = limit;
+        self
+    }
+
+    /// Turns on TCP keepalive probes on every connection (off by default).
+    pub fn tcp_keepalive(mut self, keepalive: TcpKeepalive) -> Self {
+        self.cfg.socket.keepalive = Some(keepalive);
+        self
+    }
+
+    /// Connects from this local address (port chosen by the OS). Only destination
+    /// addresses of the same family are tried.
+    pub fn local_address(mut self, ip: std::net::IpAddr) -> Self {
+        self.cfg.socket.local_address = Some(ip);
+        self
+    }
+
+    /// Binds every socket to this network interface (`SO_BINDTODEVICE`, Linux only;
+    /// needs `CAP_NET_RAW` on older kernels). Elsewhere connecting fails with
+    /// [`Error::Io`] rather than silently using another interface.
+    pub fn bind_device(mut self, interface: impl Into<String>) -> Self {
+        self.cfg.socket.device = Some(interface.into());
+        self
+    }
+
+    /// Delay between two connection attempts to the addresses of one host, alternating
+    /// IPv6 and IPv4 (Happy Eyeballs, RFC 8305); default 250 ms, at least 10 ms. A
+    /// failed attempt starts the next one at once.
+    pub fn happy_eyeballs_delay(mut self, delay: Duration) -> Self {
+        self.cfg.socket.attempt_delay = delay.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Connects directly, ignoring the proxy environment variables.
+    ///
+    /// Without this or [`proxy`](Self::proxy), the environment decides, the way curl
+    /// reads it: `https_proxy` (or `HTTPS_PROXY`) for `wss://`, `http_proxy` for `ws://`
+    /// (never the uppercase `HTTP_PROXY`: a CGI program inherits it from a request's
+    /// `Proxy:` header), then `all_proxy` / `ALL_PROXY`. `no_proxy` (or `NO_PROXY`) lists
+    /// destinations that go direct: `*`, domains (`example.com` covers its
+    /// subdomains), IP addresses, CIDR ranges (`10.0.0.0/8`, `fd00::/8`), each with an
+    /// optional `:port`. Loopback destinations always go direct. A proxy scheme wsbeat
+    /// does not speak is [`Error::UnsupportedProxy`] when connecting, never a direct
+    /// connection.
+    pub fn no_proxy(mut self) -> Self {
+        self.cfg.proxy = ProxySetting::None;
+        self
+    }
+
+    /// Connects now (blocking until open or a typed error), then keeps the connection
+    /// alive in the background.
+    pub fn connect(self) -> Result<Client> {
+        Client::start(self.cfg, true, Vec::new())
+    }
+
+    /// Returns at once and connects in the background, retrying per the policy.
+    /// Use [`Client::wait_connected`] or the `Connected` event.
+    pub fn connect_lazy(self) -> Result<Client> {
+        Client::start(self.cfg, false, Vec::new())
+    }
+}

@@ -397,6 +397,7 @@ impl Supervisor {
                     .then(Default::default),
                 dead: None,
                 pending_since: None,
+                pending_written: 0,
                 hb: HbState::new(now),
                 close_sent: false,
                 reader: None,

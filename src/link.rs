@@ -251,13 +251,17 @@ pub(crate) fn reason_of(e: &tungstenite::Error) -> DisconnectReason {
 }
 
 /// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
-/// the socket byte offset at which each ended (at-least-once delivery only). Pruned
+/// the socket byte offset at which each ended (at-least-once delivery only), followed by
+/// the messages still in tungstenite's buffer (end `UNFLUSHED`: this mode's `in_flight`,
+/// kept in the same deque so a send costs one push, not a push, a pop and a push). Pruned
 /// against the kernel's send queue (one ioctl) every `PRUNE_EVERY` messages or
 /// `PRUNE_EVERY_BYTES` bytes, so memory stays within about what the kernel itself
 /// holds, plus `TRACK_CAP`.
 #[derive(Default)]
 pub(crate) struct Tracked {
     msgs: VecDeque<(u64, Message)>,
+    /// The last this many of `msgs` are not flushed yet.
+    unflushed: usize,
     bytes: usize,
     since_prune: usize,
     bytes_since_prune: usize,
@@ -265,6 +269,8 @@ pub(crate) struct Tracked {
     acked_ends: VecDeque<u64>,
 }
 
+/// End offset of a message whose flush has not completed: after any real offset.
+const UNFLUSHED: u64 = u64::MAX;
 const PRUNE_EVERY: usize = 1024;
 const PRUNE_EVERY_BYTES: usize = 1 << 20;
 /// With no kernel figure (no `SIOCOUTQ` equivalent), at most this many bytes of
@@ -289,9 +295,9 @@ pub(crate) struct Live {
     pub sock: Arc<TcpStream>,
     pub waker: Arc<Waker>,
     pub generation: u64,
-    /// Messages written into tungstenite's buffer whose flush has not completed yet.
-    /// Cleared on every successful flush (into `tracked`, when tracking); put back in
-    /// the offline queue if the link dies (at-least-once) or handed back.
+    /// Messages written into tungstenite's buffer whose flush has not completed yet
+    /// (when not tracking: tracked messages wait at the back of `tracked`). Cleared on
+    /// every successful flush; handed back if the link dies.
     pub in_flight: VecDeque<Message>,
     /// Flushed messages the peer's TCP may not have acknowledged (`None`: not tracked).
     pub tracked: Option<Tracked>,
@@ -325,19 +331,32 @@ impl Live {
         self.dead.is_none() && !self.close_sent
     }
 
-    /// Writes `m` into tungstenite's buffer without blocking and tracks it in `in_flight`
+    /// Writes `m` into tungstenite's buffer without blocking and tracks it as in flight
     /// (a `WouldBlock` here still means buffered: tungstenite kept the frame).
     pub(crate) fn write_tracked(
         &mut self,
         m: Message,
     ) -> std::result::Result<Written, tungstenite::Error> {
-        self.in_flight.push_back(m.clone());
+        match self.tracked.as_mut() {
+            Some(t) => {
+                t.msgs.push_back((UNFLUSHED, m.clone()));
+                t.unflushed += 1;
+            }
+            None => self.in_flight.push_back(m.clone()),
+        }
         match self.ws.write(m) {
             Ok(()) => Ok(Written::Buffered),
             Err(e) if is_would_block(&e) => Ok(Written::Buffered),
-            Err(tungstenite::Error::WriteBufferFull(_)) => Ok(Written::Full(
-                self.in_flight.pop_back().expect("pushed above"),
-            )),
+            Err(tungstenite::Error::WriteBufferFull(_)) => {
+                let m = match self.tracked.as_mut() {
+                    Some(t) => {
+                        t.unflushed -= 1;
+                        t.msgs.pop_back().map(|(_, m)| m)
+                    }
+                    None => self.in_flight.pop_back(),
+                };
+                Ok(Written::Full(m.expect("pushed above")))
+            }
             Err(e) => Err(e),
         }
     }
@@ -396,19 +415,26 @@ impl Live {
             self.in_flight.clear();
             return;
         };
-        if self.in_flight.is_empty() {
+        if t.unflushed == 0 {
             return;
         }
         let end = self.ws.get_ref().inner().written;
-        // `pop_front`, not `drain`: cheaper for the usual one or two messages.
-        while let Some(m) = self.in_flight.pop_front() {
-            let n = payload_len(&m);
-            t.bytes += n;
-            t.bytes_since_prune += n;
-            t.since_prune += 1;
-            t.msgs.push_back((end, m));
+        if t.unflushed == 1 {
+            // The usual case (one `send`): no range walk.
+            let (e, m) = t.msgs.back_mut().expect("an unflushed message");
+            *e = end;
+            t.bytes_since_prune += payload_len(m);
+        } else {
+            let from = t.msgs.len() - t.unflushed;
+            for (e, m) in t.msgs.range_mut(from..) {
+                *e = end;
+                t.bytes_since_prune += payload_len(m);
+            }
         }
+        t.since_prune += t.unflushed;
+        t.unflushed = 0;
         if t.since_prune >= PRUNE_EVERY || t.bytes_since_prune >= PRUNE_EVERY_BYTES {
+            t.bytes += t.bytes_since_prune;
             t.since_prune = 0;
             t.bytes_since_prune = 0;
             let tcp = self.ws.get_ref().inner();
@@ -424,19 +450,19 @@ impl Live {
                 None if t.bytes <= TRACK_CAP => mark,
                 None => u64::MAX,
             };
-            while let Some((e, m)) = t.msgs.front() {
-                let e = *e;
-                if e > keep_after {
-                    break;
-                }
-                if acked.is_some() && e > mark {
+            // End offsets only grow along `msgs`: drop a prefix, in one go.
+            let gone = t.msgs.partition_point(|(e, _)| *e <= keep_after);
+            if acked.is_some() {
+                let before_mark = t.msgs.partition_point(|(e, _)| *e <= mark).min(gone);
+                for (e, _) in t.msgs.range(before_mark..gone) {
                     if t.acked_ends.len() >= ACKED_CAP {
                         t.acked_ends.pop_front();
                     }
-                    t.acked_ends.push_back(e);
+                    t.acked_ends.push_back(*e);
                 }
-                t.bytes -= payload_len(m);
-                t.msgs.pop_front();
+            }
+            for (_, m) in t.msgs.drain(..gone) {
+                t.bytes -= payload_len(&m);
             }
             while t.acked_ends.front().is_some_and(|e| *e <= mark) {
                 t.acked_ends.pop_front();
@@ -454,6 +480,7 @@ impl Live {
             let (written, mark) = (tcp.written, tcp.written_at_read);
             // Unknown: everything after the peer's last sign of life is sent again.
             let acked = unacked_bytes(&self.sock).map_or(mark, |q| written.saturating_sub(q));
+            // Messages never flushed (`UNFLUSHED`) are after every offset: sent again.
             for (end, m) in t.msgs.drain(..) {
                 if end > acked {
                     resend.push(m);
@@ -463,6 +490,7 @@ impl Live {
             }
             possibly_lost += t.acked_ends.drain(..).filter(|e| *e > mark).count() as u64;
             t.bytes = 0;
+            t.unflushed = 0;
         }
         resend.extend(self.in_flight.drain(..));
         Leftover {

@@ -364,6 +364,7 @@ impl Live {
     /// [`write_tracked`](Self::write_tracked), and under acked delivery the outbox
     /// notes the message as written (also when the write failed: it is in flight on a
     /// dead connection and is sent again with the outbox).
+    #[inline]
     pub(crate) fn write_noted(
         &mut self,
         outbox: Option<&mut Outbox>,
@@ -681,6 +682,7 @@ impl Shared {
     }
 
     /// Hands back a message over the size limit.
+    #[inline]
     fn check_size(&self, msg: Message) -> Result<Message> {
         let limit = self.cfg.limits.max_message_size;
         let size = payload_len(&msg);
@@ -696,6 +698,7 @@ impl Shared {
 
     /// One message of a batch: admitted to the outbox (acked delivery), then written into
     /// the connection's buffer (not flushed), or queued, or handed back.
+    #[inline]
     fn accept(
         &self,
         link: &mut MutexGuard<'_, Link>,
@@ -851,10 +854,18 @@ impl Shared {
     /// the lock to *parked* threads, so the reader (always runnable under inbound load)
     /// takes it straight back. A waiting sender is counted in `writers` and sleeps on
     /// `gate_cv`; the reader wakes it when it lets go.
+    #[inline]
     fn lock_for_send(&self) -> MutexGuard<'_, Link> {
-        if let Some(g) = self.link.try_lock() {
-            return g;
+        match self.link.try_lock() {
+            Some(g) => g,
+            None => self.lock_for_send_contended(),
         }
+    }
+
+    /// [`lock_for_send`](Self::lock_for_send) when `link` is taken: out of line, so
+    /// the uncontended send stays small.
+    #[cold]
+    fn lock_for_send_contended(&self) -> MutexGuard<'_, Link> {
         self.writers.fetch_add(1, Ordering::SeqCst);
         let link = loop {
             let mut gate = self.gate.lock();

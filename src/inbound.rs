@@ -408,40 +408,64 @@ impl Events {
     }
 
     /// An event already taken out of a batch, if any (never waits, never touches the channel).
+    #[inline]
     pub fn try_recv_buffered(&self) -> Option<Event> {
         self.buf.borrow_mut().pop_front()
     }
 
     /// Waits for the next event. `Err` once the client is gone and every event was read
     /// (after [`Event::Closed`]).
+    // The `recv` family is `#[inline]` with the channel wait out of line: most events
+    // come from the buffer, and in the caller's crate that is a `pop_front` with no call
+    // and no move of the event through two `Result`s (issue 11: hand-off cost per message).
+    #[inline]
     pub fn recv(&self) -> Result<Event, RecvError> {
-        if let Some(ev) = self.try_recv_buffered() {
-            return Ok(ev);
+        match self.try_recv_buffered() {
+            Some(ev) => Ok(ev),
+            None => self.recv_batch(),
         }
+    }
+
+    fn recv_batch(&self) -> Result<Event, RecvError> {
         Ok(self.take(self.rx.recv()?))
     }
 
     /// Waits up to `timeout` for the next event.
+    #[inline]
     pub fn recv_timeout(&self, timeout: Duration) -> Result<Event, RecvTimeoutError> {
-        if let Some(ev) = self.try_recv_buffered() {
-            return Ok(ev);
+        match self.try_recv_buffered() {
+            Some(ev) => Ok(ev),
+            None => self.recv_batch_timeout(timeout),
         }
+    }
+
+    fn recv_batch_timeout(&self, timeout: Duration) -> Result<Event, RecvTimeoutError> {
         Ok(self.take(self.rx.recv_timeout(timeout)?))
     }
 
     /// Waits until `deadline` for the next event.
+    #[inline]
     pub fn recv_deadline(&self, deadline: Instant) -> Result<Event, RecvTimeoutError> {
-        if let Some(ev) = self.try_recv_buffered() {
-            return Ok(ev);
+        match self.try_recv_buffered() {
+            Some(ev) => Ok(ev),
+            None => self.recv_batch_deadline(deadline),
         }
+    }
+
+    fn recv_batch_deadline(&self, deadline: Instant) -> Result<Event, RecvTimeoutError> {
         Ok(self.take(self.rx.recv_deadline(deadline)?))
     }
 
     /// The next event if one is ready.
+    #[inline]
     pub fn try_recv(&self) -> Result<Event, TryRecvError> {
-        if let Some(ev) = self.try_recv_buffered() {
-            return Ok(ev);
+        match self.try_recv_buffered() {
+            Some(ev) => Ok(ev),
+            None => self.try_recv_batch(),
         }
+    }
+
+    fn try_recv_batch(&self) -> Result<Event, TryRecvError> {
         Ok(self.take(self.rx.try_recv()?))
     }
 
@@ -474,6 +498,7 @@ pub struct Iter<'a> {
 
 impl Iterator for Iter<'_> {
     type Item = Event;
+    #[inline]
     fn next(&mut self) -> Option<Event> {
         self.events.recv().ok()
     }
@@ -487,6 +512,7 @@ pub struct TryIter<'a> {
 
 impl Iterator for TryIter<'_> {
     type Item = Event;
+    #[inline]
     fn next(&mut self) -> Option<Event> {
         self.events.try_recv().ok()
     }
@@ -500,6 +526,7 @@ pub struct IntoIter {
 
 impl Iterator for IntoIter {
     type Item = Event;
+    #[inline]
     fn next(&mut self) -> Option<Event> {
         self.events.recv().ok()
     }

@@ -345,7 +345,20 @@ impl HbState {
 
     /// Called by the reader for each inbound frame. Returns true when the message is a
     /// heartbeat reply to be consumed (not delivered).
+    #[inline]
     pub(crate) fn on_inbound(&mut self, hb: &Heartbeat, msg: &Message, now: Instant) -> bool {
+        // The usual case, inline in the reader's loop: a data message that no reply
+        // matcher has to look at (what the general path below does for it).
+        if (msg.is_text() || msg.is_binary()) && !matches!(hb.mode, Mode::App { .. }) {
+            self.last_inbound = now;
+            self.last_data = now;
+            self.data_before_bytes = now;
+            return false;
+        }
+        self.on_inbound_general(hb, msg, now)
+    }
+
+    fn on_inbound_general(&mut self, hb: &Heartbeat, msg: &Message, now: Instant) -> bool {
         self.last_inbound = now;
         match msg {
             Message::Text(_) | Message::Binary(_) => {

@@ -16,10 +16,10 @@ use crate::config::{
 };
 use crate::heartbeat::Heartbeat;
 use crate::outbox::Delivery;
-use crate::reconnect::Session;
 #[cfg(any(feature = "native-tls", feature = "rustls"))]
 use crate::tls_config::Connector;
 use crate::tls_config::{Identity, TlsSettings};
+use crate::transport::session::{Hooks, Session};
 use crate::{Error, Result};
 
 impl Client {
@@ -52,6 +52,7 @@ impl Client {
 #[must_use = "a builder does nothing until connect() or connect_lazy()"]
 pub struct ClientBuilder {
     pub(crate) cfg: Config,
+    hooks: Hooks,
 }
 
 impl fmt::Debug for ClientBuilder {
@@ -73,10 +74,9 @@ impl ClientBuilder {
     /// Starts from a prepared [`Request`].
     pub fn from_request(request: Request) -> ClientBuilder {
         ClientBuilder {
+            hooks: Hooks::default(),
             cfg: Config {
                 request,
-                factory: None,
-                on_connect: None,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 write_timeout: DEFAULT_WRITE_TIMEOUT,
                 close_timeout: DEFAULT_CLOSE_TIMEOUT,
@@ -94,10 +94,10 @@ impl ClientBuilder {
                 stack_size: 256 << 10,
                 read_buffer_size: 64 << 10,
                 event_capacity: (
-                    crate::inbound::DEFAULT_EVENT_CAPACITY_MESSAGES,
-                    crate::inbound::DEFAULT_EVENT_CAPACITY_BYTES,
+                    crate::config::DEFAULT_EVENT_CAPACITY_MESSAGES,
+                    crate::config::DEFAULT_EVENT_CAPACITY_BYTES,
                 ),
-                consumer_stall_timeout: crate::inbound::DEFAULT_CONSUMER_STALL_TIMEOUT,
+                consumer_stall_timeout: crate::config::DEFAULT_CONSUMER_STALL_TIMEOUT,
                 delivery: Delivery::AtLeastOnce,
                 offline_queue: true,
             },
@@ -186,7 +186,7 @@ impl ClientBuilder {
         mut self,
         factory: impl Fn(&Attempt<'_>) -> Result<Request> + Send + Sync + 'static,
     ) -> Self {
-        self.cfg.factory = Some(Arc::new(factory));
+        self.hooks.factory = Some(Arc::new(factory));
         self
     }
 
@@ -199,7 +199,7 @@ impl ClientBuilder {
         mut self,
         hook: impl Fn(&mut Session<'_>) -> Result<()> + Send + Sync + 'static,
     ) -> Self {
-        self.cfg.on_connect = Some(Arc::new(hook));
+        self.hooks.on_connect = Some(Arc::new(hook));
         self
     }
 
@@ -452,12 +452,12 @@ impl ClientBuilder {
     /// Connects now (blocking until open or a typed error), then keeps the connection
     /// alive in the background.
     pub fn connect(self) -> Result<Client> {
-        Client::start(self.cfg, true, Vec::new())
+        Client::start(self.cfg, self.hooks, true, Vec::new())
     }
 
     /// Returns at once and connects in the background, retrying per the policy.
     /// Use [`Client::wait_connected`] or the `Connected` event.
     pub fn connect_lazy(self) -> Result<Client> {
-        Client::start(self.cfg, false, Vec::new())
+        Client::start(self.cfg, self.hooks, false, Vec::new())
     }
 }

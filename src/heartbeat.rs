@@ -19,12 +19,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, after, select};
-
-use crate::event::{DisconnectReason, Event};
-use crate::link::{Shared, TimerCmd};
 use crate::time::deadline;
-use crate::{Error, Message, Result};
+use crate::{DisconnectReason, Error, Message, Result};
 
 /// Decides whether an inbound message is the reply to an application-level probe.
 ///
@@ -405,14 +401,17 @@ impl HbState {
 }
 
 /// What the timer decided for the current connection.
-enum Step {
+#[derive(Debug, PartialEq)]
+pub(crate) enum Step {
     SleepUntil(Instant),
     Probe(Message, u64),
     Dead(DisconnectReason),
     Missed(u32, Message, u64),
 }
 
-fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
+/// The heartbeat's decision for one connection at `now`: sleep, probe, count a miss or
+/// declare it dead. Pure: no threads, no sockets, no clock (the timer applies it).
+pub(crate) fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
     let alive_since = match hb.liveness {
         Liveness::Traffic => st.last_inbound,
         Liveness::Data => st.last_data.max(st.last_reply),
@@ -477,113 +476,187 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
     }
 }
 
-/// The timer thread: probes, deadlines, write-stall detection.
-pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
-    let hb = shared.cfg.heartbeat.clone();
-    let write_timeout = shared.cfg.write_timeout;
-    loop {
-        let now = Instant::now();
-        let mut wake_at: Option<Instant> = None;
-        let mut event = None;
-        {
-            let mut link = shared.link.lock();
-            if let Some(live) = link
-                .conn
-                .as_mut()
-                .filter(|l| l.dead.is_none() && !l.close_sent)
-            {
-                let cgen = live.generation;
-                // Write stall: output pending longer than the write timeout.
-                let stall = live.pending_since.map(|t| deadline(t, write_timeout));
-                let mut dead = None;
-                if let Some(due) = stall {
-                    // Give the socket one more chance to drain before judging.
-                    match live.try_flush() {
-                        Ok(true) => {}
-                        Ok(false) if now >= due => dead = Some(DisconnectReason::WriteStalled),
-                        Ok(false) => wake_at = Some(due),
-                        Err(e) => dead = Some(crate::link::reason_of(&e)),
-                    }
-                }
-                if dead.is_none()
-                    && let Some(buffered) = shared.events.inbound().held_back()
-                    && (buffered || crate::sys::wait_readable(&live.sock, Duration::ZERO))
-                {
-                    // The consumer is behind: the reader does not read, so replies wait
-                    // unread. Unread input proves the peer alive (see `HbState::held_back`).
-                    live.hb.held_back(now);
-                }
-                if dead.is_none() {
-                    loop {
-                        match evaluate(&hb, &mut live.hb, now) {
-                            None => break,
-                            Some(Step::SleepUntil(t)) => {
-                                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
-                                break;
-                            }
-                            Some(Step::Dead(r)) => {
-                                dead = Some(r);
-                                break;
-                            }
-                            Some(step) => {
-                                let (msg, seq) = match step {
-                                    Step::Missed(missed, msg, seq) => {
-                                        event = Some(Event::HeartbeatMissed {
-                                            generation: cgen,
-                                            missed,
-                                        });
-                                        (msg, seq)
-                                    }
-                                    Step::Probe(msg, seq) => (msg, seq),
-                                    _ => unreachable!("handled above"),
-                                };
-                                live.hb.next_seq += 1;
-                                live.hb.probe = Some((seq, now));
-                                log::trace!("connection {cgen}: heartbeat probe {seq}");
-                                let written = match live.ws.write(msg) {
-                                    Err(e) if crate::link::is_would_block(&e) => Ok(()),
-                                    other => other,
-                                };
-                                match written.and_then(|_| live.try_flush()) {
-                                    Ok(true) => {}
-                                    // The reader flushes it when the socket drains.
-                                    Ok(false) => live.waker.wake(),
-                                    // The buffer is full of user data: that is a stall, judged above.
-                                    Err(tungstenite::Error::WriteBufferFull(_)) => {}
-                                    Err(e) => {
-                                        dead = Some(crate::link::reason_of(&e));
-                                        break;
-                                    }
-                                }
-                                // Loop once more to get the reply deadline.
-                            }
-                        }
-                    }
-                }
-                if let Some(reason) = dead {
-                    log::info!("connection {cgen}: {reason}");
-                    shared.mark_dead(&mut link, cgen, reason);
-                    wake_at = None;
-                }
-            }
-            // Acked delivery: messages whose ack is overdue are written again.
-            if let Some(t) = shared.resend_overdue(&mut link, now) {
-                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+/// The decision logic on its own: a clock that is just `Instant`s, no threads, no sockets.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn ping_of(seq: u64) -> Message {
+        Message::Ping(seq.to_be_bytes().to_vec().into())
+    }
+
+    /// What the timer does with a probe step: remember the probe.
+    fn sent(st: &mut HbState, seq: u64, now: Instant) {
+        st.next_seq += 1;
+        st.probe = Some((seq, now));
+    }
+
+    fn dead_after(silent_for: Duration) -> Option<Step> {
+        Some(Step::Dead(DisconnectReason::HeartbeatTimeout {
+            silent_for,
+        }))
+    }
+
+    #[test]
+    fn ping_probes_after_the_interval_and_dies_after_the_timeout() {
+        let hb = Heartbeat::ping(10 * S, 3 * S);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 5 * S),
+            Some(Step::SleepUntil(t0 + 10 * S))
+        );
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 10 * S),
+            Some(Step::Probe(ping_of(1), 1))
+        );
+        sent(&mut st, 1, t0 + 10 * S);
+        // Waiting for the reply: look again at the reply deadline.
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 11 * S),
+            Some(Step::SleepUntil(t0 + 13 * S))
+        );
+        assert_eq!(evaluate(&hb, &mut st, t0 + 13 * S), dead_after(13 * S));
+    }
+
+    #[test]
+    fn a_reply_clears_the_probe_and_measures_the_round_trip() {
+        let hb = Heartbeat::ping(10 * S, 3 * S);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        sent(&mut st, 1, t0 + 10 * S);
+        let consumed = st.on_inbound(
+            &hb,
+            &Message::Pong(1u64.to_be_bytes().to_vec().into()),
+            t0 + 11 * S,
+        );
+        assert!(!consumed, "pongs are never delivered anyway");
+        assert_eq!(st.probe, None);
+        assert_eq!(st.rtt, Some(S));
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 12 * S),
+            Some(Step::SleepUntil(t0 + 21 * S))
+        );
+        // A pong with another payload is not our reply, but it is traffic.
+        sent(&mut st, 2, t0 + 21 * S);
+        st.on_inbound(&hb, &Message::Pong(b"other".to_vec().into()), t0 + 22 * S);
+        assert_eq!(st.probe.map(|p| p.0), Some(2));
+        assert_eq!(st.last_reply, t0 + 11 * S);
+    }
+
+    #[test]
+    fn max_missed_probes_again_before_declaring_death() {
+        let hb = Heartbeat::ping(10 * S, 3 * S).max_missed(2);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        sent(&mut st, 1, t0 + 10 * S);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 13 * S),
+            Some(Step::Missed(1, ping_of(2), 2))
+        );
+        sent(&mut st, 2, t0 + 13 * S);
+        assert_eq!(evaluate(&hb, &mut st, t0 + 16 * S), dead_after(16 * S));
+    }
+
+    #[test]
+    fn the_peers_own_pings_prove_traffic_but_not_data() {
+        let probe = Message::text("检测");
+        let app = Heartbeat::app(10 * S, 3 * S, probe.clone(), |m| {
+            m.to_text().is_ok_and(|t| t == "ok")
+        });
+        let ping = Heartbeat::ping(10 * S, 3 * S);
+        for (hb, dies) in [(&app, true), (&ping, false)] {
+            let t0 = Instant::now();
+            let mut st = HbState::new(t0);
+            sent(&mut st, 1, t0 + 10 * S);
+            // The server's library pings; its application does not answer.
+            st.on_bytes(t0 + 11 * S);
+            st.on_inbound(hb, &Message::Ping(Vec::new().into()), t0 + 11 * S);
+            let step = evaluate(hb, &mut st, t0 + 13 * S);
+            if dies {
+                // Dead, silent for the 2 s since the ping (the last thing that arrived).
+                assert_eq!(step, dead_after(2 * S));
+            } else {
+                assert!(!matches!(step, Some(Step::Dead(_))), "{step:?}");
             }
         }
-        if let Some(ev) = event {
-            shared.emit(ev);
+    }
+
+    #[test]
+    fn data_keeps_app_mode_alive_unless_strict() {
+        let matcher = |m: &Message| m.to_text().is_ok_and(|t| t == "ok");
+        let probe = Message::text("检测");
+        for strict in [false, true] {
+            let hb = Heartbeat::app(10 * S, 3 * S, probe.clone(), matcher).strict(strict);
+            let t0 = Instant::now();
+            let mut st = HbState::new(t0);
+            sent(&mut st, 1, t0 + 10 * S);
+            assert!(!st.on_inbound(&hb, &Message::text("tick"), t0 + 11 * S));
+            let step = evaluate(&hb, &mut st, t0 + 13 * S);
+            assert_eq!(
+                matches!(step, Some(Step::Dead(_))),
+                strict,
+                "strict: {strict}"
+            );
+            // The reply itself is consumed (not delivered) and counts in every mode.
+            let mut st = HbState::new(t0);
+            sent(&mut st, 1, t0 + 10 * S);
+            assert!(st.on_inbound(&hb, &Message::text("ok"), t0 + 11 * S));
+            assert_eq!(
+                evaluate(&hb, &mut st, t0 + 13 * S),
+                Some(Step::SleepUntil(t0 + 21 * S))
+            );
         }
-        let timeout = match wake_at {
-            Some(t) => after(t.saturating_duration_since(Instant::now())),
-            None => crossbeam_channel::never(),
+    }
+
+    #[test]
+    fn a_held_back_reader_counts_as_a_reply_even_when_strict() {
+        let hb = Heartbeat::ping(10 * S, 3 * S).strict(true);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        sent(&mut st, 1, t0 + 10 * S);
+        st.held_back(t0 + 12 * S);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 13 * S),
+            Some(Step::SleepUntil(t0 + 22 * S))
+        );
+        assert_eq!(st.probe, None);
+    }
+
+    #[test]
+    fn passive_mode_only_counts_silence() {
+        let hb = Heartbeat::passive(30 * S);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 20 * S),
+            Some(Step::SleepUntil(t0 + 30 * S))
+        );
+        st.on_inbound(&hb, &Message::text("x"), t0 + 25 * S);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 30 * S),
+            Some(Step::SleepUntil(t0 + 55 * S))
+        );
+        assert_eq!(evaluate(&hb, &mut st, t0 + 55 * S), dead_after(30 * S));
+        assert_eq!(evaluate(&Heartbeat::off(), &mut st, t0 + 1000 * S), None);
+    }
+
+    #[test]
+    fn duration_max_means_never() {
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        let never_probe = Heartbeat::ping(Duration::MAX, 3 * S);
+        let Some(Step::SleepUntil(t)) = evaluate(&never_probe, &mut st, t0 + 1000 * S) else {
+            panic!("should sleep");
         };
-        select! {
-            recv(ctl) -> cmd => match cmd {
-                Ok(TimerCmd::Wake) => {}
-                Ok(TimerCmd::Stop) | Err(_) => return,
-            },
-            recv(timeout) -> _ => {}
-        }
+        assert!(t > t0 + 1_000_000 * S);
+        let never_dead = Heartbeat::ping(10 * S, Duration::MAX);
+        sent(&mut st, 1, t0 + 10 * S);
+        assert!(matches!(
+            evaluate(&never_dead, &mut st, t0 + 1000 * S),
+            Some(Step::SleepUntil(_))
+        ));
     }
 }

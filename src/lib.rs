@@ -34,8 +34,23 @@
 //! ## Threads
 //! Each client runs a reader thread per connection, one timer (heartbeat) thread and
 //! one supervisor (reconnect) thread. They share the socket behind one lock, and no
-//! thread ever waits for the network while holding it (see the `link` module's notes).
+//! thread ever waits for the network while holding it (see `src/link.rs`).
 //! [`Client::close`] and dropping the last handle join them all.
+//!
+//! ## Layers (for readers of the source)
+//! Imports point down only:
+//!
+//! ```text
+//! user API      builder.rs (ClientBuilder), client.rs (Client, WeakClient, Stats)
+//! threads       reader.rs (one per connection), timer.rs, reconnect.rs (supervisor)
+//! shared state  link.rs (the socket behind the lock, and every lock rule),
+//!               inbound.rs (the bounded hand-off to the user, the event grammar)
+//! transport     transport/: sys (poll, waker), dial, socks, tls, stream, connect,
+//!               session (lock-free: nothing here takes a lock or knows a thread)
+//! settings      config.rs, tls_config.rs
+//! types         error.rs, event.rs, backoff.rs, heartbeat.rs (the pure decision),
+//!               outbox.rs, queue.rs, redact.rs, time.rs
+//! ```
 //!
 //! ## What "nothing lost" means
 //! A message accepted by `send` (it returned `Ok`) is either handed to the OS on some
@@ -56,51 +71,54 @@
 
 #![warn(missing_docs)]
 
+// Types: errors, events, policies (import nothing above them).
 mod backoff;
-mod builder;
-mod client;
-mod config;
-mod connect;
-mod dial;
 mod error;
 mod event;
 mod heartbeat;
-mod inbound;
-mod link;
 mod outbox;
 mod queue;
+mod redact;
+mod time;
+mod tls_config;
+// Settings.
+mod config;
+// Lock-free transport: sockets, poll, waker, dial, proxies, TLS, the upgrade.
+mod transport;
+// Shared state and every lock rule; the inbound hand-off and the event grammar.
+mod inbound;
+mod link;
+// The threads: one file each.
 mod reader;
 mod reconnect;
-mod redact;
-mod socks;
-mod sys;
-mod time;
-mod tls;
-mod tls_config;
+mod timer;
+// The user API.
+mod builder;
+mod client;
 
 pub use backoff::{Backoff, Failure, ReconnectPolicy};
 pub use builder::ClientBuilder;
 pub use client::{Client, Stats, WeakClient};
 pub use config::{
     Attempt, DEFAULT_ATTEMPT_DELAY, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_CONSUMER_STALL_TIMEOUT, DEFAULT_EVENT_CAPACITY_BYTES, DEFAULT_EVENT_CAPACITY_MESSAGES,
     DEFAULT_MAX_REDIRECTS, DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT, OverflowPolicy,
     Request, TcpKeepalive,
 };
-pub use error::{ConnectStage, Error, RedirectRefusal, Result, SocksFailure, TlsErrorKind};
-pub use event::{DisconnectReason, Event, State};
-pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
-pub use inbound::{
-    Batch, DEFAULT_CONSUMER_STALL_TIMEOUT, DEFAULT_EVENT_CAPACITY_BYTES,
-    DEFAULT_EVENT_CAPACITY_MESSAGES, Events, IntoIter, Iter, TryIter,
+pub use error::{
+    ConnectStage, DisconnectReason, Error, RedirectRefusal, Result, SocksFailure, TlsErrorKind,
 };
+pub use event::{Event, State};
+pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
+pub use inbound::{Batch, Events, IntoIter, Iter, TryIter};
 /// Re-exported for [`ClientBuilder::tls_connector`] (the same version wsbeat uses).
 #[cfg(feature = "native-tls")]
 pub use native_tls;
 pub use outbox::{Acks, Delivery, IdReader};
-pub use reconnect::Session;
 /// Re-exported for [`ClientBuilder::rustls_config`] (the same version wsbeat uses).
 #[cfg(feature = "rustls")]
 pub use rustls;
 pub use tls_config::Identity;
+pub use transport::session::Session;
 pub use tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
 pub use tungstenite::{Bytes, Message};

@@ -13,8 +13,8 @@
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
 //! | `Inbound::waker`, `Inbound::held_since` (inbound.rs) | the reader (attach, hold, resume), the consumer in `Events` (wake the reader), `stats()` before it takes `link` | an `Option` read or write (leaves; never taken under `link`) |
-//! | `Shared::gate` (+ `gate_cv`) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`wake_senders`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
-//! | `EventSink::grammar` (event.rs) | whoever emits an event (any thread, also under `link`); `close()` (`begin_close`, `wait_closed`) | the grammar check and one unbounded channel send; the condvar wait for `Closed` |
+//! | `SendGate::lock` (+ its condvar) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`SendGate::wake`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
+//! | `EventSink::grammar` (inbound.rs) | whoever emits an event (any thread, also under `link`); `close()` (`begin_close`, `wait_closed`) | the grammar check and one unbounded channel send; the condvar wait for `Closed` |
 //!
 //! The order is simply: **`connecting`, `supervisor` and the event grammar are leaf locks**,
 //! and under **`link`** only the grammar lock is ever taken (by `emit`) — so no cycle can
@@ -44,7 +44,6 @@
 //!    outbox room under `OverflowPolicy::Block` (the `changed` condvar).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -52,203 +51,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use tungstenite::WebSocket;
 
 use crate::config::{Config, OverflowPolicy};
-use crate::dial::Cancel;
-use crate::event::EventSink;
 use crate::heartbeat::HbState;
+use crate::inbound::EventSink;
 use crate::outbox::{Admit, Outbox};
 use crate::queue::{OfflineQueue, payload_len};
-use crate::sys::{Waker, unacked_bytes, wait_writable};
 use crate::time::{deadline, deadline_in};
+use crate::transport::dial::Cancel;
+use crate::transport::stream::{Ws, is_would_block, reason_of};
+use crate::transport::sys::{Waker, unacked_bytes, wait_writable};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
-
-/// The TCP socket under a [`Stream`] (under TLS, if any), with two bounds:
-/// - while connecting, a deadline: every read and write waits at most the time left and
-///   fails with `TimedOut` past it, so a peer that trickles bytes cannot stretch the TLS
-///   handshake or the upgrade response beyond the connect timeout (a socket timeout alone
-///   bounds each call, not their sum);
-/// - while the reader drains, a read quota: past it reads report `WouldBlock`, so a peer
-///   that never completes a message (endless empty fragments) cannot keep the reader
-///   inside one `read()` under the lock.
-pub(crate) struct Tcp {
-    pub sock: TcpStream,
-    deadline: Option<Instant>,
-    read_quota: Option<usize>,
-    /// Bytes the OS accepted on this socket so far (TLS records included): the offset
-    /// at which each flushed message ends, to match against the kernel's send queue.
-    written: u64,
-    /// `written` when bytes last arrived from the peer (its last sign of life).
-    written_at_read: u64,
-}
-
-impl Tcp {
-    /// A socket whose reads and writes end at `deadline` (see [`Tcp::connected`]).
-    pub(crate) fn connecting(sock: TcpStream, deadline: Instant) -> Tcp {
-        Tcp {
-            sock,
-            deadline: Some(deadline),
-            read_quota: None,
-            written: 0,
-            written_at_read: 0,
-        }
-    }
-
-    /// The connection is established: no deadline any more.
-    pub(crate) fn connected(&mut self) {
-        self.deadline = None;
-    }
-
-    /// Time left before the connect deadline, as the socket timeout of the next call.
-    fn left(&self, read: bool) -> io::Result<()> {
-        if let Some(end) = self.deadline {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connect timeout reached",
-                ));
-            }
-            if read {
-                self.sock.set_read_timeout(Some(left))?;
-            } else {
-                self.sock.set_write_timeout(Some(left))?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Read for Tcp {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.left(true)?;
-        let buf = match self.read_quota {
-            Some(0) => return Err(io::ErrorKind::WouldBlock.into()),
-            Some(q) => {
-                let n = buf.len().min(q);
-                &mut buf[..n]
-            }
-            None => buf,
-        };
-        let n = (&self.sock).read(buf)?;
-        if let Some(q) = self.read_quota.as_mut() {
-            *q -= n;
-        }
-        if n > 0 {
-            self.written_at_read = self.written;
-        }
-        Ok(n)
-    }
-}
-
-impl Write for Tcp {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.left(false)?;
-        let n = (&self.sock).write(buf)?;
-        // No clock read here (one per send, 30-80 ns on a VM): a write stall is judged
-        // from this count (see `Live::note_pending`).
-        self.written += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        (&self.sock).flush()
-    }
-}
-
-/// A plain or TLS byte stream under the WebSocket.
-pub(crate) enum Stream {
-    Plain(Tcp),
-    Tls(Box<crate::tls::TlsStream<Tcp>>),
-}
-
-impl Stream {
-    pub(crate) fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => &s.sock,
-            Stream::Tls(s) => &s.get_ref().sock,
-        }
-    }
-
-    /// Bytes the OS accepted on this connection so far (TLS records included).
-    pub(crate) fn written(&self) -> u64 {
-        self.inner().written
-    }
-
-    fn inner(&self) -> &Tcp {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref(),
-        }
-    }
-
-    fn inner_mut(&mut self) -> &mut Tcp {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_mut(),
-        }
-    }
-
-    /// The connection is established: lift the connect deadline.
-    pub(crate) fn connected(&mut self) {
-        self.inner_mut().connected();
-    }
-
-    /// Caps the bytes read from the socket from now on (`None`: no cap).
-    pub(crate) fn set_read_quota(&mut self, bytes: Option<usize>) {
-        self.inner_mut().read_quota = bytes;
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
-        }
-    }
-}
-
-pub(crate) type Ws = WebSocket<Stream>;
-
-pub(crate) fn is_would_block(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
-}
-
-/// Maps a tungstenite failure on an open connection to why it ended.
-pub(crate) fn reason_of(e: &tungstenite::Error) -> DisconnectReason {
-    use tungstenite::Error as W;
-    match e {
-        W::Io(io) => match io.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::NotConnected => DisconnectReason::Reset,
-            _ => DisconnectReason::Io(io.to_string()),
-        },
-        W::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)
-        | W::ConnectionClosed
-        | W::AlreadyClosed => DisconnectReason::Reset,
-        W::Tls(t) => DisconnectReason::Io(format!("TLS: {t}")),
-        other => DisconnectReason::Protocol(other.to_string()),
-    }
-}
 
 /// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
 /// the socket byte offset at which each ended (at-least-once delivery only), followed by
@@ -307,7 +120,7 @@ pub(crate) struct Live {
     /// (moves forward while a slow peer still reads: only a peer that stopped reading
     /// stalls). `None` when everything was flushed.
     pub pending_since: Option<Instant>,
-    /// [`Stream::written`] when `pending_since` was last set: more means progress.
+    /// Bytes written on the socket when `pending_since` was last set: more means progress.
     pub pending_written: u64,
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).
@@ -387,7 +200,7 @@ impl Live {
     /// bytes since the last look. Called right after each flush attempt, so "now" is
     /// when that progress was made (within the call), without a clock read per write.
     pub(crate) fn note_pending(&mut self) {
-        let written = self.ws.get_ref().written();
+        let written = self.ws.get_ref().offsets().0;
         if self.pending_since.is_none() || written != self.pending_written {
             self.pending_since = Some(Instant::now());
             self.pending_written = written;
@@ -419,7 +232,7 @@ impl Live {
         if t.unflushed == 0 {
             return;
         }
-        let end = self.ws.get_ref().inner().written;
+        let end = self.ws.get_ref().offsets().0;
         if t.unflushed == 1 {
             // The usual case (one `send`): no range walk.
             let (e, m) = t.msgs.back_mut().expect("an unflushed message");
@@ -438,8 +251,7 @@ impl Live {
             t.bytes += t.bytes_since_prune;
             t.since_prune = 0;
             t.bytes_since_prune = 0;
-            let tcp = self.ws.get_ref().inner();
-            let (written, mark) = (tcp.written, tcp.written_at_read);
+            let (written, mark) = self.ws.get_ref().offsets();
             let acked = unacked_bytes(&self.sock).map(|q| written.saturating_sub(q));
             // Keep the messages the peer's TCP has not acknowledged (bounded by the
             // kernel's send buffer); of those it acknowledged after its last sign of
@@ -477,8 +289,7 @@ impl Live {
         let mut resend = Vec::new();
         let mut possibly_lost = 0;
         if let Some(t) = self.tracked.as_mut() {
-            let tcp = self.ws.get_ref().inner();
-            let (written, mark) = (tcp.written, tcp.written_at_read);
+            let (written, mark) = self.ws.get_ref().offsets();
             // Unknown: everything after the peer's last sign of life is sent again.
             let acked = unacked_bytes(&self.sock).map_or(mark, |q| written.saturating_sub(q));
             // Messages never flushed (`UNFLUSHED`) are after every offset: sent again.
@@ -516,10 +327,37 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// Connection `cgen` while it is the current one. Every thread works for one
+    /// generation; once its connection was replaced it finds nothing here and stops.
+    pub(crate) fn live(&self, cgen: u64) -> Option<&Live> {
+        self.conn.as_ref().filter(|l| l.generation == cgen)
+    }
+
+    /// [`Link::live`], mutable.
+    pub(crate) fn live_mut(&mut self, cgen: u64) -> Option<&mut Live> {
+        current_mut(&mut self.conn, cgen)
+    }
+
+    /// Connection `cgen` while it is the current one and nobody declared it dead.
+    pub(crate) fn alive_mut(&mut self, cgen: u64) -> Option<&mut Live> {
+        self.live_mut(cgen).filter(|l| l.dead.is_none())
+    }
+
+    /// Takes connection `cgen` out if it is still the current one.
+    pub(crate) fn take_live(&mut self, cgen: u64) -> Option<Live> {
+        self.conn.take_if(|l| l.generation == cgen)
+    }
+
     /// Whether a send goes straight to the open connection (rather than to the queue).
     pub(crate) fn takes_direct(&self) -> bool {
         !self.flushing_queue && self.conn.as_ref().is_some_and(Live::takes_data)
     }
+}
+
+/// [`Link::live_mut`] on the field alone, for code that also borrows the queue or the
+/// outbox.
+pub(crate) fn current_mut(conn: &mut Option<Live>, cgen: u64) -> Option<&mut Live> {
+    conn.as_mut().filter(|l| l.generation == cgen)
 }
 
 /// Counters for [`Stats`](crate::Stats).
@@ -553,6 +391,52 @@ pub(crate) enum TimerCmd {
     Stop,
 }
 
+/// The hand-off of `link` from the reader to senders: parking_lot's fair unlock hands
+/// the lock only to *parked* threads, and a sender spinning in `try_lock` is not one.
+/// Senders that found `link` taken count themselves here and sleep on `cv`
+/// ([`Shared::lock_for_send`]); the reader stops its drain early when it sees them
+/// ([`SendGate::has_waiting`]), wakes them after letting go ([`SendGate::wake`]) and
+/// waits, bounded, until they had the lock ([`SendGate::let_senders_in`]).
+#[derive(Default)]
+pub(crate) struct SendGate {
+    /// Senders waiting for `link`.
+    waiting: AtomicUsize,
+    /// Where waiting senders sleep. A leaf lock: nobody blocks on `link` while holding it.
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl SendGate {
+    /// Whether senders wait for `link` (the reader then ends its drain).
+    pub(crate) fn has_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// Called by the reader right after it let go of `link`: wakes waiting senders.
+    pub(crate) fn wake(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            drop(self.lock.lock());
+            self.cv.notify_all();
+        }
+    }
+
+    /// Called by the reader before it takes `link` again: waits (bounded) until the
+    /// waiting senders had the lock, so it does not take it straight back.
+    pub(crate) fn let_senders_in(&self) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_millis(5);
+        while self.waiting.load(Ordering::SeqCst) > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+    }
+}
+
 /// State shared by the handles and the internal threads of one client.
 pub(crate) struct Shared {
     pub link: Mutex<Link>,
@@ -572,12 +456,8 @@ pub(crate) struct Shared {
     /// `close()`; once cancelled, every later attempt ends at once too.
     pub connecting: Cancel,
     pub counters: Counters,
-    /// Senders waiting for `link` in [`Shared::lock_for_send`]. While it is not zero the
-    /// reader stops draining, lets go and waits until they had the lock.
-    pub writers: AtomicUsize,
-    /// Where waiting senders sleep. A leaf lock: nobody blocks on `link` while holding it.
-    pub gate: Mutex<()>,
-    pub gate_cv: Condvar,
+    /// How senders that found `link` taken get it from the reader.
+    pub gate: SendGate,
 }
 
 fn outbox_timeout(link: &Link) -> Duration {
@@ -629,10 +509,7 @@ impl Shared {
 
     /// Declares connection `cgen` dead (first reporter wins; stale generations ignored).
     pub(crate) fn mark_dead(&self, link: &mut Link, cgen: u64, reason: DisconnectReason) {
-        if let Some(live) = link.conn.as_mut()
-            && live.generation == cgen
-            && live.dead.is_none()
-        {
+        if let Some(live) = link.alive_mut(cgen) {
             log::debug!("connection {cgen} dead: {reason}");
             live.dead = Some(reason);
             let _ = self.ctl.send(Command::Dead(cgen));
@@ -783,9 +660,8 @@ impl Shared {
                     // Make room: flush what is buffered (waiting, unless `Try`).
                     self.flush_batch(link, batch, mode);
                     let still_full = link
-                        .conn
-                        .as_ref()
-                        .is_some_and(|l| l.generation == batch.cgen && l.pending_since.is_some());
+                        .live(batch.cgen)
+                        .is_some_and(|l| l.pending_since.is_some());
                     if mode == SendMode::Try && still_full {
                         self.unadmit(link, &msg);
                         return Err(Error::WouldBlock { message: msg });
@@ -852,8 +728,8 @@ impl Shared {
     /// then calls `sched_yield` up to 7 times before it parks, and on a busy machine each
     /// yield can cost the sender a whole scheduler slice, while `unlock_fair` only hands
     /// the lock to *parked* threads, so the reader (always runnable under inbound load)
-    /// takes it straight back. A waiting sender is counted in `writers` and sleeps on
-    /// `gate_cv`; the reader wakes it when it lets go.
+    /// takes it straight back. A waiting sender is counted in the [`SendGate`] and sleeps
+    /// there; the reader wakes it when it lets go.
     #[inline]
     fn lock_for_send(&self) -> MutexGuard<'_, Link> {
         match self.link.try_lock() {
@@ -866,45 +742,22 @@ impl Shared {
     /// the uncontended send stays small.
     #[cold]
     fn lock_for_send_contended(&self) -> MutexGuard<'_, Link> {
-        self.writers.fetch_add(1, Ordering::SeqCst);
+        let gate = &self.gate;
+        gate.waiting.fetch_add(1, Ordering::SeqCst);
         let link = loop {
-            let mut gate = self.gate.lock();
-            if let Some(g) = self.link.try_lock() {
-                break g;
+            let mut g = gate.lock.lock();
+            if let Some(link) = self.link.try_lock() {
+                break link;
             }
             // Other holders (timer, supervisor, stats) do not notify: hence the bound.
-            self.gate_cv.wait_for(&mut gate, Duration::from_micros(200));
+            gate.cv.wait_for(&mut g, Duration::from_micros(200));
         };
-        if self.writers.fetch_sub(1, Ordering::SeqCst) == 1
+        if gate.waiting.fetch_sub(1, Ordering::SeqCst) == 1
             && let Some(r) = link.conn.as_ref().and_then(|l| l.reader.as_ref())
         {
             r.unpark();
         }
         link
-    }
-
-    /// Called by the reader right after it let go of `link`: wakes waiting senders.
-    pub(crate) fn wake_senders(&self) {
-        if self.writers.load(Ordering::SeqCst) > 0 {
-            drop(self.gate.lock());
-            self.gate_cv.notify_all();
-        }
-    }
-
-    /// Called by the reader before it takes `link` again: waits (bounded) until the
-    /// waiting senders had the lock, so it does not take it straight back.
-    pub(crate) fn wait_for_senders(&self) {
-        if self.writers.load(Ordering::SeqCst) == 0 {
-            return;
-        }
-        let deadline = Instant::now() + Duration::from_millis(5);
-        while self.writers.load(Ordering::SeqCst) > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            std::thread::park_timeout(deadline - now);
-        }
     }
 
     /// Queues `msg` while no connection takes direct sends. `Ok(Some(msg))`: a
@@ -973,11 +826,7 @@ impl Shared {
         let write_timeout = self.cfg.write_timeout;
         let cgen = batch.cgen;
         loop {
-            let Some(live) = link
-                .conn
-                .as_mut()
-                .filter(|l| l.generation == cgen && l.takes_data())
-            else {
+            let Some(live) = link.live_mut(cgen).filter(|l| l.takes_data()) else {
                 // Died (or its close frame was queued) meanwhile: the batch's messages
                 // went with the connection.
                 batch.buffered = 0;

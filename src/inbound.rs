@@ -35,8 +35,8 @@ use crossbeam_channel::{
 };
 use parking_lot::{Condvar, Mutex};
 
-use crate::Event;
 use crate::transport::sys::Waker;
+use crate::{Event, Message};
 
 /// Emptied batch buffers kept for the reader (so it does not allocate one per drain).
 const SPARE_BUFFERS: usize = 8;
@@ -51,7 +51,11 @@ const HELD_WITH_INPUT: u8 = 2;
 /// You only meet a `Batch` when you wait on [`Events::receiver`] yourself (in
 /// `crossbeam_channel::select!`); [`Events::recv`] and friends unpack batches for you.
 pub struct Batch {
-    events: VecDeque<Event>,
+    // Either the messages of one drain of the socket, or one control event. Messages
+    // travel as `Message`s (56 bytes) and become `Event::Message` (96 bytes) only on the
+    // consumer's thread: less memory crosses between the threads per message.
+    messages: VecDeque<Message>,
+    control: Option<Event>,
     /// Messages and payload bytes counted against the bound; released on unpack or drop.
     msgs: usize,
     bytes: usize,
@@ -61,18 +65,12 @@ pub struct Batch {
 impl Batch {
     /// Number of events in the batch.
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.messages.len() + usize::from(self.control.is_some())
     }
 
     /// Whether the batch is empty (never the case for a batch taken from the channel).
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-    }
-
-    /// Takes the events out and gives the room they took back to the reader.
-    fn unpack(mut self) -> VecDeque<Event> {
-        self.release();
-        std::mem::take(&mut self.events)
+        self.len() == 0
     }
 
     fn release(&mut self) {
@@ -90,17 +88,52 @@ impl Drop for Batch {
 
 impl fmt::Debug for Batch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.events.iter()).finish()
+        let mut list = f.debug_list();
+        list.entries(self.control.iter());
+        for m in &self.messages {
+            list.entry(&format_args!("Message({m:?})"));
+        }
+        list.finish()
     }
 }
 
 impl IntoIterator for Batch {
     type Item = Event;
-    type IntoIter = std::collections::vec_deque::IntoIter<Event>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.unpack().into_iter()
+    type IntoIter = BatchIter;
+    /// The events in order; the room they took in the bound goes back to the reader now.
+    fn into_iter(mut self) -> BatchIter {
+        self.release();
+        BatchIter {
+            control: self.control.take(),
+            messages: std::mem::take(&mut self.messages).into_iter(),
+        }
     }
 }
+
+/// The events of a [`Batch`], in order (from [`Batch::into_iter`]).
+#[derive(Debug)]
+pub struct BatchIter {
+    control: Option<Event>,
+    messages: std::collections::vec_deque::IntoIter<Message>,
+}
+
+impl Iterator for BatchIter {
+    type Item = Event;
+    #[inline]
+    fn next(&mut self) -> Option<Event> {
+        match self.control.take() {
+            Some(ev) => Some(ev),
+            None => self.messages.next().map(Event::Message),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.messages.len() + usize::from(self.control.is_some());
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for BatchIter {}
 
 /// Shared by the reader, the consumer ([`Events`]) and `stats()`: the bound, what waits,
 /// and how the reader is woken when room is made.
@@ -121,8 +154,8 @@ pub(crate) struct Inbound {
     held_since: Mutex<Option<Instant>>,
     stalls: AtomicU64,
     /// Emptied batch buffers going back to the reader.
-    spare_tx: Sender<VecDeque<Event>>,
-    spare_rx: Receiver<VecDeque<Event>>,
+    spare_tx: Sender<VecDeque<Message>>,
+    spare_rx: Receiver<VecDeque<Message>>,
 }
 
 impl Inbound {
@@ -173,14 +206,14 @@ impl Inbound {
     }
 
     /// A buffer for the reader's next batch.
-    pub(crate) fn buffer(&self, capacity: usize) -> VecDeque<Event> {
+    pub(crate) fn buffer(&self, capacity: usize) -> VecDeque<Message> {
         self.spare_rx
             .try_recv()
             .unwrap_or_else(|_| VecDeque::with_capacity(capacity))
     }
 
-    fn recycle(&self, buf: VecDeque<Event>) {
-        // Batches of one control event are not worth keeping.
+    fn recycle(&self, buf: VecDeque<Message>) {
+        // Small buffers are not worth keeping.
         if buf.capacity() >= 16 {
             let _ = self.spare_tx.try_send(buf);
         }
@@ -279,24 +312,31 @@ impl EventTx {
     /// when every receiver is gone.
     pub(crate) fn send(&self, ev: Event) -> Result<(), SendError<Event>> {
         let batch = Batch {
-            events: VecDeque::from([ev]),
+            messages: VecDeque::new(),
+            control: Some(ev),
             msgs: 0,
             bytes: 0,
             inbound: None,
         };
         self.tx
             .send(batch)
-            .map_err(|SendError(mut b)| SendError(b.events.pop_front().expect("a batch of one")))
+            .map_err(|SendError(mut b)| SendError(b.control.take().expect("a control event")))
     }
 
     /// Sends the messages of one drain (`msgs` text/binary messages of `bytes` payload
-    /// bytes among `events`), counted against the bound until the consumer takes them.
-    /// Empties `events` (its buffer may go back to the reader through the consumer).
-    pub(crate) fn send_messages(&self, events: &mut VecDeque<Event>, msgs: usize, bytes: usize) {
+    /// bytes among `messages`), counted against the bound until the consumer takes them.
+    /// Empties `messages` (its buffer may go back to the reader through the consumer).
+    pub(crate) fn send_messages(
+        &self,
+        messages: &mut VecDeque<Message>,
+        msgs: usize,
+        bytes: usize,
+    ) {
         self.inbound.msgs.fetch_add(msgs, Ordering::SeqCst);
         self.inbound.bytes.fetch_add(bytes, Ordering::SeqCst);
         let batch = Batch {
-            events: std::mem::replace(events, self.inbound.buffer(events.capacity())),
+            messages: std::mem::replace(messages, self.inbound.buffer(messages.capacity())),
+            control: None,
             msgs,
             bytes,
             inbound: Some(self.inbound.clone()),
@@ -360,7 +400,8 @@ impl EventTx {
 pub struct Events {
     rx: Receiver<Batch>,
     inbound: Arc<Inbound>,
-    buf: RefCell<VecDeque<Event>>,
+    /// Messages already taken out of a batch.
+    buf: RefCell<VecDeque<Message>>,
 }
 
 impl fmt::Debug for Events {
@@ -388,21 +429,25 @@ impl Events {
         }
     }
 
-    /// Takes the next event from the buffer, or refills the buffer from `batch`.
-    fn take(&self, batch: Batch) -> Event {
-        let mut events = batch.unpack();
-        let ev = events.pop_front().expect("batches are never empty");
+    /// The first event of `batch`; the rest (messages) refill the (empty) buffer.
+    fn take(&self, mut batch: Batch) -> Event {
+        batch.release();
+        if let Some(ev) = batch.control.take() {
+            return ev;
+        }
+        let mut messages = std::mem::take(&mut batch.messages);
+        let m = messages.pop_front().expect("batches are never empty");
         let mut buf = self.buf.borrow_mut();
         // Keep the fuller buffer; the empty one goes back to the reader.
-        let old = std::mem::replace(&mut *buf, events);
+        let old = std::mem::replace(&mut *buf, messages);
         self.inbound.recycle(old);
-        ev
+        Event::Message(m)
     }
 
     /// An event already taken out of a batch, if any (never waits, never touches the channel).
     #[inline]
     pub fn try_recv_buffered(&self) -> Option<Event> {
-        self.buf.borrow_mut().pop_front()
+        self.buf.borrow_mut().pop_front().map(Event::Message)
     }
 
     /// Waits for the next event. `Err` once the client is gone and every event was read
@@ -604,7 +649,7 @@ impl EventSink {
 
     /// Sends the messages of one reader drain as one batch (see `inbound.rs`), unless
     /// `Closed` was emitted (never the case while a reader runs: it is joined first).
-    pub(crate) fn emit_messages(&self, events: &mut VecDeque<Event>, msgs: usize, bytes: usize) {
+    pub(crate) fn emit_messages(&self, events: &mut VecDeque<Message>, msgs: usize, bytes: usize) {
         let g = self.grammar.lock();
         if g.closed {
             log::debug!(

@@ -26,7 +26,7 @@ use tungstenite::protocol::frame::Utf8Bytes;
 use crate::link::{Link, Shared, current_mut};
 use crate::transport::stream::{is_would_block, reason_of};
 use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, poll2, raw};
-use crate::{DisconnectReason, Event, Message};
+use crate::{DisconnectReason, Message};
 
 /// Most bytes one lock hold reads from the socket (besides at most `read_budget` messages).
 const READ_QUOTA: usize = 256 << 10;
@@ -155,7 +155,9 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     // were left by an on_connect hook) already sit in tungstenite's (or OpenSSL's) buffer,
     // and poll would never report them.
     let mut more = true;
-    let mut out: VecDeque<Event> = VecDeque::with_capacity(budget);
+    // The messages of this drain for the user (text, binary, and pings and pongs when
+    // surfaced): as `Message`s, the consumer's `Events` makes them `Event::Message`.
+    let mut out: VecDeque<Message> = VecDeque::with_capacity(budget);
     let recycler = Recycler::new();
     loop {
         // Bytes arrived on the socket (perhaps only part of a large frame).
@@ -240,10 +242,10 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         Message::Text(_) | Message::Binary(_) if !consumed => {
                             msgs += 1;
                             bytes += msg.len();
-                            out.push_back(Event::Message(recycler.detach(msg)));
+                            out.push_back(recycler.detach(msg));
                         }
                         Message::Ping(_) | Message::Pong(_) if surface_pings => {
-                            out.push_back(Event::Message(msg));
+                            out.push_back(msg);
                         }
                         Message::Close(frame) if !live.close_sent => {
                             dead = Some(DisconnectReason::closed_by_peer(frame));

@@ -29,7 +29,6 @@ const T: Duration = Duration::from_secs(10);
 
 fn builder(url: &str) -> ClientBuilder {
     Client::builder(url)
-        .expect("url")
         .connect_timeout(T)
         .close_timeout(Duration::from_secs(2))
 }
@@ -483,21 +482,19 @@ fn limits_take_extreme_values() {
     watch_panics();
     let before = client_panics();
     let server = TestServer::echo();
-    let huge = Limits {
-        max_message_size: usize::MAX,
-        max_frame_size: usize::MAX,
-        max_write_buffer: usize::MAX,
-        queue_messages: usize::MAX,
-        queue_bytes: usize::MAX,
-    };
+    let huge = Limits::default()
+        .max_message_size(usize::MAX)
+        .max_frame_size(usize::MAX)
+        .max_write_buffer(usize::MAX)
+        .queue_messages(usize::MAX)
+        .queue_bytes(usize::MAX);
     works("Limits at usize::MAX", builder(&server.url()).limits(huge));
-    let tiny = Limits {
-        max_message_size: 0,
-        max_frame_size: 0,
-        max_write_buffer: 0,
-        queue_messages: 0,
-        queue_bytes: 0,
-    };
+    let tiny = Limits::default()
+        .max_message_size(0)
+        .max_frame_size(0)
+        .max_write_buffer(0)
+        .queue_messages(0)
+        .queue_bytes(0);
     let client = builder(&server.url())
         .limits(tiny)
         .connect()
@@ -566,10 +563,7 @@ fn wait_connected_and_session_timeouts_take_max_and_zero() {
 fn overflow_block_takes_max_and_zero() {
     let _g = util::exclusive();
     let hang = TestServer::start(Behavior::Hang);
-    let limits = Limits {
-        queue_messages: 1,
-        ..Limits::default()
-    };
+    let limits = Limits::default().queue_messages(1);
     // ZERO: like Reject.
     let client = builder(&hang.url())
         .limits(limits.clone())
@@ -619,11 +613,7 @@ fn a_send_waiting_for_room_is_handed_back_once_the_close_frame_is_queued() {
         .close_timeout(Duration::from_secs(20))
         .write_timeout(Duration::from_secs(60))
         .heartbeat(Heartbeat::off())
-        .limits(Limits {
-            max_message_size: size,
-            max_write_buffer: 0,
-            ..Limits::default()
-        })
+        .limits(Limits::default().max_message_size(size).max_write_buffer(0))
         .connect()
         .expect("connect");
     let events = client.events();
@@ -979,3 +969,4 @@ fn close_from_every_state_returns_within_100_ms_plus_the_close_timeout() {
     check("after a panic", client);
     eprintln!("close() took: {}", report.join(", "));
 }
+

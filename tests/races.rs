@@ -37,7 +37,6 @@ fn assert_clean_end(what: &str) {
 
 fn builder(url: &str) -> ClientBuilder {
     Client::builder(url)
-        .expect("url")
         .connect_timeout(T)
         .close_timeout(Duration::from_secs(2))
         .heartbeat(Heartbeat::ping(

@@ -16,10 +16,10 @@ use crate::config::{
 };
 use crate::heartbeat::Heartbeat;
 use crate::outbox::Delivery;
-use crate::reconnect::Session;
 #[cfg(any(feature = "native-tls", feature = "rustls"))]
 use crate::tls_config::Connector;
 use crate::tls_config::{Identity, TlsSettings};
+use crate::transport::session::{Hooks, Session};
 use crate::{Error, Result};
 
 impl Client {
@@ -69,6 +69,7 @@ impl Client {
 #[must_use = "a builder does nothing until connect() or connect_lazy()"]
 pub struct ClientBuilder {
     pub(crate) cfg: Config,
+    hooks: Hooks,
     /// The first error a builder method met, returned by `connect()` / `connect_lazy()`.
     error: Option<Error>,
 }
@@ -113,10 +114,9 @@ impl ClientBuilder {
     /// Starts from a prepared [`Request`].
     pub fn from_request(request: Request) -> ClientBuilder {
         ClientBuilder {
+            hooks: Hooks::default(),
             cfg: Config {
                 request,
-                factory: None,
-                on_connect: None,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 write_timeout: DEFAULT_WRITE_TIMEOUT,
                 close_timeout: DEFAULT_CLOSE_TIMEOUT,
@@ -134,10 +134,10 @@ impl ClientBuilder {
                 stack_size: 256 << 10,
                 read_buffer_size: 64 << 10,
                 event_capacity: (
-                    crate::inbound::DEFAULT_EVENT_CAPACITY_MESSAGES,
-                    crate::inbound::DEFAULT_EVENT_CAPACITY_BYTES,
+                    crate::config::DEFAULT_EVENT_CAPACITY_MESSAGES,
+                    crate::config::DEFAULT_EVENT_CAPACITY_BYTES,
                 ),
-                consumer_stall_timeout: crate::inbound::DEFAULT_CONSUMER_STALL_TIMEOUT,
+                consumer_stall_timeout: crate::config::DEFAULT_CONSUMER_STALL_TIMEOUT,
                 delivery: Delivery::AtLeastOnce,
                 offline_queue: true,
             },
@@ -227,7 +227,7 @@ impl ClientBuilder {
         mut self,
         factory: impl Fn(&Attempt<'_>) -> Result<Request> + Send + Sync + 'static,
     ) -> Self {
-        self.cfg.factory = Some(Arc::new(factory));
+        self.hooks.factory = Some(Arc::new(factory));
         self
     }
 
@@ -240,7 +240,7 @@ impl ClientBuilder {
         mut self,
         hook: impl Fn(&mut Session<'_>) -> Result<()> + Send + Sync + 'static,
     ) -> Self {
-        self.cfg.on_connect = Some(Arc::new(hook));
+        self.hooks.on_connect = Some(Arc::new(hook));
         self
     }
 
@@ -515,7 +515,7 @@ impl ClientBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        Client::start(self.cfg, eager, Vec::new())
+        Client::start(self.cfg, self.hooks, eager, Vec::new())
     }
 }
 

@@ -10,8 +10,7 @@ use crossbeam_channel::{Receiver, unbounded};
 use parking_lot::Mutex;
 
 use crate::config::Config;
-use crate::dial::Cancel;
-use crate::event::EventSink;
+use crate::inbound::EventSink;
 use crate::inbound::{Batch, EventTx, Events, Inbound};
 use crate::link::{Command, Counters, Link, SendMode, Shared, TimerCmd};
 use crate::outbox::{Delivery, Outbox};
@@ -19,6 +18,8 @@ use crate::queue::OfflineQueue;
 use crate::reconnect::{Supervisor, establish};
 use crate::redact::RedactedUrl;
 use crate::time::deadline_in;
+use crate::transport::dial::Cancel;
+use crate::transport::session::Hooks;
 use crate::{Error, Event, Message, Result, State};
 
 /// A WebSocket client that keeps its connection alive on its own.
@@ -119,6 +120,8 @@ impl fmt::Debug for WeakClient {
 
 struct Handle {
     shared: Arc<Shared>,
+    /// The user's connection callbacks, kept for `restart`.
+    hooks: Hooks,
     events: Receiver<Batch>,
     inbound: Arc<Inbound>,
     supervisor: Mutex<Option<JoinHandle<Vec<Message>>>>,
@@ -184,7 +187,12 @@ impl Client {
     /// Starts the client's threads; `eager` connects first, on the caller's thread.
     /// `carried` are messages already accepted (by a client this one restarts): they go
     /// first in the offline queue.
-    pub(crate) fn start(cfg: Config, eager: bool, carried: Vec<Message>) -> Result<Client> {
+    pub(crate) fn start(
+        cfg: Config,
+        hooks: Hooks,
+        eager: bool,
+        carried: Vec<Message>,
+    ) -> Result<Client> {
         cfg.validate()?;
         let inbound = Arc::new(Inbound::new(
             cfg.event_capacity.0,
@@ -224,7 +232,7 @@ impl Client {
             gate_cv: Default::default(),
         });
         let first = if eager {
-            Some(establish(&shared, 1, None)?)
+            Some(establish(&shared, &hooks, 1, None)?)
         } else {
             None
         };
@@ -232,8 +240,8 @@ impl Client {
         let timer = std::thread::Builder::new()
             .name("wsbeat-timer".into())
             .stack_size(stack)
-            .spawn(move || crate::heartbeat::run(s, timer_rx))?;
-        let sup = Supervisor::new(shared.clone(), ctl_rx, timer);
+            .spawn(move || crate::timer::run(s, timer_rx))?;
+        let sup = Supervisor::new(shared.clone(), hooks.clone(), ctl_rx, timer);
         let supervisor = match std::thread::Builder::new()
             .name("wsbeat-reconnect".into())
             .stack_size(stack)
@@ -265,6 +273,7 @@ impl Client {
         Ok(Client {
             inner: Arc::new(Handle {
                 shared,
+                hooks,
                 events: ev_rx,
                 inbound,
                 supervisor: Mutex::new(Some(supervisor)),
@@ -483,7 +492,12 @@ impl Client {
     /// ```
     pub fn restart(&self) -> Result<Client> {
         let unsent = self.close();
-        Client::start(self.inner.shared.cfg.clone(), false, unsent)
+        Client::start(
+            self.inner.shared.cfg.clone(),
+            self.inner.hooks.clone(),
+            false,
+            unsent,
+        )
     }
 
     /// Closes: close handshake (bounded by the close timeout), socket shutdown, every

@@ -9,7 +9,6 @@ use url::Url;
 use crate::backoff::ReconnectPolicy;
 use crate::heartbeat::Heartbeat;
 use crate::outbox::Delivery;
-use crate::reconnect::Session;
 use crate::redact::{RedactedUrl, is_secret_header};
 pub(crate) use crate::tls_config::TlsSettings;
 use crate::{Error, Result};
@@ -221,9 +220,6 @@ impl Limits {
     }
 }
 
-pub(crate) type RequestFactory = Arc<dyn Fn(&Attempt<'_>) -> Result<Request> + Send + Sync>;
-pub(crate) type ConnectHook = Arc<dyn Fn(&mut Session<'_>) -> Result<()> + Send + Sync>;
-
 /// How to pick a proxy.
 #[derive(Clone, Debug)]
 pub(crate) enum ProxySetting {
@@ -277,6 +273,13 @@ impl TcpKeepalive {
     }
 }
 
+/// Default most text/binary messages waiting for the consumer.
+pub const DEFAULT_EVENT_CAPACITY_MESSAGES: usize = 10_000;
+/// Default most payload bytes waiting for the consumer.
+pub const DEFAULT_EVENT_CAPACITY_BYTES: usize = 32 << 20;
+/// Default time the reader may be held back by a full event channel before the consumer
+/// is reported stalled.
+pub const DEFAULT_CONSUMER_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default delay between two connection attempts of Happy Eyeballs (RFC 8305 5).
 pub const DEFAULT_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// Default number of redirects followed on the upgrade request.
@@ -307,8 +310,6 @@ impl Default for SocketOptions {
 #[derive(Clone)]
 pub(crate) struct Config {
     pub request: Request,
-    pub factory: Option<RequestFactory>,
-    pub on_connect: Option<ConnectHook>,
     pub connect_timeout: Duration,
     pub write_timeout: Duration,
     pub close_timeout: Duration,

@@ -7,6 +7,71 @@ use std::time::Duration;
 
 use crate::Message;
 
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The peer sent a close frame.
+    ClosedByPeer {
+        /// Close code (1000 = normal, 1001 = going away, 1012 = restart, 1013 = try later).
+        code: u16,
+        /// Close reason text.
+        reason: String,
+    },
+    /// The peer closed TCP without a close frame (FIN or RST).
+    Reset,
+    /// The peer broke the protocol, or a size limit was exceeded.
+    Protocol(String),
+    /// A network I/O error.
+    Io(String),
+    /// No heartbeat reply or inbound traffic in time: the link is dead or half-open.
+    HeartbeatTimeout {
+        /// Time since the last inbound traffic when death was declared.
+        silent_for: Duration,
+    },
+    /// Outgoing data did not drain within the write timeout: the peer stopped reading.
+    WriteStalled,
+    /// [`Client::close`](crate::Client::close) or drop of the last handle.
+    ClosedByUser,
+    /// [`Client::reconnect_now`](crate::Client::reconnect_now) on an open connection.
+    ReconnectRequested,
+}
+
+impl DisconnectReason {
+    /// From the peer's close frame (1005 "no status" when it had none).
+    pub(crate) fn closed_by_peer(frame: Option<crate::CloseFrame>) -> Self {
+        let (code, reason) = frame.map_or((1005, String::new()), |f| {
+            (u16::from(f.code), f.reason.to_string())
+        });
+        DisconnectReason::ClosedByPeer { code, reason }
+    }
+}
+
+impl fmt::Display for DisconnectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DisconnectReason::ClosedByPeer { code, reason } => {
+                write!(f, "closed by peer with code {code}")?;
+                if !reason.is_empty() {
+                    write!(f, " ({reason})")?;
+                }
+                Ok(())
+            }
+            DisconnectReason::Reset => f.write_str("connection reset by peer"),
+            DisconnectReason::Protocol(m) => write!(f, "protocol error: {m}"),
+            DisconnectReason::Io(m) => write!(f, "I/O error: {m}"),
+            DisconnectReason::HeartbeatTimeout { silent_for } => {
+                write!(f, "heartbeat timeout: nothing received for {silent_for:?}")
+            }
+            DisconnectReason::WriteStalled => {
+                f.write_str("write stalled: the peer stopped reading")
+            }
+            DisconnectReason::ClosedByUser => f.write_str("closed by user"),
+            DisconnectReason::ReconnectRequested => f.write_str("reconnect requested"),
+        }
+    }
+}
+
 /// Which step of opening a connection ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -285,7 +350,7 @@ pub enum Error {
     },
     /// An open connection ended (the reason a reconnect policy is told about).
     #[error("connection lost: {0}")]
-    ConnectionLost(crate::DisconnectReason),
+    ConnectionLost(DisconnectReason),
     /// `wait_connected` ran out of time.
     #[error("not connected within {0:?}")]
     NotConnected(Duration),

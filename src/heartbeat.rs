@@ -19,12 +19,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, after, select};
-
-use crate::event::{DisconnectReason, Event};
-use crate::link::{Shared, TimerCmd};
 use crate::time::deadline;
-use crate::{Error, Message, Result};
+use crate::{DisconnectReason, Error, Message, Result};
 
 /// Decides whether an inbound message is the reply to an application-level probe.
 ///
@@ -392,14 +388,17 @@ impl HbState {
 }
 
 /// What the timer decided for the current connection.
-enum Step {
+#[derive(Debug, PartialEq)]
+pub(crate) enum Step {
     SleepUntil(Instant),
     Probe(Message, u64),
     Dead(DisconnectReason),
     Missed(u32, Message, u64),
 }
 
-fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
+/// The heartbeat's decision for one connection at `now`: sleep, probe, count a miss or
+/// declare it dead. Pure: no threads, no sockets, no clock (the timer applies it).
+pub(crate) fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
     let alive_since = match hb.liveness {
         Liveness::Traffic => st.last_inbound,
         Liveness::Data => st.last_data.max(st.last_reply),
@@ -460,117 +459,6 @@ fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
             }
             let seq = st.next_seq;
             Some(Step::Probe(probe_msg(seq), seq))
-        }
-    }
-}
-
-/// The timer thread: probes, deadlines, write-stall detection.
-pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
-    let hb = shared.cfg.heartbeat.clone();
-    let write_timeout = shared.cfg.write_timeout;
-    loop {
-        let now = Instant::now();
-        let mut wake_at: Option<Instant> = None;
-        let mut event = None;
-        {
-            let mut link = shared.link.lock();
-            if let Some(live) = link
-                .conn
-                .as_mut()
-                .filter(|l| l.dead.is_none() && !l.close_sent)
-            {
-                let cgen = live.generation;
-                // Write stall: output pending longer than the write timeout.
-                let stall = live.pending_since.map(|t| deadline(t, write_timeout));
-                let mut dead = None;
-                if let Some(due) = stall {
-                    // Give the socket one more chance to drain before judging.
-                    match live.try_flush() {
-                        Ok(true) => {}
-                        Ok(false) if now >= due => dead = Some(DisconnectReason::WriteStalled),
-                        Ok(false) => wake_at = Some(due),
-                        Err(e) => dead = Some(crate::link::reason_of(&e)),
-                    }
-                }
-                if dead.is_none()
-                    && let Some(buffered) = shared.events.inbound().held_back()
-                    && (buffered || crate::sys::wait_readable(&live.sock, Duration::ZERO))
-                {
-                    // The consumer is behind: the reader does not read, so replies wait
-                    // unread. Unread input proves the peer alive (see `HbState::held_back`).
-                    live.hb.held_back(now);
-                }
-                if dead.is_none() {
-                    loop {
-                        match evaluate(&hb, &mut live.hb, now) {
-                            None => break,
-                            Some(Step::SleepUntil(t)) => {
-                                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
-                                break;
-                            }
-                            Some(Step::Dead(r)) => {
-                                dead = Some(r);
-                                break;
-                            }
-                            Some(step) => {
-                                let (msg, seq) = match step {
-                                    Step::Missed(missed, msg, seq) => {
-                                        event = Some(Event::HeartbeatMissed {
-                                            generation: cgen,
-                                            missed,
-                                        });
-                                        (msg, seq)
-                                    }
-                                    Step::Probe(msg, seq) => (msg, seq),
-                                    _ => unreachable!("handled above"),
-                                };
-                                live.hb.next_seq += 1;
-                                live.hb.probe = Some((seq, now));
-                                log::trace!("connection {cgen}: heartbeat probe {seq}");
-                                let written = match live.ws.write(msg) {
-                                    Err(e) if crate::link::is_would_block(&e) => Ok(()),
-                                    other => other,
-                                };
-                                match written.and_then(|_| live.try_flush()) {
-                                    Ok(true) => {}
-                                    // The reader flushes it when the socket drains.
-                                    Ok(false) => live.waker.wake(),
-                                    // The buffer is full of user data: that is a stall, judged above.
-                                    Err(tungstenite::Error::WriteBufferFull(_)) => {}
-                                    Err(e) => {
-                                        dead = Some(crate::link::reason_of(&e));
-                                        break;
-                                    }
-                                }
-                                // Loop once more to get the reply deadline.
-                            }
-                        }
-                    }
-                }
-                if let Some(reason) = dead {
-                    log::info!("connection {cgen}: {reason}");
-                    shared.mark_dead(&mut link, cgen, reason);
-                    wake_at = None;
-                }
-            }
-            // Acked delivery: messages whose ack is overdue are written again.
-            if let Some(t) = shared.resend_overdue(&mut link, now) {
-                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
-            }
-        }
-        if let Some(ev) = event {
-            shared.emit(ev);
-        }
-        let timeout = match wake_at {
-            Some(t) => after(t.saturating_duration_since(Instant::now())),
-            None => crossbeam_channel::never(),
-        };
-        select! {
-            recv(ctl) -> cmd => match cmd {
-                Ok(TimerCmd::Wake) => {}
-                Ok(TimerCmd::Stop) | Err(_) => return,
-            },
-            recv(timeout) -> _ => {}
         }
     }
 }

@@ -33,18 +33,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{
     Receiver, RecvError, RecvTimeoutError, SendError, Sender, TryRecvError, bounded,
 };
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::Event;
-use crate::sys::Waker;
-
-/// Default most text/binary messages waiting for the consumer.
-pub const DEFAULT_EVENT_CAPACITY_MESSAGES: usize = 10_000;
-/// Default most payload bytes waiting for the consumer.
-pub const DEFAULT_EVENT_CAPACITY_BYTES: usize = 32 << 20;
-/// Default time the reader may be held back by a full event channel before the consumer
-/// is reported stalled.
-pub const DEFAULT_CONSUMER_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::transport::sys::Waker;
 
 /// Emptied batch buffers kept for the reader (so it does not allocate one per drain).
 const SPARE_BUFFERS: usize = 8;
@@ -518,5 +510,141 @@ impl<'a> IntoIterator for &'a Events {
     type IntoIter = Iter<'a>;
     fn into_iter(self) -> Iter<'a> {
         self.iter()
+    }
+}
+
+/// The sending end of a client's event stream. Every event goes through
+/// [`EventSink::emit`], which keeps the stream in the grammar documented on [`Event`]:
+/// nothing after `Closed`, `Closed` once, `GaveUp` once, no `Reconnecting` once closing
+/// began. Its lock is a leaf: held only around an unbounded channel send.
+pub(crate) struct EventSink {
+    tx: EventTx,
+    grammar: Mutex<Grammar>,
+    /// Signalled when `Closed` is emitted.
+    closed: Condvar,
+}
+
+#[derive(Default)]
+struct Grammar {
+    /// `close` has begun: no more `Reconnecting`.
+    closing: bool,
+    gave_up: bool,
+    closed: bool,
+}
+
+impl Grammar {
+    /// Whether `ev` may go out now; records it.
+    fn admit(&mut self, ev: &Event) -> bool {
+        if self.closed {
+            return false;
+        }
+        match ev {
+            Event::Reconnecting { .. } => !self.closing && !self.gave_up,
+            Event::GaveUp(_) => !std::mem::replace(&mut self.gave_up, true),
+            Event::Closed => {
+                self.closed = true;
+                true
+            }
+            _ => true,
+        }
+    }
+}
+
+impl EventSink {
+    pub(crate) fn new(tx: EventTx) -> Self {
+        EventSink {
+            tx,
+            grammar: Mutex::new(Grammar::default()),
+            closed: Condvar::new(),
+        }
+    }
+
+    /// Sends `ev` unless the grammar forbids it now. Never blocks (unbounded channel), so
+    /// it may be called with the link lock held.
+    pub(crate) fn emit(&self, ev: Event) {
+        let mut g = self.grammar.lock();
+        if !g.admit(&ev) {
+            log::debug!("event dropped by the grammar: {ev:?}");
+            return;
+        }
+        let closed = matches!(ev, Event::Closed);
+        // Fails only when every receiver is gone: nobody to tell.
+        let _ = self.tx.send(ev);
+        if closed {
+            self.closed.notify_all();
+        }
+    }
+
+    /// Sends the messages of one reader drain as one batch (see `inbound.rs`), unless
+    /// `Closed` was emitted (never the case while a reader runs: it is joined first).
+    pub(crate) fn emit_messages(&self, events: &mut VecDeque<Event>, msgs: usize, bytes: usize) {
+        let g = self.grammar.lock();
+        if g.closed {
+            log::debug!(
+                "{} events dropped by the grammar: after Closed",
+                events.len()
+            );
+            events.clear();
+            return;
+        }
+        self.tx.send_messages(events, msgs, bytes);
+    }
+
+    /// The bound on inbound messages and the reader's hold on it.
+    pub(crate) fn inbound(&self) -> &Arc<Inbound> {
+        self.tx.inbound()
+    }
+
+    /// `close` has begun: `Reconnecting` would be a lie from now on.
+    pub(crate) fn begin_close(&self) {
+        self.grammar.lock().closing = true;
+    }
+
+    /// Waits until `Closed` was emitted (by the closer that joins the supervisor, or by
+    /// the supervisor itself). Bounded because that closer's join is.
+    pub(crate) fn wait_closed(&self) {
+        let mut g = self.grammar.lock();
+        while !g.closed {
+            self.closed.wait(&mut g);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Error;
+
+    #[test]
+    fn the_sink_keeps_the_grammar() {
+        let inbound = Arc::new(Inbound::new(10, 10, Duration::from_secs(1)));
+        let (tx, rx) = EventTx::new(inbound.clone());
+        let sink = EventSink::new(tx);
+        let reconnecting = || Event::Reconnecting {
+            attempt: 1,
+            delay: Duration::ZERO,
+            last_error: None,
+        };
+        sink.emit(reconnecting());
+        sink.begin_close();
+        sink.emit(reconnecting()); // dropped: closing
+        sink.emit(Event::GaveUp(Error::Closed { message: None }));
+        sink.emit(Event::GaveUp(Error::Closed { message: None })); // dropped: twice
+        sink.emit(Event::Undelivered(vec![]));
+        sink.emit(Event::Closed);
+        sink.emit(Event::Closed); // dropped: once
+        sink.emit(Event::Undelivered(vec![])); // dropped: after Closed
+        sink.wait_closed();
+        let kinds: Vec<_> = crate::inbound::Events::new(rx, inbound)
+            .try_iter()
+            .map(|e| {
+                format!("{e:?}")
+                    .split([' ', '('])
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(kinds, ["Reconnecting", "GaveUp", "Undelivered", "Closed"]);
     }
 }

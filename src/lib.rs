@@ -56,52 +56,55 @@
 
 #![warn(missing_docs)]
 
+// Types: errors, events, policies (import nothing above them).
 mod backoff;
-mod builder;
-mod client;
-mod config;
-mod connect;
-mod dial;
 mod error;
 mod event;
 mod heartbeat;
-mod inbound;
-mod link;
 mod outbox;
 mod queue;
+mod redact;
+mod time;
+mod tls_config;
+// Settings.
+mod config;
+// Lock-free transport: sockets, poll, waker, dial, proxies, TLS, the upgrade.
+mod transport;
+// Shared state and every lock rule; the inbound hand-off and the event grammar.
+mod inbound;
+mod link;
+// The threads: one file each.
 mod reader;
 mod reconnect;
-mod redact;
-mod socks;
-mod sys;
-mod time;
-mod tls;
-mod tls_config;
+mod timer;
+// The user API.
+mod builder;
+mod client;
 
 pub use backoff::{Backoff, Failure, ReconnectPolicy};
 pub use builder::ClientBuilder;
 pub use client::{Client, Stats, WeakClient};
 pub use config::{
     Attempt, DEFAULT_ATTEMPT_DELAY, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_CONSUMER_STALL_TIMEOUT, DEFAULT_EVENT_CAPACITY_BYTES, DEFAULT_EVENT_CAPACITY_MESSAGES,
     DEFAULT_MAX_REDIRECTS, DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT, OverflowPolicy,
     Request, TcpKeepalive,
 };
-pub use error::{ConnectStage, Error, RedirectRefusal, Result, SocksFailure, TlsErrorKind};
-pub use event::{DisconnectReason, Event, State};
-pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
-pub use inbound::{
-    Batch, DEFAULT_CONSUMER_STALL_TIMEOUT, DEFAULT_EVENT_CAPACITY_BYTES,
-    DEFAULT_EVENT_CAPACITY_MESSAGES, Events, IntoIter, Iter, TryIter,
+pub use error::{
+    ConnectStage, DisconnectReason, Error, RedirectRefusal, Result, SocksFailure, TlsErrorKind,
 };
+pub use event::{Event, State};
+pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
+pub use inbound::{Batch, Events, IntoIter, Iter, TryIter};
 /// Re-exported for [`ClientBuilder::tls_connector`] (the same version wsbeat uses).
 #[cfg(feature = "native-tls")]
 pub use native_tls;
 pub use outbox::{Acks, Delivery, IdReader};
-pub use reconnect::Session;
 /// Re-exported for [`ClientBuilder::rustls_config`] (the same version wsbeat uses).
 #[cfg(feature = "rustls")]
 pub use rustls;
 pub use tls_config::Identity;
+pub use transport::session::Session;
 pub use tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
 pub use tungstenite::{Bytes, Message};
 

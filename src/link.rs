@@ -44,7 +44,6 @@
 //!    outbox room under `OverflowPolicy::Block` (the `changed` condvar).
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -52,210 +51,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use tungstenite::WebSocket;
 
 use crate::config::{Config, OverflowPolicy};
-use crate::dial::Cancel;
-use crate::event::EventSink;
 use crate::heartbeat::HbState;
+use crate::inbound::EventSink;
 use crate::outbox::{Admit, Outbox};
 use crate::queue::{OfflineQueue, payload_len};
-use crate::sys::{Waker, unacked_bytes, wait_writable};
 use crate::time::{deadline, deadline_in};
+use crate::transport::dial::Cancel;
+use crate::transport::stream::{Ws, is_would_block, reason_of};
+use crate::transport::sys::{Waker, unacked_bytes, wait_writable};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
-
-/// The TCP socket under a [`Stream`] (under TLS, if any), with two bounds:
-/// - while connecting, a deadline: every read and write waits at most the time left and
-///   fails with `TimedOut` past it, so a peer that trickles bytes cannot stretch the TLS
-///   handshake or the upgrade response beyond the connect timeout (a socket timeout alone
-///   bounds each call, not their sum);
-/// - while the reader drains, a read quota: past it reads report `WouldBlock`, so a peer
-///   that never completes a message (endless empty fragments) cannot keep the reader
-///   inside one `read()` under the lock.
-pub(crate) struct Tcp {
-    pub sock: TcpStream,
-    deadline: Option<Instant>,
-    read_quota: Option<usize>,
-    /// When the OS last accepted outgoing bytes: a write stall is judged from here.
-    last_write: Instant,
-    /// Bytes the OS accepted on this socket so far (TLS records included): the offset
-    /// at which each flushed message ends, to match against the kernel's send queue.
-    written: u64,
-    /// `written` when bytes last arrived from the peer (its last sign of life).
-    written_at_read: u64,
-}
-
-impl Tcp {
-    /// A socket whose reads and writes end at `deadline` (see [`Tcp::connected`]).
-    pub(crate) fn connecting(sock: TcpStream, deadline: Instant) -> Tcp {
-        Tcp {
-            sock,
-            deadline: Some(deadline),
-            read_quota: None,
-            last_write: Instant::now(),
-            written: 0,
-            written_at_read: 0,
-        }
-    }
-
-    /// The connection is established: no deadline any more.
-    pub(crate) fn connected(&mut self) {
-        self.deadline = None;
-    }
-
-    /// Time left before the connect deadline, as the socket timeout of the next call.
-    fn left(&self, read: bool) -> io::Result<()> {
-        if let Some(end) = self.deadline {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connect timeout reached",
-                ));
-            }
-            if read {
-                self.sock.set_read_timeout(Some(left))?;
-            } else {
-                self.sock.set_write_timeout(Some(left))?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Read for Tcp {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.left(true)?;
-        let buf = match self.read_quota {
-            Some(0) => return Err(io::ErrorKind::WouldBlock.into()),
-            Some(q) => {
-                let n = buf.len().min(q);
-                &mut buf[..n]
-            }
-            None => buf,
-        };
-        let n = (&self.sock).read(buf)?;
-        if let Some(q) = self.read_quota.as_mut() {
-            *q -= n;
-        }
-        if n > 0 {
-            self.written_at_read = self.written;
-        }
-        Ok(n)
-    }
-}
-
-impl Write for Tcp {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.left(false)?;
-        let n = (&self.sock).write(buf)?;
-        if n > 0 {
-            self.last_write = Instant::now();
-            self.written += n as u64;
-        }
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        (&self.sock).flush()
-    }
-}
-
-/// A plain or TLS byte stream under the WebSocket.
-pub(crate) enum Stream {
-    Plain(Tcp),
-    Tls(Box<crate::tls::TlsStream<Tcp>>),
-}
-
-impl Stream {
-    pub(crate) fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => &s.sock,
-            Stream::Tls(s) => &s.get_ref().sock,
-        }
-    }
-
-    /// When the OS last accepted outgoing bytes of this connection.
-    pub(crate) fn last_write(&self) -> Instant {
-        match self {
-            Stream::Plain(s) => s.last_write,
-            Stream::Tls(s) => s.get_ref().last_write,
-        }
-    }
-
-    fn inner(&self) -> &Tcp {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_ref(),
-        }
-    }
-
-    fn inner_mut(&mut self) -> &mut Tcp {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => s.get_mut(),
-        }
-    }
-
-    /// The connection is established: lift the connect deadline.
-    pub(crate) fn connected(&mut self) {
-        self.inner_mut().connected();
-    }
-
-    /// Caps the bytes read from the socket from now on (`None`: no cap).
-    pub(crate) fn set_read_quota(&mut self, bytes: Option<usize>) {
-        self.inner_mut().read_quota = bytes;
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
-        }
-    }
-}
-
-pub(crate) type Ws = WebSocket<Stream>;
-
-pub(crate) fn is_would_block(e: &tungstenite::Error) -> bool {
-    matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
-}
-
-/// Maps a tungstenite failure on an open connection to why it ended.
-pub(crate) fn reason_of(e: &tungstenite::Error) -> DisconnectReason {
-    use tungstenite::Error as W;
-    match e {
-        W::Io(io) => match io.kind() {
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::UnexpectedEof
-            | io::ErrorKind::NotConnected => DisconnectReason::Reset,
-            _ => DisconnectReason::Io(io.to_string()),
-        },
-        W::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)
-        | W::ConnectionClosed
-        | W::AlreadyClosed => DisconnectReason::Reset,
-        W::Tls(t) => DisconnectReason::Io(format!("TLS: {t}")),
-        other => DisconnectReason::Protocol(other.to_string()),
-    }
-}
 
 /// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
 /// the socket byte offset at which each ended (at-least-once delivery only). Pruned
@@ -402,7 +208,7 @@ impl Live {
         if self.in_flight.is_empty() {
             return;
         }
-        let end = self.ws.get_ref().inner().written;
+        let end = self.ws.get_ref().offsets().0;
         // `pop_front`, not `drain`: cheaper for the usual one or two messages.
         while let Some(m) = self.in_flight.pop_front() {
             let n = payload_len(&m);
@@ -414,8 +220,7 @@ impl Live {
         if t.since_prune >= PRUNE_EVERY || t.bytes_since_prune >= PRUNE_EVERY_BYTES {
             t.since_prune = 0;
             t.bytes_since_prune = 0;
-            let tcp = self.ws.get_ref().inner();
-            let (written, mark) = (tcp.written, tcp.written_at_read);
+            let (written, mark) = self.ws.get_ref().offsets();
             let acked = unacked_bytes(&self.sock).map(|q| written.saturating_sub(q));
             // Keep the messages the peer's TCP has not acknowledged (bounded by the
             // kernel's send buffer); of those it acknowledged after its last sign of
@@ -453,8 +258,7 @@ impl Live {
         let mut resend = Vec::new();
         let mut possibly_lost = 0;
         if let Some(t) = self.tracked.as_mut() {
-            let tcp = self.ws.get_ref().inner();
-            let (written, mark) = (tcp.written, tcp.written_at_read);
+            let (written, mark) = self.ws.get_ref().offsets();
             // Unknown: everything after the peer's last sign of life is sent again.
             let acked = unacked_bytes(&self.sock).map_or(mark, |q| written.saturating_sub(q));
             for (end, m) in t.msgs.drain(..) {

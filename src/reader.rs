@@ -23,8 +23,9 @@ use parking_lot::MutexGuard;
 use tungstenite::Bytes;
 use tungstenite::protocol::frame::Utf8Bytes;
 
-use crate::link::{Link, Shared, is_would_block, reason_of};
-use crate::sys::{POLLHUP_ERR, POLLIN, POLLOUT, poll2, raw};
+use crate::link::{Link, Shared};
+use crate::transport::stream::{is_would_block, reason_of};
+use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, poll2, raw};
 use crate::{DisconnectReason, Event, Message};
 
 /// Most bytes one lock hold reads from the socket (besides at most `read_budget` messages).

@@ -7,7 +7,6 @@
 //! older generations are ignored. `reconnect_now` from many threads collapses into one
 //! command through an atomic flag.
 
-use std::io;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
@@ -19,101 +18,14 @@ use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::backoff::Failure;
 use crate::config::Attempt;
-use crate::connect::{self, Opened};
 use crate::heartbeat::HbState;
-use crate::link::{Command, Link, Live, Shared, TimerCmd, Written, Ws, is_would_block};
+use crate::link::{Command, Link, Live, Shared, TimerCmd, Written};
 use crate::outbox::Delivery;
-use crate::sys::{Waker, wait_readable, wait_writable};
-use crate::time::deadline_in;
+use crate::transport::connect::{self, Opened};
+use crate::transport::session::{Hooks, Session};
+use crate::transport::stream::{is_would_block, reason_of};
+use crate::transport::sys::{Waker, wait_writable};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
-
-/// The connection handed to an [`on_connect`](crate::ClientBuilder::on_connect) hook,
-/// before any other thread can use it: authenticate, subscribe, wait for an answer.
-///
-/// ```no_run
-/// use std::time::Duration;
-/// use wsbeat::{Client, Message};
-///
-/// let client = Client::builder("wss://example.com/feed")
-///     .on_connect(|s| {
-///         s.send(Message::text(r#"{"op":"auth","token":"..."}"#))?;
-///         let ack = s.read(Duration::from_secs(5))?; // e.g. {"op":"auth-ok"}
-///         s.send(Message::text(r#"{"op":"subscribe","topic":"trades"}"#))?;
-///         let _ = ack;
-///         Ok(())
-///     })
-///     .connect()?;
-/// # Ok::<(), wsbeat::Error>(())
-/// ```
-pub struct Session<'a> {
-    ws: &'a mut Ws,
-    generation: u64,
-    protocol: Option<&'a str>,
-    write_timeout: Duration,
-}
-
-impl Session<'_> {
-    /// The generation this connection will have.
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// The subprotocol the server selected.
-    pub fn protocol(&self) -> Option<&str> {
-        self.protocol
-    }
-
-    /// Sends a message and waits (up to the write timeout) until it reached the OS.
-    pub fn send(&mut self, msg: Message) -> Result<()> {
-        let deadline = deadline_in(self.write_timeout);
-        let mut r = self.ws.write(msg);
-        loop {
-            match r {
-                Ok(()) => match self.ws.flush() {
-                    Ok(()) => return Ok(()),
-                    Err(e) if is_would_block(&e) => {}
-                    Err(e) => return Err(Error::from_ws(e)),
-                },
-                Err(e) if is_would_block(&e) => {}
-                Err(e) => return Err(Error::from_ws(e)),
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "on_connect send: write timeout",
-                )));
-            }
-            wait_writable(self.ws.get_ref().tcp(), deadline - now);
-            r = Ok(());
-        }
-    }
-
-    /// Waits up to `timeout` for the next text or binary message (pings are answered).
-    pub fn read(&mut self, timeout: Duration) -> Result<Message> {
-        let deadline = deadline_in(timeout);
-        loop {
-            match self.ws.read() {
-                Ok(m @ (Message::Text(_) | Message::Binary(_))) => return Ok(m),
-                Ok(Message::Close(f)) => {
-                    return Err(Error::ConnectionLost(DisconnectReason::closed_by_peer(f)));
-                }
-                Ok(_) => {}
-                Err(e) if is_would_block(&e) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(Error::io(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "on_connect read: no message in time",
-                        )));
-                    }
-                    wait_readable(self.ws.get_ref().tcp(), deadline - now);
-                }
-                Err(e) => return Err(Error::from_ws(e)),
-            }
-        }
-    }
-}
 
 /// How a connection ended, from the supervisor's point of view.
 enum End {
@@ -125,6 +37,7 @@ enum End {
 
 pub(crate) struct Supervisor {
     pub shared: Arc<Shared>,
+    hooks: Hooks,
     pub ctl: Receiver<Command>,
     pub timer: Option<JoinHandle<()>>,
     /// The reader of the current connection, with its generation.
@@ -140,18 +53,19 @@ pub(crate) struct Supervisor {
 /// Opens a connection and runs the user's on-connect hook on it.
 pub(crate) fn establish(
     shared: &Shared,
+    hooks: &Hooks,
     number: u64,
     last_error: Option<&Error>,
 ) -> Result<Opened> {
     let cfg = &shared.cfg;
-    let req = match &cfg.factory {
+    let req = match &hooks.factory {
         Some(f) => Error::catch("request factory", || f(&Attempt { number, last_error }))??,
         None => cfg.request.clone(),
     };
     // `close()` aborts the attempt at any stage, and the hook below by shutting the
     // socket down.
     let opened = connect::open(cfg, &req, &shared.connecting);
-    let result = opened.and_then(|o| run_hook(shared, o));
+    let result = opened.and_then(|o| run_hook(shared, hooks, o));
     shared.connecting.detach();
     let opened = result?;
     if shared.closing.load(Ordering::SeqCst) {
@@ -160,12 +74,12 @@ pub(crate) fn establish(
     Ok(opened)
 }
 
-fn run_hook(shared: &Shared, mut opened: Opened) -> Result<Opened> {
+fn run_hook(shared: &Shared, hooks: &Hooks, mut opened: Opened) -> Result<Opened> {
     let cfg = &shared.cfg;
     if shared.closing.load(Ordering::SeqCst) {
         return Err(Error::Closed { message: None });
     }
-    if let Some(hook) = &cfg.on_connect {
+    if let Some(hook) = &hooks.on_connect {
         let generation = shared.link.lock().generation + 1;
         let mut s = Session {
             ws: &mut opened.ws,
@@ -179,9 +93,15 @@ fn run_hook(shared: &Shared, mut opened: Opened) -> Result<Opened> {
 }
 
 impl Supervisor {
-    pub(crate) fn new(shared: Arc<Shared>, ctl: Receiver<Command>, timer: JoinHandle<()>) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        hooks: Hooks,
+        ctl: Receiver<Command>,
+        timer: JoinHandle<()>,
+    ) -> Self {
         Supervisor {
             shared,
+            hooks,
             ctl,
             timer: Some(timer),
             reader: None,
@@ -237,7 +157,12 @@ impl Supervisor {
                 None => {
                     self.set_state(State::Connecting);
                     self.attempts += 1;
-                    match establish(&self.shared, self.attempts, self.last_error.as_ref()) {
+                    match establish(
+                        &self.shared,
+                        &self.hooks,
+                        self.attempts,
+                        self.last_error.as_ref(),
+                    ) {
                         Ok(o) => o,
                         Err(e) => {
                             if self.shared.closing.load(Ordering::SeqCst) {
@@ -476,7 +401,7 @@ impl Supervisor {
                         break;
                     }
                     Err(e) => {
-                        failed = Some(crate::link::reason_of(&e));
+                        failed = Some(reason_of(&e));
                         break;
                     }
                 }
@@ -487,7 +412,7 @@ impl Supervisor {
             let flushed = match live.try_flush() {
                 Ok(done) => done,
                 Err(e) => {
-                    failed.get_or_insert(crate::link::reason_of(&e));
+                    failed.get_or_insert(reason_of(&e));
                     false
                 }
             };

@@ -11,7 +11,7 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpStream};
 
-use crate::dial::{Deadline, is_timeout};
+use crate::transport::dial::{Deadline, is_timeout};
 use crate::{ConnectStage, Error, Result, SocksFailure};
 
 const VERSION: u8 = 5;

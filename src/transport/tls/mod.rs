@@ -219,8 +219,8 @@ mod tests {
         ignore = "Wine 8's crypt32 cannot import a PKCS#8 key (native-tls/schannel identity)"
     )]
     fn identity_from_pem_is_checked_by_the_backend() {
-        let cert = include_bytes!("../../tests/certs/client.pem");
-        let key = include_bytes!("../../tests/certs/client.key");
+        let cert = include_bytes!("../../../tests/certs/client.pem");
+        let key = include_bytes!("../../../tests/certs/client.key");
         Identity::from_pem(cert, key).expect("test identity");
         if cfg!(any(feature = "native-tls", feature = "rustls")) {
             assert!(Identity::from_pem(cert, b"not a key").is_err());

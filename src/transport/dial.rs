@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
 
 use crate::config::SocketOptions;
-use crate::sys::{self, POLLIN, POLLOUT, Pipe, Raw, poll_fds, pollfd};
+use crate::transport::sys::{self, POLLIN, POLLOUT, Pipe, Raw, poll_fds, pollfd};
 use crate::{ConnectStage, Error, Result};
 
 /// The one deadline of a connect attempt (every stage checks the time left against it).
@@ -382,7 +382,7 @@ fn dial_error(e: io::Error, addr: SocketAddr, dl: &Deadline) -> Error {
 
 /// The integration tests' hung listener, shared with the unit tests below.
 #[cfg(test)]
-#[path = "../tests/support/hung.rs"]
+#[path = "../../tests/support/hung.rs"]
 mod hung;
 
 #[cfg(test)]

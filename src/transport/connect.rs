@@ -23,11 +23,11 @@ use tungstenite::protocol::{Role, WebSocket};
 use url::Url;
 
 use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request};
-use crate::dial::{self, Cancel, Deadline, is_timeout};
-use crate::link::{Stream, Tcp, Ws};
 use crate::redact::{RedactedUrl, is_secret_header};
-use crate::socks;
-use crate::tls;
+use crate::transport::dial::{self, Cancel, Deadline, is_timeout};
+use crate::transport::socks;
+use crate::transport::stream::{Stream, Tcp, Ws};
+use crate::transport::tls;
 use crate::{ConnectStage, Error, RedirectRefusal, Result};
 
 /// A freshly opened connection, not yet shared with any thread.

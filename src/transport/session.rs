@@ -1,0 +1,113 @@
+//! The fresh connection handed to the user's `on_connect` hook, and the user's
+//! connection callbacks.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{Attempt, Request};
+use crate::time::deadline_in;
+use crate::transport::stream::{Ws, is_would_block};
+use crate::transport::sys::{wait_readable, wait_writable};
+use crate::{DisconnectReason, Error, Message, Result};
+
+/// Builds the request of each attempt (`ClientBuilder::request_factory`).
+pub(crate) type RequestFactory = Arc<dyn Fn(&Attempt<'_>) -> Result<Request> + Send + Sync>;
+/// Runs on each fresh connection before it is published (`ClientBuilder::on_connect`).
+pub(crate) type ConnectHook = Arc<dyn Fn(&mut Session<'_>) -> Result<()> + Send + Sync>;
+
+/// The user's connection callbacks: kept beside the settings, because they name
+/// transport types ([`Session`]) the settings layer cannot see.
+#[derive(Clone, Default)]
+pub(crate) struct Hooks {
+    pub factory: Option<RequestFactory>,
+    pub on_connect: Option<ConnectHook>,
+}
+
+/// The connection handed to an [`on_connect`](crate::ClientBuilder::on_connect) hook,
+/// before any other thread can use it: authenticate, subscribe, wait for an answer.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use wsbeat::{Client, Message};
+///
+/// let client = Client::builder("wss://example.com/feed")
+///     .on_connect(|s| {
+///         s.send(Message::text(r#"{"op":"auth","token":"..."}"#))?;
+///         let ack = s.read(Duration::from_secs(5))?; // e.g. {"op":"auth-ok"}
+///         s.send(Message::text(r#"{"op":"subscribe","topic":"trades"}"#))?;
+///         let _ = ack;
+///         Ok(())
+///     })
+///     .connect()?;
+/// # Ok::<(), wsbeat::Error>(())
+/// ```
+pub struct Session<'a> {
+    pub(crate) ws: &'a mut Ws,
+    pub(crate) generation: u64,
+    pub(crate) protocol: Option<&'a str>,
+    pub(crate) write_timeout: Duration,
+}
+
+impl Session<'_> {
+    /// The generation this connection will have.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The subprotocol the server selected.
+    pub fn protocol(&self) -> Option<&str> {
+        self.protocol
+    }
+
+    /// Sends a message and waits (up to the write timeout) until it reached the OS.
+    pub fn send(&mut self, msg: Message) -> Result<()> {
+        let deadline = deadline_in(self.write_timeout);
+        let mut r = self.ws.write(msg);
+        loop {
+            match r {
+                Ok(()) => match self.ws.flush() {
+                    Ok(()) => return Ok(()),
+                    Err(e) if is_would_block(&e) => {}
+                    Err(e) => return Err(Error::from_ws(e)),
+                },
+                Err(e) if is_would_block(&e) => {}
+                Err(e) => return Err(Error::from_ws(e)),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "on_connect send: write timeout",
+                )));
+            }
+            wait_writable(self.ws.get_ref().tcp(), deadline - now);
+            r = Ok(());
+        }
+    }
+
+    /// Waits up to `timeout` for the next text or binary message (pings are answered).
+    pub fn read(&mut self, timeout: Duration) -> Result<Message> {
+        let deadline = deadline_in(timeout);
+        loop {
+            match self.ws.read() {
+                Ok(m @ (Message::Text(_) | Message::Binary(_))) => return Ok(m),
+                Ok(Message::Close(f)) => {
+                    return Err(Error::ConnectionLost(DisconnectReason::closed_by_peer(f)));
+                }
+                Ok(_) => {}
+                Err(e) if is_would_block(&e) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(Error::io(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "on_connect read: no message in time",
+                        )));
+                    }
+                    wait_readable(self.ws.get_ref().tcp(), deadline - now);
+                }
+                Err(e) => return Err(Error::from_ws(e)),
+            }
+        }
+    }
+}

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use crate::config::Config;
 use crate::inbound::EventSink;
 use crate::inbound::{Batch, EventTx, Events, Inbound};
-use crate::link::{Command, Counters, Link, SendMode, Shared, TimerCmd};
+use crate::link::{Command, Counters, Link, SendGate, SendMode, Shared, TimerCmd};
 use crate::outbox::{Delivery, Outbox};
 use crate::queue::OfflineQueue;
 use crate::reconnect::{Supervisor, establish};
@@ -227,9 +227,7 @@ impl Client {
             orphaned: AtomicBool::new(false),
             connecting: Cancel::new()?,
             counters: Counters::default(),
-            writers: Default::default(),
-            gate: Default::default(),
-            gate_cv: Default::default(),
+            gate: SendGate::default(),
         });
         let first = if eager {
             Some(establish(&shared, &hooks, 1, None)?)

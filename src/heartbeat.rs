@@ -462,3 +462,188 @@ pub(crate) fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option
         }
     }
 }
+
+/// The decision logic on its own: a clock that is just `Instant`s, no threads, no sockets.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn ping_of(seq: u64) -> Message {
+        Message::Ping(seq.to_be_bytes().to_vec().into())
+    }
+
+    /// What the timer does with a probe step: remember the probe.
+    fn sent(st: &mut HbState, seq: u64, now: Instant) {
+        st.next_seq += 1;
+        st.probe = Some((seq, now));
+    }
+
+    fn dead_after(silent_for: Duration) -> Option<Step> {
+        Some(Step::Dead(DisconnectReason::HeartbeatTimeout {
+            silent_for,
+        }))
+    }
+
+    #[test]
+    fn ping_probes_after_the_interval_and_dies_after_the_timeout() {
+        let hb = Heartbeat::ping(10 * S, 3 * S);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 5 * S),
+            Some(Step::SleepUntil(t0 + 10 * S))
+        );
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 10 * S),
+            Some(Step::Probe(ping_of(1), 1))
+        );
+        sent(&mut st, 1, t0 + 10 * S);
+        // Waiting for the reply: look again at the reply deadline.
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 11 * S),
+            Some(Step::SleepUntil(t0 + 13 * S))
+        );
+        assert_eq!(evaluate(&hb, &mut st, t0 + 13 * S), dead_after(13 * S));
+    }
+
+    #[test]
+    fn a_reply_clears_the_probe_and_measures_the_round_trip() {
+        let hb = Heartbeat::ping(10 * S, 3 * S);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        sent(&mut st, 1, t0 + 10 * S);
+        let consumed = st.on_inbound(
+            &hb,
+            &Message::Pong(1u64.to_be_bytes().to_vec().into()),
+            t0 + 11 * S,
+        );
+        assert!(!consumed, "pongs are never delivered anyway");
+        assert_eq!(st.probe, None);
+        assert_eq!(st.rtt, Some(S));
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 12 * S),
+            Some(Step::SleepUntil(t0 + 21 * S))
+        );
+        // A pong with another payload is not our reply, but it is traffic.
+        sent(&mut st, 2, t0 + 21 * S);
+        st.on_inbound(&hb, &Message::Pong(b"other".to_vec().into()), t0 + 22 * S);
+        assert_eq!(st.probe.map(|p| p.0), Some(2));
+        assert_eq!(st.last_reply, t0 + 11 * S);
+    }
+
+    #[test]
+    fn max_missed_probes_again_before_declaring_death() {
+        let hb = Heartbeat::ping(10 * S, 3 * S).max_missed(2);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        sent(&mut st, 1, t0 + 10 * S);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 13 * S),
+            Some(Step::Missed(1, ping_of(2), 2))
+        );
+        sent(&mut st, 2, t0 + 13 * S);
+        assert_eq!(evaluate(&hb, &mut st, t0 + 16 * S), dead_after(16 * S));
+    }
+
+    #[test]
+    fn the_peers_own_pings_prove_traffic_but_not_data() {
+        let probe = Message::text("检测");
+        let app = Heartbeat::app(10 * S, 3 * S, probe.clone(), |m| {
+            m.to_text().is_ok_and(|t| t == "ok")
+        });
+        let ping = Heartbeat::ping(10 * S, 3 * S);
+        for (hb, dies) in [(&app, true), (&ping, false)] {
+            let t0 = Instant::now();
+            let mut st = HbState::new(t0);
+            sent(&mut st, 1, t0 + 10 * S);
+            // The server's library pings; its application does not answer.
+            st.on_bytes(t0 + 11 * S);
+            st.on_inbound(hb, &Message::Ping(Vec::new().into()), t0 + 11 * S);
+            let step = evaluate(hb, &mut st, t0 + 13 * S);
+            if dies {
+                // Dead, silent for the 2 s since the ping (the last thing that arrived).
+                assert_eq!(step, dead_after(2 * S));
+            } else {
+                assert!(!matches!(step, Some(Step::Dead(_))), "{step:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn data_keeps_app_mode_alive_unless_strict() {
+        let matcher = |m: &Message| m.to_text().is_ok_and(|t| t == "ok");
+        let probe = Message::text("检测");
+        for strict in [false, true] {
+            let hb = Heartbeat::app(10 * S, 3 * S, probe.clone(), matcher).strict(strict);
+            let t0 = Instant::now();
+            let mut st = HbState::new(t0);
+            sent(&mut st, 1, t0 + 10 * S);
+            assert!(!st.on_inbound(&hb, &Message::text("tick"), t0 + 11 * S));
+            let step = evaluate(&hb, &mut st, t0 + 13 * S);
+            assert_eq!(
+                matches!(step, Some(Step::Dead(_))),
+                strict,
+                "strict: {strict}"
+            );
+            // The reply itself is consumed (not delivered) and counts in every mode.
+            let mut st = HbState::new(t0);
+            sent(&mut st, 1, t0 + 10 * S);
+            assert!(st.on_inbound(&hb, &Message::text("ok"), t0 + 11 * S));
+            assert_eq!(
+                evaluate(&hb, &mut st, t0 + 13 * S),
+                Some(Step::SleepUntil(t0 + 21 * S))
+            );
+        }
+    }
+
+    #[test]
+    fn a_held_back_reader_counts_as_a_reply_even_when_strict() {
+        let hb = Heartbeat::ping(10 * S, 3 * S).strict(true);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        sent(&mut st, 1, t0 + 10 * S);
+        st.held_back(t0 + 12 * S);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 13 * S),
+            Some(Step::SleepUntil(t0 + 22 * S))
+        );
+        assert_eq!(st.probe, None);
+    }
+
+    #[test]
+    fn passive_mode_only_counts_silence() {
+        let hb = Heartbeat::passive(30 * S);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 20 * S),
+            Some(Step::SleepUntil(t0 + 30 * S))
+        );
+        st.on_inbound(&hb, &Message::text("x"), t0 + 25 * S);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 30 * S),
+            Some(Step::SleepUntil(t0 + 55 * S))
+        );
+        assert_eq!(evaluate(&hb, &mut st, t0 + 55 * S), dead_after(30 * S));
+        assert_eq!(evaluate(&Heartbeat::off(), &mut st, t0 + 1000 * S), None);
+    }
+
+    #[test]
+    fn duration_max_means_never() {
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        let never_probe = Heartbeat::ping(Duration::MAX, 3 * S);
+        let Some(Step::SleepUntil(t)) = evaluate(&never_probe, &mut st, t0 + 1000 * S) else {
+            panic!("should sleep");
+        };
+        assert!(t > t0 + 1_000_000 * S);
+        let never_dead = Heartbeat::ping(10 * S, Duration::MAX);
+        sent(&mut st, 1, t0 + 10 * S);
+        assert!(matches!(
+            evaluate(&never_dead, &mut st, t0 + 1000 * S),
+            Some(Step::SleepUntil(_))
+        ));
+    }
+}

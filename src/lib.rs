@@ -34,8 +34,23 @@
 //! ## Threads
 //! Each client runs a reader thread per connection, one timer (heartbeat) thread and
 //! one supervisor (reconnect) thread. They share the socket behind one lock, and no
-//! thread ever waits for the network while holding it (see the `link` module's notes).
+//! thread ever waits for the network while holding it (see `src/link.rs`).
 //! [`Client::close`] and dropping the last handle join them all.
+//!
+//! ## Layers (for readers of the source)
+//! Imports point down only:
+//!
+//! ```text
+//! user API      builder.rs (ClientBuilder), client.rs (Client, WeakClient, Stats)
+//! threads       reader.rs (one per connection), timer.rs, reconnect.rs (supervisor)
+//! shared state  link.rs (the socket behind the lock, and every lock rule),
+//!               inbound.rs (the bounded hand-off to the user, the event grammar)
+//! transport     transport/: sys (poll, waker), dial, socks, tls, stream, connect,
+//!               session (lock-free: nothing here takes a lock or knows a thread)
+//! settings      config.rs, tls_config.rs
+//! types         error.rs, event.rs, backoff.rs, heartbeat.rs (the pure decision),
+//!               outbox.rs, queue.rs, redact.rs, time.rs
+//! ```
 //!
 //! ## What "nothing lost" means
 //! A message accepted by `send` (it returned `Ok`) is either handed to the OS on some

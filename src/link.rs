@@ -13,8 +13,8 @@
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
 //! | `Inbound::waker`, `Inbound::held_since` (inbound.rs) | the reader (attach, hold, resume), the consumer in `Events` (wake the reader), `stats()` before it takes `link` | an `Option` read or write (leaves; never taken under `link`) |
-//! | `Shared::gate` (+ `gate_cv`) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`wake_senders`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
-//! | `EventSink::grammar` (event.rs) | whoever emits an event (any thread, also under `link`); `close()` (`begin_close`, `wait_closed`) | the grammar check and one unbounded channel send; the condvar wait for `Closed` |
+//! | `SendGate::lock` (+ its condvar) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`SendGate::wake`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
+//! | `EventSink::grammar` (inbound.rs) | whoever emits an event (any thread, also under `link`); `close()` (`begin_close`, `wait_closed`) | the grammar check and one unbounded channel send; the condvar wait for `Closed` |
 //!
 //! The order is simply: **`connecting`, `supervisor` and the event grammar are leaf locks**,
 //! and under **`link`** only the grammar lock is ever taken (by `emit`) — so no cycle can
@@ -294,10 +294,37 @@ pub(crate) struct Link {
 }
 
 impl Link {
+    /// Connection `cgen` while it is the current one. Every thread works for one
+    /// generation; once its connection was replaced it finds nothing here and stops.
+    pub(crate) fn live(&self, cgen: u64) -> Option<&Live> {
+        self.conn.as_ref().filter(|l| l.generation == cgen)
+    }
+
+    /// [`Link::live`], mutable.
+    pub(crate) fn live_mut(&mut self, cgen: u64) -> Option<&mut Live> {
+        current_mut(&mut self.conn, cgen)
+    }
+
+    /// Connection `cgen` while it is the current one and nobody declared it dead.
+    pub(crate) fn alive_mut(&mut self, cgen: u64) -> Option<&mut Live> {
+        self.live_mut(cgen).filter(|l| l.dead.is_none())
+    }
+
+    /// Takes connection `cgen` out if it is still the current one.
+    pub(crate) fn take_live(&mut self, cgen: u64) -> Option<Live> {
+        self.conn.take_if(|l| l.generation == cgen)
+    }
+
     /// Whether a send goes straight to the open connection (rather than to the queue).
     pub(crate) fn takes_direct(&self) -> bool {
         !self.flushing_queue && self.conn.as_ref().is_some_and(Live::takes_data)
     }
+}
+
+/// [`Link::live_mut`] on the field alone, for code that also borrows the queue or the
+/// outbox.
+pub(crate) fn current_mut(conn: &mut Option<Live>, cgen: u64) -> Option<&mut Live> {
+    conn.as_mut().filter(|l| l.generation == cgen)
 }
 
 /// Counters for [`Stats`](crate::Stats).
@@ -331,6 +358,52 @@ pub(crate) enum TimerCmd {
     Stop,
 }
 
+/// The hand-off of `link` from the reader to senders: parking_lot's fair unlock hands
+/// the lock only to *parked* threads, and a sender spinning in `try_lock` is not one.
+/// Senders that found `link` taken count themselves here and sleep on `cv`
+/// ([`Shared::lock_for_send`]); the reader stops its drain early when it sees them
+/// ([`SendGate::has_waiting`]), wakes them after letting go ([`SendGate::wake`]) and
+/// waits, bounded, until they had the lock ([`SendGate::let_senders_in`]).
+#[derive(Default)]
+pub(crate) struct SendGate {
+    /// Senders waiting for `link`.
+    waiting: AtomicUsize,
+    /// Where waiting senders sleep. A leaf lock: nobody blocks on `link` while holding it.
+    lock: Mutex<()>,
+    cv: Condvar,
+}
+
+impl SendGate {
+    /// Whether senders wait for `link` (the reader then ends its drain).
+    pub(crate) fn has_waiting(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0
+    }
+
+    /// Called by the reader right after it let go of `link`: wakes waiting senders.
+    pub(crate) fn wake(&self) {
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            drop(self.lock.lock());
+            self.cv.notify_all();
+        }
+    }
+
+    /// Called by the reader before it takes `link` again: waits (bounded) until the
+    /// waiting senders had the lock, so it does not take it straight back.
+    pub(crate) fn let_senders_in(&self) {
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_millis(5);
+        while self.waiting.load(Ordering::SeqCst) > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            std::thread::park_timeout(deadline - now);
+        }
+    }
+}
+
 /// State shared by the handles and the internal threads of one client.
 pub(crate) struct Shared {
     pub link: Mutex<Link>,
@@ -350,12 +423,8 @@ pub(crate) struct Shared {
     /// `close()`; once cancelled, every later attempt ends at once too.
     pub connecting: Cancel,
     pub counters: Counters,
-    /// Senders waiting for `link` in [`Shared::lock_for_send`]. While it is not zero the
-    /// reader stops draining, lets go and waits until they had the lock.
-    pub writers: AtomicUsize,
-    /// Where waiting senders sleep. A leaf lock: nobody blocks on `link` while holding it.
-    pub gate: Mutex<()>,
-    pub gate_cv: Condvar,
+    /// How senders that found `link` taken get it from the reader.
+    pub gate: SendGate,
 }
 
 fn outbox_timeout(link: &Link) -> Duration {
@@ -407,10 +476,7 @@ impl Shared {
 
     /// Declares connection `cgen` dead (first reporter wins; stale generations ignored).
     pub(crate) fn mark_dead(&self, link: &mut Link, cgen: u64, reason: DisconnectReason) {
-        if let Some(live) = link.conn.as_mut()
-            && live.generation == cgen
-            && live.dead.is_none()
-        {
+        if let Some(live) = link.alive_mut(cgen) {
             log::debug!("connection {cgen} dead: {reason}");
             live.dead = Some(reason);
             let _ = self.ctl.send(Command::Dead(cgen));
@@ -559,9 +625,8 @@ impl Shared {
                     // Make room: flush what is buffered (waiting, unless `Try`).
                     self.flush_batch(link, batch, mode);
                     let still_full = link
-                        .conn
-                        .as_ref()
-                        .is_some_and(|l| l.generation == batch.cgen && l.pending_since.is_some());
+                        .live(batch.cgen)
+                        .is_some_and(|l| l.pending_since.is_some());
                     if mode == SendMode::Try && still_full {
                         self.unadmit(link, &msg);
                         return Err(Error::WouldBlock { message: msg });
@@ -628,51 +693,28 @@ impl Shared {
     /// then calls `sched_yield` up to 7 times before it parks, and on a busy machine each
     /// yield can cost the sender a whole scheduler slice, while `unlock_fair` only hands
     /// the lock to *parked* threads, so the reader (always runnable under inbound load)
-    /// takes it straight back. A waiting sender is counted in `writers` and sleeps on
-    /// `gate_cv`; the reader wakes it when it lets go.
+    /// takes it straight back. A waiting sender is counted in the [`SendGate`] and sleeps
+    /// there; the reader wakes it when it lets go.
     fn lock_for_send(&self) -> MutexGuard<'_, Link> {
         if let Some(g) = self.link.try_lock() {
             return g;
         }
-        self.writers.fetch_add(1, Ordering::SeqCst);
+        let gate = &self.gate;
+        gate.waiting.fetch_add(1, Ordering::SeqCst);
         let link = loop {
-            let mut gate = self.gate.lock();
-            if let Some(g) = self.link.try_lock() {
-                break g;
+            let mut g = gate.lock.lock();
+            if let Some(link) = self.link.try_lock() {
+                break link;
             }
             // Other holders (timer, supervisor, stats) do not notify: hence the bound.
-            self.gate_cv.wait_for(&mut gate, Duration::from_micros(200));
+            gate.cv.wait_for(&mut g, Duration::from_micros(200));
         };
-        if self.writers.fetch_sub(1, Ordering::SeqCst) == 1
+        if gate.waiting.fetch_sub(1, Ordering::SeqCst) == 1
             && let Some(r) = link.conn.as_ref().and_then(|l| l.reader.as_ref())
         {
             r.unpark();
         }
         link
-    }
-
-    /// Called by the reader right after it let go of `link`: wakes waiting senders.
-    pub(crate) fn wake_senders(&self) {
-        if self.writers.load(Ordering::SeqCst) > 0 {
-            drop(self.gate.lock());
-            self.gate_cv.notify_all();
-        }
-    }
-
-    /// Called by the reader before it takes `link` again: waits (bounded) until the
-    /// waiting senders had the lock, so it does not take it straight back.
-    pub(crate) fn wait_for_senders(&self) {
-        if self.writers.load(Ordering::SeqCst) == 0 {
-            return;
-        }
-        let deadline = Instant::now() + Duration::from_millis(5);
-        while self.writers.load(Ordering::SeqCst) > 0 {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            std::thread::park_timeout(deadline - now);
-        }
     }
 
     /// Queues `msg` while no connection takes direct sends. `Ok(Some(msg))`: a
@@ -741,11 +783,7 @@ impl Shared {
         let write_timeout = self.cfg.write_timeout;
         let cgen = batch.cgen;
         loop {
-            let Some(live) = link
-                .conn
-                .as_mut()
-                .filter(|l| l.generation == cgen && l.takes_data())
-            else {
+            let Some(live) = link.live_mut(cgen).filter(|l| l.takes_data()) else {
                 // Died (or its close frame was queued) meanwhile: the batch's messages
                 // went with the connection.
                 batch.buffered = 0;

@@ -23,7 +23,7 @@ use parking_lot::MutexGuard;
 use tungstenite::Bytes;
 use tungstenite::protocol::frame::Utf8Bytes;
 
-use crate::link::{Link, Shared};
+use crate::link::{Link, Shared, current_mut};
 use crate::transport::stream::{is_would_block, reason_of};
 use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, poll2, raw};
 use crate::{DisconnectReason, Event, Message};
@@ -138,7 +138,7 @@ impl Drop for Attached<'_> {
 pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     let (sock, waker) = {
         let link = shared.link.lock();
-        match link.conn.as_ref().filter(|l| l.generation == cgen) {
+        match link.live(cgen) {
             Some(l) => (l.sock.clone(), l.waker.clone()),
             None => return,
         }
@@ -197,7 +197,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         }
         let mut link = shared.link.lock();
         let l: &mut Link = &mut link;
-        let Some(live) = l.conn.as_mut().filter(|l| l.generation == cgen) else {
+        let Some(live) = current_mut(&mut l.conn, cgen) else {
             return;
         };
         let mut outbox = l.outbox.as_mut();
@@ -227,7 +227,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                 break;
             }
             // Let a waiting sender in after at least one message.
-            if n >= budget || (n > 0 && shared.writers.load(Ordering::Relaxed) > 0) {
+            if n >= budget || (n > 0 && shared.gate.has_waiting()) {
                 more = true;
                 break;
             }
@@ -283,7 +283,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             shared.mark_dead(&mut link, cgen, reason);
         }
         MutexGuard::unlock_fair(link);
-        shared.wake_senders();
+        shared.gate.wake();
         if !out.is_empty() {
             shared
                 .counters
@@ -295,6 +295,6 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         if stop {
             return;
         }
-        shared.wait_for_senders();
+        shared.gate.let_senders_in();
     }
 }

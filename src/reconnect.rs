@@ -19,7 +19,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use crate::backoff::Failure;
 use crate::config::Attempt;
 use crate::heartbeat::HbState;
-use crate::link::{Command, Link, Live, Shared, TimerCmd, Written};
+use crate::link::{Command, Link, Live, Shared, TimerCmd, Written, current_mut};
 use crate::outbox::Delivery;
 use crate::transport::connect::{self, Opened};
 use crate::transport::session::{Hooks, Session};
@@ -362,14 +362,7 @@ impl Supervisor {
                 return Err(Error::io(e));
             }
         };
-        if let Some(l) = self
-            .shared
-            .link
-            .lock()
-            .conn
-            .as_mut()
-            .filter(|l| l.generation == cgen)
-        {
+        if let Some(l) = self.shared.link.lock().live_mut(cgen) {
             l.reader = Some(reader.thread().clone());
         }
         self.reader = Some((cgen, reader));
@@ -383,11 +376,7 @@ impl Supervisor {
         loop {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
-            let Some(live) = link
-                .conn
-                .as_mut()
-                .filter(|l| l.generation == cgen && l.dead.is_none())
-            else {
+            let Some(live) = current_mut(&mut link.conn, cgen).filter(|l| l.dead.is_none()) else {
                 return;
             };
             let mut moved = false;
@@ -476,11 +465,7 @@ impl Supervisor {
                 // Cleared by the teardown; keeps direct sends off the closing connection.
                 link.flushing_queue = true;
             }
-            let Some(live) = link
-                .conn
-                .as_mut()
-                .filter(|l| l.generation == cgen && l.dead.is_none())
-            else {
+            let Some(live) = link.alive_mut(cgen) else {
                 return;
             };
             live.close_sent = true;
@@ -585,7 +570,7 @@ impl Supervisor {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
             link.flushing_queue = false;
-            match link.conn.take_if(|l| l.generation == cgen) {
+            match link.take_live(cgen) {
                 Some(mut live) => {
                     self.requeue(link, &mut live);
                     if matches!(link.state, State::Open) {

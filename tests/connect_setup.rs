@@ -98,7 +98,7 @@ fn drop_during_a_hanging_tcp_dial_returns_at_once() {
 
 /// Happy Eyeballs end to end: `localhost` resolving to ::1 and 127.0.0.1, the first
 /// family hanging and the server on the other. Where `localhost` has one family only
-/// (this machine's /etc/hosts), the dial-level test in src/dial.rs covers it.
+/// (this machine's /etc/hosts), the dial-level test in src/transport/dial.rs covers it.
 #[test]
 fn happy_eyeballs_through_localhost_when_the_first_family_hangs() {
     use std::net::ToSocketAddrs;

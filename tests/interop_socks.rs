@@ -44,7 +44,7 @@ fn ws_through_dante_socks5_and_socks5h() {
         let _ = client.close();
     }
     // Dante logged both tunnels (it logs the address it connected to, also for the
-    // name; the bytes socks5h sends are checked in src/socks.rs's unit tests).
+    // name; the bytes socks5h sends are checked in src/transport/socks.rs's unit tests).
     let log = proxy.log();
     let to_server = format!(" 127.0.0.1.{}", server.port);
     let tunnels = log

@@ -74,14 +74,7 @@ impl Session<'_> {
                 Err(e) if is_would_block(&e) => {}
                 Err(e) => return Err(Error::from_ws(e)),
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "on_connect send: write timeout",
-                )));
-            }
-            wait_writable(self.ws.get_ref().tcp(), deadline - now);
+            self.wait(deadline, true, "on_connect send: write timeout")?;
             r = Ok(());
         }
     }
@@ -97,17 +90,26 @@ impl Session<'_> {
                 }
                 Ok(_) => {}
                 Err(e) if is_would_block(&e) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(Error::io(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "on_connect read: no message in time",
-                        )));
-                    }
-                    wait_readable(self.ws.get_ref().tcp(), deadline - now);
+                    self.wait(deadline, false, "on_connect read: no message in time")?;
                 }
                 Err(e) => return Err(Error::from_ws(e)),
             }
         }
+    }
+
+    /// Waits until the socket is writable (or readable), bounded by `deadline`; past it,
+    /// a `TimedOut` error saying `what` timed out.
+    fn wait(&self, deadline: Instant, writable: bool, what: &'static str) -> Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::io(io::Error::new(io::ErrorKind::TimedOut, what)));
+        }
+        let sock = self.ws.get_ref().tcp();
+        if writable {
+            wait_writable(sock, left);
+        } else {
+            wait_readable(sock, left);
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! [`HungListener`]: a loopback address where a TCP connect hangs, without root.
 //!
 //! Standalone (socket2 and libc / windows-sys only): also compiled into the crate's own unit tests
-//! (`src/dial.rs`, with `#[path]`), which cannot use the rest of this support code.
+//! (`src/transport/dial.rs`, with `#[path]`), which cannot use the rest of this support code.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;

@@ -167,7 +167,10 @@ pub struct Limits {
     pub max_write_buffer: usize,
     /// Offline queue bound in messages (default 10 000).
     pub queue_messages: usize,
-    /// Offline queue bound in payload bytes (default 16 MiB).
+    /// Offline queue bound in payload bytes (default 16 MiB). Sends are refused past it
+    /// (or wait, per [`OverflowPolicy`]); messages put back after a connection died go in
+    /// front regardless, so the queue may briefly exceed it by that connection's tracked
+    /// messages (at most its kernel send queue, or 4 MiB where the OS has no figure).
     pub queue_bytes: usize,
 }
 

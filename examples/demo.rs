@@ -29,7 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let interval = Duration::from_millis(1000);
     let timeout = Duration::from_millis(1000);
-    let client = Client::builder(&format!("ws://{}/demo", proxy.addr))?
+    let client = Client::builder(&format!("ws://{}/demo", proxy.addr))
         .connect_timeout(Duration::from_secs(2))
         .heartbeat(Heartbeat::ping(interval, timeout))
         .reconnect_policy(

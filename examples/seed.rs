@@ -46,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          {reply_within:?}, reconnect after {reconnect_after:?} (scale 1/{scale})"
     );
 
-    let client = Client::builder(&url)?
+    let client = Client::builder(&url)
         .heartbeat(Heartbeat::app(
             probe_after,
             reply_within,

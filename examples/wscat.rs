@@ -144,9 +144,9 @@ fn parse_args(argv: impl Iterator<Item = String>) -> Result<Option<Args>, String
     Ok(Some(args))
 }
 
+/// The builder for `args`. A bad URL, proxy URL or CA file comes back from `connect()`.
 fn build(args: &Args) -> Result<wsbeat::ClientBuilder, String> {
     let mut b = Client::builder(&args.url)
-        .map_err(|e| e.to_string())?
         .connect_timeout(args.connect_timeout)
         .reconnect(args.reconnect)
         .reconnect_policy(
@@ -167,9 +167,7 @@ fn build(args: &Args) -> Result<wsbeat::ClientBuilder, String> {
     };
     if let Some(ca) = &args.ca {
         let pem = std::fs::read(ca).map_err(|e| format!("--ca {ca}: {e}"))?;
-        b = b
-            .add_root_certificate(&pem)
-            .map_err(|e| format!("--ca {ca}: {e}"))?;
+        b = b.add_root_certificate(&pem);
     }
     if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
         let c = std::fs::read(cert).map_err(|e| format!("--cert {cert}: {e}"))?;
@@ -179,7 +177,7 @@ fn build(args: &Args) -> Result<wsbeat::ClientBuilder, String> {
         b = b.identity(id);
     }
     if let Some(p) = &args.proxy {
-        b = b.proxy(p).map_err(|e| e.to_string())?;
+        b = b.proxy(p);
     } else if args.no_proxy {
         b = b.no_proxy();
     }

@@ -31,7 +31,7 @@ pub struct Failure<'a> {
 ///         Some(Duration::from_secs(1))
 ///     }
 /// }
-/// let builder = wsbeat::Client::builder("ws://127.0.0.1:9/")?.reconnect_policy(Fixed);
+/// let builder = wsbeat::Client::builder("ws://127.0.0.1:9/").reconnect_policy(Fixed);
 /// # let _ = builder;
 /// # Ok::<(), wsbeat::Error>(())
 /// ```

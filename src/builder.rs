@@ -24,23 +24,40 @@ use crate::{Error, Result};
 
 impl Client {
     /// Starts configuring a client for a `ws://` or `wss://` URL.
-    pub fn builder(url: &str) -> Result<ClientBuilder> {
+    ///
+    /// Never fails here: a URL that is not a valid `ws://` or `wss://` URL (or a `wss://`
+    /// URL in a build without TLS) is reported by [`ClientBuilder::connect`] or
+    /// [`ClientBuilder::connect_lazy`], like every other builder error.
+    ///
+    /// ```
+    /// let err = wsbeat::Client::builder("http://example.com/")
+    ///     .connect_timeout(std::time::Duration::from_secs(5))
+    ///     .connect()
+    ///     .unwrap_err();
+    /// assert!(matches!(err, wsbeat::Error::InvalidUrl { .. }));
+    /// ```
+    pub fn builder(url: &str) -> ClientBuilder {
         ClientBuilder::new(url)
     }
 
     /// Connects with default settings.
     pub fn connect(url: &str) -> Result<Client> {
-        Self::builder(url)?.connect()
+        Self::builder(url).connect()
     }
 }
 
 /// Builds a [`Client`]. Start with [`Client::builder`].
 ///
+/// Every method returns the builder, so settings chain without `?`. A setting that
+/// cannot be used (a bad URL, proxy URL or root certificate) is kept and returned by
+/// [`connect`](Self::connect) or [`connect_lazy`](Self::connect_lazy), before any
+/// thread starts; only the first such error is kept.
+///
 /// ```no_run
 /// use std::time::Duration;
 /// use wsbeat::{Client, Heartbeat};
 ///
-/// let client = Client::builder("wss://example.com/feed")?
+/// let client = Client::builder("wss://example.com/feed")
 ///     .connect_timeout(Duration::from_secs(5))
 ///     .header("Authorization", "Bearer t0ken")
 ///     .subprotocol("v1.json")
@@ -53,22 +70,45 @@ impl Client {
 pub struct ClientBuilder {
     pub(crate) cfg: Config,
     hooks: Hooks,
+    /// The first error a builder method met, returned by `connect()` / `connect_lazy()`.
+    error: Option<Error>,
 }
 
 impl fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClientBuilder")
-            .field("request", &self.cfg.request)
-            .field("connect_timeout", &self.cfg.connect_timeout)
-            .field("heartbeat", &self.cfg.heartbeat)
-            .field("reconnect", &self.cfg.reconnect)
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("ClientBuilder");
+        match &self.error {
+            // The request is a placeholder when the URL was refused.
+            Some(e) => d.field("error", e),
+            None => d.field("request", &self.cfg.request),
+        }
+        .field("connect_timeout", &self.cfg.connect_timeout)
+        .field("heartbeat", &self.cfg.heartbeat)
+        .field("reconnect", &self.cfg.reconnect)
+        .finish_non_exhaustive()
     }
 }
 
 impl ClientBuilder {
-    pub(crate) fn new(url: &str) -> Result<ClientBuilder> {
-        Ok(Self::from_request(Request::new(url)?))
+    pub(crate) fn new(url: &str) -> ClientBuilder {
+        match Request::new(url) {
+            Ok(request) => Self::from_request(request),
+            Err(e) => {
+                // The request is never used: connect() returns the error first.
+                let placeholder = Request {
+                    url: Url::parse("ws://127.0.0.1:9/").expect("a constant, valid URL"),
+                    headers: Vec::new(),
+                    subprotocols: Vec::new(),
+                };
+                Self::from_request(placeholder).fail(e)
+            }
+        }
+    }
+
+    /// Keeps the first error for `connect()`.
+    fn fail(mut self, error: Error) -> Self {
+        self.error.get_or_insert(error);
+        self
     }
 
     /// Starts from a prepared [`Request`].
@@ -101,6 +141,7 @@ impl ClientBuilder {
                 delivery: Delivery::AtLeastOnce,
                 offline_queue: true,
             },
+            error: None,
         }
     }
 
@@ -266,7 +307,7 @@ impl ClientBuilder {
     ///
     /// ```
     /// # fn main() -> wsbeat::Result<()> {
-    /// let builder = wsbeat::Client::builder("ws://127.0.0.1:9/feed")?
+    /// let builder = wsbeat::Client::builder("ws://127.0.0.1:9/feed")
     ///     .event_capacity(1_000, 8 << 20); // 1000 messages or 8 MiB
     /// # let _ = builder; Ok(()) }
     /// ```
@@ -286,18 +327,21 @@ impl ClientBuilder {
 
     /// Trusts these extra root certificates (PEM, one or more, or DER) besides the
     /// platform's roots. Checked now: a file the TLS backend cannot read is an
-    /// [`Error::Tls`] here, not at the first connect.
+    /// [`Error::Tls`] from [`connect`](Self::connect) (or `connect_lazy`) before any
+    /// thread starts, not a failure of the first connection attempt.
     ///
     /// ```no_run
     /// let ca = std::fs::read("ca.pem")?;
-    /// let client = wsbeat::Client::builder("wss://localhost:8443/")?
-    ///     .add_root_certificate(&ca)?
+    /// let client = wsbeat::Client::builder("wss://localhost:8443/")
+    ///     .add_root_certificate(&ca)
     ///     .connect()?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn add_root_certificate(mut self, cert: &[u8]) -> Result<Self> {
-        self.cfg.tls.add_root(cert)?;
-        Ok(self)
+    pub fn add_root_certificate(mut self, cert: &[u8]) -> Self {
+        match self.cfg.tls.add_root(cert) {
+            Ok(()) => self,
+            Err(e) => self.fail(e),
+        }
     }
 
     /// Presents a client certificate (mutual TLS); see [`Identity`].
@@ -337,7 +381,7 @@ impl ClientBuilder {
     /// .with_safe_default_protocol_versions()?
     /// .with_root_certificates(roots)
     /// .with_no_client_auth();
-    /// let client = wsbeat::Client::builder("wss://example.com/feed")?
+    /// let client = wsbeat::Client::builder("wss://example.com/feed")
     ///     .rustls_config(Arc::new(config))
     ///     .connect()?;
     /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -369,27 +413,27 @@ impl ClientBuilder {
     ///   `socks4a://[user@]host:port` (the proxy resolves the name); the user name is
     ///   sent as the SOCKS4 user id.
     ///
-    /// Any other scheme is an [`Error::InvalidUrl`].
+    /// Any other scheme, or a URL that does not parse, is an [`Error::InvalidUrl`] from
+    /// [`connect`](Self::connect) (or `connect_lazy`), before any thread starts.
     ///
     /// ```
-    /// let b = wsbeat::Client::builder("wss://example.com/feed")?
-    ///     .proxy("socks5h://127.0.0.1:9050")?;
-    /// assert!(wsbeat::Client::builder("ws://x")?.proxy("ftp://p:21").is_err());
+    /// let b = wsbeat::Client::builder("wss://example.com/feed")
+    ///     .proxy("socks5h://127.0.0.1:9050");
     /// # let _ = b;
-    /// # Ok::<(), wsbeat::Error>(())
+    /// let err = wsbeat::Client::builder("ws://127.0.0.1:9/")
+    ///     .proxy("ftp://p:21")
+    ///     .connect()
+    ///     .unwrap_err();
+    /// assert!(matches!(err, wsbeat::Error::InvalidUrl { .. }));
     /// ```
-    pub fn proxy(mut self, proxy_url: &str) -> Result<Self> {
-        let u = Url::parse(proxy_url).map_err(|e| Error::InvalidUrl {
-            reason: format!("proxy URL: {e}"),
-        })?;
-        if !PROXY_SCHEMES.contains(&u.scheme()) || u.host_str().is_none_or(str::is_empty) {
-            return Err(Error::InvalidUrl {
-                reason: "proxy URL must be http://, socks5://, socks5h://, socks4:// or socks4a://host:port"
-                    .into(),
-            });
+    pub fn proxy(mut self, proxy_url: &str) -> Self {
+        match parse_proxy(proxy_url) {
+            Ok(u) => {
+                self.cfg.proxy = ProxySetting::Explicit(u);
+                self
+            }
+            Err(e) => self.fail(e),
         }
-        self.cfg.proxy = ProxySetting::Explicit(u);
-        Ok(self)
     }
 
     /// How many redirects (HTTP 301/302/303/307/308 with a `Location`) of the upgrade
@@ -451,13 +495,41 @@ impl ClientBuilder {
 
     /// Connects now (blocking until open or a typed error), then keeps the connection
     /// alive in the background.
+    ///
+    /// The first error a builder method met (a bad URL, proxy URL or root certificate,
+    /// `wss://` without TLS) or an invalid setting is returned before any thread starts.
     pub fn connect(self) -> Result<Client> {
-        Client::start(self.cfg, self.hooks, true, Vec::new())
+        self.start(true)
     }
 
     /// Returns at once and connects in the background, retrying per the policy.
     /// Use [`Client::wait_connected`] or the `Connected` event.
+    ///
+    /// Builder errors come back here, as from [`connect`](Self::connect), before any
+    /// thread starts; only connection failures are left to the background.
     pub fn connect_lazy(self) -> Result<Client> {
-        Client::start(self.cfg, self.hooks, false, Vec::new())
+        self.start(false)
     }
+
+    fn start(self, eager: bool) -> Result<Client> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        Client::start(self.cfg, self.hooks, eager, Vec::new())
+    }
+}
+
+/// Parses and checks an explicit proxy URL.
+fn parse_proxy(proxy_url: &str) -> Result<Url> {
+    let u = Url::parse(proxy_url).map_err(|e| Error::InvalidUrl {
+        reason: format!("proxy URL: {e}"),
+    })?;
+    if !PROXY_SCHEMES.contains(&u.scheme()) || u.host_str().is_none_or(str::is_empty) {
+        return Err(Error::InvalidUrl {
+            reason:
+                "proxy URL must be http://, socks5://, socks5h://, socks4:// or socks4a://host:port"
+                    .into(),
+        });
+    }
+    Ok(u)
 }

@@ -40,7 +40,7 @@ use crate::{Error, Event, Message, Result, State};
 /// #         if m.is_text() && ws.send(m).is_err() { break }
 /// #     }
 /// # });
-/// let client = Client::builder(&url)?.connect()?;
+/// let client = Client::builder(&url).connect()?;
 /// client.send_text("hello")?;
 /// let events = client.events();
 /// loop {
@@ -86,7 +86,7 @@ pub struct Client {
 /// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
 /// # let url = format!("ws://{}/", listener.local_addr().unwrap());
 /// # std::thread::spawn(move || { let _ws = tungstenite::accept(listener.accept().unwrap().0); });
-/// let client = Client::builder(&url)?.connect_lazy()?;
+/// let client = Client::builder(&url).connect_lazy()?;
 /// let weak = client.downgrade();
 /// assert!(weak.upgrade().is_some());
 /// drop(client); // the last strong handle: the client closes, its threads are joined
@@ -328,7 +328,7 @@ impl Client {
     /// # });
     /// use wsbeat::{Client, Message};
     ///
-    /// let client = Client::builder(&url)?.connect()?;
+    /// let client = Client::builder(&url).connect()?;
     /// let batch = (0..1000).map(|i| Message::text(format!("tick {i}")));
     /// if let Err(failed) = client.send_all(batch) {
     ///     for (index, error) in failed {
@@ -481,7 +481,7 @@ impl Client {
     /// # });
     /// use wsbeat::{Client, Event};
     ///
-    /// let client = Client::builder(&url)?.reconnect(false).connect()?;
+    /// let client = Client::builder(&url).reconnect(false).connect()?;
     /// // ... later the connection ended and the client gave up:
     /// let _ = client.close();
     /// let client = client.restart()?; // same settings, new connection

@@ -138,7 +138,25 @@ pub enum OverflowPolicy {
 }
 
 /// Size limits. The defaults are safe for untrusted servers.
+///
+/// Start from [`Limits::default`] and change what you need with the setters (the struct
+/// is `#[non_exhaustive]`, so a limit added later does not break your code); the fields
+/// stay readable.
+///
+/// ```
+/// let limits = wsbeat::Limits::default()
+///     .max_message_size(1 << 20)
+///     .max_frame_size(256 << 10)
+///     .queue_messages(500);
+/// assert_eq!(limits.max_message_size, 1 << 20);
+/// assert_eq!(limits.queue_bytes, 16 << 20); // untouched: the default
+///
+/// let builder = wsbeat::Client::builder("ws://127.0.0.1:9/feed").limits(limits);
+/// # let _ = builder;
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
+#[must_use = "a Limits does nothing until given to ClientBuilder::limits"]
 pub struct Limits {
     /// Largest incoming or outgoing message (default 16 MiB).
     pub max_message_size: usize,
@@ -149,7 +167,10 @@ pub struct Limits {
     pub max_write_buffer: usize,
     /// Offline queue bound in messages (default 10 000).
     pub queue_messages: usize,
-    /// Offline queue bound in payload bytes (default 16 MiB).
+    /// Offline queue bound in payload bytes (default 16 MiB). Sends are refused past it
+    /// (or wait, per [`OverflowPolicy`]); messages put back after a connection died go in
+    /// front regardless, so the queue may briefly exceed it by that connection's tracked
+    /// messages (at most its kernel send queue, or 4 MiB where the OS has no figure).
     pub queue_bytes: usize,
 }
 
@@ -162,6 +183,43 @@ impl Default for Limits {
             queue_messages: 10_000,
             queue_bytes: 16 << 20,
         }
+    }
+}
+
+impl Limits {
+    /// Largest incoming or outgoing message in bytes (default 16 MiB). A bigger
+    /// incoming message closes the connection; a bigger outgoing one is handed back by `send` in
+    /// [`Error::MessageTooLarge`].
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Largest incoming frame in bytes (default 16 MiB).
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.max_frame_size = bytes;
+        self
+    }
+
+    /// Most bytes buffered for writing on one connection (default: max message +
+    /// 64 KiB). A smaller value is raised to that, so the largest message always fits.
+    pub fn max_write_buffer(mut self, bytes: usize) -> Self {
+        self.max_write_buffer = bytes;
+        self
+    }
+
+    /// Most messages waiting in the offline queue (default 10 000); past it,
+    /// [`OverflowPolicy`] decides.
+    pub fn queue_messages(mut self, messages: usize) -> Self {
+        self.queue_messages = messages;
+        self
+    }
+
+    /// Most payload bytes waiting in the offline queue (default 16 MiB); past it,
+    /// [`OverflowPolicy`] decides.
+    pub fn queue_bytes(mut self, bytes: usize) -> Self {
+        self.queue_bytes = bytes;
+        self
     }
 }
 

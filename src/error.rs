@@ -197,7 +197,7 @@ impl fmt::Display for RedirectRefusal {
 /// nothing is lost: take it back with [`Error::into_message`].
 ///
 /// ```
-/// let err = wsbeat::Client::builder("http://example.com").unwrap_err();
+/// let err = wsbeat::Client::builder("http://example.com").connect().unwrap_err();
 /// assert!(matches!(err, wsbeat::Error::InvalidUrl { .. }));
 /// assert!(err.to_string().contains("ws://"));
 /// ```
@@ -251,7 +251,7 @@ pub enum Error {
         message: String,
     },
     /// A `wss://` URL, but wsbeat was built without a TLS backend: enable its
-    /// `native-tls` or `rustls` feature. Returned by the builder (and by a request
+    /// `native-tls` or `rustls` feature. Returned by `connect()` / `connect_lazy()` (and for a request
     /// factory's `wss://` request), never a panic.
     #[error(
         "wss:// needs TLS, but wsbeat was built without a TLS backend: enable its `native-tls` or `rustls` feature"

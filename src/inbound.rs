@@ -374,7 +374,7 @@ impl EventTx {
 /// #         if m.is_text() && ws.send(m).is_err() { break }
 /// #     }
 /// # });
-/// let client = Client::builder(&url)?.connect()?;
+/// let client = Client::builder(&url).connect()?;
 /// client.send_text("hi")?;
 /// let events = client.events();
 /// let ticker = tick(Duration::from_millis(100));

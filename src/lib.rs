@@ -10,7 +10,7 @@
 //! use std::time::Duration;
 //! use wsbeat::{Client, Event, Heartbeat};
 //!
-//! let client = Client::builder("wss://example.com/feed")?
+//! let client = Client::builder("wss://example.com/feed")
 //!     .connect_timeout(Duration::from_secs(5))
 //!     .header("Authorization", "Bearer t0ken") // never logged
 //!     .heartbeat(Heartbeat::ping(Duration::from_secs(15), Duration::from_secs(10)))
@@ -122,3 +122,8 @@ pub use tls_config::Identity;
 pub use transport::session::Session;
 pub use tungstenite::protocol::frame::{CloseFrame, Utf8Bytes};
 pub use tungstenite::{Bytes, Message};
+
+/// The README's code blocks, compiled and run by `cargo test --doc`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -23,9 +23,9 @@ pub type IdReader = Arc<dyn Fn(&Message) -> Option<u64> + Send + Sync>;
 /// use wsbeat::{Acks, Client, Delivery};
 ///
 /// // Orders must never be replayed after a reconnect:
-/// let b = Client::builder("ws://127.0.0.1:9/")?.delivery(Delivery::AtMostOnce);
+/// let b = Client::builder("ws://127.0.0.1:9/").delivery(Delivery::AtMostOnce);
 /// // Telemetry must all arrive; the server answers {"ack": N} for {"id": N, ...}:
-/// let b = Client::builder("ws://127.0.0.1:9/")?.delivery(Delivery::Acked(Acks::json_field("id", "ack")));
+/// let b = Client::builder("ws://127.0.0.1:9/").delivery(Delivery::Acked(Acks::json_field("id", "ack")));
 /// # let _ = b;
 /// # Ok::<(), wsbeat::Error>(())
 /// ```

@@ -68,7 +68,7 @@ impl CertBytes {
 /// let cert = std::fs::read("client.pem")?;
 /// let key = std::fs::read("client.key")?;
 /// let id = wsbeat::Identity::from_pem(&cert, &key)?;
-/// let client = wsbeat::Client::builder("wss://example.com/feed")?
+/// let client = wsbeat::Client::builder("wss://example.com/feed")
 ///     .identity(id)
 ///     .connect()?;
 /// # Ok::<(), Box<dyn std::error::Error>>(())

@@ -217,7 +217,6 @@ fn sender(client: usize, c: Client, stop: Arc<AtomicBool>, mut rng: Rng) -> Sent
 
 fn client_builder(url: &str, i: usize) -> wsbeat::ClientBuilder {
     let b = Client::builder(url)
-        .expect("url")
         .connect_timeout(Duration::from_secs(2))
         .write_timeout(WRITE_TIMEOUT)
         .close_timeout(Duration::from_secs(1))
@@ -231,10 +230,7 @@ fn client_builder(url: &str, i: usize) -> wsbeat::ClientBuilder {
                 .max(Duration::from_millis(400))
                 .min_uptime(Duration::from_millis(500)),
         );
-    let small = Limits {
-        queue_messages: 300,
-        ..Limits::default()
-    };
+    let small = Limits::default().queue_messages(300);
     match i % 4 {
         // Default limits and policy (Reject).
         0 | 1 => b,

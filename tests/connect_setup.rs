@@ -42,7 +42,6 @@ fn hung_v4() -> Option<HungListener> {
 fn client_dialling(hung: &HungListener, connect_timeout: Duration) -> Client {
     let before = syn_sent_to(hung.addr.port());
     let client = Client::builder(&format!("ws://{}/", hung.addr))
-        .unwrap()
         .connect_timeout(connect_timeout)
         .reconnect_policy(Fixed(Duration::from_millis(10)))
         .connect_lazy()
@@ -123,7 +122,6 @@ fn happy_eyeballs_through_localhost_when_the_first_family_hangs() {
     };
     let t0 = Instant::now();
     let client = Client::builder(&format!("ws://localhost:{}/", server.port()))
-        .unwrap()
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .expect("Happy Eyeballs should reach the live family");
@@ -148,7 +146,6 @@ fn redirects_are_followed_and_credentials_stay_at_their_origin() {
     let hop1 = redirect_to("/second", 301);
     hop1.set_behavior(Behavior::reject_with(302, &[("Location", &hop2.url())]));
     let client = Client::builder(&hop1.url().replace("ws://", "ws://user:pw@"))
-        .unwrap()
         .header("Authorization", "Bearer secret")
         .header("Cookie", "session=1")
         .header("X-Api-Key", "k")
@@ -193,11 +190,7 @@ fn redirect_loop_is_a_fatal_typed_error() {
     let a = TestServer::start(Behavior::reject(302));
     let b = redirect_to(&a.url(), 302);
     a.set_behavior(Behavior::reject_with(302, &[("Location", &b.url())]));
-    match Client::builder(&a.url())
-        .unwrap()
-        .connect_timeout(T)
-        .connect()
-    {
+    match Client::builder(&a.url()).connect_timeout(T).connect() {
         Err(
             e @ Error::Redirect {
                 reason: RedirectRefusal::Loop,
@@ -209,7 +202,6 @@ fn redirect_loop_is_a_fatal_typed_error() {
     }
     // With reconnection on (default policy): one attempt, then GaveUp, not retried forever.
     let client = Client::builder(&a.url())
-        .unwrap()
         .connect_timeout(T)
         .connect_lazy()
         .unwrap();
@@ -224,11 +216,7 @@ fn redirect_loop_is_a_fatal_typed_error() {
     // Too many: a chain longer than the limit.
     let c = redirect_to(&a.url(), 308);
     let d = redirect_to(&c.url(), 308);
-    match Client::builder(&d.url())
-        .unwrap()
-        .max_redirects(1)
-        .connect()
-    {
+    match Client::builder(&d.url()).max_redirects(1).connect() {
         Err(Error::Redirect {
             reason: RedirectRefusal::TooMany(1),
             ..
@@ -241,11 +229,7 @@ fn redirect_loop_is_a_fatal_typed_error() {
 fn redirect_with_following_off_is_a_fatal_http_error() {
     let target = TestServer::echo();
     let r = redirect_to(&target.url(), 302);
-    match Client::builder(&r.url())
-        .unwrap()
-        .max_redirects(0)
-        .connect()
-    {
+    match Client::builder(&r.url()).max_redirects(0).connect() {
         Err(e @ Error::Http { status: 302, .. }) => assert!(e.is_fatal()),
         other => panic!("expected Error::Http 302, got {:?}", other.map(|_| ())),
     }
@@ -260,9 +244,7 @@ fn redirect_from_wss_to_ws_is_refused() {
         .behavior(Behavior::reject_with(302, &[("Location", &plain.url())]))
         .start();
     match Client::builder(&tls.wss_localhost_url())
-        .unwrap()
         .add_root_certificate(&support::certs::ca_pem())
-        .unwrap()
         .connect()
     {
         Err(
@@ -283,7 +265,7 @@ fn retry_after_as_an_http_date_is_honoured() {
     let at = SystemTime::now() + Duration::from_secs(120);
     let date = httpdate::fmt_http_date(at);
     let server = TestServer::start(Behavior::reject_with(503, &[("Retry-After", &date)]));
-    match Client::builder(&server.url()).unwrap().connect() {
+    match Client::builder(&server.url()).connect() {
         Err(Error::Http {
             status: 503,
             retry_after: Some(d),
@@ -327,7 +309,7 @@ fn an_extension_that_was_not_offered_fails_the_handshake() {
         .unwrap();
         head
     });
-    match Client::builder(&format!("ws://{addr}/")).unwrap().connect() {
+    match Client::builder(&format!("ws://{addr}/")).connect() {
         Err(e @ Error::UnexpectedExtension { .. }) => {
             assert!(e.is_fatal());
             assert!(e.to_string().contains("permessage-deflate"), "{e}");
@@ -350,7 +332,6 @@ fn local_address_and_keepalive() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let local: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let client = Client::builder(&format!("ws://{}/", listener.local_addr().unwrap()))
-        .unwrap()
         .local_address(local)
         .tcp_keepalive(
             wsbeat::TcpKeepalive::new(Duration::from_secs(30))
@@ -382,9 +363,7 @@ fn local_address_and_keepalive() {
 fn close_while_a_socks_proxy_never_answers_returns_at_once() {
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let client = Client::builder("ws://wsbeat.test/")
-        .unwrap()
         .proxy(&format!("socks5h://{}", proxy.local_addr().unwrap()))
-        .unwrap()
         .connect_timeout(Duration::from_secs(8))
         .connect_lazy()
         .unwrap();
@@ -411,7 +390,6 @@ fn close_while_a_socks_proxy_never_answers_returns_at_once() {
 fn bind_device_is_applied() {
     let server = TestServer::echo();
     let missing = Client::builder(&server.url())
-        .unwrap()
         .bind_device("wsbeat-none0")
         .connect();
     match missing {
@@ -421,11 +399,7 @@ fn bind_device_is_applied() {
         }
         other => panic!("expected an I/O error, got {:?}", other.map(|_| ())),
     }
-    match Client::builder(&server.url())
-        .unwrap()
-        .bind_device("lo")
-        .connect()
-    {
+    match Client::builder(&server.url()).bind_device("lo").connect() {
         Ok(client) => {
             assert!(server.wait_upgraded(1, T));
             let _ = client.close();

@@ -118,7 +118,7 @@ fn text(m: &Message) -> &str {
 #[test]
 fn echo_round_trip_over_ws() {
     let server = TestServer::echo();
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let events = client.events();
     assert_eq!(wait_connected(&events), None);
     assert_eq!(client.state(), State::Open);
@@ -154,9 +154,7 @@ fn echo_round_trip_over_ws() {
 fn echo_round_trip_over_wss_with_test_ca() {
     let server = TestServer::builder().tls(ServerCert::Valid).start();
     let client = Client::builder(&server.wss_url())
-        .unwrap()
         .add_root_certificate(&certs::ca_pem())
-        .unwrap()
         .connect()
         .unwrap();
     let events = client.events();
@@ -178,7 +176,6 @@ fn echo_round_trip_over_wss_with_test_ca() {
 fn wss_without_test_ca_fails_with_certificate_error() {
     let server = TestServer::builder().tls(ServerCert::Valid).start();
     let err = Client::builder(&server.wss_url())
-        .unwrap()
         .connect()
         .expect_err("the test CA is not trusted by default");
     assert!(
@@ -202,7 +199,7 @@ fn concurrent_senders_lose_and_reorder_nothing() {
     const SENDERS: usize = 4;
     const EACH: usize = 2_000;
     let server = TestServer::echo();
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let events = client.events();
     wait_connected(&events);
 
@@ -267,7 +264,7 @@ fn writer_is_not_starved_by_inbound_flood() {
         count: FLOOD,
         size: SIZE,
     });
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let events = client.events();
 
     // Consumer: checks the flood arrives complete and in order, notes when it ended.
@@ -339,7 +336,7 @@ fn writer_is_not_starved_by_inbound_flood() {
 #[test]
 fn close_sends_close_1000_and_emits_closed_by_user_then_closed() {
     let server = TestServer::echo();
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let events = client.events();
     wait_connected(&events);
 
@@ -379,7 +376,7 @@ fn connect_returns_open_and_an_immediate_close_still_does_the_handshake() {
     // No waiting between connect() and close(): repeated, because the window is short.
     let server = TestServer::echo();
     for round in 0..20 {
-        let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+        let client = Client::builder(&server.url()).connect().unwrap();
         assert_eq!(
             client.state(),
             State::Open,
@@ -411,7 +408,6 @@ fn connect_returns_open_and_an_immediate_close_still_does_the_handshake() {
 fn peer_close_reports_code_and_reason_and_client_ends_closed_without_reconnect() {
     let server = TestServer::echo();
     let client = Client::builder(&server.url())
-        .unwrap()
         .reconnect(false)
         .connect()
         .unwrap();
@@ -452,7 +448,6 @@ fn peer_close_reports_code_and_reason_and_client_ends_closed_without_reconnect()
 fn peer_reset_is_reported_as_reset() {
     let server = TestServer::echo();
     let client = Client::builder(&server.url())
-        .unwrap()
         .reconnect(false)
         .connect()
         .unwrap();
@@ -484,7 +479,7 @@ fn peer_reset_is_reported_as_reset() {
 #[test]
 fn dropping_the_last_handle_closes_but_dropping_a_clone_does_not() {
     let server = TestServer::echo();
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let events = client.events();
     wait_connected(&events);
 
@@ -521,7 +516,6 @@ fn connect_timeout_covers_an_upgrade_that_never_answers() {
     let timeout = Duration::from_millis(500);
     let t0 = Instant::now();
     let err = Client::builder(&server.url())
-        .unwrap()
         .connect_timeout(timeout)
         .connect()
         .expect_err("the server never answers the upgrade");
@@ -542,7 +536,6 @@ fn connect_timeout_covers_an_upgrade_that_never_answers() {
 fn http_401_on_upgrade_surfaces_the_status() {
     let server = TestServer::start(Behavior::reject(401));
     let err = Client::builder(&server.url())
-        .unwrap()
         .connect()
         .expect_err("rejected");
     assert!(
@@ -560,7 +553,6 @@ fn connection_refused_is_a_typed_error() {
     let url = server.url();
     server.stop(); // the port now refuses connections
     let err = Client::builder(&url)
-        .unwrap()
         .connect()
         .expect_err("nothing listens");
     assert!(matches!(err, Error::Refused { .. }), "got {err:?}");
@@ -579,7 +571,7 @@ fn bad_urls_are_rejected_with_a_helpful_message() {
         ("ws://", "host"),
         ("", "relative URL"),
     ] {
-        let err = Client::builder(url).expect_err(url);
+        let err = Client::builder(url).connect().expect_err(url);
         let Error::InvalidUrl { reason } = &err else {
             panic!("{url:?}: expected InvalidUrl, got {err:?}");
         };
@@ -640,7 +632,6 @@ fn credentials_never_appear_in_debug_output_errors_or_logs() {
         server.port()
     );
     let builder = Client::builder(&url)
-        .unwrap()
         .header("Authorization", "Bearer-b34rer")
         .header("X-Api-Key", "tok3nvalue");
     leaks("ClientBuilder Debug", &format!("{builder:?}"));
@@ -679,7 +670,6 @@ fn credentials_never_appear_in_debug_output_errors_or_logs() {
     ] {
         let url = format!("ws://alice:s3cretpw@127.0.0.1:{port}/?token=tok3nvalue");
         let err = Client::builder(&url)
-            .unwrap()
             .header("Authorization", "Bearer-b34rer")
             .connect_timeout(timeout)
             .connect()
@@ -689,7 +679,6 @@ fn credentials_never_appear_in_debug_output_errors_or_logs() {
     }
     // A header value that is not valid HTTP: the error names the header, not the value.
     let err = Client::builder(&server.url())
-        .unwrap()
         .header("Authorization", "Bearer-b34rer\r\nX-Injected: 1")
         .connect()
         .expect_err("invalid header value");
@@ -701,16 +690,28 @@ fn credentials_never_appear_in_debug_output_errors_or_logs() {
         "wss://alice:s3cretpw@[::1/x?token=tok3nvalue",
         "http://alice:s3cretpw@example.com/?token=tok3nvalue",
     ] {
-        let err = Client::builder(bad).expect_err(bad);
+        // The builder keeps the error until connect(): its Debug shows it, redacted.
+        let builder = Client::builder(bad).header("Authorization", "Bearer-b34rer");
+        leaks("builder Debug", &format!("{builder:?}"));
+        let err = builder.connect().expect_err(bad);
         leaks("InvalidUrl Display", &err.to_string());
         leaks("InvalidUrl Debug", &format!("{err:?}"));
     }
-    // Proxy URLs with credentials.
-    if let Err(err) = Client::builder(&server.url())
-        .unwrap()
-        .proxy("socks5://alice:s3cretpw@127.0.0.1:1")
-    {
-        leaks("proxy error", &format!("{err} {err:?}"));
+    // Proxy URLs with credentials, accepted or refused.
+    for proxy in [
+        "socks5://alice:s3cretpw@127.0.0.1:1",
+        "ftp://alice:s3cretpw@127.0.0.1:1",
+        "socks5://alice:s3cretpw@exa mple.com:1",
+    ] {
+        let builder = Client::builder(&server.url())
+            .header("Authorization", "Bearer-b34rer")
+            .proxy(proxy)
+            .reconnect(false)
+            .connect_timeout(Duration::from_secs(5));
+        leaks("builder Debug", &format!("{builder:?}"));
+        if let Err(err) = builder.connect() {
+            leaks("proxy error", &format!("{err} {err:?}"));
+        }
     }
 
     let logs = LOGS.0.lock().clone();
@@ -726,7 +727,6 @@ fn headers_and_subprotocols_reach_the_server_and_the_choice_is_reported() {
     let server = TestServer::builder().accept_subprotocol("v2.json").start();
     let url = format!("ws://127.0.0.1:{}/feed?room=7", server.port());
     let client = Client::builder(&url)
-        .unwrap()
         .header("X-Trace-Id", "trace-42")
         .header("User-Agent", "wsbeat-test")
         .subprotocol("v1.json")
@@ -744,7 +744,7 @@ fn headers_and_subprotocols_reach_the_server_and_the_choice_is_reported() {
     let _ = client.close();
 
     // Without an offer, no protocol is reported.
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     assert_eq!(wait_connected(&client.events()), None);
     assert!(server.last_handshake().unwrap().subprotocols().is_empty());
     let _ = client.close();
@@ -759,11 +759,7 @@ fn try_send_never_blocks_and_hands_the_message_back() {
         .recv_buffer(4096)
         .start();
     let client = Client::builder(&server.url())
-        .unwrap()
-        .limits(Limits {
-            max_write_buffer: 256 << 10,
-            ..Limits::default()
-        })
+        .limits(Limits::default().max_write_buffer(256 << 10))
         // The stall detector must not end the connection while we fill it.
         .write_timeout(Duration::from_secs(60))
         .connect()
@@ -813,7 +809,7 @@ fn try_send_never_blocks_and_hands_the_message_back() {
 #[test]
 fn send_after_close_hands_the_message_back() {
     let server = TestServer::echo();
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let other = client.clone();
     let _ = client.close();
 
@@ -842,11 +838,7 @@ fn send_after_close_hands_the_message_back() {
 fn oversized_message_is_rejected_and_handed_back() {
     let server = TestServer::echo();
     let client = Client::builder(&server.url())
-        .unwrap()
-        .limits(Limits {
-            max_message_size: 1024,
-            ..Limits::default()
-        })
+        .limits(Limits::default().max_message_size(1024))
         .connect()
         .unwrap();
     let events = client.events();
@@ -882,7 +874,7 @@ fn oversized_message_is_rejected_and_handed_back() {
 #[test]
 fn four_mib_binary_message_round_trips() {
     let server = TestServer::echo();
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let events = client.events();
     wait_connected(&events);
 
@@ -944,7 +936,6 @@ fn server_ping_is_answered_with_a_matching_pong() {
         read_until_close(ws, &ctl_tx);
     });
     let client = Client::builder(&url)
-        .unwrap()
         .heartbeat(wsbeat::Heartbeat::off())
         .reconnect(false)
         .connect()
@@ -979,7 +970,6 @@ fn message_sent_by_the_server_right_after_the_upgrade_is_delivered() {
         read_until_close(ws, &ctl_tx);
     });
     let client = Client::builder(&url)
-        .unwrap()
         .heartbeat(wsbeat::Heartbeat::off())
         .reconnect(false)
         .connect()
@@ -1017,7 +1007,6 @@ fn close_from_inside_the_on_connect_hook_ends_cleanly() {
     let slot: Arc<std::sync::OnceLock<wsbeat::Client>> = Arc::default();
     let hook_slot = slot.clone();
     let client = Client::builder(&server.url())
-        .unwrap()
         .no_proxy()
         .on_connect(move |s| {
             if s.generation() >= 2

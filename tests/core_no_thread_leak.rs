@@ -67,7 +67,7 @@ fn close_joins_every_internal_thread() {
     let _g = util::exclusive();
     assert_no_wsbeat_threads("the previous test");
     let server = TestServer::echo();
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let events = client.events();
     echo_once(&client);
     // Thread names read back from /proc are cut to 15 bytes; a thread names itself once it
@@ -93,7 +93,7 @@ fn dropping_the_last_handle_without_close_joins_every_internal_thread() {
     let _g = util::exclusive();
     assert_no_wsbeat_threads("the previous test");
     let server = TestServer::echo();
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let events = client.events();
     let clones: Vec<Client> = (0..3).map(|_| client.clone()).collect();
     echo_once(&client);
@@ -116,7 +116,7 @@ fn dropping_a_client_in_backoff_joins_every_internal_thread() {
     let _g = util::exclusive();
     assert_no_wsbeat_threads("the previous test");
     let server = TestServer::echo();
-    let client = Client::builder(&server.url()).unwrap().connect().unwrap();
+    let client = Client::builder(&server.url()).connect().unwrap();
     let events = client.events();
     echo_once(&client);
     server.stop(); // the connection ends and reconnects are refused: the client backs off
@@ -139,7 +139,6 @@ fn dropping_a_client_mid_connect_aborts_the_attempt_and_joins_every_thread() {
     assert_no_wsbeat_threads("the previous test");
     let server = TestServer::start(Behavior::Hang);
     let client = Client::builder(&server.url())
-        .unwrap()
         .connect_timeout(Duration::from_secs(60))
         .connect_lazy()
         .unwrap();
@@ -160,19 +159,17 @@ fn connect_close_cycles_leave_no_threads_or_descriptors() {
     assert_no_wsbeat_threads("the previous test");
     let server = TestServer::echo();
     let tls_server = TestServer::builder().tls(ServerCert::Valid).start();
-    let plain = || Client::builder(&server.url()).unwrap().connect().unwrap();
+    let plain = || Client::builder(&server.url()).connect().unwrap();
     let tls = || {
         Client::builder(&tls_server.wss_url())
-            .unwrap()
             .add_root_certificate(&certs::ca_pem())
-            .unwrap()
             .connect()
             .unwrap()
     };
     // By host name too, so the resolver thread (wsbeat-dns) is part of the cycles.
     let by_name = || {
         let url = format!("ws://localhost:{}/", server.port());
-        Client::builder(&url).unwrap().connect().unwrap()
+        Client::builder(&url).connect().unwrap()
     };
     // Warm up once so lazily opened, process-lifetime descriptors are in the baseline.
     for c in [plain(), tls(), by_name()] {

@@ -131,7 +131,6 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
 
     // 1. A connect with every kind of credential, a message, a reconnect and a close.
     let builder = Client::builder(&url)
-        .expect("url")
         .header("Authorization", format!("Bearer {BEARER}"))
         .header("X-Api-Key", API_KEY)
         .connect_timeout(T)
@@ -162,10 +161,7 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
 
     // 2. User info alone becomes a Basic header.
     let basic_url = format!("ws://alice:{USER_PW}@127.0.0.1:{port}/basic");
-    let client = Client::builder(&basic_url)
-        .unwrap()
-        .connect()
-        .expect("connect");
+    let client = Client::builder(&basic_url).connect().expect("connect");
     let hs = server.last_handshake().expect("handshake");
     assert_eq!(
         hs.header("authorization"),
@@ -176,7 +172,6 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
     // 3. Failing connects: rejected upgrade, refused port, refused proxy, lazy retries.
     server.set_behavior(Behavior::reject(401));
     let err = Client::builder(&url)
-        .unwrap()
         .header("Authorization", format!("Bearer {BEARER}"))
         .connect()
         .expect_err("401");
@@ -186,7 +181,6 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
     let dead = dead_port();
     let refused_url = format!("ws://alice:{USER_PW}@127.0.0.1:{dead}/feed?token={QUERY_TOKEN}");
     let err = Client::builder(&refused_url)
-        .unwrap()
         .header("Authorization", format!("Bearer {BEARER}"))
         .connect()
         .expect_err("refused");
@@ -194,22 +188,23 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
     assert_clean("refused error (Debug)", &format!("{err:?}"));
 
     let proxy = format!("http://bob:{PROXY_PW}@127.0.0.1:{}", dead_port());
-    let builder = Client::builder(&url)
-        .unwrap()
-        .proxy(&proxy)
-        .expect("proxy url");
+    let builder = Client::builder(&url).proxy(&proxy);
     assert_clean("ClientBuilder with proxy (Debug)", &format!("{builder:?}"));
     let err = builder.connect().expect_err("proxy refused");
     assert_clean("proxy error (Display)", &err.to_string());
     assert_clean("proxy error (Debug)", &format!("{err:?}"));
 
     let bad = format!("ws://alice:{USER_PW}@[::1/feed?token={QUERY_TOKEN}");
-    let err = Client::builder(&bad).expect_err("unparsable URL");
+    let builder = Client::builder(&bad).header("Authorization", format!("Bearer {BEARER}"));
+    assert_clean(
+        "ClientBuilder with a bad URL (Debug)",
+        &format!("{builder:?}"),
+    );
+    let err = builder.connect().expect_err("unparsable URL");
     assert_clean("URL error (Display)", &err.to_string());
     assert_clean("URL error (Debug)", &format!("{err:?}"));
 
     let client = Client::builder(&refused_url)
-        .unwrap()
         .header("Authorization", format!("Bearer {BEARER}"))
         .reconnect_policy(Fixed(Duration::from_millis(20)))
         .connect_lazy()

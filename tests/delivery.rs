@@ -40,11 +40,7 @@ fn texts(server: &TestServer, conn: usize) -> Vec<String> {
 fn send_all_writes_a_batch_in_order_and_hands_back_failures_by_index() {
     let server = TestServer::echo();
     let client = Client::builder(&server.url())
-        .unwrap()
-        .limits(Limits {
-            max_message_size: 1024,
-            ..Limits::default()
-        })
+        .limits(Limits::default().max_message_size(1024))
         .connect()
         .unwrap();
     let mut batch: Vec<Message> = (0..5000).map(|i| Message::text(format!("m{i}"))).collect();
@@ -87,15 +83,14 @@ fn fill_in_flight(client: &Client) -> Vec<Message> {
 
 fn in_flight_client(server: &TestServer, delivery: Delivery) -> Client {
     Client::builder(&server.url())
-        .unwrap()
         .delivery(delivery)
-        .limits(Limits {
-            max_write_buffer: 256 << 10,
-            // Room behind the requeued messages (which bypass the bound) for the
-            // sends of the test, whatever the kernel's send buffer held.
-            queue_bytes: 1 << 30,
-            ..Limits::default()
-        })
+        .limits(
+            Limits::default()
+                .max_write_buffer(256 << 10)
+                // Room behind the requeued messages (which bypass the bound) for the
+                // sends of the test, whatever the kernel's send buffer held.
+                .queue_bytes(1 << 30),
+        )
         .write_timeout(Duration::from_secs(60))
         .reconnect_policy(Fixed(Duration::from_millis(20)))
         .connect()
@@ -192,7 +187,6 @@ fn at_least_once_resends_in_flight_messages_on_the_next_connection() {
 fn offline_queue_off_fails_sends_at_once_with_the_message() {
     let server = TestServer::echo();
     let client = Client::builder(&server.url())
-        .unwrap()
         .offline_queue(false)
         .reconnect_policy(Fixed(Duration::from_secs(60)))
         .connect()
@@ -224,7 +218,6 @@ fn acked_outbox_resends_unacked_after_reconnect_and_hands_them_back_on_close() {
     // "acks" by echoing). Stopping the server leaves the outbox full.
     let server = TestServer::echo();
     let client = Client::builder(&server.url())
-        .unwrap()
         .delivery(Delivery::Acked(
             Acks::json_field("id", "id").timeout(Duration::from_secs(60)),
         ))
@@ -287,7 +280,6 @@ fn acked_outbox_resends_after_the_ack_timeout_on_the_same_connection() {
     .timeout(Duration::from_millis(300))
     .deliver_acks(false);
     let client = Client::builder(&server.url())
-        .unwrap()
         .delivery(Delivery::Acked(acks))
         .heartbeat(Heartbeat::off())
         .connect()
@@ -307,7 +299,6 @@ fn acked_outbox_is_bounded_with_the_overflow_policy() {
         .behavior(Behavior::StopReading)
         .start();
     let client = Client::builder(&server.url())
-        .unwrap()
         .delivery(Delivery::Acked(
             Acks::json_field("id", "ack").max_messages(3),
         ))

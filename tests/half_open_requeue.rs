@@ -124,9 +124,7 @@ fn half_open_case(tls: bool) {
         (s, u)
     };
     let client = Client::builder(&url)
-        .unwrap()
         .add_root_certificate(&certs::ca_pem())
-        .unwrap()
         .heartbeat(Heartbeat::ping(
             Duration::from_secs(1),
             Duration::from_millis(500),

@@ -29,7 +29,6 @@ const T: Duration = Duration::from_secs(10);
 
 fn builder(url: &str) -> ClientBuilder {
     Client::builder(url)
-        .expect("url")
         .connect_timeout(T)
         .close_timeout(Duration::from_secs(2))
 }
@@ -483,21 +482,19 @@ fn limits_take_extreme_values() {
     watch_panics();
     let before = client_panics();
     let server = TestServer::echo();
-    let huge = Limits {
-        max_message_size: usize::MAX,
-        max_frame_size: usize::MAX,
-        max_write_buffer: usize::MAX,
-        queue_messages: usize::MAX,
-        queue_bytes: usize::MAX,
-    };
+    let huge = Limits::default()
+        .max_message_size(usize::MAX)
+        .max_frame_size(usize::MAX)
+        .max_write_buffer(usize::MAX)
+        .queue_messages(usize::MAX)
+        .queue_bytes(usize::MAX);
     works("Limits at usize::MAX", builder(&server.url()).limits(huge));
-    let tiny = Limits {
-        max_message_size: 0,
-        max_frame_size: 0,
-        max_write_buffer: 0,
-        queue_messages: 0,
-        queue_bytes: 0,
-    };
+    let tiny = Limits::default()
+        .max_message_size(0)
+        .max_frame_size(0)
+        .max_write_buffer(0)
+        .queue_messages(0)
+        .queue_bytes(0);
     let client = builder(&server.url())
         .limits(tiny)
         .connect()
@@ -566,10 +563,7 @@ fn wait_connected_and_session_timeouts_take_max_and_zero() {
 fn overflow_block_takes_max_and_zero() {
     let _g = util::exclusive();
     let hang = TestServer::start(Behavior::Hang);
-    let limits = Limits {
-        queue_messages: 1,
-        ..Limits::default()
-    };
+    let limits = Limits::default().queue_messages(1);
     // ZERO: like Reject.
     let client = builder(&hang.url())
         .limits(limits.clone())
@@ -619,11 +613,7 @@ fn a_send_waiting_for_room_is_handed_back_once_the_close_frame_is_queued() {
         .close_timeout(Duration::from_secs(20))
         .write_timeout(Duration::from_secs(60))
         .heartbeat(Heartbeat::off())
-        .limits(Limits {
-            max_message_size: size,
-            max_write_buffer: 0,
-            ..Limits::default()
-        })
+        .limits(Limits::default().max_message_size(size).max_write_buffer(0))
         .connect()
         .expect("connect");
     let events = client.events();
@@ -978,4 +968,140 @@ fn close_from_every_state_returns_within_100_ms_plus_the_close_timeout() {
     assert!(util::wait_until(T, || client.state() == State::Closed));
     check("after a panic", client);
     eprintln!("close() took: {}", report.join(", "));
+}
+
+// ---------------------------------------------------------------------------------------
+// Builder errors come back from connect(), before anything starts
+// ---------------------------------------------------------------------------------------
+
+/// Builds with `b` and checks that both `connect()` and `connect_lazy()` return the
+/// error `expected` accepts, with no `wsbeat-*` thread started and no connection made to
+/// `listener` (where the builder's URL points when it is valid).
+fn refused_before_start(
+    what: &str,
+    listener: &std::net::TcpListener,
+    b: impl Fn() -> ClientBuilder,
+    expected: impl Fn(&Error) -> bool,
+) {
+    for (how, result) in [
+        ("connect", b().connect().err()),
+        ("connect_lazy", b().connect_lazy().err()),
+    ] {
+        match &result {
+            Some(e) if expected(e) => {}
+            other => panic!("{what}, {how}: unexpected result {other:?}"),
+        }
+        // Exact under util::exclusive(): there were none before, and a client that had
+        // started (connect_lazy keeps retrying) would still be running now.
+        assert_eq!(
+            util::threads_named("wsbeat-"),
+            0,
+            "{what}, {how}: threads started: {:?}",
+            util::thread_names()
+        );
+        match listener.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("{what}, {how}: something connected: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn builder_errors_come_back_from_connect_and_connect_lazy_before_any_thread_starts() {
+    let _g = util::exclusive();
+    no_client_threads_left("before the test");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    // The exact error Request::new gives for the same URL.
+    let same_as_request = |bad: &'static str| {
+        let want = format!("{:?}", wsbeat::Request::new(bad).expect_err(bad));
+        move |e: &Error| format!("{e:?}") == want
+    };
+
+    for bad in [
+        "http://127.0.0.1:1/",
+        "ws://[::1/feed",
+        "ws://",
+        "not a url",
+    ] {
+        refused_before_start(
+            bad,
+            &listener,
+            || builder(bad).header("X-Later", "1").reconnect(false),
+            same_as_request(bad),
+        );
+    }
+
+    // The proxy URL: a scheme wsbeat does not speak, no host, not a URL.
+    for (proxy, hint) in [
+        ("ftp://127.0.0.1:21", "proxy URL must be"),
+        ("socks5://", "proxy URL"),
+        ("no proxy here", "proxy URL: relative URL"),
+    ] {
+        refused_before_start(
+            proxy,
+            &listener,
+            || builder(&url).proxy(proxy),
+            |e| matches!(e, Error::InvalidUrl { reason } if reason.contains(hint)),
+        );
+    }
+
+    // Only the first error is kept: later settings neither replace nor clear it.
+    refused_before_start(
+        "bad URL, then a bad proxy",
+        &listener,
+        || builder("http://127.0.0.1:1/").proxy("ftp://127.0.0.1:21"),
+        same_as_request("http://127.0.0.1:1/"),
+    );
+    refused_before_start(
+        "bad proxy, then a good one",
+        &listener,
+        || {
+            builder(&url)
+                .proxy("ftp://127.0.0.1:21")
+                .proxy("http://127.0.0.1:1")
+        },
+        |e| matches!(e, Error::InvalidUrl { reason } if reason.contains("proxy URL must be")),
+    );
+
+    if cfg!(any(feature = "native-tls", feature = "rustls")) {
+        // A root certificate the TLS backend cannot read: Error::Tls, even for a ws://
+        // URL that would never use it.
+        refused_before_start(
+            "bad root certificate",
+            &listener,
+            || {
+                builder(&url).add_root_certificate(
+                    b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+                )
+            },
+            |e| matches!(e, Error::Tls { message, .. } if message.contains("certificate")),
+        );
+        refused_before_start(
+            "bad root certificate (DER)",
+            &listener,
+            || builder(&url).add_root_certificate(&[0x30, 0x03, 0x02, 0x01]),
+            |e| matches!(e, Error::Tls { .. }),
+        );
+    } else {
+        let wss = url.replacen("ws://", "wss://", 1);
+        refused_before_start(
+            "wss:// without a TLS backend",
+            &listener,
+            || builder(&wss),
+            |e| matches!(e, Error::NoTls),
+        );
+    }
+
+    // And the same builder without the error does connect (the check above is not
+    // vacuous): the listener sees the connection.
+    let client = builder(&url).reconnect(false).connect_lazy().expect("lazy");
+    assert!(
+        util::wait_until(T, || listener.accept().is_ok()),
+        "a valid builder never connected"
+    );
+    let c = client.clone();
+    bounded("close", T, move || c.close());
+    no_client_threads_left("after close");
 }

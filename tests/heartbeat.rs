@@ -30,7 +30,6 @@ const EPS: Duration = Duration::from_millis(5);
 
 fn builder(url: &str, hb: Heartbeat) -> ClientBuilder {
     Client::builder(url)
-        .expect("valid url")
         .no_proxy()
         .connect_timeout(Duration::from_secs(2))
         .heartbeat(hb)

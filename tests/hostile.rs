@@ -348,7 +348,6 @@ fn read_head(peer: &mut Peer) -> Option<String> {
 
 fn builder(url: &str) -> ClientBuilder {
     Client::builder(url)
-        .expect("url")
         .connect_timeout(T)
         .close_timeout(Duration::from_millis(500))
         .heartbeat(Heartbeat::ping(
@@ -805,11 +804,9 @@ fn configured_limits_apply_at_the_exact_boundary() {
             p.hold(T);
         }
     });
-    let limits = Limits {
-        max_message_size: MESSAGE,
-        max_frame_size: FRAME,
-        ..Limits::default()
-    };
+    let limits = Limits::default()
+        .max_message_size(MESSAGE)
+        .max_frame_size(FRAME);
     let client = builder(&server.url())
         .limits(limits)
         .connect()
@@ -1164,7 +1161,6 @@ fn slowly_dripping_proxy_answer_hits_the_connect_timeout() {
     let t0 = Instant::now();
     let err = builder("ws://example.invalid/")
         .proxy(&format!("http://{}", proxy.addr))
-        .expect("proxy url")
         .connect_timeout(timeout)
         .connect()
         .expect_err("a proxy answer that never ends must time out");

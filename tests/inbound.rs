@@ -83,7 +83,6 @@ fn stalled_consumer_is_no_heartbeat_timeout_and_loses_nothing() {
     let (url, server) = flood_server(n, 1024);
     let (cap_msgs, budget) = (200usize, 64usize);
     let client = Client::builder(&url)
-        .unwrap()
         .heartbeat(Heartbeat::ping(
             Duration::from_millis(100),
             Duration::from_millis(100),
@@ -158,7 +157,6 @@ fn byte_bound_holds_for_large_messages() {
     let (url, server) = flood_server(n, size);
     let cap_bytes = 1 << 20;
     let client = Client::builder(&url)
-        .unwrap()
         .event_capacity(1_000_000, cap_bytes)
         .connect()
         .unwrap();

@@ -66,7 +66,6 @@ fn acked_delivery_loses_nothing_while_the_server_is_killed_every_second() {
     outputs.push(lines);
 
     let client = Client::builder(&format!("ws://127.0.0.1:{port}/"))
-        .unwrap()
         .delivery(Delivery::Acked(
             Acks::json_field("id", "ack").timeout(Duration::from_secs(3)),
         ))

@@ -19,15 +19,12 @@ use wsbeat::{Client, ClientBuilder, Error, Event, TlsErrorKind};
 
 fn builder(nginx: &Nginx, site: Site) -> ClientBuilder {
     Client::builder(&nginx.url(site))
-        .unwrap()
         .no_proxy()
         .connect_timeout(Duration::from_secs(5))
 }
 
 fn trusting_ca(nginx: &Nginx, site: Site) -> ClientBuilder {
-    builder(nginx, site)
-        .add_root_certificate(&nginx.pki.read("ca.pem"))
-        .unwrap()
+    builder(nginx, site).add_root_certificate(&nginx.pki.read("ca.pem"))
 }
 
 /// The message fragment each backend gives for one certificate problem (the kind,
@@ -136,10 +133,8 @@ fn wss_through_nginx_with_custom_root_ca() {
     // The IP address SAN works too.
     let url = format!("wss://127.0.0.1:{}/", nginx.port(Site::Good));
     let client = Client::builder(&url)
-        .unwrap()
         .no_proxy()
         .add_root_certificate(&nginx.pki.read("ca.pem"))
-        .unwrap()
         .connect()
         .unwrap();
     client.send_text("by IP").unwrap();

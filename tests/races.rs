@@ -37,7 +37,6 @@ fn assert_clean_end(what: &str) {
 
 fn builder(url: &str) -> ClientBuilder {
     Client::builder(url)
-        .expect("url")
         .connect_timeout(T)
         .close_timeout(Duration::from_secs(2))
         .heartbeat(Heartbeat::ping(
@@ -335,7 +334,7 @@ fn dropping_the_last_handle_inside_the_event_loop_closes_cleanly() {
 #[test]
 #[cfg_attr(
     windows,
-    ignore = "open gap under Wine since the bounded inbound and outbound tracking landed: after some of the 200 storms the client stops reconnecting (the sender then spins on QueueFull); 20 storms pass (README, Platforms and TLS)"
+    ignore = "too slow under Wine: with no SIOCOUTQ figure and a held-back reader, each storm re-sends the whole 4 MiB tracking window, so reconnects slow past the 10 s bound; nothing is lost (README, Platforms and TLS)"
 )]
 fn reconnect_now_from_many_threads_at_once_collapses_and_loses_nothing() {
     let _g = util::exclusive();

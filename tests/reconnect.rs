@@ -124,7 +124,6 @@ fn fast_backoff() -> Backoff {
 /// A client builder with test-friendly timings.
 fn builder(url: &str) -> ClientBuilder {
     Client::builder(url)
-        .expect("valid url")
         .heartbeat(Heartbeat::ping(
             Duration::from_millis(500),
             Duration::from_millis(500),
@@ -689,7 +688,6 @@ fn certificate_errors_are_fatal_by_default() {
     let server = TestServer::builder().tls(ServerCert::UnknownCa).start();
     let client = builder(&server.wss_url())
         .add_root_certificate(certs::CA_PEM)
-        .unwrap()
         .connect_lazy()
         .unwrap();
     let mut ev = Watch::new(&client);
@@ -1388,10 +1386,7 @@ fn overflow_block_waits_for_room_and_times_out_handing_the_message_back() {
     let _g = util::shared();
     let server = TestServer::echo();
     server.stop();
-    let limits = Limits {
-        queue_messages: 2,
-        ..Limits::default()
-    };
+    let limits = Limits::default().queue_messages(2);
     let block = Duration::from_millis(300);
     let short = builder(&server.url())
         .reconnect_policy(Fixed(Duration::from_secs(30)))
@@ -1478,10 +1473,7 @@ fn every_message_is_delivered_or_handed_back(overflow: OverflowPolicy, outage_se
     // nothing the client wrote is left unread in a socket when the server goes down.
     let proxy = FaultProxy::start(server.addr());
     let client = builder(&proxy.url())
-        .limits(Limits {
-            queue_messages: 16,
-            ..Limits::default()
-        })
+        .limits(Limits::default().queue_messages(16))
         .overflow(overflow)
         .connect()
         .unwrap();

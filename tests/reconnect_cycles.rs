@@ -27,7 +27,6 @@ impl ReconnectPolicy for Immediately {
 
 fn client(url: &str) -> Client {
     Client::builder(url)
-        .unwrap()
         .heartbeat(Heartbeat::ping(
             Duration::from_secs(5),
             Duration::from_secs(5),

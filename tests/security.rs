@@ -30,15 +30,12 @@ fn tls_server(cert: ServerCert) -> TestServer {
 
 fn builder(url: &str) -> ClientBuilder {
     Client::builder(url)
-        .expect("url")
         .connect_timeout(T)
         .close_timeout(Duration::from_secs(1))
 }
 
 fn trusting_test_ca(url: &str) -> ClientBuilder {
-    builder(url)
-        .add_root_certificate(certs::CA_PEM)
-        .expect("test CA")
+    builder(url).add_root_certificate(certs::CA_PEM)
 }
 
 fn assert_certificate_error(r: Result<Client, Error>, what: &str) {

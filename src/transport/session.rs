@@ -31,7 +31,7 @@ pub(crate) struct Hooks {
 /// use std::time::Duration;
 /// use wsbeat::{Client, Message};
 ///
-/// let client = Client::builder("wss://example.com/feed")?
+/// let client = Client::builder("wss://example.com/feed")
 ///     .on_connect(|s| {
 ///         s.send(Message::text(r#"{"op":"auth","token":"..."}"#))?;
 ///         let ack = s.read(Duration::from_secs(5))?; // e.g. {"op":"auth-ok"}

@@ -250,7 +250,6 @@ pub fn next_text(events: &wsbeat::Events, what: &str) -> String {
 /// Connects (eagerly) with the given builder tweaks; waits for `Connected` gen 1.
 pub fn connect(server: &EchoServer, tweak: impl FnOnce(ClientBuilder) -> ClientBuilder) -> Client {
     let builder = Client::builder(&server.url())
-        .expect("url")
         .no_proxy()
         .connect_timeout(Duration::from_secs(5));
     let client = tweak(builder).connect().unwrap_or_else(|e| {

@@ -39,9 +39,7 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 /// A client builder for `url` through the proxy at `proxy_url`, connect timeout 5 s.
 pub fn via(url: &str, proxy_url: &str) -> ClientBuilder {
     Client::builder(url)
-        .unwrap()
         .proxy(proxy_url)
-        .unwrap()
         .connect_timeout(Duration::from_secs(5))
 }
 

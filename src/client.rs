@@ -194,11 +194,14 @@ impl Client {
         carried: Vec<Message>,
     ) -> Result<Client> {
         cfg.validate()?;
-        let inbound = Arc::new(Inbound::new(
-            cfg.event_capacity.0,
-            cfg.event_capacity.1,
-            cfg.consumer_stall_timeout,
-        ));
+        let inbound = Arc::new(
+            Inbound::new(
+                cfg.event_capacity.0,
+                cfg.event_capacity.1,
+                cfg.consumer_stall_timeout,
+            )
+            .with_spin(cfg.event_spin),
+        );
         let (ev_tx, ev_rx) = EventTx::new(inbound.clone());
         let (ctl_tx, ctl_rx) = unbounded();
         let (timer_tx, timer_rx) = unbounded();

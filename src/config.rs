@@ -283,6 +283,9 @@ pub const DEFAULT_EVENT_CAPACITY_BYTES: usize = 32 << 20;
 /// Default time the reader may be held back by a full event channel before the consumer
 /// is reported stalled.
 pub const DEFAULT_CONSUMER_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default longest spin of a consumer waiting for events, see
+/// [`ClientBuilder::event_spin`](crate::ClientBuilder::event_spin).
+pub const DEFAULT_EVENT_SPIN: Duration = Duration::from_micros(50);
 /// Default delay between two connection attempts of Happy Eyeballs (RFC 8305 5).
 pub const DEFAULT_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// Default number of redirects followed on the upgrade request.
@@ -332,6 +335,7 @@ pub(crate) struct Config {
     /// Most (messages, payload bytes) waiting for the consumer.
     pub event_capacity: (usize, usize),
     pub consumer_stall_timeout: Duration,
+    pub event_spin: Duration,
     pub delivery: Delivery,
     pub offline_queue: bool,
 }

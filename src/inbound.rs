@@ -23,7 +23,7 @@
 //! While the reader is held back the heartbeat cannot see replies; unread input proves
 //! the peer alive instead (see [`Inbound::held_back`] and the heartbeat notes).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
@@ -35,6 +35,7 @@ use crossbeam_channel::{
 };
 use parking_lot::{Condvar, Mutex};
 
+use crate::config::DEFAULT_EVENT_SPIN;
 use crate::transport::sys::Waker;
 use crate::{Event, Message};
 
@@ -156,6 +157,8 @@ pub(crate) struct Inbound {
     /// Emptied batch buffers going back to the reader.
     spare_tx: Sender<VecDeque<Message>>,
     spare_rx: Receiver<VecDeque<Message>>,
+    /// Longest spin of a consumer waiting for events (`ClientBuilder::event_spin`).
+    spin: Duration,
 }
 
 impl Inbound {
@@ -174,7 +177,14 @@ impl Inbound {
             stalls: AtomicU64::new(0),
             spare_tx,
             spare_rx,
+            spin: DEFAULT_EVENT_SPIN,
         }
+    }
+
+    /// How long a consumer may spin before it parks (see [`Events`]); zero: never.
+    pub(crate) fn with_spin(mut self, spin: Duration) -> Inbound {
+        self.spin = spin;
+        self
     }
 
     /// The bound is reached: the reader must not read.
@@ -394,6 +404,13 @@ impl EventTx {
 /// let _ = client.close();
 /// # Ok::<(), wsbeat::Error>(())
 /// ```
+/// While events come back to back (the last wait was shorter than
+/// [`ClientBuilder::event_spin`](crate::ClientBuilder::event_spin), 50 µs by default, as
+/// in a request/response exchange), the `recv` calls first wait by spinning, yielding the
+/// CPU to any other runnable thread, before they park: that saves the wake-up of a parked
+/// thread (about 10 µs) on each reply. A wait that spun in vain turns this off until a
+/// wait is short again, so a sparse stream costs at most one such spin per lull.
+///
 /// Events already taken out of a batch by `recv`-style calls on the same `Events` are
 /// not in the channel any more: when you mix both styles, empty
 /// [`try_recv_buffered`](Events::try_recv_buffered) before you `select!`.
@@ -402,6 +419,8 @@ pub struct Events {
     inbound: Arc<Inbound>,
     /// Messages already taken out of a batch.
     buf: RefCell<VecDeque<Message>>,
+    /// Whether the last wait for a batch was short: then the next wait spins first.
+    spin: Cell<bool>,
 }
 
 impl fmt::Debug for Events {
@@ -426,6 +445,7 @@ impl Events {
             rx,
             inbound,
             buf: RefCell::new(VecDeque::new()),
+            spin: Cell::new(false),
         }
     }
 
@@ -464,7 +484,17 @@ impl Events {
     }
 
     fn recv_batch(&self) -> Result<Event, RecvError> {
-        Ok(self.take(self.rx.recv()?))
+        let start = Instant::now();
+        let batch = match self.spin(start, None) {
+            Some(Ok(batch)) => batch,
+            Some(Err(())) => return Err(RecvError),
+            None => {
+                let batch = self.rx.recv()?;
+                self.spin.set(start.elapsed() < self.inbound.spin);
+                batch
+            }
+        };
+        Ok(self.take(batch))
     }
 
     /// Waits up to `timeout` for the next event.
@@ -477,7 +507,13 @@ impl Events {
     }
 
     fn recv_batch_timeout(&self, timeout: Duration) -> Result<Event, RecvTimeoutError> {
-        Ok(self.take(self.rx.recv_timeout(timeout)?))
+        match Instant::now().checked_add(timeout) {
+            Some(deadline) => self.recv_batch_deadline(deadline),
+            // No representable deadline: as long as it takes.
+            None => self
+                .recv_batch()
+                .map_err(|RecvError| RecvTimeoutError::Disconnected),
+        }
     }
 
     /// Waits until `deadline` for the next event.
@@ -490,7 +526,40 @@ impl Events {
     }
 
     fn recv_batch_deadline(&self, deadline: Instant) -> Result<Event, RecvTimeoutError> {
-        Ok(self.take(self.rx.recv_deadline(deadline)?))
+        let start = Instant::now();
+        let batch = match self.spin(start, Some(deadline)) {
+            Some(Ok(batch)) => batch,
+            Some(Err(())) => return Err(RecvTimeoutError::Disconnected),
+            None => {
+                let batch = self.rx.recv_deadline(deadline)?;
+                self.spin.set(start.elapsed() < self.inbound.spin);
+                batch
+            }
+        };
+        Ok(self.take(batch))
+    }
+
+    /// When the last wait was short, waits for a batch by spinning, yielding the CPU to
+    /// anything runnable, for up to the configured spin from `start` (or to `deadline`). `None`: no
+    /// batch came (spinning is then off until a wait is short again); `Some(Err(()))`:
+    /// the client is gone.
+    fn spin(&self, start: Instant, deadline: Option<Instant>) -> Option<Result<Batch, ()>> {
+        if !self.spin.get() {
+            return None;
+        }
+        let end = start + self.inbound.spin;
+        let until = deadline.map_or(end, |d| d.min(end));
+        loop {
+            match self.rx.try_recv() {
+                Ok(batch) => return Some(Ok(batch)),
+                Err(TryRecvError::Disconnected) => return Some(Err(())),
+                Err(TryRecvError::Empty) if Instant::now() < until => std::thread::yield_now(),
+                Err(TryRecvError::Empty) => {
+                    self.spin.set(false);
+                    return None;
+                }
+            }
+        }
     }
 
     /// The next event if one is ready.
@@ -718,5 +787,78 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["Reconnecting", "GaveUp", "Undelivered", "Closed"]);
+    }
+
+    /// Events sent from another thread `gap` after the consumer starts waiting.
+    fn ping_pong(gap: Duration, rounds: usize) -> (Events, Vec<Duration>) {
+        let inbound = Arc::new(Inbound::new(1000, 1 << 20, Duration::from_secs(10)));
+        let (tx, rx) = EventTx::new(inbound.clone());
+        let events = Events::new(rx, inbound);
+        let (go_tx, go) = crossbeam_channel::unbounded::<()>();
+        let sender = std::thread::spawn(move || {
+            for i in 0..rounds {
+                go.recv().unwrap();
+                std::thread::sleep(gap);
+                tx.send(Event::HeartbeatMissed {
+                    generation: i as u64,
+                    missed: 1,
+                })
+                .unwrap();
+            }
+        });
+        let mut waits = Vec::new();
+        for i in 0..rounds {
+            go_tx.send(()).unwrap();
+            let t = Instant::now();
+            match events.recv_timeout(Duration::from_secs(10)) {
+                Ok(Event::HeartbeatMissed { generation, .. }) => assert_eq!(generation, i as u64),
+                other => panic!("round {i}: {other:?}"),
+            }
+            waits.push(t.elapsed());
+        }
+        sender.join().unwrap();
+        (events, waits)
+    }
+
+    #[test]
+    fn a_consumer_spins_only_while_its_waits_are_short() {
+        // (Back to back, waits are short and the next one spins; not asserted, a loaded
+        // machine can make any wait long.) Sparse: a wait longer than SPIN turns spinning off, and it stays off.
+        let (events, waits) = ping_pong(DEFAULT_EVENT_SPIN * 40, 5);
+        assert!(!events.spin.get(), "spinning after waits of {waits:?}");
+        // Spinning never stretches a timeout, nor loses what comes after it.
+        events.spin.set(true);
+        let t = Instant::now();
+        assert_eq!(
+            events.recv_timeout(Duration::from_millis(5)).unwrap_err(),
+            RecvTimeoutError::Disconnected,
+            "the sender is gone: disconnected, not a timeout"
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn spinning_honours_the_timeout() {
+        let inbound = Arc::new(Inbound::new(10, 1 << 20, Duration::from_secs(10)));
+        let (_tx, rx) = EventTx::new(inbound.clone());
+        let events = Events::new(rx, inbound);
+        events.spin.set(true);
+        let t = Instant::now();
+        assert_eq!(
+            events.recv_timeout(Duration::from_micros(10)).unwrap_err(),
+            RecvTimeoutError::Timeout
+        );
+        assert!(
+            !events.spin.get(),
+            "a spin that got nothing turns spinning off"
+        );
+        // Zero and the largest timeout are fine too (the latter with something to take).
+        assert!(events.recv_timeout(Duration::ZERO).is_err());
+        _tx.send(Event::Closed).unwrap();
+        assert!(matches!(
+            events.recv_timeout(Duration::MAX),
+            Ok(Event::Closed)
+        ));
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

@@ -11,8 +11,8 @@ use crate::backoff::{Backoff, ReconnectPolicy};
 use crate::client::Client;
 use crate::config::{
     Attempt, Config, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
-    DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT, OverflowPolicy, PROXY_SCHEMES, ProxySetting,
-    Request, SocketOptions, TcpKeepalive,
+    DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT, MAX_EVENT_SPIN, OverflowPolicy,
+    PROXY_SCHEMES, ProxySetting, Request, SocketOptions, TcpKeepalive,
 };
 use crate::heartbeat::Heartbeat;
 use crate::outbox::Delivery;
@@ -332,6 +332,7 @@ impl ClientBuilder {
     /// exchange skips the wake-up of a parked thread on each reply (echo round trips
     /// 5-15 µs shorter here), at the cost of up to that much CPU per event when events
     /// keep coming just that far apart. `Duration::ZERO`: always park at once (least CPU).
+    /// At most [`MAX_EVENT_SPIN`](crate::MAX_EVENT_SPIN) (1 ms); longer values are capped.
     ///
     /// ```
     /// use std::time::Duration;
@@ -340,7 +341,7 @@ impl ClientBuilder {
     /// # let _ = builder;
     /// ```
     pub fn event_spin(mut self, spin: Duration) -> Self {
-        self.cfg.event_spin = spin;
+        self.cfg.event_spin = spin.min(MAX_EVENT_SPIN);
         self
     }
 

@@ -286,6 +286,9 @@ pub const DEFAULT_CONSUMER_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default longest spin of a consumer waiting for events, see
 /// [`ClientBuilder::event_spin`](crate::ClientBuilder::event_spin).
 pub const DEFAULT_EVENT_SPIN: Duration = Duration::from_micros(50);
+/// The longest [`ClientBuilder::event_spin`](crate::ClientBuilder::event_spin): a
+/// longer spin would only burn CPU between events that are not back to back.
+pub const MAX_EVENT_SPIN: Duration = Duration::from_millis(1);
 /// Default delay between two connection attempts of Happy Eyeballs (RFC 8305 5).
 pub const DEFAULT_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// Default number of redirects followed on the upgrade request.

@@ -451,6 +451,61 @@ fn every_duration_knob_takes_max_and_rejects_a_meaningless_zero() {
         "passive",
     );
     works("off()", builder(&url).heartbeat(Heartbeat::off()));
+    // The first dial's next Happy Eyeballs attempt is due `delay` later.
+    works(
+        "happy_eyeballs_delay(MAX)",
+        builder(&url).happy_eyeballs_delay(max),
+    );
+    works(
+        "happy_eyeballs_delay(ZERO)",
+        builder(&url).happy_eyeballs_delay(zero),
+    );
+    // A consumer's spin ends `event_spin` after it started: several round trips, so
+    // a wait that was short makes the next one spin.
+    for spin in [max, zero] {
+        let client = builder(&url).event_spin(spin).connect().expect("connect");
+        let events = client.events();
+        for i in 0..5 {
+            client.send_text(format!("spin {i}")).expect("send");
+            let deadline = Instant::now() + T;
+            loop {
+                match events.recv_deadline(deadline) {
+                    Ok(Event::Message(m)) if m.to_text().unwrap() == format!("spin {i}") => break,
+                    Ok(_) => {}
+                    Err(e) => panic!("event_spin({spin:?}): round trip {i}: {e:?}"),
+                }
+            }
+        }
+        let c = client.clone();
+        bounded("close after event_spin", T, move || c.close());
+    }
+    // The stall deadline is computed once the reader is held back by a full channel.
+    {
+        let client = builder(&url)
+            .event_capacity(1, 1 << 20)
+            .consumer_stall_timeout(max)
+            .connect()
+            .expect("connect");
+        let events = client.events();
+        for i in 0..5 {
+            client.send_text(format!("held {i}")).expect("send");
+        }
+        assert!(
+            util::wait_until(T, || client.stats().consumer_behind_since.is_some()),
+            "the reader is held back"
+        );
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            match events.recv_timeout(T) {
+                Ok(Event::Message(m)) => got.push(m.to_text().unwrap().to_string()),
+                Ok(_) => {}
+                Err(e) => panic!("consumer_stall_timeout(MAX): {e:?} after {got:?}"),
+            }
+        }
+        assert_eq!(got, (0..5).map(|i| format!("held {i}")).collect::<Vec<_>>());
+        let c = client.clone();
+        bounded("close after a held-back reader", T, move || c.close());
+    }
     // Huge backoff settings: the first delay is huge, close() still ends at once.
     let refused = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -265,7 +265,7 @@ pub(crate) fn dial(
         if next < order.len() && (pending.is_empty() || now >= next_at) {
             let addr = order[next];
             next += 1;
-            next_at = now + opts.attempt_delay;
+            next_at = crate::time::deadline(now, opts.attempt_delay);
             match start(addr, opts) {
                 Ok((sock, true)) => return finish(sock),
                 Ok((sock, false)) => pending.push((sock, addr)),

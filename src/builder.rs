@@ -146,8 +146,14 @@ impl ClientBuilder {
         }
     }
 
-    /// Adds a header to every upgrade request (e.g. `Authorization`). Never logged.
+    /// Adds a header to every upgrade request (e.g. `Authorization`). Never logged. A
+    /// name or value HTTP does not allow is [`Error::InvalidHeader`] from `connect()` /
+    /// `connect_lazy()` (naming the header, never showing its value).
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        let (name, value) = (name.into(), value.into());
+        if let Err(e) = crate::config::parse_header(&name, &value) {
+            return self.fail(e);
+        }
         self.cfg.request = self.cfg.request.header(name, value);
         self
     }

@@ -93,6 +93,24 @@ impl Request {
     }
 }
 
+/// A header as the upgrade request will carry it, or the error that refuses it (which
+/// names the header, never its value).
+pub(crate) fn parse_header(
+    name: &str,
+    value: &str,
+) -> Result<(
+    tungstenite::http::HeaderName,
+    tungstenite::http::HeaderValue,
+)> {
+    let err = |e: &dyn fmt::Display| Error::InvalidHeader {
+        name: name.to_string(),
+        reason: e.to_string(),
+    };
+    let n = tungstenite::http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| err(&e))?;
+    let v = tungstenite::http::HeaderValue::from_str(value).map_err(|e| err(&e))?;
+    Ok((n, v))
+}
+
 impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let headers: Vec<_> = self

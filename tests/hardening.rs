@@ -1120,6 +1120,22 @@ fn builder_errors_come_back_from_connect_and_connect_lazy_before_any_thread_star
         |e| matches!(e, Error::InvalidUrl { reason } if reason.contains("proxy URL must be")),
     );
 
+    // A header HTTP does not allow: the error names it and never shows the value.
+    for (name, value) in [
+        ("Bad Name", "x"),
+        ("Authorization", "Bearer s3cret\nInjected: 1"),
+    ] {
+        refused_before_start(
+            name,
+            &listener,
+            || builder(&url).header(name, value),
+            |e| {
+                matches!(e, Error::InvalidHeader { name: n, .. } if n == name)
+                    && !format!("{e} {e:?}").contains("s3cret")
+            },
+        );
+    }
+
     if cfg!(any(feature = "native-tls", feature = "rustls")) {
         // A root certificate the TLS backend cannot read: Error::Tls, even for a ws://
         // URL that would never use it.

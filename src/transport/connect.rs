@@ -18,11 +18,11 @@ use tungstenite::error::{ProtocolError, SubProtocolError};
 use tungstenite::handshake::client::Response;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::handshake::machine::{HandshakeMachine, RoundResult, StageResult};
-use tungstenite::http::{HeaderName, HeaderValue, StatusCode};
+use tungstenite::http::{HeaderValue, StatusCode};
 use tungstenite::protocol::{Role, WebSocket};
 use url::Url;
 
-use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request};
+use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request, parse_header};
 use crate::redact::{RedactedUrl, is_secret_header};
 use crate::transport::dial::{self, Cancel, Deadline, is_timeout};
 use crate::transport::socks;
@@ -459,8 +459,7 @@ fn build_request(req: &Request) -> Result<tungstenite::handshake::client::Reques
     let mut r = url.as_str().into_client_request().map_err(Error::from_ws)?;
     let headers = r.headers_mut();
     for (k, v) in &req.headers {
-        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| header_err(k, e))?;
-        let value = HeaderValue::from_str(v).map_err(|e| header_err(k, e))?;
+        let (name, value) = parse_header(k, v)?;
         headers.append(name, value);
     }
     if let Some(b) = basic

@@ -1045,6 +1045,70 @@ fn write_stall_is_detected_by_the_timer_for_try_send() {
 }
 
 #[test]
+fn progress_seen_by_the_timers_last_chance_flush_restarts_the_stall_clock() {
+    use std::io::Read;
+    let _g = util::shared();
+    // The peer stops reading, then reads one small chunk and stops again. Whatever that
+    // frees in the client's (large, autotuned) send buffer is below POLLOUT's threshold,
+    // so the reader is not woken: the timer's last-chance flush is the first to see the
+    // progress. That progress must restart the clock, not be judged against the old one.
+    let write_timeout = Duration::from_secs(2);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (read_now, read_when) = crossbeam_channel::bounded::<()>(1);
+    let (done, until_done) = crossbeam_channel::bounded::<()>(1);
+    let server = thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(tcp).expect("upgrade");
+        read_when.recv_timeout(T).expect("told to read");
+        let mut chunk = vec![0u8; 96 << 10];
+        let mut got = 0;
+        while got < chunk.len() {
+            match ws.get_mut().read(&mut chunk[got..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+        let _ = until_done.recv_timeout(T);
+        got
+    });
+    let hb = Heartbeat::ping(Duration::from_secs(60), Duration::from_secs(60));
+    let client = builder(&url, hb)
+        .write_timeout(write_timeout)
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let chunk = vec![7u8; 64 << 10];
+    let start = Instant::now();
+    loop {
+        match client.try_send(Message::binary(chunk.clone())) {
+            Ok(()) => {}
+            Err(Error::WouldBlock { .. } | Error::QueueFull { .. } | Error::Closed { .. }) => {
+                break;
+            }
+            Err(e) => panic!("try_send: {e:?}"),
+        }
+        assert!(start.elapsed() < T, "the output never filled up");
+    }
+    // Scenario pacing: the peer reads well before the write timeout is up.
+    thread::sleep(write_timeout / 3);
+    read_now.send(()).unwrap();
+    let (reason, at, _) = wait_disconnected(&events, 1, write_timeout * 3 + T);
+    assert_eq!(reason, DisconnectReason::WriteStalled);
+    let elapsed = at - start;
+    eprintln!("stalled after {elapsed:?}");
+    // Progress at about a third of the timeout: the stall comes a whole timeout after
+    // the flush that saw it, never at the first deadline.
+    assert!(
+        elapsed >= write_timeout + write_timeout / 3,
+        "declared stalled {elapsed:?} after the output filled, though the peer read in between"
+    );
+    done.send(()).unwrap();
+    assert!(server.join().unwrap() > 0);
+}
+
+#[test]
 fn stats_expose_rtt_and_last_inbound() {
     let _g = util::shared();
     let delay = Duration::from_millis(100);

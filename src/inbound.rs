@@ -484,17 +484,8 @@ impl Events {
     }
 
     fn recv_batch(&self) -> Result<Event, RecvError> {
-        let start = Instant::now();
-        let batch = match self.spin(start, None) {
-            Some(Ok(batch)) => batch,
-            Some(Err(())) => return Err(RecvError),
-            None => {
-                let batch = self.rx.recv()?;
-                self.spin.set(start.elapsed() < self.inbound.spin);
-                batch
-            }
-        };
-        Ok(self.take(batch))
+        // With no deadline the wait cannot time out.
+        self.wait_batch(None).map_err(|_| RecvError)
     }
 
     /// Waits up to `timeout` for the next event.
@@ -507,13 +498,7 @@ impl Events {
     }
 
     fn recv_batch_timeout(&self, timeout: Duration) -> Result<Event, RecvTimeoutError> {
-        match Instant::now().checked_add(timeout) {
-            Some(deadline) => self.recv_batch_deadline(deadline),
-            // No representable deadline: as long as it takes.
-            None => self
-                .recv_batch()
-                .map_err(|RecvError| RecvTimeoutError::Disconnected),
-        }
+        self.wait_batch(Some(crate::time::deadline_in(timeout)))
     }
 
     /// Waits until `deadline` for the next event.
@@ -526,12 +511,23 @@ impl Events {
     }
 
     fn recv_batch_deadline(&self, deadline: Instant) -> Result<Event, RecvTimeoutError> {
+        self.wait_batch(Some(deadline))
+    }
+
+    /// The next batch's first event, waiting until `deadline` (`None`: as long as it
+    /// takes): spinning first when the last wait was short, then parked.
+    fn wait_batch(&self, deadline: Option<Instant>) -> Result<Event, RecvTimeoutError> {
         let start = Instant::now();
-        let batch = match self.spin(start, Some(deadline)) {
-            Some(Ok(batch)) => batch,
-            Some(Err(())) => return Err(RecvTimeoutError::Disconnected),
+        let batch = match self.spin(start, deadline) {
+            Some(batch) => batch,
             None => {
-                let batch = self.rx.recv_deadline(deadline)?;
+                let batch = match deadline {
+                    Some(d) => self.rx.recv_deadline(d)?,
+                    None => self
+                        .rx
+                        .recv()
+                        .map_err(|RecvError| RecvTimeoutError::Disconnected)?,
+                };
                 self.spin.set(start.elapsed() < self.inbound.spin);
                 batch
             }
@@ -540,10 +536,10 @@ impl Events {
     }
 
     /// When the last wait was short, waits for a batch by spinning, yielding the CPU to
-    /// anything runnable, for up to the configured spin from `start` (or to `deadline`). `None`: no
-    /// batch came (spinning is then off until a wait is short again); `Some(Err(()))`:
-    /// the client is gone.
-    fn spin(&self, start: Instant, deadline: Option<Instant>) -> Option<Result<Batch, ()>> {
+    /// anything runnable, for up to the configured spin from `start` (or to `deadline`).
+    /// `None`: no batch came (spinning is then off until a wait is short again), or the
+    /// client is gone (the parked wait that follows reports it at once).
+    fn spin(&self, start: Instant, deadline: Option<Instant>) -> Option<Batch> {
         if !self.spin.get() {
             return None;
         }
@@ -551,8 +547,8 @@ impl Events {
         let until = deadline.map_or(end, |d| d.min(end));
         loop {
             match self.rx.try_recv() {
-                Ok(batch) => return Some(Ok(batch)),
-                Err(TryRecvError::Disconnected) => return Some(Err(())),
+                Ok(batch) => return Some(batch),
+                Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) if Instant::now() < until => std::thread::yield_now(),
                 Err(TryRecvError::Empty) => {
                     self.spin.set(false);

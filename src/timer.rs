@@ -24,11 +24,7 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
         let mut event = None;
         {
             let mut link = shared.link.lock();
-            if let Some(live) = link
-                .conn
-                .as_mut()
-                .filter(|l| l.dead.is_none() && !l.close_sent)
-            {
+            if let Some(live) = link.conn.as_mut().filter(|l| l.takes_data()) {
                 let cgen = live.generation;
                 // Write stall: output pending longer than the write timeout.
                 let stall = live.pending_since.map(|t| deadline(t, write_timeout));

@@ -102,13 +102,18 @@ pub(crate) fn parse_header(
     tungstenite::http::HeaderName,
     tungstenite::http::HeaderValue,
 )> {
-    let err = |e: &dyn fmt::Display| Error::InvalidHeader {
+    let n = tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|e| header_err(name, e))?;
+    let v = tungstenite::http::HeaderValue::from_str(value).map_err(|e| header_err(name, e))?;
+    Ok((n, v))
+}
+
+/// A header refused: names it, never shows its value.
+pub(crate) fn header_err(name: &str, e: impl fmt::Display) -> Error {
+    Error::InvalidHeader {
         name: name.to_string(),
         reason: e.to_string(),
-    };
-    let n = tungstenite::http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| err(&e))?;
-    let v = tungstenite::http::HeaderValue::from_str(value).map_err(|e| err(&e))?;
-    Ok((n, v))
+    }
 }
 
 impl fmt::Debug for Request {

@@ -22,7 +22,7 @@ use tungstenite::http::{HeaderValue, StatusCode};
 use tungstenite::protocol::{Role, WebSocket};
 use url::Url;
 
-use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request, parse_header};
+use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request, header_err, parse_header};
 use crate::redact::{RedactedUrl, is_secret_header};
 use crate::transport::dial::{self, Cancel, Deadline, is_timeout};
 use crate::transport::socks;
@@ -433,13 +433,6 @@ fn extension_names(value: &str) -> Vec<String> {
         .map(|n| n.trim().to_string())
         .filter(|n| !n.is_empty())
         .collect()
-}
-
-fn header_err(name: &str, e: impl std::fmt::Display) -> Error {
-    Error::InvalidHeader {
-        name: name.to_string(),
-        reason: e.to_string(),
-    }
 }
 
 fn build_request(req: &Request) -> Result<tungstenite::handshake::client::Request> {

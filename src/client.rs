@@ -381,7 +381,11 @@ impl Client {
     /// (TCP pushes back; nothing is dropped) until the consumer catches up. Control
     /// events (`Connected`, `Disconnected`, ..., `Closed`) are never held back.
     pub fn events(&self) -> Events {
-        Events::new(self.inner.events.clone(), self.inner.inbound.clone())
+        Events::new(
+            self.inner.events.clone(),
+            self.inner.inbound.clone(),
+            Some(crate::reader::driver(&self.inner.shared)),
+        )
     }
 
     /// Current state.

@@ -22,6 +22,22 @@
 //!
 //! While the reader is held back the heartbeat cannot see replies; unread input proves
 //! the peer alive instead (see [`Inbound::held_back`] and the heartbeat notes).
+//!
+//! # Consumers that read
+//! A hand-off to another thread costs a wake-up, and on a small machine the reader, the
+//! consumer and the server fight for the same cores (issue 11: 0.6x of raw tungstenite at
+//! 64 B). So a consumer waiting in [`Events::recv`] (and `recv_timeout`, `recv_deadline`,
+//! iteration) with nothing buffered reads the socket itself, on its own thread, through
+//! a [`Drive`] (the read path in `reader.rs`): it takes the link lock without waiting
+//! (`try_lock`), and only when the channel is empty, because the reader sends each batch
+//! *before* it lets the lock go: whatever the reader read earlier is already in the
+//! channel and comes first. One order, whoever reads.
+//! The reader leaves ready input to such a consumer (`Inbound::consumer_reads`): while a
+//! consumer waits in `recv` and has read since the reader last looked, the reader waits
+//! `reader::DEFER` (1 ms) and looks again. A consumer busy with what it got stops
+//! reading, so within about 1 ms the reader reads again (heartbeat replies, pings and the
+//! close handshake never wait for the user); a consumer that parks on the channel wakes
+//! the reader at once. `try_recv` and [`Events::receiver`] never read the socket.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -159,6 +175,15 @@ pub(crate) struct Inbound {
     spare_rx: Receiver<VecDeque<Message>>,
     /// Longest spin of a consumer waiting for events (`ClientBuilder::event_spin`).
     spin: Duration,
+    /// A consumer reads the socket for itself (see "Consumers that read"): set when it
+    /// starts waiting in `recv`, cleared when it parks.
+    driving: AtomicBool,
+    /// Reads of the socket made by consumers, so the reader sees whether they go on.
+    drives: AtomicU64,
+    /// The reader holds back for a consumer that reads: a consumer that parks wakes it.
+    deferring: AtomicBool,
+    /// A consumer's read left output unflushed: the reader must watch for writability.
+    flush_wanted: AtomicBool,
 }
 
 impl Inbound {
@@ -178,6 +203,10 @@ impl Inbound {
             spare_tx,
             spare_rx,
             spin: DEFAULT_EVENT_SPIN,
+            driving: AtomicBool::new(false),
+            drives: AtomicU64::new(0),
+            deferring: AtomicBool::new(false),
+            flush_wanted: AtomicBool::new(false),
         }
     }
 
@@ -300,6 +329,79 @@ impl Inbound {
     pub(crate) fn stalls(&self) -> u64 {
         self.stalls.load(Ordering::Relaxed)
     }
+
+    fn wake_reader(&self) {
+        if let Some(w) = self.waker.lock().as_ref() {
+            w.wake();
+        }
+    }
+
+    /// A consumer starts waiting for events, reading the socket itself when it can.
+    #[inline]
+    fn begin_drive(&self) {
+        if !self.driving.load(Ordering::Relaxed) {
+            self.driving.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A consumer parks: the reader must read for it again, now.
+    fn end_drive(&self) {
+        self.driving.store(false, Ordering::SeqCst);
+        if self.deferring.load(Ordering::SeqCst) {
+            self.wake_reader();
+        }
+    }
+
+    /// A consumer read the socket (called under the link lock, by the `Drive`).
+    pub(crate) fn note_drive(&self) {
+        self.drives.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Called by the reader when input is ready: whether a consumer read the socket since
+    /// the reader last looked (`seen`) and still waits in `recv`. Then the reader leaves
+    /// the input to it and waits (see [`reader_resumes`](Self::reader_resumes)); a consumer
+    /// that parks wakes it.
+    pub(crate) fn consumer_reads(&self, seen: &mut u64) -> bool {
+        self.deferring.store(true, Ordering::SeqCst);
+        let drives = self.drives.load(Ordering::Relaxed);
+        if self.driving.load(Ordering::SeqCst) && drives != *seen {
+            *seen = drives;
+            return true;
+        }
+        self.deferring.store(false, Ordering::SeqCst);
+        false
+    }
+
+    /// The reader stops deferring to the consumer.
+    pub(crate) fn reader_resumes(&self) {
+        self.deferring.store(false, Ordering::SeqCst);
+    }
+
+    /// Reads made by consumers so far (the reader's starting point for `consumer_reads`).
+    pub(crate) fn drives(&self) -> u64 {
+        self.drives.load(Ordering::Relaxed)
+    }
+
+    /// A consumer's read left output unflushed: the reader watches for writability.
+    /// Never called under the link lock (the waker's lock is a leaf).
+    pub(crate) fn want_flush(&self) {
+        self.flush_wanted.store(true, Ordering::SeqCst);
+        self.wake_reader();
+    }
+
+    /// Whether a consumer asked the reader to flush (clears the request).
+    pub(crate) fn take_flush_wanted(&self) -> bool {
+        self.flush_wanted.load(Ordering::Relaxed) && self.flush_wanted.swap(false, Ordering::SeqCst)
+    }
+}
+
+/// A consumer's way to read the socket itself (implemented by the read path, `reader.rs`,
+/// which sits above this module). See "Consumers that read" in the module docs.
+pub(crate) trait Drive: Send + Sync {
+    /// Reads, without waiting, the messages ready on the current connection into `out`
+    /// (empty), unless the link lock is taken or `pending` holds events: those were read
+    /// earlier and come first.
+    fn drive(&self, pending: &Receiver<Batch>, out: &mut VecDeque<Message>);
 }
 
 /// The sending side: owned by the client's shared state.
@@ -421,6 +523,8 @@ pub struct Events {
     buf: RefCell<VecDeque<Message>>,
     /// Whether the last wait for a batch was short: then the next wait spins first.
     spin: Cell<bool>,
+    /// Reads the socket for this consumer when nothing waits (`None`: only the reader).
+    driver: Option<Arc<dyn Drive>>,
 }
 
 impl fmt::Debug for Events {
@@ -435,17 +539,22 @@ impl fmt::Debug for Events {
 impl Clone for Events {
     /// Another reader of the same stream (with its own, empty, batch buffer).
     fn clone(&self) -> Self {
-        Events::new(self.rx.clone(), self.inbound.clone())
+        Events::new(self.rx.clone(), self.inbound.clone(), self.driver.clone())
     }
 }
 
 impl Events {
-    pub(crate) fn new(rx: Receiver<Batch>, inbound: Arc<Inbound>) -> Events {
+    pub(crate) fn new(
+        rx: Receiver<Batch>,
+        inbound: Arc<Inbound>,
+        driver: Option<Arc<dyn Drive>>,
+    ) -> Events {
         Events {
             rx,
             inbound,
             buf: RefCell::new(VecDeque::new()),
             spin: Cell::new(false),
+            driver,
         }
     }
 
@@ -514,46 +623,86 @@ impl Events {
         self.wait_batch(Some(deadline))
     }
 
-    /// The next batch's first event, waiting until `deadline` (`None`: as long as it
-    /// takes): spinning first when the last wait was short, then parked.
+    /// The next event once the buffer is empty, waiting until `deadline` (`None`: as long
+    /// as it takes): a waiting batch, else what the socket has ready (read by this
+    /// thread), else spinning when the last wait was short, then parked.
     fn wait_batch(&self, deadline: Option<Instant>) -> Result<Event, RecvTimeoutError> {
         let start = Instant::now();
-        let batch = match self.spin(start, deadline) {
-            Some(batch) => batch,
-            None => {
-                let batch = match deadline {
-                    Some(d) => self.rx.recv_deadline(d)?,
-                    None => self
-                        .rx
-                        .recv()
-                        .map_err(|RecvError| RecvTimeoutError::Disconnected)?,
-                };
-                self.spin.set(start.elapsed() < self.inbound.spin);
-                batch
-            }
+        if let Some(ev) = self.poll_once() {
+            // A wait that took no time: the next one may spin.
+            self.spin.set(true);
+            return Ok(ev);
+        }
+        if let Some(ev) = self.spin(start, deadline) {
+            return Ok(ev);
+        }
+        if self.driver.is_some() {
+            // Parked, this thread reads nothing: the reader must not wait for it.
+            self.inbound.end_drive();
+        }
+        let batch = match deadline {
+            Some(d) => self.rx.recv_deadline(d)?,
+            None => self
+                .rx
+                .recv()
+                .map_err(|RecvError| RecvTimeoutError::Disconnected)?,
         };
+        self.spin.set(start.elapsed() < self.inbound.spin);
         Ok(self.take(batch))
     }
 
-    /// When the last wait was short, waits for a batch by spinning, yielding the CPU to
-    /// anything runnable, for up to the configured spin from `start` (or to `deadline`).
-    /// `None`: no batch came (spinning is then off until a wait is short again), or the
-    /// client is gone (the parked wait that follows reports it at once).
-    fn spin(&self, start: Instant, deadline: Option<Instant>) -> Option<Batch> {
+    /// A waiting batch's first event, else the first message the socket has ready.
+    #[inline]
+    fn poll_once(&self) -> Option<Event> {
+        if let Ok(batch) = self.rx.try_recv() {
+            return Some(self.take(batch));
+        }
+        self.read_socket()
+    }
+
+    /// Reads what the socket has ready on this thread (see "Consumers that read" in the
+    /// module docs): no hand-off from the reader thread, no wake-up. The buffer is empty
+    /// here; it is moved out while the read runs, so user code run by the read (a reply
+    /// matcher) cannot find it borrowed.
+    fn read_socket(&self) -> Option<Event> {
+        let driver = self.driver.as_ref()?;
+        self.inbound.begin_drive();
+        let mut buf = std::mem::take(&mut *self.buf.borrow_mut());
+        driver.drive(&self.rx, &mut buf);
+        let first = buf.pop_front();
+        let mut mine = self.buf.borrow_mut();
+        if mine.is_empty() {
+            *mine = buf;
+        } else {
+            mine.extend(buf);
+        }
+        first.map(Event::Message)
+    }
+
+    /// When the last wait was short, waits for an event by spinning (looking at the
+    /// channel and the socket, yielding the CPU to anything runnable in between) for up
+    /// to the configured spin from `start` (or to `deadline`). `None`: nothing came
+    /// (spinning is then off until a wait is short again), or the client is gone (the
+    /// parked wait that follows reports it at once).
+    fn spin(&self, start: Instant, deadline: Option<Instant>) -> Option<Event> {
         if !self.spin.get() {
             return None;
         }
         let end = crate::time::deadline(start, self.inbound.spin);
         let until = deadline.map_or(end, |d| d.min(end));
         loop {
+            if Instant::now() >= until {
+                self.spin.set(false);
+                return None;
+            }
+            std::thread::yield_now();
             match self.rx.try_recv() {
-                Ok(batch) => return Some(batch),
+                Ok(batch) => return Some(self.take(batch)),
                 Err(TryRecvError::Disconnected) => return None,
-                Err(TryRecvError::Empty) if Instant::now() < until => std::thread::yield_now(),
-                Err(TryRecvError::Empty) => {
-                    self.spin.set(false);
-                    return None;
-                }
+                Err(TryRecvError::Empty) => {}
+            }
+            if let Some(ev) = self.read_socket() {
+                return Some(ev);
             }
         }
     }
@@ -772,7 +921,7 @@ mod tests {
         sink.emit(Event::Closed); // dropped: once
         sink.emit(Event::Undelivered(vec![])); // dropped: after Closed
         sink.wait_closed();
-        let kinds: Vec<_> = crate::inbound::Events::new(rx, inbound)
+        let kinds: Vec<_> = crate::inbound::Events::new(rx, inbound, None)
             .try_iter()
             .map(|e| {
                 format!("{e:?}")
@@ -789,7 +938,7 @@ mod tests {
     fn spinning_honours_the_timeout() {
         let inbound = Arc::new(Inbound::new(10, 1 << 20, Duration::from_secs(10)));
         let (_tx, rx) = EventTx::new(inbound.clone());
-        let events = Events::new(rx, inbound);
+        let events = Events::new(rx, inbound, None);
         events.spin.set(true);
         let t = Instant::now();
         assert_eq!(

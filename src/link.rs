@@ -8,7 +8,7 @@
 //! ## Every lock, and the order
 //! | lock | taken by | held around |
 //! |------|----------|-------------|
-//! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect` | socket calls in nonblocking mode, queue, outbox and state updates, `Heartbeat::app` reply matchers and `Acks` id readers (user code), one `SIOCOUTQ` ioctl per 1024 flushed messages, unbounded channel sends |
+//! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect`, and a consumer waiting in `Events::recv` (by `try_lock` only: it reads the socket itself, see `inbound.rs`) | socket calls in nonblocking mode, queue, outbox and state updates, `Heartbeat::app` reply matchers and `Acks` id readers (user code), one `SIOCOUTQ` ioctl per 1024 flushed messages, unbounded channel sends |
 //! | `Shared::connecting` (the mutex inside `dial::Cancel`) | supervisor (`establish` / `connect::open`: attach / detach the socket of the attempt), `close()` (`Cancel::cancel`: shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
@@ -23,7 +23,8 @@
 //! `link` by `try_lock` only, which cannot wait and so cannot deadlock. (crossbeam's
 //! internal channel locks are leaves too: an unbounded send never waits.)
 //! Consequences for user code: a `Heartbeat::app` reply matcher and the `Acks` id readers
-//! (`id_of`, `ack_of`) run under `link` and must not call back into the `Client` (the
+//! (`id_of`, `ack_of`) run under `link` (on the reader thread, or on a consumer's thread
+//! inside `Events::recv`) and must not call back into the `Client` (the
 //! mutex is not reentrant); event handlers, request
 //! factories, `on_connect` hooks and reconnect policies run with no `link` held.
 //!
@@ -32,10 +33,12 @@
 //!    call made under the lock can block on the network.
 //! 2. Waiting for readability or writability happens with `sys::poll2` *without* the lock
 //!    (`MutexGuard::unlocked_fair`), on a `dup` of the socket so the descriptor stays valid.
-//! 3. The reader releases the lock with `unlock_fair` after at most `read_budget`
-//!    messages and at most `READ_QUOTA` bytes read from the socket (`Tcp`'s read quota),
+//! 3. The reader (or a consumer reading for itself) releases the lock with `unlock_fair`
+//!    after at most `read_budget` messages and at most `READ_QUOTA` bytes read from the socket (`Tcp`'s read quota),
 //!    so writers wait at most one bounded drain, whatever the peer sends.
-//! 4. Only unbounded channels are sent to while the lock is held.
+//! 4. Only unbounded channels are sent to while the lock is held. The reader sends each
+//!    drain's batch before it lets the lock go, so a consumer that takes the lock and
+//!    finds the channel empty may read the socket itself without overtaking it.
 //! 5. On `WouldBlock` tungstenite keeps the frame: we retry `flush()`, never re-send.
 //! 6. No thread is joined while any lock is held (the supervisor joins the reader after
 //!    releasing `link`, `close()` joins the supervisor after releasing `supervisor`).

@@ -14,15 +14,16 @@
 //! input counts as traffic, so a slow consumer never gets a live peer declared dead.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::MutexGuard;
 use tungstenite::Bytes;
 use tungstenite::protocol::frame::Utf8Bytes;
 
+use crate::inbound::{Batch, Drive};
 use crate::link::{Link, Shared, current_mut};
 use crate::transport::stream::{is_would_block, reason_of};
 use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, poll2, raw};
@@ -134,6 +135,128 @@ impl Drop for Attached<'_> {
     }
 }
 
+/// What one drain of the socket did.
+struct Drained {
+    /// Text and binary messages for the user, and their payload bytes.
+    msgs: usize,
+    bytes: usize,
+    /// The budget ended the drain: input may be left.
+    more: bool,
+    /// Output is left to flush.
+    want_write: bool,
+    /// The connection died (marked dead): stop.
+    stop: bool,
+}
+
+/// Reads the ready messages of connection `cgen` under the lock (at most `read_budget`,
+/// at most `READ_QUOTA` bytes, never waiting) into `out`, feeds the heartbeat and the
+/// outbox, and flushes pending output (pongs, close replies, output left by `try_send`).
+/// `bytes_in`: `poll` reported input. `None`: the connection is gone or already dead.
+/// Shared by the reader thread and a consumer that reads for itself ([`Driver`]).
+fn drain(
+    shared: &Shared,
+    link: &mut Link,
+    cgen: u64,
+    bytes_in: bool,
+    out: &mut VecDeque<Message>,
+    recycler: Option<&Arc<Recycler>>,
+) -> Option<Drained> {
+    let budget = shared.cfg.read_budget;
+    let surface_pings = shared.cfg.surface_pings;
+    let hb = &shared.cfg.heartbeat;
+    let live = current_mut(&mut link.conn, cgen).filter(|l| l.dead.is_none())?;
+    let mut outbox = link.outbox.as_mut();
+    let acked_before = outbox.as_ref().map(|o| o.acked);
+    let mut dead = None;
+    let mut n = 0;
+    let (mut msgs, mut bytes) = (0, 0);
+    let mut more = false;
+    let now = Instant::now();
+    if bytes_in {
+        // Liveness even while a reply is stuck behind a frame still arriving.
+        live.hb.on_bytes(now);
+    }
+    // tungstenite's `read()` loops over frames until a whole message is in: a peer
+    // that never completes one (endless empty fragments) would keep us here for
+    // good. Past the quota the socket reports WouldBlock, so the lock is let go.
+    live.ws.get_mut().set_read_quota(Some(READ_QUOTA));
+    loop {
+        // Let a waiting sender in after at least one message.
+        if n >= budget || (n > 0 && shared.gate.has_waiting()) {
+            more = true;
+            break;
+        }
+        match live.ws.read() {
+            Ok(msg) => {
+                n += 1;
+                let consumed = live.hb.on_inbound(hb, &msg, now)
+                    || outbox.as_mut().is_some_and(|o| o.on_inbound(&msg));
+                match msg {
+                    Message::Text(_) | Message::Binary(_) if !consumed => {
+                        msgs += 1;
+                        bytes += msg.len();
+                        out.push_back(match recycler {
+                            Some(r) => r.detach(msg),
+                            None => msg,
+                        });
+                    }
+                    Message::Ping(_) | Message::Pong(_) if surface_pings => {
+                        out.push_back(msg);
+                    }
+                    Message::Close(frame) if !live.close_sent => {
+                        dead = Some(DisconnectReason::closed_by_peer(frame));
+                        // Let the queued close reply go out below, then stop.
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            Err(e) if is_would_block(&e) => break,
+            Err(tungstenite::Error::ConnectionClosed) if live.close_sent => {
+                dead = Some(DisconnectReason::ClosedByUser);
+                break;
+            }
+            Err(e) => {
+                dead = Some(reason_of(&e));
+                break;
+            }
+        }
+    }
+    let left = live.ws.get_mut().set_read_quota(None);
+    if !bytes_in && n == 0 && left != Some(READ_QUOTA) {
+        // Part of a frame came in, read without a `poll` (by a consumer): alive.
+        live.hb.on_bytes(now);
+    }
+    let mut want_write = false;
+    match live.try_flush() {
+        Ok(done) => want_write = !done,
+        Err(e) => {
+            if dead.is_none() {
+                dead = Some(reason_of(&e));
+            }
+        }
+    }
+    if outbox.is_some_and(|o| Some(o.acked) != acked_before) {
+        // Acks made room for senders waiting under `OverflowPolicy::Block`.
+        shared.changed.notify_all();
+    }
+    let stop = dead.is_some();
+    if let Some(reason) = dead {
+        shared.mark_dead(link, cgen, reason);
+    }
+    Some(Drained {
+        msgs,
+        bytes,
+        more,
+        want_write,
+        stop,
+    })
+}
+
+/// How long the reader leaves ready input to a consumer that reads for itself before
+/// it looks again whether that consumer still does (and reads itself if not).
+const DEFER: Duration = Duration::from_millis(1);
+
 /// Runs until connection `cgen` is dead or replaced.
 pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     let (sock, waker) = {
@@ -147,9 +270,6 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     let inbound = shared.events.inbound().clone();
     inbound.attach(waker.clone());
     let _attached = Attached(&inbound);
-    let budget = shared.cfg.read_budget;
-    let surface_pings = shared.cfg.surface_pings;
-    let hb = &shared.cfg.heartbeat;
     let mut want_write = false;
     // Drain once before the first poll: frames that arrived with the upgrade response (or
     // were left by an on_connect hook) already sit in tungstenite's (or OpenSSL's) buffer,
@@ -157,9 +277,14 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     let mut more = true;
     // The messages of this drain for the user (text, binary, and pings and pongs when
     // surfaced): as `Message`s, the consumer's `Events` makes them `Event::Message`.
-    let mut out: VecDeque<Message> = VecDeque::with_capacity(budget);
+    let mut out: VecDeque<Message> = VecDeque::with_capacity(shared.cfg.read_budget);
     let recycler = Recycler::new();
+    // Consumer reads of the socket seen so far (see `Inbound::consumer_reads`).
+    let mut seen = inbound.drives();
     loop {
+        if inbound.take_flush_wanted() {
+            want_write = true;
+        }
         // Bytes arrived on the socket (perhaps only part of a large frame).
         let mut bytes_in = false;
         // Read this time (false: held back by a full event channel).
@@ -197,106 +322,138 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                 }
             }
         }
-        let mut link = shared.link.lock();
-        let l: &mut Link = &mut link;
-        let Some(live) = current_mut(&mut l.conn, cgen) else {
-            return;
-        };
-        let mut outbox = l.outbox.as_mut();
-        let acked_before = outbox.as_ref().map(|o| o.acked);
-        if live.dead.is_some() {
-            return;
-        }
-        let mut dead = None;
-        let mut n = 0;
-        // Messages for the user in this drain, and their payload bytes.
-        let (mut msgs, mut bytes) = (0, 0);
-        if read {
-            more = false;
-        }
-        let now = Instant::now();
-        if bytes_in {
-            // Liveness even while a reply is stuck behind a frame still arriving.
-            live.hb.on_bytes(now);
-        }
-        // tungstenite's `read()` loops over frames until a whole message is in: a peer
-        // that never completes one (endless empty fragments) would keep us here for
-        // good. Past the quota the socket reports WouldBlock, so the lock is let go.
-        live.ws.get_mut().set_read_quota(Some(READ_QUOTA));
-        // Held back: only flush (below), read nothing.
-        loop {
-            if !read {
-                break;
-            }
-            // Let a waiting sender in after at least one message.
-            if n >= budget || (n > 0 && shared.gate.has_waiting()) {
-                more = true;
-                break;
-            }
-            match live.ws.read() {
-                Ok(msg) => {
-                    n += 1;
-                    let consumed = live.hb.on_inbound(hb, &msg, now)
-                        || outbox.as_mut().is_some_and(|o| o.on_inbound(&msg));
-                    match msg {
-                        Message::Text(_) | Message::Binary(_) if !consumed => {
-                            msgs += 1;
-                            bytes += msg.len();
-                            out.push_back(recycler.detach(msg));
-                        }
-                        Message::Ping(_) | Message::Pong(_) if surface_pings => {
-                            out.push_back(msg);
-                        }
-                        Message::Close(frame) if !live.close_sent => {
-                            dead = Some(DisconnectReason::closed_by_peer(frame));
-                            // Let the queued close reply go out below, then stop.
-                            break;
-                        }
-                        _ => {}
+        if read && (bytes_in || more) && inbound.consumer_reads(&mut seen) {
+            // A consumer waiting in `recv` reads the socket itself (no hand-off, no
+            // wake-up): leave the input to it, watching only our own pending output, a
+            // hang-up and the waker (the consumer writes to it when it parks). Read
+            // again once it stopped reading for a while (busy with what it got).
+            let events = if want_write { POLLOUT } else { 0 };
+            let polled = poll2((fd, events), Some((raw(&waker.rx), POLLIN)), Some(DEFER));
+            inbound.reader_resumes();
+            match polled {
+                Ok((r, w)) => {
+                    if w != 0 {
+                        waker.drain();
+                    }
+                    if r == 0 {
+                        more = true;
+                        continue;
                     }
                 }
-                Err(e) if is_would_block(&e) => break,
-                Err(tungstenite::Error::ConnectionClosed) if live.close_sent => {
-                    dead = Some(DisconnectReason::ClosedByUser);
-                    break;
-                }
                 Err(e) => {
-                    dead = Some(reason_of(&e));
-                    break;
+                    shared.report_dead(cgen, DisconnectReason::Io(e.to_string()));
+                    return;
                 }
             }
         }
-        live.ws.get_mut().set_read_quota(None);
-        // Send queued pongs, close replies and output left by `try_send`.
-        match live.try_flush() {
-            Ok(done) => want_write = !done,
-            Err(e) => {
-                if dead.is_none() {
-                    dead = Some(reason_of(&e));
-                }
-            }
+        let mut link = shared.link.lock();
+        let drained = if read {
+            drain(
+                &shared,
+                &mut link,
+                cgen,
+                bytes_in,
+                &mut out,
+                Some(&recycler),
+            )
+        } else {
+            // Held back: only flush, read nothing.
+            flush_only(&shared, &mut link, cgen)
+        };
+        let Some(d) = drained else {
+            return;
+        };
+        want_write = d.want_write;
+        if read {
+            more = d.more;
         }
-        if outbox.is_some_and(|o| Some(o.acked) != acked_before) {
-            // Acks made room for senders waiting under `OverflowPolicy::Block`.
-            shared.changed.notify_all();
-        }
-        let stop = dead.is_some();
-        if let Some(reason) = dead {
-            shared.mark_dead(&mut link, cgen, reason);
-        }
-        MutexGuard::unlock_fair(link);
-        shared.gate.wake();
         if !out.is_empty() {
             shared
                 .counters
                 .received
-                .fetch_add(msgs as u64, Ordering::Relaxed);
-            // One channel send for the whole drain.
-            shared.events.emit_messages(&mut out, msgs, bytes);
+                .fetch_add(d.msgs as u64, Ordering::Relaxed);
+            // One channel send for the whole drain, before the lock is let go: a consumer
+            // that reads the socket itself takes the lock and then looks at the channel
+            // first, so it never overtakes these messages.
+            shared.events.emit_messages(&mut out, d.msgs, d.bytes);
         }
-        if stop {
+        MutexGuard::unlock_fair(link);
+        shared.gate.wake();
+        if d.stop {
             return;
         }
         shared.gate.let_senders_in();
+    }
+}
+
+/// The reader's turn while held back by a full event channel: flush, read nothing.
+fn flush_only(shared: &Shared, link: &mut Link, cgen: u64) -> Option<Drained> {
+    let live = current_mut(&mut link.conn, cgen).filter(|l| l.dead.is_none())?;
+    let (want_write, dead) = match live.try_flush() {
+        Ok(done) => (!done, None),
+        Err(e) => (false, Some(reason_of(&e))),
+    };
+    let stop = dead.is_some();
+    if let Some(reason) = dead {
+        shared.mark_dead(link, cgen, reason);
+    }
+    Some(Drained {
+        msgs: 0,
+        bytes: 0,
+        more: false,
+        want_write,
+        stop,
+    })
+}
+
+/// Reads the socket for a consumer waiting in `Events::recv` (on its thread), when
+/// nothing is waiting in the channel: messages go straight to it, with no hand-off to or
+/// from the reader thread. Holds no reference that keeps the client alive (its event
+/// channel must close once the client is gone).
+struct Driver {
+    shared: Weak<Shared>,
+}
+
+/// The [`Drive`] of a client's `Events`.
+pub(crate) fn driver(shared: &Arc<Shared>) -> Arc<dyn Drive> {
+    Arc::new(Driver {
+        shared: Arc::downgrade(shared),
+    })
+}
+
+impl Drive for Driver {
+    fn drive(&self, pending: &Receiver<Batch>, out: &mut VecDeque<Message>) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        // Never wait for the lock: whoever holds it (the reader, a sender, the timer)
+        // does not keep it long, and the reader hands over what it read anyway.
+        let Some(mut link) = shared.link.try_lock() else {
+            return;
+        };
+        // The reader sends what it read before it lets the lock go: anything it read
+        // before us is in the channel now, and comes first.
+        if !pending.is_empty() {
+            return;
+        }
+        let Some(cgen) = link.conn.as_ref().map(|l| l.generation) else {
+            return;
+        };
+        let inbound = shared.events.inbound();
+        inbound.note_drive();
+        let Some(d) = drain(&shared, &mut link, cgen, false, out, None) else {
+            return;
+        };
+        MutexGuard::unlock_fair(link);
+        shared.gate.wake();
+        if d.msgs > 0 {
+            shared
+                .counters
+                .received
+                .fetch_add(d.msgs as u64, Ordering::Relaxed);
+        }
+        if d.want_write {
+            inbound.want_flush();
+        }
     }
 }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use support::client::{
-    Fixed, assert_grammar, assert_no_client_threads, client_panics, events_until_closed,
-    watch_panics,
+    Fixed, MATCHER_PANIC, assert_grammar, assert_no_client_threads, client_panics,
+    events_until_closed, matcher_panics, watch_panics,
 };
 use support::proxy::FaultProxy;
 use support::server::{Behavior, TestServer};
@@ -227,6 +227,7 @@ fn a_panicking_reply_matcher_is_not_a_reply_and_kills_nothing() {
     let _g = util::exclusive();
     watch_panics();
     let before = client_panics();
+    let matcher_before = matcher_panics();
     let server = TestServer::start(Behavior::AppHeartbeat);
     let client = builder(&server.url())
         .heartbeat(Heartbeat::app(
@@ -235,7 +236,7 @@ fn a_panicking_reply_matcher_is_not_a_reply_and_kills_nothing() {
             Message::text(r#"{"op":"ping"}"#),
             |m| {
                 if m.to_text().is_ok_and(|t| t.contains("boom")) {
-                    panic!("matcher bug");
+                    panic!("{}", MATCHER_PANIC);
                 }
                 m.to_text().is_ok_and(|t| t == r#"{"op":"pong"}"#)
             },
@@ -261,10 +262,17 @@ fn a_panicking_reply_matcher_is_not_a_reply_and_kills_nothing() {
         "probes answered"
     );
     assert_eq!(client.stats().generation, 1, "no reconnect");
+    // The matcher runs on whichever thread reads the socket: the reader, or this one
+    // while it waits in `recv`.
+    assert_eq!(
+        matcher_panics(),
+        matcher_before + 1,
+        "the matcher's own panic, caught"
+    );
     assert_eq!(
         client_panics(),
-        before + 1,
-        "the matcher's own panic, caught"
+        before,
+        "no other panic in the client's threads"
     );
     let _ = client.close();
     no_client_threads_left("panicking matcher");

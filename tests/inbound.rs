@@ -242,3 +242,101 @@ fn select_on_the_receiver_sees_every_message_in_order() {
     let _ = client.close();
     server.join().unwrap();
 }
+
+/// A consumer waiting in `recv` reads the socket itself, and the reader thread takes over
+/// whenever that consumer is busy elsewhere. Both hand over in one order: a consumer that
+/// pauses now and then (long enough for the reader to take over and queue batches) still
+/// sees every message once, in order.
+#[test]
+fn a_consumer_reading_for_itself_and_the_reader_keep_one_order() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 200_000;
+    let (url, server) = flood_server(n, 64);
+    let client = Client::connect(&url).unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    let mut next = 0u64;
+    let mut queued_while_paused = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match events.recv_deadline(deadline).expect("the flood") {
+            Event::Message(Message::Binary(b)) => {
+                let seq = u64::from_be_bytes(b[..8].try_into().unwrap());
+                assert_eq!(seq, next, "message lost or reordered");
+                next += 1;
+                if next.is_multiple_of(5_000) {
+                    // Busy elsewhere for 5 ms (the scenario, not a synchronisation):
+                    // longer than the reader leaves input to a consumer that reads.
+                    let until = Instant::now() + Duration::from_millis(5);
+                    while Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                    queued_while_paused += client.stats().events_queued;
+                }
+            }
+            Event::Message(Message::Text(t)) if t.as_str() == "end" => break,
+            other => panic!("unexpected {other:?} after {next} messages"),
+        }
+    }
+    assert_eq!(next, n, "every message delivered");
+    assert!(
+        queued_while_paused > 0,
+        "the reader read while the consumer was busy"
+    );
+    let _ = client.close();
+    server.join().unwrap();
+}
+
+/// A consumer that read the socket itself and then stops calling `recv` (busy with what
+/// it got) must not leave the connection unread: the reader takes over, so heartbeat
+/// replies are read and the live peer is not declared dead.
+#[test]
+fn a_consumer_that_stops_reading_leaves_the_socket_to_the_reader() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/echo", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let mut ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+        // Echoes data; tungstenite answers pings while reading.
+        while let Ok(m) = ws.read() {
+            if (m.is_text() || m.is_binary()) && ws.send(m).is_err() {
+                break;
+            }
+        }
+    });
+    let (interval, timeout) = (Duration::from_millis(50), Duration::from_millis(200));
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::ping(interval, timeout))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    for i in 0..100 {
+        client.send_text(i.to_string()).unwrap();
+        match events.recv_timeout(Duration::from_secs(20)) {
+            Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), i.to_string()),
+            other => panic!("expected the echo of {i}, got {other:?}"),
+        }
+    }
+    // The consumer now reads nothing for a while: only the reader can read the pongs.
+    let stopped = Instant::now();
+    let later = stopped + 4 * (interval + timeout);
+    let alive = |c: &Client| c.stats().last_inbound.is_some_and(|t| t > later);
+    let deadline = Duration::from_secs(30);
+    let t = Instant::now();
+    while !alive(&client) && t.elapsed() < deadline {
+        assert_eq!(
+            client.stats().generation,
+            1,
+            "the live peer was declared dead"
+        );
+        // Polling a condition with a deadline, not waiting for a time to pass.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = client.stats();
+    assert!(alive(&client), "no heartbeat reply read: {st:?}");
+    assert_eq!(st.generation, 1, "{st:?}");
+    assert_eq!(st.state, wsbeat::State::Open, "{st:?}");
+    let _ = client.close();
+    server.join().unwrap();
+}

@@ -142,9 +142,10 @@ impl Stream {
         self.inner_mut().connected();
     }
 
-    /// Caps the bytes read from the socket from now on (`None`: no cap).
-    pub(crate) fn set_read_quota(&mut self, bytes: Option<usize>) {
-        self.inner_mut().read_quota = bytes;
+    /// Caps the bytes read from the socket from now on (`None`: no cap). Returns what
+    /// was left of the previous cap.
+    pub(crate) fn set_read_quota(&mut self, bytes: Option<usize>) -> Option<usize> {
+        std::mem::replace(&mut self.inner_mut().read_quota, bytes)
     }
 }
 

@@ -17,6 +17,11 @@ impl ReconnectPolicy for Fixed {
 }
 
 static WSBEAT_PANICS: AtomicUsize = AtomicUsize::new(0);
+/// Panics, on any thread, whose message is `MATCHER_PANIC` (user code the client runs:
+/// on its own threads, or on the consumer's thread when `recv` reads the socket).
+static MATCHER_PANICS: AtomicUsize = AtomicUsize::new(0);
+/// The message of the panicking reply matcher in the hardening tests.
+pub const MATCHER_PANIC: &str = "matcher bug";
 
 /// Starts counting panics in threads named `wsbeat-*` (idempotent).
 pub fn watch_panics() {
@@ -24,7 +29,14 @@ pub fn watch_panics() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            if std::thread::current()
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+            if message == Some(MATCHER_PANIC) {
+                MATCHER_PANICS.fetch_add(1, SeqCst);
+            } else if std::thread::current()
                 .name()
                 .is_some_and(|n| n.starts_with("wsbeat-"))
             {
@@ -35,9 +47,14 @@ pub fn watch_panics() {
     });
 }
 
-/// Panics seen in `wsbeat-*` threads since [`watch_panics`].
+/// Panics seen in `wsbeat-*` threads since [`watch_panics`] (other than [`MATCHER_PANIC`]).
 pub fn client_panics() -> usize {
     WSBEAT_PANICS.load(SeqCst)
+}
+
+/// Panics with the message [`MATCHER_PANIC`], on any thread, since [`watch_panics`].
+pub fn matcher_panics() -> usize {
+    MATCHER_PANICS.load(SeqCst)
 }
 
 /// Receives events until `Closed` (or `timeout`), returning them in order.

@@ -138,6 +138,12 @@ impl fmt::Debug for Heartbeat {
 }
 
 impl Heartbeat {
+    /// Whether inbound data messages go through a reply matcher (app-level probes).
+    #[inline]
+    pub(crate) fn matches_replies(&self) -> bool {
+        matches!(self.mode, Mode::App { .. })
+    }
+
     /// WebSocket Ping frames (payload: a sequence number) after `interval` without
     /// inbound traffic; dead when no reply arrives within `timeout`.
     pub fn ping(interval: Duration, timeout: Duration) -> Self {
@@ -346,13 +352,21 @@ impl HbState {
     pub(crate) fn on_inbound(&mut self, hb: &Heartbeat, msg: &Message, now: Instant) -> bool {
         // The usual case, inline in the reader's loop: a data message that no reply
         // matcher has to look at (what the general path below does for it).
-        if (msg.is_text() || msg.is_binary()) && !matches!(hb.mode, Mode::App { .. }) {
-            self.last_inbound = now;
-            self.last_data = now;
-            self.data_before_bytes = now;
+        if (msg.is_text() || msg.is_binary()) && !hb.matches_replies() {
+            self.on_data(now);
             return false;
         }
         self.on_inbound_general(hb, msg, now)
+    }
+
+    /// Data messages arrived at `now` that no reply matcher has to look at (the reader's
+    /// fast path marks them once per drain; what [`on_inbound`](Self::on_inbound) does
+    /// for each).
+    #[inline]
+    pub(crate) fn on_data(&mut self, now: Instant) {
+        self.last_inbound = now;
+        self.last_data = now;
+        self.data_before_bytes = now;
     }
 
     fn on_inbound_general(&mut self, hb: &Heartbeat, msg: &Message, now: Instant) -> bool {

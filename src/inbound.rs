@@ -34,8 +34,8 @@
 //! channel and comes first. One order, whoever reads.
 //! The reader leaves ready input to such a consumer (`Inbound::consumer_reads`): while a
 //! consumer waits in `recv` and has read since the reader last looked, the reader waits
-//! `reader::DEFER` (1 ms) and looks again. A consumer busy with what it got stops
-//! reading, so within about 1 ms the reader reads again (heartbeat replies, pings and the
+//! `reader::DEFER` (5 ms) and looks again. A consumer busy with what it got stops
+//! reading, so within about 5 ms the reader reads again (heartbeat replies, pings and the
 //! close handshake never wait for the user); a consumer that parks on the channel wakes
 //! the reader at once. `try_recv` and [`Events::receiver`] never read the socket.
 

@@ -265,9 +265,9 @@ fn a_consumer_reading_for_itself_and_the_reader_keep_one_order() {
                 assert_eq!(seq, next, "message lost or reordered");
                 next += 1;
                 if next.is_multiple_of(5_000) {
-                    // Busy elsewhere for 5 ms (the scenario, not a synchronisation):
+                    // Busy elsewhere for 20 ms (the scenario, not a synchronisation):
                     // longer than the reader leaves input to a consumer that reads.
-                    let until = Instant::now() + Duration::from_millis(5);
+                    let until = Instant::now() + Duration::from_millis(20);
                     while Instant::now() < until {
                         std::hint::spin_loop();
                     }

@@ -466,6 +466,14 @@ impl EventTx {
 /// (one channel operation per read of the socket, not per message); an `Events` keeps
 /// the rest of a batch it took and hands it out first.
 ///
+/// A thread waiting in `recv`, `recv_timeout`, `recv_deadline` or a blocking iterator
+/// with nothing left to hand out reads the socket itself (the client's reader thread
+/// then leaves it the input): a consumer that keeps up gets its messages with no hand-off
+/// between threads. The order is the same whoever reads. That read may run the user code
+/// that looks at inbound messages (a [`Heartbeat::app`](crate::Heartbeat::app) reply
+/// matcher, the [`Acks`](crate::Acks) id readers) on this thread. `try_recv` and
+/// [`receiver`](Events::receiver) never read the socket.
+///
 /// The stream is bounded ([`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)):
 /// while it is full the client stops reading from the server, so read it.
 ///
@@ -508,9 +516,9 @@ impl EventTx {
 /// ```
 /// While events come back to back (the last wait was shorter than
 /// [`ClientBuilder::event_spin`](crate::ClientBuilder::event_spin), 50 µs by default, as
-/// in a request/response exchange), the `recv` calls first wait by spinning, yielding the
-/// CPU to any other runnable thread, before they park: that saves the wake-up of a parked
-/// thread (about 10 µs) on each reply. A wait that spun in vain turns this off until a
+/// in a request/response exchange), the `recv` calls first wait by spinning (looking at
+/// the socket and the channel, yielding the CPU to any other runnable thread in between)
+/// before they park: that saves the wake-up of a parked thread (about 10 µs) on each reply. A wait that spun in vain turns this off until a
 /// wait is short again, so a sparse stream costs at most one such spin per lull.
 ///
 /// Events already taken out of a batch by `recv`-style calls on the same `Events` are

@@ -571,3 +571,161 @@ impl Drop for Handle {
         }
     }
 }
+
+#[cfg(test)]
+mod consumer_read_tests {
+    use super::*;
+    use crate::Heartbeat;
+    use crate::transport::sys::{POLLIN, Waker, poll2, raw, wait_readable};
+    use std::net::TcpListener;
+
+    /// A client whose reader thread has been retired (its generation no longer current)
+    /// and a test waker in its place, connected to a server that sends "a", "b", "c" in
+    /// one write once told to. The consumer has read `Connected`.
+    struct Rig {
+        client: Client,
+        events: Events,
+        shared: Arc<Shared>,
+        waker: Arc<Waker>,
+        cgen: u64,
+        sock: Arc<std::net::TcpStream>,
+        go: crossbeam_channel::Sender<()>,
+        server: std::thread::JoinHandle<()>,
+    }
+
+    fn rig() -> Rig {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let (go, go_rx) = crossbeam_channel::bounded::<()>(0);
+        let server = std::thread::spawn(move || {
+            let mut ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+            go_rx.recv().unwrap();
+            // Three messages in one write: one socket read pulls them all in.
+            for m in ["a", "b", "c"] {
+                ws.write(Message::text(m)).unwrap();
+            }
+            ws.flush().unwrap();
+            while ws.read().is_ok() {}
+        });
+        let client = Client::builder(&url)
+            .read_budget(1)
+            .heartbeat(Heartbeat::off())
+            .event_spin(Duration::ZERO)
+            .reconnect(false)
+            .connect()
+            .unwrap();
+        let events = client.events();
+        let first = events.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(matches!(first, Event::Connected { .. }), "{first:?}");
+        let shared = client.inner.shared.clone();
+        let inbound = shared.events.inbound().clone();
+        // Retire the reader of connection 1: at its next drain it finds its generation
+        // gone and ends (detaching its waker).
+        let (cgen, sock) = {
+            let mut link = shared.link.lock();
+            let live = link.conn.as_mut().unwrap();
+            let cgen = live.generation;
+            live.generation = cgen + 1000;
+            live.waker.wake();
+            (cgen, live.sock.clone())
+        };
+        let t = Instant::now();
+        while inbound.reader_attached() {
+            assert!(t.elapsed() < Duration::from_secs(20), "reader did not end");
+            std::thread::yield_now();
+        }
+        // The stand-in for a reader asleep in `poll`.
+        let waker = Arc::new(Waker::new().unwrap());
+        inbound.attach(waker.clone());
+        Rig {
+            client,
+            events,
+            shared,
+            waker,
+            cgen,
+            sock,
+            go,
+            server,
+        }
+    }
+
+    impl Rig {
+        /// The server sends; the consumer reads "a" from the socket itself (budget 1):
+        /// "b" and "c" stay in tungstenite's buffer, the socket is empty.
+        fn consumer_reads_a(&self) {
+            self.go.send(()).unwrap();
+            assert!(
+                wait_readable(&self.sock, Duration::from_secs(20)),
+                "server data"
+            );
+            match self.events.recv_timeout(Duration::from_secs(10)) {
+                Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "a"),
+                other => panic!("{other:?}"),
+            }
+            assert!(!wait_readable(&self.sock, Duration::ZERO), "socket drained");
+        }
+
+        fn reader_woken(&self) -> bool {
+            let (r, _) = poll2((raw(&self.waker.rx), POLLIN), None, Some(Duration::ZERO)).unwrap();
+            r & POLLIN != 0
+        }
+
+        fn finish(self) {
+            // Put things back so close() ends normally.
+            self.shared.events.inbound().detach();
+            self.shared.link.lock().conn.as_mut().unwrap().generation = self.cgen;
+            let _ = self.client.close();
+            self.server.join().unwrap();
+        }
+    }
+
+    /// A consumer whose read of the socket stopped early (read budget, or a sender waiting
+    /// for the lock) leaves whole messages in tungstenite's buffer: the socket is empty, so
+    /// the reader's `poll` never reports them. When that consumer then parks (its next
+    /// `try_lock` failed), someone must tell the reader to read, or the messages wait for
+    /// the next byte from the server (the next heartbeat reply; forever with no heartbeat).
+    ///
+    /// White-box: the reader thread is retired and a test waker stands in for it, so the
+    /// test sees deterministically whether "the reader" was woken.
+    #[test]
+    fn a_consumer_that_parks_with_input_left_wakes_the_reader() {
+        let rig = rig();
+        rig.consumer_reads_a();
+        // Its next read finds the lock taken (here by this very thread; in real life a
+        // sender, the timer or `stats()`): it parks on the channel.
+        {
+            let _held = rig.shared.link.lock();
+            let r = rig.events.recv_timeout(Duration::from_millis(1));
+            assert!(r.is_err(), "{r:?}");
+        }
+        let woken = rig.reader_woken();
+        rig.finish();
+        assert!(
+            woken,
+            "the consumer parked with messages left in tungstenite's buffer and nobody \
+             told the reader: they wait for the next byte from the server"
+        );
+    }
+
+    /// The same input left behind by a consumer that then stops calling `recv` without
+    /// parking: it turns to `select!` on `Events::receiver`, or it was a temporary
+    /// `client.events()` that is dropped. The reader must still be told.
+    #[test]
+    fn a_consumer_that_leaves_input_and_stops_calling_recv_wakes_the_reader() {
+        let rig = rig();
+        rig.consumer_reads_a();
+        // From now on this consumer only waits on the channel (select!), never in `recv`.
+        let got = rig.events.receiver().recv_timeout(Duration::from_millis(1));
+        assert!(
+            got.is_err(),
+            "nothing reaches the channel without the reader"
+        );
+        let woken = rig.reader_woken();
+        rig.finish();
+        assert!(
+            woken,
+            "a consumer left messages in tungstenite's buffer and turned to other work: \
+             nobody told the reader, they wait for the next byte from the server"
+        );
+    }
+}

@@ -184,6 +184,11 @@ pub(crate) struct Inbound {
     deferring: AtomicBool,
     /// A consumer's read left output unflushed: the reader must watch for writability.
     flush_wanted: AtomicBool,
+    /// A consumer's read stopped early (read budget, waiting senders) with whole messages
+    /// left in tungstenite's (or the TLS layer's) buffer, which the reader's `poll` cannot
+    /// see: the reader takes it as "more to read" (and defers to that consumer while it
+    /// keeps reading). Set by the consumer, taken by the reader.
+    input_left: AtomicBool,
 }
 
 impl Inbound {
@@ -207,6 +212,7 @@ impl Inbound {
             drives: AtomicU64::new(0),
             deferring: AtomicBool::new(false),
             flush_wanted: AtomicBool::new(false),
+            input_left: AtomicBool::new(false),
         }
     }
 
@@ -336,6 +342,12 @@ impl Inbound {
         }
     }
 
+    /// Whether a reader thread is attached (test hook: the reader detaches when it ends).
+    #[cfg(test)]
+    pub(crate) fn reader_attached(&self) -> bool {
+        self.waker.lock().is_some()
+    }
+
     /// A consumer starts waiting for events, reading the socket itself when it can.
     #[inline]
     fn begin_drive(&self) {
@@ -375,6 +387,23 @@ impl Inbound {
     /// The reader stops deferring to the consumer.
     pub(crate) fn reader_resumes(&self) {
         self.deferring.store(false, Ordering::SeqCst);
+    }
+
+    /// A consumer's read stopped with input left in the buffers above the socket, where
+    /// the reader's `poll` cannot see it. Whatever that consumer does next (reads again,
+    /// parks, turns to `select!`, drops its `Events`), the reader must know: it reads it
+    /// unless the consumer keeps reading (`consumer_reads`). A reader that defers looks
+    /// again within `DEFER` anyway; one asleep in `poll` is woken. Never called under the
+    /// link lock (the waker's lock is a leaf).
+    pub(crate) fn note_input_left(&self) {
+        if !self.input_left.swap(true, Ordering::SeqCst) && !self.deferring.load(Ordering::SeqCst) {
+            self.wake_reader();
+        }
+    }
+
+    /// Whether a consumer left input above the socket (clears it).
+    pub(crate) fn take_input_left(&self) -> bool {
+        self.input_left.load(Ordering::Relaxed) && self.input_left.swap(false, Ordering::SeqCst)
     }
 
     /// Reads made by consumers so far (the reader's starting point for `consumer_reads`).

@@ -339,6 +339,12 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                 }
             }
         }
+        if inbound.take_input_left() {
+            // A consumer's read left messages in tungstenite's buffer (it woke us if we
+            // slept in `poll`): read them, unless that consumer goes on reading (then
+            // defer to it, as for any ready input).
+            more = true;
+        }
         if read && (bytes_in || more) && inbound.consumer_reads(&mut seen) {
             // A consumer waiting in `recv` reads the socket itself (no hand-off, no
             // wake-up): leave the input to it, watching only our own pending output, a
@@ -448,21 +454,23 @@ impl Drive for Driver {
         let Some(mut link) = shared.link.try_lock() else {
             return;
         };
+        let inbound = shared.events.inbound();
         // The reader sends what it read before it lets the lock go: anything it read
         // before us is in the channel now, and comes first.
-        if !pending.is_empty() {
-            return;
-        }
-        let Some(cgen) = link.conn.as_ref().map(|l| l.generation) else {
-            return;
+        let drained = match link.conn.as_ref() {
+            Some(live) if pending.is_empty() => {
+                let cgen = live.generation;
+                inbound.note_drive();
+                drain(&shared, &mut link, cgen, false, out, None)
+            }
+            _ => None,
         };
-        let inbound = shared.events.inbound();
-        inbound.note_drive();
-        let Some(d) = drain(&shared, &mut link, cgen, false, out, None) else {
-            return;
-        };
+        // Like the reader (lock rule 3): fair, and waiting senders are told.
         MutexGuard::unlock_fair(link);
         shared.gate.wake();
+        let Some(d) = drained else {
+            return;
+        };
         if d.msgs > 0 {
             shared
                 .counters
@@ -471,6 +479,10 @@ impl Drive for Driver {
         }
         if d.want_write {
             inbound.want_flush();
+        }
+        if d.more {
+            // Whole messages wait above the socket, invisible to the reader's `poll`.
+            inbound.note_input_left();
         }
     }
 }

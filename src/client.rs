@@ -384,7 +384,7 @@ impl Client {
         Events::new(
             self.inner.events.clone(),
             self.inner.inbound.clone(),
-            Some(crate::reader::driver(&self.inner.shared)),
+            crate::reader::driver(&self.inner.shared),
         )
     }
 

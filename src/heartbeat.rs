@@ -24,8 +24,8 @@ use crate::{DisconnectReason, Error, Message, Result};
 
 /// Decides whether an inbound message is the reply to an application-level probe.
 ///
-/// It runs on the thread that reads the socket (the reader thread, or yours while it waits
-/// in [`Events::recv`](crate::Events::recv)) *while the client's lock is held*: keep it short, and do
+/// It runs on the reader thread *while the client's lock is held* (a client with a matcher
+/// never reads the socket on your thread in [`Events::recv`](crate::Events::recv)): keep it short, and do
 /// not call back into the [`Client`](crate::Client) from it (the lock is not reentrant).
 /// Do not capture a `Client` either (the client owns its matcher: that would keep it
 /// alive forever), nor upgrade a captured [`WeakClient`](crate::WeakClient) in it.
@@ -159,7 +159,7 @@ impl Heartbeat {
     /// An application-level probe message; `matcher` recognises the reply. Replies are
     /// consumed (not delivered as events) unless [`deliver_replies`](Self::deliver_replies).
     ///
-    /// The matcher runs on the thread that reads the socket with the client's lock held: it must not
+    /// The matcher runs on the reader thread with the client's lock held: it must not
     /// call the `Client` (see [`ReplyMatcher`]).
     pub fn app(
         interval: Duration,

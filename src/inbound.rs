@@ -37,7 +37,8 @@
 //! `reader::DEFER` (5 ms) and looks again. A consumer busy with what it got stops
 //! reading, so within about 5 ms the reader reads again (heartbeat replies, pings and the
 //! close handshake never wait for the user); a consumer that parks on the channel wakes
-//! the reader at once. `try_recv` and [`Events::receiver`] never read the socket.
+//! the reader at once. `try_recv` and [`Events::receiver`] never read the socket, nor does
+//! any consumer of a client whose reads run user code (`reader::driver`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -498,10 +499,11 @@ impl EventTx {
 /// A thread waiting in `recv`, `recv_timeout`, `recv_deadline` or a blocking iterator
 /// with nothing left to hand out reads the socket itself (the client's reader thread
 /// then leaves it the input): a consumer that keeps up gets its messages with no hand-off
-/// between threads. The order is the same whoever reads. That read may run the user code
-/// that looks at inbound messages (a [`Heartbeat::app`](crate::Heartbeat::app) reply
-/// matcher, the [`Acks`](crate::Acks) id readers) on this thread. `try_recv` and
-/// [`receiver`](Events::receiver) never read the socket.
+/// between threads. The order is the same whoever reads. A client whose reads run your
+/// code (a [`Heartbeat::app`](crate::Heartbeat::app) reply matcher, the
+/// [`Acks`](crate::Acks) id readers) never reads on your thread: that code could wait for a
+/// lock you hold across `recv`. `try_recv` and [`receiver`](Events::receiver) never read
+/// the socket.
 ///
 /// The stream is bounded ([`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)):
 /// while it is full the client stops reading from the server, so read it.

@@ -23,8 +23,9 @@
 //! `link` by `try_lock` only, which cannot wait and so cannot deadlock. (crossbeam's
 //! internal channel locks are leaves too: an unbounded send never waits.)
 //! Consequences for user code: a `Heartbeat::app` reply matcher and the `Acks` id readers
-//! (`id_of`, `ack_of`) run under `link` (on the reader thread, or on a consumer's thread
-//! inside `Events::recv`) and must not call back into the `Client` (the
+//! (`id_of`, `ack_of`) run under `link` (on the reader thread or a sender's; never on a
+//! consumer's thread in `Events::recv`: a client with such code has consumers that do not
+//! read, see `reader::driver`) and must not call back into the `Client` (the
 //! mutex is not reentrant); event handlers, request
 //! factories, `on_connect` hooks and reconnect policies run with no `link` held.
 //!

@@ -437,11 +437,20 @@ struct Driver {
     shared: Weak<Shared>,
 }
 
-/// The [`Drive`] of a client's `Events`.
-pub(crate) fn driver(shared: &Arc<Shared>) -> Arc<dyn Drive> {
-    Arc::new(Driver {
+/// The [`Drive`] of a client's `Events`, if its consumers may read the socket: not when
+/// reading runs user code (a `Heartbeat::app` reply matcher, the `Acks` id readers). That
+/// code would run on the consumer's thread, where it may wait for a lock the consumer
+/// holds across `recv_timeout`: the wait would no longer be bounded, and with a blocking
+/// lock the consumer deadlocks holding the link lock (and `close()` hangs). On the reader
+/// thread it only waits until the consumer's `recv_timeout` returns.
+pub(crate) fn driver(shared: &Arc<Shared>) -> Option<Arc<dyn Drive>> {
+    let cfg = &shared.cfg;
+    if cfg.heartbeat.matches_replies() || matches!(cfg.delivery, crate::Delivery::Acked(_)) {
+        return None;
+    }
+    Some(Arc::new(Driver {
         shared: Arc::downgrade(shared),
-    })
+    }))
 }
 
 impl Drive for Driver {

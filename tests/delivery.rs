@@ -312,3 +312,78 @@ fn acked_outbox_is_bounded_with_the_overflow_policy() {
     assert_eq!(client.stats().outbox, 3);
     let _ = client.close();
 }
+
+/// User code that runs under the link lock when a message arrives (`Acks` id readers,
+/// `Heartbeat::app` matchers) never runs on the consumer's thread inside `recv`: a
+/// consumer that holds one of its own locks across `recv_timeout`, which that code also
+/// takes (shared metrics, say), would wait on itself, and with a blocking `lock()`
+/// deadlock while holding the link lock (then `close()` hangs too). On the reader thread
+/// such code waits at most until the consumer's `recv_timeout` returns.
+#[test]
+fn recv_timeout_stays_bounded_when_the_consumer_holds_a_lock_the_ack_reader_takes() {
+    use parking_lot::Mutex;
+    use std::io::Write;
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+        let mut out = ws.get_ref().try_clone().unwrap();
+        // 2000 small text frames ("x"), as fast as TCP takes them.
+        let frame = [0x81u8, 1, b'x'];
+        for _ in 0..2000 {
+            if out.write_all(&frame).is_err() {
+                break;
+            }
+        }
+        let mut ws = ws;
+        while ws.read().is_ok() {}
+    });
+    // The application's own state, shared by the consumer loop and the ack reader.
+    let metrics = Arc::new(Mutex::new(0u64));
+    let m2 = metrics.clone();
+    let acks = Acks::new(
+        |_| None,
+        move |_m: &Message| {
+            // Bounded here so the test ends; a real `lock()` would never return.
+            let _g = m2.try_lock_for(Duration::from_secs(3));
+            None
+        },
+    );
+    let client = Client::builder(&url)
+        .delivery(Delivery::Acked(acks))
+        .read_budget(1)
+        .heartbeat(Heartbeat::off())
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    let mut got = 0;
+    let mut worst = Duration::ZERO;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got < 2000 && Instant::now() < deadline {
+        // The consumer updates its metrics while it waits for the next event.
+        let mut m = metrics.lock();
+        let t = Instant::now();
+        let r = events.recv_timeout(Duration::from_millis(10));
+        worst = worst.max(t.elapsed());
+        if let Ok(Event::Message(_)) = r {
+            got += 1;
+            *m += 1;
+        }
+        drop(m);
+        if worst >= Duration::from_secs(2) {
+            break;
+        }
+    }
+    let _ = client.close();
+    server.join().unwrap();
+    assert!(
+        worst < Duration::from_secs(2),
+        "recv_timeout(10 ms) took {worst:?}: the ack reader ran on the consumer's thread \
+         and waited for the lock that very thread holds ({got} messages read)"
+    );
+}

@@ -34,8 +34,9 @@
 //! channel and comes first. One order, whoever reads.
 //! The reader leaves ready input to such a consumer (`Inbound::consumer_reads`): while a
 //! consumer waits in `recv` and has read since the reader last looked, the reader waits
-//! `reader::DEFER` (5 ms) and looks again. A consumer busy with what it got stops
-//! reading, so within about 5 ms the reader reads again (heartbeat replies, pings and the
+//! a while (1 ms, doubling while the consumer goes on reading, at most 50 ms or a quarter
+//! of the heartbeat timeout) and looks again. A consumer busy with what it got stops
+//! reading, so within that time the reader reads again (heartbeat replies, pings and the
 //! close handshake never wait for the user); a consumer that parks on the channel wakes
 //! the reader at once. `try_recv` and [`Events::receiver`] never read the socket, nor does
 //! any consumer of a client whose reads run user code (`reader::driver`).

@@ -264,10 +264,10 @@ fn a_consumer_reading_for_itself_and_the_reader_keep_one_order() {
                 let seq = u64::from_be_bytes(b[..8].try_into().unwrap());
                 assert_eq!(seq, next, "message lost or reordered");
                 next += 1;
-                if next.is_multiple_of(5_000) {
-                    // Busy elsewhere for 20 ms (the scenario, not a synchronisation):
-                    // longer than the reader leaves input to a consumer that reads.
-                    let until = Instant::now() + Duration::from_millis(20);
+                if next.is_multiple_of(20_000) {
+                    // Busy elsewhere for 150 ms (the scenario, not a synchronisation):
+                    // longer than the reader leaves input to a consumer that reads (50 ms).
+                    let until = Instant::now() + Duration::from_millis(150);
                     while Instant::now() < until {
                         std::hint::spin_loop();
                     }

@@ -529,6 +529,9 @@ impl Handle {
     fn shutdown(&self) -> Vec<Message> {
         let shared = &self.shared;
         shared.events.begin_close();
+        // The server's close reply must not wait for a reader deferring to a consumer
+        // that read last (perhaps this very thread).
+        self.inbound.end_drive();
         shared.closing.store(true, Ordering::SeqCst);
         let _ = shared.ctl.send(Command::Close);
         shared.connecting.cancel();
@@ -670,6 +673,11 @@ mod consumer_read_tests {
             r & POLLIN != 0
         }
 
+        /// Connection 1 current again (the retired reader thread is gone for good).
+        fn restore(&self) {
+            self.shared.link.lock().conn.as_mut().unwrap().generation = self.cgen;
+        }
+
         fn finish(self) {
             // Put things back so close() ends normally.
             self.shared.events.inbound().detach();
@@ -726,6 +734,34 @@ mod consumer_read_tests {
             woken,
             "a consumer left messages in tungstenite's buffer and turned to other work: \
              nobody told the reader, they wait for the next byte from the server"
+        );
+    }
+
+    /// `close()` while the reader defers to a consumer that read last (perhaps the very
+    /// thread that closes, which will not read again): the server's close reply must not
+    /// wait for the deferral to end, so `close()` wakes the reader.
+    #[test]
+    fn close_wakes_a_reader_that_defers_to_a_consumer() {
+        let rig = rig();
+        rig.consumer_reads_a();
+        let inbound = rig.shared.events.inbound().clone();
+        // The wake-up for the input "b" and "c" left behind is not what this tests.
+        rig.waker.drain();
+        assert!(!rig.reader_woken());
+        let mut seen = 0;
+        assert!(
+            inbound.consumer_reads(&mut seen),
+            "the stand-in reader defers to the consumer that just read"
+        );
+        rig.restore();
+        let _ = rig.client.close();
+        let woken = rig.reader_woken();
+        inbound.reader_resumes();
+        inbound.detach();
+        rig.server.join().unwrap();
+        assert!(
+            woken,
+            "close() left the reader deferring: the close reply waits up to 50 ms"
         );
     }
 }

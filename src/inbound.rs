@@ -358,8 +358,9 @@ impl Inbound {
         }
     }
 
-    /// A consumer parks: the reader must read for it again, now.
-    fn end_drive(&self) {
+    /// A consumer parks, or the client closes: the reader must read again, now (not
+    /// after its deferral ends).
+    pub(crate) fn end_drive(&self) {
         self.driving.store(false, Ordering::SeqCst);
         if self.deferring.load(Ordering::SeqCst) {
             self.wake_reader();

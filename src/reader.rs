@@ -365,9 +365,10 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             match polled {
                 Ok((r, w)) => {
                     if w != 0 {
+                        // Woken (a consumer parked, a flush request, `close()`): read
+                        // and flush now.
                         waker.drain();
-                    }
-                    if r == 0 {
+                    } else if r == 0 {
                         more = true;
                         continue;
                     }

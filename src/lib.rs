@@ -34,7 +34,9 @@
 //! ## Threads
 //! Each client runs a reader thread per connection, one timer (heartbeat) thread and
 //! one supervisor (reconnect) thread. They share the socket behind one lock, and no
-//! thread ever waits for the network while holding it (see `src/link.rs`).
+//! thread ever waits for the network while holding it (see `src/link.rs`). A thread
+//! waiting in [`Events::recv`] with nothing buffered reads the socket itself, under the
+//! same lock and rules, so a consumer that keeps up gets messages without a hand-off.
 //! [`Client::close`] and dropping the last handle join them all.
 //!
 //! ## Layers (for readers of the source)
@@ -42,7 +44,8 @@
 //!
 //! ```text
 //! user API      builder.rs (ClientBuilder), client.rs (Client, WeakClient, Stats)
-//! threads       reader.rs (one per connection), timer.rs, reconnect.rs (supervisor)
+//! threads       reader.rs (one per connection; also the read a waiting consumer makes),
+//!               timer.rs, reconnect.rs (supervisor)
 //! shared state  link.rs (the socket behind the lock, and every lock rule),
 //!               inbound.rs (the bounded hand-off to the user, the event grammar)
 //! transport     transport/: sys (poll, waker), dial, socks, tls, stream, connect,

@@ -1,11 +1,19 @@
-//! The reader thread of one connection.
+//! The read path: the reader thread of one connection, and the same read made by a
+//! consumer waiting in `Events::recv` (`Driver`).
 //!
-//! It waits for the socket with `poll(2)` without holding the lock, then takes the lock
-//! and drains in nonblocking mode: `read()` until `WouldBlock` (tungstenite and OpenSSL
-//! buffer whole frames, so one read per wake-up would lose messages), at most
-//! `read_budget` messages and `READ_QUOTA` bytes per lock hold, then `unlock_fair` so
-//! writers get in. The messages of one drain go to the user as one batch, after the lock
-//! is released (one channel send and at most one wake-up per drain, not per message).
+//! The reader waits for the socket with `poll(2)` without holding the lock, then takes
+//! the lock and drains in nonblocking mode (`drain`): `read()` until `WouldBlock`
+//! (tungstenite and OpenSSL buffer whole frames, so one read per wake-up would lose
+//! messages), at most `read_budget` messages and `READ_QUOTA` bytes per lock hold, then
+//! `unlock_fair` so writers get in. The messages of one drain go to the user as one batch
+//! (one channel send and at most one wake-up per drain, not per message), sent just
+//! before the lock is released, so a consumer that reads for itself never overtakes it.
+//!
+//! A consumer waiting in `recv` with nothing buffered reads the socket itself through
+//! the same `drain` (lock taken with `try_lock`, only when the channel is empty); the
+//! reader then leaves ready input to it, looking again after a deferral that doubles from
+//! `DEFER` to `MAX_DEFER`, and reads itself once that consumer stopped reading (see
+//! "Consumers that read" in `inbound.rs`).
 //!
 //! While the event channel is full (`event_capacity`) the reader does not read: it waits
 //! in `poll` for the consumer to make room (the consumer writes to this connection's

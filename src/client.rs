@@ -374,7 +374,10 @@ impl Client {
     /// The event stream. Read it one event at a time ([`Events::recv`], iteration), or
     /// wait on it together with other channels through [`Events::receiver`] in
     /// `crossbeam_channel::select!`. Every `Events` of a client shares one stream: each
-    /// event goes to one of them.
+    /// event goes to one of them. Keep one `Events` per consumer rather than calling this
+    /// for each event: an `Events` takes messages from the stream several at a time and
+    /// hands them out one by one, and the ones it still holds when dropped are dropped
+    /// with it (logged as a warning).
     ///
     /// Inbound messages are bounded ([`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)): while the
     /// consumer leaves that many waiting, the client stops reading from the server

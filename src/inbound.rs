@@ -577,6 +577,21 @@ impl fmt::Debug for Events {
     }
 }
 
+impl Drop for Events {
+    /// Messages this `Events` took from the stream (the rest of a batch, or what it read
+    /// from the socket) but never handed out go with it: never silently.
+    fn drop(&mut self) {
+        let left = self.buf.get_mut().len();
+        if left > 0 {
+            log::warn!(
+                "{left} inbound messages dropped with the `Events` that had taken them \
+                 from the stream; keep one `Events` per consumer instead of a temporary \
+                 `client.events()`"
+            );
+        }
+    }
+}
+
 impl Clone for Events {
     /// Another reader of the same stream (with its own, empty, batch buffer).
     fn clone(&self) -> Self {

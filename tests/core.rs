@@ -1039,3 +1039,76 @@ fn close_from_inside_the_on_connect_hook_ends_cleanly() {
         "a closed client accepts nothing"
     );
 }
+
+/// A temporary `Events` (a new `client.events()` per event) takes messages from the
+/// stream several at a time; what it still holds when dropped is dropped with it. Never
+/// silently: every message is either delivered to a later `Events` or counted in a
+/// warning.
+#[test]
+fn messages_dropped_with_an_events_handle_are_reported() {
+    if log::set_logger(&LOGS).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+    }
+    let n = 50usize;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let mut ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+        // On "go": n messages in one write, then "end".
+        while let Ok(m) = ws.read() {
+            if m.is_text() {
+                for i in 0..n {
+                    ws.write(Message::text(format!("m{i}"))).unwrap();
+                }
+                ws.write(Message::text("end")).unwrap();
+                ws.flush().unwrap();
+            }
+        }
+    });
+    let client = Client::builder(&url).connect().unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    client.send_text("go").unwrap();
+    // The reader (or this thread) read them all before the temporary handle looks.
+    let t = Instant::now();
+    while client.stats().received < n as u64 + 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the messages never came"
+        );
+        std::thread::yield_now();
+    }
+    let first = client.events().recv_timeout(Duration::from_secs(20));
+    assert!(matches!(first, Ok(Event::Message(_))), "{first:?}");
+    // The temporary handle is gone; the rest comes through `events` (at once: the client
+    // has read it all), or was dropped.
+    let mut later = 0;
+    loop {
+        match events.recv_timeout(Duration::from_millis(500)) {
+            Ok(Event::Message(Message::Text(t))) if t.as_str() == "end" => {
+                later += 1;
+                break;
+            }
+            Ok(Event::Message(_)) => later += 1,
+            _ => break,
+        }
+    }
+    let dropped: usize = LOGS
+        .0
+        .lock()
+        .iter()
+        .filter(|l| l.contains("dropped with the `Events`"))
+        .map(|l| l.split(' ').next().unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert_eq!(
+        1 + later + dropped,
+        n + 1,
+        "every message delivered or reported ({later} later, {dropped} reported)"
+    );
+    assert!(
+        dropped > 0,
+        "the temporary handle held messages it never handed out"
+    );
+    let _ = client.close();
+    server.join().unwrap();
+}

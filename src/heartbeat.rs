@@ -24,9 +24,10 @@ use crate::{DisconnectReason, Error, Message, Result};
 
 /// Decides whether an inbound message is the reply to an application-level probe.
 ///
-/// It runs on the reader thread *while the client's lock is held* (a client with a matcher
-/// never reads the socket on your thread in [`Events::recv`](crate::Events::recv)): keep it short, and do
-/// not call back into the [`Client`](crate::Client) from it (the lock is not reentrant).
+/// It runs on the reader thread *while the client's lock is held* (a client with a
+/// matcher never reads the socket on your thread in
+/// [`Events::recv`](crate::Events::recv)): keep it short, and do not call back into the
+/// [`Client`](crate::Client) from it (the lock is not reentrant).
 /// Do not capture a `Client` either (the client owns its matcher: that would keep it
 /// alive forever), nor upgrade a captured [`WeakClient`](crate::WeakClient) in it.
 /// A matcher that panics is treated as "not a reply" (logged as an error).

@@ -551,8 +551,9 @@ impl EventTx {
 /// [`ClientBuilder::event_spin`](crate::ClientBuilder::event_spin), 50 µs by default, as
 /// in a request/response exchange), the `recv` calls first wait by spinning (looking at
 /// the socket and the channel, yielding the CPU to any other runnable thread in between)
-/// before they park: that saves the wake-up of a parked thread (about 10 µs) on each reply. A wait that spun in vain turns this off until a
-/// wait is short again, so a sparse stream costs at most one such spin per lull.
+/// before they park: that saves the wake-up of a parked thread (about 10 µs) on each
+/// reply. A wait that spun in vain turns this off until a wait is short again, so a
+/// sparse stream costs at most one such spin per lull.
 ///
 /// Events already taken out of a batch by `recv`-style calls on the same `Events` are
 /// not in the channel any more: when you mix both styles, empty
@@ -718,8 +719,7 @@ impl Events {
 
     /// Reads what the socket has ready on this thread (see "Consumers that read" in the
     /// module docs): no hand-off from the reader thread, no wake-up. The buffer is empty
-    /// here; it is moved out while the read runs, so user code run by the read (a reply
-    /// matcher) cannot find it borrowed.
+    /// here; it is moved out while the read runs, so no `RefCell` borrow spans the read.
     fn read_socket(&self) -> Option<Event> {
         let driver = self.driver.as_ref()?;
         self.inbound.begin_drive();

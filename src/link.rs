@@ -35,8 +35,9 @@
 //! 2. Waiting for readability or writability happens with `sys::poll2` *without* the lock
 //!    (`MutexGuard::unlocked_fair`), on a `dup` of the socket so the descriptor stays valid.
 //! 3. The reader (or a consumer reading for itself) releases the lock with `unlock_fair`
-//!    after at most `read_budget` messages and at most `READ_QUOTA` bytes read from the socket (`Tcp`'s read quota),
-//!    so writers wait at most one bounded drain, whatever the peer sends.
+//!    after at most `read_budget` messages and at most `READ_QUOTA` bytes read from the
+//!    socket (`Tcp`'s read quota), so writers wait at most one bounded drain, whatever
+//!    the peer sends.
 //! 4. Only unbounded channels are sent to while the lock is held. The reader sends each
 //!    drain's batch before it lets the lock go, so a consumer that takes the lock and
 //!    finds the channel empty may read the socket itself without overtaking it.

@@ -246,9 +246,8 @@ impl Inbound {
             && m <= self.max_msgs / 2
             && b <= self.max_bytes / 2
             && self.waiting.swap(false, Ordering::SeqCst)
-            && let Some(w) = self.waker.lock().as_ref()
         {
-            w.wake();
+            self.wake_reader();
         }
     }
 
@@ -338,6 +337,7 @@ impl Inbound {
         self.stalls.load(Ordering::Relaxed)
     }
 
+    /// Wakes the attached reader out of `poll`, if any.
     fn wake_reader(&self) {
         if let Some(w) = self.waker.lock().as_ref() {
             w.wake();
@@ -406,7 +406,7 @@ impl Inbound {
 
     /// Whether a consumer left input above the socket (clears it).
     pub(crate) fn take_input_left(&self) -> bool {
-        self.input_left.load(Ordering::Relaxed) && self.input_left.swap(false, Ordering::SeqCst)
+        take_flag(&self.input_left)
     }
 
     /// Reads made by consumers so far (the reader's starting point for `consumer_reads`).
@@ -423,8 +423,14 @@ impl Inbound {
 
     /// Whether a consumer asked the reader to flush (clears the request).
     pub(crate) fn take_flush_wanted(&self) -> bool {
-        self.flush_wanted.load(Ordering::Relaxed) && self.flush_wanted.swap(false, Ordering::SeqCst)
+        take_flag(&self.flush_wanted)
     }
+}
+
+/// Clears `flag` and says whether it was set (a plain load first: the reader looks at
+/// these flags on every turn, and they are rarely set).
+fn take_flag(flag: &AtomicBool) -> bool {
+    flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::SeqCst)
 }
 
 /// A consumer's way to read the socket itself (implemented by the read path, `reader.rs`,

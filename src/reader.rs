@@ -159,12 +159,14 @@ struct Drained {
 /// Reads the ready messages of connection `cgen` under the lock (at most `read_budget`,
 /// at most `READ_QUOTA` bytes, never waiting) into `out`, feeds the heartbeat and the
 /// outbox, and flushes pending output (pongs, close replies, output left by `try_send`).
-/// `bytes_in`: `poll` reported input. `None`: the connection is gone or already dead.
+/// `read` false: only flush (the reader held back by a full event channel). `bytes_in`:
+/// `poll` reported input. `None`: the connection is gone or already dead.
 /// Shared by the reader thread and a consumer that reads for itself ([`Driver`]).
 fn drain(
     shared: &Shared,
     link: &mut Link,
     cgen: u64,
+    read: bool,
     bytes_in: bool,
     out: &mut VecDeque<Message>,
     recycler: Option<&Arc<Recycler>>,
@@ -193,6 +195,9 @@ fn drain(
     let plain = !hb.matches_replies() && outbox.is_none();
     let mut data = false;
     loop {
+        if !read {
+            break;
+        }
         // Let a waiting sender in after at least one message.
         if n >= budget || (n > 0 && shared.gate.has_waiting()) {
             more = true;
@@ -204,10 +209,7 @@ fn drain(
                 msgs += 1;
                 bytes += msg.len();
                 data = true;
-                out.push_back(match recycler {
-                    Some(r) => r.detach(msg),
-                    None => msg,
-                });
+                keep(out, recycler, msg);
             }
             Ok(msg) => {
                 n += 1;
@@ -217,10 +219,7 @@ fn drain(
                     Message::Text(_) | Message::Binary(_) if !consumed => {
                         msgs += 1;
                         bytes += msg.len();
-                        out.push_back(match recycler {
-                            Some(r) => r.detach(msg),
-                            None => msg,
-                        });
+                        keep(out, recycler, msg);
                     }
                     Message::Ping(_) | Message::Pong(_) if surface_pings => {
                         out.push_back(msg);
@@ -276,6 +275,16 @@ fn drain(
         want_write,
         stop,
     })
+}
+
+/// Hands a text or binary message to the user: a large payload moves into a recycled
+/// buffer (see [`Recycler`]) when the reader thread read it.
+#[inline]
+fn keep(out: &mut VecDeque<Message>, recycler: Option<&Arc<Recycler>>, msg: Message) {
+    out.push_back(match recycler {
+        Some(r) => r.detach(msg),
+        None => msg,
+    });
 }
 
 /// How long the reader leaves ready input to a consumer that reads for itself before it
@@ -390,19 +399,16 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // Reading ourselves: the next consumer that reads is looked at again soon.
         defer = DEFER;
         let mut link = shared.link.lock();
-        let drained = if read {
-            drain(
-                &shared,
-                &mut link,
-                cgen,
-                bytes_in,
-                &mut out,
-                Some(&recycler),
-            )
-        } else {
-            // Held back: only flush, read nothing.
-            flush_only(&shared, &mut link, cgen)
-        };
+        // Held back (`read` false): only flush, read nothing.
+        let drained = drain(
+            &shared,
+            &mut link,
+            cgen,
+            read,
+            bytes_in,
+            &mut out,
+            Some(&recycler),
+        );
         let Some(d) = drained else {
             return;
         };
@@ -427,26 +433,6 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         }
         shared.gate.let_senders_in();
     }
-}
-
-/// The reader's turn while held back by a full event channel: flush, read nothing.
-fn flush_only(shared: &Shared, link: &mut Link, cgen: u64) -> Option<Drained> {
-    let live = current_mut(&mut link.conn, cgen).filter(|l| l.dead.is_none())?;
-    let (want_write, dead) = match live.try_flush() {
-        Ok(done) => (!done, None),
-        Err(e) => (false, Some(reason_of(&e))),
-    };
-    let stop = dead.is_some();
-    if let Some(reason) = dead {
-        shared.mark_dead(link, cgen, reason);
-    }
-    Some(Drained {
-        msgs: 0,
-        bytes: 0,
-        more: false,
-        want_write,
-        stop,
-    })
 }
 
 /// Reads the socket for a consumer waiting in `Events::recv` (on its thread), when
@@ -490,7 +476,7 @@ impl Drive for Driver {
             Some(live) if pending.is_empty() => {
                 let cgen = live.generation;
                 inbound.note_drive();
-                drain(&shared, &mut link, cgen, false, out, None)
+                drain(&shared, &mut link, cgen, true, false, out, None)
             }
             _ => None,
         };

@@ -684,7 +684,7 @@ mod consumer_read_tests {
         fn finish(self) {
             // Put things back so close() ends normally.
             self.shared.events.inbound().detach();
-            self.shared.link.lock().conn.as_mut().unwrap().generation = self.cgen;
+            self.restore();
             let _ = self.client.close();
             self.server.join().unwrap();
         }

@@ -690,12 +690,14 @@ impl Events {
     /// as it takes): a waiting batch, else what the socket has ready (read by this
     /// thread), else spinning when the last wait was short, then parked.
     fn wait_batch(&self, deadline: Option<Instant>) -> Result<Event, RecvTimeoutError> {
-        let start = Instant::now();
         if let Some(ev) = self.poll_once() {
             // A wait that took no time: the next one may spin.
             self.spin.set(true);
             return Ok(ev);
         }
+        // The wait starts here: no clock read while events are ready (every drain of a
+        // consumer that keeps up comes through `poll_once`).
+        let start = Instant::now();
         if let Some(ev) = self.spin(start, deadline) {
             return Ok(ev);
         }

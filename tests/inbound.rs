@@ -340,3 +340,96 @@ fn a_consumer_that_stops_reading_leaves_the_socket_to_the_reader() {
     let _ = client.close();
     server.join().unwrap();
 }
+
+/// The payload of message `i` of [`payload_server`]: its size steps around and above the
+/// size from which the reader copies payloads into recycled buffers (8 KiB), so smaller
+/// payloads land in buffers a larger one used before; its bytes depend on `i`.
+fn payload(i: usize) -> Vec<u8> {
+    const SIZES: [usize; 6] = [300 << 10, 8 << 10, (8 << 10) - 1, 100 << 10, 9_000, 64];
+    let size = SIZES[i % SIZES.len()];
+    if i.is_multiple_of(2) {
+        // Text, with multi-byte characters across the whole payload.
+        let text: String = "é-ж-€-".repeat(size / 7 + 1);
+        let mut cut = size.min(text.len()) - (i % 3);
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{i:06}{}", &text[..cut]).into_bytes()
+    } else {
+        (0..size).map(|b| ((b * 31 + i * 7) % 251) as u8).collect()
+    }
+}
+
+/// Sends `n` messages (see [`payload`]; even ones as text), then waits for the close.
+fn payload_server(n: usize) -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/payloads", listener.local_addr().unwrap());
+    let t = std::thread::spawn(move || {
+        let mut ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+        for i in 0..n {
+            let p = payload(i);
+            let m = if i.is_multiple_of(2) {
+                Message::text(String::from_utf8(p).unwrap())
+            } else {
+                Message::binary(p)
+            };
+            if ws.write(m).is_err() {
+                return;
+            }
+        }
+        let _ = ws.flush();
+        while ws.read().is_ok() {}
+    });
+    (url, t)
+}
+
+/// Checks that `ev` is message `i` of [`payload_server`], byte for byte.
+fn check_payload(i: usize, ev: Event) {
+    let want = payload(i);
+    match ev {
+        Event::Message(Message::Text(t)) if i.is_multiple_of(2) => {
+            assert!(t.as_bytes() == want.as_slice(), "text {i} differs")
+        }
+        Event::Message(Message::Binary(b)) if i % 2 == 1 => {
+            assert!(b == want.as_slice(), "binary {i} differs")
+        }
+        other => panic!("message {i}: unexpected {other:?}"),
+    }
+}
+
+/// Large payloads are copied out of tungstenite's read buffer into recycled buffers when
+/// the reader thread reads them, and handed over as they are when a consumer reads for
+/// itself: either way each arrives whole and unchanged, also in a buffer that held a
+/// larger payload before.
+#[test]
+fn large_payloads_arrive_unchanged_whoever_reads_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 600;
+    for consumer_reads in [false, true] {
+        let (url, server) = payload_server(n);
+        let client = Client::connect(&url).unwrap();
+        let events = client.events();
+        wait_connected(&events);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut i = 0;
+        while i < n {
+            if consumer_reads {
+                check_payload(i, events.recv_deadline(deadline).expect("a message"));
+                i += 1;
+                continue;
+            }
+            // Only the reader thread reads the socket for a `select!` consumer.
+            select! {
+                recv(events.receiver()) -> batch => {
+                    for ev in batch.expect("client alive") {
+                        check_payload(i, ev);
+                        i += 1;
+                    }
+                }
+                recv(crossbeam_channel::at(deadline)) -> _ => panic!("{i} of {n} in time"),
+            }
+        }
+        let _ = client.close();
+        server.join().unwrap();
+    }
+}

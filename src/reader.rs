@@ -185,8 +185,12 @@ fn drain(
         if !read {
             break;
         }
-        // Let a waiting sender in after at least one message.
-        if n >= budget || (n > 0 && shared.gate.has_waiting()) {
+        // After at least one message: let a waiting sender in, or hand over what points
+        // into tungstenite's nearly full read buffer before it needs room (see
+        // `Stream::take_nearly_full`).
+        if n >= budget
+            || (n > 0 && (shared.gate.has_waiting() || live.ws.get_mut().take_nearly_full()))
+        {
             more = true;
             break;
         }

@@ -27,6 +27,11 @@ pub(crate) struct Tcp {
     written: u64,
     /// `written` when bytes last arrived from the peer (its last sign of life).
     written_at_read: u64,
+    /// The widest read tungstenite asked for since the connection opened: its read
+    /// buffer size (see [`Stream::take_nearly_full`]).
+    widest_read: usize,
+    /// A read left tungstenite's read buffer nearly full.
+    nearly_full: bool,
 }
 
 impl Tcp {
@@ -38,12 +43,17 @@ impl Tcp {
             read_quota: None,
             written: 0,
             written_at_read: 0,
+            widest_read: 0,
+            nearly_full: false,
         }
     }
 
-    /// The connection is established: no deadline any more.
+    /// The connection is established: no deadline any more, and reads from now on are
+    /// tungstenite's (not the handshake's).
     pub(crate) fn connected(&mut self) {
         self.deadline = None;
+        self.widest_read = 0;
+        self.nearly_full = false;
     }
 
     /// Time left before the connect deadline, as the socket timeout of the next call.
@@ -142,6 +152,21 @@ impl Stream {
         self.inner_mut().connected();
     }
 
+    /// Whether a read left less than a quarter of tungstenite's read buffer free since
+    /// the last call (clears it).
+    ///
+    /// tungstenite reads into the free end of one buffer and hands out messages that
+    /// share it. When a frame no longer fits in the free part, it reserves room: in place
+    /// (shifting the unread rest to the front) if no message still points into the
+    /// buffer, else by allocating a new one and copying everything unread into it. The
+    /// reader therefore ends its drain here (issue 11: that copy was 2% of the client's
+    /// CPU on 64-byte messages), so a consumer that handled and dropped the messages
+    /// read so far lets the next drain reuse the buffer.
+    #[inline]
+    pub(crate) fn take_nearly_full(&mut self) -> bool {
+        std::mem::take(&mut self.inner_mut().nearly_full)
+    }
+
     /// Caps the bytes read from the socket from now on (`None`: no cap). Returns what
     /// was left of the previous cap.
     pub(crate) fn set_read_quota(&mut self, bytes: Option<usize>) -> Option<usize> {
@@ -151,10 +176,17 @@ impl Stream {
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
+        let n = match self {
             Stream::Plain(s) => s.read(buf),
             Stream::Tls(s) => s.read(buf),
+        }?;
+        // tungstenite offers the free part of its read buffer, at most its size.
+        let tcp = self.inner_mut();
+        tcp.widest_read = tcp.widest_read.max(buf.len());
+        if buf.len().saturating_sub(n) < tcp.widest_read / 4 {
+            tcp.nearly_full = true;
         }
+        Ok(n)
     }
 }
 

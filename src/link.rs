@@ -8,7 +8,7 @@
 //! ## Every lock, and the order
 //! | lock | taken by | held around |
 //! |------|----------|-------------|
-//! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect`, and a consumer waiting in `Events::recv` (by `try_lock` only: it reads the socket itself, see `inbound.rs`) | socket calls in nonblocking mode, queue, outbox and state updates, `Heartbeat::app` reply matchers and `Acks` id readers (user code), one `SIOCOUTQ` ioctl per 1024 flushed messages, unbounded channel sends |
+//! | `Shared::link` | every thread: senders, reader, timer, supervisor, `state`/`stats`/`wait_connected`, eager `connect`, and a consumer waiting in `Events::recv` (by `try_lock` only: it reads the socket itself, and takes a clone of it to wait on, see `inbound.rs`) | socket calls in nonblocking mode, queue, outbox and state updates, `Heartbeat::app` reply matchers and `Acks` id readers (user code), one `SIOCOUTQ` ioctl per 1024 flushed messages, unbounded channel sends |
 //! | `Shared::connecting` (the mutex inside `dial::Cancel`) | supervisor (`establish` / `connect::open`: attach / detach the socket of the attempt), `close()` (`Cancel::cancel`: shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
@@ -33,7 +33,9 @@
 //! 1. The socket is always in nonblocking mode once a connection is published, so no
 //!    call made under the lock can block on the network.
 //! 2. Waiting for readability or writability happens with `sys::poll2` *without* the lock
-//!    (`MutexGuard::unlocked_fair`), on a `dup` of the socket so the descriptor stays valid.
+//!    (`MutexGuard::unlocked_fair`), on a `dup` or an `Arc` clone of the socket so the
+//!    descriptor stays valid (the reader's and a waiting consumer's clones: a teardown
+//!    shuts the socket down, which ends their waits).
 //! 3. The reader (or a consumer reading for itself) releases the lock with `unlock_fair`
 //!    after at most `read_budget` messages and at most `READ_QUOTA` bytes read from the
 //!    socket (`Tcp`'s read quota), so writers wait at most one bounded drain, whatever

@@ -34,7 +34,7 @@ use tungstenite::protocol::frame::Utf8Bytes;
 use crate::inbound::{Batch, Drive};
 use crate::link::{Link, Shared, current_mut};
 use crate::transport::stream::{is_would_block, reason_of};
-use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, poll2, raw};
+use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, Waker, poll2, raw};
 use crate::{DisconnectReason, Message};
 
 /// Most bytes one lock hold reads from the socket (besides at most `read_budget` messages).
@@ -471,14 +471,14 @@ pub(crate) fn driver(shared: &Arc<Shared>) -> Option<Arc<dyn Drive>> {
 }
 
 impl Drive for Driver {
-    fn drive(&self, pending: &Receiver<Batch>, out: &mut VecDeque<Message>) {
+    fn drive(&self, pending: &Receiver<Batch>, out: &mut VecDeque<Message>) -> bool {
         let Some(shared) = self.shared.upgrade() else {
-            return;
+            return false;
         };
         // Never wait for the lock: whoever holds it (the reader, a sender, the timer)
         // does not keep it long, and the reader hands over what it read anyway.
         let Some(mut link) = shared.link.try_lock() else {
-            return;
+            return false;
         };
         let inbound = shared.events.inbound();
         // The reader sends what it read before it lets the lock go: anything it read
@@ -495,7 +495,7 @@ impl Drive for Driver {
         MutexGuard::unlock_fair(link);
         shared.gate.wake();
         let Some(d) = drained else {
-            return;
+            return false;
         };
         if d.msgs > 0 {
             shared
@@ -510,5 +510,32 @@ impl Drive for Driver {
             // Whole messages wait above the socket, invisible to the reader's `poll`.
             inbound.note_input_left();
         }
+        true
+    }
+
+    fn wait_input(&self, waker: &Waker, deadline: Option<Instant>) -> Option<bool> {
+        let sock = {
+            let shared = self.shared.upgrade()?;
+            let link = shared.link.try_lock()?;
+            let sock = match link.conn.as_ref() {
+                Some(live) if live.dead.is_none() => Some(live.sock.clone()),
+                _ => None,
+            };
+            MutexGuard::unlock_fair(link);
+            shared.gate.wake();
+            sock?
+            // `shared` goes here: a client dropped while this thread waits ends, and its
+            // event channel closes (which wakes this wait).
+        };
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        // The socket stays open while this clone lives; a teardown shuts it down, which
+        // ends the wait (hang-up).
+        let (_, woken) = poll2(
+            (raw(&*sock), POLLIN),
+            Some((raw(&waker.rx), POLLIN)),
+            timeout,
+        )
+        .ok()?;
+        Some(woken != 0)
     }
 }

@@ -433,3 +433,147 @@ fn large_payloads_arrive_unchanged_whoever_reads_them() {
         server.join().unwrap();
     }
 }
+
+/// A server that upgrades and then reads nothing (so it answers no ping) until the test
+/// ends (`hold` dropped).
+fn silent_server() -> (String, crossbeam_channel::Sender<()>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/silent", listener.local_addr().unwrap());
+    let (hold, held) = crossbeam_channel::bounded::<()>(0);
+    let t = std::thread::spawn(move || {
+        let _ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+        let _ = held.recv();
+    });
+    (url, hold, t)
+}
+
+/// A consumer waiting in `recv` on an idle connection waits on the socket itself: an
+/// event sent by another thread (here the timer's `HeartbeatMissed`, with no byte on the
+/// socket) must wake it at once, not when the connection dies.
+#[test]
+fn a_consumer_waiting_on_the_socket_wakes_for_events_of_other_threads() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (url, hold, server) = silent_server();
+    // First miss after about 1.5 s, death about 2 s later: a wide window.
+    let hb = Heartbeat::ping(Duration::from_millis(500), Duration::from_secs(1)).max_missed(3);
+    let client = Client::builder(&url)
+        .heartbeat(hb)
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    match events.recv_timeout(Duration::from_secs(60)) {
+        Ok(Event::HeartbeatMissed { missed: 1, .. }) => {}
+        other => panic!("expected the first HeartbeatMissed, got {other:?}"),
+    }
+    let st = client.stats();
+    assert_eq!(
+        (st.state, st.generation),
+        (wsbeat::State::Open, 1),
+        "the consumer woke only when the connection died: {st:?}"
+    );
+    let _ = client.close();
+    drop(hold);
+    server.join().unwrap();
+}
+
+/// Waits on the socket end at their deadline: zero, short, and the largest one.
+#[test]
+fn waits_on_an_idle_socket_end_at_their_deadline() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (url, hold, server) = silent_server();
+    let client = Client::connect(&url).unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    assert!(matches!(
+        events.recv_timeout(Duration::ZERO),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+    ));
+    let wait = Duration::from_millis(300);
+    let t = Instant::now();
+    assert!(matches!(
+        events.recv_timeout(wait),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout)
+    ));
+    let took = t.elapsed();
+    assert!(took >= wait, "returned early: {took:?}");
+    assert!(took < Duration::from_secs(20), "returned late: {took:?}");
+    // With no time limit, the close (from another thread) ends the wait.
+    let closer = {
+        let client = client.clone();
+        std::thread::spawn(move || {
+            // Not a synchronisation: the wait below may start before or after this.
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = client.close();
+        })
+    };
+    let t = Instant::now();
+    loop {
+        match events.recv_timeout(Duration::MAX) {
+            Ok(Event::Closed) => break,
+            Ok(_) => {}
+            Err(e) => panic!("{e:?} before Closed"),
+        }
+    }
+    assert!(t.elapsed() < Duration::from_secs(20));
+    closer.join().unwrap();
+    drop(hold);
+    server.join().unwrap();
+}
+
+/// Two consumers of one client (`Events` clones) wait in `recv` at once: one waits on the
+/// socket, the other on the channel. Every message reaches exactly one of them, each sees
+/// its share in order, and both end when the client is dropped.
+#[test]
+fn two_consumers_of_one_client_share_the_stream() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 50_000u64;
+    let (url, server) = flood_server(n, 64);
+    let client = Client::connect(&url).unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    let (seen_tx, seen_rx) = crossbeam_channel::unbounded::<u64>();
+    let consumers: Vec<_> = (0..2)
+        .map(|_| {
+            let events = events.clone();
+            let seen_tx = seen_tx.clone();
+            std::thread::spawn(move || {
+                let mut mine = Vec::new();
+                while let Ok(ev) = events.recv() {
+                    match ev {
+                        Event::Message(Message::Binary(b)) => {
+                            let seq = u64::from_be_bytes(b[..8].try_into().unwrap());
+                            mine.push(seq);
+                            seen_tx.send(seq).unwrap();
+                        }
+                        Event::Closed => break,
+                        _ => {}
+                    }
+                }
+                mine
+            })
+        })
+        .collect();
+    drop(seen_tx);
+    let mut got = vec![false; n as usize];
+    for _ in 0..n {
+        let seq = seen_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("every message delivered");
+        assert!(
+            !std::mem::replace(&mut got[seq as usize], true),
+            "{seq} twice"
+        );
+    }
+    drop(events);
+    drop(client);
+    for c in consumers {
+        let mine = c.join().unwrap();
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "a consumer's share in order"
+        );
+    }
+    server.join().unwrap();
+}

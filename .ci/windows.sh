@@ -32,5 +32,5 @@ export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="$wine"
 if (($#)); then
     cargo test --target x86_64-pc-windows-gnu "$@"
 else
-    cargo test --target x86_64-pc-windows-gnu --lib --test core --test heartbeat --test reconnect --test races
+    cargo test --target x86_64-pc-windows-gnu --lib --test core --test heartbeat --test reconnect --test races --test inbound
 fi

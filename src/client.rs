@@ -586,8 +586,9 @@ mod consumer_read_tests {
     use std::net::TcpListener;
 
     /// A client whose reader thread has been retired (its generation no longer current)
-    /// and a test waker in its place, connected to a server that sends "a", "b", "c" in
-    /// one write once told to. The consumer has read `Connected`.
+    /// and a test waker in its place, connected to a server that sends "a", "b", "c" (or
+    /// what `rig_sending` says) in one write once told to. The consumer has read
+    /// `Connected`.
     struct Rig {
         client: Client,
         events: Events,
@@ -600,15 +601,19 @@ mod consumer_read_tests {
     }
 
     fn rig() -> Rig {
+        rig_sending(["a", "b", "c"].map(Message::text).to_vec())
+    }
+
+    fn rig_sending(messages: Vec<Message>) -> Rig {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("ws://{}/", listener.local_addr().unwrap());
         let (go, go_rx) = crossbeam_channel::bounded::<()>(0);
         let server = std::thread::spawn(move || {
             let mut ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
             go_rx.recv().unwrap();
-            // Three messages in one write: one socket read pulls them all in.
-            for m in ["a", "b", "c"] {
-                ws.write(Message::text(m)).unwrap();
+            // All in one write: one socket read pulls them all in.
+            for m in messages {
+                ws.write(m).unwrap();
             }
             ws.flush().unwrap();
             while ws.read().is_ok() {}
@@ -738,6 +743,26 @@ mod consumer_read_tests {
             "a consumer left messages in tungstenite's buffer and turned to other work: \
              nobody told the reader, they wait for the next byte from the server"
         );
+    }
+
+    /// A consumer's read that stops on its budget after control frames only (here a ping)
+    /// hands out nothing, but leaves whole messages in tungstenite's buffer, where `poll`
+    /// does not see them: the consumer must read again rather than wait on the socket.
+    /// White-box: with the reader retired, nobody else would ever read them.
+    #[test]
+    fn a_consumer_whose_read_got_only_a_ping_reads_again_before_it_waits() {
+        let rig = rig_sending(vec![Message::Ping(vec![1].into()), Message::text("x")]);
+        rig.go.send(()).unwrap();
+        assert!(
+            wait_readable(&rig.sock, Duration::from_secs(20)),
+            "server data"
+        );
+        let got = rig.events.recv_timeout(Duration::from_secs(10));
+        rig.finish();
+        match got {
+            Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "x"),
+            other => panic!("the message behind the ping was not read: {other:?}"),
+        }
     }
 
     /// `close()` while the reader defers to a consumer that read last (perhaps the very

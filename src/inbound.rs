@@ -36,7 +36,7 @@
 //! consumer waits in `recv` and has read since the reader last looked, the reader waits
 //! a while (1 ms, doubling while the consumer goes on reading, at most 50 ms or a quarter
 //! of the heartbeat timeout) and looks again. A consumer busy with what it got stops
-//! reading, so within that time the reader reads again (heartbeat replies, pings and the
+//! reading, so within two such waits the reader reads again (heartbeat replies, pings and the
 //! close handshake never wait for the user); a consumer that parks on the channel wakes
 //! the reader at once. `try_recv` and [`Events::receiver`] never read the socket, nor does
 //! any consumer of a client whose reads run user code (`reader::driver`).
@@ -508,9 +508,12 @@ fn take_flag(flag: &AtomicBool) -> bool {
 pub(crate) trait Drive: Send + Sync {
     /// Reads, without waiting, the messages ready on the current connection into `out`
     /// (empty), unless the link lock is taken or `pending` holds events: those were read
-    /// earlier and come first. Returns whether it read (false: lock taken, events
-    /// pending, or no live connection); `out` empty after a read: nothing was ready.
-    fn drive(&self, pending: &Receiver<Batch>, out: &mut VecDeque<Message>) -> bool;
+    /// earlier and come first. `None`: it did not read (lock taken, events pending, no
+    /// live connection). Else whether it stopped early (read budget, a waiting sender,
+    /// a nearly full read buffer) with input left above the socket, where `poll` cannot
+    /// see it: `out` may then be empty although more is ready (the read got only control
+    /// frames).
+    fn drive(&self, pending: &Receiver<Batch>, out: &mut VecDeque<Message>) -> Option<bool>;
 
     /// Waits until the current connection's socket is readable (or hung up), `waker` is
     /// woken, or `deadline` passes (`None`: no time limit). `None` at once when it
@@ -854,15 +857,20 @@ impl Events {
                 }
                 Err(TryRecvError::Empty) => {}
             }
-            match self.read_socket() {
+            let more = match self.read_socket() {
                 Read::Got(ev) => return Some(Ok(ev)),
-                Read::Nothing => {}
+                Read::Nothing => false,
+                Read::More => true,
                 Read::Busy => return None,
-            }
+            };
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 // Back to the caller's other work: the reader reads from now on.
                 self.inbound.end_drive();
                 return Some(Err(RecvTimeoutError::Timeout));
+            }
+            if more {
+                // Input waits above the socket, where `poll` would not see it.
+                continue;
             }
             if driver.wait_input(waker, deadline)? {
                 waker.drain();
@@ -888,7 +896,7 @@ impl Events {
         };
         self.inbound.begin_drive();
         let mut buf = std::mem::take(&mut *self.buf.borrow_mut());
-        let read = driver.drive(&self.rx, &mut buf);
+        let drove = driver.drive(&self.rx, &mut buf);
         let first = buf.pop_front();
         let mut mine = self.buf.borrow_mut();
         if mine.is_empty() {
@@ -896,10 +904,11 @@ impl Events {
         } else {
             mine.extend(buf);
         }
-        match first {
-            Some(m) => Read::Got(Event::Message(m)),
-            None if read => Read::Nothing,
-            None => Read::Busy,
+        match (first, drove) {
+            (Some(m), _) => Read::Got(Event::Message(m)),
+            (None, Some(true)) => Read::More,
+            (None, Some(false)) => Read::Nothing,
+            (None, None) => Read::Busy,
         }
     }
 
@@ -970,6 +979,8 @@ enum Read {
     Got(Event),
     /// Nothing was ready.
     Nothing,
+    /// Nothing for the user (control frames only), more input is ready.
+    More,
     /// It could not read (no reading for this client, lock taken, events pending, no
     /// live connection).
     Busy,

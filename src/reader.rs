@@ -304,7 +304,10 @@ fn own_text(recycler: Option<&Arc<Recycler>>, t: Utf8Bytes) -> Utf8Bytes {
 /// the heartbeat timeout). Each look wakes the reader thread, which on two cores delays
 /// the consumer or the server now and then (echo round trips: p99 1.26x of raw with a
 /// fixed 5 ms, 0.96x with 50 ms); a consumer that turns to other work still gets its
-/// socket read within `MAX_DEFER`, and one that parks wakes the reader at once.
+/// socket read within two deferrals (the look that follows its last read still sees
+/// that read, and defers once more), and one that parks wakes the reader at once. Two
+/// deferrals are at most half the heartbeat timeout: before the consumer stopped, its
+/// reads fed the heartbeat, so the reader takes over well before a deadline.
 const DEFER: Duration = Duration::from_millis(1);
 const MAX_DEFER: Duration = Duration::from_millis(50);
 
@@ -471,15 +474,11 @@ pub(crate) fn driver(shared: &Arc<Shared>) -> Option<Arc<dyn Drive>> {
 }
 
 impl Drive for Driver {
-    fn drive(&self, pending: &Receiver<Batch>, out: &mut VecDeque<Message>) -> bool {
-        let Some(shared) = self.shared.upgrade() else {
-            return false;
-        };
+    fn drive(&self, pending: &Receiver<Batch>, out: &mut VecDeque<Message>) -> Option<bool> {
+        let shared = self.shared.upgrade()?;
         // Never wait for the lock: whoever holds it (the reader, a sender, the timer)
         // does not keep it long, and the reader hands over what it read anyway.
-        let Some(mut link) = shared.link.try_lock() else {
-            return false;
-        };
+        let mut link = shared.link.try_lock()?;
         let inbound = shared.events.inbound();
         // The reader sends what it read before it lets the lock go: anything it read
         // before us is in the channel now, and comes first.
@@ -494,9 +493,7 @@ impl Drive for Driver {
         // Like the reader (lock rule 3): fair, and waiting senders are told.
         MutexGuard::unlock_fair(link);
         shared.gate.wake();
-        let Some(d) = drained else {
-            return false;
-        };
+        let d = drained?;
         if d.msgs > 0 {
             shared
                 .counters
@@ -510,7 +507,7 @@ impl Drive for Driver {
             // Whole messages wait above the socket, invisible to the reader's `poll`.
             inbound.note_input_left();
         }
-        true
+        Some(d.more)
     }
 
     fn wait_input(&self, waker: &Waker, deadline: Option<Instant>) -> Option<bool> {

@@ -661,8 +661,8 @@ impl EventTx {
 /// [`ClientBuilder::event_spin`](crate::ClientBuilder::event_spin), 50 µs by default, as
 /// in a request/response exchange), the `recv` calls first wait by spinning (looking at
 /// the socket and the channel, yielding the CPU to any other runnable thread in between)
-/// before they park: that saves the wake-up of a parked thread (about 10 µs) on each
-/// reply. A wait that spun in vain turns this off until a wait is short again, so a
+/// before they sleep (in `poll` on the socket, or parked on the channel): that saves the
+/// wake-up of a sleeping thread (10-20 µs on a small machine) on each reply. A wait that spun in vain turns this off until a wait is short again, so a
 /// sparse stream costs at most one such spin per lull.
 ///
 /// Events already taken out of a batch by `recv`-style calls on the same `Events` are

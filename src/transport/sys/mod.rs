@@ -7,7 +7,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[cfg(unix)]
 mod unix;
@@ -40,8 +40,23 @@ fn timeout_ms(timeout: Option<Duration>) -> i32 {
 
 /// `poll(2)` / `WSAPoll` on several sockets; `None` waits without a time limit. Returns
 /// how many are ready (their `revents` say how).
+///
+/// A signal handler interrupts `poll` (the kernel never restarts it): the wait goes on
+/// for the time left, so a process with a periodic signal (a profiler's `SIGPROF`, an
+/// interval timer) does not start the timeout over on each signal.
 pub(crate) fn poll_fds(fds: &mut [PollFd], timeout: Option<Duration>) -> io::Result<usize> {
-    poll_ms(fds, timeout_ms(timeout))
+    let end = timeout.map(crate::time::deadline_in);
+    let mut ms = timeout_ms(timeout);
+    loop {
+        match poll_ms(fds, ms) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                if let Some(end) = end {
+                    ms = timeout_ms(Some(end.saturating_duration_since(Instant::now())));
+                }
+            }
+            done => return done,
+        }
+    }
 }
 
 /// [`poll_fds`] on one or two sockets; returns their revents.
@@ -96,7 +111,6 @@ impl Waker {
 mod tests {
     use super::*;
     use std::net::TcpListener;
-    use std::time::Instant;
 
     #[test]
     fn waker_interrupts_a_poll_and_drains() {

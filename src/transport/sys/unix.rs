@@ -41,19 +41,16 @@ pub(crate) fn connect_in_progress(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == io::ErrorKind::WouldBlock
 }
 
-/// `poll(2)`; `ms` -1 waits forever. Returns how many entries are ready.
+/// `poll(2)`; `ms` -1 waits forever. Returns how many entries are ready; `Interrupted`
+/// when a signal handler ran (the caller retries with the time left).
 pub(crate) fn poll_fds(fds: &mut [PollFd], ms: i32) -> io::Result<usize> {
-    loop {
-        // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd structs for the
-        // duration of the call, and its length is passed with it.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if r >= 0 {
-            return Ok(r as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
+    // SAFETY: `fds` is a valid, exclusively borrowed slice of pollfd structs for the
+    // duration of the call, and its length is passed with it.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if r >= 0 {
+        Ok(r as usize)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

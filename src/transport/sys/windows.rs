@@ -6,8 +6,8 @@ use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::windows::io::{AsRawSocket, RawSocket};
 
 use windows_sys::Win32::Networking::WinSock::{
-    POLLERR, POLLHUP, POLLRDNORM, POLLWRNORM, SOCKET, SOCKET_ERROR, WSAEINTR, WSAGetLastError,
-    WSAPOLLFD, WSAPoll,
+    POLLERR, POLLHUP, POLLRDNORM, POLLWRNORM, SOCKET, SOCKET_ERROR, WSAGetLastError, WSAPOLLFD,
+    WSAPoll,
 };
 
 /// Readable: normal data (Windows' `POLLIN` also asks for band data, which `WSAPoll`
@@ -58,21 +58,19 @@ pub(crate) fn connect_in_progress(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
-/// `WSAPoll`; `ms` -1 waits forever. Returns how many entries are ready.
+/// `WSAPoll`; `ms` -1 waits forever. Returns how many entries are ready; `Interrupted`
+/// on `WSAEINTR` (the caller retries with the time left).
 pub(crate) fn poll_fds(fds: &mut [PollFd], ms: i32) -> io::Result<usize> {
-    loop {
-        // SAFETY: `fds` is a valid, exclusively borrowed slice of WSAPOLLFD structs for
-        // the duration of the call, and its length is passed with it.
-        let r = unsafe { WSAPoll(fds.as_mut_ptr(), fds.len() as u32, ms) };
-        if r != SOCKET_ERROR {
-            return Ok(r as usize);
-        }
-        // SAFETY: no precondition; reads this thread's last Winsock error.
-        let code = unsafe { WSAGetLastError() };
-        if code != WSAEINTR {
-            return Err(io::Error::from_raw_os_error(code));
-        }
+    // SAFETY: `fds` is a valid, exclusively borrowed slice of WSAPOLLFD structs for the
+    // duration of the call, and its length is passed with it.
+    let r = unsafe { WSAPoll(fds.as_mut_ptr(), fds.len() as u32, ms) };
+    if r != SOCKET_ERROR {
+        return Ok(r as usize);
     }
+    // SAFETY: no precondition; reads this thread's last Winsock error.
+    let code = unsafe { WSAGetLastError() };
+    // WSAEINTR comes back as `Interrupted`: the caller retries with the time left.
+    Err(io::Error::from_raw_os_error(code))
 }
 
 /// Bytes of `sock` the peer's TCP has not acknowledged yet: `None` on Windows, which has

@@ -11,8 +11,9 @@ use crate::backoff::{Backoff, ReconnectPolicy};
 use crate::client::Client;
 use crate::config::{
     Attempt, Config, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_REDIRECTS,
-    DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT, MAX_EVENT_SPIN, OverflowPolicy,
-    PROXY_SCHEMES, ProxySetting, Request, SocketOptions, TcpKeepalive,
+    DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT, MAX_EVENT_SPIN, MAX_READ_BUFFER_SIZE,
+    MAX_THREAD_STACK_SIZE, OverflowPolicy, PROXY_SCHEMES, ProxySetting, Request, SocketOptions,
+    TcpKeepalive,
 };
 use crate::heartbeat::Heartbeat;
 use crate::outbox::Delivery;
@@ -279,24 +280,30 @@ impl ClientBuilder {
         self
     }
 
-    /// Messages the reader handles per lock hold before letting writers in (default 64).
+    /// Messages the reader handles per lock hold before letting writers in (default 64;
+    /// at least 1). A lock hold also ends after 256 KiB read, so `usize::MAX` means "no
+    /// message limit", not an unbounded hold.
     pub fn read_budget(mut self, messages: usize) -> Self {
         self.cfg.read_budget = messages.max(1);
         self
     }
 
     /// Stack size of the internal threads (default 256 KiB; only touched pages use memory).
+    /// At least 64 KiB and at most [`MAX_THREAD_STACK_SIZE`](crate::MAX_THREAD_STACK_SIZE)
+    /// (256 MiB); other values are brought within those bounds.
     pub fn thread_stack_size(mut self, bytes: usize) -> Self {
-        self.cfg.stack_size = bytes.max(32 << 10);
+        self.cfg.stack_size = bytes.clamp(64 << 10, MAX_THREAD_STACK_SIZE);
         self
     }
 
     /// tungstenite read buffer size per connection, and the most one socket read takes
     /// (default 64 KiB). tungstenite zero-fills it on the first read, so all of it is
     /// resident: 64 KiB keeps an idle client below tokio-tungstenite's memory (which
-    /// uses 128 KiB) and cost no measurable throughput with 64 KiB messages.
+    /// uses 128 KiB) and cost no measurable throughput with 64 KiB messages. At least
+    /// 4 KiB and at most [`MAX_READ_BUFFER_SIZE`](crate::MAX_READ_BUFFER_SIZE) (16 MiB);
+    /// other values are brought within those bounds.
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
-        self.cfg.read_buffer_size = bytes.max(4096);
+        self.cfg.read_buffer_size = bytes.clamp(4096, MAX_READ_BUFFER_SIZE);
         self
     }
 

@@ -278,7 +278,10 @@ pub struct TcpKeepalive {
 }
 
 impl TcpKeepalive {
-    /// Probes start after the connection was idle for `time` (whole seconds on Linux).
+    /// Probes start after the connection was idle for `time`. Where the OS counts whole
+    /// seconds (Unix) a fraction is rounded up; past the OS's limit (Linux: 32767 s for
+    /// the time and the interval, 127 probes) a value is capped, so `Duration::MAX` means
+    /// "as long as the OS allows". Zero is an [`Error::InvalidConfig`] from `connect()`.
     pub fn new(time: Duration) -> TcpKeepalive {
         TcpKeepalive {
             time,
@@ -297,6 +300,24 @@ impl TcpKeepalive {
         self.retries = Some(retries);
         self
     }
+
+    /// Zero is a value no OS takes: refused before anything starts.
+    fn validate(&self) -> Result<()> {
+        let reason = if self.time.is_zero() {
+            "zero idle time: probes need at least one second of idle time first"
+        } else if self.interval.is_some_and(|i| i.is_zero()) {
+            "zero interval between probes: use at least one second, or leave it unset for \
+             the system default"
+        } else if self.retries == Some(0) {
+            "zero probes: the OS needs at least one; leave it unset for the system default"
+        } else {
+            return Ok(());
+        };
+        Err(Error::InvalidConfig {
+            setting: "tcp_keepalive",
+            reason: reason.into(),
+        })
+    }
 }
 
 /// Default most text/binary messages waiting for the consumer.
@@ -312,6 +333,12 @@ pub const DEFAULT_EVENT_SPIN: Duration = Duration::from_micros(50);
 /// The longest [`ClientBuilder::event_spin`](crate::ClientBuilder::event_spin): a
 /// longer spin would only burn CPU between events that are not back to back.
 pub const MAX_EVENT_SPIN: Duration = Duration::from_millis(1);
+/// The largest [`ClientBuilder::read_buffer_size`](crate::ClientBuilder::read_buffer_size):
+/// tungstenite allocates and zero-fills the whole buffer for each connection.
+pub const MAX_READ_BUFFER_SIZE: usize = 16 << 20;
+/// The largest [`ClientBuilder::thread_stack_size`](crate::ClientBuilder::thread_stack_size)
+/// (the threads' stacks are reserved, not touched, so this costs address space only).
+pub const MAX_THREAD_STACK_SIZE: usize = 256 << 20;
 /// Default delay between two connection attempts of Happy Eyeballs (RFC 8305 5).
 pub const DEFAULT_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 /// Default number of redirects followed on the upgrade request.
@@ -387,6 +414,9 @@ impl Config {
                 "zero would declare a stall whenever the socket buffer is full; use \
                  Duration::MAX to never declare one",
             );
+        }
+        if let Some(ka) = &self.socket.keepalive {
+            ka.validate()?;
         }
         self.heartbeat.validate()
     }

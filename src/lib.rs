@@ -106,7 +106,8 @@ pub use config::{
     Attempt, DEFAULT_ATTEMPT_DELAY, DEFAULT_CLOSE_TIMEOUT, DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_CONSUMER_STALL_TIMEOUT, DEFAULT_EVENT_CAPACITY_BYTES, DEFAULT_EVENT_CAPACITY_MESSAGES,
     DEFAULT_EVENT_SPIN, DEFAULT_MAX_REDIRECTS, DEFAULT_WRITE_TIMEOUT, Limits, MAX_CLOSE_TIMEOUT,
-    MAX_EVENT_SPIN, OverflowPolicy, Request, TcpKeepalive,
+    MAX_EVENT_SPIN, MAX_READ_BUFFER_SIZE, MAX_THREAD_STACK_SIZE, OverflowPolicy, Request,
+    TcpKeepalive,
 };
 pub use error::{
     ConnectStage, DisconnectReason, Error, RedirectRefusal, Result, SocksFailure, TlsErrorKind,

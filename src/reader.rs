@@ -331,7 +331,9 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     let mut more = true;
     // The messages of this drain for the user (text, binary, and pings and pongs when
     // surfaced): as `Message`s, the consumer's `Events` makes them `Event::Message`.
-    let mut out: VecDeque<Message> = VecDeque::with_capacity(shared.cfg.read_budget);
+    // Room for a usual drain; a larger budget (up to `usize::MAX`: no message limit) grows
+    // it on demand.
+    let mut out: VecDeque<Message> = VecDeque::with_capacity(shared.cfg.read_budget.min(1024));
     let recycler = Recycler::new();
     // Consumer reads of the socket seen so far (see `Inbound::consumer_reads`).
     let mut seen = inbound.drives();

@@ -21,7 +21,7 @@ use support::util;
 use support::util::bounded;
 use wsbeat::{
     Backoff, Client, ClientBuilder, DisconnectReason, Error, Event, Failure, Heartbeat, Limits,
-    Message, OverflowPolicy, ReconnectPolicy, State,
+    Message, OverflowPolicy, ReconnectPolicy, State, TcpKeepalive,
 };
 
 /// Upper bound for anything that should happen "now".
@@ -580,6 +580,90 @@ fn limits_take_extreme_values() {
     assert_eq!(client_panics(), before, "a wsbeat thread panicked");
     drop(client);
     no_client_threads_left("extreme limits");
+}
+
+/// Every size and count the builder takes works at `usize::MAX` (and its smallest value):
+/// no panic, on the caller's thread or the client's. `read_buffer_size(usize::MAX)` used
+/// to panic in `connect()` (tungstenite allocates the whole buffer up front),
+/// `read_budget(usize::MAX)` panicked the reader thread (it preallocated one batch), and
+/// `thread_stack_size(usize::MAX)` failed every connect with "Invalid argument", and the
+/// smallest stack it took (32 KiB) overflowed in a debug build: an abort.
+#[test]
+fn sizes_and_counts_take_usize_max() {
+    let _g = util::exclusive();
+    watch_panics();
+    let before = client_panics();
+    let server = TestServer::echo();
+    let url = server.url();
+    let max = usize::MAX;
+    works("read_buffer_size(MAX)", builder(&url).read_buffer_size(max));
+    works("read_buffer_size(0)", builder(&url).read_buffer_size(0));
+    works("read_budget(MAX)", builder(&url).read_budget(max));
+    works("read_budget(0)", builder(&url).read_budget(0));
+    works(
+        "thread_stack_size(MAX)",
+        builder(&url).thread_stack_size(max),
+    );
+    works("thread_stack_size(0)", builder(&url).thread_stack_size(0));
+    // The smallest stacks also carry a TLS handshake (the deepest call chain the threads
+    // run; a 32 KiB minimum overflowed the supervisor's stack, an abort).
+    #[cfg(any(feature = "native-tls", feature = "rustls"))]
+    {
+        let tls = TestServer::builder()
+            .tls(support::certs::ServerCert::Valid)
+            .start();
+        works(
+            "thread_stack_size(0) over TLS",
+            builder(&tls.wss_url())
+                .add_root_certificate(&support::certs::ca_pem())
+                .thread_stack_size(0),
+        );
+    }
+    works(
+        "event_capacity(MAX, MAX)",
+        builder(&url).event_capacity(max, max),
+    );
+    works("event_capacity(0, 0)", builder(&url).event_capacity(0, 0));
+    works("max_redirects(MAX)", builder(&url).max_redirects(max));
+    assert_eq!(client_panics(), before, "a wsbeat thread panicked");
+    no_client_threads_left("extreme sizes");
+}
+
+/// TCP keepalive takes `Duration::MAX` and `u32::MAX` (as long, or as many, as the OS
+/// allows: Linux refuses more than 32767 s and 127 probes with "Invalid argument", which
+/// failed every connect) and sub-second times (Linux counts whole seconds: they used to
+/// become 0, refused too); zero, which no OS takes, is a typed error before anything
+/// starts.
+#[test]
+fn tcp_keepalive_takes_max_and_sub_second_values_and_rejects_zero() {
+    let _g = util::exclusive();
+    watch_panics();
+    let before = client_panics();
+    let server = TestServer::echo();
+    let url = server.url();
+    let max = Duration::MAX;
+    let short = Duration::from_millis(300);
+    works(
+        "tcp_keepalive(MAX, MAX, u32::MAX)",
+        builder(&url).tcp_keepalive(TcpKeepalive::new(max).interval(max).retries(u32::MAX)),
+    );
+    works(
+        "tcp_keepalive(300 ms, 300 ms)",
+        builder(&url).tcp_keepalive(TcpKeepalive::new(short).interval(short)),
+    );
+    let one = Duration::from_secs(1);
+    for (what, ka) in [
+        ("time ZERO", TcpKeepalive::new(Duration::ZERO)),
+        (
+            "interval ZERO",
+            TcpKeepalive::new(one).interval(Duration::ZERO),
+        ),
+        ("retries 0", TcpKeepalive::new(one).retries(0)),
+    ] {
+        rejected(what, || builder(&url).tcp_keepalive(ka), "tcp_keepalive");
+    }
+    assert_eq!(client_panics(), before, "a wsbeat thread panicked");
+    no_client_threads_left("keepalive extremes");
 }
 
 #[test]

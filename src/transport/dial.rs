@@ -330,15 +330,35 @@ fn start(addr: SocketAddr, opts: &SocketOptions) -> io::Result<(Socket, bool)> {
     }
 }
 
+/// A keepalive time or interval as the OS takes it: Unix counts whole seconds (socket2
+/// truncates, and the 0 a sub-second value became is refused), so a fraction rounds up;
+/// Linux refuses more than 32767 s (`MAX_TCP_KEEPIDLE`, `MAX_TCP_KEEPINTVL`) with
+/// `EINVAL`, so a longer value (`Duration::MAX`: "as long as allowed") is capped there.
+/// (Windows counts milliseconds; socket2 rounds up and saturates there.)
+fn keepalive_time(d: Duration) -> Duration {
+    #[cfg(unix)]
+    let d = Duration::from_secs(d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0)));
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let d = d.min(Duration::from_secs(32767));
+    d
+}
+
+/// Keepalive probes as the OS takes them: at most 127 on Linux (`MAX_TCP_KEEPCNT`).
+fn keepalive_probes(n: u32) -> u32 {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let n = n.min(127);
+    n
+}
+
 /// Keepalive and the bound device, set before connecting.
 fn apply(sock: &Socket, opts: &SocketOptions) -> io::Result<()> {
     if let Some(ka) = &opts.keepalive {
-        let mut k = TcpKeepalive::new().with_time(ka.time);
+        let mut k = TcpKeepalive::new().with_time(keepalive_time(ka.time));
         if let Some(i) = ka.interval {
-            k = k.with_interval(i);
+            k = k.with_interval(keepalive_time(i));
         }
         if let Some(n) = ka.retries {
-            k = k.with_retries(n);
+            k = k.with_retries(keepalive_probes(n));
         }
         sock.set_tcp_keepalive(&k)
             .map_err(|e| context(e, "setting TCP keepalive"))?;
@@ -397,6 +417,49 @@ mod tests {
     }
     fn v6(p: u16) -> SocketAddr {
         SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, p))
+    }
+
+    /// What the OS keeps of the keepalive settings: sub-second values rounded up to a
+    /// second (they were truncated to 0, which Linux refuses), values past Linux's limits
+    /// capped there (they were refused), values within them unchanged.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[test]
+    fn keepalive_values_are_brought_within_what_the_os_takes() {
+        use crate::config::TcpKeepalive as Ka;
+        let applied = |ka: Ka| {
+            let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            let opts = SocketOptions {
+                keepalive: Some(ka),
+                ..SocketOptions::default()
+            };
+            apply(&sock, &opts).unwrap();
+            (
+                sock.tcp_keepalive_time().unwrap(),
+                sock.tcp_keepalive_interval().unwrap(),
+                sock.tcp_keepalive_retries().unwrap(),
+            )
+        };
+        let secs = Duration::from_secs;
+        assert_eq!(
+            applied(Ka::new(secs(60)).interval(secs(10)).retries(3)),
+            (secs(60), secs(10), 3)
+        );
+        assert_eq!(
+            applied(
+                Ka::new(Duration::from_millis(300))
+                    .interval(Duration::from_millis(1500))
+                    .retries(1)
+            ),
+            (secs(1), secs(2), 1)
+        );
+        assert_eq!(
+            applied(
+                Ka::new(Duration::MAX)
+                    .interval(Duration::MAX)
+                    .retries(u32::MAX)
+            ),
+            (secs(32767), secs(32767), 127)
+        );
     }
 
     #[test]

@@ -42,11 +42,14 @@ pub struct Request {
     pub(crate) subprotocols: Vec<String>,
 }
 
+/// What a server URL must look like, in the errors about one.
+pub(crate) const URL_HINT: &str = "expected ws://host[:port]/path or wss://...";
+
 impl Request {
     /// Parses and checks a `ws://` or `wss://` URL.
     pub fn new(url: &str) -> Result<Request> {
         let url = Url::parse(url).map_err(|e| Error::InvalidUrl {
-            reason: format!("{e} in {:?}", RedactedUrl::raw(url)),
+            reason: format!("{e} in {:?} ({URL_HINT})", RedactedUrl::raw(url)),
         })?;
         Self::from_url(url)
     }
@@ -59,13 +62,13 @@ impl Request {
             "wss" => return Err(Error::NoTls),
             other => {
                 return Err(Error::InvalidUrl {
-                    reason: format!("scheme {other:?} is not ws or wss"),
+                    reason: format!("scheme {other:?} is not ws or wss ({URL_HINT})"),
                 });
             }
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(Error::InvalidUrl {
-                reason: "the URL has no host".into(),
+                reason: format!("the URL has no host ({URL_HINT})"),
             });
         }
         Ok(Request {

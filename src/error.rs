@@ -204,8 +204,9 @@ impl fmt::Display for RedirectRefusal {
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The URL could not be parsed or is not a `ws://` / `wss://` URL.
-    #[error("invalid URL: {reason} (expected ws://host[:port]/path or wss://...)")]
+    /// The URL (of the server, or of a proxy) could not be parsed or is not one wsbeat
+    /// can use; `reason` says which and what was expected.
+    #[error("invalid URL: {reason}")]
     InvalidUrl {
         /// Why it was rejected.
         reason: String,
@@ -496,7 +497,7 @@ impl Error {
                 }
             }
             W::Url(u) => Error::InvalidUrl {
-                reason: u.to_string(),
+                reason: format!("{u} ({})", crate::config::URL_HINT),
             },
             W::ConnectionClosed | W::AlreadyClosed => Error::Closed { message: None },
             W::Protocol(tungstenite::error::ProtocolError::HandshakeIncomplete) => {

@@ -503,7 +503,8 @@ impl ClientBuilder {
 
     /// Binds every socket to this network interface (`SO_BINDTODEVICE`, Linux only;
     /// needs `CAP_NET_RAW` on older kernels). Elsewhere connecting fails with
-    /// [`Error::Io`] rather than silently using another interface.
+    /// [`Error::Io`] rather than silently using another interface. An empty name or one
+    /// with a NUL byte is an [`Error::InvalidConfig`] from `connect()`.
     pub fn bind_device(mut self, interface: impl Into<String>) -> Self {
         self.cfg.socket.device = Some(interface.into());
         self

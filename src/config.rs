@@ -421,6 +421,17 @@ impl Config {
         if let Some(ka) = &self.socket.keepalive {
             ka.validate()?;
         }
+        if let Some(dev) = &self.socket.device {
+            // The OS reads the name up to a NUL, and an empty one unbinds: either would
+            // connect through another interface than the one asked for.
+            if dev.is_empty() || dev.contains('\0') {
+                return invalid(
+                    "bind_device",
+                    "the interface name is empty or contains a NUL byte; give a name such as \
+                     \"eth0\", or leave bind_device unset",
+                );
+            }
+        }
         self.heartbeat.validate()
     }
 

@@ -666,6 +666,23 @@ fn tcp_keepalive_takes_max_and_sub_second_values_and_rejects_zero() {
     no_client_threads_left("keepalive extremes");
 }
 
+/// An interface name the OS would cut at a NUL byte ("lo\0x" bound to "lo") or read as
+/// "no interface" (empty) is refused before anything starts: either used to connect
+/// through another interface than the one asked for, silently.
+#[test]
+fn bind_device_refuses_a_name_the_os_would_cut_or_ignore() {
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let url = server.url();
+    for name in ["", "lo\0x"] {
+        rejected(
+            &format!("bind_device({name:?})"),
+            || builder(&url).bind_device(name),
+            "bind_device",
+        );
+    }
+}
+
 #[test]
 fn wait_connected_and_session_timeouts_take_max_and_zero() {
     let _g = util::exclusive();

@@ -751,7 +751,7 @@ impl Events {
         self.buf.borrow_mut().pop_front().map(Event::Message)
     }
 
-    /// Waits for the next event. `Err` once the client is gone and every event was read
+    /// Waits for the next event. `Err` once the client closed and every event was read
     /// (after [`Event::Closed`]).
     // The `recv` family is `#[inline]` with the channel wait out of line: most events
     // come from the buffer, and in the caller's crate that is a `pop_front` with no call
@@ -953,7 +953,8 @@ impl Events {
         Ok(self.take(self.rx.try_recv()?))
     }
 
-    /// Blocking iterator: ends once the client is gone and every event was read.
+    /// Blocking iterator: ends once the client closed and every event was read (after
+    /// [`Event::Closed`], on every `Events` of the client).
     pub fn iter(&self) -> Iter<'_> {
         Iter { events: self }
     }
@@ -1059,18 +1060,21 @@ impl<'a> IntoIterator for &'a Events {
 /// nothing after `Closed`, `Closed` once, `GaveUp` once, no `Reconnecting` once closing
 /// began. Its lock is a leaf: held only around an unbounded channel send.
 pub(crate) struct EventSink {
-    tx: EventTx,
+    inbound: Arc<Inbound>,
     grammar: Mutex<Grammar>,
     /// Signalled when `Closed` is emitted.
     closed: Condvar,
 }
 
-#[derive(Default)]
 struct Grammar {
     /// `close` has begun: no more `Reconnecting`.
     closing: bool,
     gave_up: bool,
     closed: bool,
+    /// The sending end, dropped right after `Closed` went out: nothing may follow it, and
+    /// every `Events` (also those that did not get `Closed`, and those taken later) must
+    /// see the stream end while handles of the client live on.
+    tx: Option<EventTx>,
 }
 
 impl Grammar {
@@ -1094,8 +1098,13 @@ impl Grammar {
 impl EventSink {
     pub(crate) fn new(tx: EventTx) -> Self {
         EventSink {
-            tx,
-            grammar: Mutex::new(Grammar::default()),
+            inbound: tx.inbound().clone(),
+            grammar: Mutex::new(Grammar {
+                closing: false,
+                gave_up: false,
+                closed: false,
+                tx: Some(tx),
+            }),
             closed: Condvar::new(),
         }
     }
@@ -1109,9 +1118,14 @@ impl EventSink {
             return;
         }
         let closed = matches!(ev, Event::Closed);
-        // Fails only when every receiver is gone: nobody to tell.
-        let _ = self.tx.send(ev);
+        if let Some(tx) = g.tx.as_ref() {
+            // Fails only when every receiver is gone: nobody to tell.
+            let _ = tx.send(ev);
+        }
         if closed {
+            // The end of the stream: every consumer's `recv` returns `Err` once it read
+            // what is left (dropping it also wakes a consumer waiting on the socket).
+            g.tx = None;
             self.closed.notify_all();
         }
     }
@@ -1120,20 +1134,20 @@ impl EventSink {
     /// `Closed` was emitted (never the case while a reader runs: it is joined first).
     pub(crate) fn emit_messages(&self, events: &mut VecDeque<Message>, msgs: usize, bytes: usize) {
         let g = self.grammar.lock();
-        if g.closed {
+        let Some(tx) = g.tx.as_ref() else {
             log::debug!(
                 "{} events dropped by the grammar: after Closed",
                 events.len()
             );
             events.clear();
             return;
-        }
-        self.tx.send_messages(events, msgs, bytes);
+        };
+        tx.send_messages(events, msgs, bytes);
     }
 
     /// The bound on inbound messages and the reader's hold on it.
     pub(crate) fn inbound(&self) -> &Arc<Inbound> {
-        self.tx.inbound()
+        &self.inbound
     }
 
     /// `close` has begun: `Reconnecting` would be a lie from now on.

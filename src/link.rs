@@ -14,7 +14,7 @@
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
 //! | `Inbound::waker`, `Inbound::held_since` (inbound.rs) | the reader (attach, hold, resume), the consumer in `Events` (wake the reader), `stats()` before it takes `link` | an `Option` read or write (leaves; never taken under `link`) |
 //! | `SendGate::lock` (+ its condvar) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`SendGate::wake`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
-//! | `EventSink::grammar` (inbound.rs) | whoever emits an event (any thread, also under `link`); `close()` (`begin_close`, `wait_closed`) | the grammar check and one unbounded channel send; the condvar wait for `Closed` |
+//! | `EventSink::grammar` (inbound.rs) | whoever emits an event (any thread, also under `link`); `close()` (`begin_close`, `wait_closed`) | the grammar check and one unbounded channel send (after `Closed`, dropping the sender); the condvar wait for `Closed` |
 //!
 //! The order is simply: **`connecting`, `supervisor` and the event grammar are leaf locks**,
 //! and under **`link`** only the grammar lock is ever taken (by `emit`) — so no cycle can

@@ -1154,6 +1154,45 @@ fn close_from_every_state_returns_within_100_ms_plus_the_close_timeout() {
     eprintln!("close() took: {}", report.join(", "));
 }
 
+/// Several consumers share one stream and only one of them gets `Closed`. The others
+/// must see the stream end too once the client closed, also while a handle lives on (as
+/// it does in the thread that called `close()`): `Events::recv` promises `Err` after
+/// `Closed`, and a worker that iterates would otherwise never end.
+#[test]
+fn every_consumer_sees_the_stream_end_after_close_while_a_handle_lives() {
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let client = builder(&server.url()).connect().expect("connect");
+    let events = client.events();
+    let consumers: Vec<_> = (0..3)
+        .map(|_| {
+            let e = events.clone();
+            std::thread::spawn(move || e.iter().count())
+        })
+        .collect();
+    drop(events);
+    for i in 0..10 {
+        client.send_text(format!("m{i}")).expect("send");
+    }
+    assert!(client.close().is_empty());
+    let seen = bounded("consumers after close()", T, move || {
+        consumers
+            .into_iter()
+            .map(|h| h.join().expect("consumer"))
+            .sum::<usize>()
+    });
+    // Connected, the ten echoes (sent before the close frame), Disconnected, Closed.
+    assert_eq!(seen, 13);
+    // A stream taken after close() ends at once too.
+    let c = client.clone();
+    let r = bounded("recv on an Events taken after close()", T, move || {
+        c.events().recv().map(|e| format!("{e:?}"))
+    });
+    assert!(r.is_err(), "{r:?}");
+    drop(client);
+    no_client_threads_left("consumers after close");
+}
+
 // ---------------------------------------------------------------------------------------
 // Builder errors come back from connect(), before anything starts
 // ---------------------------------------------------------------------------------------

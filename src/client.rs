@@ -286,12 +286,12 @@ impl Client {
     /// Sends a message. Returns once it reached the OS, or once it is queued while
     /// disconnected. Waits (without holding any lock) up to the write timeout for a slow
     /// peer. `Err` hands the message back: see [`Error::into_message`].
+    ///
+    /// Refused at once, as the peer would drop the connection on them: a ping or pong
+    /// over 125 bytes ([`Error::MessageTooLarge`]), a close frame (use
+    /// [`close`](Client::close)) and a raw `Message::Frame` ([`Error::Protocol`]).
     pub fn send(&self, msg: impl Into<Message>) -> Result<()> {
-        let msg = msg.into();
-        if let Message::Close(_) = msg {
-            return Err(Error::Protocol("use Client::close() to close".into()));
-        }
-        self.inner.shared.send(msg, SendMode::Blocking)
+        self.inner.shared.send(msg.into(), SendMode::Blocking)
     }
 
     /// Sends a text message.
@@ -308,11 +308,7 @@ impl Client {
     /// a message that cannot be buffered right now comes back in
     /// [`Error::WouldBlock`] or [`Error::QueueFull`].
     pub fn try_send(&self, msg: impl Into<Message>) -> Result<()> {
-        let msg = msg.into();
-        if let Message::Close(_) = msg {
-            return Err(Error::Protocol("use Client::close() to close".into()));
-        }
-        self.inner.shared.send(msg, SendMode::Try)
+        self.inner.shared.send(msg.into(), SendMode::Try)
     }
 
     /// Sends many messages with one lock hold and one flush (plus one per full write
@@ -346,28 +342,14 @@ impl Client {
         I: IntoIterator,
         I::Item: Into<Message>,
     {
+        let msgs = msgs.into_iter().map(Into::into).enumerate();
         let mut failed = Vec::new();
-        let mut fail = |i, e| failed.push((i, e));
-        let msgs = msgs
-            .into_iter()
-            .map(Into::into)
-            .enumerate()
-            .filter_map(|(i, m)| match m {
-                Message::Close(_) => {
-                    fail(i, Error::Protocol("use Client::close() to close".into()));
-                    None
-                }
-                m => Some((i, m)),
-            });
-        let mut late = Vec::new();
         self.inner
             .shared
-            .send_many(msgs, SendMode::Blocking, &mut |i, e| late.push((i, e)));
-        if failed.is_empty() && late.is_empty() {
+            .send_many(msgs, SendMode::Blocking, &mut |i, e| failed.push((i, e)));
+        if failed.is_empty() {
             return Ok(());
         }
-        failed.extend(late);
-        failed.sort_by_key(|(i, _)| *i);
         Err(failed)
     }
 

@@ -339,8 +339,9 @@ pub enum Error {
         /// The message that was not sent.
         message: Message,
     },
-    /// A message is larger than the configured maximum message size.
-    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    /// A message is larger than the configured maximum message size, or a ping or pong
+    /// payload is larger than the 125 bytes the protocol allows (RFC 6455 5.5).
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes{}", control_hint(.message))]
     MessageTooLarge {
         /// The message size.
         size: usize,
@@ -388,6 +389,15 @@ pub enum Error {
         /// The panic message.
         message: String,
     },
+}
+
+fn control_hint(message: &Message) -> &'static str {
+    match message {
+        Message::Ping(_) | Message::Pong(_) => {
+            " (a ping or pong carries at most 125 bytes, RFC 6455 5.5)"
+        }
+        _ => "",
+    }
 }
 
 fn body_hint(body: &Option<String>) -> String {

@@ -63,7 +63,7 @@ use crate::config::{Config, OverflowPolicy};
 use crate::heartbeat::HbState;
 use crate::inbound::EventSink;
 use crate::outbox::{Admit, Outbox};
-use crate::queue::{OfflineQueue, payload_len};
+use crate::queue::{OfflineQueue, check_outgoing, payload_len};
 use crate::time::{deadline, deadline_in};
 use crate::transport::dial::Cancel;
 use crate::transport::stream::{Ws, is_would_block, reason_of};
@@ -565,19 +565,11 @@ impl Shared {
         }
     }
 
-    /// Hands back a message over the size limit.
+    /// Hands back a message over the size limit, or one a client must not send (see
+    /// [`check_outgoing`]).
     #[inline]
     fn check_size(&self, msg: Message) -> Result<Message> {
-        let limit = self.cfg.limits.max_message_size;
-        let size = payload_len(&msg);
-        if size > limit {
-            return Err(Error::MessageTooLarge {
-                size,
-                limit,
-                message: msg,
-            });
-        }
-        Ok(msg)
+        check_outgoing(msg, self.cfg.limits.max_message_size)
     }
 
     /// One message of a batch: admitted to the outbox (acked delivery), then written into

@@ -14,6 +14,41 @@ pub(crate) fn payload_len(m: &Message) -> usize {
     }
 }
 
+/// Largest payload of a ping or pong: control frames carry at most 125 bytes (RFC 6455
+/// 5.5); a peer drops a connection that sends a bigger one.
+pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
+
+/// Hands back what a client must not write as a message, before it is accepted: a close
+/// frame (closing is `Client::close()`'s job), a raw frame (it would bypass every check
+/// here and the protocol state: a close, a fragment, a reserved opcode), a ping or pong
+/// over 125 bytes, anything over `limit` bytes. The peer would drop the connection on
+/// the first three, and lose what was sent behind them.
+pub(crate) fn check_outgoing(msg: Message, limit: usize) -> crate::Result<Message> {
+    let limit = match &msg {
+        Message::Close(_) => {
+            return Err(crate::Error::Protocol("use Client::close() to close".into()));
+        }
+        Message::Frame(_) => {
+            return Err(crate::Error::Protocol(
+                "raw frames (Message::Frame) cannot be sent: send Message::Text, Binary, \
+                 Ping or Pong"
+                    .into(),
+            ));
+        }
+        Message::Ping(_) | Message::Pong(_) => limit.min(MAX_CONTROL_PAYLOAD),
+        Message::Text(_) | Message::Binary(_) => limit,
+    };
+    let size = payload_len(&msg);
+    if size > limit {
+        return Err(crate::Error::MessageTooLarge {
+            size,
+            limit,
+            message: msg,
+        });
+    }
+    Ok(msg)
+}
+
 /// A FIFO bounded by message count and payload bytes.
 #[derive(Debug)]
 pub(crate) struct OfflineQueue {

@@ -86,6 +86,7 @@ fn run_hook(shared: &Shared, hooks: &Hooks, mut opened: Opened) -> Result<Opened
             generation,
             protocol: opened.protocol.as_deref(),
             write_timeout: cfg.write_timeout,
+            max_message_size: cfg.limits.max_message_size,
         };
         Error::catch("on_connect hook", || hook(&mut s))??;
     }

@@ -1193,6 +1193,140 @@ fn every_consumer_sees_the_stream_end_after_close_while_a_handle_lives() {
     no_client_threads_left("consumers after close");
 }
 
+/// Messages the WebSocket protocol does not allow a client to send: a ping or pong with
+/// more than 125 bytes (RFC 6455 5.5), a raw `Message::Frame` (it bypasses every check:
+/// a close frame, a fragment, a reserved opcode). Written, they made the peer drop the
+/// connection (reported as a mere `Reset`) and lost what was sent behind them; `send`
+/// must hand them back instead, and the connection must live on.
+#[test]
+fn send_refuses_what_the_protocol_forbids_and_the_connection_lives_on() {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let client = builder(&server.url()).connect().expect("connect");
+    let events = client.events();
+    client
+        .send(Message::Ping(vec![1; 125].into()))
+        .expect("a 125-byte ping is allowed");
+    for m in [
+        Message::Ping(vec![1; 126].into()),
+        Message::Pong(vec![1; 126].into()),
+    ] {
+        for r in [client.send(m.clone()), client.try_send(m.clone())] {
+            match r {
+                Err(e @ Error::MessageTooLarge {
+                    size: 126,
+                    limit: 125,
+                    ..
+                }) => {
+                    assert!(e.to_string().contains("ping"), "{e}");
+                    assert_eq!(e.into_message(), Some(m.clone()));
+                }
+                other => panic!(
+                    "126-byte {}: expected MessageTooLarge, got {other:?}",
+                    if m.is_ping() { "ping" } else { "pong" }
+                ),
+            }
+        }
+    }
+    let raw = [
+        Frame::close(None),
+        Frame::message("part", OpCode::Data(Data::Text), false),
+        Frame::message("x", OpCode::Data(Data::Text), true),
+    ];
+    for f in raw {
+        let m = Message::Frame(f);
+        for r in [client.send(m.clone()), client.try_send(m.clone())] {
+            assert!(matches!(r, Err(Error::Protocol(_))), "{m:?}: {r:?}");
+        }
+    }
+    let batch = vec![
+        Message::text("one"),
+        Message::Ping(vec![1; 200].into()),
+        Message::Frame(Frame::close(None)),
+        Message::text("two"),
+    ];
+    let failed: Vec<usize> = client
+        .send_all(batch)
+        .expect_err("two refused")
+        .into_iter()
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(failed, [1, 2]);
+    client.send_text("three").expect("send");
+    let mut echoed = Vec::new();
+    let deadline = Instant::now() + T;
+    while echoed.len() < 3 {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Message(m)) => echoed.push(m.to_text().expect("text").to_string()),
+            Ok(Event::Disconnected { reason, .. }) => panic!("the connection died: {reason}"),
+            Ok(_) => {}
+            Err(e) => panic!("echoes missing ({echoed:?}): {e:?}"),
+        }
+    }
+    assert_eq!(echoed, ["one", "two", "three"]);
+    assert_eq!(client.stats().generation, 1);
+    let c = client.clone();
+    assert!(bounded("close", T, move || c.close()).is_empty());
+    drop(client);
+    no_client_threads_left("refused messages");
+}
+
+/// The same refusals in an `on_connect` hook's `Session::send`: written, a big ping got
+/// the fresh connection reset (the hook's next read failing with "reset without closing
+/// handshake"), a close frame left it published half-closed (the first `send` on it then
+/// killed it with "Sending after closing is not allowed"), and a message over the size
+/// limit failed with "Write buffer is full" or went out unchecked.
+#[test]
+fn session_send_in_a_hook_refuses_what_the_protocol_forbids() {
+    use tungstenite::protocol::frame::Frame;
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let results = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let r = results.clone();
+    let client = builder(&server.url())
+        .limits(Limits::default().max_message_size(1000))
+        .on_connect(move |s| {
+            let mut r = r.lock();
+            r.push(s.send(Message::Ping(vec![1; 126].into())));
+            r.push(s.send(Message::Close(None)));
+            r.push(s.send(Message::Frame(Frame::close(None))));
+            r.push(s.send(Message::binary(vec![0; 1001])));
+            s.send(Message::text("hello"))?;
+            let echo = s.read(T)?;
+            assert_eq!(echo.to_text().ok(), Some("hello"));
+            Ok(())
+        })
+        .connect()
+        .expect("connect");
+    let got: Vec<String> = results
+        .lock()
+        .iter()
+        .map(|r| match r {
+            Err(Error::MessageTooLarge { limit, .. }) => format!("too large {limit}"),
+            Err(Error::Protocol(_)) => "protocol".into(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, ["too large 125", "protocol", "protocol", "too large 1000"]);
+    let events = client.events();
+    client.send_text("after").expect("send");
+    let deadline = Instant::now() + T;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Message(m)) if m.to_text().ok() == Some("after") => break,
+            Ok(Event::Disconnected { reason, .. }) => panic!("the connection died: {reason}"),
+            Ok(_) => {}
+            Err(e) => panic!("no echo: {e:?}"),
+        }
+    }
+    let c = client.clone();
+    assert!(bounded("close", T, move || c.close()).is_empty());
+    drop(client);
+    no_client_threads_left("session refusals");
+}
+
 // ---------------------------------------------------------------------------------------
 // Builder errors come back from connect(), before anything starts
 // ---------------------------------------------------------------------------------------

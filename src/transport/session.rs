@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::config::{Attempt, Request};
+use crate::queue::check_outgoing;
 use crate::time::deadline_in;
 use crate::transport::stream::{Ws, is_would_block};
 use crate::transport::sys::{wait_readable, wait_writable};
@@ -47,6 +48,7 @@ pub struct Session<'a> {
     pub(crate) generation: u64,
     pub(crate) protocol: Option<&'a str>,
     pub(crate) write_timeout: Duration,
+    pub(crate) max_message_size: usize,
 }
 
 impl Session<'_> {
@@ -61,7 +63,19 @@ impl Session<'_> {
     }
 
     /// Sends a message and waits (up to the write timeout) until it reached the OS.
+    ///
+    /// Refused like [`Client::send`](crate::Client::send) refuses them: a message over
+    /// the size limit, a ping or pong over 125 bytes, a raw `Message::Frame`, and a close
+    /// frame (return an error from the hook to end the attempt instead).
     pub fn send(&mut self, msg: Message) -> Result<()> {
+        if let Message::Close(_) = msg {
+            return Err(Error::Protocol(
+                "on_connect: return an error from the hook to end this attempt instead of \
+                 sending a close frame"
+                    .into(),
+            ));
+        }
+        let msg = check_outgoing(msg, self.max_message_size)?;
         let deadline = deadline_in(self.write_timeout);
         let mut r = self.ws.write(msg);
         loop {

@@ -432,7 +432,7 @@ impl Config {
                 );
             }
         }
-        self.heartbeat.validate()
+        self.heartbeat.validate(self.limits.max_message_size)
     }
 
     pub(crate) fn ws_config(&self) -> tungstenite::protocol::WebSocketConfig {

@@ -162,6 +162,10 @@ impl Heartbeat {
     ///
     /// The matcher runs on the reader thread with the client's lock held: it must not
     /// call the `Client` (see [`ReplyMatcher`]).
+    ///
+    /// The probe must be a message [`Client::send`](crate::Client::send) accepts (not a
+    /// close frame or a raw frame, a ping of at most 125 bytes, within
+    /// `max_message_size`); `connect()` rejects any other with [`Error::InvalidConfig`].
     pub fn app(
         interval: Duration,
         timeout: Duration,
@@ -258,8 +262,25 @@ impl Heartbeat {
         self.timeout
     }
 
-    /// Rejects settings that cannot work (see the type's docs).
-    pub(crate) fn validate(&self) -> Result<()> {
+    /// Rejects settings that cannot work (see the type's docs), and an app probe that
+    /// `Client::send` would refuse (a close frame, a raw frame, a ping or pong over 125
+    /// bytes, a message over `max_message_size`): sent on every connection, the peer
+    /// would drop each one.
+    pub(crate) fn validate(&self, max_message_size: usize) -> Result<()> {
+        if let Mode::App { probe, .. } = &self.mode
+            && let Err(e) = crate::queue::check_outgoing(probe.clone(), max_message_size)
+        {
+            let reason = match e {
+                Error::MessageTooLarge { .. } => format!("{e}: make the probe smaller"),
+                _ => "a close frame or a raw Message::Frame cannot be a probe: use a text or \
+                      binary message (or a ping of at most 125 bytes)"
+                    .into(),
+            };
+            return Err(Error::InvalidConfig {
+                setting: "Heartbeat::app probe",
+                reason,
+            });
+        }
         let invalid = |setting, reason: &str| {
             Err(Error::InvalidConfig {
                 setting,

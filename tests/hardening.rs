@@ -1327,6 +1327,41 @@ fn session_send_in_a_hook_refuses_what_the_protocol_forbids() {
     no_client_threads_left("session refusals");
 }
 
+/// A `Heartbeat::app` probe the client must not send (a close frame, a raw frame, a ping
+/// over 125 bytes) or over the message size limit. Sent on every connection, it got
+/// each one killed, forever, with a reason that pointed elsewhere (`ClosedByPeer` 1005,
+/// `Reset`, a heartbeat timeout, a size error that looked like the peer's): `connect()`
+/// must refuse it up front.
+#[test]
+fn an_app_heartbeat_probe_that_cannot_be_sent_is_invalid_config() {
+    use tungstenite::protocol::frame::Frame;
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let url = server.url();
+    let app = |probe: Message| {
+        builder(&url)
+            .limits(Limits::default().max_message_size(1000))
+            .heartbeat(Heartbeat::app(
+                Duration::from_millis(100),
+                Duration::from_secs(5),
+                probe,
+                |m| m.to_text().is_ok_and(|t| t == "pong"),
+            ))
+    };
+    let bad = [
+        ("close probe", Message::Close(None)),
+        ("raw frame probe", Message::Frame(Frame::ping(vec![1]))),
+        ("126-byte ping probe", Message::Ping(vec![1; 126].into())),
+        ("probe over the size limit", Message::binary(vec![0; 1001])),
+    ];
+    for (what, probe) in bad {
+        rejected(what, || app(probe.clone()), "Heartbeat::app probe");
+    }
+    works("125-byte ping probe", app(Message::Ping(vec![1; 125].into())));
+    works("text probe", app(Message::text("ping")));
+    no_client_threads_left("app probes");
+}
+
 // ---------------------------------------------------------------------------------------
 // Builder errors come back from connect(), before anything starts
 // ---------------------------------------------------------------------------------------

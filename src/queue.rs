@@ -26,7 +26,9 @@ pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
 pub(crate) fn check_outgoing(msg: Message, limit: usize) -> crate::Result<Message> {
     let limit = match &msg {
         Message::Close(_) => {
-            return Err(crate::Error::Protocol("use Client::close() to close".into()));
+            return Err(crate::Error::Protocol(
+                "use Client::close() to close".into(),
+            ));
         }
         Message::Frame(_) => {
             return Err(crate::Error::Protocol(

@@ -1215,11 +1215,13 @@ fn send_refuses_what_the_protocol_forbids_and_the_connection_lives_on() {
     ] {
         for r in [client.send(m.clone()), client.try_send(m.clone())] {
             match r {
-                Err(e @ Error::MessageTooLarge {
-                    size: 126,
-                    limit: 125,
-                    ..
-                }) => {
+                Err(
+                    e @ Error::MessageTooLarge {
+                        size: 126,
+                        limit: 125,
+                        ..
+                    },
+                ) => {
                     assert!(e.to_string().contains("ping"), "{e}");
                     assert_eq!(e.into_message(), Some(m.clone()));
                 }
@@ -1309,7 +1311,10 @@ fn session_send_in_a_hook_refuses_what_the_protocol_forbids() {
             other => format!("{other:?}"),
         })
         .collect();
-    assert_eq!(got, ["too large 125", "protocol", "protocol", "too large 1000"]);
+    assert_eq!(
+        got,
+        ["too large 125", "protocol", "protocol", "too large 1000"]
+    );
     let events = client.events();
     client.send_text("after").expect("send");
     let deadline = Instant::now() + T;
@@ -1357,7 +1362,10 @@ fn an_app_heartbeat_probe_that_cannot_be_sent_is_invalid_config() {
     for (what, probe) in bad {
         rejected(what, || app(probe.clone()), "Heartbeat::app probe");
     }
-    works("125-byte ping probe", app(Message::Ping(vec![1; 125].into())));
+    works(
+        "125-byte ping probe",
+        app(Message::Ping(vec![1; 125].into())),
+    );
     works("text probe", app(Message::text("ping")));
     no_client_threads_left("app probes");
 }

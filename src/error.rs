@@ -516,6 +516,8 @@ impl Error {
                     "the server closed the connection during the WebSocket upgrade",
                 ))
             }
+            // Its own text, without tungstenite's "WebSocket protocol error: " (ours says it).
+            W::Protocol(p) => Error::Protocol(p.to_string()),
             other => Error::Protocol(other.to_string()),
         }
     }
@@ -545,6 +547,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 mod tests {
     use super::*;
     use std::time::{SystemTime, UNIX_EPOCH};
+
+    /// tungstenite's protocol errors already start with "WebSocket protocol error: ";
+    /// ours and the disconnect reason say it once, not twice.
+    #[test]
+    fn protocol_errors_say_what_they_are_once() {
+        use tungstenite::error::{ProtocolError, SubProtocolError};
+        let e = || {
+            tungstenite::Error::Protocol(ProtocolError::SecWebSocketSubProtocolError(
+                SubProtocolError::NoSubProtocol,
+            ))
+        };
+        let shown = Error::from_ws(e()).to_string();
+        assert_eq!(shown.matches("protocol error").count(), 1, "{shown}");
+        assert!(shown.contains("Server sent no subprotocol"), "{shown}");
+        let reason = crate::transport::stream::reason_of(&e()).to_string();
+        assert_eq!(reason.matches("protocol error").count(), 1, "{reason}");
+    }
 
     #[test]
     fn retry_after_both_forms() {

@@ -227,6 +227,8 @@ pub(crate) fn reason_of(e: &tungstenite::Error) -> DisconnectReason {
         | W::ConnectionClosed
         | W::AlreadyClosed => DisconnectReason::Reset,
         W::Tls(t) => DisconnectReason::Io(format!("TLS: {t}")),
+        // Without tungstenite's "WebSocket protocol error: " (the reason says it).
+        W::Protocol(p) => DisconnectReason::Protocol(p.to_string()),
         other => DisconnectReason::Protocol(other.to_string()),
     }
 }

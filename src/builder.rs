@@ -159,8 +159,14 @@ impl ClientBuilder {
         self
     }
 
-    /// Asks for a subprotocol.
+    /// Asks for a subprotocol (one name per call, in order of preference). A name that
+    /// is not an HTTP token (empty, with a space, a comma, ...) is
+    /// [`Error::InvalidHeader`] from `connect()` / `connect_lazy()`.
     pub fn subprotocol(mut self, protocol: impl Into<String>) -> Self {
+        let protocol = protocol.into();
+        if let Err(e) = crate::config::check_subprotocol(&protocol) {
+            return self.fail(e);
+        }
         self.cfg.request = self.cfg.request.subprotocol(protocol);
         self
     }

@@ -84,7 +84,8 @@ impl Request {
         self
     }
 
-    /// Asks the server for a subprotocol (`Sec-WebSocket-Protocol`).
+    /// Asks the server for a subprotocol (`Sec-WebSocket-Protocol`; checked when
+    /// connecting: a name that is not an HTTP token is [`Error::InvalidHeader`]).
     pub fn subprotocol(mut self, protocol: impl Into<String>) -> Self {
         self.subprotocols.push(protocol.into());
         self
@@ -109,6 +110,22 @@ pub(crate) fn parse_header(
         .map_err(|e| header_err(name, e))?;
     let v = tungstenite::http::HeaderValue::from_str(value).map_err(|e| header_err(name, e))?;
     Ok((n, v))
+}
+
+/// A subprotocol name as RFC 6455 (4.1) wants it: a non-empty HTTP token (no spaces,
+/// commas, separators or control characters), or the error that refuses it (which, as
+/// for headers, never shows the name).
+pub(crate) fn check_subprotocol(name: &str) -> Result<()> {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(tchar) {
+        return Err(header_err(
+            "Sec-WebSocket-Protocol",
+            // Not shown: some servers take a credential as a subprotocol (Kubernetes).
+            "a subprotocol name is empty or not a token: use letters, digits and \
+             !#$%&'*+-.^_`|~ only (no spaces or commas), one name per call",
+        ));
+    }
+    Ok(())
 }
 
 /// A header refused: names it, never shows its value.

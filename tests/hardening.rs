@@ -1486,6 +1486,22 @@ fn builder_errors_come_back_from_connect_and_connect_lazy_before_any_thread_star
         );
     }
 
+    // A subprotocol that is not an HTTP token (RFC 6455 4.1): empty, with a space, a
+    // comma (it would read as two) or a line break. Each used to reach the server, and
+    // fail the handshake with "Server sent no subprotocol" (or split into two names).
+    for bad in ["", "chat v2", "a,b", "chat\r\nX: 1"] {
+        refused_before_start(
+            &format!("subprotocol {bad:?}"),
+            &listener,
+            || builder(&url).subprotocol(bad),
+            |e| {
+                matches!(e, Error::InvalidHeader { name, reason }
+                    if name == "Sec-WebSocket-Protocol" && reason.contains("token"))
+                    && (bad.len() < 3 || !format!("{e} {e:?}").contains(bad))
+            },
+        );
+    }
+
     if cfg!(any(feature = "native-tls", feature = "rustls")) {
         // A root certificate the TLS backend cannot read: Error::Tls, even for a ws://
         // URL that would never use it.

@@ -464,6 +464,10 @@ fn build_request(req: &Request) -> Result<tungstenite::handshake::client::Reques
         );
     }
     if !req.subprotocols.is_empty() {
+        // A request factory's `Request` was not checked by the builder.
+        for p in &req.subprotocols {
+            crate::config::check_subprotocol(p)?;
+        }
         let v = req.subprotocols.join(", ");
         headers.insert(
             "sec-websocket-protocol",

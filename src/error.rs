@@ -325,6 +325,18 @@ pub enum Error {
         /// The message that was not queued.
         message: Message,
     },
+    /// Acked delivery: a message with the same id (`Acks` `id_of`) still waits for its
+    /// ack. Ids must be unique among the unacked messages; the message is handed back.
+    #[error(
+        "message id {id} is still waiting for its ack (Acks ids must be unique among the \
+         unacked messages); message handed back"
+    )]
+    DuplicateId {
+        /// The id both messages have.
+        id: u64,
+        /// The message that was not sent.
+        message: Message,
+    },
     /// No connection is open and the offline queue is off
     /// ([`ClientBuilder::offline_queue`](crate::ClientBuilder::offline_queue)); the
     /// message is handed back. Retry after `Event::Connected`, or drop it.
@@ -431,6 +443,7 @@ impl Error {
             Error::QueueFull { message }
             | Error::Offline { message }
             | Error::WouldBlock { message }
+            | Error::DuplicateId { message, .. }
             | Error::MessageTooLarge { message, .. } => Some(message),
             Error::Closed { message } => message,
             _ => None,

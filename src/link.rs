@@ -583,10 +583,11 @@ impl Shared {
         batch: &mut Batch,
     ) -> Result<()> {
         if link.outbox.is_some() {
-            self.admit(link, &msg, mode)
-                .map_err(|()| Error::QueueFull {
-                    message: msg.clone(),
-                })?;
+            match self.admit(link, &msg, mode) {
+                Admit::Ok => {}
+                Admit::Full => return Err(Error::QueueFull { message: msg }),
+                Admit::Duplicate(id) => return Err(Error::DuplicateId { id, message: msg }),
+            }
         }
         let size = payload_len(&msg);
         loop {
@@ -677,12 +678,7 @@ impl Shared {
     }
 
     /// Acked delivery: makes room in the outbox per the overflow policy and tracks `msg`.
-    fn admit(
-        &self,
-        link: &mut MutexGuard<'_, Link>,
-        msg: &Message,
-        mode: SendMode,
-    ) -> std::result::Result<(), ()> {
+    fn admit(&self, link: &mut MutexGuard<'_, Link>, msg: &Message, mode: SendMode) -> Admit {
         let until = match self.cfg.overflow {
             OverflowPolicy::Block(limit) => deadline_in(limit),
             _ => Instant::now(),
@@ -690,28 +686,33 @@ impl Shared {
         loop {
             let outbox = link.outbox.as_mut().expect("acked delivery");
             let was_empty = outbox.len() == 0;
-            if let Admit::Ok = outbox.admit(msg) {
-                if was_empty {
-                    // The timer computes the first ack deadline.
-                    let _ = self.timer.send(TimerCmd::Wake);
+            match outbox.admit(msg) {
+                Admit::Ok => {
+                    if was_empty {
+                        // The timer computes the first ack deadline.
+                        let _ = self.timer.send(TimerCmd::Wake);
+                    }
+                    return Admit::Ok;
                 }
-                return Ok(());
+                // No room to make: the user's mistake, said at once.
+                dup @ Admit::Duplicate(_) => return dup,
+                Admit::Full => {}
             }
             match (self.cfg.overflow, mode) {
                 (OverflowPolicy::DropOldest, _) => match outbox.drop_oldest_written() {
                     Some(old) => self.emit(Event::Undelivered(vec![old])),
-                    None => return Err(()),
+                    None => return Admit::Full,
                 },
                 (OverflowPolicy::Block(_), SendMode::Blocking) => {
                     if matches!(link.state, State::Closed | State::Closing) {
-                        return Err(());
+                        return Admit::Full;
                     }
                     // The reader notifies `changed` when acks made room.
                     if self.changed.wait_until(link, until).timed_out() {
-                        return Err(());
+                        return Admit::Full;
                     }
                 }
-                _ => return Err(()),
+                _ => return Admit::Full,
             }
         }
     }

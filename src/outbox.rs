@@ -76,7 +76,8 @@ impl Acks {
     /// once); `ack_of` recognises an inbound ack and returns the id it acknowledges.
     /// Both run under the client's lock (like a heartbeat reply matcher): keep them
     /// short and do not call back into the `Client`; a panic in them is logged and
-    /// counts as `None`. Ids must be unique among the unacked messages.
+    /// counts as `None`. Ids must be unique among the unacked messages: a message whose
+    /// id still waits for its ack is handed back ([`Error::DuplicateId`](crate::Error::DuplicateId)).
     ///
     /// Defaults: ack timeout 10 s, at most 10 000 unacked messages (the overflow policy
     /// of [`ClientBuilder::overflow`](crate::ClientBuilder::overflow) applies when full),
@@ -170,10 +171,12 @@ struct Entry {
     writes: u32,
 }
 
-/// Why [`Outbox::admit`] refused a message.
+/// Whether [`Outbox::admit`] took a message, and why not.
 pub(crate) enum Admit {
     Ok,
     Full,
+    /// A message with this id waits for its ack already.
+    Duplicate(u64),
 }
 
 /// The unacked messages, in the order they were accepted.
@@ -209,11 +212,16 @@ impl Outbox {
         self.acks.timeout
     }
 
-    /// Tracks `msg` (if it has an id). `Full` when the bound is reached.
+    /// Tracks `msg` (if it has an id). `Full` when the bound is reached; `Duplicate` when
+    /// its id waits for an ack already (taking it over would leave the first message
+    /// unackable: re-sent forever, and holding every later entry behind it).
     pub(crate) fn admit(&mut self, msg: &Message) -> Admit {
         let Some(id) = read_id(&self.acks.id_of, msg, "Acks id_of") else {
             return Admit::Ok;
         };
+        if self.index.contains_key(&id) {
+            return Admit::Duplicate(id);
+        }
         if self.index.len() >= self.acks.max_messages {
             return Admit::Full;
         }

@@ -313,6 +313,45 @@ fn acked_outbox_is_bounded_with_the_overflow_policy() {
     let _ = client.close();
 }
 
+/// A message whose id is already waiting for its ack is handed back (ids must be unique
+/// among the unacked messages). It used to be accepted and to take over the id: the
+/// first copy could then never be acked, was re-sent every ack timeout for as long as
+/// the client ran, `stats().outbox` did not count it, and every message acked after it
+/// stayed in the outbox behind it (memory grew with the traffic).
+#[test]
+fn a_second_message_with_an_unacked_id_is_handed_back() {
+    let server = TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .start();
+    let client = Client::builder(&server.url())
+        .delivery(Delivery::Acked(Acks::json_field("id", "ack")))
+        .connect()
+        .unwrap();
+    client.send(id_msg(1)).unwrap();
+    let again = id_msg(1);
+    for r in [client.send(again.clone()), client.try_send(again.clone())] {
+        match r {
+            Err(e @ Error::DuplicateId { id: 1, .. }) => {
+                assert!(e.to_string().contains("unique"), "{e}");
+                assert_eq!(e.into_message(), Some(again.clone()));
+            }
+            other => panic!("expected DuplicateId, got {other:?}"),
+        }
+    }
+    match client.send_all([id_msg(2), id_msg(2), id_msg(1)]) {
+        Err(failed) => {
+            let ids: Vec<_> = failed
+                .iter()
+                .map(|(i, e)| (*i, matches!(e, Error::DuplicateId { .. })))
+                .collect();
+            assert_eq!(ids, [(1, true), (2, true)]);
+        }
+        Ok(()) => panic!("duplicates accepted"),
+    }
+    assert_eq!(client.stats().outbox, 2);
+    let _ = client.close();
+}
+
 /// User code that runs under the link lock when a message arrives (`Acks` id readers,
 /// `Heartbeat::app` matchers) never runs on the consumer's thread inside `recv`: a
 /// consumer that holds one of its own locks across `recv_timeout`, which that code also

@@ -662,8 +662,9 @@ impl EventTx {
 /// in a request/response exchange), the `recv` calls first wait by spinning (looking at
 /// the socket and the channel, yielding the CPU to any other runnable thread in between)
 /// before they sleep (in `poll` on the socket, or parked on the channel): that saves the
-/// wake-up of a sleeping thread (10-20 µs on a small machine) on each reply. A wait that spun in vain turns this off until a wait is short again, so a
-/// sparse stream costs at most one such spin per lull.
+/// wake-up of a sleeping thread (10-20 µs on a small machine) on each reply. A wait that
+/// spun in vain turns this off until a wait is short again, so a sparse stream costs at
+/// most one such spin per lull.
 ///
 /// Events already taken out of a batch by `recv`-style calls on the same `Events` are
 /// not in the channel any more: when you mix both styles, empty
@@ -1070,26 +1071,21 @@ struct Grammar {
     /// `close` has begun: no more `Reconnecting`.
     closing: bool,
     gave_up: bool,
-    closed: bool,
-    /// The sending end, dropped right after `Closed` went out: nothing may follow it, and
-    /// every `Events` (also those that did not get `Closed`, and those taken later) must
-    /// see the stream end while handles of the client live on.
+    /// The sending end, dropped when `Closed` goes out (so `None`: closed): nothing may
+    /// follow it, and every `Events` (also those that did not get `Closed`, and those
+    /// taken later) must see the stream end while handles of the client live on.
     tx: Option<EventTx>,
 }
 
 impl Grammar {
     /// Whether `ev` may go out now; records it.
     fn admit(&mut self, ev: &Event) -> bool {
-        if self.closed {
+        if self.tx.is_none() {
             return false;
         }
         match ev {
             Event::Reconnecting { .. } => !self.closing && !self.gave_up,
             Event::GaveUp(_) => !std::mem::replace(&mut self.gave_up, true),
-            Event::Closed => {
-                self.closed = true;
-                true
-            }
             _ => true,
         }
     }
@@ -1102,7 +1098,6 @@ impl EventSink {
             grammar: Mutex::new(Grammar {
                 closing: false,
                 gave_up: false,
-                closed: false,
                 tx: Some(tx),
             }),
             closed: Condvar::new(),
@@ -1159,7 +1154,7 @@ impl EventSink {
     /// the supervisor itself). Bounded because that closer's join is.
     pub(crate) fn wait_closed(&self) {
         let mut g = self.grammar.lock();
-        while !g.closed {
+        while g.tx.is_some() {
             self.closed.wait(&mut g);
         }
     }

@@ -530,7 +530,7 @@ impl Shared {
 
     /// The send path of `send` and `try_send`: a batch of one.
     pub(crate) fn send(&self, msg: Message, mode: SendMode) -> Result<()> {
-        let msg = self.check_size(msg)?;
+        let msg = self.check_outgoing(msg)?;
         let mut link = self.lock_for_send();
         let mut batch = Batch::default();
         let r = self.accept(&mut link, msg, mode, &mut batch);
@@ -554,7 +554,7 @@ impl Shared {
         let mut batch = Batch::default();
         for (i, msg) in msgs {
             let r = self
-                .check_size(msg)
+                .check_outgoing(msg)
                 .and_then(|msg| self.accept(&mut link, msg, mode, &mut batch));
             if let Err(e) = r {
                 fail(i, e);
@@ -565,10 +565,10 @@ impl Shared {
         }
     }
 
-    /// Hands back a message over the size limit, or one a client must not send (see
+    /// Hands back a message a client must not send, or one over the size limit (see
     /// [`check_outgoing`]).
     #[inline]
-    fn check_size(&self, msg: Message) -> Result<Message> {
+    fn check_outgoing(&self, msg: Message) -> Result<Message> {
         check_outgoing(msg, self.cfg.limits.max_message_size)
     }
 

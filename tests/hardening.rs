@@ -20,8 +20,8 @@ use support::server::{Behavior, TestServer};
 use support::util;
 use support::util::bounded;
 use wsbeat::{
-    Backoff, Client, ClientBuilder, DisconnectReason, Error, Event, Failure, Heartbeat, Limits,
-    Message, OverflowPolicy, ReconnectPolicy, State, TcpKeepalive,
+    Backoff, Client, ClientBuilder, DisconnectReason, Error, Event, Events, Failure, Heartbeat,
+    Limits, Message, OverflowPolicy, ReconnectPolicy, State, TcpKeepalive,
 };
 
 /// Upper bound for anything that should happen "now".
@@ -363,20 +363,25 @@ fn closed_stays_last_when_closing_from_a_policy_and_a_second_thread() {
 // 2 and 6. Duration::MAX and Duration::ZERO in every knob
 // ---------------------------------------------------------------------------------------
 
+/// The next text message by `deadline`; panics if the connection dies first.
+fn next_text(events: &Events, deadline: Instant, what: &str) -> String {
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Message(m)) => return m.to_text().expect("text").to_string(),
+            Ok(Event::Disconnected { reason, .. }) => panic!("{what}: disconnected: {reason}"),
+            Ok(_) => {}
+            Err(e) => panic!("{what}: no echo: {e:?}"),
+        }
+    }
+}
+
 /// Connects with `b`, checks one echo round trip, closes; all bounded.
 fn works(what: &str, b: ClientBuilder) {
     let client = b.connect().unwrap_or_else(|e| panic!("{what}: {e}"));
     let events = client.events();
     client.send_text("ping?").expect("send");
     let deadline = Instant::now() + T;
-    loop {
-        match events.recv_deadline(deadline) {
-            Ok(Event::Message(m)) if m.to_text().unwrap() == "ping?" => break,
-            Ok(Event::Disconnected { reason, .. }) => panic!("{what}: disconnected: {reason}"),
-            Ok(_) => {}
-            Err(_) => panic!("{what}: no echo"),
-        }
-    }
+    while next_text(&events, deadline, what) != "ping?" {}
     let c = client.clone();
     bounded(what, T, move || c.close());
 }
@@ -1257,16 +1262,10 @@ fn send_refuses_what_the_protocol_forbids_and_the_connection_lives_on() {
         .collect();
     assert_eq!(failed, [1, 2]);
     client.send_text("three").expect("send");
-    let mut echoed = Vec::new();
     let deadline = Instant::now() + T;
-    while echoed.len() < 3 {
-        match events.recv_deadline(deadline) {
-            Ok(Event::Message(m)) => echoed.push(m.to_text().expect("text").to_string()),
-            Ok(Event::Disconnected { reason, .. }) => panic!("the connection died: {reason}"),
-            Ok(_) => {}
-            Err(e) => panic!("echoes missing ({echoed:?}): {e:?}"),
-        }
-    }
+    let echoed: Vec<String> = (0..3)
+        .map(|_| next_text(&events, deadline, "refused messages"))
+        .collect();
     assert_eq!(echoed, ["one", "two", "three"]);
     assert_eq!(client.stats().generation, 1);
     let c = client.clone();
@@ -1318,14 +1317,7 @@ fn session_send_in_a_hook_refuses_what_the_protocol_forbids() {
     let events = client.events();
     client.send_text("after").expect("send");
     let deadline = Instant::now() + T;
-    loop {
-        match events.recv_deadline(deadline) {
-            Ok(Event::Message(m)) if m.to_text().ok() == Some("after") => break,
-            Ok(Event::Disconnected { reason, .. }) => panic!("the connection died: {reason}"),
-            Ok(_) => {}
-            Err(e) => panic!("no echo: {e:?}"),
-        }
-    }
+    while next_text(&events, deadline, "after the hook") != "after" {}
     let c = client.clone();
     assert!(bounded("close", T, move || c.close()).is_empty());
     drop(client);

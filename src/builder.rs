@@ -161,7 +161,10 @@ impl ClientBuilder {
 
     /// Asks for a subprotocol (one name per call, in order of preference). A name that
     /// is not an HTTP token (empty, with a space, a comma, ...) is
-    /// [`Error::InvalidHeader`] from `connect()` / `connect_lazy()`.
+    /// [`Error::InvalidHeader`] from `connect()` / `connect_lazy()`. `Debug` output shows
+    /// a name only when it cannot be a credential (some servers take a token as a
+    /// subprotocol): one longer than 40 bytes, or with `token`, `key`, `auth`, `secret`,
+    /// `password` or `bearer` in it, shows as `<redacted>`.
     pub fn subprotocol(mut self, protocol: impl Into<String>) -> Self {
         let protocol = protocol.into();
         if let Err(e) = crate::config::check_subprotocol(&protocol) {

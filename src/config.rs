@@ -9,7 +9,7 @@ use url::Url;
 use crate::backoff::ReconnectPolicy;
 use crate::heartbeat::Heartbeat;
 use crate::outbox::Delivery;
-use crate::redact::{RedactedUrl, is_secret_header};
+use crate::redact::{RedactedUrl, is_secret_header, shown_subprotocol};
 pub(crate) use crate::tls_config::TlsSettings;
 use crate::{Error, Result};
 
@@ -149,10 +149,15 @@ impl fmt::Debug for Request {
                 }
             })
             .collect();
+        let subprotocols: Vec<_> = self
+            .subprotocols
+            .iter()
+            .map(|p| shown_subprotocol(p))
+            .collect();
         f.debug_struct("Request")
             .field("url", &RedactedUrl(&self.url).to_string())
             .field("headers", &headers)
-            .field("subprotocols", &self.subprotocols)
+            .field("subprotocols", &subprotocols)
             .finish()
     }
 }

@@ -64,6 +64,25 @@ pub(crate) fn is_secret_header(name: &str) -> bool {
         || n.contains("password")
 }
 
+/// Longest subprotocol name shown in `Debug` output: a longer one may be an opaque
+/// credential.
+const SHOWN_SUBPROTOCOL_MAX: usize = 40;
+
+/// A subprotocol name for `Debug` output: `<redacted>` when it may carry a credential.
+/// Some servers take one as a subprotocol (Kubernetes:
+/// `base64url.bearer.authorization.k8s.io.<token>`), so a name with a credential's word
+/// in it (as for headers, or `bearer`) or longer than 40 bytes is not shown.
+pub(crate) fn shown_subprotocol(name: &str) -> &str {
+    if name.len() > SHOWN_SUBPROTOCOL_MAX
+        || is_secret_header(name)
+        || name.to_ascii_lowercase().contains("bearer")
+    {
+        "<redacted>"
+    } else {
+        name
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +104,23 @@ mod tests {
         assert!(is_secret_header("Authorization"));
         assert!(is_secret_header("X-Api-Key"));
         assert!(!is_secret_header("User-Agent"));
+    }
+
+    #[test]
+    fn subprotocols_that_may_carry_credentials_are_hidden() {
+        assert_eq!(shown_subprotocol("v1.json"), "v1.json");
+        assert_eq!(
+            shown_subprotocol("graphql-transport-ws"),
+            "graphql-transport-ws"
+        );
+        for secret in [
+            "base64url.bearer.authorization.k8s.io.dG9rZW4",
+            "Bearer.x",
+            "access_token.abc",
+            "apikey-123",
+            "a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0",
+        ] {
+            assert_eq!(shown_subprotocol(secret), "<redacted>", "{secret}");
+        }
     }
 }

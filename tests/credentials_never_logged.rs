@@ -73,6 +73,8 @@ const QUERY_TOKEN: &str = "tok-query-S3CRET";
 const BEARER: &str = "hdr-bearer-S3CRET";
 const API_KEY: &str = "hdr-apikey-S3CRET";
 const PROXY_PW: &str = "pw-proxy-S3CRET";
+/// A credential carried as a subprotocol name, as Kubernetes takes a bearer token.
+const PROTO_TOKEN: &str = "base64url.bearer.authorization.k8s.io.cHJvdG8tUzNDUkVU";
 
 fn secrets() -> Vec<String> {
     vec![
@@ -81,6 +83,7 @@ fn secrets() -> Vec<String> {
         BEARER.into(),
         API_KEY.into(),
         PROXY_PW.into(),
+        PROTO_TOKEN.into(),
         // What the user info and proxy credentials become on the wire.
         base64(format!("alice:{USER_PW}").as_bytes()),
         base64(format!("bob:{PROXY_PW}").as_bytes()),
@@ -125,7 +128,7 @@ fn dead_port() -> u16 {
 #[test]
 fn credentials_never_appear_in_logs_errors_or_debug_output() {
     let log = capture();
-    let server = TestServer::echo();
+    let server = TestServer::builder().accept_subprotocol("v1.json").start();
     let port = server.port();
     let url = format!("ws://alice:{USER_PW}@127.0.0.1:{port}/feed?token={QUERY_TOKEN}&v=1");
 
@@ -133,6 +136,8 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
     let builder = Client::builder(&url)
         .header("Authorization", format!("Bearer {BEARER}"))
         .header("X-Api-Key", API_KEY)
+        .subprotocol("v1.json")
+        .subprotocol(PROTO_TOKEN)
         .connect_timeout(T)
         .reconnect_policy(Fixed(Duration::from_millis(20)));
     assert_clean("ClientBuilder Debug", &format!("{builder:?}"));
@@ -158,6 +163,7 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
         Some(format!("Bearer {BEARER}").as_str())
     );
     assert_eq!(hs.header("x-api-key"), Some(API_KEY));
+    assert_eq!(hs.subprotocols(), ["v1.json", PROTO_TOKEN]);
 
     // 2. User info alone becomes a Basic header.
     let basic_url = format!("ws://alice:{USER_PW}@127.0.0.1:{port}/basic");

@@ -32,21 +32,38 @@ impl fmt::Display for RedactedUrl<'_> {
 }
 
 impl RedactedUrl<'_> {
-    /// For a string that did not parse: drop anything that may hold a secret.
+    /// For a string that did not parse: drop anything that may hold a secret. Such a
+    /// string's user info may contain `/`, `?` or `#` unescaped, so everything up to its
+    /// last `@` goes first, then the query and fragment; a scheme that is not one (it
+    /// holds other characters than a scheme may) is not shown either.
     pub(crate) fn raw(s: &str) -> String {
-        let no_query = s.split(['?', '#']).next().unwrap_or("");
-        match no_query.split_once("://") {
-            Some((scheme, rest)) => {
-                let (auth, path) = rest.split_once('/').unwrap_or((rest, ""));
-                let host = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
-                let userinfo = if auth.contains('@') {
-                    "<redacted>@"
+        let (scheme, rest) = match s.split_once("://") {
+            Some((scheme, rest)) => (Some(scheme), rest),
+            None => (None, s),
+        };
+        let (userinfo, rest) = match rest.rfind('@') {
+            Some(at) => ("<redacted>@", &rest[at + 1..]),
+            None => ("", rest),
+        };
+        let no_query = rest.split(['?', '#']).next().unwrap_or("");
+        match scheme {
+            Some(scheme) => {
+                let scheme = if !scheme.is_empty()
+                    && scheme
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+                {
+                    scheme
                 } else {
-                    ""
+                    "<redacted>"
                 };
+                let (host, path) = no_query.split_once('/').unwrap_or((no_query, ""));
                 format!("{scheme}://{userinfo}{host}/{path}")
             }
-            None => no_query.chars().take(64).collect(),
+            None => {
+                let shown: String = no_query.chars().take(64).collect();
+                format!("{userinfo}{shown}")
+            }
         }
     }
 }
@@ -97,6 +114,26 @@ mod tests {
         );
         let r = RedactedUrl::raw("ws://bob:hunter2@exa mple.com/x?token=abc");
         assert!(!r.contains("hunter2") && !r.contains("abc"), "{r}");
+    }
+
+    #[test]
+    fn unparsed_url_secrets_are_hidden_whatever_the_password_holds() {
+        for url in [
+            "ws://bob:hunter/2@example.com/feed",
+            "ws://bob:hun?ter2@example.com/feed",
+            "ws://bob:hun#ter2@example.com/feed",
+            "ws://bob:hun@ter2@example.com:99999/feed",
+            "bob:hunter2@example.com/feed",
+            "bob:hunter2@x://example.com/feed",
+        ] {
+            let r = RedactedUrl::raw(url);
+            assert!(!r.contains("hun") && !r.contains("bob"), "{url} -> {r}");
+            assert!(r.contains("example.com"), "{url} -> {r}");
+        }
+        assert_eq!(
+            RedactedUrl::raw("ws://exa mple.com/feed?token=abc#frag"),
+            "ws://exa mple.com/feed"
+        );
     }
 
     #[test]

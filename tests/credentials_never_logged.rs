@@ -209,6 +209,13 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
     let err = builder.connect().expect_err("unparsable URL");
     assert_clean("URL error (Display)", &err.to_string());
     assert_clean("URL error (Debug)", &format!("{err:?}"));
+    // A password holding '/', '?' or '#' unescaped makes the URL unparsable too.
+    for sep in ['/', '?', '#'] {
+        let bad = format!("ws://alice:pw{sep}{USER_PW}@127.0.0.1:{port}/feed");
+        let err = Client::builder(&bad).connect().expect_err("unparsable URL");
+        assert_clean("URL error with odd password (Display)", &err.to_string());
+        assert_clean("URL error with odd password (Debug)", &format!("{err:?}"));
+    }
 
     let client = Client::builder(&refused_url)
         .header("Authorization", format!("Bearer {BEARER}"))

@@ -454,6 +454,15 @@ impl Config {
                 );
             }
         }
+        if let Delivery::Acked(acks) = &self.delivery
+            && acks.timeout.is_zero()
+        {
+            return invalid(
+                "Acks::timeout",
+                "zero would send every unacked message again without pause; use \
+                 Duration::MAX to send again only after a reconnect",
+            );
+        }
         self.heartbeat.validate(self.limits.max_message_size)
     }
 

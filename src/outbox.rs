@@ -49,6 +49,10 @@ pub enum Delivery {
     Acked(Acks),
 }
 
+/// Shortest ack timeout (see [`Acks::timeout`]): a shorter one would keep the timer
+/// thread re-sending without pause.
+const MIN_ACK_TIMEOUT: Duration = Duration::from_millis(1);
+
 /// How acked delivery reads ids and recognises the server's acks. For
 /// [`Delivery::Acked`].
 #[derive(Clone)]
@@ -125,9 +129,16 @@ impl Acks {
         )
     }
 
-    /// An unacked message is sent again after this long without its ack (default 10 s).
+    /// An unacked message is sent again after this long without its ack (default 10 s;
+    /// `Duration::MAX`: only after a reconnect). A time under 1 ms is taken as 1 ms, and
+    /// zero, which would re-send every unacked message without pause, is an
+    /// [`Error::InvalidConfig`](crate::Error::InvalidConfig) from `connect()`.
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.timeout = if timeout.is_zero() {
+            timeout
+        } else {
+            timeout.max(MIN_ACK_TIMEOUT)
+        };
         self
     }
 

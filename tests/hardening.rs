@@ -20,8 +20,8 @@ use support::server::{Behavior, TestServer};
 use support::util;
 use support::util::bounded;
 use wsbeat::{
-    Backoff, Client, ClientBuilder, DisconnectReason, Error, Event, Events, Failure, Heartbeat,
-    Limits, Message, OverflowPolicy, ReconnectPolicy, State, TcpKeepalive,
+    Acks, Backoff, Client, ClientBuilder, Delivery, DisconnectReason, Error, Event, Events,
+    Failure, Heartbeat, Limits, Message, OverflowPolicy, ReconnectPolicy, State, TcpKeepalive,
 };
 
 /// Upper bound for anything that should happen "now".
@@ -464,6 +464,37 @@ fn every_duration_knob_takes_max_and_rejects_a_meaningless_zero() {
         "passive",
     );
     works("off()", builder(&url).heartbeat(Heartbeat::off()));
+    let acked = |t| Delivery::Acked(Acks::json_field("id", "ack").timeout(t));
+    works("Acks::timeout(MAX)", builder(&url).delivery(acked(max)));
+    rejected(
+        "Acks::timeout(ZERO)",
+        || builder(&url).delivery(acked(zero)),
+        "Acks::timeout",
+    );
+    // The shortest ack timeout re-sends an unacked message once a millisecond at most
+    // (the echo server never acks), not without pause (once 48 000 times a second).
+    {
+        let client = builder(&url)
+            .delivery(acked(Duration::from_nanos(1)))
+            .heartbeat(Heartbeat::off())
+            .connect()
+            .expect("connect");
+        let start = Instant::now();
+        client.send_text(r#"{"id":1}"#).expect("send");
+        assert!(
+            util::wait_until(T, || client.stats().resent >= 3),
+            "re-sent after the ack timeout"
+        );
+        let stats = client.stats();
+        let ms = start.elapsed().as_millis() as u64;
+        assert!(
+            stats.resent <= ms + 1,
+            "Acks::timeout(1 ns): {} re-sends in {ms} ms",
+            stats.resent
+        );
+        let c = client.clone();
+        bounded("close after Acks::timeout(1 ns)", T, move || c.close());
+    }
     // The first dial's next Happy Eyeballs attempt is due `delay` later.
     works(
         "happy_eyeballs_delay(MAX)",

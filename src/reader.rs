@@ -33,12 +33,9 @@ use tungstenite::protocol::frame::Utf8Bytes;
 
 use crate::inbound::{Batch, Drive};
 use crate::link::{Link, Shared, current_mut};
-use crate::transport::stream::{is_would_block, reason_of};
+use crate::transport::stream::{READ_QUOTA, is_would_block, reason_of};
 use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, Waker, poll2, raw};
 use crate::{DisconnectReason, Message};
-
-/// Most bytes one lock hold reads from the socket (besides at most `read_budget` messages).
-const READ_QUOTA: usize = 256 << 10;
 
 /// Payloads at least this large are copied out of tungstenite's read buffer into recycled
 /// buffers (see [`Recycler`]).

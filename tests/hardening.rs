@@ -719,6 +719,86 @@ fn bind_device_refuses_a_name_the_os_would_cut_or_ignore() {
     }
 }
 
+/// A server that, once upgraded, sends `frame(i)` for i = 0, 1, ... without pause
+/// (taking what the client sends back, if `drain`) until the client goes away.
+fn flooding_server(
+    frame: fn(u64) -> tungstenite::Message,
+    drain: bool,
+) -> (String, std::thread::JoinHandle<()>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().expect("accept");
+        let mut ws = tungstenite::accept(tcp).expect("upgrade");
+        ws.get_mut().set_nonblocking(drain).expect("nonblocking");
+        for i in 0.. {
+            // Without `drain`, flushed in large batches: the client must find the socket
+            // full, not parse faster than single frames arrive.
+            let r = ws.write(frame(i));
+            let r = if drain || i % 65536 == 0 {
+                r.and_then(|()| ws.flush())
+            } else {
+                r
+            };
+            match r {
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+                Ok(()) => {}
+            }
+            if drain {
+                match ws.read() {
+                    Ok(_) => {}
+                    Err(tungstenite::Error::Io(e))
+                        if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    });
+    (url, server)
+}
+
+/// `Session::read(timeout)` ends at its deadline whatever the server sends meanwhile:
+/// only pings (each answered), or a message whose empty fragments never end. It went on
+/// for as long as they came.
+#[test]
+fn session_read_ends_at_its_deadline_against_pings_or_a_message_that_never_ends() {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    fn ping(_: u64) -> tungstenite::Message {
+        tungstenite::Message::Ping(vec![1].into())
+    }
+    fn fragment(i: u64) -> tungstenite::Message {
+        let op = if i == 0 { Data::Text } else { Data::Continue };
+        tungstenite::Message::Frame(Frame::message(Vec::new(), OpCode::Data(op), false))
+    }
+    for (what, frame, drain) in [
+        ("pings", ping as fn(u64) -> tungstenite::Message, true),
+        ("endless fragments", fragment, false),
+    ] {
+        let (url, server) = flooding_server(frame, drain);
+        let (tx, took) = crossbeam_channel::bounded(1);
+        let client = builder(&url)
+            .reconnect(false)
+            .on_connect(move |s| {
+                let start = Instant::now();
+                let r = s.read(Duration::from_millis(200));
+                let _ = tx.send((start.elapsed(), format!("{r:?}")));
+                r.map(|_| ())
+            })
+            .connect_lazy()
+            .expect("lazy");
+        let (elapsed, r) = took
+            .recv_timeout(T)
+            .unwrap_or_else(|_| panic!("{what}: Session::read(200 ms) still reading after {T:?}"));
+        assert!(r.contains("TimedOut"), "{what}: {r}");
+        assert!(elapsed >= Duration::from_millis(200), "{what}: {elapsed:?}");
+        let c = client.clone();
+        bounded(what, T, move || c.close());
+        bounded("the flooding server ends", T, move || server.join()).expect("server thread");
+    }
+}
+
 #[test]
 fn wait_connected_and_session_timeouts_take_max_and_zero() {
     let _g = util::exclusive();

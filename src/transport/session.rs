@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Attempt, Request};
 use crate::queue::check_outgoing;
 use crate::time::deadline_in;
-use crate::transport::stream::{Ws, is_would_block};
+use crate::transport::stream::{READ_QUOTA, Ws, is_would_block};
 use crate::transport::sys::{wait_readable, wait_writable};
 use crate::{DisconnectReason, Error, Message, Result};
 
@@ -94,18 +94,27 @@ impl Session<'_> {
     }
 
     /// Waits up to `timeout` for the next text or binary message (pings are answered).
+    /// The timeout holds whatever the server sends meanwhile: pings, pongs, or a message
+    /// that never completes.
     pub fn read(&mut self, timeout: Duration) -> Result<Message> {
         let deadline = deadline_in(timeout);
+        const TOO_LATE: &str = "on_connect read: no message in time";
         loop {
-            match self.ws.read() {
+            // Past the quota the read reports WouldBlock, so the deadline is looked at
+            // even while a peer sends fragments of a message that never ends.
+            self.ws.get_mut().set_read_quota(Some(READ_QUOTA));
+            let r = self.ws.read();
+            self.ws.get_mut().set_read_quota(None);
+            match r {
                 Ok(m @ (Message::Text(_) | Message::Binary(_))) => return Ok(m),
                 Ok(Message::Close(f)) => {
                     return Err(Error::ConnectionLost(DisconnectReason::closed_by_peer(f)));
                 }
+                // Pings (answered), pongs: a server sending nothing else must not keep
+                // us past the deadline.
+                Ok(_) if Instant::now() >= deadline => return Err(timed_out(TOO_LATE)),
                 Ok(_) => {}
-                Err(e) if is_would_block(&e) => {
-                    self.wait(deadline, false, "on_connect read: no message in time")?;
-                }
+                Err(e) if is_would_block(&e) => self.wait(deadline, false, TOO_LATE)?,
                 Err(e) => return Err(Error::from_ws(e)),
             }
         }
@@ -116,7 +125,7 @@ impl Session<'_> {
     fn wait(&self, deadline: Instant, writable: bool, what: &'static str) -> Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::io(io::Error::new(io::ErrorKind::TimedOut, what)));
+            return Err(timed_out(what));
         }
         let sock = self.ws.get_ref().tcp();
         if writable {
@@ -126,4 +135,9 @@ impl Session<'_> {
         }
         Ok(())
     }
+}
+
+/// A `TimedOut` error saying `what` timed out.
+fn timed_out(what: &'static str) -> Error {
+    Error::io(io::Error::new(io::ErrorKind::TimedOut, what))
 }

@@ -10,6 +10,11 @@ use tungstenite::WebSocket;
 
 use crate::DisconnectReason;
 
+/// Most bytes one `read()` of a message may take from the socket: the reader's per lock
+/// hold (besides at most `read_budget` messages), and an `on_connect` hook's per look at
+/// its deadline.
+pub(crate) const READ_QUOTA: usize = 256 << 10;
+
 /// The TCP socket under a [`Stream`] (under TLS, if any), with two bounds:
 /// - while connecting, a deadline: every read and write waits at most the time left and
 ///   fails with `TimedOut` past it, so a peer that trickles bytes cannot stretch the TLS

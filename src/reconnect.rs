@@ -359,8 +359,13 @@ impl Supervisor {
             Err(e) => {
                 self.shared
                     .report_dead(cgen, DisconnectReason::Io(e.to_string()));
-                let r = self.teardown(cgen);
-                log::warn!("could not start reader thread: {r}");
+                let reason = self.teardown(cgen);
+                log::warn!("could not start reader thread: {reason}");
+                // `Connected` went out: this connection ends in `Disconnected`, as any.
+                self.shared.emit(Event::Disconnected {
+                    generation: cgen,
+                    reason,
+                });
                 return Err(Error::io(e));
             }
         };

@@ -161,10 +161,11 @@ impl ClientBuilder {
 
     /// Asks for a subprotocol (one name per call, in order of preference). A name that
     /// is not an HTTP token (empty, with a space, a comma, ...) is
-    /// [`Error::InvalidHeader`] from `connect()` / `connect_lazy()`. `Debug` output shows
-    /// a name only when it cannot be a credential (some servers take a token as a
-    /// subprotocol): one longer than 40 bytes, or with `token`, `key`, `auth`, `secret`,
-    /// `password` or `bearer` in it, shows as `<redacted>`.
+    /// [`Error::InvalidHeader`] from `connect()` / `connect_lazy()`. A name that may be
+    /// a credential (some servers take a token as a subprotocol): one longer than 40
+    /// bytes, or with `token`, `key`, `auth`, `secret`, `password` or `bearer` in it,
+    /// shows as `<redacted>` in `Debug` output and is not offered to another origin
+    /// after a redirect (see [`max_redirects`](Self::max_redirects)).
     pub fn subprotocol(mut self, protocol: impl Into<String>) -> Self {
         let protocol = protocol.into();
         if let Err(e) = crate::config::check_subprotocol(&protocol) {
@@ -489,9 +490,10 @@ impl ClientBuilder {
     /// request to follow per connection attempt; default 5, 0 turns following off (a
     /// 3xx answer is then a fatal [`Error::Http`]). A redirect from `wss` to `ws` is never
     /// followed; `Authorization`, `Cookie`, every header named like a credential
-    /// (`*token*`, `*key*`, `*secret*`, `*auth*`, `*password*`) and URL credentials are
-    /// dropped when the origin (scheme, host, port) changes, and a loop is an [`Error::Redirect`]. Every attempt
-    /// starts again from the configured URL.
+    /// (`*token*`, `*key*`, `*secret*`, `*auth*`, `*password*`), every subprotocol that
+    /// may be one (see [`subprotocol`](Self::subprotocol)) and URL credentials are
+    /// dropped when the origin (scheme, host, port) changes, and a loop is an
+    /// [`Error::Redirect`]. Every attempt starts again from the configured URL.
     pub fn max_redirects(mut self, limit: usize) -> Self {
         self.cfg.max_redirects = limit;
         self

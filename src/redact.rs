@@ -81,8 +81,8 @@ pub(crate) fn is_secret_header(name: &str) -> bool {
         || n.contains("password")
 }
 
-/// Longest subprotocol name shown in `Debug` output: a longer one may be an opaque
-/// credential.
+/// Longest subprotocol name shown in `Debug` output (and offered to another origin after
+/// a redirect): a longer one may be an opaque credential.
 const SHOWN_SUBPROTOCOL_MAX: usize = 40;
 
 /// A subprotocol name for `Debug` output: `<redacted>` when it may carry a credential.
@@ -90,14 +90,19 @@ const SHOWN_SUBPROTOCOL_MAX: usize = 40;
 /// `base64url.bearer.authorization.k8s.io.<token>`), so a name with a credential's word
 /// in it (as for headers, or `bearer`) or longer than 40 bytes is not shown.
 pub(crate) fn shown_subprotocol(name: &str) -> &str {
-    if name.len() > SHOWN_SUBPROTOCOL_MAX
-        || is_secret_header(name)
-        || name.to_ascii_lowercase().contains("bearer")
-    {
+    if is_secret_subprotocol(name) {
         "<redacted>"
     } else {
         name
     }
+}
+
+/// Whether a subprotocol name may carry a credential (see [`shown_subprotocol`]): not
+/// shown, and not offered to another origin after a redirect.
+pub(crate) fn is_secret_subprotocol(name: &str) -> bool {
+    name.len() > SHOWN_SUBPROTOCOL_MAX
+        || is_secret_header(name)
+        || name.to_ascii_lowercase().contains("bearer")
 }
 
 #[cfg(test)]

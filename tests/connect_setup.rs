@@ -139,9 +139,10 @@ fn redirect_to(url: &str, status: u16) -> TestServer {
 
 #[test]
 fn redirects_are_followed_and_credentials_stay_at_their_origin() {
-    let target = TestServer::echo();
+    let target = TestServer::builder().accept_subprotocol("v1.json").start();
     // A relative Location on the same server keeps everything; another port is another
     // origin and drops the credentials.
+    let token_protocol = "base64url.bearer.authorization.k8s.io.c2VjcmV0";
     let hop2 = redirect_to(&format!("{}final?x=1", target.url()), 307);
     let hop1 = redirect_to("/second", 301);
     hop1.set_behavior(Behavior::reject_with(302, &[("Location", &hop2.url())]));
@@ -150,6 +151,8 @@ fn redirects_are_followed_and_credentials_stay_at_their_origin() {
         .header("Cookie", "session=1")
         .header("X-Api-Key", "k")
         .header("X-Kept", "yes")
+        .subprotocol("v1.json")
+        .subprotocol(token_protocol)
         .connect_timeout(T)
         .connect()
         .expect("redirects followed");
@@ -176,6 +179,15 @@ fn redirects_are_followed_and_credentials_stay_at_their_origin() {
     );
     assert_eq!(hs.header("cookie"), None, "cookie crossed origins");
     assert_eq!(hs.header("x-api-key"), None, "api key crossed origins");
+    assert_eq!(
+        hs.subprotocols(),
+        ["v1.json"],
+        "a credential subprotocol crossed origins"
+    );
+    assert_eq!(
+        hop1.handshakes()[0].subprotocols(),
+        ["v1.json", token_protocol]
+    );
     // The first hop got the credentials (header and URL user info as Basic: the header
     // given explicitly wins).
     assert_eq!(

@@ -23,7 +23,7 @@ use tungstenite::protocol::{Role, WebSocket};
 use url::Url;
 
 use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request, header_err, parse_header};
-use crate::redact::{RedactedUrl, is_secret_header};
+use crate::redact::{RedactedUrl, is_secret_header, is_secret_subprotocol};
 use crate::transport::dial::{self, Cancel, Deadline, is_timeout};
 use crate::transport::socks;
 use crate::transport::stream::{Stream, Tcp, Ws};
@@ -207,6 +207,9 @@ fn follow(
         // Authorization, Cookie, and every header that looks like a credential (the
         // ones never logged: *token*, *key*, *secret*, *auth*, *password*).
         out.headers.retain(|(name, _)| !is_secret_header(name));
+        // Likewise a subprotocol that may be a credential (Kubernetes takes a bearer
+        // token as one).
+        out.subprotocols.retain(|p| !is_secret_subprotocol(p));
         let _ = next.set_username("");
         let _ = next.set_password(None);
     }

@@ -105,27 +105,33 @@ fn at_most_once_hands_in_flight_messages_back_and_never_resends_them() {
         .start();
     let client = in_flight_client(&server, Delivery::AtMostOnce);
     let events = client.events();
-    assert_eq!(next_connected(&events), 1);
+    let mut seen = vec![events.recv_timeout(T).expect("Connected")];
+    assert!(matches!(seen[0], Event::Connected { generation: 1, .. }));
     let accepted = fill_in_flight(&client);
     server.set_behavior(Behavior::Echo);
     server.reset_all();
     let mut unconfirmed = None;
     loop {
-        match events.recv_timeout(T).expect("events after the reset") {
+        let ev = events.recv_timeout(T).expect("events after the reset");
+        match &ev {
             Event::Unconfirmed {
                 generation,
                 messages,
             } => {
-                assert_eq!(generation, 1);
-                unconfirmed = Some(messages);
+                assert_eq!(*generation, 1);
+                unconfirmed = Some(messages.clone());
             }
             Event::Connected { generation, .. } => {
-                assert_eq!(generation, 2);
+                assert_eq!(*generation, 2);
+                seen.push(ev);
                 break;
             }
             _ => {}
         }
+        seen.push(ev);
     }
+    // Unconfirmed comes between its connection's Connected and Disconnected.
+    support::client::assert_grammar(&seen, false);
     let unconfirmed = unconfirmed.expect("Unconfirmed before the reconnect");
     assert!(!unconfirmed.is_empty(), "messages were in flight");
     // In order, and a tail of what was accepted.

@@ -75,10 +75,11 @@ pub fn events_until_closed(rx: &wsbeat::Events, timeout: Duration) -> Vec<wsbeat
 ///
 /// ```text
 /// stream     = ( connection | Reconnecting | Undelivered )*  GaveUp?  Undelivered?  Closed
-/// connection = Connected ( Message | HeartbeatMissed | Undelivered )*  Disconnected
+/// connection = Connected ( Message | HeartbeatMissed | Undelivered | Unconfirmed )*  Disconnected
 /// ```
 ///
-/// with `Connected`/`Disconnected` pairs of one generation, generations growing. With
+/// with `Connected`/`Disconnected` pairs of one generation, generations growing, and
+/// at most one `Unconfirmed` per connection, of its generation. With
 /// `complete`, the stream must end with `Closed`; otherwise it may stop anywhere.
 /// Returns a description of the first violation.
 pub fn check_grammar(events: &[wsbeat::Event], complete: bool) -> Result<(), String> {
@@ -93,6 +94,8 @@ pub fn check_grammar(events: &[wsbeat::Event], complete: bool) -> Result<(), Str
     }
     let mut at = At::Between;
     let mut last_gen = 0;
+    // The connection whose `Unconfirmed` came (at most one per connection).
+    let mut unconfirmed = 0;
     let names: Vec<String> = events
         .iter()
         .map(|e| {
@@ -110,6 +113,12 @@ pub fn check_grammar(events: &[wsbeat::Event], complete: bool) -> Result<(), Str
             (At::Between, E::GaveUp(_)) => At::GaveUp,
             (At::Between | At::GaveUp | At::Tail, E::Closed) => At::Closed,
             (At::Open(g), E::Message(_) | E::HeartbeatMissed { .. } | E::Undelivered(_)) if !matches!(ev, E::HeartbeatMissed { generation, .. } if generation != g) => {
+                At::Open(*g)
+            }
+            (At::Open(g), E::Unconfirmed { generation, .. })
+                if generation == g && unconfirmed != *g =>
+            {
+                unconfirmed = *g;
                 At::Open(*g)
             }
             (At::Open(g), E::Disconnected { generation, .. }) if generation == g => At::Between,

@@ -21,8 +21,8 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
     loop {
         let now = Instant::now();
         let mut wake_at: Option<Instant> = None;
-        let mut event = None;
         {
+            let mut event = None;
             let mut link = shared.link.lock();
             if let Some(live) = link.conn.as_mut().filter(|l| l.takes_data()) {
                 let cgen = live.generation;
@@ -103,9 +103,12 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
             if let Some(t) = shared.resend_overdue(&mut link, now) {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
             }
-        }
-        if let Some(ev) = event {
-            shared.emit(ev);
+            // Under the lock (an unbounded channel, rule 4): let go first, a teardown
+            // could slip in and emit this connection's `Disconnected` (or the next one's
+            // `Connected`) before it.
+            if let Some(ev) = event {
+                shared.emit(ev);
+            }
         }
         let timeout = match wake_at {
             Some(t) => after(t.saturating_duration_since(Instant::now())),

@@ -205,6 +205,18 @@ impl Client {
         let (ev_tx, ev_rx) = EventTx::new(inbound.clone());
         let (ctl_tx, ctl_rx) = unbounded();
         let (timer_tx, timer_rx) = unbounded();
+        let mut outbox = match &cfg.delivery {
+            Delivery::Acked(acks) => Some(Outbox::new(acks.clone())),
+            _ => None,
+        };
+        if let Some(outbox) = outbox.as_mut() {
+            // Carried messages were accepted (and, with an id, tracked) by the client this
+            // one restarts: tracked here too, or once written nothing would re-send them,
+            // ack them, or hand them back. They were within the same bound there.
+            for m in &carried {
+                let _ = outbox.admit(m);
+            }
+        }
         let mut queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
         queue.requeue_front(carried.into_iter());
         let stack = cfg.stack_size;
@@ -215,10 +227,7 @@ impl Client {
                 conn: None,
                 queue,
                 flushing_queue: false,
-                outbox: match &cfg.delivery {
-                    Delivery::Acked(acks) => Some(Outbox::new(acks.clone())),
-                    _ => None,
-                },
+                outbox,
             }),
             changed: parking_lot::Condvar::new(),
             cfg,

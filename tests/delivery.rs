@@ -432,3 +432,32 @@ fn recv_timeout_stays_bounded_when_the_consumer_holds_a_lock_the_ack_reader_take
          and waited for the lock that very thread holds ({got} messages read)"
     );
 }
+
+/// `restart()` carries the unacked messages of acked delivery over to the new client,
+/// which tracks them as the old one did: once written again they wait for their acks,
+/// and `close()` hands them back. They were untracked there: written, then forgotten.
+#[test]
+fn restart_keeps_acked_messages_tracked() {
+    // The echo server never acks: {"id":N} has no "ack" field.
+    let server = TestServer::echo();
+    let client = Client::builder(&server.url())
+        .delivery(Delivery::Acked(Acks::json_field("id", "ack")))
+        .heartbeat(Heartbeat::off())
+        .reconnect_policy(Fixed(Duration::from_millis(20)))
+        .connect()
+        .unwrap();
+    for i in 1..=3 {
+        client.send_text(format!("{{\"id\":{i}}}")).unwrap();
+    }
+    assert!(server.wait_received(3, T));
+    assert_eq!(client.stats().outbox, 3);
+    // Closes (the 3 unacked come back) and carries them to the new client.
+    let client2 = client.restart().unwrap();
+    let events = client2.events();
+    next_connected(&events);
+    assert!(server.wait_received(6, T), "carried messages written again");
+    assert_eq!(client2.stats().outbox, 3, "tracked by the new client");
+    let back = client2.close();
+    let back: Vec<&str> = back.iter().map(|m| m.to_text().unwrap()).collect();
+    assert_eq!(back, [r#"{"id":1}"#, r#"{"id":2}"#, r#"{"id":3}"#]);
+}

@@ -67,7 +67,7 @@ use crate::queue::{OfflineQueue, check_outgoing, payload_len};
 use crate::time::{deadline, deadline_in};
 use crate::transport::dial::Cancel;
 use crate::transport::stream::{Ws, is_would_block, reason_of};
-use crate::transport::sys::{Waker, unacked_bytes, wait_writable};
+use crate::transport::sys::{Waker, unacked_bytes, unsent_bytes, wait_writable};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
 /// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
@@ -87,6 +87,19 @@ pub(crate) struct Tracked {
     bytes_since_prune: usize,
     /// End offsets of messages the peer's TCP acknowledged after its last sign of life.
     acked_ends: VecDeque<u64>,
+    /// The end offset of the last message pruned from `msgs`: where the first one starts,
+    /// at the earliest.
+    floor: u64,
+}
+
+impl Tracked {
+    /// Tracks the messages written from socket byte offset `start` on.
+    pub(crate) fn starting_at(start: u64) -> Tracked {
+        Tracked {
+            floor: start,
+            ..Tracked::default()
+        }
+    }
 }
 
 /// End offset of a message whose flush has not completed: after any real offset.
@@ -102,10 +115,14 @@ const ACKED_CAP: usize = 1 << 16;
 
 /// What a dead connection leaves to send again.
 pub(crate) struct Leftover {
-    /// In order: to be sent again on the next connection.
+    /// In order: to be sent again on the next connection (or, closing, handed back).
     pub resend: Vec<Message>,
-    /// Acknowledged by the peer's TCP after the peer's last sign of life, not resent.
+    /// Acknowledged by the peer's TCP after the peer's last sign of life, not resent
+    /// (closing: also those sent whole but not acknowledged).
     pub possibly_lost: u64,
+    /// Closing: the kernel may still hold bytes of messages handed back, so the socket
+    /// must be reset (not closed in order) for them never to arrive.
+    pub reset: bool,
 }
 
 /// One open connection, owned by the link while published.
@@ -281,7 +298,8 @@ impl Live {
                     t.acked_ends.push_back(*e);
                 }
             }
-            for (_, m) in t.msgs.drain(..gone) {
+            for (e, m) in t.msgs.drain(..gone) {
+                t.floor = e;
                 t.bytes -= payload_len(&m);
             }
             while t.acked_ends.front().is_some_and(|e| *e <= mark) {
@@ -292,18 +310,43 @@ impl Live {
 
     /// The connection is dead: what to send again on the next one (at-least-once).
     /// Reads the kernel's send queue, so call it before the socket is shut down.
-    pub(crate) fn leftover(&mut self) -> Leftover {
+    ///
+    /// `closing`: there is no next connection, what is left is handed back, and the
+    /// socket is then reset (see [`Leftover::reset`]), which discards the bytes the
+    /// kernel has not sent yet. A message is handed back only if some of its bytes had
+    /// not left this host (`SIOCOUTQNSD` on Linux; elsewhere only one whose bytes never
+    /// reached the OS): it can then never arrive whole. One sent whole but not
+    /// acknowledged may have arrived: possibly lost, never both delivered and handed back.
+    pub(crate) fn leftover(&mut self, closing: bool) -> Leftover {
         let mut resend = Vec::new();
         let mut possibly_lost = 0;
+        let mut reset = false;
         if let Some(t) = self.tracked.as_mut() {
             let (written, mark) = self.ws.get_ref().offsets();
             // Unknown: everything after the peer's last sign of life is sent again.
             let acked = unacked_bytes(&self.sock).map_or(mark, |q| written.saturating_sub(q));
+            // Bytes that left this host (unknown: all the OS took).
+            let sent = unsent_bytes(&self.sock).map_or(written, |u| written.saturating_sub(u));
+            // Messages flushed together share the batch's end offset: each starts at or
+            // after the end of the batch before (`start`), ends at or before its own.
+            let (mut start, mut batch_end) = (t.floor, t.floor);
             // Messages never flushed (`UNFLUSHED`) are after every offset: sent again.
             for (end, m) in t.msgs.drain(..) {
-                if end > acked {
+                if end != batch_end {
+                    (start, batch_end) = (batch_end, end);
+                }
+                if end <= acked {
+                    if end > mark {
+                        possibly_lost += 1;
+                    }
+                } else if !closing {
                     resend.push(m);
-                } else if end > mark {
+                } else if start >= sent {
+                    // Not a byte of it left this host: the reset discards what the
+                    // kernel holds of it.
+                    reset |= sent < written;
+                    resend.push(m);
+                } else {
                     possibly_lost += 1;
                 }
             }
@@ -315,6 +358,7 @@ impl Live {
         Leftover {
             resend,
             possibly_lost,
+            reset,
         }
     }
 }

@@ -19,7 +19,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use crate::backoff::Failure;
 use crate::config::Attempt;
 use crate::heartbeat::HbState;
-use crate::link::{Command, Link, Live, Shared, TimerCmd, Written, current_mut};
+use crate::link::{Command, Link, Live, Shared, TimerCmd, Tracked, Written, current_mut};
 use crate::outbox::Delivery;
 use crate::transport::connect::{self, Opened};
 use crate::transport::session::{Hooks, Session};
@@ -304,6 +304,8 @@ impl Supervisor {
     /// Makes a fresh connection the current one and starts its reader.
     fn publish(&mut self, opened: Opened) -> Result<u64> {
         let sock = Arc::new(opened.ws.get_ref().tcp().try_clone()?);
+        // Tracked messages start after what the handshake and the hook wrote.
+        let start = opened.ws.get_ref().offsets().0;
         let waker = Arc::new(Waker::new()?);
         let now = Instant::now();
         let cgen = {
@@ -320,7 +322,7 @@ impl Supervisor {
                 in_flight: Default::default(),
                 // At-least-once: remember flushed messages until the peer's TCP acked them.
                 tracked: matches!(self.shared.cfg.delivery, Delivery::AtLeastOnce)
-                    .then(Default::default),
+                    .then(|| Tracked::starting_at(start)),
                 dead: None,
                 pending_since: None,
                 pending_written: 0,
@@ -517,21 +519,34 @@ impl Supervisor {
 
     /// What was in flight on dead connection `live`, per the delivery mode: back at the
     /// front of the queue (at-least-once: what the peer's TCP did not acknowledge;
-    /// acked: every written, unacked message), or handed back (at-most-once).
-    fn requeue(&self, link: &mut Link, live: &mut Live) {
+    /// acked: every written, unacked message), or handed back (at-most-once). Returns
+    /// whether the socket must be reset rather than closed in order (see
+    /// [`Leftover::reset`](crate::link::Leftover)).
+    fn requeue(&self, link: &mut Link, live: &mut Live) -> bool {
         let cgen = live.generation;
         let counters = &self.shared.counters;
+        // The user closes: what is left is handed back, not sent again.
+        let closing = self.shared.closing.load(Ordering::SeqCst);
+        let mut reset = false;
         let resend = match &self.shared.cfg.delivery {
             Delivery::AtLeastOnce => {
-                let left = live.leftover();
-                counters
-                    .resent
-                    .fetch_add(left.resend.len() as u64, Ordering::Relaxed);
+                let left = live.leftover(closing);
+                reset = left.reset;
+                if !closing {
+                    counters
+                        .resent
+                        .fetch_add(left.resend.len() as u64, Ordering::Relaxed);
+                }
                 if left.possibly_lost > 0 {
                     log::warn!(
                         "connection {cgen}: {} messages acknowledged by the peer's TCP after \
-                         its last sign of life: possibly lost",
-                        left.possibly_lost
+                         its last sign of life{}: possibly lost",
+                        left.possibly_lost,
+                        if closing {
+                            ", or sent but not acknowledged when the client closed"
+                        } else {
+                            ""
+                        }
                     );
                     counters
                         .possibly_lost
@@ -564,6 +579,7 @@ impl Supervisor {
             );
             link.queue.requeue_front(resend.into_iter());
         }
+        reset
     }
 
     /// Takes connection `cgen` out of the link, puts its in-flight messages back at the
@@ -573,13 +589,20 @@ impl Supervisor {
             .reader
             .take_if(|(g, _)| *g == cgen)
             .map(|(_, reader)| reader);
+        let mut reset = false;
         let live = {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
             link.flushing_queue = false;
             match link.take_live(cgen) {
                 Some(mut live) => {
-                    self.requeue(link, &mut live);
+                    reset = self.requeue(link, &mut live);
+                    if reset {
+                        // Now, before the kernel sends more: closing the socket then
+                        // discards what it has not sent (messages just handed back).
+                        let _ =
+                            socket2::SockRef::from(&*live.sock).set_linger(Some(Duration::ZERO));
+                    }
                     if matches!(link.state, State::Open) {
                         self.shared.set_state(link, State::Connecting);
                     }
@@ -604,7 +627,14 @@ impl Supervisor {
                 };
                 let _ = live.ws.close(Some(frame));
             }
-            Shared::shutdown_socket(&live.sock);
+            if reset {
+                // No FIN behind the unsent bytes: shutting the read side wakes the
+                // threads waiting on the socket (Linux, the only system that resets),
+                // and the last close sends the reset.
+                let _ = live.sock.shutdown(std::net::Shutdown::Read);
+            } else {
+                Shared::shutdown_socket(&live.sock);
+            }
             live.waker.wake();
             if let Some(r) = reader {
                 let _ = r.join();

@@ -16,7 +16,7 @@ use unix::poll_fds as poll_ms;
 #[cfg(unix)]
 pub(crate) use unix::{
     POLLHUP_ERR, POLLIN, POLLOUT, Pipe, PollFd, Raw, connect_in_progress, pollfd, raw, socket_pair,
-    unacked_bytes,
+    unacked_bytes, unsent_bytes,
 };
 
 #[cfg(windows)]
@@ -26,7 +26,7 @@ use windows::poll_fds as poll_ms;
 #[cfg(windows)]
 pub(crate) use windows::{
     POLLHUP_ERR, POLLIN, POLLOUT, Pipe, PollFd, Raw, connect_in_progress, pollfd, raw, socket_pair,
-    unacked_bytes,
+    unacked_bytes, unsent_bytes,
 };
 
 /// A poll timeout in milliseconds: `-1` waits forever; a sub-millisecond remainder is

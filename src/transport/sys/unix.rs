@@ -54,6 +54,23 @@ pub(crate) fn poll_fds(fds: &mut [PollFd], ms: i32) -> io::Result<usize> {
     }
 }
 
+/// Bytes of `sock` the kernel has not sent yet (the unsent part of its send queue).
+/// Linux: the `SIOCOUTQNSD` ioctl; elsewhere `None`.
+pub(crate) fn unsent_bytes(sock: &TcpStream) -> Option<u64> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQNSD writes one int to the pointer.
+        let r = unsafe { libc::ioctl(raw(sock), libc::SIOCOUTQNSD as _, &mut n) };
+        (r == 0 && n >= 0).then_some(n as u64)
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = sock;
+        None
+    }
+}
+
 /// Bytes of `sock` the peer's TCP has not acknowledged yet (sent or not): the kernel's
 /// send queue. Linux: the `SIOCOUTQ` ioctl; macOS/iOS: `SO_NWRITE`. Elsewhere `None`
 /// (other Unix systems). Behind a proxy this is what the *proxy's* TCP has not acknowledged.

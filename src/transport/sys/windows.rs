@@ -73,6 +73,12 @@ pub(crate) fn poll_fds(fds: &mut [PollFd], ms: i32) -> io::Result<usize> {
     Err(io::Error::from_raw_os_error(code))
 }
 
+/// Bytes of `sock` the kernel has not sent yet: Windows has no figure.
+pub(crate) fn unsent_bytes(sock: &TcpStream) -> Option<u64> {
+    let _ = sock;
+    None
+}
+
 /// Bytes of `sock` the peer's TCP has not acknowledged yet: `None` on Windows, which has
 /// no per-socket send-queue figure short of `SIO_TCP_INFO` (Windows 10 1703+; not used
 /// yet), so at-least-once tracking keeps its fixed cap.

@@ -50,6 +50,12 @@ pub(crate) enum Mode {
 /// The default is [`Heartbeat::ping`] with a 15 s idle interval and a 10 s timeout: a
 /// dead or half-open link is declared dead at most 25 s after the last inbound traffic.
 ///
+/// A probe's reply clock runs from when the probe reached the peer's TCP (where the
+/// kernel tells, Linux and macOS; elsewhere from when the OS took it): a probe queued
+/// behind a long upload, which a live peer reads steadily, waits with it instead of
+/// killing the link every `interval + timeout`. A peer that stops taking our bytes stops
+/// that wait (and a full send buffer is a write stall after the write timeout).
+///
 /// Zero intervals and timeouts make no sense (probes back to back, every probe missed
 /// at once): `connect()` rejects them with [`Error::InvalidConfig`]. `Duration::MAX`
 /// means "never" (no probe, or no deadline for the reply).
@@ -366,6 +372,17 @@ impl HbState {
         self.last_inbound = now;
         self.last_data = now;
         self.last_reply = now;
+    }
+
+    /// Called by the timer when output ahead of the outstanding probe is still draining
+    /// to the peer (see `Live::output_moved`): the probe may not have reached it yet, so
+    /// its reply clock starts again now. A long upload to a live, reading peer is then no
+    /// missed reply. A peer that stops taking our bytes stops this: the clock runs out
+    /// (and the write-stall timeout judges a peer that stopped reading).
+    pub(crate) fn output_moved(&mut self, now: Instant) {
+        if let Some((seq, _)) = self.probe {
+            self.probe = Some((seq, now));
+        }
     }
 
     /// Called by the reader for each inbound frame. Returns true when the message is a

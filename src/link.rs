@@ -125,6 +125,17 @@ pub(crate) struct Leftover {
     pub reset: bool,
 }
 
+/// Where the last heartbeat probe is on its way out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProbeOut {
+    /// None sent yet.
+    None,
+    /// In tungstenite's buffer, behind output not yet taken by the OS.
+    Buffered,
+    /// Taken by the OS; it ends at or before this socket byte offset.
+    Sent(u64),
+}
+
 /// One open connection, owned by the link while published.
 pub(crate) struct Live {
     pub ws: Ws,
@@ -146,6 +157,11 @@ pub(crate) struct Live {
     pub pending_since: Option<Instant>,
     /// Bytes written on the socket when `pending_since` was last set: more means progress.
     pub pending_written: u64,
+    /// Output the peer's TCP had acknowledged (where the kernel says; else what the OS
+    /// took) when the timer last looked: see [`Live::output_moved`].
+    pub output_seen: u64,
+    /// Where the last heartbeat probe is on its way out (see [`Live::output_moved`]).
+    pub probe_out: ProbeOut,
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).
     pub close_sent: bool,
@@ -231,6 +247,25 @@ impl Live {
         }
     }
 
+    /// Whether the last heartbeat probe is still on its way to the peer behind other
+    /// output that moved since the last call: the probe is in our buffer, or the peer's
+    /// TCP has not acknowledged all bytes up to its end (where the kernel says), and the
+    /// peer's TCP acknowledged more (else: the OS took more). A probe queued behind a long
+    /// upload cannot be answered before the upload reaches the peer. Once the peer's TCP
+    /// has the probe, this is false: a peer whose application stopped answering is
+    /// judged by the reply deadline, however much we stream to it.
+    pub(crate) fn output_moved(&mut self) -> bool {
+        let written = self.ws.get_ref().offsets().0;
+        let acked = unacked_bytes(&self.sock).map_or(written, |q| written.saturating_sub(q));
+        let moved = acked != std::mem::replace(&mut self.output_seen, acked);
+        let on_its_way = match self.probe_out {
+            ProbeOut::None => false,
+            ProbeOut::Buffered => true,
+            ProbeOut::Sent(end) => acked < end,
+        };
+        moved && on_its_way
+    }
+
     /// Flushes without blocking. `Ok(true)` when everything reached the OS.
     pub(crate) fn try_flush(&mut self) -> std::result::Result<bool, tungstenite::Error> {
         match self.ws.flush() {
@@ -249,6 +284,9 @@ impl Live {
 
     /// Everything in flight reached the OS: it ends at or before the current offset.
     fn flushed(&mut self) {
+        if let ProbeOut::Buffered = self.probe_out {
+            self.probe_out = ProbeOut::Sent(self.ws.get_ref().offsets().0);
+        }
         let Some(t) = self.tracked.as_mut() else {
             self.in_flight.clear();
             return;

@@ -19,7 +19,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use crate::backoff::Failure;
 use crate::config::Attempt;
 use crate::heartbeat::HbState;
-use crate::link::{Command, Link, Live, Shared, TimerCmd, Tracked, Written, current_mut};
+use crate::link::{Command, Link, Live, ProbeOut, Shared, TimerCmd, Tracked, Written, current_mut};
 use crate::outbox::Delivery;
 use crate::transport::connect::{self, Opened};
 use crate::transport::session::{Hooks, Session};
@@ -326,6 +326,8 @@ impl Supervisor {
                 dead: None,
                 pending_since: None,
                 pending_written: 0,
+                output_seen: 0,
+                probe_out: ProbeOut::None,
                 hb: HbState::new(now),
                 close_sent: false,
                 reader: None,

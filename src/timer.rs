@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, after, select};
 
 use crate::heartbeat::{Step, evaluate};
-use crate::link::{Shared, TimerCmd};
+use crate::link::{ProbeOut, Shared, TimerCmd};
 use crate::time::deadline;
 use crate::transport::stream::{is_would_block, reason_of};
 use crate::transport::sys::wait_readable;
@@ -46,6 +46,9 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                     // unread. Unread input proves the peer alive (see `HbState::held_back`).
                     live.hb.held_back(now);
                 }
+                if dead.is_none() && live.output_moved() {
+                    live.hb.output_moved(now);
+                }
                 if dead.is_none() {
                     loop {
                         match evaluate(&hb, &mut live.hb, now) {
@@ -72,6 +75,8 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                                 };
                                 live.hb.next_seq += 1;
                                 live.hb.probe = Some((seq, now));
+                                // `Sent` once a flush takes it (just below, or later).
+                                live.probe_out = ProbeOut::Buffered;
                                 log::trace!("connection {cgen}: heartbeat probe {seq}");
                                 let written = match live.ws.write(msg) {
                                     Err(e) if is_would_block(&e) => Ok(()),

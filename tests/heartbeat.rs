@@ -1203,3 +1203,126 @@ fn timer_thread_does_not_busy_loop() {
     eprintln!("timer thread: {cpu} ticks, {wakeups} wake-ups, {pings} probes in 2 s");
     let _ = client.close();
 }
+
+/// A WebSocket server that reads slowly but steadily (`per_read` bytes every `gap`: the
+/// pace of a slow uplink), answers pings (tungstenite does), and counts the binary
+/// messages it received whole.
+fn paced_server(per_read: usize, gap: Duration) -> (String, Arc<AtomicUsize>) {
+    use std::io::{Read, Write};
+    struct Paced(std::net::TcpStream, usize, Duration);
+    impl Read for Paced {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            thread::sleep(self.2);
+            let n = buf.len().min(self.1);
+            self.0.read(&mut buf[..n])
+        }
+    }
+    impl Write for Paced {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let whole = Arc::new(AtomicUsize::new(0));
+    let w = whole.clone();
+    thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { return };
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
+            let w = w.clone();
+            thread::spawn(move || {
+                let Ok(mut ws) = tungstenite::accept(Paced(tcp, per_read, gap)) else {
+                    return;
+                };
+                while let Ok(m) = ws.read() {
+                    if m.is_binary() {
+                        w.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    (url, whole)
+}
+
+/// An upload that takes much longer than `interval + timeout` to a peer that reads it
+/// steadily and is otherwise quiet: the probe waits behind the message (in our buffer,
+/// then the kernel's), so no reply can come in time. The link is live and must not be
+/// declared dead (promise 3); before, it was, every `interval + timeout`, and the
+/// re-sent message never got through.
+#[test]
+fn a_long_upload_to_a_live_reading_peer_is_no_heartbeat_timeout() {
+    // About 3 MB/s: 12 MiB take about 4 s, past what the socket buffers absorb.
+    let (url, whole) = paced_server(32 << 10, Duration::from_millis(10));
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(300),
+            Duration::from_millis(300),
+        ))
+        .write_timeout(Duration::from_secs(5))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    client.send_binary(vec![7u8; 12 << 20]).unwrap();
+    let mut disconnects = Vec::new();
+    let delivered = util::wait_until(Duration::from_secs(60), || {
+        while let Ok(ev) = events.try_recv() {
+            if let Event::Disconnected { reason, .. } = ev {
+                disconnects.push(reason.to_string());
+            }
+        }
+        !disconnects.is_empty() || whole.load(Ordering::SeqCst) > 0
+    });
+    assert!(
+        disconnects.is_empty(),
+        "a live, reading peer was declared dead: {disconnects:?}"
+    );
+    assert!(
+        delivered,
+        "the message never arrived whole: {:?}",
+        client.stats()
+    );
+    // The link was probed meanwhile, and the peer answers once the probe reaches it.
+    assert!(
+        util::wait_until(T, || client.stats().rtt.is_some()),
+        "no probe answered: {:?}",
+        client.stats()
+    );
+    let _ = client.close();
+}
+
+/// The other side of the rule above: a peer whose application hangs (reads nothing,
+/// answers no ping) while its kernel still takes our steady stream is declared dead
+/// within `interval + timeout`. Our output keeps moving into its receive buffer, but the
+/// probe reached its TCP long ago: that is no reason to wait longer for the reply.
+#[test]
+fn a_hung_peer_taking_a_steady_stream_is_still_declared_dead_in_time() {
+    let _g = util::shared();
+    let interval = Duration::from_millis(300);
+    let timeout = Duration::from_millis(300);
+    let server = TestServer::start(Behavior::StopReading);
+    let client = builder(&server.url(), Heartbeat::ping(interval, timeout))
+        .reconnect(false)
+        .write_timeout(Duration::from_secs(60))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let start = Instant::now();
+    let traffic = Traffic::start(&client, Duration::from_millis(2));
+    let (reason, at, _) = wait_disconnected(&events, 1, interval + timeout + T);
+    drop(traffic);
+    assert!(
+        matches!(reason, DisconnectReason::HeartbeatTimeout { .. }),
+        "{reason:?}"
+    );
+    let elapsed = at - start;
+    assert!(
+        elapsed <= interval + timeout + SLACK,
+        "dead only after {elapsed:?}"
+    );
+    let _ = client.close();
+}

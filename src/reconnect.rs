@@ -569,8 +569,15 @@ impl Supervisor {
             Delivery::Acked(_) => {
                 let outbox = link.outbox.as_mut().expect("acked delivery");
                 let mut resend = outbox.take_written();
-                // Untracked messages (no id) follow at-least-once.
+                // Untracked messages (no id) still in flight are written again (those
+                // handed to the OS count as delivered: RELIABILITY 3c).
+                let before = resend.len();
                 resend.extend(live.in_flight.drain(..).filter(|m| outbox.id(m).is_none()));
+                if !closing {
+                    counters
+                        .resent
+                        .fetch_add((resend.len() - before) as u64, Ordering::Relaxed);
+                }
                 resend
             }
         };

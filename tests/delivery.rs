@@ -530,3 +530,29 @@ fn a_message_close_hands_back_is_never_delivered() {
         "{unaccounted} neither delivered nor handed back, {possibly_lost} counted possibly lost"
     );
 }
+
+/// Acked delivery, messages without an id: one still in flight when the connection
+/// dies is written again on the next connection, and counted in `Stats::resent` (it
+/// was not: duplicates at the server then had no count to be checked against).
+#[test]
+fn acked_mode_counts_the_resends_of_messages_without_an_id() {
+    let server = TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .recv_buffer(4096)
+        .start();
+    let client = in_flight_client(&server, Delivery::Acked(Acks::json_field("id", "ack")));
+    let events = client.events();
+    assert_eq!(next_connected(&events), 1);
+    // No "id" field: not tracked by the outbox.
+    let accepted = fill_in_flight(&client);
+    server.set_behavior(Behavior::Echo);
+    server.reset_all();
+    assert_eq!(next_connected(&events), 2);
+    client.send_text("after").unwrap();
+    assert!(wait_until(T, || texts(&server, 1).contains(&"after".into())));
+    let again = texts(&server, 1).len() - 1;
+    assert!(again > 0, "messages in flight were written again");
+    assert!(again <= accepted.len());
+    assert_eq!(client.stats().resent, again as u64, "{:?}", client.stats());
+    let _ = client.close();
+}

@@ -71,7 +71,8 @@ use crate::transport::sys::{Waker, unacked_bytes, unsent_bytes, wait_writable};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
 /// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
-/// the socket byte offset at which each ended (at-least-once delivery only), followed by
+/// the socket byte offset at which each ended (at-least-once and acked delivery),
+/// followed by
 /// the messages still in tungstenite's buffer (end `UNFLUSHED`: this mode's `in_flight`,
 /// kept in the same deque so a send costs one push, not a push, a pop and a push). Pruned
 /// against the kernel's send queue (one ioctl) every `PRUNE_EVERY` messages or
@@ -79,7 +80,9 @@ use crate::{DisconnectReason, Error, Event, Message, Result, State};
 /// holds, plus `TRACK_CAP`.
 #[derive(Default)]
 pub(crate) struct Tracked {
-    msgs: VecDeque<(u64, Message)>,
+    /// End offset, message, and whether the outbox owns it (acked delivery, a message
+    /// with an id: the outbox sends it again until acked, so it is never possibly lost).
+    msgs: VecDeque<(u64, Message, bool)>,
     /// The last this many of `msgs` are not flushed yet.
     unflushed: usize,
     bytes: usize,
@@ -190,9 +193,18 @@ impl Live {
         &mut self,
         m: Message,
     ) -> std::result::Result<Written, tungstenite::Error> {
+        self.write_tracked_as(m, false)
+    }
+
+    /// [`write_tracked`](Self::write_tracked); `outboxed`: the outbox owns the message.
+    fn write_tracked_as(
+        &mut self,
+        m: Message,
+        outboxed: bool,
+    ) -> std::result::Result<Written, tungstenite::Error> {
         match self.tracked.as_mut() {
             Some(t) => {
-                t.msgs.push_back((UNFLUSHED, m.clone()));
+                t.msgs.push_back((UNFLUSHED, m.clone(), outboxed));
                 t.unflushed += 1;
             }
             None => self.in_flight.push_back(m.clone()),
@@ -204,7 +216,7 @@ impl Live {
                 let m = match self.tracked.as_mut() {
                     Some(t) => {
                         t.unflushed -= 1;
-                        t.msgs.pop_back().map(|(_, m)| m)
+                        t.msgs.pop_back().map(|(_, m, _)| m)
                     }
                     None => self.in_flight.pop_back(),
                 };
@@ -227,7 +239,7 @@ impl Live {
             return self.write_tracked(m);
         };
         let id = outbox.id(&m);
-        let written = self.write_tracked(m);
+        let written = self.write_tracked_as(m, id.is_some());
         if let Some(id) = id
             && !matches!(written, Ok(Written::Full(_)))
         {
@@ -297,12 +309,12 @@ impl Live {
         let end = self.ws.get_ref().offsets().0;
         if t.unflushed == 1 {
             // The usual case (one `send`): no range walk.
-            let (e, m) = t.msgs.back_mut().expect("an unflushed message");
+            let (e, m, _) = t.msgs.back_mut().expect("an unflushed message");
             *e = end;
             t.bytes_since_prune += payload_len(m);
         } else {
             let from = t.msgs.len() - t.unflushed;
-            for (e, m) in t.msgs.range_mut(from..) {
+            for (e, m, _) in t.msgs.range_mut(from..) {
                 *e = end;
                 t.bytes_since_prune += payload_len(m);
             }
@@ -326,17 +338,18 @@ impl Live {
                 None => u64::MAX,
             };
             // End offsets only grow along `msgs`: drop a prefix, in one go.
-            let gone = t.msgs.partition_point(|(e, _)| *e <= keep_after);
+            let gone = t.msgs.partition_point(|(e, _, _)| *e <= keep_after);
             if acked.is_some() {
-                let before_mark = t.msgs.partition_point(|(e, _)| *e <= mark).min(gone);
-                for (e, _) in t.msgs.range(before_mark..gone) {
+                let before_mark = t.msgs.partition_point(|(e, _, _)| *e <= mark).min(gone);
+                // The outbox's own messages are sent again until acked: never lost.
+                for (e, _, _) in t.msgs.range(before_mark..gone).filter(|x| !x.2) {
                     if t.acked_ends.len() >= ACKED_CAP {
                         t.acked_ends.pop_front();
                     }
                     t.acked_ends.push_back(*e);
                 }
             }
-            for (e, m) in t.msgs.drain(..gone) {
+            for (e, m, _) in t.msgs.drain(..gone) {
                 t.floor = e;
                 t.bytes -= payload_len(&m);
             }
@@ -369,11 +382,18 @@ impl Live {
             // after the end of the batch before (`start`), ends at or before its own.
             let (mut start, mut batch_end) = (t.floor, t.floor);
             // Messages never flushed (`UNFLUSHED`) are after every offset: sent again.
-            for (end, m) in t.msgs.drain(..) {
+            for (end, m, outboxed) in t.msgs.drain(..) {
                 if end != batch_end {
                     (start, batch_end) = (batch_end, end);
                 }
-                if end <= acked {
+                if outboxed {
+                    // The outbox decides (it sends again or hands back what is unacked);
+                    // here only where it stood in the write order.
+                    if end > acked {
+                        reset |= closing && start >= sent && sent < written;
+                        resend.push(m);
+                    }
+                } else if end <= acked {
                     if end > mark {
                         possibly_lost += 1;
                     }

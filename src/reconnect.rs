@@ -7,6 +7,7 @@
 //! older generations are ignored. `reconnect_now` from many threads collapses into one
 //! command through an atomic flag.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
@@ -321,8 +322,13 @@ impl Supervisor {
                 generation: cgen,
                 in_flight: Default::default(),
                 // At-least-once: remember flushed messages until the peer's TCP acked them.
-                tracked: matches!(self.shared.cfg.delivery, Delivery::AtLeastOnce)
-                    .then(|| Tracked::starting_at(start)),
+                // acked: the messages without an id the same way, and those with one for
+                // their place in the write order.
+                tracked: matches!(
+                    self.shared.cfg.delivery,
+                    Delivery::AtLeastOnce | Delivery::Acked(_)
+                )
+                .then(|| Tracked::starting_at(start)),
                 dead: None,
                 pending_since: None,
                 pending_written: 0,
@@ -521,9 +527,9 @@ impl Supervisor {
 
     /// What was in flight on dead connection `live`, per the delivery mode: back at the
     /// front of the queue (at-least-once: what the peer's TCP did not acknowledge;
-    /// acked: every written, unacked message), or handed back (at-most-once). Returns
-    /// whether the socket must be reset rather than closed in order (see
-    /// [`Leftover::reset`](crate::link::Leftover)).
+    /// acked: every written, unacked message, and the others as at least once), or
+    /// handed back (at-most-once). Returns whether the socket must be reset rather than
+    /// closed in order (see [`Leftover::reset`](crate::link::Leftover)).
     fn requeue(&self, link: &mut Link, live: &mut Live) -> bool {
         let cgen = live.generation;
         let counters = &self.shared.counters;
@@ -568,16 +574,51 @@ impl Supervisor {
             }
             Delivery::Acked(_) => {
                 let outbox = link.outbox.as_mut().expect("acked delivery");
-                let mut resend = outbox.take_written();
-                // Untracked messages (no id) still in flight are written again (those
-                // handed to the OS count as delivered: RELIABILITY 3c).
-                let before = resend.len();
-                resend.extend(live.in_flight.drain(..).filter(|m| outbox.id(m).is_none()));
-                if !closing {
+                // Every written, unacked message with an id: the outbox sends it again.
+                let unacked = outbox.take_written();
+                // Without an id, like at least once: what the peer's TCP did not take.
+                let left = live.leftover(closing);
+                reset = left.reset;
+                if left.possibly_lost > 0 {
+                    log::warn!(
+                        "connection {cgen}: {} messages without an ack id acknowledged by the \
+                         peer's TCP after its last sign of life{}: possibly lost",
+                        left.possibly_lost,
+                        if closing {
+                            ", or sent but not acknowledged when the client closed"
+                        } else {
+                            ""
+                        }
+                    );
                     counters
-                        .resent
-                        .fetch_add((resend.len() - before) as u64, Ordering::Relaxed);
+                        .possibly_lost
+                        .fetch_add(left.possibly_lost, Ordering::Relaxed);
                 }
+                // One write order: the unacked ones the peer's TCP took (written before
+                // everything it did not take), then what it did not take, each once; of
+                // those with an id only the still unacked.
+                let waiting: HashSet<u64> = unacked.iter().filter_map(|m| outbox.id(m)).collect();
+                let mut later = HashSet::new();
+                let mut tail = Vec::with_capacity(left.resend.len());
+                let mut plain = 0u64;
+                for m in left.resend {
+                    match outbox.id(&m) {
+                        None => {
+                            plain += 1;
+                            tail.push(m);
+                        }
+                        Some(id) if waiting.contains(&id) && later.insert(id) => tail.push(m),
+                        Some(_) => {}
+                    }
+                }
+                if !closing {
+                    counters.resent.fetch_add(plain, Ordering::Relaxed);
+                }
+                let mut resend: Vec<Message> = unacked
+                    .into_iter()
+                    .filter(|m| outbox.id(m).is_none_or(|id| !later.contains(&id)))
+                    .collect();
+                resend.extend(tail);
                 resend
             }
         };

@@ -69,9 +69,14 @@ fn send_all_writes_a_batch_in_order_and_hands_back_failures_by_index() {
 /// Fills the socket and tungstenite's buffer of a server that stopped reading, so
 /// messages are in flight (buffered, not yet handed to the OS) when the connection dies.
 fn fill_in_flight(client: &Client) -> Vec<Message> {
+    fill_in_flight_with(client, |i| format!("{i:06}:{}", "x".repeat(4000)))
+}
+
+/// [`fill_in_flight`] with the text of message `i` made by `text`.
+fn fill_in_flight_with(client: &Client, text: impl Fn(u32) -> String) -> Vec<Message> {
     let mut accepted = Vec::new();
     for i in 0..20_000u32 {
-        let m = Message::text(format!("{i:06}:{}", "x".repeat(4000)));
+        let m = Message::text(text(i));
         match client.try_send(m.clone()) {
             Ok(()) => accepted.push(m),
             Err(Error::WouldBlock { .. }) => return accepted,
@@ -531,11 +536,14 @@ fn a_message_close_hands_back_is_never_delivered() {
     );
 }
 
-/// Acked delivery, messages without an id: one still in flight when the connection
-/// dies is written again on the next connection, and counted in `Stats::resent` (it
-/// was not: duplicates at the server then had no count to be checked against).
+/// Acked delivery with messages with and without an id: those without follow at least
+/// once (3a: what the peer's TCP did not take is written again, what it took after the
+/// peer's last sign of life is counted as possibly lost), those with one are written
+/// again until acked, all in one write order. Before, messages without an id that had
+/// reached the OS were dropped with no trace (699 of 4 940 in the probe that found it),
+/// their re-sends were not counted, and every message with an id went ahead of them.
 #[test]
-fn acked_mode_counts_the_resends_of_messages_without_an_id() {
+fn acked_mode_resends_messages_without_an_id_at_least_once_in_write_order() {
     let server = TestServer::builder()
         .behavior(Behavior::StopReading)
         .recv_buffer(4096)
@@ -543,16 +551,49 @@ fn acked_mode_counts_the_resends_of_messages_without_an_id() {
     let client = in_flight_client(&server, Delivery::Acked(Acks::json_field("id", "ack")));
     let events = client.events();
     assert_eq!(next_connected(&events), 1);
-    // No "id" field: not tracked by the outbox.
-    let accepted = fill_in_flight(&client);
+    // Even messages carry an id (the server never acks), odd ones do not.
+    let pad = "x".repeat(4000);
+    let accepted: Vec<String> = fill_in_flight_with(&client, |i| {
+        if i % 2 == 0 {
+            format!(r#"{{"id":{i},"pad":"{pad}"}}"#)
+        } else {
+            format!(r#"{{"n":{i},"pad":"{pad}"}}"#)
+        }
+    })
+    .iter()
+    .map(|m| m.to_text().unwrap().to_string())
+    .collect();
+    let has_id = |t: &String| t.starts_with(r#"{"id""#);
     server.set_behavior(Behavior::Echo);
     server.reset_all();
     assert_eq!(next_connected(&events), 2);
     client.send_text("after").unwrap();
     assert!(wait_until(T, || texts(&server, 1).contains(&"after".into())));
-    let again = texts(&server, 1).len() - 1;
-    assert!(again > 0, "messages in flight were written again");
-    assert!(again <= accepted.len());
-    assert_eq!(client.stats().resent, again as u64, "{:?}", client.stats());
+    let got = texts(&server, 1);
+    let again = &got[..got.len() - 1];
+    // What the peer's TCP had not taken comes again whole (a tail of what was accepted,
+    // in order), after the messages with an id that it had taken (they are unacked).
+    let taken = accepted.len()
+        - (0..=again.len())
+            .rev()
+            .find(|n| again[again.len() - n..] == accepted[accepted.len() - n..])
+            .expect("a tail");
+    let tail_len = accepted.len() - taken;
+    assert!(tail_len > 0, "messages the peer's TCP had not taken");
+    let before: Vec<&String> = accepted[..taken].iter().filter(|t| has_id(t)).collect();
+    assert_eq!(
+        again[..again.len() - tail_len].iter().collect::<Vec<_>>(),
+        before,
+        "the unacked messages with an id, in order, then the tail"
+    );
+    let st = client.stats();
+    assert_eq!(
+        st.resent,
+        again.len() as u64,
+        "every re-send counted: {st:?}"
+    );
+    // The server never read: what its TCP took without an id may be lost, and is counted.
+    let plain_taken = accepted[..taken].iter().filter(|t| !has_id(t)).count();
+    assert_eq!(st.possibly_lost, plain_taken as u64, "{st:?}");
     let _ = client.close();
 }

@@ -67,7 +67,7 @@ use crate::queue::{OfflineQueue, check_outgoing, payload_len};
 use crate::time::{deadline, deadline_in};
 use crate::transport::dial::Cancel;
 use crate::transport::stream::{Ws, is_would_block, reason_of};
-use crate::transport::sys::{Waker, unacked_bytes, unsent_bytes, wait_writable};
+use crate::transport::sys::{Waker, abort, unacked_bytes, unsent_bytes, wait_writable};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
 /// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
@@ -123,9 +123,6 @@ pub(crate) struct Leftover {
     /// Acknowledged by the peer's TCP after the peer's last sign of life, not resent
     /// (closing: also those sent whole but not acknowledged).
     pub possibly_lost: u64,
-    /// Closing: the kernel may still hold bytes of messages handed back, so the socket
-    /// must be reset (not closed in order) for them never to arrive.
-    pub reset: bool,
 }
 
 /// Where the last heartbeat probe is on its way out.
@@ -362,22 +359,28 @@ impl Live {
     /// The connection is dead: what to send again on the next one (at-least-once).
     /// Reads the kernel's send queue, so call it before the socket is shut down.
     ///
-    /// `closing`: there is no next connection, what is left is handed back, and the
-    /// socket is then reset (see [`Leftover::reset`]), which discards the bytes the
-    /// kernel has not sent yet. A message is handed back only if some of its bytes had
-    /// not left this host (`SIOCOUTQNSD` on Linux; elsewhere only one whose bytes never
-    /// reached the OS): it can then never arrive whole. One sent whole but not
-    /// acknowledged may have arrived: possibly lost, never both delivered and handed back.
+    /// `closing`: there is no next connection, and what is left is handed back. If the
+    /// kernel still holds unsent bytes, the connection is reset at once (Linux), which
+    /// discards them: a message is then handed back only if some of its bytes had not
+    /// left this host (`SIOCOUTQNSD`), as it can never arrive whole. One sent whole but
+    /// not acknowledged may have arrived: possibly lost, never both delivered and
+    /// handed back. Where there is no such figure or reset, only a message whose bytes
+    /// never reached the OS is handed back.
     pub(crate) fn leftover(&mut self, closing: bool) -> Leftover {
         let mut resend = Vec::new();
         let mut possibly_lost = 0;
-        let mut reset = false;
         if let Some(t) = self.tracked.as_mut() {
             let (written, mark) = self.ws.get_ref().offsets();
             // Unknown: everything after the peer's last sign of life is sent again.
             let acked = unacked_bytes(&self.sock).map_or(mark, |q| written.saturating_sub(q));
             // Bytes that left this host (unknown: all the OS took).
-            let sent = unsent_bytes(&self.sock).map_or(written, |u| written.saturating_sub(u));
+            let mut sent = unsent_bytes(&self.sock).map_or(written, |u| written.saturating_sub(u));
+            // Reset now, right after reading the figure: the kernel must not send more of
+            // what is handed back (a slow peer may still be reading). Every thread waiting
+            // on the socket wakes. Not reset: the kernel may still send all it holds.
+            if closing && sent < written && !abort(&self.sock) {
+                sent = written;
+            }
             // Messages flushed together share the batch's end offset: each starts at or
             // after the end of the batch before (`start`), ends at or before its own.
             let (mut start, mut batch_end) = (t.floor, t.floor);
@@ -390,7 +393,6 @@ impl Live {
                     // The outbox decides (it sends again or hands back what is unacked);
                     // here only where it stood in the write order.
                     if end > acked {
-                        reset |= closing && start >= sent && sent < written;
                         resend.push(m);
                     }
                 } else if end <= acked {
@@ -400,9 +402,8 @@ impl Live {
                 } else if !closing {
                     resend.push(m);
                 } else if start >= sent {
-                    // Not a byte of it left this host: the reset discards what the
-                    // kernel holds of it.
-                    reset |= sent < written;
+                    // Not a byte of it left this host (the reset discarded what the
+                    // kernel held of it).
                     resend.push(m);
                 } else {
                     possibly_lost += 1;
@@ -416,7 +417,6 @@ impl Live {
         Leftover {
             resend,
             possibly_lost,
-            reset,
         }
     }
 }

@@ -528,18 +528,15 @@ impl Supervisor {
     /// What was in flight on dead connection `live`, per the delivery mode: back at the
     /// front of the queue (at-least-once: what the peer's TCP did not acknowledge;
     /// acked: every written, unacked message, and the others as at least once), or
-    /// handed back (at-most-once). Returns whether the socket must be reset rather than
-    /// closed in order (see [`Leftover::reset`](crate::link::Leftover)).
-    fn requeue(&self, link: &mut Link, live: &mut Live) -> bool {
+    /// handed back (at-most-once).
+    fn requeue(&self, link: &mut Link, live: &mut Live) {
         let cgen = live.generation;
         let counters = &self.shared.counters;
         // The user closes: what is left is handed back, not sent again.
         let closing = self.shared.closing.load(Ordering::SeqCst);
-        let mut reset = false;
         let resend = match &self.shared.cfg.delivery {
             Delivery::AtLeastOnce => {
                 let left = live.leftover(closing);
-                reset = left.reset;
                 if !closing {
                     counters
                         .resent
@@ -578,7 +575,6 @@ impl Supervisor {
                 let unacked = outbox.take_written();
                 // Without an id, like at least once: what the peer's TCP did not take.
                 let left = live.leftover(closing);
-                reset = left.reset;
                 if left.possibly_lost > 0 {
                     log::warn!(
                         "connection {cgen}: {} messages without an ack id acknowledged by the \
@@ -629,7 +625,6 @@ impl Supervisor {
             );
             link.queue.requeue_front(resend.into_iter());
         }
-        reset
     }
 
     /// Takes connection `cgen` out of the link, puts its in-flight messages back at the
@@ -639,20 +634,13 @@ impl Supervisor {
             .reader
             .take_if(|(g, _)| *g == cgen)
             .map(|(_, reader)| reader);
-        let mut reset = false;
         let live = {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
             link.flushing_queue = false;
             match link.take_live(cgen) {
                 Some(mut live) => {
-                    reset = self.requeue(link, &mut live);
-                    if reset {
-                        // Now, before the kernel sends more: closing the socket then
-                        // discards what it has not sent (messages just handed back).
-                        let _ =
-                            socket2::SockRef::from(&*live.sock).set_linger(Some(Duration::ZERO));
-                    }
+                    self.requeue(link, &mut live);
                     if matches!(link.state, State::Open) {
                         self.shared.set_state(link, State::Connecting);
                     }
@@ -664,12 +652,15 @@ impl Supervisor {
         let mut reason = DisconnectReason::ClosedByUser;
         if let Some(mut live) = live {
             reason = live.dead.take().unwrap_or(DisconnectReason::ClosedByUser);
-            if matches!(
-                reason,
-                DisconnectReason::HeartbeatTimeout { .. }
-                    | DisconnectReason::WriteStalled
-                    | DisconnectReason::ReconnectRequested
-            ) {
+            // Not while closing: that would flush what `requeue` just handed back.
+            if !self.shared.closing.load(Ordering::SeqCst)
+                && matches!(
+                    reason,
+                    DisconnectReason::HeartbeatTimeout { .. }
+                        | DisconnectReason::WriteStalled
+                        | DisconnectReason::ReconnectRequested
+                )
+            {
                 // Best effort, never waits: the peer is probably gone.
                 let frame = CloseFrame {
                     code: CloseCode::Away,
@@ -677,14 +668,7 @@ impl Supervisor {
                 };
                 let _ = live.ws.close(Some(frame));
             }
-            if reset {
-                // No FIN behind the unsent bytes: shutting the read side wakes the
-                // threads waiting on the socket (Linux, the only system that resets),
-                // and the last close sends the reset.
-                let _ = live.sock.shutdown(std::net::Shutdown::Read);
-            } else {
-                Shared::shutdown_socket(&live.sock);
-            }
+            Shared::shutdown_socket(&live.sock);
             live.waker.wake();
             if let Some(r) = reader {
                 let _ = r.join();

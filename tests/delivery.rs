@@ -597,3 +597,150 @@ fn acked_mode_resends_messages_without_an_id_at_least_once_in_write_order() {
     assert_eq!(st.possibly_lost, plain_taken as u64, "{st:?}");
     let _ = client.close();
 }
+
+/// A peer that reads slowly but steadily while `close()` gives up on its close reply:
+/// the kernel would go on sending between the look at its queue and the socket's last
+/// close, so "handed back" messages arrived (275-599 per run in the review that found
+/// it). The connection is now reset right after the look.
+#[test]
+fn close_with_a_slow_reading_peer_hands_back_nothing_that_arrives() {
+    use std::io::Read;
+    use std::sync::{Arc, Mutex};
+    struct Paced(std::net::TcpStream);
+    impl Read for Paced {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            // The pace of the slow peer (the scenario).
+            std::thread::sleep(Duration::from_micros(200));
+            let n = buf.len().min(4096);
+            self.0.read(&mut buf[..n])
+        }
+    }
+    impl std::io::Write for Paced {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            self.0.flush()
+        }
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let got = Arc::new(Mutex::new(Vec::<String>::new()));
+    let g = got.clone();
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        support::net::set_recv_buffer(&tcp, 64 << 10).unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        let mut ws = tungstenite::accept(Paced(tcp)).unwrap();
+        while let Ok(m) = ws.read() {
+            if let Message::Text(t) = m {
+                g.lock().unwrap().push(t.to_string());
+            }
+        }
+    });
+    let client = Client::builder(&url)
+        .limits(Limits::default().max_write_buffer(1 << 20))
+        .close_timeout(Duration::from_millis(100))
+        .write_timeout(Duration::from_secs(60))
+        .connect()
+        .unwrap();
+    let mut accepted = Vec::new();
+    let start = std::time::Instant::now();
+    let mut i = 0u32;
+    while start.elapsed() < Duration::from_millis(500) {
+        let m = format!("{i:06}:{}", "x".repeat(200));
+        i += 1;
+        match client.try_send(Message::text(m.clone())) {
+            Ok(()) => accepted.push(m),
+            // Back-pressure: the pace of this sender (the scenario).
+            Err(Error::WouldBlock { .. }) => std::thread::sleep(Duration::from_micros(100)),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let back: Vec<String> = client
+        .close()
+        .iter()
+        .map(|m| m.to_text().unwrap().to_string())
+        .collect();
+    let possibly_lost = client.stats().possibly_lost as usize;
+    server.join().unwrap();
+    let got = got.lock().unwrap().clone();
+    let delivered: HashSet<&String> = got.iter().collect();
+    let both = back.iter().filter(|m| delivered.contains(m)).count();
+    assert_eq!(
+        both,
+        0,
+        "handed back and delivered (of {} handed back)",
+        back.len()
+    );
+    assert_eq!(got[..], accepted[..got.len()]);
+    assert_eq!(back[..], accepted[accepted.len() - back.len()..]);
+    assert!(accepted.len() - got.len() - back.len() <= possibly_lost);
+}
+
+/// A sender blocked in `send` (waiting, without the lock, for the socket to take more)
+/// when `close()` gives up: it returns at once, and what it and `close()` hand back
+/// never arrives. It waited for the write timeout, or for the peer to read (the socket
+/// was only shut for reading, which does not wake a writer), and kept the socket open.
+#[test]
+fn a_sender_blocked_when_close_gives_up_returns_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let got = Arc::new(Mutex::new(Vec::<String>::new()));
+    let go = Arc::new(AtomicBool::new(false));
+    let (g, go2) = (got.clone(), go.clone());
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        support::net::set_recv_buffer(&tcp, 128 << 10).unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        let mut ws = tungstenite::accept(tcp).unwrap();
+        assert!(wait_until(T, || go2.load(Ordering::SeqCst)));
+        while let Ok(m) = ws.read() {
+            if let Message::Text(t) = m {
+                g.lock().unwrap().push(t.to_string());
+            }
+        }
+    });
+    let client = Client::builder(&url)
+        .limits(Limits::default().max_write_buffer(256 << 10))
+        .close_timeout(Duration::from_millis(200))
+        .write_timeout(Duration::from_secs(60))
+        .connect()
+        .unwrap();
+    fill_in_flight(&client);
+    let sending = Arc::new(AtomicBool::new(false));
+    let (c, s) = (client.clone(), sending.clone());
+    let sender = std::thread::spawn(move || {
+        s.store(true, Ordering::SeqCst);
+        c.send(Message::text("blocked"))
+            .map_err(|e| e.into_message())
+    });
+    // It blocks at once (the buffer is full); close() waits 200 ms for a reply first.
+    assert!(wait_until(T, || sending.load(Ordering::SeqCst)));
+    let mut back: Vec<String> = client
+        .close()
+        .iter()
+        .map(|m| m.to_text().unwrap().to_string())
+        .collect();
+    let closed = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(5), || sender.is_finished()),
+        "send() still blocked 5 s after close() returned"
+    );
+    let returned_after = closed.elapsed();
+    if let Err(Some(m)) = sender.join().unwrap() {
+        back.push(m.to_text().unwrap().to_string());
+    }
+    go.store(true, Ordering::SeqCst);
+    server.join().unwrap();
+    let got = got.lock().unwrap().clone();
+    let delivered: HashSet<&String> = got.iter().collect();
+    let both = back.iter().filter(|m| delivered.contains(m)).count();
+    assert_eq!(both, 0, "handed back and delivered");
+    assert!(
+        returned_after < Duration::from_secs(2),
+        "{returned_after:?}"
+    );
+}

@@ -1255,6 +1255,11 @@ fn paced_server(per_read: usize, gap: Duration) -> (String, Arc<AtomicUsize>) {
 /// declared dead (promise 3); before, it was, every `interval + timeout`, and the
 /// re-sent message never got through.
 #[test]
+#[cfg_attr(
+    windows,
+    ignore = "no kernel send-queue figure on Windows: the reply clock starts once the OS took \
+              the probe, which then waits behind the socket buffers' worth of the upload"
+)]
 fn a_long_upload_to_a_live_reading_peer_is_no_heartbeat_timeout() {
     // About 3 MB/s: 12 MiB take about 4 s, past what the socket buffers absorb.
     let (url, whole) = paced_server(32 << 10, Duration::from_millis(10));

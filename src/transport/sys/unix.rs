@@ -54,6 +54,28 @@ pub(crate) fn poll_fds(fds: &mut [PollFd], ms: i32) -> io::Result<usize> {
     }
 }
 
+/// Resets the connection of `sock` at once, where the OS can: on Linux a `connect` to
+/// `AF_UNSPEC` runs the kernel's TCP disconnect. A reset goes out, the send queue is
+/// discarded, and every thread polling a descriptor of it wakes (hang-up and error),
+/// whatever descriptors stay open. Elsewhere `false`: nothing was done.
+pub(crate) fn abort(sock: &TcpStream) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        let addr = libc::sockaddr {
+            sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+            sa_data: [0; 14],
+        };
+        let len = std::mem::size_of::<libc::sockaddr>() as libc::socklen_t;
+        // SAFETY: `addr` is a valid `sockaddr` of `len` bytes.
+        unsafe { libc::connect(raw(sock), &addr, len) == 0 }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = sock;
+        false
+    }
+}
+
 /// Bytes of `sock` the kernel has not sent yet (the unsent part of its send queue).
 /// Linux: the `SIOCOUTQNSD` ioctl; elsewhere `None`.
 pub(crate) fn unsent_bytes(sock: &TcpStream) -> Option<u64> {

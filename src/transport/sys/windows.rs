@@ -73,6 +73,12 @@ pub(crate) fn poll_fds(fds: &mut [PollFd], ms: i32) -> io::Result<usize> {
     Err(io::Error::from_raw_os_error(code))
 }
 
+/// Resets the connection of `sock` at once: not done on Windows (`false`).
+pub(crate) fn abort(sock: &TcpStream) -> bool {
+    let _ = sock;
+    false
+}
+
 /// Bytes of `sock` the kernel has not sent yet: Windows has no figure.
 pub(crate) fn unsent_bytes(sock: &TcpStream) -> Option<u64> {
     let _ = sock;

@@ -145,6 +145,14 @@ impl fmt::Debug for Heartbeat {
 }
 
 impl Heartbeat {
+    /// The probe with sequence number `seq`: a Ping carrying it, or the app's probe.
+    pub(crate) fn probe_message(&self, seq: u64) -> Message {
+        match &self.mode {
+            Mode::App { probe, .. } => probe.clone(),
+            _ => Message::Ping(seq.to_be_bytes().to_vec().into()),
+        }
+    }
+
     /// Whether inbound data messages go through a reply matcher (app-level probes).
     #[inline]
     pub(crate) fn matches_replies(&self) -> bool {
@@ -471,10 +479,7 @@ pub(crate) fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option
         Liveness::Data => st.last_data.max(st.last_reply),
         Liveness::Replies => st.last_reply,
     };
-    let probe_msg = |seq: u64| match &hb.mode {
-        Mode::App { probe, .. } => probe.clone(),
-        _ => Message::Ping(seq.to_be_bytes().to_vec().into()),
-    };
+    let probe_msg = |seq: u64| hb.probe_message(seq);
     match hb.mode {
         Mode::Off => None,
         Mode::Passive => {

@@ -134,6 +134,9 @@ pub(crate) enum ProbeOut {
     Buffered,
     /// Taken by the OS; it ends at or before this socket byte offset.
     Sent(u64),
+    /// Not written: our buffer was full (of user data). Written again as soon as it
+    /// fits (the timer tries until then).
+    Unwritten,
 }
 
 /// One open connection, owned by the link while published.
@@ -269,10 +272,37 @@ impl Live {
         let moved = acked != std::mem::replace(&mut self.output_seen, acked);
         let on_its_way = match self.probe_out {
             ProbeOut::None => false,
-            ProbeOut::Buffered => true,
+            ProbeOut::Buffered | ProbeOut::Unwritten => true,
             ProbeOut::Sent(end) => acked < end,
         };
         moved && on_its_way
+    }
+
+    /// Writes a heartbeat probe and flushes without blocking. A probe that does not fit
+    /// in our buffer (full of user data) is left `Unwritten`, not lost: the caller writes
+    /// it again once it fits, and its reply clock waits meanwhile (see `output_moved`;
+    /// a peer that takes none of that data is a write stall after the write timeout).
+    pub(crate) fn write_probe(
+        &mut self,
+        msg: Message,
+    ) -> std::result::Result<(), tungstenite::Error> {
+        // `Sent` once a flush takes it (just below, or later).
+        self.probe_out = ProbeOut::Buffered;
+        match self.ws.write(msg) {
+            Ok(()) => {}
+            Err(e) if is_would_block(&e) => {}
+            Err(tungstenite::Error::WriteBufferFull(_)) => {
+                self.probe_out = ProbeOut::Unwritten;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+        match self.try_flush()? {
+            true => {}
+            // The reader flushes it when the socket drains.
+            false => self.waker.wake(),
+        }
+        Ok(())
     }
 
     /// Flushes without blocking. `Ok(true)` when everything reached the OS.

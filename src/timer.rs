@@ -10,9 +10,12 @@ use crossbeam_channel::{Receiver, after, select};
 use crate::heartbeat::{Step, evaluate};
 use crate::link::{ProbeOut, Shared, TimerCmd};
 use crate::time::deadline;
-use crate::transport::stream::{is_would_block, reason_of};
+use crate::transport::stream::reason_of;
 use crate::transport::sys::wait_readable;
 use crate::{DisconnectReason, Event};
+
+/// How soon the timer tries again to write a probe that did not fit in the buffer.
+const PROBE_RETRY: Duration = Duration::from_millis(20);
 
 /// The timer thread: probes, deadlines, write-stall detection.
 pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
@@ -49,6 +52,21 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                 if dead.is_none() && live.output_moved() {
                     live.hb.output_moved(now);
                 }
+                // A probe that did not fit in our buffer: write it now if it fits, else
+                // look again soon.
+                if dead.is_none()
+                    && live.probe_out == ProbeOut::Unwritten
+                    && let Some((seq, _)) = live.hb.probe
+                {
+                    match live.write_probe(hb.probe_message(seq)) {
+                        Ok(()) if live.probe_out == ProbeOut::Unwritten => {
+                            let t = deadline(now, PROBE_RETRY);
+                            wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+                        }
+                        Ok(()) => {}
+                        Err(e) => dead = Some(reason_of(&e)),
+                    }
+                }
                 if dead.is_none() {
                     loop {
                         match evaluate(&hb, &mut live.hb, now) {
@@ -75,23 +93,14 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                                 };
                                 live.hb.next_seq += 1;
                                 live.hb.probe = Some((seq, now));
-                                // `Sent` once a flush takes it (just below, or later).
-                                live.probe_out = ProbeOut::Buffered;
                                 log::trace!("connection {cgen}: heartbeat probe {seq}");
-                                let written = match live.ws.write(msg) {
-                                    Err(e) if is_would_block(&e) => Ok(()),
-                                    other => other,
-                                };
-                                match written.and_then(|_| live.try_flush()) {
-                                    Ok(true) => {}
-                                    // The reader flushes it when the socket drains.
-                                    Ok(false) => live.waker.wake(),
-                                    // The buffer is full of user data: that is a stall, judged above.
-                                    Err(tungstenite::Error::WriteBufferFull(_)) => {}
-                                    Err(e) => {
-                                        dead = Some(reason_of(&e));
-                                        break;
-                                    }
+                                if let Err(e) = live.write_probe(msg) {
+                                    dead = Some(reason_of(&e));
+                                    break;
+                                }
+                                if live.probe_out == ProbeOut::Unwritten {
+                                    let t = deadline(now, PROBE_RETRY);
+                                    wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
                                 }
                                 // Loop once more to get the reply deadline.
                             }

@@ -1331,3 +1331,70 @@ fn a_hung_peer_taking_a_steady_stream_is_still_declared_dead_in_time() {
     );
     let _ = client.close();
 }
+
+/// A probe that finds our buffer full of user data is not lost: it goes out once the
+/// buffer drains. Here the peer pauses (less than the reply timeout) while we fill the
+/// buffer to the brim, then reads everything; we stream a while longer, then go quiet.
+/// The probe used to be dropped (tungstenite refuses a frame that does not fit) while
+/// its reply clock ran, so the live peer was declared dead once our stream stopped.
+#[test]
+fn a_probe_that_finds_the_buffer_full_is_sent_later_not_lost() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let server = thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        support::net::set_recv_buffer(&tcp, 64 << 10).unwrap();
+        tcp.set_read_timeout(Some(T)).unwrap();
+        let mut ws = tungstenite::accept(tcp).unwrap();
+        // A short pause (a GC, a busy moment), well within the reply timeout.
+        thread::sleep(Duration::from_millis(900));
+        while ws.read().is_ok() {}
+    });
+    let client = Client::builder(&url)
+        .limits(
+            wsbeat::Limits::default()
+                .max_message_size(1024)
+                .max_write_buffer(256 << 10),
+        )
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(500),
+            Duration::from_millis(1000),
+        ))
+        .write_timeout(Duration::from_secs(30))
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    let start = Instant::now();
+    // Fill the buffer to the brim while the peer pauses: bulk, then 1-byte messages.
+    while client.try_send(Message::binary(vec![1u8; 1000])).is_ok() {}
+    while start.elapsed() < Duration::from_millis(850) {
+        match client.try_send(Message::text("a")) {
+            Ok(()) | Err(Error::WouldBlock { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // The peer reads again; stream a while longer (the scenario), then go quiet.
+    while start.elapsed() < Duration::from_millis(2500) {
+        if client.send(Message::binary(vec![2u8; 1000])).is_err() {
+            break; // Closed: the link was declared dead (reported below).
+        }
+    }
+    // Quiet: a lost probe would now be "missed" within interval + timeout (1.5 s).
+    let quiet_until = Instant::now() + Duration::from_secs(3);
+    let mut died = None;
+    while let Ok(ev) = events.recv_deadline(quiet_until) {
+        if let Event::Disconnected { reason, .. } = ev {
+            died = Some(reason);
+            break;
+        }
+    }
+    let stats = client.stats();
+    let _ = client.close();
+    let _ = server.join();
+    assert!(
+        died.is_none(),
+        "a live, reading peer declared dead: {died:?}"
+    );
+    assert!(stats.rtt.is_some(), "a probe was answered: {stats:?}");
+}

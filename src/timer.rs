@@ -117,9 +117,9 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
             if let Some(t) = shared.resend_overdue(&mut link, now) {
                 wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
             }
-            // Under the lock (an unbounded channel, rule 4): let go first, a teardown
-            // could slip in and emit this connection's `Disconnected` (or the next one's
-            // `Connected`) before it.
+            // Under the lock (an unbounded channel, rule 4): were we to let go first, a
+            // teardown could slip in and emit this connection's `Disconnected` (or the
+            // next one's `Connected`) before it.
             if let Some(ev) = event {
                 shared.emit(ev);
             }

@@ -78,10 +78,11 @@ impl fmt::Debug for Acks {
 impl Acks {
     /// `id_of` reads the id of an outgoing message (`None`: not tracked by the outbox,
     /// delivered at least once, see `RELIABILITY.md` 3c); `ack_of` recognises an inbound
-    /// ack and returns the id it acknowledges. Both run under the client's lock (like a heartbeat reply matcher): keep them
-    /// short and do not call back into the `Client`; a panic in them is logged and
-    /// counts as `None`. Ids must be unique among the unacked messages: a message whose
-    /// id still waits for its ack is handed back ([`Error::DuplicateId`](crate::Error::DuplicateId)).
+    /// ack and returns the id it acknowledges. Both run under the client's lock (like a
+    /// heartbeat reply matcher): keep them short and do not call back into the `Client`;
+    /// a panic in them is logged and counts as `None`. Ids must be unique among the
+    /// unacked messages: a message whose id still waits for its ack is handed back
+    /// ([`Error::DuplicateId`](crate::Error::DuplicateId)).
     ///
     /// Defaults: ack timeout 10 s, at most 10 000 unacked messages (the overflow policy
     /// of [`ClientBuilder::overflow`](crate::ClientBuilder::overflow) applies when full),

@@ -542,21 +542,7 @@ impl Supervisor {
                         .resent
                         .fetch_add(left.resend.len() as u64, Ordering::Relaxed);
                 }
-                if left.possibly_lost > 0 {
-                    log::warn!(
-                        "connection {cgen}: {} messages acknowledged by the peer's TCP after \
-                         its last sign of life{}: possibly lost",
-                        left.possibly_lost,
-                        if closing {
-                            ", or sent but not acknowledged when the client closed"
-                        } else {
-                            ""
-                        }
-                    );
-                    counters
-                        .possibly_lost
-                        .fetch_add(left.possibly_lost, Ordering::Relaxed);
-                }
+                self.count_possibly_lost(cgen, left.possibly_lost, closing);
                 left.resend
             }
             Delivery::AtMostOnce => {
@@ -575,21 +561,7 @@ impl Supervisor {
                 let unacked = outbox.take_written();
                 // Without an id, like at least once: what the peer's TCP did not take.
                 let left = live.leftover(closing);
-                if left.possibly_lost > 0 {
-                    log::warn!(
-                        "connection {cgen}: {} messages without an ack id acknowledged by the \
-                         peer's TCP after its last sign of life{}: possibly lost",
-                        left.possibly_lost,
-                        if closing {
-                            ", or sent but not acknowledged when the client closed"
-                        } else {
-                            ""
-                        }
-                    );
-                    counters
-                        .possibly_lost
-                        .fetch_add(left.possibly_lost, Ordering::Relaxed);
-                }
+                self.count_possibly_lost(cgen, left.possibly_lost, closing);
                 // One write order: the unacked ones the peer's TCP took (written before
                 // everything it did not take), then what it did not take, each once; of
                 // those with an id only the still unacked.
@@ -625,6 +597,28 @@ impl Supervisor {
             );
             link.queue.requeue_front(resend.into_iter());
         }
+    }
+
+    /// Counts (and logs) `n` messages of connection `cgen` that may be lost: the peer's
+    /// TCP acknowledged them after its last sign of life (or, `closing`, they were sent
+    /// whole but not acknowledged).
+    fn count_possibly_lost(&self, cgen: u64, n: u64, closing: bool) {
+        if n == 0 {
+            return;
+        }
+        log::warn!(
+            "connection {cgen}: {n} messages acknowledged by the peer's TCP after its last \
+             sign of life{}: possibly lost",
+            if closing {
+                ", or sent but not acknowledged when the client closed"
+            } else {
+                ""
+            }
+        );
+        self.shared
+            .counters
+            .possibly_lost
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// Takes connection `cgen` out of the link, puts its in-flight messages back at the

@@ -86,6 +86,24 @@ fn fill_in_flight_with(client: &Client, text: impl Fn(u32) -> String) -> Vec<Mes
     panic!("the write buffer never filled");
 }
 
+/// Resets the connection of a server that stopped reading and lets it echo again; once
+/// the client reconnected, returns what came again on the new connection before a
+/// message sent after the reconnect.
+fn reset_and_take_what_comes_again(
+    server: &TestServer,
+    client: &Client,
+    events: &wsbeat::Events,
+) -> Vec<String> {
+    server.set_behavior(Behavior::Echo);
+    server.reset_all();
+    assert_eq!(next_connected(events), 2);
+    client.send_text("after").unwrap();
+    assert!(wait_until(T, || texts(server, 1).contains(&"after".into())));
+    let mut got = texts(server, 1);
+    got.pop();
+    got
+}
+
 fn in_flight_client(server: &TestServer, delivery: Delivery) -> Client {
     Client::builder(&server.url())
         .delivery(delivery)
@@ -165,13 +183,8 @@ fn at_least_once_resends_in_flight_messages_on_the_next_connection() {
     let events = client.events();
     assert_eq!(next_connected(&events), 1);
     let accepted = fill_in_flight(&client);
-    server.set_behavior(Behavior::Echo);
-    server.reset_all();
-    assert_eq!(next_connected(&events), 2);
-    client.send_text("after").unwrap();
-    assert!(wait_until(T, || texts(&server, 1).contains(&"after".into())));
-    let got = texts(&server, 1);
-    let resent = &got[..got.len() - 1];
+    let again = reset_and_take_what_comes_again(&server, &client, &events);
+    let resent = &again[..];
     assert!(!resent.is_empty(), "in-flight messages are sent again");
     // What comes again is a tail of what was accepted, in order.
     let tail: Vec<Message> = resent.iter().map(|s| Message::text(s.clone())).collect();
@@ -476,62 +489,97 @@ fn restart_keeps_acked_messages_tracked() {
 /// sent whole but not acknowledged (it may have arrived) is counted as possibly lost.
 #[test]
 fn a_message_close_hands_back_is_never_delivered() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
-    let got = Arc::new(Mutex::new(Vec::<String>::new()));
-    let go = Arc::new(AtomicBool::new(false));
-    let (g, go2) = (got.clone(), go.clone());
-    let server = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        support::net::set_recv_buffer(&tcp, 128 << 10).unwrap();
-        tcp.set_read_timeout(Some(T)).unwrap();
-        let mut ws = tungstenite::accept(tcp).unwrap();
-        // Busy until told; then reads whatever still comes.
-        assert!(wait_until(T, || go2.load(Ordering::SeqCst)));
-        while let Ok(m) = ws.read() {
-            if let Message::Text(t) = m {
-                g.lock().unwrap().push(t.to_string());
+    let server = HeldServer::start();
+    let client = server.client();
+    let accepted = texts_of(&fill_in_flight(&client));
+    let back = texts_of(&client.close());
+    let possibly_lost = client.stats().possibly_lost;
+    assert!(
+        !back.is_empty(),
+        "the kernel's queue was full: something is handed back"
+    );
+    let got = server.release();
+    assert_accounted(&accepted, &got, &back, possibly_lost);
+}
+
+/// A server that reads nothing (busy) until released, then records every text message
+/// until the connection ends.
+struct HeldServer {
+    url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    go: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl HeldServer {
+    fn start() -> HeldServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let got = Arc::new(Mutex::new(Vec::<String>::new()));
+        let go = Arc::new(AtomicBool::new(false));
+        let (g, go2) = (got.clone(), go.clone());
+        let thread = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            support::net::set_recv_buffer(&tcp, 128 << 10).unwrap();
+            tcp.set_read_timeout(Some(T)).unwrap();
+            let mut ws = tungstenite::accept(tcp).unwrap();
+            assert!(wait_until(T, || go2.load(Ordering::SeqCst)));
+            while let Ok(m) = ws.read() {
+                if let Message::Text(t) = m {
+                    g.lock().unwrap().push(t.to_string());
+                }
             }
+        });
+        HeldServer {
+            url,
+            got,
+            go,
+            thread,
         }
-    });
-    let client = Client::builder(&url)
-        .limits(Limits::default().max_write_buffer(256 << 10))
-        .close_timeout(Duration::from_millis(200))
-        .write_timeout(Duration::from_secs(60))
-        .connect()
-        .unwrap();
-    let accepted: Vec<String> = fill_in_flight(&client)
-        .iter()
+    }
+
+    /// A client whose buffers fill soon and whose `close()` waits 200 ms for a reply.
+    fn client(&self) -> Client {
+        Client::builder(&self.url)
+            .limits(Limits::default().max_write_buffer(256 << 10))
+            .close_timeout(Duration::from_millis(200))
+            .write_timeout(Duration::from_secs(60))
+            .connect()
+            .unwrap()
+    }
+
+    /// Lets the server read, and returns what arrived once the connection ended.
+    fn release(self) -> Vec<String> {
+        self.go.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().unwrap();
+        self.got.lock().unwrap().clone()
+    }
+}
+
+fn texts_of(ms: &[Message]) -> Vec<String> {
+    ms.iter()
         .map(|m| m.to_text().unwrap().to_string())
-        .collect();
-    let back: Vec<String> = client
-        .close()
-        .iter()
-        .map(|m| m.to_text().unwrap().to_string())
-        .collect();
-    let possibly_lost = client.stats().possibly_lost as usize;
-    go.store(true, Ordering::SeqCst);
-    server.join().unwrap();
-    let got = got.lock().unwrap().clone();
-    let both = back.iter().filter(|m| got.contains(m)).count();
+        .collect()
+}
+
+/// After a close: nothing handed back arrived; what arrived is a prefix of what was
+/// accepted, what was handed back a suffix, and at most `possibly_lost` lie between.
+fn assert_accounted(accepted: &[String], got: &[String], back: &[String], possibly_lost: u64) {
+    let delivered: HashSet<&String> = got.iter().collect();
+    let both = back.iter().filter(|m| delivered.contains(m)).count();
     assert_eq!(
         both,
         0,
         "handed back and delivered (of {} handed back)",
         back.len()
     );
-    assert!(
-        !back.is_empty(),
-        "the kernel's queue was full: something is handed back"
-    );
-    // In order: what arrived, then what may have arrived, then what was handed back.
     assert_eq!(got[..], accepted[..got.len()]);
     assert_eq!(back[..], accepted[accepted.len() - back.len()..]);
     let unaccounted = accepted.len() - got.len() - back.len();
     assert!(
-        unaccounted <= possibly_lost,
+        unaccounted as u64 <= possibly_lost,
         "{unaccounted} neither delivered nor handed back, {possibly_lost} counted possibly lost"
     );
 }
@@ -564,13 +612,8 @@ fn acked_mode_resends_messages_without_an_id_at_least_once_in_write_order() {
     .map(|m| m.to_text().unwrap().to_string())
     .collect();
     let has_id = |t: &String| t.starts_with(r#"{"id""#);
-    server.set_behavior(Behavior::Echo);
-    server.reset_all();
-    assert_eq!(next_connected(&events), 2);
-    client.send_text("after").unwrap();
-    assert!(wait_until(T, || texts(&server, 1).contains(&"after".into())));
-    let got = texts(&server, 1);
-    let again = &got[..got.len() - 1];
+    let again = reset_and_take_what_comes_again(&server, &client, &events);
+    let again = &again[..];
     // What the peer's TCP had not taken comes again whole (a tail of what was accepted,
     // in order), after the messages with an id that it had taken (they are unacked).
     let taken = accepted.len()
@@ -604,25 +647,7 @@ fn acked_mode_resends_messages_without_an_id_at_least_once_in_write_order() {
 /// it). The connection is now reset right after the look.
 #[test]
 fn close_with_a_slow_reading_peer_hands_back_nothing_that_arrives() {
-    use std::io::Read;
     use std::sync::{Arc, Mutex};
-    struct Paced(std::net::TcpStream);
-    impl Read for Paced {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            // The pace of the slow peer (the scenario).
-            std::thread::sleep(Duration::from_micros(200));
-            let n = buf.len().min(4096);
-            self.0.read(&mut buf[..n])
-        }
-    }
-    impl std::io::Write for Paced {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.write(buf)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.0.flush()
-        }
-    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ws://{}/", listener.local_addr().unwrap());
     let got = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -631,7 +656,12 @@ fn close_with_a_slow_reading_peer_hands_back_nothing_that_arrives() {
         let (tcp, _) = listener.accept().unwrap();
         support::net::set_recv_buffer(&tcp, 64 << 10).unwrap();
         tcp.set_read_timeout(Some(T)).unwrap();
-        let mut ws = tungstenite::accept(Paced(tcp)).unwrap();
+        let paced = support::net::Paced {
+            stream: tcp,
+            per_read: 4096,
+            gap: Duration::from_micros(200),
+        };
+        let mut ws = tungstenite::accept(paced).unwrap();
         while let Ok(m) = ws.read() {
             if let Message::Text(t) = m {
                 g.lock().unwrap().push(t.to_string());
@@ -657,25 +687,11 @@ fn close_with_a_slow_reading_peer_hands_back_nothing_that_arrives() {
             Err(e) => panic!("{e}"),
         }
     }
-    let back: Vec<String> = client
-        .close()
-        .iter()
-        .map(|m| m.to_text().unwrap().to_string())
-        .collect();
-    let possibly_lost = client.stats().possibly_lost as usize;
+    let back = texts_of(&client.close());
+    let possibly_lost = client.stats().possibly_lost;
     server.join().unwrap();
     let got = got.lock().unwrap().clone();
-    let delivered: HashSet<&String> = got.iter().collect();
-    let both = back.iter().filter(|m| delivered.contains(m)).count();
-    assert_eq!(
-        both,
-        0,
-        "handed back and delivered (of {} handed back)",
-        back.len()
-    );
-    assert_eq!(got[..], accepted[..got.len()]);
-    assert_eq!(back[..], accepted[accepted.len() - back.len()..]);
-    assert!(accepted.len() - got.len() - back.len() <= possibly_lost);
+    assert_accounted(&accepted, &got, &back, possibly_lost);
 }
 
 /// A sender blocked in `send` (waiting, without the lock, for the socket to take more)
@@ -684,32 +700,11 @@ fn close_with_a_slow_reading_peer_hands_back_nothing_that_arrives() {
 /// was only shut for reading, which does not wake a writer), and kept the socket open.
 #[test]
 fn a_sender_blocked_when_close_gives_up_returns_at_once() {
+    use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::{Arc, Mutex};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
-    let got = Arc::new(Mutex::new(Vec::<String>::new()));
-    let go = Arc::new(AtomicBool::new(false));
-    let (g, go2) = (got.clone(), go.clone());
-    let server = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        support::net::set_recv_buffer(&tcp, 128 << 10).unwrap();
-        tcp.set_read_timeout(Some(T)).unwrap();
-        let mut ws = tungstenite::accept(tcp).unwrap();
-        assert!(wait_until(T, || go2.load(Ordering::SeqCst)));
-        while let Ok(m) = ws.read() {
-            if let Message::Text(t) = m {
-                g.lock().unwrap().push(t.to_string());
-            }
-        }
-    });
-    let client = Client::builder(&url)
-        .limits(Limits::default().max_write_buffer(256 << 10))
-        .close_timeout(Duration::from_millis(200))
-        .write_timeout(Duration::from_secs(60))
-        .connect()
-        .unwrap();
-    fill_in_flight(&client);
+    let server = HeldServer::start();
+    let client = server.client();
+    let accepted = texts_of(&fill_in_flight(&client));
     let sending = Arc::new(AtomicBool::new(false));
     let (c, s) = (client.clone(), sending.clone());
     let sender = std::thread::spawn(move || {
@@ -719,26 +714,28 @@ fn a_sender_blocked_when_close_gives_up_returns_at_once() {
     });
     // It blocks at once (the buffer is full); close() waits 200 ms for a reply first.
     assert!(wait_until(T, || sending.load(Ordering::SeqCst)));
-    let mut back: Vec<String> = client
-        .close()
-        .iter()
-        .map(|m| m.to_text().unwrap().to_string())
-        .collect();
+    let back = texts_of(&client.close());
     let closed = std::time::Instant::now();
     assert!(
         wait_until(Duration::from_secs(5), || sender.is_finished()),
         "send() still blocked 5 s after close() returned"
     );
     let returned_after = closed.elapsed();
-    if let Err(Some(m)) = sender.join().unwrap() {
-        back.push(m.to_text().unwrap().to_string());
+    let blocked = sender.join().unwrap();
+    let got = server.release();
+    let mut accepted = accepted;
+    if blocked.is_ok() {
+        // Accepted before the close: close() hands it back (or it arrived).
+        accepted.push("blocked".into());
+    } else {
+        // Refused: its send() handed it back.
+        assert!(matches!(blocked, Err(Some(_))), "{blocked:?}");
     }
-    go.store(true, Ordering::SeqCst);
-    server.join().unwrap();
-    let got = got.lock().unwrap().clone();
-    let delivered: HashSet<&String> = got.iter().collect();
-    let both = back.iter().filter(|m| delivered.contains(m)).count();
-    assert_eq!(both, 0, "handed back and delivered");
+    assert_accounted(&accepted, &got, &back, client.stats().possibly_lost);
+    assert!(
+        !got.contains(&"blocked".to_string()),
+        "handed back and delivered"
+    );
     assert!(
         returned_after < Duration::from_secs(2),
         "{returned_after:?}"

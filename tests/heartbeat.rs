@@ -1208,23 +1208,6 @@ fn timer_thread_does_not_busy_loop() {
 /// pace of a slow uplink), answers pings (tungstenite does), and counts the binary
 /// messages it received whole.
 fn paced_server(per_read: usize, gap: Duration) -> (String, Arc<AtomicUsize>) {
-    use std::io::{Read, Write};
-    struct Paced(std::net::TcpStream, usize, Duration);
-    impl Read for Paced {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            thread::sleep(self.2);
-            let n = buf.len().min(self.1);
-            self.0.read(&mut buf[..n])
-        }
-    }
-    impl Write for Paced {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.write(buf)
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            self.0.flush()
-        }
-    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ws://{}/", listener.local_addr().unwrap());
     let whole = Arc::new(AtomicUsize::new(0));
@@ -1235,7 +1218,12 @@ fn paced_server(per_read: usize, gap: Duration) -> (String, Arc<AtomicUsize>) {
             let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
             let w = w.clone();
             thread::spawn(move || {
-                let Ok(mut ws) = tungstenite::accept(Paced(tcp, per_read, gap)) else {
+                let paced = support::net::Paced {
+                    stream: tcp,
+                    per_read,
+                    gap,
+                };
+                let Ok(mut ws) = tungstenite::accept(paced) else {
                     return;
                 };
                 while let Ok(m) = ws.read() {

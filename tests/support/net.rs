@@ -34,6 +34,32 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// A TCP stream that reads at most `per_read` bytes at a time, each read after `gap`:
+/// the pace of a slow but steady reader (a scenario, not synchronisation). Writes go
+/// straight through.
+pub struct Paced {
+    pub stream: TcpStream,
+    pub per_read: usize,
+    pub gap: Duration,
+}
+
+impl Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        std::thread::sleep(self.gap);
+        let n = buf.len().min(self.per_read);
+        self.stream.read(&mut buf[..n])
+    }
+}
+
+impl Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
+    }
+}
+
 /// Sets `SO_RCVBUF` (Linux doubles the value and applies a minimum).
 pub fn set_recv_buffer(s: &impl AsSock, bytes: usize) -> io::Result<()> {
     SockRef::from(s).set_recv_buffer_size(bytes)

@@ -80,9 +80,8 @@ use crate::{DisconnectReason, Error, Event, Message, Result, State};
 /// holds, plus `TRACK_CAP`.
 #[derive(Default)]
 pub(crate) struct Tracked {
-    /// End offset, message, and whether the outbox owns it (acked delivery, a message
-    /// with an id: the outbox sends it again until acked, so it is never possibly lost).
-    msgs: VecDeque<(u64, Message, bool)>,
+    /// End offset, message, and who owns it (see [`Owner`]).
+    msgs: VecDeque<(u64, Message, Owner)>,
     /// The last this many of `msgs` are not flushed yet.
     unflushed: usize,
     bytes: usize,
@@ -105,6 +104,20 @@ impl Tracked {
     }
 }
 
+/// Who owns a tracked message: this list, or (acked delivery, a message with an id) the
+/// outbox, which sends it again until acked, so it is never possibly lost here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    /// No outbox entry: at least once, by this list.
+    Plain,
+    /// The first write on this connection of outbox entry `seq`: where it stands in the
+    /// write order.
+    First(u64),
+    /// A later write of an outbox entry (re-sent after its ack timeout): its place is
+    /// its first write's.
+    Again,
+}
+
 /// End offset of a message whose flush has not completed: after any real offset.
 const UNFLUSHED: u64 = u64::MAX;
 const PRUNE_EVERY: usize = 1024;
@@ -118,8 +131,9 @@ const ACKED_CAP: usize = 1 << 16;
 
 /// What a dead connection leaves to send again.
 pub(crate) struct Leftover {
-    /// In order: to be sent again on the next connection (or, closing, handed back).
-    pub resend: Vec<Message>,
+    /// In order: to be sent again on the next connection (or, closing, handed back),
+    /// each with the outbox entry it is the first write of on this connection, if any.
+    pub resend: Vec<(Message, Option<u64>)>,
     /// Acknowledged by the peer's TCP after the peer's last sign of life, not resent
     /// (closing: also those sent whole but not acknowledged).
     pub possibly_lost: u64,
@@ -193,18 +207,18 @@ impl Live {
         &mut self,
         m: Message,
     ) -> std::result::Result<Written, tungstenite::Error> {
-        self.write_tracked_as(m, false)
+        self.write_tracked_as(m, Owner::Plain)
     }
 
-    /// [`write_tracked`](Self::write_tracked); `outboxed`: the outbox owns the message.
+    /// [`write_tracked`](Self::write_tracked), tracked as owned by `owner`.
     fn write_tracked_as(
         &mut self,
         m: Message,
-        outboxed: bool,
+        owner: Owner,
     ) -> std::result::Result<Written, tungstenite::Error> {
         match self.tracked.as_mut() {
             Some(t) => {
-                t.msgs.push_back((UNFLUSHED, m.clone(), outboxed));
+                t.msgs.push_back((UNFLUSHED, m.clone(), owner));
                 t.unflushed += 1;
             }
             None => self.in_flight.push_back(m.clone()),
@@ -239,11 +253,19 @@ impl Live {
             return self.write_tracked(m);
         };
         let id = outbox.id(&m);
-        let written = self.write_tracked_as(m, id.is_some());
+        let owner = if id.is_some() {
+            Owner::Again
+        } else {
+            Owner::Plain
+        };
+        let written = self.write_tracked_as(m, owner);
         if let Some(id) = id
             && !matches!(written, Ok(Written::Full(_)))
+            && let Some(seq) = outbox.written(id, Instant::now())
+            && let Some(last) = self.tracked.as_mut().and_then(|t| t.msgs.back_mut())
         {
-            outbox.written(id, Instant::now());
+            // Its first write on this connection: the one just tracked.
+            last.2 = Owner::First(seq);
         }
         written
     }
@@ -369,7 +391,11 @@ impl Live {
             if acked.is_some() {
                 let before_mark = t.msgs.partition_point(|(e, _, _)| *e <= mark).min(gone);
                 // The outbox's own messages are sent again until acked: never lost.
-                for (e, _, _) in t.msgs.range(before_mark..gone).filter(|x| !x.2) {
+                for (e, _, _) in t
+                    .msgs
+                    .range(before_mark..gone)
+                    .filter(|x| x.2 == Owner::Plain)
+                {
                     if t.acked_ends.len() >= ACKED_CAP {
                         t.acked_ends.pop_front();
                     }
@@ -415,26 +441,33 @@ impl Live {
             // after the end of the batch before (`start`), ends at or before its own.
             let (mut start, mut batch_end) = (t.floor, t.floor);
             // Messages never flushed (`UNFLUSHED`) are after every offset: sent again.
-            for (end, m, outboxed) in t.msgs.drain(..) {
+            for (end, m, owner) in t.msgs.drain(..) {
                 if end != batch_end {
                     (start, batch_end) = (batch_end, end);
                 }
-                if outboxed {
-                    // The outbox decides (it sends again or hands back what is unacked);
-                    // here only where it stood in the write order.
-                    if end > acked {
-                        resend.push(m);
+                match owner {
+                    // The outbox decides (it sends again or hands back what is unacked):
+                    // here only where the first write on this connection stood in the
+                    // write order, if the peer's TCP did not take it.
+                    Owner::First(seq) => {
+                        if end > acked {
+                            resend.push((m, Some(seq)));
+                        }
+                        continue;
                     }
-                } else if end <= acked {
+                    Owner::Again => continue,
+                    Owner::Plain => {}
+                }
+                if end <= acked {
                     if end > mark {
                         possibly_lost += 1;
                     }
                 } else if !closing {
-                    resend.push(m);
+                    resend.push((m, None));
                 } else if start >= sent {
                     // Not a byte of it left this host (the reset discarded what the
                     // kernel held of it).
-                    resend.push(m);
+                    resend.push((m, None));
                 } else {
                     possibly_lost += 1;
                 }
@@ -443,7 +476,7 @@ impl Live {
             t.bytes = 0;
             t.unflushed = 0;
         }
-        resend.extend(self.in_flight.drain(..));
+        resend.extend(self.in_flight.drain(..).map(|m| (m, None)));
         Leftover {
             resend,
             possibly_lost,

@@ -259,15 +259,19 @@ impl Outbox {
     }
 
     /// The message with `id` was written to a connection (buffered in tungstenite, or
-    /// in flight on a connection that died while writing it).
-    pub(crate) fn written(&mut self, id: u64, now: Instant) {
-        if let Some(e) = self.entry_mut(id) {
-            e.sent = Some(now);
-            e.writes += 1;
-            if e.writes > 1 {
-                self.resent += 1;
-            }
+    /// in flight on a connection that died while writing it). Returns its entry's
+    /// sequence number if this was its first write on this connection (since the last
+    /// [`take_written`](Self::take_written)).
+    pub(crate) fn written(&mut self, id: u64, now: Instant) -> Option<u64> {
+        let seq = *self.index.get(&id)?;
+        let e = self.entry_mut(id)?;
+        let first = e.sent.is_none();
+        e.sent = Some(now);
+        e.writes += 1;
+        if e.writes > 1 {
+            self.resent += 1;
         }
+        first.then_some(seq)
     }
 
     /// Called by the reader for each inbound text/binary message under the lock.
@@ -306,13 +310,14 @@ impl Outbox {
         m
     }
 
-    /// The connection died: the written, unacked messages in order, marked as waiting
-    /// again (the caller puts them back at the front of the queue).
-    pub(crate) fn take_written(&mut self) -> Vec<Message> {
+    /// The connection died: the written, unacked messages in order, each with its
+    /// entry's sequence number, marked as waiting again (the caller puts them back at
+    /// the front of the queue).
+    pub(crate) fn take_written(&mut self) -> Vec<(u64, Message)> {
         let mut out = Vec::new();
-        for e in self.entries.iter_mut() {
+        for (i, e) in self.entries.iter_mut().enumerate() {
             if let (Some(m), Some(_)) = (&e.msg, e.sent) {
-                out.push(m.clone());
+                out.push((self.head + i as u64, m.clone()));
                 e.sent = None;
             }
         }
@@ -378,14 +383,17 @@ mod tests {
         let now = Instant::now();
         for i in 1..=3 {
             assert!(matches!(o.admit(&m(i)), Admit::Ok));
-            o.written(i, now);
+            // The first write on a connection says which entry it is.
+            assert_eq!(o.written(i, now), Some(i - 1));
         }
+        assert_eq!(o.written(3, now), None, "not a first write");
+        assert_eq!(o.resent, 1);
         assert!(matches!(o.admit(&m(4)), Admit::Full));
         assert!(o.on_inbound(&Message::text(r#"{"ack":2}"#)));
         assert_eq!(o.len(), 2);
-        assert_eq!(o.take_written(), vec![m(1), m(3)]);
-        o.written(1, now);
-        assert_eq!(o.resent, 1);
+        assert_eq!(o.take_written(), vec![(0, m(1)), (2, m(3))]);
+        assert_eq!(o.written(1, now), Some(0), "first on the next connection");
+        assert_eq!(o.resent, 2);
         assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
         // A late duplicate ack changes nothing.
         assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));

@@ -543,7 +543,7 @@ impl Supervisor {
                         .fetch_add(left.resend.len() as u64, Ordering::Relaxed);
                 }
                 self.count_possibly_lost(cgen, left.possibly_lost, closing);
-                left.resend
+                left.resend.into_iter().map(|(m, _)| m).collect()
             }
             Delivery::AtMostOnce => {
                 let messages: Vec<Message> = live.in_flight.drain(..).collect();
@@ -562,20 +562,21 @@ impl Supervisor {
                 // Without an id, like at least once: what the peer's TCP did not take.
                 let left = live.leftover(closing);
                 self.count_possibly_lost(cgen, left.possibly_lost, closing);
-                // One write order: the unacked ones the peer's TCP took (written before
-                // everything it did not take), then what it did not take, each once; of
-                // those with an id only the still unacked.
-                let waiting: HashSet<u64> = unacked.iter().filter_map(|m| outbox.id(m)).collect();
+                // One write order: the unacked ones whose first write here the peer's
+                // TCP took (written before everything it did not take), then what it did
+                // not take, each once. An outbox entry counts by its first write, and
+                // only while unacked (ids may be reused once acked or dropped).
+                let waiting: HashSet<u64> = unacked.iter().map(|(seq, _)| *seq).collect();
                 let mut later = HashSet::new();
                 let mut tail = Vec::with_capacity(left.resend.len());
                 let mut plain = 0u64;
-                for m in left.resend {
-                    match outbox.id(&m) {
+                for (m, seq) in left.resend {
+                    match seq {
                         None => {
                             plain += 1;
                             tail.push(m);
                         }
-                        Some(id) if waiting.contains(&id) && later.insert(id) => tail.push(m),
+                        Some(seq) if waiting.contains(&seq) && later.insert(seq) => tail.push(m),
                         Some(_) => {}
                     }
                 }
@@ -584,7 +585,8 @@ impl Supervisor {
                 }
                 let mut resend: Vec<Message> = unacked
                     .into_iter()
-                    .filter(|m| outbox.id(m).is_none_or(|id| !later.contains(&id)))
+                    .filter(|(seq, _)| !later.contains(seq))
+                    .map(|(_, m)| m)
                     .collect();
                 resend.extend(tail);
                 resend

@@ -741,3 +741,132 @@ fn a_sender_blocked_when_close_gives_up_returns_at_once() {
         "{returned_after:?}"
     );
 }
+
+/// Acked delivery, `DropOldest`: a message dropped from a full outbox is handed back
+/// and its id is free again. A new message with that id is a different message: after
+/// a reconnect it is the one sent again (the dropped one stays handed back). The
+/// connection's write order knew ids only, so the old message went out in its place,
+/// and its ack then acked the new one, which was lost.
+#[test]
+fn acked_mode_never_resends_a_dropped_message_in_place_of_a_new_one_with_its_id() {
+    let server = TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .recv_buffer(4096)
+        .start();
+    let client = Client::builder(&server.url())
+        .delivery(Delivery::Acked(
+            Acks::json_field("id", "ack")
+                .max_messages(1)
+                .timeout(Duration::from_secs(60)),
+        ))
+        .overflow(wsbeat::OverflowPolicy::DropOldest)
+        .limits(
+            Limits::default()
+                .max_write_buffer(4 << 20)
+                .queue_bytes(1 << 30),
+        )
+        .write_timeout(Duration::from_secs(60))
+        .reconnect_policy(Fixed(Duration::from_millis(20)))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    assert_eq!(next_connected(&events), 1);
+    let pad = "x".repeat(4000);
+    for i in 0..50 {
+        client
+            .try_send(Message::text(format!(r#"{{"n":{i},"p":"{pad}"}}"#)))
+            .unwrap();
+    }
+    let a = Message::text(r#"{"id":1,"v":"old"}"#);
+    let b = Message::text(r#"{"id":2,"v":"b"}"#);
+    let c = Message::text(r#"{"id":1,"v":"new"}"#);
+    client.send(a.clone()).unwrap();
+    client.send(b.clone()).unwrap(); // the outbox is full: A is dropped
+    client.send(c.clone()).unwrap(); // B is dropped; id 1 is free again
+    let mut back = Vec::new();
+    while back.len() < 2 {
+        if let Event::Undelivered(ms) = events.recv_timeout(T).expect("Undelivered") {
+            back.extend(ms);
+        }
+    }
+    assert_eq!(back, [a.clone(), b]);
+    let again = reset_and_take_what_comes_again(&server, &client, &events);
+    let with_id: Vec<&String> = again.iter().filter(|t| t.contains(r#""id""#)).collect();
+    assert_eq!(with_id, [c.to_text().unwrap()], "only C comes again");
+    let _ = client.close();
+}
+
+/// Acked delivery: a message re-sent after its ack timeout keeps its place. Its first
+/// write reached the peer's TCP; the re-send went out behind later messages the peer
+/// never took. After the reconnect it goes first (it was written first), not after
+/// them, as when its place was taken from the re-send.
+#[test]
+fn acked_mode_keeps_the_first_write_order_of_a_message_re_sent_after_its_ack_timeout() {
+    use std::sync::mpsc;
+    // Connection 1 reads the first message only, then nothing, until reset. Connection 2
+    // records what it gets until "after".
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (reset_tx, reset_rx) = mpsc::channel::<()>();
+    let (got_tx, got_rx) = mpsc::channel::<Vec<String>>();
+    let server = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        support::net::set_recv_buffer(&tcp, 4096).unwrap();
+        let mut ws = tungstenite::accept(tcp.try_clone().unwrap()).unwrap();
+        let first = ws.read().unwrap();
+        assert_eq!(first.to_text().unwrap(), r#"{"id":1}"#);
+        reset_rx.recv_timeout(T).unwrap();
+        support::net::reset(tcp);
+        drop(ws);
+        let (tcp, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(tcp).unwrap();
+        let mut got = Vec::new();
+        while let Ok(m) = ws.read() {
+            if let Message::Text(t) = m {
+                if t.as_str() == "after" {
+                    break;
+                }
+                got.push(t.to_string());
+            }
+        }
+        got_tx.send(got).unwrap();
+    });
+    let client = Client::builder(&url)
+        .delivery(Delivery::Acked(
+            Acks::json_field("id", "ack").timeout(Duration::from_millis(300)),
+        ))
+        .limits(
+            Limits::default()
+                .max_write_buffer(4 << 20)
+                .queue_bytes(1 << 30),
+        )
+        .write_timeout(Duration::from_secs(60))
+        .reconnect_policy(Fixed(Duration::from_millis(20)))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    assert_eq!(next_connected(&events), 1);
+    client.send_text(r#"{"id":1}"#).unwrap();
+    let pad = "x".repeat(4000);
+    let later: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"n":{i},"p":"{pad}"}}"#))
+        .chain([r#"{"id":2}"#.to_string()])
+        .collect();
+    for t in &later {
+        client.try_send(Message::text(t.clone())).unwrap();
+    }
+    // Id 1 is re-sent (never acked) behind what the server does not read.
+    assert!(wait_until(T, || client.stats().resent >= 1));
+    reset_tx.send(()).unwrap();
+    assert_eq!(next_connected(&events), 2);
+    client.send_text("after").unwrap();
+    let got = got_rx.recv_timeout(T).expect("connection 2");
+    server.join().unwrap();
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some(r#"{"id":1}"#),
+        "{:?}",
+        &got[..3.min(got.len())]
+    );
+    let _ = client.close();
+}

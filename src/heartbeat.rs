@@ -386,10 +386,23 @@ impl HbState {
     /// to the peer (see `Live::output_moved`): the probe may not have reached it yet, so
     /// its reply clock starts again now. A long upload to a live, reading peer is then no
     /// missed reply. A peer that stops taking our bytes stops this: the clock runs out
-    /// (and the write-stall timeout judges a peer that stopped reading).
-    pub(crate) fn output_moved(&mut self, now: Instant) {
-        if let Some((seq, _)) = self.probe {
+    /// (and the write-stall timeout judges a peer that stopped reading). A probe already
+    /// answered by a sign of life that counts (see [`evaluate`]) keeps its time, so that
+    /// `evaluate` sees the answer.
+    pub(crate) fn output_moved(&mut self, hb: &Heartbeat, now: Instant) {
+        if let Some((seq, sent)) = self.probe
+            && self.alive_since(hb) <= sent
+        {
             self.probe = Some((seq, now));
+        }
+    }
+
+    /// The last sign of life that counts for `hb`'s liveness rule.
+    fn alive_since(&self, hb: &Heartbeat) -> Instant {
+        match hb.liveness {
+            Liveness::Traffic => self.last_inbound,
+            Liveness::Data => self.last_data.max(self.last_reply),
+            Liveness::Replies => self.last_reply,
         }
     }
 
@@ -474,11 +487,7 @@ pub(crate) enum Step {
 /// The heartbeat's decision for one connection at `now`: sleep, probe, count a miss or
 /// declare it dead. Pure: no threads, no sockets, no clock (the timer applies it).
 pub(crate) fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
-    let alive_since = match hb.liveness {
-        Liveness::Traffic => st.last_inbound,
-        Liveness::Data => st.last_data.max(st.last_reply),
-        Liveness::Replies => st.last_reply,
-    };
+    let alive_since = st.alive_since(hb);
     let probe_msg = |seq: u64| hb.probe_message(seq);
     match hb.mode {
         Mode::Off => None,
@@ -556,6 +565,34 @@ mod tests {
         Some(Step::Dead(DisconnectReason::HeartbeatTimeout {
             silent_for,
         }))
+    }
+
+    #[test]
+    fn output_moving_after_a_sign_of_life_does_not_hide_it() {
+        let hb = Heartbeat::ping(15 * S, 10 * S);
+        let t0 = Instant::now();
+        let mut st = HbState::new(t0);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 15 * S),
+            Some(Step::Probe(ping_of(1), 1))
+        );
+        sent(&mut st, 1, t0 + 15 * S);
+        // The peer sends something just after the probe, then falls silent.
+        st.on_data(t0 + 15 * S + S / 10);
+        // Our upload still moved when the timer looks at the reply deadline: the sign
+        // of life answers the probe, and the next probe is due `interval` after it.
+        st.output_moved(&hb, t0 + 25 * S);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 25 * S),
+            Some(Step::SleepUntil(t0 + 30 * S + S / 10))
+        );
+        // With no sign of life, moving output restarts the probe's clock.
+        sent(&mut st, 2, t0 + 31 * S);
+        st.output_moved(&hb, t0 + 40 * S);
+        assert_eq!(
+            evaluate(&hb, &mut st, t0 + 45 * S),
+            Some(Step::SleepUntil(t0 + 50 * S))
+        );
     }
 
     #[test]

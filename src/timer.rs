@@ -50,7 +50,7 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                     live.hb.held_back(now);
                 }
                 if dead.is_none() && live.output_moved() {
-                    live.hb.output_moved(now);
+                    live.hb.output_moved(&hb, now);
                 }
                 // A probe that did not fit in our buffer: write it now if it fits, else
                 // look again soon.

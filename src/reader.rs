@@ -129,7 +129,8 @@ impl Drop for Attached<'_> {
 
 /// What one drain of the socket did.
 struct Drained {
-    /// Text and binary messages for the user, and their payload bytes.
+    /// Messages for the user (text, binary, surfaced pings and pongs), and their payload
+    /// bytes.
     msgs: usize,
     bytes: usize,
     /// The budget ended the drain: input may be left.
@@ -216,7 +217,9 @@ fn drain(
                         (msgs, bytes) = (msgs + 1, bytes + t.len());
                         out.push_back(Message::Text(own_text(recycler, t)));
                     }
-                    Message::Ping(_) | Message::Pong(_) if surface_pings => {
+                    Message::Ping(ref p) | Message::Pong(ref p) if surface_pings => {
+                        // Handed to the user like data: within the same bound.
+                        (msgs, bytes) = (msgs + 1, bytes + p.len());
                         out.push_back(msg);
                     }
                     Message::Close(frame) if !live.close_sent => {

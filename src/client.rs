@@ -320,12 +320,17 @@ impl Client {
         self.inner.shared.send(msg.into(), SendMode::Try)
     }
 
-    /// Sends many messages with one lock hold and one flush (plus one per full write
-    /// buffer): a burst costs about one `write` syscall per 128 KiB instead of one per
-    /// message. Each message is written, queued, or handed back exactly like
+    /// Sends many messages with one lock hold and one flush per chunk of up to 2048
+    /// messages or 128 KiB: a burst costs about one `write` syscall per chunk instead of
+    /// one per message. A chunk is as many messages as the iterator says it has left
+    /// (`size_hint`, exact for a `Vec`, a range or a `map` of them); one that cannot say
+    /// (a channel's) has each message sent as it comes. Each message is written, queued, or handed back exactly like
     /// [`send`](Client::send) would; returns once all of them reached the OS (or
     /// were queued). The failures come back in order, each with its index in the batch
     /// and its message ([`Error::into_message`]); the other messages were accepted.
+    ///
+    /// The iterator is read between chunks, never while the client's lock is held: it
+    /// may be lazy, slow, wait on a channel, or use this client.
     ///
     /// ```
     /// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -650,6 +650,8 @@ struct Batch {
 /// A batch hands its buffer to the OS every this many bytes (tungstenite's own write
 /// buffer size), so memory and `in_flight` stay small in long batches.
 const BATCH_FLUSH_BYTES: usize = 128 << 10;
+/// Most messages of a batch taken from the caller's iterator per lock hold.
+const BATCH_CHUNK: usize = 2048;
 
 /// How a send waits.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -705,28 +707,53 @@ impl Shared {
         r
     }
 
-    /// Sends a batch under one lock hold: each message is written into tungstenite's
-    /// buffer (or queued, or handed back to `fail` with its index), and the buffer is
-    /// flushed once at the end (and every 128 KiB). The lock is let go only to wait for
-    /// the socket (`unlocked_fair`), never across a network wait, and between chunks.
+    /// Sends a batch in chunks, each under one lock hold: each message is written into
+    /// tungstenite's buffer (or queued, or handed back to `fail` with its index), and the
+    /// buffer is flushed at the end of each chunk. The caller's iterator runs between
+    /// chunks, without the lock: it may wait (a channel), be slow, or use the client, and
+    /// nobody waits for it under the lock (the reader, the timer, `close()`). A chunk is
+    /// as many messages as the iterator says it has left (its `size_hint`), at most
+    /// `BATCH_CHUNK` and `BATCH_FLUSH_BYTES`, and at least one: an iterator that cannot
+    /// say (a channel's) has each message sent as it comes. The lock is let go only to
+    /// wait for the socket (`unlocked_fair`), never across a network wait.
     pub(crate) fn send_many(
         &self,
-        msgs: impl Iterator<Item = (usize, Message)>,
+        mut msgs: impl Iterator<Item = (usize, Message)>,
         mode: SendMode,
         fail: &mut dyn FnMut(usize, Error),
     ) {
-        let mut link = self.lock_for_send();
         let mut batch = Batch::default();
-        for (i, msg) in msgs {
-            let r = self
-                .check_outgoing(msg)
-                .and_then(|msg| self.accept(&mut link, msg, mode, &mut batch));
-            if let Err(e) = r {
-                fail(i, e);
+        let mut chunk = Vec::new();
+        loop {
+            let want = msgs.size_hint().0.clamp(1, BATCH_CHUNK);
+            let mut bytes = 0;
+            let mut done = true;
+            for (i, msg) in msgs.by_ref() {
+                bytes += payload_len(&msg);
+                chunk.push((i, msg));
+                if chunk.len() >= want || bytes >= BATCH_FLUSH_BYTES {
+                    done = false;
+                    break;
+                }
             }
-        }
-        if batch.cgen != 0 {
-            self.flush_batch(&mut link, &mut batch, mode);
+            if !chunk.is_empty() {
+                let mut link = self.lock_for_send();
+                for (i, msg) in chunk.drain(..) {
+                    let r = self
+                        .check_outgoing(msg)
+                        .and_then(|msg| self.accept(&mut link, msg, mode, &mut batch));
+                    if let Err(e) = r {
+                        fail(i, e);
+                    }
+                }
+                // Flushed before the iterator is asked for more (it may wait for long).
+                if batch.cgen != 0 {
+                    self.flush_batch(&mut link, &mut batch, mode);
+                }
+            }
+            if done {
+                return;
+            }
         }
     }
 

@@ -1645,3 +1645,70 @@ fn builder_errors_come_back_from_connect_and_connect_lazy_before_any_thread_star
     bounded("close", T, move || c.close());
     no_client_threads_left("after close");
 }
+
+/// `send_all` reads its iterator between chunks, never under the client's lock. It
+/// pulled every message under the lock, so an iterator waiting on a channel kept
+/// `close()` waiting (promise 1), a slow producer locked the reader and the timer out
+/// until a live link was declared dead (promise 3), and an iterator that used the client
+/// (here: `state()`) deadlocked it for good.
+#[test]
+fn send_all_reads_its_iterator_without_the_lock() {
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    // 1. An iterator waiting on a channel: close() ends all the same.
+    let client = builder(&server.url()).connect().expect("connect");
+    let (tx, rx) = crossbeam_channel::unbounded::<Message>();
+    tx.send(Message::text("first")).unwrap();
+    let c = client.clone();
+    let sender = std::thread::spawn(move || c.send_all(rx.iter()).map_err(|f| f.len()));
+    assert!(
+        util::wait_until(T, || tx.is_empty()),
+        "the first message was taken"
+    );
+    let c = client.clone();
+    bounded("close() while send_all's iterator waits", T, move || {
+        c.close()
+    });
+    drop(tx);
+    bounded("send_all once its iterator ends", T, move || sender.join())
+        .expect("sender")
+        .expect("the first message was sent before the close");
+    // 2. A slow producer: the heartbeat goes on, the link lives.
+    let interval = Duration::from_millis(200);
+    let client = builder(&server.url())
+        .heartbeat(Heartbeat::ping(interval, Duration::from_millis(300)))
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let c = client.clone();
+    let slow = (0..3).map(move |i| {
+        if i == 1 {
+            // The producer's pace (the scenario): longer than interval + timeout.
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        Message::text(format!("slow {i}"))
+    });
+    bounded("send_all with a slow producer", T, move || c.send_all(slow)).expect("all sent");
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while let Ok(ev) = events.recv_deadline(deadline) {
+        assert!(!matches!(ev, Event::Disconnected { .. }), "{ev:?}");
+    }
+    assert_eq!(client.state(), State::Open);
+    let c = client.clone();
+    bounded("close", T, move || c.close());
+    // 3. An iterator that uses the client.
+    let client = builder(&server.url()).connect().expect("connect");
+    let (c, c2) = (client.clone(), client.clone());
+    let using = (0..3).map(move |i| {
+        let _ = c2.state();
+        Message::text(format!("m{i}"))
+    });
+    bounded(
+        "send_all with an iterator that reads state()",
+        T,
+        move || c.send_all(using),
+    )
+    .expect("all sent");
+    let c = client.clone();
+    bounded("close", T, move || c.close());
+}

@@ -99,12 +99,24 @@ impl Recycler {
         })
     }
 
-    /// A copy of `data` in a recycled buffer when one fits.
+    /// A copy of `data` in a recycled buffer when one fits: at least as large, and at
+    /// most twice as large, so that a small message the user keeps does not pin a large
+    /// buffer (an 8 KiB message in a 1 MiB one). Smaller buffers are freed, larger ones
+    /// kept for larger messages.
     fn copy(self: &Arc<Self>, data: &[u8]) -> Bytes {
         let mut buf = Vec::new();
-        while let Ok(b) = self.rx.try_recv() {
-            self.kept.fetch_sub(b.capacity(), Ordering::Relaxed);
-            if b.capacity() >= data.len() {
+        for _ in 0..self.rx.len() {
+            let Ok(b) = self.rx.try_recv() else {
+                break;
+            };
+            let cap = b.capacity();
+            if cap > data.len().saturating_mul(2) {
+                // For a larger message (`kept` still counts it).
+                let _ = self.tx.try_send(b);
+                continue;
+            }
+            self.kept.fetch_sub(cap, Ordering::Relaxed);
+            if cap >= data.len() {
                 buf = b;
                 break;
             }
@@ -536,5 +548,30 @@ impl Drive for Driver {
         )
         .ok()?;
         Some(woken != 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_payload_never_takes_a_much_larger_recycled_buffer() {
+        let r = Recycler::new();
+        // A 1 MiB payload's buffer comes back when the message is dropped.
+        drop(r.copy(&vec![1u8; 1 << 20]));
+        let kept = || r.kept.load(Ordering::Relaxed);
+        assert!(kept() >= 1 << 20);
+        // An 8 KiB payload kept by the user must not pin that buffer.
+        let small = r.copy(&[2u8; 8 << 10]);
+        assert_eq!(&small[..], &[2u8; 8 << 10][..]);
+        assert!(
+            kept() >= 1 << 20,
+            "the large buffer waits for a large payload"
+        );
+        // A large payload takes it.
+        let large = r.copy(&vec![3u8; 1 << 20]);
+        assert_eq!(kept(), 0);
+        assert!(large.iter().all(|b| *b == 3));
     }
 }

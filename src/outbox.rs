@@ -79,8 +79,11 @@ impl Acks {
     /// `id_of` reads the id of an outgoing message (`None`: not tracked by the outbox,
     /// delivered at least once, see `RELIABILITY.md` 3c); `ack_of` recognises an inbound
     /// ack and returns the id it acknowledges. Both run under the client's lock (like a
-    /// heartbeat reply matcher): keep them short and do not call back into the `Client`;
-    /// a panic in them is logged and counts as `None`. Ids must be unique among the
+    /// heartbeat reply matcher): keep them short, do not call back into the `Client`, and
+    /// do not capture a `Client` or upgrade a captured
+    /// [`WeakClient`](crate::WeakClient) in them (dropping the last handle there would
+    /// close the client under its own lock); a panic in them is logged and counts as
+    /// `None`. Ids must be unique among the
     /// unacked messages: a message whose id still waits for its ack is handed back
     /// ([`Error::DuplicateId`](crate::Error::DuplicateId)).
     ///

@@ -729,7 +729,9 @@ impl Shared {
             let mut bytes = 0;
             let mut done = true;
             for (i, msg) in msgs.by_ref() {
-                bytes += payload_len(&msg);
+                // Counted as `accept` counts a batch (with a frame header), so a chunk
+                // ends where that flush falls, and costs one flush.
+                bytes += payload_len(&msg) + 14;
                 chunk.push((i, msg));
                 if chunk.len() >= want || bytes >= BATCH_FLUSH_BYTES {
                     done = false;

@@ -43,6 +43,8 @@ const COPY_MIN: usize = 8 << 10;
 /// Most bytes of emptied payload buffers kept for reuse, and the largest buffer kept.
 const RECYCLE_BYTES: usize = 4 << 20;
 const RECYCLE_MAX_BUF: usize = 1 << 20;
+/// Most recycled buffers one copy looks at (it runs under the link lock).
+const RECYCLE_SKIP: usize = 8;
 
 /// Payload buffers that come back to the reader when the user drops a message.
 ///
@@ -102,17 +104,23 @@ impl Recycler {
     /// A copy of `data` in a recycled buffer when one fits: at least as large, and at
     /// most twice as large, so that a small message the user keeps does not pin a large
     /// buffer (an 8 KiB message in a 1 MiB one). Smaller buffers are freed, larger ones
-    /// kept for larger messages.
+    /// kept for larger messages while the pool is less than half full (else freed too),
+    /// and at most `RECYCLE_SKIP` are looked at.
     fn copy(self: &Arc<Self>, data: &[u8]) -> Bytes {
         let mut buf = Vec::new();
-        for _ in 0..self.rx.len() {
+        for _ in 0..self.rx.len().min(RECYCLE_SKIP) {
             let Ok(b) = self.rx.try_recv() else {
                 break;
             };
             let cap = b.capacity();
             if cap > data.len().saturating_mul(2) {
-                // For a larger message (`kept` still counts it).
-                let _ = self.tx.try_send(b);
+                // Kept for a larger message while the pool has room to spare; else freed,
+                // so that buffers of this size can come back instead.
+                if self.kept.load(Ordering::Relaxed) < RECYCLE_BYTES / 2 {
+                    let _ = self.tx.try_send(b);
+                } else {
+                    self.kept.fetch_sub(cap, Ordering::Relaxed);
+                }
                 continue;
             }
             self.kept.fetch_sub(cap, Ordering::Relaxed);
@@ -573,5 +581,32 @@ mod tests {
         let large = r.copy(&vec![3u8; 1 << 20]);
         assert_eq!(kept(), 0);
         assert!(large.iter().all(|b| *b == 3));
+    }
+
+    /// A pool full of buffers too large for the payloads that now come neither makes
+    /// every copy walk all of them (under the link lock) nor keeps smaller buffers out
+    /// for good: past half the budget, a too-large buffer is freed.
+    #[test]
+    fn a_pool_of_too_large_buffers_makes_way() {
+        let r = Recycler::new();
+        drop(
+            (0..250)
+                .map(|_| r.copy(&[1u8; 17 << 10]))
+                .collect::<Vec<_>>(),
+        );
+        let full = r.rx.len();
+        assert!(full > 200, "{full} buffers of 17 KiB kept");
+        for _ in 0..40 {
+            drop(r.copy(&[2u8; 8 << 10]));
+        }
+        assert!(r.rx.len() < full, "the 17 KiB buffers stay: {}", r.rx.len());
+        // And 8 KiB buffers are recycled now.
+        let before = r.kept.load(Ordering::Relaxed);
+        let m = r.copy(&[3u8; 8 << 10]);
+        assert!(
+            r.kept.load(Ordering::Relaxed) < before,
+            "a recycled buffer was taken"
+        );
+        drop(m);
     }
 }

@@ -285,6 +285,7 @@ impl ClientBuilder {
     }
 
     /// Also deliver incoming pings and pongs as [`Event::Message`](crate::Event::Message).
+    /// They then count against [`event_capacity`](Self::event_capacity) like data.
     pub fn surface_pings(mut self, yes: bool) -> Self {
         self.cfg.surface_pings = yes;
         self
@@ -318,8 +319,8 @@ impl ClientBuilder {
     }
 
     /// Bounds the inbound messages waiting for the consumer in
-    /// [`Client::events`](crate::Client::events): at most `messages` text/binary messages
-    /// and `bytes` payload bytes (defaults 10 000 and 32 MiB; 0 counts as 1). When either
+    /// [`Client::events`](crate::Client::events): at most `messages` messages (text,
+    /// binary, and surfaced pings and pongs) and `bytes` payload bytes (defaults 10 000 and 32 MiB; 0 counts as 1). When either
     /// is reached the client stops reading from the server until the consumer has taken
     /// half of them out: TCP pushes back on the server, nothing is dropped. The bound can
     /// be passed by one read of the socket (at most [`read_budget`](Self::read_budget)

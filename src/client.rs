@@ -144,11 +144,13 @@ pub struct Stats {
     pub queued: usize,
     /// Messages handed to the OS so far.
     pub sent: u64,
-    /// Text/binary messages received so far.
+    /// Messages received so far: text and binary, and pings and pongs when surfaced
+    /// ([`ClientBuilder::surface_pings`](crate::ClientBuilder::surface_pings)).
     pub received: u64,
     /// Successful reconnections so far.
     pub reconnects: u64,
-    /// Text/binary messages waiting for the consumer in [`Client::events`].
+    /// Messages (as counted in `received`) waiting for the consumer in
+    /// [`Client::events`].
     pub events_queued: usize,
     /// Payload bytes of those messages.
     pub events_queued_bytes: usize,
@@ -324,7 +326,9 @@ impl Client {
     /// messages or 128 KiB: a burst costs about one `write` syscall per chunk instead of
     /// one per message. A chunk is as many messages as the iterator says it has left
     /// (`size_hint`, exact for a `Vec`, a range or a `map` of them); one that cannot say
-    /// (a channel's) has each message sent as it comes. Each message is written, queued, or handed back exactly like
+    /// (a channel's, a `filter`'s) has each message sent as it comes. A lazy iterator's
+    /// message waits until its chunk is complete, so give a slow producer a channel.
+    /// Once the client is closed, the iterator is not read any further. Each message is written, queued, or handed back exactly like
     /// [`send`](Client::send) would; returns once all of them reached the OS (or
     /// were queued). The failures come back in order, each with its index in the batch
     /// and its message ([`Error::into_message`]); the other messages were accepted.

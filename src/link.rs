@@ -752,6 +752,11 @@ impl Shared {
                 if batch.cgen != 0 {
                     self.flush_batch(&mut link, &mut batch, mode);
                 }
+                if matches!(link.state, State::Closed | State::Closing) {
+                    // Every later message would be refused: the iterator is not read
+                    // further (a channel's would be drained into failures for good).
+                    return;
+                }
             }
             if done {
                 return;
@@ -777,7 +782,7 @@ impl Shared {
         batch: &mut Batch,
     ) -> Result<()> {
         if link.outbox.is_some() {
-            match self.admit(link, &msg, mode) {
+            match self.admit(link, &msg, mode, batch) {
                 Admit::Ok => {}
                 Admit::Full => return Err(Error::QueueFull { message: msg }),
                 Admit::Duplicate(id) => return Err(Error::DuplicateId { id, message: msg }),
@@ -872,7 +877,13 @@ impl Shared {
     }
 
     /// Acked delivery: makes room in the outbox per the overflow policy and tracks `msg`.
-    fn admit(&self, link: &mut MutexGuard<'_, Link>, msg: &Message, mode: SendMode) -> Admit {
+    fn admit(
+        &self,
+        link: &mut MutexGuard<'_, Link>,
+        msg: &Message,
+        mode: SendMode,
+        batch: &mut Batch,
+    ) -> Admit {
         let until = match self.cfg.overflow {
             OverflowPolicy::Block(limit) => deadline_in(limit),
             _ => Instant::now(),
@@ -892,6 +903,14 @@ impl Shared {
                 dup @ Admit::Duplicate(_) => return dup,
                 Admit::Full => {}
             }
+            if batch.buffered > 0 {
+                // This batch's own messages wait unflushed: the peer cannot ack them
+                // (making room) before they go out, and dropping the oldest "written"
+                // one would hand back one that goes out after all.
+                self.flush_batch(link, batch, mode);
+                continue;
+            }
+            let outbox = link.outbox.as_mut().expect("acked delivery");
             match (self.cfg.overflow, mode) {
                 (OverflowPolicy::DropOldest, _) => match outbox.drop_oldest_written() {
                     Some(old) => self.emit(Event::Undelivered(vec![old])),
@@ -1017,6 +1036,8 @@ impl Shared {
     /// back with the connection). `Try`: one nonblocking flush, the rest is left to the
     /// reader (woken) and judged by the timer.
     fn flush_batch(&self, link: &mut MutexGuard<'_, Link>, batch: &mut Batch, mode: SendMode) {
+        // However it ends, the next 128 KiB count from here.
+        batch.bytes = 0;
         let write_timeout = self.cfg.write_timeout;
         let cgen = batch.cgen;
         loop {

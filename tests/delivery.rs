@@ -870,3 +870,35 @@ fn acked_mode_keeps_the_first_write_order_of_a_message_re_sent_after_its_ack_tim
     );
     let _ = client.close();
 }
+
+/// Acked delivery with a full outbox under `Block`: `send_all` flushes its own messages
+/// before it waits for room. It waited for acks of messages it had not flushed yet (20
+/// of 40 refused after 6 s where a `send` loop took 2 ms). (`DropOldest` now also drops
+/// only flushed messages: the same flush comes first.)
+#[test]
+fn send_all_flushes_its_own_messages_before_waiting_for_outbox_room() {
+    fn id_of(m: &Message) -> Option<u64> {
+        m.to_text().ok()?.strip_prefix("id:")?.parse().ok()
+    }
+    let server = TestServer::echo(); // the echo is the ack
+    let client = Client::builder(&server.url())
+        .heartbeat(Heartbeat::off())
+        .delivery(Delivery::Acked(Acks::new(id_of, id_of).max_messages(10)))
+        .overflow(wsbeat::OverflowPolicy::Block(Duration::from_secs(5)))
+        .connect()
+        .unwrap();
+    let batch: Vec<Message> = (0..40u64)
+        .map(|i| Message::text(format!("id:{i}")))
+        .collect();
+    let start = std::time::Instant::now();
+    let failed = client.send_all(batch).err().unwrap_or_default();
+    assert!(failed.is_empty(), "{} refused", failed.len());
+    // Each wait for room ends with the acks of flushed messages: well within one Block.
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(wait_until(T, || client.stats().acked == 40));
+    let _ = client.close();
+}

@@ -1712,3 +1712,39 @@ fn send_all_reads_its_iterator_without_the_lock() {
     let c = client.clone();
     bounded("close", T, move || c.close());
 }
+
+/// `send_all` stops reading its iterator once the client is closed: a channel's
+/// iterator was drained into failures for as long as the channel lived (200 000
+/// messages held as failures in the probe that found it).
+#[test]
+fn send_all_stops_reading_its_iterator_once_the_client_is_closed() {
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let client = builder(&server.url()).connect().expect("connect");
+    let (tx, rx) = crossbeam_channel::unbounded::<Message>();
+    let c = client.clone();
+    let sender = std::thread::spawn(move || c.send_all(rx.iter()));
+    let c = client.clone();
+    bounded("close()", T, move || c.close());
+    // The producer goes on (until the channel has no receiver left); the closed
+    // client's send_all must not take it all.
+    for i in 0..10_000 {
+        if tx.send(Message::text(format!("late {i}"))).is_err() {
+            break;
+        }
+    }
+    let r = bounded("send_all after close", T, move || sender.join()).expect("sender");
+    let failed = r.err().unwrap_or_default();
+    assert!(
+        failed.len() < 10_000,
+        "{} late messages taken after the close",
+        failed.len()
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|(_, e)| matches!(e, Error::Closed { .. })),
+        "{failed:?}"
+    );
+    drop(tx);
+}

@@ -784,6 +784,11 @@ impl Shared {
         if link.outbox.is_some() {
             match self.admit(link, &msg, mode, batch) {
                 Admit::Ok => {}
+                // Full because the client is closing (a `Block` wait ends then): the
+                // message comes back as any other refused by a close.
+                Admit::Full if matches!(link.state, State::Closed | State::Closing) => {
+                    return Err(Error::Closed { message: Some(msg) });
+                }
                 Admit::Full => return Err(Error::QueueFull { message: msg }),
                 Admit::Duplicate(id) => return Err(Error::DuplicateId { id, message: msg }),
             }

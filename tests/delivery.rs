@@ -902,3 +902,29 @@ fn send_all_flushes_its_own_messages_before_waiting_for_outbox_room() {
     assert!(wait_until(T, || client.stats().acked == 40));
     let _ = client.close();
 }
+
+/// Acked delivery, `Block` with a full outbox: a send waiting for room when the client
+/// closes gets its message back as `Closed`, like every send a close refuses. It came
+/// back as `QueueFull`, which says "try again later".
+#[test]
+fn a_send_waiting_for_outbox_room_gets_closed_when_the_client_closes() {
+    let server = TestServer::echo(); // never acks: {"id":N} has no "ack" field
+    let client = Client::builder(&server.url())
+        .heartbeat(Heartbeat::off())
+        .delivery(Delivery::Acked(
+            Acks::json_field("id", "ack").max_messages(1),
+        ))
+        .overflow(wsbeat::OverflowPolicy::Block(Duration::from_secs(60)))
+        .connect()
+        .unwrap();
+    client.send_text(r#"{"id":1}"#).unwrap();
+    let c = client.clone();
+    let waiting = std::thread::spawn(move || c.send_text(r#"{"id":2}"#));
+    let back = client.close();
+    let r = waiting.join().unwrap();
+    assert!(
+        matches!(&r, Err(Error::Closed { message: Some(m) }) if m.to_text().unwrap() == r#"{"id":2}"#),
+        "{r:?}"
+    );
+    assert_eq!(back, [Message::text(r#"{"id":1}"#)]);
+}

@@ -488,7 +488,6 @@ pub(crate) enum Step {
 /// declare it dead. Pure: no threads, no sockets, no clock (the timer applies it).
 pub(crate) fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option<Step> {
     let alive_since = st.alive_since(hb);
-    let probe_msg = |seq: u64| hb.probe_message(seq);
     match hb.mode {
         Mode::Off => None,
         Mode::Passive => {
@@ -528,7 +527,7 @@ pub(crate) fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option
                         }));
                     }
                     let seq = st.next_seq;
-                    return Some(Step::Missed(st.missed, probe_msg(seq), seq));
+                    return Some(Step::Missed(st.missed, hb.probe_message(seq), seq));
                 }
             }
             let due = deadline(
@@ -539,7 +538,7 @@ pub(crate) fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option
                 return Some(Step::SleepUntil(due));
             }
             let seq = st.next_seq;
-            Some(Step::Probe(probe_msg(seq), seq))
+            Some(Step::Probe(hb.probe_message(seq), seq))
         }
     }
 }

@@ -72,8 +72,7 @@ use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
 /// Messages flushed to the OS but perhaps not yet acknowledged by the peer's TCP, with
 /// the socket byte offset at which each ended (at-least-once and acked delivery),
-/// followed by
-/// the messages still in tungstenite's buffer (end `UNFLUSHED`: this mode's `in_flight`,
+/// followed by the messages still in tungstenite's buffer (end `UNFLUSHED`: this mode's `in_flight`,
 /// kept in the same deque so a send costs one push, not a push, a pop and a push). Pruned
 /// against the kernel's send queue (one ioctl) every `PRUNE_EVERY` messages or
 /// `PRUNE_EVERY_BYTES` bytes, so memory stays within about what the kernel itself
@@ -319,10 +318,9 @@ impl Live {
             }
             Err(e) => return Err(e),
         }
-        match self.try_flush()? {
-            true => {}
+        if !self.try_flush()? {
             // The reader flushes it when the socket drains.
-            false => self.waker.wake(),
+            self.waker.wake();
         }
         Ok(())
     }
@@ -462,11 +460,9 @@ impl Live {
                     if end > mark {
                         possibly_lost += 1;
                     }
-                } else if !closing {
-                    resend.push((m, None));
-                } else if start >= sent {
-                    // Not a byte of it left this host (the reset discarded what the
-                    // kernel held of it).
+                } else if !closing || start >= sent {
+                    // Sent again; or, closing, handed back: not a byte of it left this
+                    // host (the reset discarded what the kernel held of it).
                     resend.push((m, None));
                 } else {
                     possibly_lost += 1;
@@ -650,6 +646,8 @@ struct Batch {
 /// A batch hands its buffer to the OS every this many bytes (tungstenite's own write
 /// buffer size), so memory and `in_flight` stay small in long batches.
 const BATCH_FLUSH_BYTES: usize = 128 << 10;
+/// Bytes a batch counts for a message besides its payload: its largest frame header.
+const FRAME_HEADER: usize = 14;
 /// Most messages of a batch taken from the caller's iterator per lock hold.
 const BATCH_CHUNK: usize = 2048;
 
@@ -729,9 +727,9 @@ impl Shared {
             let mut bytes = 0;
             let mut done = true;
             for (i, msg) in msgs.by_ref() {
-                // Counted as `accept` counts a batch (with a frame header), so a chunk
-                // ends where that flush falls, and costs one flush.
-                bytes += payload_len(&msg) + 14;
+                // Counted as `accept` counts a batch, so a chunk ends where that flush
+                // falls, and costs one flush.
+                bytes += payload_len(&msg) + FRAME_HEADER;
                 chunk.push((i, msg));
                 if chunk.len() >= want || bytes >= BATCH_FLUSH_BYTES {
                     done = false;
@@ -834,7 +832,7 @@ impl Shared {
             match live.write_noted(l.outbox.as_mut(), msg) {
                 Ok(Written::Buffered) => {
                     batch.buffered += 1;
-                    batch.bytes += size + 14;
+                    batch.bytes += size + FRAME_HEADER;
                     if batch.bytes >= BATCH_FLUSH_BYTES {
                         // Hand a full buffer to the OS without waiting (as tungstenite
                         // itself would), so `in_flight` stays small in a long batch.

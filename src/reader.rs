@@ -113,18 +113,15 @@ impl Recycler {
                 break;
             };
             let cap = b.capacity();
-            if cap > data.len().saturating_mul(2) {
-                // Kept for a larger message while the pool has room to spare; else freed,
-                // so that buffers of this size can come back instead.
-                if self.kept.load(Ordering::Relaxed) < RECYCLE_BYTES / 2 {
-                    let _ = self.tx.try_send(b);
-                } else {
-                    self.kept.fetch_sub(cap, Ordering::Relaxed);
-                }
+            let too_large = cap > data.len().saturating_mul(2);
+            if too_large && self.kept.load(Ordering::Relaxed) < RECYCLE_BYTES / 2 {
+                // Kept for a larger message while the pool has room to spare; else freed
+                // below, so that buffers of this size can come back instead.
+                let _ = self.tx.try_send(b);
                 continue;
             }
             self.kept.fetch_sub(cap, Ordering::Relaxed);
-            if cap >= data.len() {
+            if !too_large && cap >= data.len() {
                 buf = b;
                 break;
             }

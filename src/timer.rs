@@ -57,22 +57,16 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                 if dead.is_none()
                     && live.probe_out == ProbeOut::Unwritten
                     && let Some((seq, _)) = live.hb.probe
+                    && let Err(e) = live.write_probe(hb.probe_message(seq))
                 {
-                    match live.write_probe(hb.probe_message(seq)) {
-                        Ok(()) if live.probe_out == ProbeOut::Unwritten => {
-                            let t = deadline(now, PROBE_RETRY);
-                            wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
-                        }
-                        Ok(()) => {}
-                        Err(e) => dead = Some(reason_of(&e)),
-                    }
+                    dead = Some(reason_of(&e));
                 }
                 if dead.is_none() {
                     loop {
                         match evaluate(&hb, &mut live.hb, now) {
                             None => break,
                             Some(Step::SleepUntil(t)) => {
-                                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+                                sooner(&mut wake_at, t);
                                 break;
                             }
                             Some(Step::Dead(r)) => {
@@ -98,14 +92,17 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                                     dead = Some(reason_of(&e));
                                     break;
                                 }
-                                if live.probe_out == ProbeOut::Unwritten {
-                                    let t = deadline(now, PROBE_RETRY);
-                                    wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
-                                }
                                 // Loop once more to get the reply deadline.
                             }
                         }
                     }
+                }
+                if dead.is_none()
+                    && live.probe_out == ProbeOut::Unwritten
+                    && live.hb.probe.is_some()
+                {
+                    // Try the probe that did not fit again soon.
+                    sooner(&mut wake_at, deadline(now, PROBE_RETRY));
                 }
                 if let Some(reason) = dead {
                     log::info!("connection {cgen}: {reason}");
@@ -115,7 +112,7 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
             }
             // Acked delivery: messages whose ack is overdue are written again.
             if let Some(t) = shared.resend_overdue(&mut link, now) {
-                wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
+                sooner(&mut wake_at, t);
             }
             // Under the lock (an unbounded channel, rule 4): were we to let go first, a
             // teardown could slip in and emit this connection's `Disconnected` (or the
@@ -136,4 +133,9 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
             recv(timeout) -> _ => {}
         }
     }
+}
+
+/// Makes `wake_at` `t` if that is sooner (or it was unset).
+fn sooner(wake_at: &mut Option<Instant>, t: Instant) {
+    *wake_at = Some(wake_at.map_or(t, |w| w.min(t)));
 }

@@ -76,15 +76,22 @@ pub(crate) fn abort(sock: &TcpStream) -> bool {
     }
 }
 
+/// The byte count a Linux socket ioctl `request` reports (`SIOCOUTQ`, `SIOCOUTQNSD`:
+/// one int), if it worked.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn socket_count(sock: &TcpStream, request: libc::Ioctl) -> Option<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: `request` is one of the socket ioctls that write one int to the pointer.
+    let r = unsafe { libc::ioctl(raw(sock), request, &mut n) };
+    (r == 0 && n >= 0).then_some(n as u64)
+}
+
 /// Bytes of `sock` the kernel has not sent yet (the unsent part of its send queue).
 /// Linux: the `SIOCOUTQNSD` ioctl; elsewhere `None`.
 pub(crate) fn unsent_bytes(sock: &TcpStream) -> Option<u64> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
-        let mut n: libc::c_int = 0;
-        // SAFETY: SIOCOUTQNSD writes one int to the pointer.
-        let r = unsafe { libc::ioctl(raw(sock), libc::SIOCOUTQNSD as _, &mut n) };
-        (r == 0 && n >= 0).then_some(n as u64)
+        socket_count(sock, libc::SIOCOUTQNSD as _)
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     {
@@ -99,10 +106,8 @@ pub(crate) fn unsent_bytes(sock: &TcpStream) -> Option<u64> {
 pub(crate) fn unacked_bytes(sock: &TcpStream) -> Option<u64> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
-        let mut n: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ (= SIOCOUTQ on sockets) writes one int to the pointer.
-        let r = unsafe { libc::ioctl(raw(sock), libc::TIOCOUTQ, &mut n) };
-        (r == 0 && n >= 0).then_some(n as u64)
+        // TIOCOUTQ is SIOCOUTQ on sockets.
+        socket_count(sock, libc::TIOCOUTQ)
     }
     #[cfg(any(target_os = "macos", target_os = "ios"))]
     {

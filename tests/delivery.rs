@@ -105,27 +105,43 @@ fn reset_and_take_what_comes_again(
 }
 
 fn in_flight_client(server: &TestServer, delivery: Delivery) -> Client {
+    in_flight_builder(server, delivery, 256 << 10)
+        .connect()
+        .unwrap()
+}
+
+/// A client of `server` with `delivery`, a write buffer of `write_buffer` bytes, and
+/// quick reconnects.
+fn in_flight_builder(
+    server: &TestServer,
+    delivery: Delivery,
+    write_buffer: usize,
+) -> wsbeat::ClientBuilder {
     Client::builder(&server.url())
         .delivery(delivery)
         .limits(
             Limits::default()
-                .max_write_buffer(256 << 10)
+                .max_write_buffer(write_buffer)
                 // Room behind the requeued messages (which bypass the bound) for the
                 // sends of the test, whatever the kernel's send buffer held.
                 .queue_bytes(1 << 30),
         )
         .write_timeout(Duration::from_secs(60))
         .reconnect_policy(Fixed(Duration::from_millis(20)))
-        .connect()
-        .unwrap()
+}
+
+/// A server that stops reading after the upgrade, with a small receive buffer: what the
+/// client sends soon waits in its own buffers.
+fn stopped_server() -> TestServer {
+    TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .recv_buffer(4096)
+        .start()
 }
 
 #[test]
 fn at_most_once_hands_in_flight_messages_back_and_never_resends_them() {
-    let server = TestServer::builder()
-        .behavior(Behavior::StopReading)
-        .recv_buffer(4096)
-        .start();
+    let server = stopped_server();
     let client = in_flight_client(&server, Delivery::AtMostOnce);
     let events = client.events();
     let mut seen = vec![events.recv_timeout(T).expect("Connected")];
@@ -175,10 +191,7 @@ fn at_most_once_hands_in_flight_messages_back_and_never_resends_them() {
 
 #[test]
 fn at_least_once_resends_in_flight_messages_on_the_next_connection() {
-    let server = TestServer::builder()
-        .behavior(Behavior::StopReading)
-        .recv_buffer(4096)
-        .start();
+    let server = stopped_server();
     let client = in_flight_client(&server, Delivery::AtLeastOnce);
     let events = client.events();
     assert_eq!(next_connected(&events), 1);
@@ -592,10 +605,7 @@ fn assert_accounted(accepted: &[String], got: &[String], back: &[String], possib
 /// their re-sends were not counted, and every message with an id went ahead of them.
 #[test]
 fn acked_mode_resends_messages_without_an_id_at_least_once_in_write_order() {
-    let server = TestServer::builder()
-        .behavior(Behavior::StopReading)
-        .recv_buffer(4096)
-        .start();
+    let server = stopped_server();
     let client = in_flight_client(&server, Delivery::Acked(Acks::json_field("id", "ack")));
     let events = client.events();
     assert_eq!(next_connected(&events), 1);
@@ -749,24 +759,12 @@ fn a_sender_blocked_when_close_gives_up_returns_at_once() {
 /// and its ack then acked the new one, which was lost.
 #[test]
 fn acked_mode_never_resends_a_dropped_message_in_place_of_a_new_one_with_its_id() {
-    let server = TestServer::builder()
-        .behavior(Behavior::StopReading)
-        .recv_buffer(4096)
-        .start();
-    let client = Client::builder(&server.url())
-        .delivery(Delivery::Acked(
-            Acks::json_field("id", "ack")
-                .max_messages(1)
-                .timeout(Duration::from_secs(60)),
-        ))
+    let server = stopped_server();
+    let acks = Acks::json_field("id", "ack")
+        .max_messages(1)
+        .timeout(Duration::from_secs(60));
+    let client = in_flight_builder(&server, Delivery::Acked(acks), 4 << 20)
         .overflow(wsbeat::OverflowPolicy::DropOldest)
-        .limits(
-            Limits::default()
-                .max_write_buffer(4 << 20)
-                .queue_bytes(1 << 30),
-        )
-        .write_timeout(Duration::from_secs(60))
-        .reconnect_policy(Fixed(Duration::from_millis(20)))
         .connect()
         .unwrap();
     let events = client.events();

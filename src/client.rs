@@ -587,11 +587,12 @@ mod consumer_read_tests {
     use super::*;
     use crate::Heartbeat;
     use crate::transport::sys::{POLLIN, Waker, poll2, raw, wait_readable};
+    use crossbeam_channel::RecvTimeoutError;
     use std::net::TcpListener;
 
     /// A client whose reader thread has been retired (its generation no longer current)
-    /// and a test waker in its place, connected to a server that sends "a", "b", "c" (or
-    /// what `rig_sending` says) in one write once told to. The consumer has read
+    /// and a test waker in its place, connected to a server that sends "a", "b", "c" in
+    /// one write once told to. The consumer has read
     /// `Connected`.
     struct Rig {
         client: Client,
@@ -605,10 +606,7 @@ mod consumer_read_tests {
     }
 
     fn rig() -> Rig {
-        rig_sending(["a", "b", "c"].map(Message::text).to_vec())
-    }
-
-    fn rig_sending(messages: Vec<Message>) -> Rig {
+        let messages = ["a", "b", "c"].map(Message::text);
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("ws://{}/", listener.local_addr().unwrap());
         let (go, go_rx) = crossbeam_channel::bounded::<()>(0);
@@ -673,7 +671,17 @@ mod consumer_read_tests {
                 wait_readable(&self.sock, Duration::from_secs(20)),
                 "server data"
             );
-            match self.events.recv_timeout(Duration::from_secs(10)) {
+            // The consumer's read may find the lock taken (the supervisor or the timer,
+            // late on a loaded machine): it then parks, and only the retired reader would
+            // read. Here that is set-up, not what is tested: it reads again.
+            let t = Instant::now();
+            let got = loop {
+                match self.events.recv_timeout(Duration::from_millis(50)) {
+                    Err(RecvTimeoutError::Timeout) if t.elapsed() < Duration::from_secs(20) => {}
+                    other => break other,
+                }
+            };
+            match got {
                 Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "a"),
                 other => panic!("{other:?}"),
             }
@@ -747,26 +755,6 @@ mod consumer_read_tests {
             "a consumer left messages in tungstenite's buffer and turned to other work: \
              nobody told the reader, they wait for the next byte from the server"
         );
-    }
-
-    /// A consumer's read that stops on its budget after control frames only (here a ping)
-    /// hands out nothing, but leaves whole messages in tungstenite's buffer, where `poll`
-    /// does not see them: the consumer must read again rather than wait on the socket.
-    /// White-box: with the reader retired, nobody else would ever read them.
-    #[test]
-    fn a_consumer_whose_read_got_only_a_ping_reads_again_before_it_waits() {
-        let rig = rig_sending(vec![Message::Ping(vec![1].into()), Message::text("x")]);
-        rig.go.send(()).unwrap();
-        assert!(
-            wait_readable(&rig.sock, Duration::from_secs(20)),
-            "server data"
-        );
-        let got = rig.events.recv_timeout(Duration::from_secs(10));
-        rig.finish();
-        match got {
-            Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "x"),
-            other => panic!("the message behind the ping was not read: {other:?}"),
-        }
     }
 
     /// `close()` while the reader defers to a consumer that read last (perhaps the very

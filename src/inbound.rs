@@ -1222,4 +1222,52 @@ mod tests {
         ));
         assert!(t.elapsed() < Duration::from_secs(5));
     }
+
+    /// A read of the socket that the test scripts: each `drive` gets the next step.
+    struct Scripted {
+        /// `(messages read, input left above the socket)`, one per `drive`.
+        steps: Mutex<VecDeque<(Vec<Message>, bool)>>,
+        waits: AtomicUsize,
+    }
+
+    impl Drive for Scripted {
+        fn drive(&self, _: &Receiver<Batch>, out: &mut VecDeque<Message>) -> Option<bool> {
+            let (msgs, more) = self.steps.lock().pop_front().unwrap_or_default();
+            out.extend(msgs);
+            Some(more)
+        }
+
+        fn wait_input(&self, _: &Waker, _: Option<Instant>) -> Option<bool> {
+            self.waits.fetch_add(1, Ordering::SeqCst);
+            Some(false)
+        }
+    }
+
+    /// A consumer's read that stops on its budget after control frames only (pings)
+    /// hands out nothing, but leaves whole messages in tungstenite's buffer, where `poll`
+    /// does not see them: the consumer must read again, not wait on the socket (where
+    /// they would wait for the next byte from the server, or the reader's deferral).
+    #[test]
+    fn a_consumer_whose_read_got_only_pings_reads_again_before_it_waits() {
+        let inbound = Arc::new(Inbound::new(10, 1 << 20, Duration::from_secs(10)));
+        let (_tx, rx) = EventTx::new(inbound.clone());
+        let drive = Arc::new(Scripted {
+            steps: Mutex::new(VecDeque::from([
+                (vec![], true),
+                (vec![], true),
+                (vec![Message::text("x")], false),
+            ])),
+            waits: AtomicUsize::new(0),
+        });
+        let events = Events::new(rx, inbound, Some(drive.clone()));
+        match events.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "x"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            drive.waits.load(Ordering::SeqCst),
+            0,
+            "the consumer waited on the socket with messages left above it"
+        );
+    }
 }

@@ -360,7 +360,7 @@ impl Client {
         I: IntoIterator,
         I::Item: Into<Message>,
     {
-        let msgs = msgs.into_iter().map(Into::into).enumerate();
+        let msgs = msgs.into_iter().map(Into::into);
         let mut failed = Vec::new();
         self.inner
             .shared

@@ -24,31 +24,50 @@ pub(crate) const MAX_CONTROL_PAYLOAD: usize = 125;
 /// over 125 bytes, anything over `limit` bytes. The peer would drop the connection on
 /// the first three, and lose what was sent behind them.
 pub(crate) fn check_outgoing(msg: Message, limit: usize) -> crate::Result<Message> {
-    let limit = match &msg {
-        Message::Close(_) => {
-            return Err(crate::Error::Protocol(
-                "use Client::close() to close".into(),
-            ));
-        }
-        Message::Frame(_) => {
-            return Err(crate::Error::Protocol(
+    match outgoing_refusal(&msg, limit) {
+        None => Ok(msg),
+        Some(refusal) => Err(refusal.error(msg)),
+    }
+}
+
+/// Why [`check_outgoing`] refuses a message, found without moving it (`send_all` checks
+/// each message in place: moving it through a `Result` costs more than the check).
+pub(crate) enum Refusal {
+    Close,
+    Frame,
+    TooLarge { size: usize, limit: usize },
+}
+
+impl Refusal {
+    /// The error that hands `msg` back.
+    pub(crate) fn error(self, msg: Message) -> crate::Error {
+        match self {
+            Refusal::Close => crate::Error::Protocol("use Client::close() to close".into()),
+            Refusal::Frame => crate::Error::Protocol(
                 "raw frames (Message::Frame) cannot be sent: send Message::Text, Binary, \
                  Ping or Pong"
                     .into(),
-            ));
+            ),
+            Refusal::TooLarge { size, limit } => crate::Error::MessageTooLarge {
+                size,
+                limit,
+                message: msg,
+            },
         }
+    }
+}
+
+/// [`check_outgoing`] by reference: `None` if `msg` may be sent.
+#[inline]
+pub(crate) fn outgoing_refusal(msg: &Message, limit: usize) -> Option<Refusal> {
+    let limit = match msg {
+        Message::Close(_) => return Some(Refusal::Close),
+        Message::Frame(_) => return Some(Refusal::Frame),
         Message::Ping(_) | Message::Pong(_) => limit.min(MAX_CONTROL_PAYLOAD),
         Message::Text(_) | Message::Binary(_) => limit,
     };
-    let size = payload_len(&msg);
-    if size > limit {
-        return Err(crate::Error::MessageTooLarge {
-            size,
-            limit,
-            message: msg,
-        });
-    }
-    Ok(msg)
+    let size = payload_len(msg);
+    (size > limit).then_some(Refusal::TooLarge { size, limit })
 }
 
 /// A FIFO bounded by message count and payload bytes.

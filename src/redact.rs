@@ -4,7 +4,7 @@ use std::fmt;
 
 use url::Url;
 
-/// Shows a URL without its password, user name or query values.
+/// Shows a URL without its password, user name, query values or bare query keys.
 pub(crate) struct RedactedUrl<'a>(pub &'a Url);
 
 impl fmt::Display for RedactedUrl<'_> {
@@ -21,10 +21,15 @@ impl fmt::Display for RedactedUrl<'_> {
         f.write_str(u.path())?;
         if u.query().is_some() {
             let mut first = true;
-            for (k, _) in u.query_pairs() {
+            for (k, v) in u.query_pairs() {
                 f.write_str(if first { "?" } else { "&" })?;
                 first = false;
-                write!(f, "{k}=<redacted>")?;
+                if v.is_empty() {
+                    // A bare key (`?<token>`) may be the credential itself.
+                    f.write_str("<redacted>")?;
+                } else {
+                    write!(f, "{k}=<redacted>")?;
+                }
             }
         }
         Ok(())
@@ -119,6 +124,12 @@ mod tests {
         );
         let r = RedactedUrl::raw("ws://bob:hunter2@exa mple.com/x?token=abc");
         assert!(!r.contains("hunter2") && !r.contains("abc"), "{r}");
+        // A token passed as a bare query key (`?<token>`, no `=`) is one too.
+        let u = Url::parse("ws://example.com/feed?eyJhbGciOiJIUzI1NiJ9SECRET&x=1").unwrap();
+        assert_eq!(
+            RedactedUrl(&u).to_string(),
+            "ws://example.com/feed?<redacted>&x=<redacted>"
+        );
     }
 
     #[test]

@@ -99,6 +99,15 @@ impl Row {
     }
 }
 
+/// A ratio as the table shows it.
+pub fn fmt_ratio(r: f64) -> String {
+    if r.is_finite() {
+        format!("{r:.2}x")
+    } else {
+        "-".into()
+    }
+}
+
 pub fn ratio(wsbeat: f64, raw: f64) -> String {
     if raw > 0.0 && wsbeat.is_finite() {
         format!("{:.2}x", wsbeat / raw)

@@ -95,6 +95,15 @@ pub fn median(v: &[f64]) -> f64 {
     summarize(v).p50
 }
 
+/// Median of the per-round ratios `b[i] / a[i]`, where round `i` ran `a` and `b` back to
+/// back: the machine's speed drifts between rounds on a shared VM (whole rounds run
+/// 20-30% faster or slower for every client alike), and a ratio of two medians then
+/// depends on which rounds of each happened to be fast.
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let r: Vec<f64> = a.iter().zip(b).map(|(a, b)| b / a).collect();
+    median(&r)
+}
+
 pub fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }

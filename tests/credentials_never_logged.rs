@@ -174,6 +174,15 @@ fn credentials_never_appear_in_logs_errors_or_debug_output() {
         Some(format!("Basic {}", base64(format!("alice:{USER_PW}").as_bytes())).as_str())
     );
     let _ = client.close();
+    // A password without a user name too (it was dropped).
+    let no_user_url = format!("ws://:{USER_PW}@127.0.0.1:{port}/basic");
+    let client = Client::builder(&no_user_url).connect().expect("connect");
+    let hs = server.last_handshake().expect("handshake");
+    assert_eq!(
+        hs.header("authorization"),
+        Some(format!("Basic {}", base64(format!(":{USER_PW}").as_bytes())).as_str())
+    );
+    let _ = client.close();
 
     // 3. Failing connects: rejected upgrade, refused port, refused proxy, lazy retries.
     server.set_behavior(Behavior::reject(401));

@@ -98,9 +98,8 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
     // From here `cancel` aborts any wait of the set-up by shutting the socket down.
     cancel.attach(&sock);
     if let Some(p) = &proxy {
-        let user = percent_decode(p.username());
-        let pass = p.password().map(percent_decode).unwrap_or_default();
-        let credentials = (!p.username().is_empty()).then_some((user.as_str(), pass.as_str()));
+        let userinfo = user_info(p);
+        let credentials = userinfo.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
         match p.scheme() {
             "http" => {
                 dl.arm(&sock, ConnectStage::Proxy)?;
@@ -130,7 +129,8 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
                         socks::Target::Ip(v4.ip())
                     }
                 };
-                socks::connect4(&sock, &user, target, port, dl)?;
+                // SOCKS4 has a user id only (no password).
+                socks::connect4(&sock, credentials.map_or("", |(u, _)| u), target, port, dl)?;
             }
             other => {
                 return Err(Error::UnsupportedProxy {
@@ -440,9 +440,7 @@ fn extension_names(value: &str) -> Vec<String> {
 
 fn build_request(req: &Request) -> Result<tungstenite::handshake::client::Request> {
     let mut url = req.url.clone();
-    let basic = if !url.username().is_empty() {
-        let user = percent_decode(url.username());
-        let pass = url.password().map(percent_decode).unwrap_or_default();
+    let basic = if let Some((user, pass)) = user_info(&url) {
         let _ = url.set_username("");
         let _ = url.set_password(None);
         Some(format!(
@@ -689,6 +687,16 @@ fn proxy_connect(
     Ok(())
 }
 
+/// The user name and password of `url`, decoded, if it has either: a password with an
+/// empty user name (`http://:pw@host`) is a credential too (Basic `:pw`, as curl sends).
+fn user_info(url: &Url) -> Option<(String, String)> {
+    if url.username().is_empty() && url.password().is_none() {
+        return None;
+    }
+    let pass = url.password().map(percent_decode).unwrap_or_default();
+    Some((percent_decode(url.username()), pass))
+}
+
 fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -733,6 +741,16 @@ fn base64(input: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_info_with_or_without_a_user_name() {
+        let info = |u: &str| user_info(&Url::parse(u).unwrap());
+        assert_eq!(info("http://h:1"), None);
+        assert_eq!(info("http://u@h"), Some(("u".into(), "".into())));
+        assert_eq!(info("http://u:p%40ss@h"), Some(("u".into(), "p@ss".into())));
+        // A password alone is not dropped.
+        assert_eq!(info("http://:pw@h"), Some(("".into(), "pw".into())));
+    }
 
     #[test]
     fn base64_and_percent() {

@@ -38,6 +38,14 @@ pub(crate) fn connect(
     port: u16,
     dl: &Deadline,
 ) -> Result<()> {
+    if credentials.is_some_and(|(user, _)| user.is_empty()) {
+        // RFC 1929: a user name is 1 to 255 bytes.
+        return Err(Error::InvalidUrl {
+            reason: "SOCKS5 authentication needs a user name with the password \
+                     (socks5://user:password@host)"
+                .into(),
+        });
+    }
     let mut io = Io { sock, dl };
     let methods: &[u8] = if credentials.is_some() {
         &[NO_AUTH, USER_PASS]
@@ -269,6 +277,15 @@ mod tests {
         want.extend_from_slice(b"example.com");
         want.extend_from_slice(&443u16.to_be_bytes());
         assert_eq!(sent, want);
+    }
+
+    #[test]
+    fn a_password_without_a_user_name_is_a_typed_error_not_dropped() {
+        let (r, sent) = exchange(&[], |s, dl| {
+            connect(s, Some(("", "pw")), Target::Name("example.com"), 443, dl)
+        });
+        assert!(matches!(r, Err(Error::InvalidUrl { .. })), "{r:?}");
+        assert!(sent.is_empty(), "nothing offered: {sent:?}");
     }
 
     #[test]

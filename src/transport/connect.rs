@@ -375,7 +375,15 @@ fn verify_response(
     if !is("Upgrade", "websocket") {
         return Err(protocol_err(ProtocolError::MissingUpgradeWebSocketHeader));
     }
-    if !is("Connection", "Upgrade") {
+    // RFC 6455 4.1: `Connection` must hold the token `Upgrade` (`keep-alive, Upgrade`
+    // too); `Upgrade` must be `websocket`.
+    let upgrade_token = headers
+        .get_all("Connection")
+        .iter()
+        .filter_map(|h| h.to_str().ok())
+        .flat_map(|h| h.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("Upgrade"));
+    if !upgrade_token {
         return Err(protocol_err(ProtocolError::MissingConnectionUpgradeHeader));
     }
     let accept = derive_accept_key(key.as_bytes());
@@ -741,6 +749,32 @@ fn base64(input: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_upgrade_is_a_token_of_the_header() {
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let answer = |connection: &str| {
+            let response = tungstenite::http::Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("Upgrade", "websocket")
+                .header("Connection", connection)
+                .header("Sec-WebSocket-Accept", derive_accept_key(key.as_bytes()))
+                .body(None)
+                .unwrap();
+            verify_response(response, Vec::new(), key, None, &[])
+        };
+        for ok in [
+            "Upgrade",
+            "upgrade",
+            "keep-alive, Upgrade",
+            "Upgrade ,keep-alive",
+        ] {
+            assert!(answer(ok).is_ok(), "{ok}");
+        }
+        for bad in ["keep-alive", "Upgraded", "close"] {
+            assert!(answer(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn user_info_with_or_without_a_user_name() {

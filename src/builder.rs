@@ -572,7 +572,7 @@ impl ClientBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        Client::start(self.cfg, self.hooks, eager, Vec::new())
+        Client::start(self.cfg, self.hooks, eager, &mut Vec::new())
     }
 }
 

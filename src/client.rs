@@ -188,14 +188,17 @@ impl fmt::Debug for Client {
 impl Client {
     /// Starts the client's threads; `eager` connects first, on the caller's thread.
     /// `carried` are messages already accepted (by a client this one restarts): they go
-    /// first in the offline queue.
+    /// first in the offline queue. If the client cannot start, they are back in `carried`
+    /// (in order), for the caller to hand back.
     pub(crate) fn start(
         cfg: Config,
         hooks: Hooks,
         eager: bool,
-        carried: Vec<Message>,
+        carried: &mut Vec<Message>,
     ) -> Result<Client> {
         cfg.validate()?;
+        // Before the carried messages are taken: the rest can only fail with them queued.
+        let connecting = Cancel::new()?;
         let inbound = Arc::new(
             Inbound::new(
                 cfg.event_capacity.0,
@@ -215,12 +218,12 @@ impl Client {
             // Carried messages were accepted (and, with an id, tracked) by the client this
             // one restarts: tracked here too, or once written nothing would re-send them,
             // ack them, or hand them back. They were within the same bound there.
-            for m in &carried {
+            for m in carried.iter() {
                 let _ = outbox.admit(m);
             }
         }
         let mut queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
-        queue.requeue_front(carried.into_iter());
+        queue.requeue_front(std::mem::take(carried).into_iter());
         let stack = cfg.stack_size;
         let shared = Arc::new(Shared {
             link: Mutex::new(Link {
@@ -239,12 +242,17 @@ impl Client {
             reconnect_requested: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             orphaned: AtomicBool::new(false),
-            connecting: Cancel::new()?,
+            connecting,
             counters: Counters::default(),
             gate: SendGate::default(),
         });
+        // A start that fails from here on gives the carried messages back.
+        let mut failed = |e: Error| {
+            *carried = shared.link.lock().queue.drain_all();
+            e
+        };
         let first = if eager {
-            Some(establish(&shared, &hooks, 1, None)?)
+            Some(establish(&shared, &hooks, 1, None).map_err(&mut failed)?)
         } else {
             None
         };
@@ -252,7 +260,8 @@ impl Client {
         let timer = std::thread::Builder::new()
             .name("wsbeat-timer".into())
             .stack_size(stack)
-            .spawn(move || crate::timer::run(s, timer_rx))?;
+            .spawn(move || crate::timer::run(s, timer_rx))
+            .map_err(|e| failed(Error::io(e)))?;
         let sup = Supervisor::new(shared.clone(), hooks.clone(), ctl_rx, timer);
         let supervisor = match std::thread::Builder::new()
             .name("wsbeat-reconnect".into())
@@ -263,7 +272,7 @@ impl Client {
             Err(e) => {
                 // The supervisor owned the timer's handle; stop the timer by closing.
                 let _ = shared.timer.send(TimerCmd::Stop);
-                return Err(Error::io(e));
+                return Err(failed(Error::io(e)));
             }
         };
         let supervisor_id = supervisor.thread().id();
@@ -476,7 +485,9 @@ impl Client {
     ///
     /// If this client is still running it is closed first, as by [`close`](Self::close)
     /// (its events end with `Closed`), and the messages it had not sent move to the front
-    /// of the new client's queue, in order: nothing is lost. The new client has its own
+    /// of the new client's queue, in order: nothing is lost. If the new client cannot
+    /// start (`Err`: out of file descriptors or threads), they come back in
+    /// [`Event::Undelivered`](crate::Event) on this client's stream, before its `Closed`. The new client has its own
     /// event stream; handles and [`WeakClient`]s of this one keep pointing at this one.
     /// Called from one of this client's own callbacks (a reconnect policy, a request
     /// factory, an `on_connect` hook), the close cannot hand them over, as it runs on the
@@ -503,13 +514,22 @@ impl Client {
     /// # Ok::<(), wsbeat::Error>(())
     /// ```
     pub fn restart(&self) -> Result<Client> {
-        let unsent = self.close();
-        Client::start(
+        // As `close()`, with this client's `Closed` held back until the new client
+        // started: if it cannot, the messages it took come back first.
+        let mut unsent = self.inner.shutdown();
+        let started = Client::start(
             self.inner.shared.cfg.clone(),
             self.inner.hooks.clone(),
             false,
-            unsent,
-        )
+            &mut unsent,
+        );
+        if !unsent.is_empty() {
+            self.inner.shared.emit(Event::Undelivered(unsent));
+        }
+        if !self.inner.on_supervisor() {
+            self.inner.shared.emit_closed();
+        }
+        started
     }
 
     /// Closes: close handshake (bounded by the close timeout), socket shutdown, every

@@ -572,7 +572,13 @@ impl ClientBuilder {
         if let Some(e) = self.error {
             return Err(e);
         }
-        Client::start(self.cfg, self.hooks, eager, &mut Vec::new())
+        Client::start(
+            self.cfg,
+            self.hooks,
+            eager,
+            &mut Vec::new(),
+            &Default::default(),
+        )
     }
 }
 

@@ -1,5 +1,6 @@
 //! The user's handle: send from any thread, read events, query state, close.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -189,12 +190,14 @@ impl Client {
     /// Starts the client's threads; `eager` connects first, on the caller's thread.
     /// `carried` are messages already accepted (by a client this one restarts): they go
     /// first in the offline queue. If the client cannot start, they are back in `carried`
-    /// (in order), for the caller to hand back.
+    /// (in order), for the caller to hand back. Under acked delivery, those whose id is
+    /// in `written` were written by that client: writing them again is a re-send.
     pub(crate) fn start(
         cfg: Config,
         hooks: Hooks,
         eager: bool,
         carried: &mut Vec<Message>,
+        written: &HashSet<u64>,
     ) -> Result<Client> {
         cfg.validate()?;
         // Before the carried messages are taken: the rest can only fail with them queued.
@@ -219,7 +222,7 @@ impl Client {
             // one restarts: tracked here too, or once written nothing would re-send them,
             // ack them, or hand them back. They were within the same bound there.
             for m in carried.iter() {
-                let _ = outbox.admit(m);
+                outbox.admit_carried(m, written);
             }
         }
         let mut queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
@@ -517,11 +520,16 @@ impl Client {
         // As `close()`, with this client's `Closed` held back until the new client
         // started: if it cannot, the messages it took come back first.
         let mut unsent = self.inner.shutdown();
+        let written = match self.inner.shared.link.lock().outbox.as_mut() {
+            Some(outbox) => outbox.take_written_ids(),
+            None => HashSet::new(),
+        };
         let started = Client::start(
             self.inner.shared.cfg.clone(),
             self.inner.hooks.clone(),
             false,
             &mut unsent,
+            &written,
         );
         if !unsent.is_empty() {
             self.inner.shared.emit(Event::Undelivered(unsent));

@@ -5,7 +5,7 @@
 //! holds `link` anyway, and the reader matches acks while it holds `link` to drain the
 //! socket (like the heartbeat's reply matcher).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -205,6 +205,8 @@ pub(crate) struct Outbox {
     index: HashMap<u64, u64>,
     pub acked: u64,
     pub resent: u64,
+    /// Ids of written messages at the last [`clear`](Self::clear).
+    written_before: HashSet<u64>,
 }
 
 impl Outbox {
@@ -216,6 +218,7 @@ impl Outbox {
             index: HashMap::new(),
             acked: 0,
             resent: 0,
+            written_before: HashSet::new(),
         }
     }
 
@@ -347,10 +350,34 @@ impl Outbox {
         (out, next)
     }
 
-    /// Forgets everything (close / give-up: the queue already holds every unacked one).
+    /// Forgets everything (close / give-up: the queue already holds every unacked one),
+    /// but the ids of the ones it wrote (see [`take_written_ids`](Self::take_written_ids)).
     pub(crate) fn clear(&mut self) {
+        self.written_before = self
+            .entries
+            .values()
+            .filter(|e| e.writes > 0)
+            .map(|e| e.id)
+            .collect();
         self.entries.clear();
         self.index.clear();
+    }
+
+    /// The ids of the messages this outbox had written when it was cleared: a client
+    /// that `restart()` carries them to writes them again, and counts that a re-send.
+    pub(crate) fn take_written_ids(&mut self) -> HashSet<u64> {
+        std::mem::take(&mut self.written_before)
+    }
+
+    /// Admits `msg` (carried over by `restart()`) as written before when its id is in
+    /// `written`: its next write counts as a re-send (the server may have it already).
+    pub(crate) fn admit_carried(&mut self, msg: &Message, written: &HashSet<u64>) {
+        if let Admit::Ok = self.admit(msg)
+            && let Some(id) = self.id(msg).filter(|id| written.contains(id))
+            && let Some(e) = self.entry_mut(id)
+        {
+            e.writes = 1;
+        }
     }
 }
 

@@ -468,6 +468,7 @@ fn recv_timeout_stays_bounded_when_the_consumer_holds_a_lock_the_ack_reader_take
 /// `restart()` carries the unacked messages of acked delivery over to the new client,
 /// which tracks them as the old one did: once written again they wait for their acks,
 /// and `close()` hands them back. They were untracked there: written, then forgotten.
+/// Those the old client wrote count as re-sent when the new one writes them again.
 #[test]
 fn restart_keeps_acked_messages_tracked() {
     // The echo server never acks: {"id":N} has no "ack" field.
@@ -489,6 +490,9 @@ fn restart_keeps_acked_messages_tracked() {
     next_connected(&events);
     assert!(server.wait_received(6, T), "carried messages written again");
     assert_eq!(client2.stats().outbox, 3, "tracked by the new client");
+    // The server got each of them twice: duplicates come only from `resent` (RELIABILITY
+    // 3c). They were not counted: the new client took them for new messages.
+    assert_eq!(client2.stats().resent, 3, "{:?}", client2.stats());
     let back = client2.close();
     let back: Vec<&str> = back.iter().map(|m| m.to_text().unwrap()).collect();
     assert_eq!(back, [r#"{"id":1}"#, r#"{"id":2}"#, r#"{"id":3}"#]);

@@ -143,7 +143,9 @@ pub struct Stats {
     pub last_inbound: Option<Instant>,
     /// Messages waiting in the offline queue.
     pub queued: usize,
-    /// Messages handed to the OS so far.
+    /// Messages handed to the OS so far (by `send`, `send_all`, or from the offline queue
+    /// once a connection opened; one written again on a later connection counts again,
+    /// see `resent`).
     pub sent: u64,
     /// Messages received so far: text and binary, and pings and pongs when surfaced
     /// ([`ClientBuilder::surface_pings`](crate::ClientBuilder::surface_pings)).

@@ -931,3 +931,33 @@ fn a_send_waiting_for_outbox_room_gets_closed_when_the_client_closes() {
     );
     assert_eq!(back, [Message::text(r#"{"id":1}"#)]);
 }
+
+/// `Stats::sent` counts every message handed to the OS, also those written from the
+/// offline queue once a connection opens. The queue's were not counted.
+#[test]
+fn messages_sent_from_the_offline_queue_count_as_sent() {
+    let server = TestServer::echo();
+    let (go, wait) = crossbeam_channel::bounded::<()>(1);
+    let client = Client::builder(&server.url())
+        .heartbeat(Heartbeat::off())
+        .on_connect(move |_| {
+            // Holds the connection back until the messages are queued.
+            let _ = wait.recv_timeout(T);
+            Ok(())
+        })
+        .connect_lazy()
+        .unwrap();
+    for i in 0..3 {
+        client.send_text(format!("q{i}")).unwrap();
+    }
+    assert_eq!(client.stats().queued, 3);
+    go.send(()).unwrap();
+    assert!(server.wait_received(3, T));
+    assert!(
+        wait_until(T, || client.stats().queued == 0),
+        "{:?}",
+        client.stats()
+    );
+    assert_eq!(client.stats().sent, 3, "{:?}", client.stats());
+    let _ = client.close();
+}

@@ -459,11 +459,12 @@ impl ClientBuilder {
     /// - `http://[user:pass@]host:port`: an HTTP proxy, with `CONNECT` (credentials as
     ///   `Proxy-Authorization: Basic`; a password alone, `http://:pass@host`, is sent
     ///   with an empty user name);
-    /// - `socks5://[user:pass@]host:port`: SOCKS5, the host name resolved here;
+    /// - `socks5://[user:pass@]host:port`: SOCKS5, the host name resolved here (a
+    ///   password needs a user name, RFC 1929, else the connect fails with
+    ///   [`Error::InvalidUrl`]);
     /// - `socks5h://[user:pass@]host:port`: SOCKS5, the host name resolved by the proxy
-    ///   (what Tor and `ssh -D` users want: no DNS query leaves this machine); a
-    ///   password needs a user name here (RFC 1929), else the connect fails with
-    ///   [`Error::InvalidUrl`];
+    ///   (what Tor and `ssh -D` users want: no DNS query leaves this machine), with the
+    ///   same rule for credentials;
     /// - `socks4://[user@]host:port` (IPv4 destinations, resolved here) and
     ///   `socks4a://[user@]host:port` (the proxy resolves the name); the user name is
     ///   sent as the SOCKS4 user id.

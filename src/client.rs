@@ -492,8 +492,9 @@ impl Client {
     /// (its events end with `Closed`), and the messages it had not sent move to the front
     /// of the new client's queue, in order: nothing is lost. If the new client cannot
     /// start (`Err`: out of file descriptors or threads), they come back in
-    /// [`Event::Undelivered`](crate::Event) on this client's stream, before its `Closed`. The new client has its own
-    /// event stream; handles and [`WeakClient`]s of this one keep pointing at this one.
+    /// [`Event::Undelivered`](crate::Event) on this client's stream, before its
+    /// `Closed`. The new client has its own event stream; handles and [`WeakClient`]s
+    /// of this one keep pointing at this one.
     /// Called from one of this client's own callbacks (a reconnect policy, a request
     /// factory, an `on_connect` hook), the close cannot hand them over, as it runs on the
     /// thread that holds them: they come back in [`Event::Undelivered`](crate::Event)

@@ -4,7 +4,8 @@ use std::fmt;
 
 use url::Url;
 
-/// Shows a URL without its password, user name, query values or bare query keys.
+/// Shows a URL without its password, user name, query values, or query keys that may be
+/// a token themselves (see [`looks_like_a_name`]).
 pub(crate) struct RedactedUrl<'a>(pub &'a Url);
 
 impl fmt::Display for RedactedUrl<'_> {
@@ -24,8 +25,10 @@ impl fmt::Display for RedactedUrl<'_> {
             for (k, v) in u.query_pairs() {
                 f.write_str(if first { "?" } else { "&" })?;
                 first = false;
-                if v.is_empty() {
-                    // A bare key (`?<token>`) may be the credential itself.
+                if v.is_empty() || !looks_like_a_name(&k) {
+                    // A bare key (`?<token>`), or one that is no parameter name (a padded
+                    // base64 token, `?<token>==`, parses as key and value "="), may be
+                    // the credential itself.
                     f.write_str("<redacted>")?;
                 } else {
                     write!(f, "{k}=<redacted>")?;
@@ -34,6 +37,19 @@ impl fmt::Display for RedactedUrl<'_> {
         }
         Ok(())
     }
+}
+
+/// Longest query key shown: a longer one may be a token rather than a parameter name.
+const SHOWN_QUERY_KEY_MAX: usize = 24;
+
+/// Whether a query key reads as a parameter name (`access_token`, `X-Amz-Signature`),
+/// shown with its value redacted; anything else is hidden whole.
+fn looks_like_a_name(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= SHOWN_QUERY_KEY_MAX
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.[]".contains(&b))
 }
 
 impl RedactedUrl<'_> {
@@ -129,6 +145,18 @@ mod tests {
         assert_eq!(
             RedactedUrl(&u).to_string(),
             "ws://example.com/feed?<redacted>&x=<redacted>"
+        );
+        // A padded base64 token parses as key `<token>` and value `=`.
+        let u = Url::parse("ws://example.com/feed?c2VjcmV0LXRva2VuLTEyMzQ1Njc4OQ==").unwrap();
+        assert_eq!(
+            RedactedUrl(&u).to_string(),
+            "ws://example.com/feed?<redacted>"
+        );
+        // Parameter names stay readable.
+        let u = Url::parse("ws://example.com/?X-Amz-Signature=ab&access_token=cd").unwrap();
+        assert_eq!(
+            RedactedUrl(&u).to_string(),
+            "ws://example.com/?X-Amz-Signature=<redacted>&access_token=<redacted>"
         );
     }
 

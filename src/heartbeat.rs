@@ -171,7 +171,8 @@ impl Heartbeat {
         }
     }
 
-    /// An application-level probe message; `matcher` recognises the reply. Replies are
+    /// An application-level probe message; `matcher` recognises the reply among the
+    /// text, binary and pong messages that arrive (a pong: for a ping probe). Replies are
     /// consumed (not delivered as events) unless [`deliver_replies`](Self::deliver_replies).
     ///
     /// The matcher runs on the reader thread with the client's lock held: it must not
@@ -454,7 +455,8 @@ impl HbState {
                     deliver_replies,
                     ..
                 },
-                Message::Text(_) | Message::Binary(_),
+                // A pong too: the probe may be a ping.
+                Message::Text(_) | Message::Binary(_) | Message::Pong(_),
             ) => {
                 // User code on the reader thread, under the lock: a panic must not take
                 // the reader down with the lock's protected state half-updated.

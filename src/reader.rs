@@ -234,7 +234,7 @@ fn drain(
                         (msgs, bytes) = (msgs + 1, bytes + t.len());
                         out.push_back(Message::Text(own_text(recycler, t)));
                     }
-                    Message::Ping(ref p) | Message::Pong(ref p) if surface_pings => {
+                    Message::Ping(ref p) | Message::Pong(ref p) if surface_pings && !consumed => {
                         // Handed to the user like data: within the same bound.
                         (msgs, bytes) = (msgs + 1, bytes + p.len());
                         out.push_back(msg);

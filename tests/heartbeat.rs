@@ -693,6 +693,38 @@ fn app_level_replies_are_delivered_when_asked() {
     let _ = client.close();
 }
 
+/// `Heartbeat::app` accepts a ping as its probe: the pong that answers it is a reply
+/// too. The matcher was shown text and binary messages only, and app mode counts no
+/// control frame as a sign of life: an echo server answering every probe was declared
+/// dead every `interval + timeout`.
+#[test]
+fn app_level_ping_probe_is_answered_by_its_pong() {
+    let _g = util::shared();
+    let server = TestServer::echo();
+    let hb = Heartbeat::app(
+        Duration::from_millis(100),
+        Duration::from_millis(400),
+        Message::Ping(b"hb".to_vec().into()),
+        |m| matches!(m, Message::Pong(p) if &p[..] == b"hb"),
+    );
+    let client = builder(&server.url(), hb).connect().expect("connect");
+    let events = client.events();
+    // Eight probes answered: well past interval + timeout.
+    let mut seen = Vec::new();
+    assert!(
+        util::wait_until(T, || pings_on(&server, &mut seen, 0).len() >= 8),
+        "probes sent: {}",
+        pings_on(&server, &mut seen, 0).len()
+    );
+    let evs = drain(&events);
+    let _ = client.close();
+    assert!(
+        !evs.iter().any(is_disconnect),
+        "a peer answering every probe was declared dead: {evs:?}"
+    );
+    assert_eq!(client.stats().reconnects, 0);
+}
+
 #[test]
 fn app_level_heartbeat_dies_when_the_server_does_not_reply() {
     let _g = util::shared();

@@ -182,6 +182,8 @@ pub(crate) struct Inbound {
     held: AtomicU8,
     /// Since when the reader is held back (for `stats()`); `None` while it reads.
     held_since: Mutex<Option<Instant>>,
+    /// This hold was reported as a stall (once per hold).
+    stall_reported: AtomicBool,
     stalls: AtomicU64,
     /// Emptied batch buffers going back to the reader.
     spare_tx: Sender<VecDeque<Message>>,
@@ -223,6 +225,7 @@ impl Inbound {
             waker: Mutex::new(None),
             held: AtomicU8::new(FREE),
             held_since: Mutex::new(None),
+            stall_reported: AtomicBool::new(false),
             stalls: AtomicU64::new(0),
             spare_tx,
             spare_rx,
@@ -307,6 +310,7 @@ impl Inbound {
         let held = if input { HELD_WITH_INPUT } else { HELD };
         if self.held.swap(held, Ordering::SeqCst) == FREE {
             *self.held_since.lock() = Some(Instant::now());
+            self.stall_reported.store(false, Ordering::Relaxed);
         }
         true
     }
@@ -318,16 +322,29 @@ impl Inbound {
         }
     }
 
-    /// How long the reader may wait for room before the consumer is reported stalled, from
-    /// now; `None` once reported (or never).
-    pub(crate) fn stall_deadline(&self) -> Option<Instant> {
+    /// Called by the held-back reader before each wait for room: reports the consumer as
+    /// stalled once this hold has lasted the stall timeout (once per hold), and returns
+    /// how long the reader may wait before it must look again (`None`: no limit, the
+    /// hold is reported or not held). A wait that the stall timeout ends comes back here
+    /// and reports; so does any other wake-up past the deadline (a flush request, a
+    /// waker), whatever the timeout, zero included.
+    pub(crate) fn stall_wait(&self) -> Option<Duration> {
         let since = (*self.held_since.lock())?;
+        if self.stall_reported.load(Ordering::Relaxed) {
+            return None;
+        }
         let due = crate::time::deadline(since, self.stall_timeout);
-        (Instant::now() < due).then_some(due)
+        let left = due.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            self.stall_reported.store(true, Ordering::Relaxed);
+            self.report_stall();
+            return None;
+        }
+        Some(left)
     }
 
     /// Reports a consumer that let the reader wait longer than the stall timeout.
-    pub(crate) fn report_stall(&self) {
+    fn report_stall(&self) {
         self.stalls.fetch_add(1, Ordering::Relaxed);
         let (m, b) = self.queued();
         log::warn!(

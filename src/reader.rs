@@ -372,8 +372,9 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             if !held {
                 events |= POLLIN;
             }
-            let stall = if held { inbound.stall_deadline() } else { None };
-            let timeout = stall.map(|t| t.saturating_duration_since(Instant::now()));
+            // Held back: wait at most until the consumer is to be reported stalled (the
+            // next turn reports it).
+            let timeout = if held { inbound.stall_wait() } else { None };
             match poll2((fd, events), Some((raw(&waker.rx), POLLIN)), timeout) {
                 Ok((r, w)) => {
                     bytes_in = r & POLLIN != 0;
@@ -381,9 +382,6 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         waker.drain();
                     }
                     if held {
-                        if r == 0 && w == 0 {
-                            inbound.report_stall();
-                        }
                         let hang_up = r & POLLHUP_ERR != 0;
                         read = hang_up || !inbound.is_full();
                         if read {

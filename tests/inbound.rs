@@ -641,3 +641,33 @@ fn a_wait_on_the_socket_interrupted_by_signals_ends_at_its_deadline() {
         "recv_timeout({wait:?}) took {took:?}: each signal started the wait over"
     );
 }
+
+/// A consumer that stops reading is reported whatever the stall timeout, also one shorter
+/// than the time the reader takes from holding back to its first wait: the report was
+/// made only when a wait for room timed out, and with the deadline already past the
+/// reader waited without one (never reported, with a zero timeout every time).
+#[test]
+fn a_stalled_consumer_is_reported_also_with_a_zero_stall_timeout() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (url, server) = flood_server(2_000, 64);
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::off())
+        .event_capacity(10, 1 << 20)
+        .consumer_stall_timeout(Duration::ZERO)
+        .connect()
+        .unwrap();
+    // Nobody reads the events.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client.stats().consumer_stalls == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = client.stats();
+    let reported = st.consumer_stalls >= 1;
+    let _ = client.close();
+    server.join().unwrap();
+    assert!(st.consumer_behind_since.is_some(), "not held back: {st:?}");
+    assert!(
+        reported,
+        "a consumer that took nothing was never reported: {st:?}"
+    );
+}

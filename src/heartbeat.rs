@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use crate::time::deadline;
 use crate::{DisconnectReason, Error, Message, Result};
 
-/// Decides whether an inbound message is the reply to an application-level probe.
+/// Decides whether an inbound message is the reply to an application-level probe. It is
+/// shown text and binary messages, and pongs only when the probe is a ping (so a pong
+/// that the matcher recognises answers a ping probe; any other pong is no reply).
 ///
 /// It runs on the reader thread *while the client's lock is held* (a client with a
 /// matcher never reads the socket on your thread in
@@ -172,8 +174,10 @@ impl Heartbeat {
     }
 
     /// An application-level probe message; `matcher` recognises the reply among the
-    /// text, binary and pong messages that arrive (a pong: for a ping probe). Replies are
-    /// consumed (not delivered as events) unless [`deliver_replies`](Self::deliver_replies).
+    /// text and binary messages that arrive, and, when the probe is a ping, the pongs.
+    /// Replies are consumed (not delivered as events) unless
+    /// [`deliver_replies`](Self::deliver_replies) (a pong then still needs
+    /// [`surface_pings`](crate::ClientBuilder::surface_pings) to be delivered).
     ///
     /// The matcher runs on the reader thread with the client's lock held: it must not
     /// call the `Client` (see [`ReplyMatcher`]).
@@ -453,11 +457,12 @@ impl HbState {
                 Mode::App {
                     matcher,
                     deliver_replies,
-                    ..
+                    probe,
                 },
-                // A pong too: the probe may be a ping.
                 Message::Text(_) | Message::Binary(_) | Message::Pong(_),
-            ) => {
+            ) if !msg.is_pong() || probe.is_ping() => {
+                // A pong only for a ping probe: else a server whose library pongs on
+                // its own while its application hangs would pass a lax matcher.
                 // User code on the reader thread, under the lock: a panic must not take
                 // the reader down with the lock's protected state half-updated.
                 let r =

@@ -725,6 +725,57 @@ fn app_level_ping_probe_is_answered_by_its_pong() {
     assert_eq!(client.stats().reconnects, 0);
 }
 
+/// The other side of the rule above: pongs reach the matcher only for a ping probe. A
+/// server whose WebSocket library keeps sending (unsolicited) pongs while its application
+/// hangs must still be declared dead under a text probe, even with a matcher written for
+/// text and binary replies only (`|_| true`: any message is a reply).
+#[test]
+fn app_level_text_probe_ignores_pongs_of_a_hung_application() {
+    let _g = util::shared();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let server = thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        // The library pongs every 50 ms; the application never answers the probe.
+        let mut last = Instant::now();
+        loop {
+            if last.elapsed() >= Duration::from_millis(50) {
+                last = Instant::now();
+                if ws.send(Message::Pong(Vec::new().into())).is_err() {
+                    return;
+                }
+            }
+            match ws.read() {
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let hb = Heartbeat::app(
+        Duration::from_millis(200),
+        Duration::from_millis(300),
+        Message::text(r#"{"op":"ping"}"#),
+        |_| true,
+    );
+    let client = builder(&url, hb)
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    let (reason, _, _) = wait_disconnected(&events, 1, T);
+    let _ = client.close();
+    server.join().unwrap();
+    silent_for(&reason);
+}
+
 #[test]
 fn app_level_heartbeat_dies_when_the_server_does_not_reply() {
     let _g = util::shared();

@@ -1334,10 +1334,13 @@ fn paced_server(per_read: usize, gap: Duration) -> (String, Arc<AtomicUsize>) {
 fn a_long_upload_to_a_live_reading_peer_is_no_heartbeat_timeout() {
     // About 3 MB/s: 12 MiB take about 4 s, past what the socket buffers absorb.
     let (url, whole) = paced_server(32 << 10, Duration::from_millis(10));
+    // 1 s of interval + timeout: a quarter of the upload, and room for a peer thread
+    // starved for a few hundred ms on a loaded machine (it then moves nothing; 300 ms +
+    // 300 ms failed once while a CI build ran beside the whole suite).
     let client = Client::builder(&url)
         .heartbeat(Heartbeat::ping(
-            Duration::from_millis(300),
-            Duration::from_millis(300),
+            Duration::from_millis(500),
+            Duration::from_millis(500),
         ))
         .write_timeout(Duration::from_secs(5))
         .connect()

@@ -348,8 +348,9 @@ impl Inbound {
         self.stalls.fetch_add(1, Ordering::Relaxed);
         let (m, b) = self.queued();
         log::warn!(
-            "the event consumer took nothing for {:?}: {m} messages ({b} bytes) wait; \
-             reading from the server is paused until it catches up",
+            "the event consumer has left the event channel full for {:?} or more: {m} \
+             messages ({b} bytes) wait; reading from the server is paused until it takes \
+             half of them",
             self.stall_timeout
         );
     }

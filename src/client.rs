@@ -342,9 +342,9 @@ impl Client {
     /// (`size_hint`, exact for a `Vec`, a range or a `map` of them); one that cannot say
     /// (a channel's, a `filter`'s) has each message sent as it comes. A lazy iterator's
     /// message waits until its chunk is complete, so give a slow producer a channel.
-    /// Once the client is closed, the iterator is not read any further. Each message is written, queued, or handed back exactly like
-    /// [`send`](Client::send) would; returns once all of them reached the OS (or
-    /// were queued). The failures come back in order, each with its index in the batch
+    /// Once the client is closed, the iterator is not read any further. Each message is
+    /// written, queued, or handed back exactly like [`send`](Client::send) would; returns
+    /// once all of them reached the OS (or were queued). The failures come back in order, each with its index in the batch
     /// and its message ([`Error::into_message`]); the other messages were accepted.
     ///
     /// The iterator is read between chunks, never while the client's lock is held: it
@@ -534,12 +534,7 @@ impl Client {
             &mut unsent,
             &written,
         );
-        if !unsent.is_empty() {
-            self.inner.shared.emit(Event::Undelivered(unsent));
-        }
-        if !self.inner.on_supervisor() {
-            self.inner.shared.emit_closed();
-        }
+        self.inner.end_stream(unsent);
         started
     }
 
@@ -596,6 +591,17 @@ impl Handle {
         }
     }
 
+    /// Ends the event stream after [`shutdown`](Self::shutdown): `undelivered` (if any),
+    /// then `Closed`, unless on the supervisor, which emits what is left itself.
+    fn end_stream(&self, undelivered: Vec<Message>) {
+        if !undelivered.is_empty() {
+            self.shared.emit(Event::Undelivered(undelivered));
+        }
+        if !self.on_supervisor() {
+            self.shared.emit_closed();
+        }
+    }
+
     fn on_supervisor(&self) -> bool {
         std::thread::current().id() == self.supervisor_id
     }
@@ -604,12 +610,7 @@ impl Handle {
 impl Drop for Handle {
     fn drop(&mut self) {
         let undelivered = self.shutdown();
-        if !undelivered.is_empty() {
-            self.shared.emit(Event::Undelivered(undelivered));
-        }
-        if !self.on_supervisor() {
-            self.shared.emit_closed();
-        }
+        self.end_stream(undelivered);
     }
 }
 

@@ -275,7 +275,7 @@ impl Outbox {
     /// [`take_written`](Self::take_written)).
     pub(crate) fn written(&mut self, id: u64, now: Instant) -> Option<u64> {
         let seq = *self.index.get(&id)?;
-        let e = self.entry_mut(id)?;
+        let e = self.entries.get_mut(&seq)?;
         let first = e.sent.is_none();
         e.sent = Some(now);
         e.writes += 1;

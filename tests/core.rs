@@ -795,13 +795,33 @@ fn try_send_never_blocks_and_hands_the_message_back() {
         worst < Duration::from_secs(2),
         "worst try_send took {worst:?}"
     );
-    // The peer still reads nothing: trying the handed-back message again comes back too.
-    let t0 = Instant::now();
-    match client.try_send(unsent.clone()) {
-        Err(Error::WouldBlock { message }) => assert_eq!(message, unsent),
-        other => panic!("expected WouldBlock again, got {other:?}"),
+    // The peer still reads nothing: the handed-back message can be tried again, and comes
+    // back again. The kernel may still take a little more meanwhile (send buffer growth,
+    // late acknowledgements on a loaded machine): then it is accepted, and the next try
+    // comes back once the buffers are full again. Each try is quick either way.
+    let mut came_back = false;
+    for _ in 0..4096 {
+        let t0 = Instant::now();
+        let r = client.try_send(unsent.clone());
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "try_send took {:?}",
+            t0.elapsed()
+        );
+        match r {
+            Err(Error::WouldBlock { message }) => {
+                assert_eq!(message, unsent);
+                came_back = true;
+                break;
+            }
+            Ok(()) => {}
+            Err(e) => panic!("expected WouldBlock again, got {e:?}"),
+        }
     }
-    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert!(
+        came_back,
+        "the peer reads nothing, yet try_send never reported WouldBlock again"
+    );
     assert_eq!(client.state(), State::Open);
     let _ = client.close();
 }

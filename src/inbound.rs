@@ -210,6 +210,10 @@ pub(crate) struct Inbound {
     /// Wakes that consumer. Made with the first `Events` that may read; `None` if it
     /// could not be made (consumers then park on the channel).
     consumer_waker: OnceLock<Option<Waker>>,
+    /// `consumer_waker` may hold a wake-up nobody read (set before each wake, cleared
+    /// before each drain): a consumer about to wait drains it only then, saving a system
+    /// call per wait.
+    consumer_woken: AtomicBool,
 }
 
 impl Inbound {
@@ -237,6 +241,7 @@ impl Inbound {
             input_left: AtomicBool::new(false),
             socket_waiter: AtomicBool::new(false),
             consumer_waker: OnceLock::new(),
+            consumer_woken: AtomicBool::new(false),
         }
     }
 
@@ -441,6 +446,11 @@ impl Inbound {
         }
     }
 
+    /// Whether a consumer left input above the socket.
+    fn input_left(&self) -> bool {
+        self.input_left.load(Ordering::SeqCst)
+    }
+
     /// Whether a consumer left input above the socket (clears it).
     pub(crate) fn take_input_left(&self) -> bool {
         take_flag(&self.input_left)
@@ -501,8 +511,15 @@ impl Inbound {
         if self.socket_waiter.load(Ordering::SeqCst)
             && let Some(Some(w)) = self.consumer_waker.get()
         {
+            self.consumer_woken.store(true, Ordering::SeqCst);
             w.wake();
         }
+    }
+
+    /// Empties the consumer waker of wake-ups already seen (or stale).
+    fn drain_consumer_waker(&self, waker: &Waker) {
+        self.consumer_woken.store(false, Ordering::SeqCst);
+        waker.drain();
     }
 }
 
@@ -819,7 +836,8 @@ impl Events {
     /// thread), else spinning when the last wait was short, then waiting on the socket
     /// (or parked on the channel).
     fn wait_batch(&self, deadline: Option<Instant>) -> Result<Event, RecvTimeoutError> {
-        if let Some(ev) = self.poll_once() {
+        let mut read = self.poll_once();
+        if let Read::Got(ev) = read {
             // A wait that took no time: the next one may spin.
             self.spin.set(true);
             return Ok(ev);
@@ -827,10 +845,14 @@ impl Events {
         // The wait starts here: no clock read while events are ready (every drain of a
         // consumer that keeps up comes through `poll_once`).
         let start = Instant::now();
-        if let Some(ev) = self.spin(start, deadline) {
+        if let Some(ev) = self.spin(start, deadline, &mut read) {
             return Ok(ev);
         }
-        let ev = match self.wait_on_socket(deadline) {
+        // The socket was just read and nothing was left above it: the wait need not read
+        // it again before its first `poll` (unless another consumer has left input
+        // there since, which that `poll` would not see).
+        let read_empty = matches!(read, Read::Nothing) && !self.inbound.input_left();
+        let ev = match self.wait_on_socket(deadline, read_empty) {
             Some(got) => got?,
             None => self.park(deadline)?,
         };
@@ -856,18 +878,25 @@ impl Events {
 
     /// Waits for the socket to become readable, then reads it on this thread, as raw
     /// tungstenite would: one wake-up from the kernel, no hand-off from the reader
-    /// thread. Every event sent on the channel (and its end) wakes this wait too. `None`:
+    /// thread. `read_empty`: the caller has just read the socket and found nothing, so
+    /// the first look goes to the channel only (one system call less per wait). Every event sent on the channel (and its end) wakes this wait too. `None`:
     /// this consumer cannot wait so (no socket to read, the link lock is taken, another
     /// consumer waits on it, no waker): it parks on the channel instead.
-    fn wait_on_socket(&self, deadline: Option<Instant>) -> Option<Result<Event, RecvTimeoutError>> {
+    fn wait_on_socket(
+        &self,
+        deadline: Option<Instant>,
+        mut read_empty: bool,
+    ) -> Option<Result<Event, RecvTimeoutError>> {
         let driver = self.driver.as_ref()?;
         let waker = self.inbound.consumer_waker()?;
         if !self.inbound.begin_socket_wait() {
             return None;
         }
         let _waiting = SocketWait(&self.inbound);
-        // A wake-up meant for an earlier wait may be left.
-        waker.drain();
+        if self.inbound.consumer_woken.load(Ordering::SeqCst) {
+            // A wake-up meant for an earlier wait may be left.
+            self.inbound.drain_consumer_waker(waker);
+        }
         loop {
             match self.rx.try_recv() {
                 Ok(batch) => return Some(Ok(self.take(batch))),
@@ -876,7 +905,12 @@ impl Events {
                 }
                 Err(TryRecvError::Empty) => {}
             }
-            let more = match self.read_socket() {
+            let read = if std::mem::take(&mut read_empty) {
+                Read::Nothing
+            } else {
+                self.read_socket()
+            };
+            let more = match read {
                 Read::Got(ev) => return Some(Ok(ev)),
                 Read::Nothing => false,
                 Read::More => true,
@@ -892,18 +926,18 @@ impl Events {
                 continue;
             }
             if driver.wait_input(waker, deadline)? {
-                waker.drain();
+                self.inbound.drain_consumer_waker(waker);
             }
         }
     }
 
     /// A waiting batch's first event, else the first message the socket has ready.
     #[inline]
-    fn poll_once(&self) -> Option<Event> {
+    fn poll_once(&self) -> Read {
         if let Ok(batch) = self.rx.try_recv() {
-            return Some(self.take(batch));
+            return Read::Got(self.take(batch));
         }
-        self.read_socket().event()
+        self.read_socket()
     }
 
     /// Reads what the socket has ready on this thread (see "Consumers that read" in the
@@ -933,10 +967,11 @@ impl Events {
 
     /// When the last wait was short, waits for an event by spinning (looking at the
     /// channel and the socket, yielding the CPU to anything runnable in between) for up
-    /// to the configured spin from `start` (or to `deadline`). `None`: nothing came
+    /// to the configured spin from `start` (or to `deadline`); `read` becomes the result
+    /// of its last read of the socket. `None`: nothing came
     /// (spinning is then off until a wait is short again), or the client is gone (the
     /// parked wait that follows reports it at once).
-    fn spin(&self, start: Instant, deadline: Option<Instant>) -> Option<Event> {
+    fn spin(&self, start: Instant, deadline: Option<Instant>, read: &mut Read) -> Option<Event> {
         if !self.spin.get() {
             return None;
         }
@@ -953,8 +988,9 @@ impl Events {
                 Err(TryRecvError::Disconnected) => return None,
                 Err(TryRecvError::Empty) => {}
             }
-            if let Some(ev) = self.read_socket().event() {
-                return Some(ev);
+            match self.read_socket() {
+                Read::Got(ev) => return Some(ev),
+                r => *read = r,
             }
         }
     }
@@ -1004,16 +1040,6 @@ enum Read {
     /// It could not read (no reading for this client, lock taken, events pending, no
     /// live connection).
     Busy,
-}
-
-impl Read {
-    #[inline]
-    fn event(self) -> Option<Event> {
-        match self {
-            Read::Got(ev) => Some(ev),
-            _ => None,
-        }
-    }
 }
 
 /// Blocking iterator over [`Events`].

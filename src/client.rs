@@ -143,9 +143,11 @@ pub struct Stats {
     pub last_inbound: Option<Instant>,
     /// Messages waiting in the offline queue.
     pub queued: usize,
-    /// Messages handed to the OS so far (by `send`, `send_all`, or from the offline queue
-    /// once a connection opened; one written again on a later connection counts again,
-    /// see `resent`).
+    /// Messages handed to the OS so far: counted when the write of a message completes
+    /// (whoever completes it: `send`, `send_all`, a `try_send` flushed later by the
+    /// client's threads, the offline queue once a connection opened). A message written
+    /// again (after a reconnect, or an ack timeout) counts again, see `resent`; one still
+    /// in the client's buffer does not count yet.
     pub sent: u64,
     /// Messages received so far: text and binary, and pings and pongs when surfaced
     /// ([`ClientBuilder::surface_pings`](crate::ClientBuilder::surface_pings)).

@@ -183,6 +183,9 @@ pub(crate) struct Live {
     pub close_sent: bool,
     /// The reader thread, unparked when the last waiting sender got the lock.
     pub reader: Option<std::thread::Thread>,
+    /// `Counters::sent`: messages whose write completed, counted when a flush completes
+    /// (whoever flushes: a sender, the reader, the timer, the supervisor).
+    pub sent: Arc<AtomicU64>,
 }
 
 /// What [`Live::write_tracked`] did with a message.
@@ -347,12 +350,17 @@ impl Live {
             self.probe_out = ProbeOut::Sent(self.ws.get_ref().offsets().0);
         }
         let Some(t) = self.tracked.as_mut() else {
-            self.in_flight.clear();
+            let n = self.in_flight.len() as u64;
+            if n > 0 {
+                self.sent.fetch_add(n, Ordering::Relaxed);
+                self.in_flight.clear();
+            }
             return;
         };
         if t.unflushed == 0 {
             return;
         }
+        self.sent.fetch_add(t.unflushed as u64, Ordering::Relaxed);
         let end = self.ws.get_ref().offsets().0;
         if t.unflushed == 1 {
             // The usual case (one `send`): no range walk.
@@ -531,7 +539,8 @@ pub(crate) fn current_mut(conn: &mut Option<Live>, cgen: u64) -> Option<&mut Liv
 /// Counters for [`Stats`](crate::Stats).
 #[derive(Default)]
 pub(crate) struct Counters {
-    pub sent: AtomicU64,
+    /// Shared with each connection's [`Live`], which counts as its flushes complete.
+    pub sent: Arc<AtomicU64>,
     pub received: AtomicU64,
     pub reconnects: AtomicU64,
     /// At-least-once: messages written on a connection that died, and the kernel's
@@ -841,12 +850,7 @@ impl Shared {
                         // itself would), so `in_flight` stays small in a long batch.
                         batch.bytes = 0;
                         match live.try_flush() {
-                            Ok(true) => {
-                                self.counters.sent.fetch_add(
-                                    std::mem::take(&mut batch.buffered),
-                                    Ordering::Relaxed,
-                                );
-                            }
+                            Ok(true) => batch.buffered = 0,
                             Ok(false) => {}
                             Err(e) => {
                                 let reason = reason_of(&e);
@@ -1056,9 +1060,7 @@ impl Shared {
             let was_pending = live.pending_since.is_some();
             match live.try_flush() {
                 Ok(true) => {
-                    self.counters
-                        .sent
-                        .fetch_add(std::mem::take(&mut batch.buffered), Ordering::Relaxed);
+                    batch.buffered = 0;
                     return;
                 }
                 Ok(false) => {}
@@ -1076,9 +1078,8 @@ impl Shared {
                     live.waker.wake();
                     let _ = self.timer.send(TimerCmd::Wake);
                 }
-                self.counters
-                    .sent
-                    .fetch_add(std::mem::take(&mut batch.buffered), Ordering::Relaxed);
+                // Counted in `sent` once that flush completes.
+                batch.buffered = 0;
                 return;
             }
             let since = live.pending_since.unwrap_or_else(Instant::now);

@@ -337,6 +337,7 @@ impl Supervisor {
                 hb: HbState::new(now),
                 close_sent: false,
                 reader: None,
+                sent: self.shared.counters.sent.clone(),
             });
             self.shared.set_state(link, State::Open);
             // This connection serves every `reconnect_now` made while it was being built
@@ -390,8 +391,6 @@ impl Supervisor {
     /// Writes the offline queue into connection `cgen`, in order, before direct sends resume.
     fn flush_queue(&self, cgen: u64) {
         let write_timeout = self.shared.cfg.write_timeout;
-        // Written, not yet handed to the OS whole: counted in `sent` once flushed.
-        let mut buffered = 0;
         loop {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
@@ -403,7 +402,7 @@ impl Supervisor {
             while let Some(m) = link.queue.pop_front() {
                 moved = true;
                 match live.write_noted(link.outbox.as_mut(), m) {
-                    Ok(Written::Buffered) => buffered += 1,
+                    Ok(Written::Buffered) => {}
                     Ok(Written::Full(m)) => {
                         link.queue.push_front(m);
                         break;
@@ -435,12 +434,6 @@ impl Supervisor {
             if let Some(reason) = failed {
                 self.shared.mark_dead(link, cgen, reason);
                 return;
-            }
-            if flushed {
-                self.shared
-                    .counters
-                    .sent
-                    .fetch_add(std::mem::take(&mut buffered), Ordering::Relaxed);
             }
             if flushed && link.queue.is_empty() {
                 link.flushing_queue = false;

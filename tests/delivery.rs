@@ -961,3 +961,41 @@ fn messages_sent_from_the_offline_queue_count_as_sent() {
     assert_eq!(client.stats().sent, 3, "{:?}", client.stats());
     let _ = client.close();
 }
+
+/// `Stats::sent` counts messages handed to the OS: one `try_send` left in the client's
+/// buffer (the peer reads nothing) is not counted until its write completes.
+#[test]
+fn try_send_counts_as_sent_only_once_written() {
+    let server = TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .recv_buffer(4096)
+        .start();
+    let client = Client::builder(&server.url())
+        .heartbeat(Heartbeat::off())
+        .limits(Limits::default().max_write_buffer(256 << 10))
+        .write_timeout(Duration::from_secs(60))
+        .connect()
+        .unwrap();
+    let mut accepted = 0u64;
+    let mut full = false;
+    for i in 0..4096u32 {
+        match client.try_send(Message::binary(vec![(i % 251) as u8; 16 << 10])) {
+            Ok(()) => accepted += 1,
+            Err(Error::WouldBlock { .. }) => {
+                full = true;
+                break;
+            }
+            Err(e) => panic!("try_send {i}: unexpected {e:?}"),
+        }
+    }
+    assert!(full, "the peer reads nothing: try_send must fill up");
+    // The client's buffer is full (256 KiB, about 15 of these messages) and the peer
+    // takes nothing: those messages have not reached the OS.
+    let stats = client.stats();
+    assert!(
+        stats.sent + 10 <= accepted,
+        "{accepted} accepted, but sent counts {} with the client's buffer full: {stats:?}",
+        stats.sent
+    );
+    let _ = client.close();
+}

@@ -659,6 +659,13 @@ const BATCH_FLUSH_BYTES: usize = 128 << 10;
 const FRAME_HEADER: usize = 14;
 /// Most messages of a batch taken from the caller's iterator per lock hold.
 const BATCH_CHUNK: usize = 2048;
+/// Most overdue messages an ack-timeout round writes again (the rest: the next round,
+/// at once), so a round's walk and copies under the lock stay bounded.
+const RESEND_CHUNK: usize = 256;
+/// How soon an ack-timeout round that found our buffer full looks again: what did not
+/// fit goes as soon as the socket drains (each look walks the outbox under the lock,
+/// so not more often).
+const RESEND_RETRY: Duration = Duration::from_millis(20);
 
 /// How a send waits.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -1108,7 +1115,7 @@ impl Shared {
             // The supervisor is writing the queue; look again shortly.
             return Some(deadline(now, Duration::from_millis(10)));
         }
-        let (due, next) = outbox.overdue(now);
+        let (due, next) = outbox.overdue(now, RESEND_CHUNK);
         if due.is_empty() {
             return next;
         }
@@ -1118,10 +1125,16 @@ impl Shared {
             due.len()
         );
         let mut failed = None;
+        // Due messages left unwritten (our buffer full): they go as soon as it drains,
+        // not a whole ack timeout later.
+        let mut left = false;
         for m in due {
             match live.write_noted(Some(&mut *outbox), m) {
                 Ok(Written::Buffered) => {}
-                Ok(Written::Full(_)) => break,
+                Ok(Written::Full(_)) => {
+                    left = true;
+                    break;
+                }
                 Err(e) => {
                     failed = Some(reason_of(&e));
                     break;
@@ -1139,7 +1152,11 @@ impl Shared {
             self.mark_dead(link, cgen, reason);
             return None;
         }
-        let again = deadline(now, outbox_timeout(link));
+        let again = if left {
+            deadline(now, RESEND_RETRY)
+        } else {
+            deadline(now, outbox_timeout(link))
+        };
         Some(next.map_or(again, |n| n.min(again)))
     }
 

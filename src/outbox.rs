@@ -330,9 +330,10 @@ impl Outbox {
         }
     }
 
-    /// Written messages whose ack is overdue at `now`, in order, marked as written now;
-    /// and when the next one falls due.
-    pub(crate) fn overdue(&mut self, now: Instant) -> (Vec<Message>, Option<Instant>) {
+    /// Written messages whose ack is overdue at `now`, in order, at most `limit` of them;
+    /// and when the next one falls due (`now` if more than `limit` are due). Each stays
+    /// due until it is written again ([`written`](Self::written)).
+    pub(crate) fn overdue(&self, now: Instant, limit: usize) -> (Vec<Message>, Option<Instant>) {
         let t = self.acks.timeout;
         let mut out = Vec::new();
         let mut next: Option<Instant> = None;
@@ -342,6 +343,7 @@ impl Outbox {
             };
             let due = sent.checked_add(t);
             match due {
+                Some(d) if d <= now && out.len() >= limit => return (out, Some(now)),
                 Some(d) if d <= now => out.push(m.clone()),
                 Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
                 None => {}
@@ -417,6 +419,26 @@ mod tests {
         assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
         assert_eq!((o.len(), o.acked), (1, 2));
         assert_eq!(o.entries.len(), 1, "acked entries are gone");
+    }
+
+    #[test]
+    fn overdue_hands_out_at_most_the_limit_in_order() {
+        let timeout = Duration::from_secs(1);
+        let mut o = Outbox::new(Acks::json_field("id", "ack").timeout(timeout));
+        let m = |i: u64| Message::text(format!("{{\"id\":{i}}}"));
+        let t0 = Instant::now();
+        for i in 1..=5 {
+            assert!(matches!(o.admit(&m(i)), Admit::Ok));
+            o.written(i, t0 + Duration::from_millis(i));
+        }
+        let now = t0 + timeout + Duration::from_millis(3);
+        // 1, 2 and 3 are due; 4 and 5 fall due later.
+        let (due, next) = o.overdue(now, 2);
+        assert_eq!(due, vec![m(1), m(2)]);
+        assert_eq!(next, Some(now), "more are due at once");
+        let (due, next) = o.overdue(now, 10);
+        assert_eq!(due, vec![m(1), m(2), m(3)]);
+        assert_eq!(next, Some(t0 + timeout + Duration::from_millis(4)));
     }
 
     /// One message never acked (the server rejected it, say) does not keep the later,

@@ -999,3 +999,100 @@ fn try_send_counts_as_sent_only_once_written() {
     );
     let _ = client.close();
 }
+
+/// Acked delivery: messages whose ack is overdue while the client's buffer is full (the
+/// peer reads nothing for a while) are written as soon as it drains, not a whole ack
+/// timeout later.
+#[test]
+fn overdue_messages_that_found_the_buffer_full_go_out_once_it_drains() {
+    use std::io::ErrorKind;
+    use std::net::TcpListener;
+    use std::time::Instant;
+
+    const ACK_TIMEOUT: Duration = Duration::from_secs(3);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // A small receive window: the peer's kernel holds little of what it does not read.
+    socket2::SockRef::from(&listener)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (resume_tx, resume_rx) = crossbeam_channel::bounded::<()>(1);
+    let (seen_tx, seen_rx) = crossbeam_channel::unbounded::<(u64, Instant)>();
+    let server = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        // Reads nothing (and acks nothing, ever) until told.
+        let _ = resume_rx.recv();
+        ws.get_ref()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let quiet_until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < quiet_until {
+            match ws.read() {
+                Ok(Message::Binary(b)) => {
+                    let id = u64::from_be_bytes(b[..8].try_into().unwrap());
+                    if seen_tx.send((id, Instant::now())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let id_of = |m: &Message| match m {
+        Message::Binary(b) if b.len() >= 8 => Some(u64::from_be_bytes(b[..8].try_into().unwrap())),
+        _ => None,
+    };
+    let client = Client::builder(&format!("ws://{addr}/"))
+        .heartbeat(Heartbeat::off())
+        .limits(Limits::default().max_write_buffer(1 << 20))
+        .write_timeout(Duration::from_secs(60))
+        .delivery(Delivery::Acked(
+            Acks::new(id_of, |_| None).timeout(ACK_TIMEOUT),
+        ))
+        .connect()
+        .unwrap();
+    // Fill every buffer between us and the peer.
+    let mut accepted = 0u64;
+    for id in 0..4096u64 {
+        let mut payload = vec![0u8; 256 << 10];
+        payload[..8].copy_from_slice(&id.to_be_bytes());
+        match client.try_send(Message::binary(payload)) {
+            Ok(()) => accepted += 1,
+            Err(Error::WouldBlock { .. }) => break,
+            Err(e) => panic!("try_send {id}: {e:?}"),
+        }
+    }
+    assert!(accepted > 0 && accepted < 4096, "accepted {accepted}");
+    // Every ack falls due after ACK_TIMEOUT, while the client's buffer is still full (the
+    // peer reads nothing): none of them can be written again yet. Not a synchronisation:
+    // the behaviour under test is what happens after that deadline passed. Without the
+    // fix the next try came a whole ack timeout later (2.3 s after the peer read again
+    // here; 0.2-0.3 s with it).
+    std::thread::sleep(ACK_TIMEOUT + Duration::from_millis(700));
+    let resumed = Instant::now();
+    resume_tx.send(()).unwrap();
+    // The first message comes again once the backlog ahead of it is read: well before
+    // the next ack timeout would send it.
+    let mut copies = HashSet::new();
+    let again = loop {
+        let (id, at) = seen_rx
+            .recv_timeout(Duration::from_secs(15))
+            .expect("the server saw no second copy of any message");
+        if !copies.insert(id) {
+            break at;
+        }
+    };
+    let after = again - resumed;
+    assert!(
+        after < Duration::from_millis(1500),
+        "the first overdue message went out again {after:?} after the peer read again \
+         ({accepted} messages in flight)"
+    );
+    let _ = client.close();
+    drop(seen_rx);
+    let _ = server.join();
+}

@@ -210,9 +210,10 @@ pub(crate) struct Inbound {
     /// Wakes that consumer. Made with the first `Events` that may read; `None` if it
     /// could not be made (consumers then park on the channel).
     consumer_waker: OnceLock<Option<Waker>>,
-    /// `consumer_waker` may hold a wake-up nobody read (set before each wake, cleared
-    /// before each drain): a consumer about to wait drains it only then, saving a system
-    /// call per wait.
+    /// Set before each write of `consumer_waker`, cleared before each drain: a consumer
+    /// about to wait drains the waker only when it is set, saving a system call per wait.
+    /// A clear flag does not prove the waker empty (a wake may land between a drain and
+    /// the clear that preceded it): such a stale wake-up costs one spurious turn.
     consumer_woken: AtomicBool,
 }
 
@@ -849,8 +850,9 @@ impl Events {
             return Ok(ev);
         }
         // The socket was just read and nothing was left above it: the wait need not read
-        // it again before its first `poll` (unless another consumer has left input
-        // there since, which that `poll` would not see).
+        // it again before its first `poll`. Best effort as before: input that another
+        // consumer (or the reader, stopping early after pings) leaves above the socket
+        // after this look waits for the reader's deferral, at most `MAX_DEFER`.
         let read_empty = matches!(read, Read::Nothing) && !self.inbound.input_left();
         let ev = match self.wait_on_socket(deadline, read_empty) {
             Some(got) => got?,
@@ -878,9 +880,10 @@ impl Events {
 
     /// Waits for the socket to become readable, then reads it on this thread, as raw
     /// tungstenite would: one wake-up from the kernel, no hand-off from the reader
-    /// thread. `read_empty`: the caller has just read the socket and found nothing, so
-    /// the first look goes to the channel only (one system call less per wait). Every event sent on the channel (and its end) wakes this wait too. `None`:
-    /// this consumer cannot wait so (no socket to read, the link lock is taken, another
+    /// thread. Every event sent on the channel (and its end) wakes this wait too.
+    /// `read_empty`: the caller has just read the socket and found nothing, so the first
+    /// look goes to the channel only (one system call less per wait). `None`: this
+    /// consumer cannot wait so (no socket to read, the link lock is taken, another
     /// consumer waits on it, no waker): it parks on the channel instead.
     fn wait_on_socket(
         &self,
@@ -931,7 +934,8 @@ impl Events {
         }
     }
 
-    /// A waiting batch's first event, else the first message the socket has ready.
+    /// A waiting batch's first event, else what a read of the socket gave (`Nothing`: it
+    /// was read empty, with nothing left above it).
     #[inline]
     fn poll_once(&self) -> Read {
         if let Ok(batch) = self.rx.try_recv() {
@@ -968,9 +972,9 @@ impl Events {
     /// When the last wait was short, waits for an event by spinning (looking at the
     /// channel and the socket, yielding the CPU to anything runnable in between) for up
     /// to the configured spin from `start` (or to `deadline`); `read` becomes the result
-    /// of its last read of the socket. `None`: nothing came
-    /// (spinning is then off until a wait is short again), or the client is gone (the
-    /// parked wait that follows reports it at once).
+    /// of its last read of the socket. `None`: nothing came (spinning is then off until a
+    /// wait is short again), or the client is gone (the parked wait that follows reports
+    /// it at once).
     fn spin(&self, start: Instant, deadline: Option<Instant>, read: &mut Read) -> Option<Event> {
         if !self.spin.get() {
             return None;
@@ -1312,6 +1316,32 @@ mod tests {
             drive.waits.load(Ordering::SeqCst),
             0,
             "the consumer waited on the socket with messages left above it"
+        );
+    }
+
+    /// Input another consumer left above the socket (`input_left`) after this consumer's
+    /// empty read: the wait reads again before its first `poll` (review of f63c3dc).
+    #[test]
+    fn a_wait_reads_first_when_another_consumer_left_input_above_the_socket() {
+        let inbound = Arc::new(Inbound::new(10, 1 << 20, Duration::from_secs(10)));
+        let (_tx, rx) = EventTx::new(inbound.clone());
+        let drive = Arc::new(Scripted {
+            steps: Mutex::new(VecDeque::from([
+                (vec![], false),
+                (vec![Message::text("x")], false),
+            ])),
+            waits: AtomicUsize::new(0),
+        });
+        let events = Events::new(rx, inbound.clone(), Some(drive.clone()));
+        inbound.note_input_left();
+        match events.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "x"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            drive.waits.load(Ordering::SeqCst),
+            0,
+            "waited before reading"
         );
     }
 }

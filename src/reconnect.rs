@@ -207,15 +207,16 @@ impl Supervisor {
             if let End::Close = end {
                 break None;
             }
-            let min_uptime = Error::catch("reconnect policy", || {
-                self.shared.cfg.policy.lock().min_uptime()
-            });
+            let min_uptime =
+                Error::catch("reconnect policy", || self.policy().map(|p| p.min_uptime()));
             match min_uptime {
-                Ok(t) if opened_at.elapsed() >= t => {
+                Ok(Some(t)) if opened_at.elapsed() >= t => {
                     self.failures = 0;
                     self.first_failure = None;
                 }
-                Ok(_) => {}
+                Ok(Some(_)) => {}
+                // Closed while waiting for the policy.
+                Ok(None) => break None,
                 Err(e) => break Some(e),
             }
             if reason == DisconnectReason::ReconnectRequested {
@@ -230,6 +231,26 @@ impl Supervisor {
             }
         };
         give_up
+    }
+
+    /// The reconnect policy, locked; `None` once this client is closing. The policy is
+    /// shared with the clients `restart()` makes from this one, and one of them may hold
+    /// it for long, running user code (which may even close this client and join this
+    /// thread): the wait looks at `closing` every 10 ms, so a close always ends it.
+    fn policy(&self) -> Option<parking_lot::MutexGuard<'_, Box<dyn crate::ReconnectPolicy>>> {
+        loop {
+            if let Some(p) = self
+                .shared
+                .cfg
+                .policy
+                .try_lock_for(Duration::from_millis(10))
+            {
+                return Some(p);
+            }
+            if self.shared.closing.load(Ordering::SeqCst) {
+                return None;
+            }
+        }
     }
 
     fn set_state(&self, state: State) {
@@ -261,11 +282,13 @@ impl Supervisor {
                 reason: reason.as_ref(),
                 elapsed: first.elapsed(),
             };
-            self.shared.cfg.policy.lock().next_delay(&f)
+            self.policy().map(|mut p| p.next_delay(&f))
         });
         let delay = match delay {
-            Ok(Some(delay)) => delay,
-            Ok(None) => return Err(Some(last)),
+            Ok(Some(Some(delay))) => delay,
+            Ok(Some(None)) => return Err(Some(last)),
+            // Closed while waiting for the policy.
+            Ok(None) => return Err(None),
             // The policy cannot be asked any more: give up with the panic as the cause.
             Err(panicked) => return Err(Some(panicked)),
         };

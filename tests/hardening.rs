@@ -1748,3 +1748,86 @@ fn send_all_stops_reading_its_iterator_once_the_client_is_closed() {
     );
     drop(tx);
 }
+
+/// Restarts its client from `next_delay` once (the new client shares this policy: one
+/// lock), and closes the new client from there, once that one's first attempt has failed
+/// and it waits for the policy.
+struct RestartFromPolicy {
+    client: Arc<parking_lot::Mutex<Option<wsbeat::WeakClient>>>,
+    new_started: crossbeam_channel::Receiver<()>,
+    new_closed: crossbeam_channel::Sender<Duration>,
+    done: bool,
+}
+impl ReconnectPolicy for RestartFromPolicy {
+    fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
+        if std::mem::replace(&mut self.done, true) {
+            return Some(Duration::from_millis(1));
+        }
+        let weak = self.client.lock().clone().expect("set before the attempt");
+        let old = weak.upgrade().expect("the old client lives");
+        let new = old.restart().expect("restart");
+        // The new client's first attempt began; it fails at once (503) and its supervisor
+        // then waits for this policy, which we hold. Not a synchronisation: without the
+        // fix, the close below deadlocked only if that wait had begun.
+        let _ = self.new_started.recv_timeout(T);
+        std::thread::sleep(Duration::from_millis(200));
+        let t0 = Instant::now();
+        let _ = new.close();
+        let _ = self.new_closed.send(t0.elapsed());
+        Some(Duration::from_millis(1))
+    }
+}
+
+/// `restart()` from a reconnect policy, then closing the new client there: the new
+/// client's supervisor waited for the policy lock, which the old one held while joining
+/// it (a deadlock: both clients' `close()` hung for good).
+#[test]
+fn closing_a_client_restarted_from_its_policy_inside_that_policy_does_not_deadlock() {
+    let _g = util::exclusive();
+    let server = TestServer::start(Behavior::reject(503));
+    let url = server.url();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (started_tx, started_rx) = crossbeam_channel::bounded(1);
+    let (closed_tx, closed_rx) = crossbeam_channel::bounded(1);
+    let slot: Arc<parking_lot::Mutex<Option<wsbeat::WeakClient>>> = Default::default();
+    let (c, gate) = (calls.clone(), Arc::new(Barrier::new(2)));
+    let g = gate.clone();
+    let client = builder(&url)
+        .reconnect_policy(RestartFromPolicy {
+            client: slot.clone(),
+            new_started: started_rx,
+            new_closed: closed_tx,
+            done: false,
+        })
+        .request_factory(move |_| {
+            // The old client's first attempt waits for the handle; the new client's
+            // first attempt (the second call) is reported.
+            match c.fetch_add(1, SeqCst) {
+                0 => {
+                    g.wait();
+                }
+                1 => {
+                    let _ = started_tx.try_send(());
+                }
+                _ => {}
+            }
+            wsbeat::Request::new(&url)
+        })
+        .connect_lazy()
+        .expect("lazy");
+    *slot.lock() = Some(client.downgrade());
+    gate.wait();
+    match closed_rx.recv_timeout(T) {
+        Ok(took) => assert!(took < T, "closing the new client took {took:?}"),
+        Err(_) => {
+            // Deadlocked: dropping the client would join a thread that never ends.
+            std::mem::forget(client);
+            panic!("closing the restarted client from the old client's policy never returned");
+        }
+    }
+    let events = client.events();
+    let evs = events_until_closed(&events, T);
+    assert_grammar(&evs, true);
+    let _ = client.close();
+    no_client_threads_left("after the restart from a policy");
+}

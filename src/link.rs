@@ -1152,11 +1152,11 @@ impl Shared {
             self.mark_dead(link, cgen, reason);
             return None;
         }
-        let again = if left {
-            deadline(now, RESEND_RETRY)
-        } else {
-            deadline(now, outbox_timeout(link))
-        };
+        if left {
+            // What is due waits for room anyway (also past the chunk: `next == now`).
+            return Some(deadline(now, RESEND_RETRY));
+        }
+        let again = deadline(now, outbox_timeout(link));
         Some(next.map_or(again, |n| n.min(again)))
     }
 

@@ -1096,3 +1096,73 @@ fn overdue_messages_that_found_the_buffer_full_go_out_once_it_drains() {
     drop(seen_rx);
     let _ = server.join();
 }
+
+/// CPU time (ms) of this process's `wsbeat-timer` threads so far (Linux).
+#[cfg(target_os = "linux")]
+fn timer_cpu_ms() -> u64 {
+    let tick_ms = 10; // USER_HZ = 100
+    let mut total = 0;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "wsbeat-timer" {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 (utime, stime): 12 and 13 after "pid (comm)".
+        total += (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) * tick_ms;
+    }
+    total
+}
+
+/// Acked delivery: more than `RESEND_CHUNK` (256) acks overdue while the client's buffer
+/// stays full (the peer reads nothing). The timer must look again in 20 ms, not spin:
+/// `overdue` said "next = now" (more are due) and the round took that over the 20 ms
+/// (found by review: 1700 ms of the timer's CPU in 2 s).
+#[test]
+#[cfg(target_os = "linux")]
+fn overdue_rounds_do_not_spin_while_the_buffer_stays_full() {
+    let server = TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .recv_buffer(4096)
+        .start();
+    let id_of = |m: &Message| match m {
+        Message::Binary(b) if b.len() >= 8 => Some(u64::from_be_bytes(b[..8].try_into().unwrap())),
+        _ => None,
+    };
+    let client = Client::builder(&server.url())
+        .heartbeat(Heartbeat::off())
+        .limits(Limits::default().max_write_buffer(64 << 10))
+        .write_timeout(Duration::from_secs(60))
+        .delivery(Delivery::Acked(
+            Acks::new(id_of, |_| None)
+                .timeout(Duration::from_millis(300))
+                .max_messages(1 << 20),
+        ))
+        .connect()
+        .unwrap();
+    let mut accepted = 0u64;
+    for id in 0..1_000_000u64 {
+        let mut payload = vec![0u8; 1024];
+        payload[..8].copy_from_slice(&id.to_be_bytes());
+        match client.try_send(Message::binary(payload)) {
+            Ok(()) => accepted += 1,
+            Err(Error::WouldBlock { .. }) => break,
+            Err(e) => panic!("try_send {id}: {e:?}"),
+        }
+    }
+    assert!(accepted > 600, "accepted {accepted}");
+    // Every ack is overdue by now, and nothing can be written again.
+    std::thread::sleep(Duration::from_millis(800));
+    let (cpu0, t0) = (timer_cpu_ms(), std::time::Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu, wall) = (timer_cpu_ms() - cpu0, t0.elapsed().as_millis() as u64);
+    let stats = client.stats();
+    let _ = client.close();
+    assert!(
+        cpu * 4 < wall,
+        "the timer thread used {cpu} ms of CPU in {wall} ms with {accepted} messages \
+         overdue and the buffer full: {stats:?}"
+    );
+}

@@ -178,7 +178,10 @@ pub enum OverflowPolicy {
     /// Return [`Error::QueueFull`] with the message (default).
     Reject,
     /// Drop the oldest queued messages to make room and hand them back in
-    /// [`Event::Undelivered`](crate::Event::Undelivered).
+    /// [`Event::Undelivered`](crate::Event::Undelivered). While as many dropped
+    /// messages as the queue holds wait unread in the event stream, no more are dropped:
+    /// the new message gets [`Error::QueueFull`](crate::Error::QueueFull) instead, so
+    /// memory stays bounded when nobody reads events.
     DropOldest,
     /// Wait up to the given time for room, then return [`Error::QueueFull`]
     /// (`Duration::MAX`: wait as long as it takes; zero: like `Reject`).

@@ -319,8 +319,13 @@ pub enum Error {
         message: Option<Message>,
     },
     /// The offline queue, or the outbox of acked delivery, is full
-    /// (`OverflowPolicy::Reject` or a timed-out `Block`); the message is handed back.
-    #[error("the offline queue is full; message handed back")]
+    /// (`OverflowPolicy::Reject` or a timed-out `Block`); or as many messages as the
+    /// queue holds, handed back in `Undelivered` / `Unconfirmed` events, wait unread
+    /// (read the events to make room). The message is handed back.
+    #[error(
+        "no room: the offline queue is full, or as many handed-back messages wait unread in \
+         the event stream; message handed back"
+    )]
     QueueFull {
         /// The message that was not queued.
         message: Message,

@@ -89,6 +89,10 @@ pub struct Batch {
     /// Messages and payload bytes counted against the bound; released on unpack or drop.
     msgs: usize,
     bytes: usize,
+    /// Messages (and payload bytes) handed back in `control` (`Undelivered`,
+    /// `Unconfirmed`), counted in `Inbound::handed` until unpacked or dropped.
+    handed: usize,
+    handed_bytes: usize,
     inbound: Option<Arc<Inbound>>,
 }
 
@@ -105,7 +109,14 @@ impl Batch {
 
     fn release(&mut self) {
         if let Some(inbound) = self.inbound.take() {
-            inbound.release(self.msgs, self.bytes);
+            if self.handed > 0 {
+                inbound.handed.fetch_sub(self.handed, Ordering::SeqCst);
+                inbound
+                    .handed_bytes
+                    .fetch_sub(self.handed_bytes, Ordering::SeqCst);
+            } else {
+                inbound.release(self.msgs, self.bytes);
+            }
         }
     }
 }
@@ -215,6 +226,10 @@ pub(crate) struct Inbound {
     /// A clear flag does not prove the waker empty (a wake may land between a drain and
     /// the clear that preceded it): such a stale wake-up costs one spurious turn.
     consumer_woken: AtomicBool,
+    /// Messages handed back in events the consumer has not taken yet, and their payload
+    /// bytes (see [`Inbound::handed_back`]).
+    handed: AtomicUsize,
+    handed_bytes: AtomicUsize,
 }
 
 impl Inbound {
@@ -243,6 +258,8 @@ impl Inbound {
             socket_waiter: AtomicBool::new(false),
             consumer_waker: OnceLock::new(),
             consumer_woken: AtomicBool::new(false),
+            handed: AtomicUsize::new(0),
+            handed_bytes: AtomicUsize::new(0),
         }
     }
 
@@ -447,6 +464,16 @@ impl Inbound {
         }
     }
 
+    /// Messages handed back (`Undelivered`, `Unconfirmed`) in events the consumer has
+    /// not taken yet, and their payload bytes: the client's senders bound them (see
+    /// `Shared::handed_back_full`), as nothing else would while nobody reads events.
+    pub(crate) fn handed_back(&self) -> (usize, usize) {
+        (
+            self.handed.load(Ordering::SeqCst),
+            self.handed_bytes.load(Ordering::SeqCst),
+        )
+    }
+
     /// Whether a consumer left input above the socket.
     fn input_left(&self) -> bool {
         self.input_left.load(Ordering::SeqCst)
@@ -597,12 +624,26 @@ impl EventTx {
     /// Sends one control event. Unbounded: never blocks, fine under the lock. Fails only
     /// when every receiver is gone.
     pub(crate) fn send(&self, ev: Event) -> Result<(), SendError<Event>> {
+        let (handed, handed_bytes) = match &ev {
+            Event::Undelivered(v) | Event::Unconfirmed { messages: v, .. } => {
+                (v.len(), v.iter().map(crate::queue::payload_len).sum())
+            }
+            _ => (0, 0),
+        };
+        if handed > 0 {
+            self.inbound.handed.fetch_add(handed, Ordering::SeqCst);
+            self.inbound
+                .handed_bytes
+                .fetch_add(handed_bytes, Ordering::SeqCst);
+        }
         let batch = Batch {
             messages: VecDeque::new(),
             control: Some(ev),
             msgs: 0,
             bytes: 0,
-            inbound: None,
+            handed,
+            handed_bytes,
+            inbound: (handed > 0).then(|| self.inbound.clone()),
         };
         let sent = self
             .tx
@@ -628,6 +669,8 @@ impl EventTx {
             control: None,
             msgs,
             bytes,
+            handed: 0,
+            handed_bytes: 0,
             inbound: Some(self.inbound.clone()),
         };
         // No receiver left: the batch is dropped, which releases its room.

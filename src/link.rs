@@ -839,6 +839,18 @@ impl Shared {
                     }
                 }
             }
+            if matches!(self.cfg.delivery, crate::Delivery::AtMostOnce) && self.handed_back_full() {
+                // A connection that dies hands back what it had in flight, in
+                // `Unconfirmed`: while as many wait unread, put no more in flight.
+                if batch.buffered > 0 {
+                    // This batch's own messages first (they may be what fills it).
+                    self.flush_batch(link, batch, mode);
+                }
+                if self.wait_handed_back(link, mode).is_err() {
+                    return Err(Error::QueueFull { message: msg });
+                }
+                continue;
+            }
             let l: &mut Link = link;
             let live = l.conn.as_mut().expect("direct: a live connection");
             if batch.cgen != live.generation {
@@ -929,6 +941,10 @@ impl Shared {
             }
             let outbox = link.outbox.as_mut().expect("acked delivery");
             match (self.cfg.overflow, mode) {
+                // As many handed back wait unread: drop no more (see `handed_back_full`).
+                (OverflowPolicy::DropOldest, _) if self.handed_back_full() => {
+                    return Admit::Full;
+                }
                 (OverflowPolicy::DropOldest, _) => match outbox.drop_oldest_written() {
                     Some(old) => self.emit(Event::Undelivered(vec![old])),
                     None => return Admit::Full,
@@ -990,6 +1006,46 @@ impl Shared {
         link
     }
 
+    /// Whether as many messages as the offline queue may hold (`Limits::queue_messages`,
+    /// `queue_bytes`) wait unread in `Undelivered` / `Unconfirmed` events. Nothing else
+    /// bounds them while nobody reads events: `DropOldest` would drop one into an event
+    /// per send, and at-most-once delivery hands back a connection's in-flight messages
+    /// each time one dies. So, until the consumer takes them, `DropOldest` drops no more
+    /// (the new message is refused, `QueueFull`) and at-most-once sends wait for room as
+    /// the overflow policy says: the queue plus this many, and one connection's in-flight
+    /// messages, is as much as the client holds for the consumer.
+    fn handed_back_full(&self) -> bool {
+        let (msgs, bytes) = self.events.inbound().handed_back();
+        msgs >= self.cfg.limits.queue_messages || bytes >= self.cfg.limits.queue_bytes
+    }
+
+    /// An at-most-once send waiting for [`handed_back_full`](Self::handed_back_full) to
+    /// clear: as `OverflowPolicy::Block` says (looking every 10 ms: the consumer taking
+    /// events does not notify), else not at all. `Err`: no room (the caller refuses the
+    /// message); `Ok`: room, or the client is closing (the caller sees it).
+    fn wait_handed_back(
+        &self,
+        link: &mut MutexGuard<'_, Link>,
+        mode: SendMode,
+    ) -> std::result::Result<(), ()> {
+        let OverflowPolicy::Block(limit) = self.cfg.overflow else {
+            return Err(());
+        };
+        if mode == SendMode::Try {
+            return Err(());
+        }
+        let end = deadline_in(limit);
+        while self.handed_back_full() && !matches!(link.state, State::Closed | State::Closing) {
+            let now = Instant::now();
+            if now >= end {
+                return Err(());
+            }
+            let step = deadline(now, Duration::from_millis(10)).min(end);
+            let _ = self.changed.wait_until(link, step);
+        }
+        Ok(())
+    }
+
     /// Queues `msg` while no connection takes direct sends. `Ok(Some(msg))`: a
     /// connection opened while we waited for room (`Block`), write on it instead.
     fn enqueue(
@@ -1007,6 +1063,10 @@ impl Shared {
         }
         match (self.cfg.overflow, mode) {
             (OverflowPolicy::Reject, _) | (OverflowPolicy::Block(_), SendMode::Try) => {
+                Err(Error::QueueFull { message: msg })
+            }
+            // As many handed back wait unread: drop no more (see `handed_back_full`).
+            (OverflowPolicy::DropOldest, _) if self.handed_back_full() => {
                 Err(Error::QueueFull { message: msg })
             }
             (OverflowPolicy::DropOldest, _) => {

@@ -41,7 +41,10 @@ pub enum Delivery {
     /// A message in flight when its connection dies is never sent again: it is handed
     /// back in [`Event::Unconfirmed`](crate::Event::Unconfirmed) (the peer may or may
     /// not have it). Messages queued while offline are sent later (turn that off with
-    /// [`ClientBuilder::offline_queue`](crate::ClientBuilder::offline_queue)).
+    /// [`ClientBuilder::offline_queue`](crate::ClientBuilder::offline_queue)). While
+    /// as many handed-back messages as the queue holds (`Limits::queue_messages`,
+    /// `queue_bytes`) wait unread in the event stream, sends get no room (as the
+    /// [`OverflowPolicy`](crate::OverflowPolicy) says) until the consumer takes them.
     AtMostOnce,
     /// End-to-end acks: each message stays in an outbox until the server acknowledges its
     /// id; unacked messages are sent again, in order, after a reconnect and after the

@@ -1000,6 +1000,39 @@ fn try_send_counts_as_sent_only_once_written() {
     let _ = client.close();
 }
 
+/// Acked delivery, `DropOldest`, a consumer that never reads events: each message dropped
+/// from the full outbox waited in its own unread `Undelivered` (368 MiB on one connection
+/// in a probe). Once as many as the queue holds wait unread, new messages are refused
+/// (`QueueFull`, handed back) instead of dropping more.
+#[test]
+fn acked_drop_oldest_with_an_unread_event_stream_stays_bounded() {
+    let server = TestServer::echo();
+    // The echo carries no "ack" field: nothing is ever acked.
+    let acks = Acks::json_field("id", "ack").max_messages(10);
+    let client = Client::builder(&server.url())
+        .heartbeat(Heartbeat::off())
+        .delivery(Delivery::Acked(acks))
+        .overflow(wsbeat::OverflowPolicy::DropOldest)
+        .limits(Limits::default().queue_messages(20))
+        .connect()
+        .unwrap();
+    let mut refused = 0;
+    for i in 0..100 {
+        let m = Message::text(format!(r#"{{"id":{i}}}"#));
+        match client.send(m.clone()) {
+            Ok(()) => {}
+            Err(Error::QueueFull { message }) => {
+                assert_eq!(message, m, "handed back");
+                refused += 1;
+            }
+            Err(e) => panic!("send {i}: {e:?}"),
+        }
+    }
+    // 10 in the outbox, 20 dropped into unread `Undelivered` events, the rest refused.
+    assert_eq!(refused, 70, "{:?}", client.stats());
+    let _ = client.close();
+}
+
 /// Acked delivery: messages whose ack is overdue while the client's buffer is full (the
 /// peer reads nothing for a while) are written as soon as it drains, not a whole ack
 /// timeout later.
@@ -1095,6 +1128,75 @@ fn overdue_messages_that_found_the_buffer_full_go_out_once_it_drains() {
     let _ = client.close();
     drop(seen_rx);
     let _ = server.join();
+}
+
+/// At-most-once with a consumer that never reads events: each connection that dies hands
+/// back its in-flight messages in `Unconfirmed`, and those waited unread without bound
+/// (2 GiB after 98 connections in a probe). Once as many as the queue holds wait, sends
+/// are refused (`QueueFull`, handed back) until the consumer takes them.
+#[test]
+fn at_most_once_hand_backs_left_unread_stay_bounded() {
+    let server = TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .recv_buffer(4096)
+        .start();
+    let client = Client::builder(&server.url())
+        .heartbeat(Heartbeat::off())
+        .delivery(Delivery::AtMostOnce)
+        .reconnect_policy(Fixed(Duration::from_millis(1)))
+        // Small frames and buffer: a few hundred messages in flight per connection.
+        .limits(
+            Limits::default()
+                .max_message_size(1024)
+                .max_write_buffer(64 << 10)
+                .queue_messages(100),
+        )
+        .write_timeout(Duration::from_secs(60))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    let mut refused = 0;
+    for cycle in 0..12u64 {
+        assert!(
+            wait_until(T, || client.stats().generation == cycle + 1
+                && client.state() == wsbeat::State::Open),
+            "connection {}: {:?}",
+            cycle + 1,
+            client.stats()
+        );
+        // Fill the connection (the peer reads nothing), then reset it.
+        for _ in 0..100_000 {
+            match client.try_send(Message::binary(vec![7u8; 1000])) {
+                Ok(()) => {}
+                Err(Error::WouldBlock { .. }) => break,
+                Err(Error::QueueFull { message }) => {
+                    assert_eq!(message.len(), 1000, "handed back");
+                    refused += 1;
+                    break;
+                }
+                Err(e) => panic!("cycle {cycle}: {e:?}"),
+            }
+        }
+        server.reset_all();
+    }
+    assert!(
+        refused > 0,
+        "sends were never refused: {:?}",
+        client.stats()
+    );
+    let _ = client.close();
+    let mut unconfirmed = 0;
+    for ev in events.iter() {
+        if let Event::Unconfirmed { messages, .. } = ev {
+            unconfirmed += messages.len();
+        }
+    }
+    // The queue bound, plus what the last connection let in before it was reached, plus
+    // that connection's in flight: 130 KiB of tungstenite buffer at most.
+    assert!(
+        unconfirmed <= 100 + 2 * 132,
+        "{unconfirmed} messages handed back unread"
+    );
 }
 
 /// CPU time (ms) of this process's `wsbeat-timer` threads so far (Linux).

@@ -404,3 +404,46 @@ fn the_default_offline_queue_is_bounded_in_messages_and_bytes() {
         .expect("exactly 16 MiB in total");
     assert_eq!(client.close().len(), 2);
 }
+
+/// `DropOldest` with a consumer that never reads events: the dropped messages wait in
+/// `Undelivered` events, and once as many as the queue holds wait there unread, new
+/// messages are refused (`QueueFull`, handed back) instead of dropping more. Memory was
+/// unbounded: one `Undelivered` per send while offline (3.5 GiB in 14 s in a probe).
+#[test]
+fn drop_oldest_with_an_unread_event_stream_stays_bounded() {
+    let client = builder(&dead_port_url())
+        .reconnect_policy(Fixed(Duration::from_secs(3600)))
+        .overflow(wsbeat::OverflowPolicy::DropOldest)
+        .limits(Limits::default().queue_messages(100))
+        .connect_lazy()
+        .expect("lazy");
+    let events = client.events();
+    let mut refused = 0;
+    for i in 0..1_000 {
+        match client.send_text(format!("m{i}")) {
+            Ok(()) => {}
+            Err(Error::QueueFull { message }) => {
+                assert_eq!(message, Message::text(format!("m{i}")), "handed back");
+                refused += 1;
+            }
+            Err(e) => panic!("send {i}: {e:?}"),
+        }
+    }
+    // 100 queued, 100 dropped into unread `Undelivered` events, the rest refused.
+    assert_eq!(refused, 800, "{:?}", client.stats());
+    assert_eq!(client.stats().queued, 100);
+    // Once the consumer takes the handed-back messages, dropping resumes.
+    let mut handed_back = 0;
+    while let Ok(ev) = events.recv_timeout(Duration::from_millis(100)) {
+        if let Event::Undelivered(v) = ev {
+            handed_back += v.len();
+        }
+    }
+    assert_eq!(handed_back, 100);
+    client
+        .send_text("later")
+        .expect("dropping the oldest again");
+    let back = client.close();
+    assert_eq!(back.len(), 100);
+    assert_eq!(back.last(), Some(&Message::text("later")));
+}

@@ -659,8 +659,9 @@ const BATCH_FLUSH_BYTES: usize = 128 << 10;
 const FRAME_HEADER: usize = 14;
 /// Most messages of a batch taken from the caller's iterator per lock hold.
 const BATCH_CHUNK: usize = 2048;
-/// Most overdue messages an ack-timeout round writes again (the rest: the next round,
-/// at once), so a round's walk and copies under the lock stay bounded.
+/// Most overdue messages an ack-timeout round copies and writes again (the rest: the
+/// next round, at once), so its copies under the lock stay bounded. A round with fewer
+/// due still walks the whole outbox (at most `Acks::max_messages`) for the next deadline.
 const RESEND_CHUNK: usize = 256;
 /// How soon an ack-timeout round that found our buffer full looks again: what did not
 /// fit goes as soon as the socket drains (each look walks the outbox under the lock,

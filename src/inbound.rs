@@ -230,6 +230,9 @@ pub(crate) struct Inbound {
     /// bytes (see [`Inbound::handed_back`]).
     handed: AtomicUsize,
     handed_bytes: AtomicUsize,
+    /// Our close frame is out on the current connection: its reader reads on to the
+    /// peer's reply whatever the bound (see [`Inbound::read_to_end`]).
+    to_end: AtomicBool,
 }
 
 impl Inbound {
@@ -260,6 +263,7 @@ impl Inbound {
             consumer_woken: AtomicBool::new(false),
             handed: AtomicUsize::new(0),
             handed_bytes: AtomicUsize::new(0),
+            to_end: AtomicBool::new(false),
         }
     }
 
@@ -312,7 +316,28 @@ impl Inbound {
 
     /// Set by the reader of a new connection (its `poll` watches this waker).
     pub(crate) fn attach(&self, waker: Arc<Waker>) {
+        self.to_end.store(false, Ordering::SeqCst);
         *self.waker.lock() = Some(waker);
+    }
+
+    /// Our close frame is out (close, `reconnect_now`, `restart`): the current reader
+    /// reads on to the peer's reply, past the bound, rather than make the close wait
+    /// for its timeout behind a consumer that is behind. The caller wakes the reader.
+    pub(crate) fn read_to_end(&self) {
+        self.to_end.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the reader reads on to the end of the connection (see `read_to_end`).
+    pub(crate) fn reading_to_end(&self) -> bool {
+        self.to_end.load(Ordering::SeqCst)
+    }
+
+    /// Whether twice the bound waits for the consumer: reading on to a connection's end
+    /// (the peer hung up, or our close is out), the reader drops the data it reads past
+    /// this, so that end costs no more memory than the bound again.
+    pub(crate) fn over_twice_the_bound(&self) -> bool {
+        self.msgs.load(Ordering::SeqCst) >= self.max_msgs.saturating_mul(2)
+            || self.bytes.load(Ordering::SeqCst) >= self.max_bytes.saturating_mul(2)
     }
 
     /// The reader ended.

@@ -144,6 +144,18 @@ impl Drop for Attached<'_> {
     }
 }
 
+/// What a drain does with the socket.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Take {
+    /// Held back by a full event channel: only flush.
+    Nothing,
+    /// Read, keeping the messages for the consumer.
+    Keep,
+    /// Read on to the connection's end (the peer hung up, or our close frame is out)
+    /// with twice the bound waiting: the data messages read are dropped.
+    Drop,
+}
+
 /// What one drain of the socket did.
 struct Drained {
     /// Messages for the user (text, binary, surfaced pings and pongs), and their payload
@@ -156,19 +168,21 @@ struct Drained {
     want_write: bool,
     /// The connection died (marked dead): stop.
     stop: bool,
+    /// Data messages dropped (`Take::Drop`).
+    dropped: usize,
 }
 
 /// Reads the ready messages of connection `cgen` under the lock (at most `read_budget`,
 /// at most `READ_QUOTA` bytes, never waiting) into `out`, feeds the heartbeat and the
 /// outbox, and flushes pending output (pongs, close replies, output left by `try_send`).
-/// `read` false: only flush (the reader held back by a full event channel). `bytes_in`:
+/// `take` says whether to read, and what to do with the data messages read. `bytes_in`:
 /// `poll` reported input. `None`: the connection is gone or already dead.
 /// Shared by the reader thread and a consumer that reads for itself ([`Driver`]).
 fn drain(
     shared: &Shared,
     link: &mut Link,
     cgen: u64,
-    read: bool,
+    take: Take,
     bytes_in: bool,
     out: &mut VecDeque<Message>,
     recycler: Option<&Arc<Recycler>>,
@@ -194,10 +208,11 @@ fn drain(
     live.ws.get_mut().set_read_quota(Some(READ_QUOTA));
     // Data messages that neither a reply matcher nor the outbox looks at take the short
     // way (most of them): one heartbeat mark per drain instead of one per message.
-    let plain = !hb.matches_replies() && outbox.is_none();
+    let plain = !hb.matches_replies() && outbox.is_none() && take == Take::Keep;
     let mut data = false;
+    let mut dropped = 0;
     loop {
-        if !read {
+        if take == Take::Nothing {
             break;
         }
         // After at least one message: let a waiting sender in, or hand over what points
@@ -226,6 +241,10 @@ fn drain(
                 let consumed = live.hb.on_inbound(hb, &msg, now)
                     || outbox.as_mut().is_some_and(|o| o.on_inbound(&msg));
                 match msg {
+                    Message::Binary(_) | Message::Text(_) if take == Take::Drop && !consumed => {
+                        data = true;
+                        dropped += 1;
+                    }
                     Message::Binary(b) if !consumed => {
                         (msgs, bytes) = (msgs + 1, bytes + b.len());
                         out.push_back(Message::Binary(own(recycler, b)));
@@ -289,6 +308,7 @@ fn drain(
         more,
         want_write,
         stop,
+        dropped,
     })
 }
 
@@ -356,6 +376,9 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     let mut seen = inbound.drives();
     let max_defer = MAX_DEFER.min(shared.cfg.heartbeat.timeout() / 4).max(DEFER);
     let mut defer = DEFER;
+    // The peer hung up while we were held back: read on to the end (see `Take::Drop`).
+    let mut hung_up = false;
+    let mut dropped = 0;
     loop {
         if inbound.take_flush_wanted() {
             want_write = true;
@@ -364,7 +387,12 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         let mut bytes_in = false;
         // Read this time (false: held back by a full event channel).
         let mut read = true;
-        let held = inbound.is_full() && inbound.hold(more);
+        // Our close frame is out: read on to the peer's reply, whatever the bound.
+        let to_end = inbound.reading_to_end();
+        if to_end {
+            inbound.set_free();
+        }
+        let held = !to_end && inbound.is_full() && inbound.hold(more);
         if held || !more {
             // Wait without the lock. Hang-up and errors wake us too (shutdown by teardown),
             // also while held back: `poll` reports them whatever was asked for.
@@ -383,6 +411,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                     }
                     if held {
                         let hang_up = r & POLLHUP_ERR != 0;
+                        hung_up |= hang_up;
                         read = hang_up || !inbound.is_full();
                         if read {
                             inbound.set_free();
@@ -430,12 +459,20 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // Reading ourselves: the next consumer that reads is looked at again soon.
         defer = DEFER;
         let mut link = shared.link.lock();
-        // Held back (`read` false): only flush, read nothing.
+        // Held back (`read` false): only flush, read nothing. Past the bound only to reach
+        // the connection's end, and past twice the bound dropping the data.
+        let take = if !read {
+            Take::Nothing
+        } else if (to_end || hung_up) && inbound.over_twice_the_bound() {
+            Take::Drop
+        } else {
+            Take::Keep
+        };
         let drained = drain(
             &shared,
             &mut link,
             cgen,
-            read,
+            take,
             bytes_in,
             &mut out,
             Some(&recycler),
@@ -443,6 +480,15 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         let Some(d) = drained else {
             return;
         };
+        if d.dropped > 0 {
+            if dropped == 0 {
+                log::warn!(
+                    "connection {cgen}: the consumer is behind by twice event_capacity; \
+                     dropping the data read on to the end of the connection"
+                );
+            }
+            dropped += d.dropped;
+        }
         want_write = d.want_write;
         if read {
             more = d.more;
@@ -460,6 +506,9 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         MutexGuard::unlock_fair(link);
         shared.gate.wake();
         if d.stop {
+            if dropped > 0 {
+                log::warn!("connection {cgen}: {dropped} messages dropped at its end");
+            }
             return;
         }
         shared.gate.let_senders_in();
@@ -503,7 +552,7 @@ impl Drive for Driver {
             Some(live) if pending.is_empty() => {
                 let cgen = live.generation;
                 inbound.note_drive();
-                drain(&shared, &mut link, cgen, true, false, out, None)
+                drain(&shared, &mut link, cgen, Take::Keep, false, out, None)
             }
             _ => None,
         };

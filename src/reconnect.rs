@@ -518,8 +518,11 @@ impl Supervisor {
                 },
                 reason: "".into(),
             };
+            // The reader reads on to the reply even if the consumer is behind (else the
+            // close would wait for its timeout), and is woken to do so.
+            self.shared.events.inbound().read_to_end();
             match live.ws.close(Some(frame)) {
-                Ok(()) => {}
+                Ok(()) => live.waker.wake(),
                 Err(e) if is_would_block(&e) => {
                     live.note_pending();
                     live.waker.wake();

@@ -671,3 +671,109 @@ fn a_stalled_consumer_is_reported_also_with_a_zero_stall_timeout() {
         "a consumer that took nothing was never reported: {st:?}"
     );
 }
+
+/// Polls `cond` until it holds, for up to 10 s.
+fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cond()
+}
+
+/// `close()` while the consumer is behind (the reader held back at the bound): the reader
+/// reads on to the server's close reply, so the close ends as soon as the server answers.
+/// It waited the whole close timeout: nobody read the reply.
+#[test]
+fn close_with_a_full_event_channel_ends_when_the_server_answers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // More than twice the bound waits ahead of the close reply: the rest is dropped.
+    let (url, server) = flood_server(5_000, 64);
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::off())
+        .event_capacity(100, 1 << 30)
+        .close_timeout(Duration::from_secs(20))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    assert!(
+        wait_until(|| client.stats().consumer_behind_since.is_some()),
+        "the reader is held back: {:?}",
+        client.stats()
+    );
+    let t0 = Instant::now();
+    let _ = client.close();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(5), "close took {took:?}");
+    let mut msgs = 0;
+    let mut closed = false;
+    for ev in events.iter() {
+        match ev {
+            Event::Message(_) => msgs += 1,
+            Event::Closed => closed = true,
+            _ => {}
+        }
+    }
+    assert!(closed);
+    // At most twice the bound (and one drain) waited for the consumer.
+    assert!(msgs <= 2 * 100 + 64, "{msgs} messages delivered");
+    let _ = server.join();
+}
+
+/// The peer floods, then resets the connection while the consumer is behind: the reader
+/// reads what arrived before the reset to reach the connection's end, but keeps at most
+/// twice the bound for the consumer (the rest is dropped, with a warning). It kept all
+/// of it, on every connection: unbounded across reconnects.
+#[test]
+fn a_hang_up_while_the_consumer_is_behind_keeps_at_most_twice_the_bound() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/flood", listener.local_addr().unwrap());
+    let (reset_tx, reset_rx) = crossbeam_channel::bounded::<()>(1);
+    let server = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        for i in 0..20_000u64 {
+            let mut p = vec![0u8; 100];
+            p[..8].copy_from_slice(&i.to_be_bytes());
+            if ws.write(Message::Binary(Bytes::from(p))).is_err() {
+                break;
+            }
+        }
+        let _ = ws.flush();
+        let _ = reset_rx.recv_timeout(Duration::from_secs(20));
+        let sock = ws.get_ref();
+        let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
+        // Dropped here: RST.
+    });
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::off())
+        .reconnect(false)
+        .event_capacity(100, 1 << 30)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    assert!(
+        wait_until(|| client.stats().consumer_behind_since.is_some()),
+        "the reader is held back: {:?}",
+        client.stats()
+    );
+    reset_tx.send(()).unwrap();
+    let _ = server.join();
+    assert!(
+        wait_until(|| client.state() != wsbeat::State::Open),
+        "the reset ends the connection: {:?}",
+        client.stats()
+    );
+    let queued = client.stats().events_queued;
+    assert!(
+        queued <= 2 * 100 + 64,
+        "{queued} messages kept for the consumer"
+    );
+    let _ = client.close();
+}

@@ -71,6 +71,20 @@ impl Request {
                 reason: format!("the URL has no host ({URL_HINT})"),
             });
         }
+        // What the upgrade request line will carry (credentials go in a header): refused
+        // here, once, rather than by every attempt after DNS and the dial (an HTTP URI
+        // is at most 65 534 bytes). The reason never shows the URL (it may hold secrets).
+        let mut sent = url.clone();
+        let _ = sent.set_username("");
+        let _ = sent.set_password(None);
+        if let Err(e) = tungstenite::http::Uri::try_from(sent.as_str()) {
+            return Err(Error::InvalidUrl {
+                reason: format!(
+                    "{e} ({} bytes): not usable as a request URI",
+                    sent.as_str().len()
+                ),
+            });
+        }
         Ok(Request {
             url,
             headers: Vec::new(),

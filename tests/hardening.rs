@@ -1536,6 +1536,23 @@ fn builder_errors_come_back_from_connect_and_connect_lazy_before_any_thread_star
         );
     }
 
+    // A URL longer than an HTTP request line may carry (65 534 bytes): every attempt
+    // failed after DNS and the dial with a retried `Protocol("uri too long")` error.
+    let long: &'static str =
+        Box::leak(format!("ws://127.0.0.1:1/feed?token={}", "x".repeat(70_000)).into_boxed_str());
+    let long_err = wsbeat::Request::new(long).expect_err("a URL too long is refused");
+    assert!(
+        matches!(&long_err, Error::InvalidUrl { reason } if reason.contains("too long")
+            && !reason.contains("xxxx")),
+        "{long_err:?}"
+    );
+    refused_before_start(
+        "a URL too long",
+        &listener,
+        || builder(long).reconnect(false),
+        same_as_request(long),
+    );
+
     // The proxy URL: a scheme wsbeat does not speak, no host, not a URL. The message
     // speaks of the proxy URL only (it used to end with "expected ws://host[:port]/path",
     // the hint for the server URL, which sent the user the wrong way).

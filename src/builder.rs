@@ -595,5 +595,6 @@ fn parse_proxy(proxy_url: &str) -> Result<Url> {
                     .into(),
         });
     }
+    crate::config::user_info(&u, "proxy", u.scheme() == "http")?;
     Ok(u)
 }

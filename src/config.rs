@@ -71,6 +71,8 @@ impl Request {
                 reason: format!("the URL has no host ({URL_HINT})"),
             });
         }
+        // Credentials that cannot be sent as written: refused now, not by every attempt.
+        user_info(&url, "server", true)?;
         // What the upgrade request line will carry (credentials go in a header): refused
         // here, once, rather than by every attempt after DNS and the dial (an HTTP URI
         // is at most 65 534 bytes). The reason never shows the URL (it may hold secrets).
@@ -109,6 +111,55 @@ impl Request {
     pub fn url(&self) -> &Url {
         &self.url
     }
+}
+
+/// The user name and password of `url` (the `what` URL: "server" or "proxy"),
+/// percent-decoded; `None` when it has neither (a password with an empty user name,
+/// `http://:pw@host`, is a credential too: Basic `:pw`, as curl sends). `Err` (`InvalidUrl`, which never shows
+/// them) when they cannot be sent as written: not UTF-8 once decoded (they were sent
+/// with replacement characters), or, for HTTP Basic credentials (`basic`), a user name
+/// with a colon, which RFC 7617 does not allow (the server reads the user name up to it).
+pub(crate) fn user_info(url: &Url, what: &str, basic: bool) -> Result<Option<(String, String)>> {
+    if url.username().is_empty() && url.password().is_none() {
+        return Ok(None);
+    }
+    let bad = |why: &str| Error::InvalidUrl {
+        reason: format!("the {what} URL's credentials {why}"),
+    };
+    let decode = |s: &str| {
+        String::from_utf8(percent_decode(s))
+            .map_err(|_| bad("are not UTF-8 once percent-decoded (%XX escapes)"))
+    };
+    let user = decode(url.username())?;
+    let pass = url.password().map(decode).transpose()?.unwrap_or_default();
+    if basic && user.contains(':') {
+        return Err(bad(
+            "have a ':' in the user name, which Basic authentication cannot carry (RFC 7617)",
+        ));
+    }
+    Ok(Some((user, pass)))
+}
+
+/// `%XX` escapes decoded to bytes (a `%` not followed by two hex digits stays as is).
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
 }
 
 /// A header as the upgrade request will carry it, or the error that refuses it (which
@@ -497,5 +548,34 @@ impl Config {
             )
             .max_message_size(Some(self.limits.max_message_size))
             .max_frame_size(Some(self.limits.max_frame_size))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_info_decodes_and_refuses_what_cannot_be_sent() {
+        let info = |u: &str, basic| user_info(&Url::parse(u).unwrap(), "server", basic);
+        let ok = |u: &str| info(u, true).unwrap();
+        assert_eq!(ok("http://h:1"), None);
+        assert_eq!(ok("http://u@h"), Some(("u".into(), "".into())));
+        assert_eq!(ok("http://u:p%40ss@h"), Some(("u".into(), "p@ss".into())));
+        assert_eq!(ok("http://u:100%@h"), Some(("u".into(), "100%".into())));
+        // A password alone is not dropped.
+        assert_eq!(ok("http://:pw@h"), Some(("".into(), "pw".into())));
+        // Not UTF-8 once decoded: it was sent with replacement characters.
+        let e = info("http://u%FF%FE:s3cret@h", true).unwrap_err();
+        assert!(matches!(&e, Error::InvalidUrl { reason } if reason.contains("not UTF-8")));
+        assert!(!format!("{e} {e:?}").contains("s3cret"));
+        // A ':' in the user name: Basic cannot carry it; SOCKS can.
+        let e = info("http://us%3Aer:p%40ss@h", true).unwrap_err();
+        assert!(matches!(&e, Error::InvalidUrl { reason } if reason.contains("RFC 7617")));
+        assert!(!format!("{e} {e:?}").contains("p@ss"));
+        assert_eq!(
+            info("socks5://us%3Aer:pw@h", false).unwrap(),
+            Some(("us:er".into(), "pw".into()))
+        );
     }
 }

@@ -1527,6 +1527,10 @@ fn builder_errors_come_back_from_connect_and_connect_lazy_before_any_thread_star
         "ws://[::1/feed",
         "ws://",
         "not a url",
+        // Credentials that cannot be sent as written: not UTF-8 once decoded, or a ':'
+        // in a Basic user name (they went out altered, and the server said 401).
+        "ws://u%FF%FE:pw@127.0.0.1:1/",
+        "ws://us%3Aer:pw@127.0.0.1:1/",
     ] {
         refused_before_start(
             bad,

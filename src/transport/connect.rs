@@ -22,7 +22,9 @@ use tungstenite::http::{HeaderValue, StatusCode};
 use tungstenite::protocol::{Role, WebSocket};
 use url::Url;
 
-use crate::config::{Config, PROXY_SCHEMES, ProxySetting, Request, header_err, parse_header};
+use crate::config::{
+    Config, PROXY_SCHEMES, ProxySetting, Request, header_err, parse_header, user_info,
+};
 use crate::redact::{RedactedUrl, is_secret_header, is_secret_subprotocol};
 use crate::transport::dial::{self, Cancel, Deadline, is_timeout};
 use crate::transport::socks;
@@ -98,7 +100,7 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
     // From here `cancel` aborts any wait of the set-up by shutting the socket down.
     cancel.attach(&sock);
     if let Some(p) = &proxy {
-        let userinfo = user_info(p);
+        let userinfo = user_info(p, "proxy", p.scheme() == "http")?;
         let credentials = userinfo.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
         match p.scheme() {
             "http" => {
@@ -448,7 +450,7 @@ fn extension_names(value: &str) -> Vec<String> {
 
 fn build_request(req: &Request) -> Result<tungstenite::handshake::client::Request> {
     let mut url = req.url.clone();
-    let basic = if let Some((user, pass)) = user_info(&url) {
+    let basic = if let Some((user, pass)) = user_info(&url, "server", true)? {
         let _ = url.set_username("");
         let _ = url.set_password(None);
         Some(format!(
@@ -695,37 +697,6 @@ fn proxy_connect(
     Ok(())
 }
 
-/// The user name and password of `url`, decoded, if it has either: a password with an
-/// empty user name (`http://:pw@host`) is a credential too (Basic `:pw`, as curl sends).
-fn user_info(url: &Url) -> Option<(String, String)> {
-    if url.username().is_empty() && url.password().is_none() {
-        return None;
-    }
-    let pass = url.password().map(percent_decode).unwrap_or_default();
-    Some((percent_decode(url.username()), pass))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
@@ -777,22 +748,10 @@ mod tests {
     }
 
     #[test]
-    fn user_info_with_or_without_a_user_name() {
-        let info = |u: &str| user_info(&Url::parse(u).unwrap());
-        assert_eq!(info("http://h:1"), None);
-        assert_eq!(info("http://u@h"), Some(("u".into(), "".into())));
-        assert_eq!(info("http://u:p%40ss@h"), Some(("u".into(), "p@ss".into())));
-        // A password alone is not dropped.
-        assert_eq!(info("http://:pw@h"), Some(("".into(), "pw".into())));
-    }
-
-    #[test]
     fn base64_and_percent() {
         assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
         assert_eq!(base64(b"a"), "YQ==");
         assert_eq!(base64(b"ab"), "YWI=");
-        assert_eq!(percent_decode("p%40ss"), "p@ss");
-        assert_eq!(percent_decode("100%"), "100%");
     }
 
     #[test]

@@ -350,7 +350,9 @@ impl Client {
     /// and its message ([`Error::into_message`]); the other messages were accepted.
     ///
     /// The iterator is read between chunks, never while the client's lock is held: it
-    /// may be lazy, slow, wait on a channel, or use this client.
+    /// may be lazy, slow, wait on a channel, or use this client. If it panics, the panic
+    /// goes on to the caller, and the messages it gave for the chunk being filled (not
+    /// sent yet) come back in [`Event::Undelivered`](crate::Event::Undelivered).
     ///
     /// ```
     /// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

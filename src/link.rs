@@ -652,6 +652,23 @@ struct Batch {
     bytes: usize,
 }
 
+/// The messages `send_many` took from the caller's iterator for the chunk it fills. If
+/// that iterator panics, they are handed back (`Event::Undelivered`) as the panic goes
+/// by, not dropped with the chunk: the caller cannot tell which messages it gave.
+struct Taken<'a> {
+    shared: &'a Shared,
+    chunk: Vec<Message>,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        if !self.chunk.is_empty() {
+            self.shared
+                .emit(Event::Undelivered(std::mem::take(&mut self.chunk)));
+        }
+    }
+}
+
 /// A batch hands its buffer to the OS every this many bytes (tungstenite's own write
 /// buffer size), so memory and `in_flight` stay small in long batches.
 const BATCH_FLUSH_BYTES: usize = 128 << 10;
@@ -743,7 +760,11 @@ impl Shared {
         // Messages only (their index is `first` plus their place): one 56-byte move per
         // message into the chunk and one out (issue 11: moving `(index, Message)` pairs
         // through `Result`s cost store-forwarding stalls, 14% of `send_all`'s CPU).
-        let mut chunk = Vec::new();
+        let mut taken = Taken {
+            shared: self,
+            chunk: Vec::new(),
+        };
+        let chunk = &mut taken.chunk;
         let mut first = 0;
         loop {
             let want = msgs.size_hint().0.clamp(1, BATCH_CHUNK);

@@ -1852,3 +1852,35 @@ fn closing_a_client_restarted_from_its_policy_inside_that_policy_does_not_deadlo
     let _ = client.close();
     no_client_threads_left("after the restart from a policy");
 }
+
+/// `send_all` with an iterator that panics: the messages it already gave for the chunk
+/// being filled come back in `Undelivered` (the caller cannot tell which it gave); they
+/// were dropped with the chunk.
+#[test]
+fn send_all_hands_back_what_a_panicking_iterator_gave() {
+    let server = TestServer::echo();
+    let client = builder(&server.url()).connect().expect("connect");
+    let events = client.events();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = client.send_all((0..100).map(|i| {
+            if i == 70 {
+                panic!("the caller's iterator panics");
+            }
+            Message::text(format!("m{i}"))
+        }));
+    }));
+    assert!(panicked.is_err(), "the iterator's panic reaches the caller");
+    let back = loop {
+        match events.recv_timeout(T).expect("Undelivered") {
+            Event::Undelivered(ms) => break ms,
+            _ => continue,
+        }
+    };
+    assert_eq!(
+        texts(&back),
+        (0..70).map(|i| format!("m{i}")).collect::<Vec<_>>()
+    );
+    // The client goes on.
+    client.send_text("after").expect("send");
+    let _ = client.close();
+}

@@ -86,9 +86,12 @@ impl Acks {
     /// do not capture a `Client` or upgrade a captured
     /// [`WeakClient`](crate::WeakClient) in them (dropping the last handle there would
     /// close the client under its own lock); a panic in them is logged and counts as
-    /// `None`. Ids must be unique among the
-    /// unacked messages: a message whose id still waits for its ack is handed back
-    /// ([`Error::DuplicateId`](crate::Error::DuplicateId)).
+    /// `None`. Ids must be unique among the unacked messages: a message whose id still
+    /// waits for its ack is handed back ([`Error::DuplicateId`](crate::Error::DuplicateId)).
+    /// `id_of` must be a function of the message alone, giving the same id each time it
+    /// is asked (it is asked when the message is accepted and again when it is written):
+    /// an id that changes between the two leaves the message untracked, neither sent
+    /// again nor handed back.
     ///
     /// Defaults: ack timeout 10 s, at most 10 000 unacked messages (the overflow policy
     /// of [`ClientBuilder::overflow`](crate::ClientBuilder::overflow) applies when full),

@@ -159,6 +159,10 @@ pub struct Stats {
     pub events_queued: usize,
     /// Payload bytes of those messages.
     pub events_queued_bytes: usize,
+    /// Control events left out of the event stream because the consumer left
+    /// [`CONTROL_EVENT_CAP`](crate::CONTROL_EVENT_CAP) of them unread (connections that
+    /// carried nothing for it, with their `Reconnecting` and `HeartbeatMissed`).
+    pub events_elided: u64,
     /// Since when the reader is held back because the consumer left the event channel
     /// full (see [`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)); `None` while it reads freely.
     pub consumer_behind_since: Option<Instant>,
@@ -434,6 +438,7 @@ impl Client {
             reconnects: shared.counters.reconnects.load(Ordering::Relaxed),
             events_queued,
             events_queued_bytes,
+            events_elided: inbound.elided(),
             consumer_behind_since,
             consumer_stalls: inbound.stalls(),
             outbox: link.outbox.as_ref().map_or(0, |o| o.len()),

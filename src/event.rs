@@ -25,6 +25,11 @@ use crate::{DisconnectReason, Error, Message};
 ///   returned by [`Client::close`](crate::Client::close)), then `Closed`.
 /// - `Closed` exactly once, always last: a loop that stops at `Closed` has seen every
 ///   message that was handed back.
+/// - A consumer that leaves [`CONTROL_EVENT_CAP`](crate::CONTROL_EVENT_CAP) control
+///   events unread misses, from then on, the connections that bring nothing for it
+///   (their `Connected` / `Disconnected` pair, `Reconnecting`, `HeartbeatMissed`;
+///   counted in [`Stats::events_elided`](crate::Stats::events_elided)): the grammar
+///   holds, generation numbers have gaps.
 ///
 /// ```
 /// use wsbeat::{Event, Message};

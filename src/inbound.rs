@@ -68,6 +68,15 @@ use crate::config::DEFAULT_EVENT_SPIN;
 use crate::transport::sys::Waker;
 use crate::{Event, Message};
 
+/// Unread control events (`Connected`, `Disconnected`, `Reconnecting`, ...) past which a
+/// client leaves out of the event stream the connections that carry nothing for the
+/// consumer: their `Connected` / `Disconnected` pair, and `Reconnecting` and
+/// `HeartbeatMissed` (counted in [`Stats::events_elided`](crate::Stats::events_elided)).
+/// A consumer that never reads would otherwise have a client flapping for days hold
+/// every one of them; the grammar is kept (generation numbers then have gaps). About
+/// 165 bytes each.
+pub const CONTROL_EVENT_CAP: usize = 4096;
+
 /// Emptied batch buffers kept for the reader (so it does not allocate one per drain).
 const SPARE_BUFFERS: usize = 8;
 
@@ -93,6 +102,8 @@ pub struct Batch {
     /// `Unconfirmed`), counted in `Inbound::handed` until unpacked or dropped.
     handed: usize,
     handed_bytes: usize,
+    /// A control event (counted in `Inbound::control` until unpacked or dropped).
+    is_control: bool,
     inbound: Option<Arc<Inbound>>,
 }
 
@@ -109,7 +120,8 @@ impl Batch {
 
     fn release(&mut self) {
         if let Some(inbound) = self.inbound.take() {
-            if self.handed > 0 {
+            if self.is_control {
+                inbound.control.fetch_sub(1, Ordering::SeqCst);
                 inbound.handed.fetch_sub(self.handed, Ordering::SeqCst);
                 inbound
                     .handed_bytes
@@ -233,6 +245,10 @@ pub(crate) struct Inbound {
     /// Our close frame is out on the current connection: its reader reads on to the
     /// peer's reply whatever the bound (see [`Inbound::read_to_end`]).
     to_end: AtomicBool,
+    /// Control events the consumer has not taken yet (see [`CONTROL_EVENT_CAP`]).
+    control: AtomicUsize,
+    /// Control events left out because that many were unread (`Stats::events_elided`).
+    elided: AtomicU64,
 }
 
 impl Inbound {
@@ -264,6 +280,8 @@ impl Inbound {
             handed: AtomicUsize::new(0),
             handed_bytes: AtomicUsize::new(0),
             to_end: AtomicBool::new(false),
+            control: AtomicUsize::new(0),
+            elided: AtomicU64::new(0),
         }
     }
 
@@ -489,6 +507,12 @@ impl Inbound {
         }
     }
 
+    /// Control events left out so far because the consumer left `CONTROL_EVENT_CAP`
+    /// unread (see [`EventSink::emit`]).
+    pub(crate) fn elided(&self) -> u64 {
+        self.elided.load(Ordering::Relaxed)
+    }
+
     /// Messages handed back (`Undelivered`, `Unconfirmed`) in events the consumer has
     /// not taken yet, and their payload bytes: the client's senders bound them (see
     /// `Shared::handed_back_full`), as nothing else would while nobody reads events.
@@ -655,6 +679,7 @@ impl EventTx {
             }
             _ => (0, 0),
         };
+        self.inbound.control.fetch_add(1, Ordering::SeqCst);
         if handed > 0 {
             self.inbound.handed.fetch_add(handed, Ordering::SeqCst);
             self.inbound
@@ -668,7 +693,8 @@ impl EventTx {
             bytes: 0,
             handed,
             handed_bytes,
-            inbound: (handed > 0).then(|| self.inbound.clone()),
+            is_control: true,
+            inbound: Some(self.inbound.clone()),
         };
         let sent = self
             .tx
@@ -696,6 +722,7 @@ impl EventTx {
             bytes,
             handed: 0,
             handed_bytes: 0,
+            is_control: false,
             inbound: Some(self.inbound.clone()),
         };
         // No receiver left: the batch is dropped, which releases its room.
@@ -1181,6 +1208,10 @@ pub(crate) struct EventSink {
     grammar: Mutex<Grammar>,
     /// Signalled when `Closed` is emitted.
     closed: Condvar,
+    /// `Grammar::held` is set (read without the lock by every consumer's read of the
+    /// socket; set and cleared under it, and under the link lock, as `Connected` is
+    /// emitted under it and a consumer reads under it).
+    holding: AtomicBool,
 }
 
 struct Grammar {
@@ -1191,6 +1222,11 @@ struct Grammar {
     /// follow it, and every `Events` (also those that did not get `Closed`, and those
     /// taken later) must see the stream end while handles of the client live on.
     tx: Option<EventTx>,
+    /// The `Connected` of a connection opened while `CONTROL_EVENT_CAP` control events
+    /// were unread: it goes out before the first event of that connection for the
+    /// consumer, or, if the connection ends with none, is left out with its
+    /// `Disconnected` (see [`EventSink::emit`]).
+    held: Option<Event>,
 }
 
 impl Grammar {
@@ -1215,8 +1251,10 @@ impl EventSink {
                 closing: false,
                 gave_up: false,
                 tx: Some(tx),
+                held: None,
             }),
             closed: Condvar::new(),
+            holding: AtomicBool::new(false),
         }
     }
 
@@ -1229,8 +1267,35 @@ impl EventSink {
             return;
         }
         let closed = matches!(ev, Event::Closed);
+        let over = self.inbound.control.load(Ordering::SeqCst) >= CONTROL_EVENT_CAP;
+        match &ev {
+            // Nobody reads: connections that carry nothing for the consumer, and the
+            // events between them, are left out.
+            Event::Reconnecting { .. } | Event::HeartbeatMissed { .. } if over => {
+                return self.elide(1);
+            }
+            Event::Connected { .. } if over => {
+                g.held = Some(ev);
+                self.holding.store(true, Ordering::SeqCst);
+                return self.elide(1);
+            }
+            Event::Disconnected { generation, .. } if matches!(&g.held, Some(Event::Connected { generation: held, .. }) if held == generation) =>
+            {
+                g.held = None;
+                self.holding.store(false, Ordering::SeqCst);
+                return self.elide(1);
+            }
+            _ => {}
+        }
+        let g = &mut *g;
         if let Some(tx) = g.tx.as_ref() {
-            // Fails only when every receiver is gone: nobody to tell.
+            // The held `Connected` first: this event belongs to its connection, or
+            // follows it. Fails only when every receiver is gone: nobody to tell.
+            if let Some(c) = g.held.take() {
+                self.holding.store(false, Ordering::SeqCst);
+                self.inbound.elided.fetch_sub(1, Ordering::Relaxed);
+                let _ = tx.send(c);
+            }
             let _ = tx.send(ev);
         }
         if closed {
@@ -1241,10 +1306,49 @@ impl EventSink {
         }
     }
 
+    /// Counts `n` events left out; the first of an episode is logged.
+    fn elide(&self, n: u64) {
+        if self.inbound.elided.fetch_add(n, Ordering::Relaxed) == 0 {
+            log::warn!(
+                "{CONTROL_EVENT_CAP} control events wait unread: connections that carry \
+                 nothing for the consumer are left out of the event stream (Stats::events_elided)"
+            );
+        }
+    }
+
+    /// Sends a held `Connected` (see [`EventSink::emit`]) now: a consumer is about to
+    /// read that connection's socket itself. True if there was one (it is in the channel,
+    /// ahead of anything the consumer reads).
+    #[inline]
+    pub(crate) fn release_held(&self) -> bool {
+        if !self.holding.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut g = self.grammar.lock();
+        let Some(c) = g.held.take() else {
+            return false;
+        };
+        self.holding.store(false, Ordering::SeqCst);
+        if let Some(tx) = g.tx.as_ref() {
+            self.inbound.elided.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(c);
+        }
+        true
+    }
+
     /// Sends the messages of one reader drain as one batch (see `inbound.rs`), unless
     /// `Closed` was emitted (never the case while a reader runs: it is joined first).
     pub(crate) fn emit_messages(&self, events: &mut VecDeque<Message>, msgs: usize, bytes: usize) {
-        let g = self.grammar.lock();
+        let mut guard = self.grammar.lock();
+        let g = &mut *guard;
+        if let Some(c) = g.held.take()
+            && let Some(tx) = g.tx.as_ref()
+        {
+            // That connection carries something for the consumer after all.
+            self.holding.store(false, Ordering::SeqCst);
+            self.inbound.elided.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(c);
+        }
         let Some(tx) = g.tx.as_ref() else {
             log::debug!(
                 "{} events dropped by the grammar: after Closed",
@@ -1312,6 +1416,65 @@ mod tests {
             })
             .collect();
         assert_eq!(kinds, ["Reconnecting", "GaveUp", "Undelivered", "Closed"]);
+    }
+
+    /// Past `CONTROL_EVENT_CAP` unread control events, a connection that brings nothing
+    /// for the consumer is left out whole; one that brings a message gets its
+    /// `Connected` first.
+    #[test]
+    fn unread_control_events_past_the_cap_leave_out_empty_connections() {
+        let inbound = Arc::new(Inbound::new(10, 1 << 20, Duration::from_secs(1)));
+        let (tx, rx) = EventTx::new(inbound.clone());
+        let sink = EventSink::new(tx);
+        let connected = |generation| Event::Connected {
+            generation,
+            protocol: None,
+        };
+        let disconnected = |generation| Event::Disconnected {
+            generation,
+            reason: crate::DisconnectReason::Reset,
+        };
+        for g in 1..=CONTROL_EVENT_CAP as u64 / 2 {
+            sink.emit(connected(g));
+            sink.emit(disconnected(g));
+        }
+        let first = CONTROL_EVENT_CAP as u64 / 2 + 1;
+        // Over the cap: left out whole.
+        sink.emit(connected(first));
+        sink.emit(Event::HeartbeatMissed {
+            generation: first,
+            missed: 1,
+        });
+        sink.emit(disconnected(first));
+        sink.emit(Event::Reconnecting {
+            attempt: 1,
+            delay: Duration::ZERO,
+            last_error: None,
+        });
+        assert_eq!(inbound.elided(), 4);
+        // Brings a message: its `Connected` goes first.
+        sink.emit(connected(first + 1));
+        assert!(
+            sink.release_held(),
+            "a consumer about to read gets it first"
+        );
+        assert!(!sink.release_held());
+        sink.emit_messages(&mut VecDeque::from([Message::text("m")]), 1, 1);
+        sink.emit(disconnected(first + 1));
+        assert_eq!(inbound.elided(), 4);
+        let events = Events::new(rx, inbound, None);
+        let tail: Vec<Event> = events.try_iter().skip(CONTROL_EVENT_CAP).collect();
+        assert!(
+            matches!(
+                tail.as_slice(),
+                [
+                    Event::Connected { generation: a, .. },
+                    Event::Message(_),
+                    Event::Disconnected { generation: b, .. },
+                ] if *a == first + 1 && *b == first + 1
+            ),
+            "{tail:?}"
+        );
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub use error::{
 };
 pub use event::{Event, State};
 pub use heartbeat::{Heartbeat, Liveness, ReplyMatcher};
-pub use inbound::{Batch, BatchIter, Events, IntoIter, Iter, TryIter};
+pub use inbound::{Batch, BatchIter, CONTROL_EVENT_CAP, Events, IntoIter, Iter, TryIter};
 /// Re-exported for [`ClientBuilder::tls_connector`] (the same version wsbeat uses).
 #[cfg(feature = "native-tls")]
 pub use native_tls;

@@ -549,6 +549,9 @@ impl Drive for Driver {
         // The reader sends what it read before it lets the lock go: anything it read
         // before us is in the channel now, and comes first.
         let drained = match link.conn.as_ref() {
+            // A `Connected` held back (nobody read for long) goes to the channel first:
+            // the consumer takes it there, before what this connection brings.
+            Some(_) if shared.events.release_held() => None,
             Some(live) if pending.is_empty() => {
                 let cgen = live.generation;
                 inbound.note_drive();

@@ -1884,3 +1884,32 @@ fn send_all_hands_back_what_a_panicking_iterator_gave() {
     client.send_text("after").expect("send");
     let _ = client.close();
 }
+
+/// A consumer that never reads events while the server drops every connection at once:
+/// each cycle added `Connected`, `Disconnected` and `Reconnecting` to the unread stream,
+/// without bound. Past `CONTROL_EVENT_CAP` unread control events, connections that carry
+/// nothing for the consumer are left out (counted), so the stream keeps its grammar and
+/// its size.
+#[test]
+fn control_events_left_unread_stay_bounded() {
+    let server = TestServer::start(Behavior::DropAfterUpgrade);
+    let client = builder(&server.url())
+        .reconnect_policy(Fixed(Duration::ZERO))
+        .connect_lazy()
+        .expect("lazy");
+    let events = client.events();
+    let cap = wsbeat::CONTROL_EVENT_CAP;
+    assert!(
+        util::wait_until(Duration::from_secs(60), || client.stats().reconnects
+            > cap as u64 + 500),
+        "{:?}",
+        client.stats()
+    );
+    let stats = client.stats();
+    assert!(stats.events_elided > 0, "{stats:?}");
+    let unread = events.receiver().len();
+    assert!(unread <= cap + 3, "{unread} control events unread");
+    let _ = client.close();
+    let evs = events_until_closed(&events, T);
+    assert_grammar(&evs, true);
+}

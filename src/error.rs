@@ -441,6 +441,26 @@ fn body_hint(body: &Option<String>) -> String {
 }
 
 impl Error {
+    /// `Dns` for `host`, shown at most as long as a DNS name may be (253 bytes): a host
+    /// from a hostile `Location` header can be 60 KB, which would end up whole in every
+    /// log line and error message.
+    pub(crate) fn dns(host: &str, message: impl Into<String>) -> Error {
+        const MAX: usize = 253;
+        let host = if host.len() <= MAX {
+            host.to_string()
+        } else {
+            let cut = (0..=MAX)
+                .rev()
+                .find(|&i| host.is_char_boundary(i))
+                .unwrap_or(0);
+            format!("{}... ({} bytes)", &host[..cut], host.len())
+        };
+        Error::Dns {
+            host,
+            message: message.into(),
+        }
+    }
+
     /// Takes back the message carried by `QueueFull`, `Offline`, `Closed`, `WouldBlock`
     /// or `MessageTooLarge`.
     pub fn into_message(self) -> Option<Message> {
@@ -563,6 +583,17 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_dns_error_shows_at_most_a_dns_name_of_the_host() {
+        let long = format!("{}.example", "é".repeat(40_000));
+        let e = Error::dns(&long, "no addresses");
+        let shown = e.to_string();
+        assert!(shown.len() < 400, "{} bytes", shown.len());
+        assert!(shown.contains("(80008 bytes)"), "{shown}");
+        let e = Error::dns("example.com", "no addresses");
+        assert!(matches!(e, Error::Dns { host, .. } if host == "example.com"));
+    }
+
     use super::*;
     use std::time::{SystemTime, UNIX_EPOCH};
 

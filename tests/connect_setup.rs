@@ -423,3 +423,32 @@ fn bind_device_is_applied() {
         Err(e) => panic!("bind_device(\"lo\"): {e}"),
     }
 }
+
+/// A `Location` that is not valid text: the refusal says so (it said "(none)", as if the
+/// header were missing).
+#[test]
+fn a_location_that_is_not_text_is_named_as_such() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut req = Vec::new();
+        let mut b = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => req.extend_from_slice(&b[..n]),
+            }
+        }
+        let _ =
+            s.write_all(b"HTTP/1.1 302 Found\r\nLocation: /\xff\xfe\r\nContent-Length: 0\r\n\r\n");
+    });
+    match Client::builder(&url).reconnect(false).connect() {
+        Err(Error::Redirect {
+            reason: RedirectRefusal::BadLocation,
+            location,
+        }) => assert_eq!(location, "(not valid text)"),
+        other => panic!("expected a refused redirect, got {other:?}"),
+    }
+    let _ = server.join();
+}

@@ -124,9 +124,11 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
                     Err(_) if p.scheme() == "socks4a" => socks::Target::Name(bare),
                     Err(_) => {
                         let addrs = dial::resolve(bare, port, dl, cancel)?;
-                        let v4 = addrs.iter().find(|a| a.is_ipv4()).ok_or_else(|| Error::Dns {
-                            host: bare.into(),
-                            message: "no IPv4 address, which SOCKS4 needs (use socks4a:// or socks5h://)".into(),
+                        let v4 = addrs.iter().find(|a| a.is_ipv4()).ok_or_else(|| {
+                            Error::dns(
+                                bare,
+                                "no IPv4 address, which SOCKS4 needs (use socks4a:// or socks5h://)",
+                            )
                         })?;
                         socks::Target::Ip(v4.ip())
                     }
@@ -281,11 +283,18 @@ fn upgrade(
         dl.left(stage)?;
     };
     if cfg.max_redirects > 0 && matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
-        let location = response
-            .headers()
-            .get("location")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let location = match response.headers().get("location") {
+            None => None,
+            Some(v) => match v.to_str() {
+                Ok(v) => Some(v.to_string()),
+                Err(_) => {
+                    return Err(Error::Redirect {
+                        reason: RedirectRefusal::BadLocation,
+                        location: "(not valid text)".into(),
+                    });
+                }
+            },
+        };
         return Ok(Hop::Redirect(location));
     }
     let protocol = verify_response(

@@ -197,18 +197,9 @@ fn resolve_with(
     let _ = helper.join();
     match rx.try_recv() {
         Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
-        Ok(Ok(_)) => Err(Error::Dns {
-            host: host.into(),
-            message: "no addresses".into(),
-        }),
-        Ok(Err(e)) => Err(Error::Dns {
-            host: host.into(),
-            message: e.to_string(),
-        }),
-        Err(_) => Err(Error::Dns {
-            host: host.into(),
-            message: "the resolver thread failed".into(),
-        }),
+        Ok(Ok(_)) => Err(Error::dns(host, "no addresses")),
+        Ok(Err(e)) => Err(Error::dns(host, e.to_string())),
+        Err(_) => Err(Error::dns(host, "the resolver thread failed")),
     }
 }
 

@@ -966,10 +966,7 @@ fn messages_sent_from_the_offline_queue_count_as_sent() {
 /// buffer (the peer reads nothing) is not counted until its write completes.
 #[test]
 fn try_send_counts_as_sent_only_once_written() {
-    let server = TestServer::builder()
-        .behavior(Behavior::StopReading)
-        .recv_buffer(4096)
-        .start();
+    let server = stopped_server();
     let client = Client::builder(&server.url())
         .heartbeat(Heartbeat::off())
         .limits(Limits::default().max_write_buffer(256 << 10))
@@ -1136,10 +1133,7 @@ fn overdue_messages_that_found_the_buffer_full_go_out_once_it_drains() {
 /// are refused (`QueueFull`, handed back) until the consumer takes them.
 #[test]
 fn at_most_once_hand_backs_left_unread_stay_bounded() {
-    let server = TestServer::builder()
-        .behavior(Behavior::StopReading)
-        .recv_buffer(4096)
-        .start();
+    let server = stopped_server();
     let client = Client::builder(&server.url())
         .heartbeat(Heartbeat::off())
         .delivery(Delivery::AtMostOnce)
@@ -1225,10 +1219,7 @@ fn timer_cpu_ms() -> u64 {
 #[test]
 #[cfg(target_os = "linux")]
 fn overdue_rounds_do_not_spin_while_the_buffer_stays_full() {
-    let server = TestServer::builder()
-        .behavior(Behavior::StopReading)
-        .recv_buffer(4096)
-        .start();
+    let server = stopped_server();
     let id_of = |m: &Message| match m {
         Message::Binary(b) if b.len() >= 8 => Some(u64::from_be_bytes(b[..8].try_into().unwrap())),
         _ => None,

@@ -657,10 +657,7 @@ fn a_stalled_consumer_is_reported_also_with_a_zero_stall_timeout() {
         .connect()
         .unwrap();
     // Nobody reads the events.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client.stats().consumer_stalls == 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_until(|| client.stats().consumer_stalls > 0);
     let st = client.stats();
     let reported = st.consumer_stalls >= 1;
     let _ = client.close();

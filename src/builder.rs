@@ -324,7 +324,11 @@ impl ClientBuilder {
     /// is reached the client stops reading from the server until the consumer has taken
     /// half of them out: TCP pushes back on the server, nothing is dropped. The bound can
     /// be passed by one read of the socket (at most [`read_budget`](Self::read_budget)
-    /// messages and 256 KiB, or one message up to `Limits::max_message_size`).
+    /// messages and 256 KiB, or one message up to `Limits::max_message_size`). One case
+    /// reads past it: to reach the end of a connection (the peer hung up, or our close
+    /// frame is out: `close()` then ends when the server answers), the client reads on,
+    /// keeping up to twice the bound and dropping the messages past that
+    /// ([`Stats::inbound_dropped`](crate::Stats::inbound_dropped), a warning).
     ///
     /// A slow consumer never makes the heartbeat kill a live peer: while reading is held
     /// back, unread input (in the socket or already read into the client) proves the peer
@@ -344,7 +348,8 @@ impl ClientBuilder {
     /// A consumer that leaves the event channel full for this long is reported: a
     /// warning in the log and [`Stats::consumer_stalls`](crate::Stats::consumer_stalls)
     /// (while it is behind, [`Stats::consumer_behind_since`](crate::Stats::consumer_behind_since)
-    /// is set). Default 10 s. Nothing is dropped; reading resumes when it catches up.
+    /// is set). Default 10 s. Nothing is dropped for it; reading resumes when it catches
+    /// up.
     pub fn consumer_stall_timeout(mut self, timeout: Duration) -> Self {
         self.cfg.consumer_stall_timeout = timeout;
         self

@@ -163,6 +163,11 @@ pub struct Stats {
     /// [`CONTROL_EVENT_CAP`](crate::CONTROL_EVENT_CAP) of them unread (connections that
     /// carried nothing for it, with their `Reconnecting` and `HeartbeatMissed`).
     pub events_elided: u64,
+    /// Inbound messages dropped: read on to the end of a connection (the peer hung up,
+    /// or our close frame was out) while the consumer was twice
+    /// [`event_capacity`](crate::ClientBuilder::event_capacity) behind (each connection
+    /// where it happens also logs a warning). Not in `received`.
+    pub inbound_dropped: u64,
     /// Since when the reader is held back because the consumer left the event channel
     /// full (see [`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)); `None` while it reads freely.
     pub consumer_behind_since: Option<Instant>,
@@ -439,6 +444,7 @@ impl Client {
             events_queued,
             events_queued_bytes,
             events_elided: inbound.elided(),
+            inbound_dropped: inbound.dropped(),
             consumer_behind_since,
             consumer_stalls: inbound.stalls(),
             outbox: link.outbox.as_ref().map_or(0, |o| o.len()),

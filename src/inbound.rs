@@ -18,7 +18,10 @@
 //! reader checks before each drain, so the bound may be passed by one drain (at most
 //! `read_budget` messages and 256 KiB read, or one message of any allowed size).
 //! Control events are never held back: they are rare, and the supervisor and the timer
-//! must never wait for the user.
+//! must never wait for the user (past `CONTROL_EVENT_CAP` unread, empty connections are
+//! left out instead). To reach a connection's end (the peer hung up, or our close frame
+//! is out) the reader reads on past the bound, keeping up to twice it and dropping the
+//! messages past that (`reader::Take::Drop`).
 //!
 //! While the reader is held back the heartbeat cannot see replies; unread input proves
 //! the peer alive instead (see [`Inbound::held_back`] and the heartbeat notes).
@@ -249,6 +252,8 @@ pub(crate) struct Inbound {
     control: AtomicUsize,
     /// Control events left out because that many were unread (`Stats::events_elided`).
     elided: AtomicU64,
+    /// Messages dropped reading on to a connection's end (`Stats::inbound_dropped`).
+    dropped: AtomicU64,
 }
 
 impl Inbound {
@@ -282,6 +287,7 @@ impl Inbound {
             to_end: AtomicBool::new(false),
             control: AtomicUsize::new(0),
             elided: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
         }
     }
 
@@ -334,8 +340,14 @@ impl Inbound {
 
     /// Set by the reader of a new connection (its `poll` watches this waker).
     pub(crate) fn attach(&self, waker: Arc<Waker>) {
-        self.to_end.store(false, Ordering::SeqCst);
         *self.waker.lock() = Some(waker);
+    }
+
+    /// A new connection is published (before its reader starts, under the link lock):
+    /// the last one's `read_to_end` no longer applies. Cleared here, not by the reader:
+    /// a close made before that reader started must not be forgotten.
+    pub(crate) fn new_connection(&self) {
+        self.to_end.store(false, Ordering::SeqCst);
     }
 
     /// Our close frame is out (close, `reconnect_now`, `restart`): the current reader
@@ -505,6 +517,17 @@ impl Inbound {
         if !self.input_left.swap(true, Ordering::SeqCst) && !self.deferring.load(Ordering::SeqCst) {
             self.wake_reader();
         }
+    }
+
+    /// Messages dropped so far reading on to a connection's end with twice the bound
+    /// waiting (see `reader::Take::Drop`).
+    pub(crate) fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Counts `n` more of those.
+    pub(crate) fn note_dropped(&self, n: usize) {
+        self.dropped.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Control events left out so far because the consumer left `CONTROL_EVENT_CAP`

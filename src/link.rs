@@ -838,6 +838,23 @@ impl Shared {
                 self.unadmit(link, &msg);
                 return Err(Error::Closed { message: Some(msg) });
             }
+            let takes = link.takes_direct() || self.cfg.offline_queue || link.flushing_queue;
+            if takes
+                && matches!(self.cfg.delivery, crate::Delivery::AtMostOnce)
+                && self.handed_back_full()
+            {
+                // A connection that dies hands back what it had in flight, in
+                // `Unconfirmed`: while as many wait unread, take no more (direct or
+                // queued: the queue goes in flight on the next connection).
+                if batch.buffered > 0 {
+                    // This batch's own messages first (they may be what fills it).
+                    self.flush_batch(link, batch, mode);
+                }
+                if self.wait_handed_back(link, mode).is_err() {
+                    return Err(Error::QueueFull { message: msg });
+                }
+                continue;
+            }
             if !link.takes_direct() {
                 if !self.cfg.offline_queue && !link.flushing_queue {
                     self.unadmit(link, &msg);
@@ -860,18 +877,6 @@ impl Shared {
                         return Err(e);
                     }
                 }
-            }
-            if matches!(self.cfg.delivery, crate::Delivery::AtMostOnce) && self.handed_back_full() {
-                // A connection that dies hands back what it had in flight, in
-                // `Unconfirmed`: while as many wait unread, put no more in flight.
-                if batch.buffered > 0 {
-                    // This batch's own messages first (they may be what fills it).
-                    self.flush_batch(link, batch, mode);
-                }
-                if self.wait_handed_back(link, mode).is_err() {
-                    return Err(Error::QueueFull { message: msg });
-                }
-                continue;
             }
             let l: &mut Link = link;
             let live = l.conn.as_mut().expect("direct: a live connection");
@@ -1038,7 +1043,8 @@ impl Shared {
     /// messages, is as much as the client holds for the consumer.
     fn handed_back_full(&self) -> bool {
         let (msgs, bytes) = self.events.inbound().handed_back();
-        msgs >= self.cfg.limits.queue_messages || bytes >= self.cfg.limits.queue_bytes
+        // At least one waits: a queue bound of 0 must not refuse everything.
+        msgs > 0 && (msgs >= self.cfg.limits.queue_messages || bytes >= self.cfg.limits.queue_bytes)
     }
 
     /// An at-most-once send waiting for [`handed_back_full`](Self::handed_back_full) to

@@ -245,6 +245,13 @@ fn drain(
                         data = true;
                         dropped += 1;
                     }
+                    // Surfaced pings and pongs count as messages: dropped alike (the
+                    // pong a ping asks for is already queued by tungstenite).
+                    Message::Ping(_) | Message::Pong(_)
+                        if surface_pings && take == Take::Drop && !consumed =>
+                    {
+                        dropped += 1;
+                    }
                     Message::Binary(b) if !consumed => {
                         (msgs, bytes) = (msgs + 1, bytes + b.len());
                         out.push_back(Message::Binary(own(recycler, b)));
@@ -481,6 +488,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             return;
         };
         if d.dropped > 0 {
+            inbound.note_dropped(d.dropped);
             if dropped == 0 {
                 log::warn!(
                     "connection {cgen}: the consumer is behind by twice event_capacity; \

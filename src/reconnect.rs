@@ -338,6 +338,7 @@ impl Supervisor {
             let cgen = link.generation + 1;
             link.generation = cgen;
             link.flushing_queue = !link.queue.is_empty();
+            self.shared.events.inbound().new_connection();
             link.conn = Some(Live {
                 ws: opened.ws,
                 sock,

@@ -1259,3 +1259,37 @@ fn overdue_rounds_do_not_spin_while_the_buffer_stays_full() {
          overdue and the buffer full: {stats:?}"
     );
 }
+
+/// At most once with a queue bound of 0 (natural with `offline_queue(false)`): sends on a
+/// live connection go out. The handed-back bound counted "0 >= 0" as full and refused
+/// every one (found by review).
+#[test]
+fn at_most_once_with_a_zero_queue_bound_sends_on_a_live_connection() {
+    for (what, limits) in [
+        ("queue_messages(0)", Limits::default().queue_messages(0)),
+        ("queue_bytes(0)", Limits::default().queue_bytes(0)),
+    ] {
+        let server = TestServer::echo();
+        let client = Client::builder(&server.url())
+            .heartbeat(Heartbeat::off())
+            .delivery(Delivery::AtMostOnce)
+            .offline_queue(false)
+            .limits(limits)
+            .connect()
+            .unwrap();
+        let events = client.events();
+        let r = client.send_text("hello");
+        assert!(r.is_ok(), "{what}: send on a live connection: {r:?}");
+        loop {
+            match events.recv_timeout(T) {
+                Ok(Event::Message(Message::Text(t))) => {
+                    assert_eq!(t.as_str(), "hello");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{what}: no echo: {e}"),
+            }
+        }
+        let _ = client.close();
+    }
+}

@@ -774,3 +774,128 @@ fn a_hang_up_while_the_consumer_is_behind_keeps_at_most_twice_the_bound() {
     );
     let _ = client.close();
 }
+
+/// After our close frame is out the reader reads on past the bound; past twice the bound
+/// it dropped only text and binary messages, so surfaced pings were kept (found by review). A peer that
+/// floods pings and never answers the close makes the client keep every ping it reads
+/// until the close timeout (before the commit, the held-back reader read nothing: at most
+/// the bound and one drain).
+#[test]
+fn surfaced_pings_read_on_to_the_close_stay_within_twice_the_bound() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/pings", listener.local_addr().unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    let server = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        // Never reads: answers no close, only floods pings.
+        while !s.load(std::sync::atomic::Ordering::SeqCst) {
+            if ws.write(Message::Ping(Bytes::from_static(b"p"))).is_err() {
+                break;
+            }
+        }
+    });
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::off())
+        .surface_pings(true)
+        .event_capacity(100, 1 << 30)
+        .close_timeout(Duration::from_secs(2))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    assert!(
+        wait_until(|| client.stats().consumer_behind_since.is_some()),
+        "held back"
+    );
+    let mut peak = 0;
+    let c = client.clone();
+    let closer = std::thread::spawn(move || c.close());
+    while !closer.is_finished() {
+        peak = peak.max(client.stats().events_queued);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = closer.join();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut pings = 0;
+    for ev in events.iter() {
+        if let Event::Message(Message::Ping(_)) = ev {
+            pings += 1;
+        }
+    }
+    let _ = server.join();
+    assert!(
+        pings <= 2 * 100 + 64 && peak <= 2 * 100 + 64,
+        "{pings} surfaced pings kept for the consumer (peak {peak} waiting), bound 100"
+    );
+}
+
+/// Race found by review: `read_to_end` was cleared by the reader's `attach`. A close whose
+/// handshake runs before the new connection's reader attached (close right after a
+/// reconnect, the consumer still behind) loses the flag: the reader stays held back
+/// and the close waits the whole close timeout again. Probabilistic: repeats.
+#[test]
+fn close_right_after_a_reconnect_with_the_consumer_behind_ends_when_the_server_answers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut slow = 0;
+    let runs = 15;
+    for _ in 0..runs {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/flood", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            for n in 0..2 {
+                let Ok((sock, _)) = listener.accept() else {
+                    return;
+                };
+                let mut ws = tungstenite::accept(sock).unwrap();
+                if n == 0 {
+                    for i in 0..1000u64 {
+                        let _ = ws.write(Message::Binary(Bytes::from(i.to_be_bytes().to_vec())));
+                    }
+                    let _ = ws.flush();
+                    std::thread::sleep(Duration::from_millis(50));
+                    // Reset: the held-back reader sees the hang-up, the client reconnects.
+                    let _ = socket2::SockRef::from(ws.get_ref()).set_linger(Some(Duration::ZERO));
+                    drop(ws);
+                } else {
+                    // Answers the close at once.
+                    while ws.read().is_ok() {}
+                }
+            }
+        });
+        let client = Client::builder(&url)
+            .heartbeat(Heartbeat::off())
+            .reconnect_policy(Fixed(Duration::from_millis(1)))
+            .event_capacity(100, 1 << 30)
+            .close_timeout(Duration::from_secs(3))
+            .connect()
+            .unwrap();
+        let _events = client.events();
+        let end = Instant::now() + Duration::from_secs(10);
+        while client.stats().generation < 2 && Instant::now() < end {
+            std::hint::spin_loop();
+        }
+        assert_eq!(client.stats().generation, 2, "reconnected");
+        assert!(
+            client.stats().events_queued >= 100,
+            "still behind: {:?}",
+            client.stats()
+        );
+        let t0 = Instant::now();
+        let _ = client.close();
+        if t0.elapsed() >= Duration::from_secs(2) {
+            slow += 1;
+        }
+        let _ = server.join();
+    }
+    assert_eq!(slow, 0, "{slow} of {runs} closes waited the close timeout");
+}
+
+/// Reconnects after a fixed delay, for ever.
+struct Fixed(Duration);
+impl wsbeat::ReconnectPolicy for Fixed {
+    fn next_delay(&mut self, _: &wsbeat::Failure<'_>) -> Option<Duration> {
+        Some(self.0)
+    }
+}

@@ -77,7 +77,9 @@ use crate::{Event, Message};
 /// `HeartbeatMissed` (counted in [`Stats::events_elided`](crate::Stats::events_elided)).
 /// A consumer that never reads would otherwise have a client flapping for days hold
 /// every one of them; the grammar is kept (generation numbers then have gaps). About
-/// 165 bytes each.
+/// 165 bytes each. The `Connected` of the open connection is held back, not left out:
+/// it goes out with the first event of that connection, or once the consumer has
+/// caught up (fewer than half the cap unread), whichever comes first.
 pub const CONTROL_EVENT_CAP: usize = 4096;
 
 /// Emptied batch buffers kept for the reader (so it does not allocate one per drain).
@@ -124,7 +126,12 @@ impl Batch {
     fn release(&mut self) {
         if let Some(inbound) = self.inbound.take() {
             if self.is_control {
-                inbound.control.fetch_sub(1, Ordering::SeqCst);
+                let left = inbound.control.fetch_sub(1, Ordering::SeqCst) - 1;
+                if left < CONTROL_EVENT_CAP / 2 && inbound.holding.load(Ordering::SeqCst) {
+                    // The consumer caught up with a connection's `Connected` held back:
+                    // the reader lets it go (see `EventSink::release_held`).
+                    inbound.wake_reader();
+                }
                 inbound.handed.fetch_sub(self.handed, Ordering::SeqCst);
                 inbound
                     .handed_bytes
@@ -254,6 +261,12 @@ pub(crate) struct Inbound {
     elided: AtomicU64,
     /// Messages dropped reading on to a connection's end (`Stats::inbound_dropped`).
     dropped: AtomicU64,
+    /// The event sink holds a `Connected` back (see `EventSink::emit`): read without
+    /// the grammar lock by a consumer about to read the socket, and by one that takes a
+    /// control event (to have it let go once the consumer has caught up).
+    holding: AtomicBool,
+    /// The first elision was logged.
+    elision_logged: AtomicBool,
 }
 
 impl Inbound {
@@ -288,6 +301,8 @@ impl Inbound {
             control: AtomicUsize::new(0),
             elided: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            holding: AtomicBool::new(false),
+            elision_logged: AtomicBool::new(false),
         }
     }
 
@@ -523,6 +538,19 @@ impl Inbound {
     /// waiting (see `reader::Take::Drop`).
     pub(crate) fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Whether a consumer far behind (a `Connected` held back) has caught up: fewer than
+    /// half of `CONTROL_EVENT_CAP` control events unread.
+    #[inline]
+    pub(crate) fn caught_up(&self) -> bool {
+        self.holding.load(Ordering::SeqCst)
+            && self.control.load(Ordering::SeqCst) < CONTROL_EVENT_CAP / 2
+    }
+
+    /// A held `Connected` goes out after all: it was counted as left out.
+    fn unheld(&self) {
+        self.elided.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Counts `n` more of those.
@@ -1231,10 +1259,6 @@ pub(crate) struct EventSink {
     grammar: Mutex<Grammar>,
     /// Signalled when `Closed` is emitted.
     closed: Condvar,
-    /// `Grammar::held` is set (read without the lock by every consumer's read of the
-    /// socket; set and cleared under it, and under the link lock, as `Connected` is
-    /// emitted under it and a consumer reads under it).
-    holding: AtomicBool,
 }
 
 struct Grammar {
@@ -1277,7 +1301,6 @@ impl EventSink {
                 held: None,
             }),
             closed: Condvar::new(),
-            holding: AtomicBool::new(false),
         }
     }
 
@@ -1299,13 +1322,13 @@ impl EventSink {
             }
             Event::Connected { .. } if over => {
                 g.held = Some(ev);
-                self.holding.store(true, Ordering::SeqCst);
+                self.inbound.holding.store(true, Ordering::SeqCst);
                 return self.elide(1);
             }
             Event::Disconnected { generation, .. } if matches!(&g.held, Some(Event::Connected { generation: held, .. }) if held == generation) =>
             {
                 g.held = None;
-                self.holding.store(false, Ordering::SeqCst);
+                self.inbound.holding.store(false, Ordering::SeqCst);
                 return self.elide(1);
             }
             _ => {}
@@ -1315,9 +1338,11 @@ impl EventSink {
             // The held `Connected` first: this event belongs to its connection, or
             // follows it. Fails only when every receiver is gone: nobody to tell.
             if let Some(c) = g.held.take() {
-                self.holding.store(false, Ordering::SeqCst);
-                self.inbound.elided.fetch_sub(1, Ordering::Relaxed);
+                self.inbound.unheld();
                 let _ = tx.send(c);
+                // Cleared once it is in the channel: a consumer that sees it clear
+                // finds it there (one that sees it set waits for the grammar lock).
+                self.inbound.holding.store(false, Ordering::SeqCst);
             }
             let _ = tx.send(ev);
         }
@@ -1329,9 +1354,10 @@ impl EventSink {
         }
     }
 
-    /// Counts `n` events left out; the first of an episode is logged.
+    /// Counts `n` events left out; the first ever is logged.
     fn elide(&self, n: u64) {
-        if self.inbound.elided.fetch_add(n, Ordering::Relaxed) == 0 {
+        self.inbound.elided.fetch_add(n, Ordering::Relaxed);
+        if !self.inbound.elision_logged.swap(true, Ordering::Relaxed) {
             log::warn!(
                 "{CONTROL_EVENT_CAP} control events wait unread: connections that carry \
                  nothing for the consumer are left out of the event stream (Stats::events_elided)"
@@ -1340,22 +1366,23 @@ impl EventSink {
     }
 
     /// Sends a held `Connected` (see [`EventSink::emit`]) now: a consumer is about to
-    /// read that connection's socket itself. True if there was one (it is in the channel,
-    /// ahead of anything the consumer reads).
+    /// read that connection's socket itself, or has caught up (the reader is woken for
+    /// it, see `Batch::release`). True if there was one (it is in the channel, ahead of
+    /// anything the consumer reads).
     #[inline]
     pub(crate) fn release_held(&self) -> bool {
-        if !self.holding.load(Ordering::SeqCst) {
+        if !self.inbound.holding.load(Ordering::SeqCst) {
             return false;
         }
         let mut g = self.grammar.lock();
         let Some(c) = g.held.take() else {
             return false;
         };
-        self.holding.store(false, Ordering::SeqCst);
         if let Some(tx) = g.tx.as_ref() {
-            self.inbound.elided.fetch_sub(1, Ordering::Relaxed);
+            self.inbound.unheld();
             let _ = tx.send(c);
         }
+        self.inbound.holding.store(false, Ordering::SeqCst);
         true
     }
 
@@ -1368,9 +1395,9 @@ impl EventSink {
             && let Some(tx) = g.tx.as_ref()
         {
             // That connection carries something for the consumer after all.
-            self.holding.store(false, Ordering::SeqCst);
-            self.inbound.elided.fetch_sub(1, Ordering::Relaxed);
+            self.inbound.unheld();
             let _ = tx.send(c);
+            self.inbound.holding.store(false, Ordering::SeqCst);
         }
         let Some(tx) = g.tx.as_ref() else {
             log::debug!(

@@ -390,6 +390,11 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         if inbound.take_flush_wanted() {
             want_write = true;
         }
+        // A `Connected` held back while the consumer was far behind goes out once it
+        // caught up (it woke us).
+        if inbound.caught_up() {
+            shared.events.release_held();
+        }
         // Bytes arrived on the socket (perhaps only part of a large frame).
         let mut bytes_in = false;
         // Read this time (false: held back by a full event channel).

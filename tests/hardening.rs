@@ -763,6 +763,7 @@ fn flooding_server(
 /// for as long as they came.
 #[test]
 fn session_read_ends_at_its_deadline_against_pings_or_a_message_that_never_ends() {
+    let _g = util::shared();
     use tungstenite::protocol::frame::Frame;
     use tungstenite::protocol::frame::coding::{Data, OpCode};
     fn ping(_: u64) -> tungstenite::Message {
@@ -1858,6 +1859,7 @@ fn closing_a_client_restarted_from_its_policy_inside_that_policy_does_not_deadlo
 /// were dropped with the chunk.
 #[test]
 fn send_all_hands_back_what_a_panicking_iterator_gave() {
+    let _g = util::shared();
     let server = TestServer::echo();
     let client = builder(&server.url()).connect().expect("connect");
     let events = client.events();
@@ -1892,6 +1894,7 @@ fn send_all_hands_back_what_a_panicking_iterator_gave() {
 /// its size.
 #[test]
 fn control_events_left_unread_stay_bounded() {
+    let _g = util::shared();
     let server = TestServer::start(Behavior::DropAfterUpgrade);
     let client = builder(&server.url())
         .reconnect_policy(Fixed(Duration::ZERO))

@@ -411,6 +411,7 @@ fn the_default_offline_queue_is_bounded_in_messages_and_bytes() {
 /// unbounded: one `Undelivered` per send while offline (3.5 GiB in 14 s in a probe).
 #[test]
 fn drop_oldest_with_an_unread_event_stream_stays_bounded() {
+    let _g = util::shared();
     let client = builder(&dead_port_url())
         .reconnect_policy(Fixed(Duration::from_secs(3600)))
         .overflow(wsbeat::OverflowPolicy::DropOldest)

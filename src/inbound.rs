@@ -126,8 +126,8 @@ impl Batch {
     fn release(&mut self) {
         if let Some(inbound) = self.inbound.take() {
             if self.is_control {
-                let left = inbound.control.fetch_sub(1, Ordering::SeqCst) - 1;
-                if left < CONTROL_EVENT_CAP / 2 && inbound.holding.load(Ordering::SeqCst) {
+                inbound.control.fetch_sub(1, Ordering::SeqCst);
+                if inbound.caught_up() {
                     // The consumer caught up with a connection's `Connected` held back:
                     // the reader lets it go (see `EventSink::release_held`).
                     inbound.wake_reader();
@@ -314,8 +314,13 @@ impl Inbound {
 
     /// The bound is reached: the reader must not read.
     pub(crate) fn is_full(&self) -> bool {
-        self.msgs.load(Ordering::SeqCst) >= self.max_msgs
-            || self.bytes.load(Ordering::SeqCst) >= self.max_bytes
+        self.holds(1)
+    }
+
+    /// Whether `times` the bound (messages or bytes) waits for the consumer.
+    fn holds(&self, times: usize) -> bool {
+        self.msgs.load(Ordering::SeqCst) >= self.max_msgs.saturating_mul(times)
+            || self.bytes.load(Ordering::SeqCst) >= self.max_bytes.saturating_mul(times)
     }
 
     /// Messages and payload bytes waiting for the consumer.
@@ -381,8 +386,7 @@ impl Inbound {
     /// (the peer hung up, or our close is out), the reader drops the data it reads past
     /// this, so that end costs no more memory than the bound again.
     pub(crate) fn over_twice_the_bound(&self) -> bool {
-        self.msgs.load(Ordering::SeqCst) >= self.max_msgs.saturating_mul(2)
-            || self.bytes.load(Ordering::SeqCst) >= self.max_bytes.saturating_mul(2)
+        self.holds(2)
     }
 
     /// The reader ended.
@@ -1333,17 +1337,10 @@ impl EventSink {
             }
             _ => {}
         }
-        let g = &mut *g;
+        // The held `Connected` first: this event belongs to its connection, or follows it.
+        self.send_held(&mut g);
         if let Some(tx) = g.tx.as_ref() {
-            // The held `Connected` first: this event belongs to its connection, or
-            // follows it. Fails only when every receiver is gone: nobody to tell.
-            if let Some(c) = g.held.take() {
-                self.inbound.unheld();
-                let _ = tx.send(c);
-                // Cleared once it is in the channel: a consumer that sees it clear
-                // finds it there (one that sees it set waits for the grammar lock).
-                self.inbound.holding.store(false, Ordering::SeqCst);
-            }
+            // Fails only when every receiver is gone: nobody to tell.
             let _ = tx.send(ev);
         }
         if closed {
@@ -1371,10 +1368,11 @@ impl EventSink {
     /// anything the consumer reads).
     #[inline]
     pub(crate) fn release_held(&self) -> bool {
-        if !self.inbound.holding.load(Ordering::SeqCst) {
-            return false;
-        }
-        let mut g = self.grammar.lock();
+        self.inbound.holding.load(Ordering::SeqCst) && self.send_held(&mut self.grammar.lock())
+    }
+
+    /// Sends the held `Connected`, if any (true then), under the grammar lock.
+    fn send_held(&self, g: &mut Grammar) -> bool {
         let Some(c) = g.held.take() else {
             return false;
         };
@@ -1382,6 +1380,8 @@ impl EventSink {
             self.inbound.unheld();
             let _ = tx.send(c);
         }
+        // Cleared once it is in the channel: a consumer that sees it clear finds it there
+        // (one that sees it set waits for the grammar lock).
         self.inbound.holding.store(false, Ordering::SeqCst);
         true
     }
@@ -1389,16 +1389,9 @@ impl EventSink {
     /// Sends the messages of one reader drain as one batch (see `inbound.rs`), unless
     /// `Closed` was emitted (never the case while a reader runs: it is joined first).
     pub(crate) fn emit_messages(&self, events: &mut VecDeque<Message>, msgs: usize, bytes: usize) {
-        let mut guard = self.grammar.lock();
-        let g = &mut *guard;
-        if let Some(c) = g.held.take()
-            && let Some(tx) = g.tx.as_ref()
-        {
-            // That connection carries something for the consumer after all.
-            self.inbound.unheld();
-            let _ = tx.send(c);
-            self.inbound.holding.store(false, Ordering::SeqCst);
-        }
+        let mut g = self.grammar.lock();
+        // That connection carries something for the consumer after all.
+        self.send_held(&mut g);
         let Some(tx) = g.tx.as_ref() else {
             log::debug!(
                 "{} events dropped by the grammar: after Closed",

@@ -76,9 +76,7 @@ impl Request {
         // What the upgrade request line will carry (credentials go in a header): refused
         // here, once, rather than by every attempt after DNS and the dial (an HTTP URI
         // is at most 65 534 bytes). The reason never shows the URL (it may hold secrets).
-        let mut sent = url.clone();
-        let _ = sent.set_username("");
-        let _ = sent.set_password(None);
+        let sent = without_credentials(&url);
         if let Err(e) = tungstenite::http::Uri::try_from(sent.as_str()) {
             return Err(Error::InvalidUrl {
                 reason: format!(
@@ -138,6 +136,14 @@ pub(crate) fn user_info(url: &Url, what: &str, basic: bool) -> Result<Option<(St
         ));
     }
     Ok(Some((user, pass)))
+}
+
+/// `url` without its user name and password (they travel in a header, or not at all).
+pub(crate) fn without_credentials(url: &Url) -> Url {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url
 }
 
 /// `%XX` escapes decoded to bytes (a `%` not followed by two hex digits stays as is).

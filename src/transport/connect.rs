@@ -24,6 +24,7 @@ use url::Url;
 
 use crate::config::{
     Config, PROXY_SCHEMES, ProxySetting, Request, header_err, parse_header, user_info,
+    without_credentials,
 };
 use crate::redact::{RedactedUrl, is_secret_header, is_secret_subprotocol};
 use crate::transport::dial::{self, Cancel, Deadline, is_timeout};
@@ -214,8 +215,7 @@ fn follow(
         // Likewise a subprotocol that may be a credential (Kubernetes takes a bearer
         // token as one).
         out.subprotocols.retain(|p| !is_secret_subprotocol(p));
-        let _ = next.set_username("");
-        let _ = next.set_password(None);
+        next = without_credentials(&next);
     }
     if visited.contains(&next) {
         return Err(refuse(RedirectRefusal::Loop, shown));
@@ -458,17 +458,9 @@ fn extension_names(value: &str) -> Vec<String> {
 }
 
 fn build_request(req: &Request) -> Result<tungstenite::handshake::client::Request> {
-    let mut url = req.url.clone();
-    let basic = if let Some((user, pass)) = user_info(&url, "server", true)? {
-        let _ = url.set_username("");
-        let _ = url.set_password(None);
-        Some(format!(
-            "Basic {}",
-            base64(format!("{user}:{pass}").as_bytes())
-        ))
-    } else {
-        None
-    };
+    let url = without_credentials(&req.url);
+    let basic = user_info(&req.url, "server", true)?
+        .map(|(user, pass)| format!("Basic {}", base64(format!("{user}:{pass}").as_bytes())));
     let mut r = url.as_str().into_client_request().map_err(Error::from_ws)?;
     let headers = r.headers_mut();
     for (k, v) in &req.headers {
@@ -757,7 +749,7 @@ mod tests {
     }
 
     #[test]
-    fn base64_and_percent() {
+    fn base64_encodes() {
         assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
         assert_eq!(base64(b"a"), "YQ==");
         assert_eq!(base64(b"ab"), "YWI=");

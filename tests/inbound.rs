@@ -10,6 +10,13 @@ use crossbeam_channel::{select, tick};
 use tungstenite::{Bytes, Message};
 use wsbeat::{Client, DisconnectReason, Event, Events, Heartbeat};
 
+mod support;
+use support::client::Fixed;
+use support::util::wait_until;
+
+/// How long a test waits for a condition to come true.
+const WAIT: Duration = Duration::from_secs(10);
+
 /// The tests here measure the client's queue and heartbeat while flooding: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -71,6 +78,36 @@ fn wait_connected(events: &Events) {
         Ok(Event::Connected { .. }) => {}
         other => panic!("expected Connected, got {other:?}"),
     }
+}
+
+/// Bound of the clients `client_behind` makes, in messages.
+const BEHIND_BOUND: usize = 100;
+/// What such a client may keep for its consumer reading on to a connection's end: twice
+/// the bound, and one drain (the default read budget).
+const KEPT_AT_MOST: usize = 2 * BEHIND_BOUND + 64;
+
+/// A client of `url` (set up further by `more`) with a bound of `BEHIND_BOUND` messages
+/// and no heartbeat, once connected and its reader held back at that bound: its
+/// consumer reads nothing.
+fn client_behind(
+    url: &str,
+    more: impl FnOnce(wsbeat::ClientBuilder) -> wsbeat::ClientBuilder,
+) -> (Client, Events) {
+    let client = more(
+        Client::builder(url)
+            .heartbeat(Heartbeat::off())
+            .event_capacity(BEHIND_BOUND, 1 << 30),
+    )
+    .connect()
+    .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    assert!(
+        wait_until(WAIT, || client.stats().consumer_behind_since.is_some()),
+        "the reader is held back: {:?}",
+        client.stats()
+    );
+    (client, events)
 }
 
 /// The consumer stops reading for 10x `interval + timeout` while the server floods and
@@ -657,7 +694,7 @@ fn a_stalled_consumer_is_reported_also_with_a_zero_stall_timeout() {
         .connect()
         .unwrap();
     // Nobody reads the events.
-    wait_until(|| client.stats().consumer_stalls > 0);
+    wait_until(WAIT, || client.stats().consumer_stalls > 0);
     let st = client.stats();
     let reported = st.consumer_stalls >= 1;
     let _ = client.close();
@@ -669,18 +706,6 @@ fn a_stalled_consumer_is_reported_also_with_a_zero_stall_timeout() {
     );
 }
 
-/// Polls `cond` until it holds, for up to 10 s.
-fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    cond()
-}
-
 /// `close()` while the consumer is behind (the reader held back at the bound): the reader
 /// reads on to the server's close reply, so the close ends as soon as the server answers.
 /// It waited the whole close timeout: nobody read the reply.
@@ -689,19 +714,7 @@ fn close_with_a_full_event_channel_ends_when_the_server_answers() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // More than twice the bound waits ahead of the close reply: the rest is dropped.
     let (url, server) = flood_server(5_000, 64);
-    let client = Client::builder(&url)
-        .heartbeat(Heartbeat::off())
-        .event_capacity(100, 1 << 30)
-        .close_timeout(Duration::from_secs(20))
-        .connect()
-        .unwrap();
-    let events = client.events();
-    wait_connected(&events);
-    assert!(
-        wait_until(|| client.stats().consumer_behind_since.is_some()),
-        "the reader is held back: {:?}",
-        client.stats()
-    );
+    let (client, events) = client_behind(&url, |b| b.close_timeout(Duration::from_secs(20)));
     let t0 = Instant::now();
     let _ = client.close();
     let took = t0.elapsed();
@@ -716,8 +729,7 @@ fn close_with_a_full_event_channel_ends_when_the_server_answers() {
         }
     }
     assert!(closed);
-    // At most twice the bound (and one drain) waited for the consumer.
-    assert!(msgs <= 2 * 100 + 64, "{msgs} messages delivered");
+    assert!(msgs <= KEPT_AT_MOST, "{msgs} messages delivered");
     let _ = server.join();
 }
 
@@ -747,39 +759,26 @@ fn a_hang_up_while_the_consumer_is_behind_keeps_at_most_twice_the_bound() {
         let _ = socket2::SockRef::from(sock).set_linger(Some(Duration::ZERO));
         // Dropped here: RST.
     });
-    let client = Client::builder(&url)
-        .heartbeat(Heartbeat::off())
-        .reconnect(false)
-        .event_capacity(100, 1 << 30)
-        .connect()
-        .unwrap();
-    let events = client.events();
-    wait_connected(&events);
-    assert!(
-        wait_until(|| client.stats().consumer_behind_since.is_some()),
-        "the reader is held back: {:?}",
-        client.stats()
-    );
+    let (client, _events) = client_behind(&url, |b| b.reconnect(false));
     reset_tx.send(()).unwrap();
     let _ = server.join();
     assert!(
-        wait_until(|| client.state() != wsbeat::State::Open),
+        wait_until(WAIT, || client.state() != wsbeat::State::Open),
         "the reset ends the connection: {:?}",
         client.stats()
     );
     let queued = client.stats().events_queued;
     assert!(
-        queued <= 2 * 100 + 64,
+        queued <= KEPT_AT_MOST,
         "{queued} messages kept for the consumer"
     );
     let _ = client.close();
 }
 
 /// After our close frame is out the reader reads on past the bound; past twice the bound
-/// it dropped only text and binary messages, so surfaced pings were kept (found by review). A peer that
-/// floods pings and never answers the close makes the client keep every ping it reads
-/// until the close timeout (before the commit, the held-back reader read nothing: at most
-/// the bound and one drain).
+/// it dropped only text and binary messages, so surfaced pings were kept (found by
+/// review): a peer that floods pings and never answers the close made the client keep
+/// every ping it read until the close timeout.
 #[test]
 fn surfaced_pings_read_on_to_the_close_stay_within_twice_the_bound() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -797,18 +796,9 @@ fn surfaced_pings_read_on_to_the_close_stay_within_twice_the_bound() {
             }
         }
     });
-    let client = Client::builder(&url)
-        .heartbeat(Heartbeat::off())
-        .surface_pings(true)
-        .event_capacity(100, 1 << 30)
-        .close_timeout(Duration::from_secs(2))
-        .connect()
-        .unwrap();
-    let events = client.events();
-    assert!(
-        wait_until(|| client.stats().consumer_behind_since.is_some()),
-        "held back"
-    );
+    let (client, events) = client_behind(&url, |b| {
+        b.surface_pings(true).close_timeout(Duration::from_secs(2))
+    });
     let mut peak = 0;
     let c = client.clone();
     let closer = std::thread::spawn(move || c.close());
@@ -826,8 +816,9 @@ fn surfaced_pings_read_on_to_the_close_stay_within_twice_the_bound() {
     }
     let _ = server.join();
     assert!(
-        pings <= 2 * 100 + 64 && peak <= 2 * 100 + 64,
-        "{pings} surfaced pings kept for the consumer (peak {peak} waiting), bound 100"
+        pings <= KEPT_AT_MOST && peak <= KEPT_AT_MOST,
+        "{pings} surfaced pings kept for the consumer (peak {peak} waiting), bound \
+         {BEHIND_BOUND}"
     );
 }
 
@@ -890,12 +881,4 @@ fn close_right_after_a_reconnect_with_the_consumer_behind_ends_when_the_server_a
         let _ = server.join();
     }
     assert_eq!(slow, 0, "{slow} of {runs} closes waited the close timeout");
-}
-
-/// Reconnects after a fixed delay, for ever.
-struct Fixed(Duration);
-impl wsbeat::ReconnectPolicy for Fixed {
-    fn next_delay(&mut self, _: &wsbeat::Failure<'_>) -> Option<Duration> {
-        Some(self.0)
-    }
 }

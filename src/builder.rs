@@ -345,11 +345,14 @@ impl ClientBuilder {
         self
     }
 
-    /// A consumer that leaves the event channel full for this long is reported: a
-    /// warning in the log and [`Stats::consumer_stalls`](crate::Stats::consumer_stalls)
-    /// (while it is behind, [`Stats::consumer_behind_since`](crate::Stats::consumer_behind_since)
-    /// is set). Default 10 s. Nothing is dropped for it; reading resumes when it catches
-    /// up.
+    /// A consumer that takes no event for this long while the event channel is full is
+    /// reported as stalled: a warning in the log and
+    /// [`Stats::consumer_stalls`](crate::Stats::consumer_stalls), once per time the
+    /// channel fills (between this and 1.25 times it after its last take). A consumer
+    /// that takes events, however slowly, is behind, not stalled: while it is behind,
+    /// [`Stats::consumer_behind_since`](crate::Stats::consumer_behind_since) is set.
+    /// Default 10 s. Nothing is dropped for either; reading resumes when it has taken
+    /// half of what waits.
     pub fn consumer_stall_timeout(mut self, timeout: Duration) -> Self {
         self.cfg.consumer_stall_timeout = timeout;
         self

@@ -171,8 +171,9 @@ pub struct Stats {
     /// Since when the reader is held back because the consumer left the event channel
     /// full (see [`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)); `None` while it reads freely.
     pub consumer_behind_since: Option<Instant>,
-    /// Times the consumer left the event channel full for longer than
-    /// [`ClientBuilder::consumer_stall_timeout`](crate::ClientBuilder::consumer_stall_timeout) (each also logged as a warning).
+    /// Times the consumer took no event for longer than
+    /// [`ClientBuilder::consumer_stall_timeout`](crate::ClientBuilder::consumer_stall_timeout)
+    /// while the event channel was full (each also logged as a warning).
     pub consumer_stalls: u64,
     /// Acked delivery: messages waiting for their ack (0 otherwise).
     pub outbox: usize,

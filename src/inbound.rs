@@ -125,6 +125,7 @@ impl Batch {
 
     fn release(&mut self) {
         if let Some(inbound) = self.inbound.take() {
+            inbound.took.0.store(true, Ordering::Relaxed);
             if self.is_control {
                 inbound.control.fetch_sub(1, Ordering::SeqCst);
                 if inbound.caught_up() {
@@ -198,6 +199,11 @@ impl Iterator for BatchIter {
 
 impl ExactSizeIterator for BatchIter {}
 
+/// A value on a cache line of its own (128 bytes: adjacent-line prefetch pairs lines),
+/// so that writes to its neighbours do not make its writer wait.
+#[repr(align(128))]
+struct Alone<T>(T);
+
 /// Shared by the reader, the consumer ([`Events`]) and `stats()`: the bound, what waits,
 /// and how the reader is woken when room is made.
 pub(crate) struct Inbound {
@@ -215,6 +221,13 @@ pub(crate) struct Inbound {
     held: AtomicU8,
     /// Since when the reader is held back (for `stats()`); `None` while it reads.
     held_since: Mutex<Option<Instant>>,
+    /// The consumer took an event (or a batch) since the reader last looked: its
+    /// progress while the reader is held back. Set for every event taken, so on a cache
+    /// line of its own: the reader touches it once per look, not per event.
+    took: Alone<AtomicBool>,
+    /// While held back: since when the consumer took nothing, as far as the reader's
+    /// looks tell. Only the reader uses it.
+    idle_since: Mutex<Instant>,
     /// This hold was reported as a stall (once per hold).
     stall_reported: AtomicBool,
     stalls: AtomicU64,
@@ -282,6 +295,8 @@ impl Inbound {
             waker: Mutex::new(None),
             held: AtomicU8::new(FREE),
             held_since: Mutex::new(None),
+            took: Alone(AtomicBool::new(false)),
+            idle_since: Mutex::new(Instant::now()),
             stall_reported: AtomicBool::new(false),
             stalls: AtomicU64::new(0),
             spare_tx,
@@ -406,7 +421,9 @@ impl Inbound {
         }
         let held = if input { HELD_WITH_INPUT } else { HELD };
         if self.held.swap(held, Ordering::SeqCst) == FREE {
-            *self.held_since.lock() = Some(Instant::now());
+            let now = Instant::now();
+            *self.held_since.lock() = Some(now);
+            *self.idle_since.lock() = now;
             self.stall_reported.store(false, Ordering::Relaxed);
         }
         true
@@ -420,34 +437,43 @@ impl Inbound {
     }
 
     /// Called by the held-back reader before each wait for room: reports the consumer as
-    /// stalled once this hold has lasted the stall timeout (once per hold), and returns
-    /// how long the reader may wait before it must look again (`None`: no limit, the
-    /// hold is reported or not held). A wait that the stall timeout ends comes back here
-    /// and reports; so does any other wake-up past the deadline (a flush request, a
-    /// waker), whatever the timeout, zero included.
+    /// stalled once it took nothing off the channel for the stall timeout (once per
+    /// hold), and returns how long the reader may wait before it must look again
+    /// (`None`: no limit, the hold is reported or not held). A consumer that takes
+    /// events, however slowly, is behind but not stalled: the reader looks at its
+    /// progress every quarter of the timeout, so a stall is reported between the timeout
+    /// and 1.25 times it after the consumer's last take, never earlier. A wait that ends
+    /// at the deadline comes back here and reports; so does any other wake-up past it (a
+    /// flush request, a waker), whatever the timeout, zero included.
     pub(crate) fn stall_wait(&self) -> Option<Duration> {
-        let since = (*self.held_since.lock())?;
+        self.held_since.lock().as_ref()?;
         if self.stall_reported.load(Ordering::Relaxed) {
             return None;
         }
-        let due = crate::time::deadline(since, self.stall_timeout);
-        let left = due.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let mut idle = self.idle_since.lock();
+        if self.took.0.swap(false, Ordering::Relaxed) {
+            // It took something since the last look (at most a look ago).
+            *idle = now;
+        }
+        let due = crate::time::deadline(*idle, self.stall_timeout);
+        let left = due.saturating_duration_since(now);
         if left.is_zero() {
             self.stall_reported.store(true, Ordering::Relaxed);
             self.report_stall();
             return None;
         }
-        Some(left)
+        Some(left.min(self.stall_timeout / 4))
     }
 
-    /// Reports a consumer that let the reader wait longer than the stall timeout.
+    /// Reports a consumer that took no event for longer than the stall timeout while the
+    /// reader waited for room.
     fn report_stall(&self) {
         self.stalls.fetch_add(1, Ordering::Relaxed);
         let (m, b) = self.queued();
         log::warn!(
-            "the event consumer has left the event channel full for {:?} or more: {m} \
-             messages ({b} bytes) wait; reading from the server is paused until it takes \
-             half of them",
+            "the event consumer has taken no event for {:?} or more: {m} messages ({b} \
+             bytes) wait; reading from the server is paused until it takes half of them",
             self.stall_timeout
         );
     }
@@ -935,7 +961,10 @@ impl Events {
     /// An event already taken out of a batch, if any (never waits, never touches the channel).
     #[inline]
     pub fn try_recv_buffered(&self) -> Option<Event> {
-        self.buf.borrow_mut().pop_front().map(Event::Message)
+        let m = self.buf.borrow_mut().pop_front()?;
+        // Progress, for the stall report (a store to a line this thread owns).
+        self.inbound.took.0.store(true, Ordering::Relaxed);
+        Some(Event::Message(m))
     }
 
     /// Waits for the next event. `Err` once the client closed and every event was read

@@ -186,6 +186,70 @@ fn stalled_consumer_is_no_heartbeat_timeout_and_loses_nothing() {
 
 /// Bytes bound: 64 KiB messages against a 1 MiB bound; the queue never holds more than the
 /// bound plus one drain (256 KiB read quota + one message).
+/// A consumer that takes one event every 20 ms while the server floods keeps the channel
+/// full (reading resumes only once it took half), for longer than the stall timeout:
+/// it is behind, not stalled, so no stall is reported. Once it stops taking events, the
+/// stall is reported.
+#[test]
+fn a_slow_but_steady_consumer_is_not_reported_as_stalled() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let n = 20_000;
+    let (url, server) = flood_server(n, 1024);
+    let stall = Duration::from_millis(400);
+    let client = Client::builder(&url)
+        .event_capacity(100, 1 << 30)
+        .consumer_stall_timeout(stall)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    // Sleeping between takes *is* the scenario (a slow consumer), not a synchronisation.
+    let mut next = 0u64;
+    let mut longest_hold = Duration::ZERO;
+    let slow_end = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < slow_end {
+        match events.recv_timeout(WAIT).expect("an event") {
+            Event::Message(Message::Binary(b)) => {
+                assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), next);
+                next += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let st = client.stats();
+        if let Some(since) = st.consumer_behind_since {
+            longest_hold = longest_hold.max(since.elapsed());
+        }
+        assert_eq!(
+            st.consumer_stalls, 0,
+            "a consumer taking an event every 20 ms was reported as stalled after {next} \
+             events: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        longest_hold > stall,
+        "the channel stayed full longer than the stall timeout ({longest_hold:?}): the case \
+         a slow consumer must not be reported in"
+    );
+    // It stops taking events: now it is stalled.
+    wait_until(WAIT, || client.stats().consumer_stalls == 1);
+    let mut got = next;
+    loop {
+        match events.recv_timeout(WAIT).expect("an event") {
+            Event::Message(Message::Binary(b)) => {
+                assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), got);
+                got += 1;
+            }
+            Event::Message(Message::Text(_)) => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, n, "every message arrived");
+    assert_eq!(client.stats().generation, 1, "no reconnect");
+    let _ = client.close();
+    server.join().unwrap();
+}
+
 #[test]
 fn byte_bound_holds_for_large_messages() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

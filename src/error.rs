@@ -26,7 +26,10 @@ pub enum DisconnectReason {
     Io(String),
     /// No heartbeat reply or inbound traffic in time: the link is dead or half-open.
     HeartbeatTimeout {
-        /// Time since the last inbound traffic when death was declared.
+        /// Time since the last sign of life when death was declared, by the heartbeat's
+        /// [`Liveness`](crate::Liveness) rule: any inbound traffic by default; under
+        /// `Liveness::Data` (the default of app-level heartbeats) the peer's own pings do
+        /// not count, and under `Liveness::Replies` only replies to our probes do.
         silent_for: Duration,
     },
     /// Outgoing data did not drain within the write timeout: the peer stopped reading.
@@ -61,7 +64,7 @@ impl fmt::Display for DisconnectReason {
             DisconnectReason::Protocol(m) => write!(f, "protocol error: {m}"),
             DisconnectReason::Io(m) => write!(f, "I/O error: {m}"),
             DisconnectReason::HeartbeatTimeout { silent_for } => {
-                write!(f, "heartbeat timeout: nothing received for {silent_for:?}")
+                write!(f, "heartbeat timeout: no sign of life for {silent_for:?}")
             }
             DisconnectReason::WriteStalled => {
                 f.write_str("write stalled: the peer stopped reading")

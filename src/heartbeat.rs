@@ -529,8 +529,10 @@ pub(crate) fn evaluate(hb: &Heartbeat, st: &mut HbState, now: Instant) -> Option
                     }
                     st.missed += 1;
                     if st.missed >= hb.max_missed {
+                        // Silent by the liveness rule, as in passive mode: under `Data`
+                        // the peer's own pings do not shorten it.
                         return Some(Step::Dead(DisconnectReason::HeartbeatTimeout {
-                            silent_for: now - st.last_inbound,
+                            silent_for: now.saturating_duration_since(alive_since),
                         }));
                     }
                     let seq = st.next_seq;
@@ -678,8 +680,9 @@ mod tests {
             st.on_inbound(hb, &Message::Ping(Vec::new().into()), t0 + 11 * S);
             let step = evaluate(hb, &mut st, t0 + 13 * S);
             if dies {
-                // Dead, silent for the 2 s since the ping (the last thing that arrived).
-                assert_eq!(step, dead_after(2 * S));
+                // Dead, silent for the 13 s since the start (the last sign of life that
+                // counts for `Liveness::Data`), not the 2 s since the ping.
+                assert_eq!(step, dead_after(13 * S));
             } else {
                 assert!(!matches!(step, Some(Step::Dead(_))), "{step:?}");
             }

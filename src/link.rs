@@ -87,8 +87,13 @@ pub(crate) struct Tracked {
     bytes: usize,
     since_prune: usize,
     bytes_since_prune: usize,
-    /// End offsets of messages the peer's TCP acknowledged after its last sign of life.
+    /// End offsets of messages the peer's TCP acknowledged after its last sign of life,
+    /// the last `ACKED_CAP` of them.
     acked_ends: VecDeque<u64>,
+    /// How many older ones no longer fit in `acked_ends`, and the end of the last of them:
+    /// counted possibly lost unless the peer shows a sign of life past that end.
+    acked_older: u64,
+    acked_older_end: u64,
     /// The end offset of the last message pruned from `msgs`: where the first one starts,
     /// at the earliest.
     floor: u64,
@@ -126,7 +131,8 @@ const PRUNE_EVERY_BYTES: usize = 1 << 20;
 /// messages sent after the peer's last sign of life are kept for a re-send.
 const TRACK_CAP: usize = 4 << 20;
 /// At most this many messages acknowledged by TCP after the peer's last sign of life
-/// are remembered (8 bytes each) for the possibly-lost count.
+/// are remembered one by one (8 bytes each) for the possibly-lost count; older ones are
+/// only counted (see `Tracked::acked_older`).
 const ACKED_CAP: usize = 1 << 16;
 
 /// What a dead connection leaves to send again.
@@ -403,8 +409,11 @@ impl Live {
                     .range(before_mark..gone)
                     .filter(|x| x.2 == Owner::Plain)
                 {
-                    if t.acked_ends.len() >= ACKED_CAP {
-                        t.acked_ends.pop_front();
+                    if t.acked_ends.len() >= ACKED_CAP
+                        && let Some(older) = t.acked_ends.pop_front()
+                    {
+                        t.acked_older += 1;
+                        t.acked_older_end = older;
                     }
                     t.acked_ends.push_back(*e);
                 }
@@ -415,6 +424,10 @@ impl Live {
             }
             while t.acked_ends.front().is_some_and(|e| *e <= mark) {
                 t.acked_ends.pop_front();
+            }
+            if t.acked_older_end <= mark {
+                // The peer showed a sign of life after all of them.
+                t.acked_older = 0;
             }
         }
     }
@@ -478,6 +491,13 @@ impl Live {
                 }
             }
             possibly_lost += t.acked_ends.drain(..).filter(|e| *e > mark).count() as u64;
+            // Those no longer remembered one by one: all of them, unless the peer showed a
+            // sign of life past the last (then none). An upper bound when that sign of
+            // life came amid them, so never an undercount.
+            if t.acked_older_end > mark {
+                possibly_lost += t.acked_older;
+            }
+            t.acked_older = 0;
             t.bytes = 0;
             t.unflushed = 0;
         }

@@ -256,6 +256,12 @@ pub enum OverflowPolicy {
     DropOldest,
     /// Wait up to the given time for room, then return [`Error::QueueFull`]
     /// (`Duration::MAX`: wait as long as it takes; zero: like `Reject`).
+    ///
+    /// Room comes from the connection taking queued messages, and also from the event
+    /// consumer: while as many handed-back messages (`Undelivered`, `Unconfirmed`) wait
+    /// unread in the event stream as the queue holds, a send waits for them to be taken.
+    /// A thread that takes events should therefore not block here without a bound: it
+    /// would wait for itself.
     Block(Duration),
 }
 

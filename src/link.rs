@@ -401,6 +401,14 @@ impl Live {
             };
             // End offsets only grow along `msgs`: drop a prefix, in one go.
             let gone = t.msgs.partition_point(|(e, _, _)| *e <= keep_after);
+            // The peer showed a sign of life after these: taken as delivered. Before the
+            // pushes, so that they never join `acked_older`.
+            while t.acked_ends.front().is_some_and(|e| *e <= mark) {
+                t.acked_ends.pop_front();
+            }
+            if t.acked_older_end <= mark {
+                t.acked_older = 0;
+            }
             if acked.is_some() {
                 let before_mark = t.msgs.partition_point(|(e, _, _)| *e <= mark).min(gone);
                 // The outbox's own messages are sent again until acked: never lost.
@@ -421,13 +429,6 @@ impl Live {
             for (e, m, _) in t.msgs.drain(..gone) {
                 t.floor = e;
                 t.bytes -= payload_len(&m);
-            }
-            while t.acked_ends.front().is_some_and(|e| *e <= mark) {
-                t.acked_ends.pop_front();
-            }
-            if t.acked_older_end <= mark {
-                // The peer showed a sign of life after all of them.
-                t.acked_older = 0;
             }
         }
     }

@@ -348,7 +348,8 @@ impl ClientBuilder {
     /// A consumer that takes no event for this long while the event channel is full is
     /// reported as stalled: a warning in the log and
     /// [`Stats::consumer_stalls`](crate::Stats::consumer_stalls), once per time the
-    /// channel fills (between this and 1.25 times it after its last take). A consumer
+    /// channel fills (the reader looks every quarter of the timeout, so the report
+    /// comes up to that much later). A consumer
     /// that takes events, however slowly, is behind, not stalled: while it is behind,
     /// [`Stats::consumer_behind_since`](crate::Stats::consumer_behind_since) is set.
     /// Default 10 s. Nothing is dropped for either; reading resumes when it has taken

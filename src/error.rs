@@ -29,7 +29,8 @@ pub enum DisconnectReason {
         /// Time since the last sign of life when death was declared, by the heartbeat's
         /// [`Liveness`](crate::Liveness) rule: any inbound traffic by default; under
         /// `Liveness::Data` (the default of app-level heartbeats) the peer's own pings do
-        /// not count, and under `Liveness::Replies` only replies to our probes do.
+        /// not count, and under `Liveness::Replies` only replies to our probes do (in
+        /// passive mode, which sends no probes, all traffic).
         silent_for: Duration,
     },
     /// Outgoing data did not drain within the write timeout: the peer stopped reading.

@@ -125,7 +125,7 @@ impl Batch {
 
     fn release(&mut self) {
         if let Some(inbound) = self.inbound.take() {
-            inbound.took.0.store(true, Ordering::Relaxed);
+            inbound.note_progress();
             if self.is_control {
                 inbound.control.fetch_sub(1, Ordering::SeqCst);
                 if inbound.caught_up() {
@@ -166,8 +166,10 @@ impl IntoIterator for Batch {
     type IntoIter = BatchIter;
     /// The events in order; the room they took in the bound goes back to the reader now.
     fn into_iter(mut self) -> BatchIter {
+        let inbound = self.inbound.clone();
         self.release();
         BatchIter {
+            inbound,
             control: self.control.take(),
             messages: std::mem::take(&mut self.messages).into_iter(),
         }
@@ -175,8 +177,8 @@ impl IntoIterator for Batch {
 }
 
 /// The events of a [`Batch`], in order (from [`Batch::into_iter`]).
-#[derive(Debug)]
 pub struct BatchIter {
+    inbound: Option<Arc<Inbound>>,
     control: Option<Event>,
     messages: std::collections::vec_deque::IntoIter<Message>,
 }
@@ -185,10 +187,16 @@ impl Iterator for BatchIter {
     type Item = Event;
     #[inline]
     fn next(&mut self) -> Option<Event> {
-        match self.control.take() {
+        let ev = match self.control.take() {
             Some(ev) => Some(ev),
             None => self.messages.next().map(Event::Message),
+        };
+        if ev.is_some()
+            && let Some(inbound) = &self.inbound
+        {
+            inbound.note_progress();
         }
+        ev
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -198,6 +206,15 @@ impl Iterator for BatchIter {
 }
 
 impl ExactSizeIterator for BatchIter {}
+
+impl fmt::Debug for BatchIter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchIter")
+            .field("control", &self.control)
+            .field("messages", &self.messages)
+            .finish()
+    }
+}
 
 /// A value on a cache line of its own (128 bytes: adjacent-line prefetch pairs lines),
 /// so that writes to its neighbours do not make its writer wait.
@@ -442,7 +459,9 @@ impl Inbound {
     /// (`None`: no limit, the hold is reported or not held). A consumer that takes
     /// events, however slowly, is behind but not stalled: the reader looks at its
     /// progress every quarter of the timeout, so a stall is reported between the timeout
-    /// and 1.25 times it after the consumer's last take, never earlier. A wait that ends
+    /// and 1.25 times it after the later of the hold's start and the consumer's last
+    /// take (`poll` counts whole milliseconds, so a little more for timeouts under 4 ms),
+    /// never earlier. A wait that ends
     /// at the deadline comes back here and reports; so does any other wake-up past it (a
     /// flush request, a waker), whatever the timeout, zero included.
     pub(crate) fn stall_wait(&self) -> Option<Duration> {
@@ -464,6 +483,15 @@ impl Inbound {
             return None;
         }
         Some(left.min(self.stall_timeout / 4))
+    }
+
+    /// The consumer took an event (see `took`). Looked at first, stored only when clear:
+    /// consumers on several threads then do not pass the line between them per event.
+    #[inline]
+    fn note_progress(&self) {
+        if !self.took.0.load(Ordering::Relaxed) {
+            self.took.0.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Reports a consumer that took no event for longer than the stall timeout while the
@@ -962,8 +990,7 @@ impl Events {
     #[inline]
     pub fn try_recv_buffered(&self) -> Option<Event> {
         let m = self.buf.borrow_mut().pop_front()?;
-        // Progress, for the stall report (a store to a line this thread owns).
-        self.inbound.took.0.store(true, Ordering::Relaxed);
+        self.inbound.note_progress();
         Some(Event::Message(m))
     }
 

@@ -184,14 +184,23 @@ fn stalled_consumer_is_no_heartbeat_timeout_and_loses_nothing() {
     server.join().unwrap();
 }
 
-/// Bytes bound: 64 KiB messages against a 1 MiB bound; the queue never holds more than the
-/// bound plus one drain (256 KiB read quota + one message).
 /// A consumer that takes one event every 20 ms while the server floods keeps the channel
 /// full (reading resumes only once it took half), for longer than the stall timeout:
 /// it is behind, not stalled, so no stall is reported. Once it stops taking events, the
 /// stall is reported.
 #[test]
 fn a_slow_but_steady_consumer_is_not_reported_as_stalled() {
+    slow_but_steady(false);
+}
+
+/// The same with a consumer that waits in `select!` on the receiver and iterates each
+/// batch (up to 64 events): it was reported after 25 events (review of b0ae29b).
+#[test]
+fn a_slow_but_steady_select_consumer_is_not_reported_as_stalled() {
+    slow_but_steady(true);
+}
+
+fn slow_but_steady(select: bool) {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let n = 20_000;
     let (url, server) = flood_server(n, 1024);
@@ -203,12 +212,10 @@ fn a_slow_but_steady_consumer_is_not_reported_as_stalled() {
         .unwrap();
     let events = client.events();
     wait_connected(&events);
-    // Sleeping between takes *is* the scenario (a slow consumer), not a synchronisation.
     let mut next = 0u64;
     let mut longest_hold = Duration::ZERO;
-    let slow_end = Instant::now() + Duration::from_secs(4);
-    while Instant::now() < slow_end {
-        match events.recv_timeout(WAIT).expect("an event") {
+    let mut take = |ev: Event| {
+        match ev {
             Event::Message(Message::Binary(b)) => {
                 assert_eq!(u64::from_be_bytes(b[..8].try_into().unwrap()), next);
                 next += 1;
@@ -224,7 +231,21 @@ fn a_slow_but_steady_consumer_is_not_reported_as_stalled() {
             "a consumer taking an event every 20 ms was reported as stalled after {next} \
              events: {st:?}"
         );
+        // Sleeping between takes *is* the scenario (a slow consumer), not a
+        // synchronisation.
         std::thread::sleep(Duration::from_millis(20));
+    };
+    let slow_end = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < slow_end {
+        if select {
+            // Every event of a batch is taken: its rest cannot be put back.
+            select! {
+                recv(events.receiver()) -> batch => batch.expect("open").into_iter().for_each(&mut take),
+                default(WAIT) => panic!("no batch"),
+            }
+        } else {
+            take(events.recv_timeout(WAIT).expect("an event"));
+        }
     }
     assert!(
         longest_hold > stall,
@@ -232,7 +253,11 @@ fn a_slow_but_steady_consumer_is_not_reported_as_stalled() {
          a slow consumer must not be reported in"
     );
     // It stops taking events: now it is stalled.
-    wait_until(WAIT, || client.stats().consumer_stalls == 1);
+    assert!(
+        wait_until(WAIT, || client.stats().consumer_stalls == 1),
+        "a consumer that takes nothing is reported: {:?}",
+        client.stats()
+    );
     let mut got = next;
     loop {
         match events.recv_timeout(WAIT).expect("an event") {
@@ -250,6 +275,8 @@ fn a_slow_but_steady_consumer_is_not_reported_as_stalled() {
     server.join().unwrap();
 }
 
+/// Bytes bound: 64 KiB messages against a 1 MiB bound; the queue never holds more than the
+/// bound plus one drain (256 KiB read quota + one message).
 #[test]
 fn byte_bound_holds_for_large_messages() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());

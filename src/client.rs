@@ -463,10 +463,11 @@ impl Client {
         let deadline = deadline_in(timeout);
         let mut link = shared.link.lock();
         loop {
-            match link.state {
-                State::Open => return Ok(()),
-                State::Closed | State::Closing => return Err(Error::Closed { message: None }),
-                _ => {}
+            if shared.ending(&link) {
+                return Err(Error::Closed { message: None });
+            }
+            if link.state == State::Open {
+                return Ok(());
             }
             if shared.changed.wait_until(&mut link, deadline).timed_out() {
                 return Err(Error::NotConnected(timeout));
@@ -582,6 +583,12 @@ impl Handle {
         // that read last (perhaps this very thread).
         self.inbound.end_drive();
         shared.closing.store(true, Ordering::SeqCst);
+        // Waits for room or for a connection end now (see `Shared::ending`); under the
+        // lock, so none is between its look at `closing` and its wait.
+        {
+            let _link = shared.link.lock();
+            shared.changed.notify_all();
+        }
         let _ = shared.ctl.send(Command::Close);
         shared.connecting.cancel();
         if self.on_supervisor() {

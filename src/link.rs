@@ -717,6 +717,15 @@ pub(crate) enum SendMode {
 }
 
 impl Shared {
+    /// The client is ending: closed, closing, or `close()` called. A wait for room or for
+    /// a connection ends then, also while the supervisor, which sets the state, is busy
+    /// in a callback that is itself waiting (a hook or policy sending with
+    /// `OverflowPolicy::Block`, or in `wait_connected`): `close()` sets `closing` and
+    /// notifies `changed` under the lock.
+    pub(crate) fn ending(&self, link: &Link) -> bool {
+        matches!(link.state, State::Closed | State::Closing) || self.closing.load(Ordering::SeqCst)
+    }
+
     /// Emits an event, in the grammar (see [`EventSink`]). Never blocks: fine under the lock.
     pub(crate) fn emit(&self, ev: Event) {
         self.events.emit(ev);
@@ -820,7 +829,7 @@ impl Shared {
                 if batch.cgen != 0 {
                     self.flush_batch(&mut link, &mut batch, mode);
                 }
-                if matches!(link.state, State::Closed | State::Closing) {
+                if self.ending(&link) {
                     // Every later message would be refused: the iterator is not read
                     // further (a channel's would be drained into failures for good).
                     return;
@@ -847,7 +856,7 @@ impl Shared {
                 Admit::Ok => {}
                 // Full because the client is closing (a `Block` wait ends then): the
                 // message comes back as any other refused by a close.
-                Admit::Full if matches!(link.state, State::Closed | State::Closing) => {
+                Admit::Full if self.ending(link) => {
                     return Err(Error::Closed { message: Some(msg) });
                 }
                 Admit::Full => return Err(Error::QueueFull { message: msg }),
@@ -856,7 +865,7 @@ impl Shared {
         }
         let size = payload_len(&msg);
         loop {
-            if matches!(link.state, State::Closed | State::Closing) {
+            if self.ending(link) {
                 self.unadmit(link, &msg);
                 return Err(Error::Closed { message: Some(msg) });
             }
@@ -999,7 +1008,7 @@ impl Shared {
                     None => return Admit::Full,
                 },
                 (OverflowPolicy::Block(_), SendMode::Blocking) => {
-                    if matches!(link.state, State::Closed | State::Closing) {
+                    if self.ending(link) {
                         return Admit::Full;
                     }
                     // The reader notifies `changed` when acks made room.
@@ -1085,7 +1094,7 @@ impl Shared {
             return Err(());
         }
         let end = deadline_in(limit);
-        while self.handed_back_full() && !matches!(link.state, State::Closed | State::Closing) {
+        while self.handed_back_full() && !self.ending(link) {
             let now = Instant::now();
             if now >= end {
                 return Err(());
@@ -1142,7 +1151,7 @@ impl Shared {
             (OverflowPolicy::Block(limit), SendMode::Blocking) => {
                 let deadline = deadline_in(limit);
                 loop {
-                    if link.takes_direct() || matches!(link.state, State::Closed | State::Closing) {
+                    if link.takes_direct() || self.ending(link) {
                         return Ok(Some(msg));
                     }
                     if link.queue.has_room(&msg) {

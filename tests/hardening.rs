@@ -1916,3 +1916,81 @@ fn control_events_left_unread_stay_bounded() {
     let evs = events_until_closed(&events, T);
     assert_grammar(&evs, true);
 }
+
+/// Closes `client` on another thread while a callback of its own waits on the
+/// supervisor, and checks that `close()` ends quickly with one `Closed`, last.
+fn close_while_a_callback_waits(client: Client, entered: crossbeam_channel::Receiver<()>) {
+    let events = client.events();
+    entered.recv_timeout(T).expect("the callback ran");
+    let (done, closed) = crossbeam_channel::bounded(1);
+    let c = client.clone();
+    std::thread::spawn(move || {
+        let _ = c.close();
+        let _ = done.send(());
+    });
+    closed.recv_timeout(T).expect(
+        "close() ends while a callback on the supervisor waits in the client (it hung for good)",
+    );
+    let evs = events_until_closed(&events, T);
+    assert!(matches!(evs.last(), Some(Event::Closed)), "{evs:?}");
+    drop(client);
+}
+
+/// A reconnect policy that sends through the client with `OverflowPolicy::Block(MAX)`
+/// while the offline queue is full: the room it waits for is made by the supervisor,
+/// which is the thread running it. `close()` hung for good (probe of 2026-12-01): only the
+/// supervisor sets the state the wait looked at.
+#[test]
+fn close_ends_a_policy_blocked_in_a_send_on_the_supervisor() {
+    let _g = util::shared();
+    let server = TestServer::start(Behavior::reject(503));
+    let (give, slot) = crossbeam_channel::bounded::<wsbeat::WeakClient>(1);
+    let (entered, entered_rx) = crossbeam_channel::bounded(1);
+    struct SendingPolicy(
+        crossbeam_channel::Receiver<wsbeat::WeakClient>,
+        crossbeam_channel::Sender<()>,
+    );
+    impl ReconnectPolicy for SendingPolicy {
+        fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
+            if let Some(c) = self.0.try_recv().ok().and_then(|w| w.upgrade()) {
+                let _ = self.1.send(());
+                // The queue holds one: the second waits for room.
+                let _ = c.send_text("status: reconnecting");
+                let _ = c.send_text("status: still reconnecting");
+            }
+            Some(Duration::from_millis(10))
+        }
+    }
+    let client = builder(&server.url())
+        .overflow(OverflowPolicy::Block(Duration::MAX))
+        .limits(Limits::default().queue_messages(1))
+        .reconnect_policy(SendingPolicy(slot, entered))
+        .connect_lazy()
+        .unwrap();
+    give.send(client.downgrade()).unwrap();
+    close_while_a_callback_waits(client, entered_rx);
+}
+
+/// An `on_connect` hook that waits for the connection it is setting up
+/// (`wait_connected(MAX)`): `close()` hung for good, as above.
+#[test]
+fn close_ends_a_hook_waiting_for_its_own_connection() {
+    let _g = util::shared();
+    let server = TestServer::echo();
+    let (give, slot) = crossbeam_channel::bounded::<wsbeat::WeakClient>(1);
+    let (entered, entered_rx) = crossbeam_channel::bounded(1);
+    let client = builder(&server.url())
+        .on_connect(move |_| {
+            if let Ok(c) = slot.recv_timeout(T) {
+                let _ = entered.send(());
+                if let Some(c) = c.upgrade() {
+                    let _ = c.wait_connected(Duration::MAX);
+                }
+            }
+            Ok(())
+        })
+        .connect_lazy()
+        .unwrap();
+    give.send(client.downgrade()).unwrap();
+    close_while_a_callback_waits(client, entered_rx);
+}

@@ -188,7 +188,12 @@ impl Supervisor {
             };
             let opened_at = Instant::now();
             self.flush_queue(cgen);
-            let end = self.wait_end(cgen);
+            let end = match self.wait_end(cgen) {
+                // It died before the request was served (a write stall while the offline
+                // queue went out, say): that is why it ended, and it counts as a failure.
+                End::Reconnect if self.is_dead(cgen) => End::Died,
+                end => end,
+            };
             match end {
                 End::Close => self.close_handshake(cgen, true),
                 // The link is presumably healthy: close it in order, so what was handed to
@@ -468,7 +473,11 @@ impl Supervisor {
             }
             let sock = live.sock.clone();
             drop(guard);
-            if self.shared.closing.load(Ordering::SeqCst) {
+            // `close()` and `reconnect_now()` are served by `wait_end`, now: a peer that
+            // stopped reading must not hold them up for the write timeout (or for good).
+            if self.shared.closing.load(Ordering::SeqCst)
+                || self.shared.reconnect_requested.load(Ordering::SeqCst)
+            {
                 return;
             }
             wait_writable(&sock, Duration::from_millis(100));
@@ -649,6 +658,12 @@ impl Supervisor {
             .counters
             .possibly_lost
             .fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Whether connection `cgen` was marked dead (it may still be published).
+    fn is_dead(&self, cgen: u64) -> bool {
+        let link = self.shared.link.lock();
+        link.live(cgen).is_some_and(|l| l.dead.is_some())
     }
 
     /// Takes connection `cgen` out of the link, puts its in-flight messages back at the

@@ -1597,3 +1597,59 @@ fn no_message_is_silently_dropped_with_block() {
     let _g = util::shared();
     every_message_is_delivered_or_handed_back(OverflowPolicy::Block(Duration::from_millis(10)), 40);
 }
+
+/// `reconnect_now()` while the supervisor writes the offline queue into a peer that
+/// stopped reading: the flush waited for the write timeout (for good with `MAX`) before
+/// the request was looked at (probe of 2026-12-01: not served within 15 s).
+#[test]
+fn reconnect_now_is_served_while_the_offline_queue_goes_into_a_stalled_peer() {
+    let _g = util::shared();
+    let server = TestServer::builder()
+        .behavior(Behavior::reject(503))
+        .recv_buffer(4096)
+        .start();
+    let client = Client::builder(&server.url())
+        .no_proxy()
+        .heartbeat(Heartbeat::off())
+        .write_timeout(Duration::MAX)
+        .close_timeout(Duration::from_millis(300))
+        .limits(
+            Limits::default()
+                .queue_messages(100_000)
+                .queue_bytes(256 << 20),
+        )
+        .reconnect_policy(support::client::Fixed(Duration::from_millis(100)))
+        .connect_lazy()
+        .unwrap();
+    let events = client.events();
+    // Offline: queue more than our write buffer and both kernels' buffers hold.
+    loop {
+        if let Event::Reconnecting { .. } = events.recv_timeout(T).expect("Reconnecting") {
+            break;
+        }
+    }
+    let payload = "x".repeat(2048);
+    for _ in 0..20_000 {
+        client.send(Message::text(payload.clone())).expect("queued");
+    }
+    server.set_behavior(Behavior::StopReading);
+    let generation = loop {
+        if let Event::Connected { generation, .. } = events.recv_timeout(T).expect("Connected") {
+            break generation;
+        }
+    };
+    client.reconnect_now();
+    loop {
+        match events.recv_timeout(T).expect("the reconnect is served") {
+            Event::Disconnected {
+                generation: g,
+                reason,
+            } if g == generation => {
+                assert_eq!(reason, DisconnectReason::ReconnectRequested);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let _ = client.close();
+}

@@ -373,6 +373,11 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     // were left by an on_connect hook) already sit in tungstenite's (or OpenSSL's) buffer,
     // and poll would never report them.
     let mut more = true;
+    // A read stopped early with whole messages left above the socket (in tungstenite's
+    // or the TLS layer's buffer): known, unlike `more`, which is also set to look again.
+    // Held back with it, the timer takes the peer for alive (see `Inbound::hold`); a
+    // guess there would keep a dead link from being judged.
+    let mut left = false;
     // The messages of this drain for the user (text, binary, and pings and pongs when
     // surfaced): as `Message`s, the consumer's `Events` makes them `Event::Message`.
     // Room for a usual drain; a larger budget (up to `usize::MAX`: no message limit) grows
@@ -404,7 +409,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         if to_end {
             inbound.set_free();
         }
-        let held = !to_end && inbound.is_full() && inbound.hold(more);
+        let held = !to_end && inbound.is_full() && inbound.hold(left);
         if held || !more {
             // Wait without the lock. Hang-up and errors wake us too (shutdown by teardown),
             // also while held back: `poll` reports them whatever was asked for.
@@ -441,6 +446,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             // slept in `poll`): read them, unless that consumer goes on reading (then
             // defer to it, as for any ready input).
             more = true;
+            left = true;
         }
         if read && (bytes_in || more) && inbound.consumer_reads(&mut seen) {
             // A consumer waiting in `recv` reads the socket itself (no hand-off, no
@@ -504,7 +510,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         }
         want_write = d.want_write;
         if read {
-            more = d.more;
+            (more, left) = (d.more, d.more);
         }
         if !out.is_empty() {
             shared

@@ -973,3 +973,43 @@ fn close_right_after_a_reconnect_with_the_consumer_behind_ends_when_the_server_a
     }
     assert_eq!(slow, 0, "{slow} of {runs} closes waited the close timeout");
 }
+
+/// A connection made while the consumer is behind (the reader of the new connection is
+/// held back from its start) to a peer that never answers: the heartbeat declares it
+/// dead within `interval + timeout`, as any other. The new reader took itself for held
+/// back *with unread input* (it had not read yet), which the timer takes as proof of
+/// life, so the silent link stayed open for good (heartbeat probe of 2026-12-01).
+#[test]
+fn a_silent_connection_made_while_the_consumer_is_behind_is_judged() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let server = support::server::TestServer::start(support::server::Behavior::Flood {
+        count: 1_000,
+        size: 64,
+    });
+    let client = Client::builder(&server.url())
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+        ))
+        .event_capacity(100, 1 << 30)
+        .reconnect_policy(Fixed(Duration::from_millis(50)))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    // The consumer reads nothing: the flood fills the channel.
+    assert!(wait_until(WAIT, || client
+        .stats()
+        .consumer_behind_since
+        .is_some()));
+    // From now on the peer upgrades and then neither reads nor answers.
+    server.set_behavior(support::server::Behavior::StopReading);
+    client.reconnect_now();
+    assert!(wait_until(WAIT, || client.stats().generation >= 2));
+    assert!(
+        wait_until(WAIT, || client.stats().generation >= 3),
+        "the silent second connection is never declared dead: {:?}",
+        client.stats()
+    );
+    drop(events);
+    let _ = client.close();
+}

@@ -368,7 +368,8 @@ impl HbState {
     /// behind that frame on the peer's side. Not a reply, so it does not count in strict mode.
     ///
     /// For `Liveness::Data` the bytes count as data in progress until the drain shows
-    /// them to be a control frame ([`HbState::on_inbound`] then takes it back).
+    /// that all it read were control frames ([`HbState::only_control_read`] then takes
+    /// it back).
     pub(crate) fn on_bytes(&mut self, now: Instant) {
         self.last_inbound = now;
         self.data_before_bytes = self.last_data;
@@ -434,19 +435,22 @@ impl HbState {
         self.data_before_bytes = now;
     }
 
+    /// Called by the reader at the end of a drain that credited its bytes as data in
+    /// progress ([`on_bytes`](Self::on_bytes)) when every byte it read belonged to
+    /// control frames: not data after all, unless a data message completed in the same
+    /// drain. Bytes of a data frame read along with a ping keep the credit: a large
+    /// message trickling in with the peer's pings is data in progress.
+    pub(crate) fn only_control_read(&mut self, now: Instant) {
+        if self.last_data == now && self.data_before_bytes != now {
+            self.last_data = self.data_before_bytes;
+        }
+    }
+
     fn on_inbound_general(&mut self, hb: &Heartbeat, msg: &Message, now: Instant) -> bool {
         self.last_inbound = now;
-        match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                self.last_data = now;
-                self.data_before_bytes = now;
-            }
-            // The bytes of this drain were (also) a control frame: not data after all,
-            // unless a data message completes in the same drain.
-            _ if self.last_data == now && self.data_before_bytes != now => {
-                self.last_data = self.data_before_bytes;
-            }
-            _ => {}
+        if let Message::Text(_) | Message::Binary(_) = msg {
+            self.last_data = now;
+            self.data_before_bytes = now;
         }
         let (is_reply, consume) = match (&hb.mode, msg) {
             (Mode::Ping, Message::Pong(p)) => {
@@ -678,6 +682,8 @@ mod tests {
             // The server's library pings; its application does not answer.
             st.on_bytes(t0 + 11 * S);
             st.on_inbound(hb, &Message::Ping(Vec::new().into()), t0 + 11 * S);
+            // That ping was all the drain read.
+            st.only_control_read(t0 + 11 * S);
             let step = evaluate(hb, &mut st, t0 + 13 * S);
             if dies {
                 // Dead, silent for the 13 s since the start (the last sign of life that

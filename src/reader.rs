@@ -206,6 +206,9 @@ fn drain(
     // that never completes one (endless empty fragments) would keep us here for
     // good. Past the quota the socket reports WouldBlock, so the lock is let go.
     live.ws.get_mut().set_read_quota(Some(READ_QUOTA));
+    let read_before = live.ws.get_ref().bytes_read();
+    // Bytes of the control frames read (server frames: a 2-byte header, unmasked).
+    let mut control_bytes = 0;
     // Data messages that neither a reply matcher nor the outbox looks at take the short
     // way (most of them): one heartbeat mark per drain instead of one per message.
     let plain = !hb.matches_replies() && outbox.is_none() && take == Take::Keep;
@@ -238,6 +241,9 @@ fn drain(
             }
             Ok(msg) => {
                 n += 1;
+                if let Message::Ping(p) | Message::Pong(p) = &msg {
+                    control_bytes += 2 + p.len() as u64;
+                }
                 let consumed = live.hb.on_inbound(hb, &msg, now)
                     || outbox.as_mut().is_some_and(|o| o.on_inbound(&msg));
                 match msg {
@@ -291,6 +297,13 @@ fn drain(
     if !bytes_in && n == 0 && left != Some(READ_QUOTA) {
         // Part of a frame came in, read without a `poll` (by a consumer): alive.
         live.hb.on_bytes(now);
+    }
+    if bytes_in
+        && control_bytes > 0
+        && live.ws.get_ref().bytes_read() - read_before <= control_bytes
+    {
+        // Every byte read was a ping or pong: not data in progress after all.
+        live.hb.only_control_read(now);
     }
     let mut want_write = false;
     match live.try_flush() {

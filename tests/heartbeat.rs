@@ -1472,3 +1472,63 @@ fn a_probe_that_finds_the_buffer_full_is_sent_later_not_lost() {
     );
     assert!(stats.rtt.is_some(), "a probe was answered: {stats:?}");
 }
+
+/// A live peer streams one large message in 16 KiB fragments every 50 ms, its library
+/// pinging after each one (in the same write). Under `Liveness::Data` the fragments are
+/// data in progress; the drain that read a fragment along with a ping took the credit
+/// back ("those bytes were a control frame"), so the link was killed after the silence
+/// timeout in every run (heartbeat probe of 2026-12-01).
+#[test]
+fn a_message_trickling_in_with_the_peers_pings_is_data_in_progress() {
+    use std::io::Write;
+    let _g = util::shared();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let chunks = 40;
+    let server = thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_nodelay(true).unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        let s = ws.get_mut();
+        let chunk = vec![b'a'; 16 << 10];
+        for i in 0..chunks {
+            // Text fragment (first: opcode 1, last: FIN), 16 KiB: 126 + a 2-byte length.
+            let op = if i == 0 { 0x01 } else { 0x00 };
+            let fin = if i + 1 == chunks { 0x80 } else { 0 };
+            let mut buf = vec![fin | op, 126];
+            buf.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            buf.extend_from_slice(&chunk);
+            if i + 1 < chunks {
+                buf.extend([0x89, 0x00]); // an empty ping
+            }
+            if s.write_all(&buf).is_err() {
+                return;
+            }
+            // The trickle *is* the scenario: 2 s for the message, against a 300 ms
+            // silence limit.
+            thread::sleep(Duration::from_millis(50));
+        }
+        // Answer the close.
+        while ws.read().is_ok() {}
+    });
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::passive(Duration::from_millis(300)).liveness(Liveness::Data))
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    loop {
+        match events.recv_timeout(T).expect("the message") {
+            Event::Message(Message::Text(t)) => {
+                assert_eq!(t.len(), chunks * (16 << 10));
+                break;
+            }
+            Event::Disconnected { reason, .. } => {
+                panic!("a live peer streaming a message was declared dead: {reason}")
+            }
+            _ => {}
+        }
+    }
+    let _ = client.close();
+    server.join().unwrap();
+}

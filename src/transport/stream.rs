@@ -37,6 +37,9 @@ pub(crate) struct Tcp {
     widest_read: usize,
     /// A read left tungstenite's read buffer nearly full.
     nearly_full: bool,
+    /// Bytes tungstenite read so far (after TLS): what a drain read, against what its
+    /// frames account for.
+    taken: u64,
 }
 
 impl Tcp {
@@ -50,6 +53,7 @@ impl Tcp {
             written_at_read: 0,
             widest_read: 0,
             nearly_full: false,
+            taken: 0,
         }
     }
 
@@ -152,6 +156,11 @@ impl Stream {
         (tcp.written, tcp.written_at_read)
     }
 
+    /// Bytes tungstenite read from this stream so far (after TLS).
+    pub(crate) fn bytes_read(&self) -> u64 {
+        self.inner().taken
+    }
+
     /// The connection is established: lift the connect deadline.
     pub(crate) fn connected(&mut self) {
         self.inner_mut().connected();
@@ -187,6 +196,7 @@ impl Read for Stream {
         }?;
         // tungstenite offers the free part of its read buffer, at most its size.
         let tcp = self.inner_mut();
+        tcp.taken += n as u64;
         tcp.widest_read = tcp.widest_read.max(buf.len());
         if buf.len().saturating_sub(n) < tcp.widest_read / 4 {
             tcp.nearly_full = true;

@@ -185,6 +185,9 @@ pub(crate) struct Live {
     pub output_seen: u64,
     /// Where the last heartbeat probe is on its way out (see [`Live::output_moved`]).
     pub probe_out: ProbeOut,
+    /// Drains of this connection so far (by the reader or a consumer): whether input
+    /// waiting at a heartbeat deadline has been read since (see `timer.rs`).
+    pub drains: u64,
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).
     pub close_sent: bool,

@@ -191,6 +191,7 @@ fn drain(
     let surface_pings = shared.cfg.surface_pings;
     let hb = &shared.cfg.heartbeat;
     let live = current_mut(&mut link.conn, cgen).filter(|l| l.dead.is_none())?;
+    live.drains = live.drains.wrapping_add(1);
     let mut outbox = link.outbox.as_mut();
     let acked_before = outbox.as_ref().map(|o| o.acked);
     let mut dead = None;

@@ -363,6 +363,7 @@ impl Supervisor {
                 pending_written: 0,
                 output_seen: 0,
                 probe_out: ProbeOut::None,
+                drains: 0,
                 hb: HbState::new(now),
                 close_sent: false,
                 reader: None,

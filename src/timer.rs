@@ -17,10 +17,28 @@ use crate::{DisconnectReason, Event};
 /// How soon the timer tries again to write a probe that did not fit in the buffer.
 const PROBE_RETRY: Duration = Duration::from_millis(20);
 
+/// How often the timer looks again while a connection's deadline waits for its reader
+/// to read the input that was waiting when it passed (see [`Grace`]).
+const GRACE_STEP: Duration = Duration::from_millis(5);
+
+/// A heartbeat deadline that passed while input waited unread in the socket: a reply
+/// may be in it. The process may have been paused (a stopped process, a VM that was not
+/// scheduled, swapping) while the reply arrived, and the timer then runs before the
+/// reader. The verdict waits until the reader has drained once (it was woken by the
+/// same input), at most the heartbeat timeout. A dead or half-open link brings no input,
+/// so this never delays its detection; a peer that keeps sending without answering is
+/// judged after the reader's next drain.
+struct Grace {
+    generation: u64,
+    drains: u64,
+    until: Instant,
+}
+
 /// The timer thread: probes, deadlines, write-stall detection.
 pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
     let hb = shared.cfg.heartbeat.clone();
     let write_timeout = shared.cfg.write_timeout;
+    let mut grace: Option<Grace> = None;
     loop {
         let now = Instant::now();
         let mut wake_at: Option<Instant> = None;
@@ -64,13 +82,37 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                 if dead.is_none() {
                     loop {
                         match evaluate(&hb, &mut live.hb, now) {
-                            None => break,
+                            None => {
+                                grace = None;
+                                break;
+                            }
                             Some(Step::SleepUntil(t)) => {
+                                grace = None;
                                 sooner(&mut wake_at, t);
                                 break;
                             }
                             Some(Step::Dead(r)) => {
-                                dead = Some(r);
+                                let unread = wait_readable(&live.sock, Duration::ZERO);
+                                match grace.as_ref().filter(|g| g.generation == cgen) {
+                                    None if unread => {
+                                        log::debug!(
+                                            "connection {cgen}: heartbeat deadline passed with \
+                                             input unread; waiting for the reader"
+                                        );
+                                        grace = Some(Grace {
+                                            generation: cgen,
+                                            drains: live.drains,
+                                            until: deadline(now, hb.timeout()),
+                                        });
+                                    }
+                                    Some(g)
+                                        if unread && g.drains == live.drains && now < g.until => {}
+                                    _ => {
+                                        dead = Some(r);
+                                        break;
+                                    }
+                                }
+                                sooner(&mut wake_at, deadline(now, GRACE_STEP));
                                 break;
                             }
                             Some(step) => {

@@ -188,21 +188,25 @@ impl Supervisor {
             };
             let opened_at = Instant::now();
             self.flush_queue(cgen);
-            let end = match self.wait_end(cgen) {
-                // It died before the request was served (a write stall while the offline
-                // queue went out, say): that is why it ended, and it counts as a failure.
-                End::Reconnect if self.is_dead(cgen) => End::Died,
-                end => end,
-            };
+            let end = self.wait_end(cgen);
+            // A `reconnect_now()` made while this connection was up is served however it
+            // ends: at once, no failure counted, also when automatic reconnection is off
+            // (the flag is cleared when the next connection is published).
+            let requested = matches!(end, End::Reconnect)
+                || (matches!(end, End::Died)
+                    && self.shared.reconnect_requested.load(Ordering::SeqCst));
+            // If the connection died before the request was served (a write stall while
+            // the offline queue went out, say), that is why it ended.
+            let died_first = matches!(end, End::Died) || (requested && self.is_dead(cgen));
             match end {
                 End::Close => self.close_handshake(cgen, true),
                 // The link is presumably healthy: close it in order, so what was handed to
                 // the OS before is read by the peer, not destroyed by our reset.
-                End::Reconnect => self.close_handshake(cgen, false),
-                End::Died => {}
+                End::Reconnect if !died_first => self.close_handshake(cgen, false),
+                End::Reconnect | End::Died => {}
             }
             let mut reason = self.teardown(cgen);
-            if let End::Reconnect = end {
+            if requested && !died_first {
                 reason = DisconnectReason::ReconnectRequested;
             }
             self.shared.emit(Event::Disconnected {
@@ -224,7 +228,7 @@ impl Supervisor {
                 Ok(None) => break None,
                 Err(e) => break Some(e),
             }
-            if reason == DisconnectReason::ReconnectRequested {
+            if requested {
                 // The user asked for a fresh connection (also when automatic reconnection
                 // is off): no failure, no wait.
                 continue;

@@ -1653,3 +1653,87 @@ fn reconnect_now_is_served_while_the_offline_queue_goes_into_a_stalled_peer() {
     }
     let _ = client.close();
 }
+
+/// `reconnect_now()` with automatic reconnection off, and the connection dies (the peer
+/// half-closes) before the supervisor, waiting in the offline queue's flush, serves the
+/// request: the request is still served (a new connection at once), and the
+/// `Disconnected` says why the connection ended. The review of 5fc26b1 found the client
+/// giving up instead (`GaveUp`, `Undelivered`, `Closed`).
+#[test]
+fn reconnect_now_is_served_when_the_connection_dies_before_it() {
+    use std::net::{Shutdown, TcpStream};
+    let _g = util::shared();
+    // Upgrades every connection and never reads again; hands each socket to the test.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (give, socks) = unbounded::<TcpStream>();
+    std::thread::spawn(move || {
+        let mut keep = Vec::new();
+        for s in listener.incoming() {
+            let Ok(s) = s else { return };
+            let raw = s.try_clone().unwrap();
+            if let Ok(ws) = tungstenite::accept(s) {
+                keep.push(ws);
+                if give.send(raw).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    // The hook holds the first connect until the offline queue is full.
+    let first_done = std::sync::atomic::AtomicBool::new(false);
+    let (entered, hook_entered) = bounded::<()>(1);
+    let (go, hook_go) = bounded::<()>(1);
+    let client = Client::builder(&url)
+        .no_proxy()
+        .heartbeat(Heartbeat::off())
+        .write_timeout(Duration::MAX)
+        .close_timeout(Duration::from_millis(300))
+        .reconnect(false)
+        .limits(
+            Limits::default()
+                .queue_messages(100_000)
+                .queue_bytes(256 << 20),
+        )
+        .on_connect(move |_| {
+            if !first_done.swap(true, Ordering::SeqCst) {
+                let _ = entered.send(());
+                let _ = hook_go.recv_timeout(T);
+            }
+            Ok(())
+        })
+        .connect_lazy()
+        .unwrap();
+    let events = client.events();
+    hook_entered.recv_timeout(T).expect("the hook runs");
+    let payload = "x".repeat(2048);
+    for _ in 0..20_000 {
+        client.send(Message::text(payload.clone())).expect("queued");
+    }
+    go.send(()).unwrap();
+    let generation = loop {
+        if let Event::Connected { generation, .. } = events.recv_timeout(T).expect("Connected") {
+            break generation;
+        }
+    };
+    let sock = socks.recv_timeout(T).expect("the server's socket");
+    // The supervisor wrote what fits and waits for the socket in the queue's flush.
+    assert!(util::wait_until(T, || util::thread_sleeping(
+        "wsbeat-reconnec"
+    )));
+    client.reconnect_now();
+    // FIN: the reader sees the end and marks the connection dead.
+    sock.shutdown(Shutdown::Write).unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let ev = events
+            .recv_timeout(T)
+            .unwrap_or_else(|e| panic!("{e} after {seen:?}"));
+        match &ev {
+            Event::Connected { generation: g, .. } if *g > generation => break,
+            Event::GaveUp(_) | Event::Closed => panic!("the request was not served: {seen:?}"),
+            _ => seen.push(format!("{ev:?}").chars().take(80).collect::<String>()),
+        }
+    }
+    let _ = client.close();
+}

@@ -87,7 +87,6 @@ impl Tcp {
 
 impl Read for Tcp {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.left(true)?;
         let buf = match self.read_quota {
             Some(0) => return Err(io::ErrorKind::WouldBlock.into()),
             Some(q) => {
@@ -96,7 +95,16 @@ impl Read for Tcp {
             }
             None => buf,
         };
-        let n = (&self.sock).read(buf)?;
+        // A signal interrupts a read with a socket timeout even under `SA_RESTART`: read
+        // again for the time left (tungstenite's handshake would take `Interrupted` for
+        // a failure, and could not go on).
+        let n = loop {
+            self.left(true)?;
+            match (&self.sock).read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => break r?,
+            }
+        };
         if let Some(q) = self.read_quota.as_mut() {
             *q -= n;
         }
@@ -109,8 +117,14 @@ impl Read for Tcp {
 
 impl Write for Tcp {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.left(false)?;
-        let n = (&self.sock).write(buf)?;
+        // Interrupted by a signal: write again for the time left (see `read`).
+        let n = loop {
+            self.left(false)?;
+            match (&self.sock).write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                r => break r?,
+            }
+        };
         // No clock read here (one per send, 30-80 ns on a VM): a write stall is judged
         // from this count (see `Live::note_pending` in link.rs).
         self.written += n as u64;

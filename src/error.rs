@@ -449,19 +449,19 @@ impl Error {
     /// from a hostile `Location` header can be 60 KB, which would end up whole in every
     /// log line and error message.
     pub(crate) fn dns(host: &str, message: impl Into<String>) -> Error {
-        const MAX: usize = 253;
-        let host = if host.len() <= MAX {
-            host.to_string()
-        } else {
-            let cut = (0..=MAX)
-                .rev()
-                .find(|&i| host.is_char_boundary(i))
-                .unwrap_or(0);
-            format!("{}... ({} bytes)", &host[..cut], host.len())
-        };
         Error::Dns {
-            host,
+            host: shortened(host, 253),
             message: message.into(),
+        }
+    }
+
+    /// `Redirect` to `location` (credentials already taken out), shown at most 512 bytes
+    /// long: a hostile server's `Location` can be 60 KB, and the error goes into every
+    /// `Reconnecting` event and log line.
+    pub(crate) fn redirect(reason: RedirectRefusal, location: &str) -> Error {
+        Error::Redirect {
+            reason,
+            location: shortened(location, 512),
         }
     }
 
@@ -585,6 +585,17 @@ impl From<io::Error> for Error {
 /// Result alias used throughout the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// `text` up to `max` bytes (cut at a character boundary), with its length when cut.
+fn shortened(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let cut = (0..=max)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}... ({} bytes)", &text[..cut], text.len())
+}
 #[cfg(test)]
 mod tests {
     #[test]

@@ -236,3 +236,94 @@ fn mutual_tls_without_or_with_unknown_identity_fails_clearly() {
         Ok(_) => panic!("connected with a client certificate of an unknown CA"),
     }
 }
+
+/// A TLS 1.3 server (Python's `ssl`, the standard library only) that requires a client
+/// certificate at the TLS level, unlike nginx, which answers HTTP 400. TLS 1.3 sends
+/// "certificate required" only after the handshake, so it reached us while reading the
+/// upgrade response, as an I/O error, and was retried for good (connect probe of
+/// 2026-12-01). It is a certificate error now: fatal, one attempt, then `GaveUp`.
+#[test]
+fn a_tls13_server_requiring_a_client_certificate_is_a_fatal_certificate_error() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let python = match interop_support::find_program("python3", "WSBEAT_PYTHON") {
+        Ok(p) => p,
+        Err(detail) => {
+            interop_support::missing_peer(
+                "python3 (standard library only)",
+                &detail,
+                "apt-get install -y python3",
+            );
+            return;
+        }
+    };
+    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/certs");
+    // After a failed handshake it reads what the client sent before it closes, so the
+    // close is a FIN after the alert (not a reset that could overtake the alert).
+    let script = r#"
+import socket, ssl, sys
+certs = sys.argv[1]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.load_cert_chain(certs + "/server.pem", certs + "/server.key")
+ctx.load_verify_locations(certs + "/ca.pem")
+ctx.verify_mode = ssl.CERT_REQUIRED
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(16)
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()
+    t = ctx.wrap_socket(c.dup(), server_side=True, do_handshake_on_connect=False)
+    try:
+        t.do_handshake()
+        t.recv(100)
+    except Exception:
+        pass
+    t.close()
+    c.settimeout(0.5)
+    try:
+        while c.recv(65536):
+            pass
+    except Exception:
+        pass
+    c.close()
+"#;
+    /// Kills the server however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Killed(
+        Command::new(python)
+            .args(["-c", script])
+            .arg(&certs)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs"),
+    );
+    let mut port = String::new();
+    BufReader::new(server.0.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let port: u16 = port.trim().parse().expect("the server's port");
+    let ca = std::fs::read(certs.join("ca.pem")).unwrap();
+    let builder = || {
+        Client::builder(&format!("wss://localhost:{port}/"))
+            .no_proxy()
+            .add_root_certificate(&ca)
+            .connect_timeout(Duration::from_secs(5))
+    };
+    match builder().connect() {
+        Err(e) if is_cert_error(&e) => {
+            assert!(e.is_fatal());
+            // OpenSSL: "certificate required"; rustls: "CertificateRequired".
+            let said = e.to_string().to_lowercase().replace(' ', "");
+            assert!(said.contains("certificaterequired"), "{e}");
+        }
+        other => panic!("expected a certificate error, got {other:?}"),
+    }
+    expect_gives_up_once(builder(), is_cert_error);
+}

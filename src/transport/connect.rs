@@ -238,8 +238,15 @@ fn upgrade(
     dl: &Deadline,
 ) -> Result<Hop> {
     let stage = ConnectStage::Upgrade;
+    let tls = matches!(stream, Stream::Tls(_));
     let failed = |e: tungstenite::Error| match e {
         tungstenite::Error::Io(io) if is_timeout(&io) => dl.timeout(stage),
+        // A TLS alert after the handshake (TLS 1.3 servers that require a client
+        // certificate say so only now): a TLS error, fatal if about certificates.
+        tungstenite::Error::Io(io) => match tls.then(|| tls::failure(&io)).flatten() {
+            Some(e) => e,
+            None => Error::from_ws(tungstenite::Error::Io(io)),
+        },
         e => Error::from_ws(e),
     };
     let offered = request

@@ -155,6 +155,23 @@ pub(crate) fn handshake<S: Read + Write>(
     }
 }
 
+/// A TLS failure (such as an alert the server sent after the handshake: TLS 1.3 sends
+/// "certificate required" only then) in what a read or write of a TLS stream returned,
+/// as [`Error::Tls`], classified like the handshake's errors; `None` for other I/O
+/// errors.
+pub(crate) fn failure(e: &io::Error) -> Option<Error> {
+    #[cfg(feature = "rustls")]
+    if let Some(tls) = rustls::failure(e) {
+        return Some(tls);
+    }
+    #[cfg(feature = "native-tls")]
+    if let Some(tls) = native::failure(e) {
+        return Some(tls);
+    }
+    let _ = e;
+    None
+}
+
 /// The user's connector, or the one built from the settings (once per client: it loads
 /// and parses the system CA bundle, tens of milliseconds, which would otherwise delay
 /// every reconnection).

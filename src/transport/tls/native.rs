@@ -52,6 +52,14 @@ pub(super) fn handshake<S: Read + Write>(
     }
 }
 
+/// A TLS failure on an established connection (an alert after the handshake, such as
+/// TLS 1.3's "certificate required"), if `e` is one. OpenSSL names alerts "... alert
+/// ..."; the other platforms' errors are not told apart here.
+pub(super) fn failure(e: &std::io::Error) -> Option<Error> {
+    let msg = e.to_string();
+    msg.contains(" alert ").then(|| error(&msg))
+}
+
 /// native-tls reports failures as text only (its error type is opaque across platforms).
 fn error(msg: &str) -> Error {
     let lower = msg.to_ascii_lowercase();

@@ -112,6 +112,12 @@ pub(super) fn handshake<S: Read + Write>(
     Ok(StreamOwned::new(conn, sock))
 }
 
+/// A TLS failure on an established connection (an alert after the handshake, such as
+/// TLS 1.3's "certificate required"), if `e` is one.
+pub(super) fn failure(e: &io::Error) -> Option<Error> {
+    e.get_ref().and_then(|i| i.downcast_ref()).map(error)
+}
+
 /// Maps rustls's typed errors: every certificate problem, ours or the server's opinion of
 /// our client certificate, is `TlsErrorKind::Certificate`.
 fn error(e: &rustls::Error) -> Error {

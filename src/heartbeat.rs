@@ -337,9 +337,6 @@ pub(crate) struct HbState {
     /// Last complete data message, or bytes that completed no frame (a data message
     /// still arriving): what `Liveness::Data` counts.
     pub last_data: Instant,
-    /// `last_data` before the bytes of the current drain were counted: restored when
-    /// those bytes turn out to be a control frame.
-    data_before_bytes: Instant,
     /// Last probe reply (pong with our payload, or an app reply).
     pub last_reply: Instant,
     /// Outstanding probe: sequence number and send time.
@@ -354,7 +351,6 @@ impl HbState {
         HbState {
             last_inbound: now,
             last_data: now,
-            data_before_bytes: now,
             last_reply: now,
             probe: None,
             next_seq: 1,
@@ -363,16 +359,12 @@ impl HbState {
         }
     }
 
-    /// Called by the reader when the socket had bytes to read, before it reads messages:
+    /// Called by the reader when a drain read bytes besides the pings and pongs it read:
     /// part of a large frame proves the peer alive too, while a probe reply may be queued
-    /// behind that frame on the peer's side. Not a reply, so it does not count in strict mode.
-    ///
-    /// For `Liveness::Data` the bytes count as data in progress until the drain shows
-    /// that all it read were control frames ([`HbState::only_control_read`] then takes
-    /// it back).
+    /// behind that frame on the peer's side, and for `Liveness::Data` they count as data
+    /// in progress. Not a reply, so it does not count in strict mode.
     pub(crate) fn on_bytes(&mut self, now: Instant) {
         self.last_inbound = now;
-        self.data_before_bytes = self.last_data;
         self.last_data = now;
     }
 
@@ -382,10 +374,10 @@ impl HbState {
     /// it counts as traffic and, even in strict mode, as a reply: a slow consumer must
     /// never get a live peer declared dead. A peer that vanished meanwhile is judged once
     /// the consumer catches up and reading resumes (at most `interval + timeout` later).
-    pub(crate) fn held_back(&mut self, now: Instant) {
-        self.last_inbound = now;
-        self.last_data = now;
-        self.last_reply = now;
+    pub(crate) fn held_back(&mut self, at: Instant) {
+        self.last_inbound = self.last_inbound.max(at);
+        self.last_data = self.last_data.max(at);
+        self.last_reply = self.last_reply.max(at);
     }
 
     /// Called by the timer when output ahead of the outstanding probe is still draining
@@ -432,25 +424,12 @@ impl HbState {
     pub(crate) fn on_data(&mut self, now: Instant) {
         self.last_inbound = now;
         self.last_data = now;
-        self.data_before_bytes = now;
-    }
-
-    /// Called by the reader at the end of a drain that credited its bytes as data in
-    /// progress ([`on_bytes`](Self::on_bytes)) when every byte it read belonged to
-    /// control frames: not data after all, unless a data message completed in the same
-    /// drain. Bytes of a data frame read along with a ping keep the credit: a large
-    /// message trickling in with the peer's pings is data in progress.
-    pub(crate) fn only_control_read(&mut self, now: Instant) {
-        if self.last_data == now && self.data_before_bytes != now {
-            self.last_data = self.data_before_bytes;
-        }
     }
 
     fn on_inbound_general(&mut self, hb: &Heartbeat, msg: &Message, now: Instant) -> bool {
         self.last_inbound = now;
         if let Message::Text(_) | Message::Binary(_) = msg {
             self.last_data = now;
-            self.data_before_bytes = now;
         }
         let (is_reply, consume) = match (&hb.mode, msg) {
             (Mode::Ping, Message::Pong(p)) => {
@@ -680,10 +659,8 @@ mod tests {
             let mut st = HbState::new(t0);
             sent(&mut st, 1, t0 + 10 * S);
             // The server's library pings; its application does not answer.
-            st.on_bytes(t0 + 11 * S);
+            // A ping, all the drain read (no `on_bytes`: nothing besides it).
             st.on_inbound(hb, &Message::Ping(Vec::new().into()), t0 + 11 * S);
-            // That ping was all the drain read.
-            st.only_control_read(t0 + 11 * S);
             let step = evaluate(hb, &mut st, t0 + 13 * S);
             if dies {
                 // Dead, silent for the 13 s since the start (the last sign of life that

@@ -437,7 +437,13 @@ impl Inbound {
             return false;
         }
         let held = if input { HELD_WITH_INPUT } else { HELD };
-        if self.held.swap(held, Ordering::SeqCst) == FREE {
+        // Only when the hold begins: the input left then is counted once (see
+        // `held_back`), not again at each of the reader's turns while held.
+        if self
+            .held
+            .compare_exchange(FREE, held, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
             let now = Instant::now();
             *self.held_since.lock() = Some(now);
             *self.idle_since.lock() = now;
@@ -506,12 +512,19 @@ impl Inbound {
         );
     }
 
-    /// Whether the reader is held back by the bound, and whether it left read input
-    /// unprocessed: `None` when it reads freely, `Some(input)` when held back.
+    /// Whether the reader is held back by the bound (`None`: it reads freely), and
+    /// whether it left read input unprocessed when the hold began, not yet counted: that
+    /// input proves the peer alive at the hold's start, once. Counted again and again, it
+    /// would keep a peer that died meanwhile alive for as long as the hold lasts.
     pub(crate) fn held_back(&self) -> Option<bool> {
         match self.held.load(Ordering::SeqCst) {
             FREE => None,
-            h => Some(h == HELD_WITH_INPUT),
+            HELD => Some(false),
+            _ => Some(
+                self.held
+                    .compare_exchange(HELD_WITH_INPUT, HELD, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok(),
+            ),
         }
     }
 

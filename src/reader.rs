@@ -34,7 +34,7 @@ use tungstenite::protocol::frame::Utf8Bytes;
 use crate::inbound::{Batch, Drive};
 use crate::link::{Link, Shared, current_mut};
 use crate::transport::stream::{READ_QUOTA, is_would_block, reason_of};
-use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, Waker, poll2, raw};
+use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, POLLRDHUP, Waker, poll2, raw};
 use crate::{DisconnectReason, Message};
 
 /// Payloads at least this large are copied out of tungstenite's read buffer into recycled
@@ -175,15 +175,14 @@ struct Drained {
 /// Reads the ready messages of connection `cgen` under the lock (at most `read_budget`,
 /// at most `READ_QUOTA` bytes, never waiting) into `out`, feeds the heartbeat and the
 /// outbox, and flushes pending output (pongs, close replies, output left by `try_send`).
-/// `take` says whether to read, and what to do with the data messages read. `bytes_in`:
-/// `poll` reported input. `None`: the connection is gone or already dead.
+/// `take` says whether to read, and what to do with the data messages read. `None`: the
+/// connection is gone or already dead.
 /// Shared by the reader thread and a consumer that reads for itself ([`Driver`]).
 fn drain(
     shared: &Shared,
     link: &mut Link,
     cgen: u64,
     take: Take,
-    bytes_in: bool,
     out: &mut VecDeque<Message>,
     recycler: Option<&Arc<Recycler>>,
 ) -> Option<Drained> {
@@ -199,10 +198,6 @@ fn drain(
     let (mut msgs, mut bytes) = (0, 0);
     let mut more = false;
     let now = Instant::now();
-    if bytes_in {
-        // Liveness even while a reply is stuck behind a frame still arriving.
-        live.hb.on_bytes(now);
-    }
     // tungstenite's `read()` loops over frames until a whole message is in: a peer
     // that never completes one (endless empty fragments) would keep us here for
     // good. Past the quota the socket reports WouldBlock, so the lock is let go.
@@ -294,17 +289,12 @@ fn drain(
     if data {
         live.hb.on_data(now);
     }
-    let left = live.ws.get_mut().set_read_quota(None);
-    if !bytes_in && n == 0 && left != Some(READ_QUOTA) {
-        // Part of a frame came in, read without a `poll` (by a consumer): alive.
+    live.ws.get_mut().set_read_quota(None);
+    if live.ws.get_ref().bytes_read() - read_before > control_bytes {
+        // Bytes besides the pings and pongs read: data, perhaps part of a message still
+        // arriving (liveness even while a reply is stuck behind a large frame), whoever
+        // read them, the reader or a consumer.
         live.hb.on_bytes(now);
-    }
-    if bytes_in
-        && control_bytes > 0
-        && live.ws.get_ref().bytes_read() - read_before <= control_bytes
-    {
-        // Every byte read was a ping or pong: not data in progress after all.
-        live.hb.only_control_read(now);
     }
     let mut want_write = false;
     match live.try_flush() {
@@ -428,9 +418,9 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             // Wait without the lock. Hang-up and errors wake us too (shutdown by teardown),
             // also while held back: `poll` reports them whatever was asked for.
             let mut events = if want_write { POLLOUT } else { 0 };
-            if !held {
-                events |= POLLIN;
-            }
+            // Held back: the peer's FIN too (Linux), which `poll` reports only as input
+            // otherwise; the connection's end is read on to whatever the bound.
+            events |= if held { POLLRDHUP } else { POLLIN };
             // Held back: wait at most until the consumer is to be reported stalled (the
             // next turn reports it).
             let timeout = if held { inbound.stall_wait() } else { None };
@@ -441,7 +431,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         waker.drain();
                     }
                     if held {
-                        let hang_up = r & POLLHUP_ERR != 0;
+                        let hang_up = r & (POLLHUP_ERR | POLLRDHUP) != 0;
                         hung_up |= hang_up;
                         read = hang_up || !inbound.is_full();
                         if read {
@@ -500,15 +490,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         } else {
             Take::Keep
         };
-        let drained = drain(
-            &shared,
-            &mut link,
-            cgen,
-            take,
-            bytes_in,
-            &mut out,
-            Some(&recycler),
-        );
+        let drained = drain(&shared, &mut link, cgen, take, &mut out, Some(&recycler));
         let Some(d) = drained else {
             return;
         };
@@ -588,7 +570,7 @@ impl Drive for Driver {
             Some(live) if pending.is_empty() => {
                 let cgen = live.generation;
                 inbound.note_drive();
-                drain(&shared, &mut link, cgen, Take::Keep, false, out, None)
+                drain(&shared, &mut link, cgen, Take::Keep, out, None)
             }
             _ => None,
         };

@@ -2,6 +2,7 @@
 //! overdue acked messages. What to do and when is decided by the pure
 //! [`evaluate`](crate::heartbeat::evaluate); this file only applies it under the lock.
 
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,6 @@ use crate::heartbeat::{Step, evaluate};
 use crate::link::{ProbeOut, Shared, TimerCmd};
 use crate::time::deadline;
 use crate::transport::stream::reason_of;
-use crate::transport::sys::wait_readable;
 use crate::{DisconnectReason, Event};
 
 /// How soon the timer tries again to write a probe that did not fit in the buffer.
@@ -60,12 +60,19 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                     }
                 }
                 if dead.is_none()
-                    && let Some(buffered) = shared.events.inbound().held_back()
-                    && (buffered || wait_readable(&live.sock, Duration::ZERO))
+                    && let Some(left) = shared.events.inbound().held_back()
                 {
                     // The consumer is behind: the reader does not read, so replies wait
-                    // unread. Unread input proves the peer alive (see `HbState::held_back`).
-                    live.hb.held_back(now);
+                    // unread. Unread input proves the peer alive (see `HbState::held_back`):
+                    // what the reader left above the socket, at the hold's start; what
+                    // waits in the socket, now.
+                    let inbound = shared.events.inbound();
+                    if left && let Some(since) = inbound.held_since() {
+                        live.hb.held_back(since);
+                    }
+                    if unread_input(&live.sock) {
+                        live.hb.held_back(now);
+                    }
                 }
                 if dead.is_none() && live.output_moved() {
                     live.hb.output_moved(&hb, now);
@@ -92,7 +99,7 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                                 break;
                             }
                             Some(Step::Dead(r)) => {
-                                let unread = wait_readable(&live.sock, Duration::ZERO);
+                                let unread = unread_input(&live.sock);
                                 match grace.as_ref().filter(|g| g.generation == cgen) {
                                     None if unread => {
                                         log::debug!(
@@ -175,6 +182,12 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
             recv(timeout) -> _ => {}
         }
     }
+}
+
+/// Whether bytes from the peer wait unread in the socket (not its end: a peer that
+/// shut its side is no sign of life). The socket is nonblocking: never waits.
+fn unread_input(sock: &TcpStream) -> bool {
+    matches!(sock.peek(&mut [0u8; 1]), Ok(n) if n > 0)
 }
 
 /// Makes `wake_at` `t` if that is sooner (or it was unset).

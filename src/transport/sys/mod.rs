@@ -15,8 +15,8 @@ mod unix;
 use unix::poll_fds as poll_ms;
 #[cfg(unix)]
 pub(crate) use unix::{
-    POLLHUP_ERR, POLLIN, POLLOUT, Pipe, PollFd, Raw, abort, connect_in_progress, pollfd, raw,
-    socket_pair, unacked_bytes, unsent_bytes,
+    POLLHUP_ERR, POLLIN, POLLOUT, POLLRDHUP, Pipe, PollFd, Raw, abort, connect_in_progress, pollfd,
+    raw, socket_pair, unacked_bytes, unsent_bytes,
 };
 
 #[cfg(windows)]
@@ -25,8 +25,8 @@ mod windows;
 use windows::poll_fds as poll_ms;
 #[cfg(windows)]
 pub(crate) use windows::{
-    POLLHUP_ERR, POLLIN, POLLOUT, Pipe, PollFd, Raw, abort, connect_in_progress, pollfd, raw,
-    socket_pair, unacked_bytes, unsent_bytes,
+    POLLHUP_ERR, POLLIN, POLLOUT, POLLRDHUP, Pipe, PollFd, Raw, abort, connect_in_progress, pollfd,
+    raw, socket_pair, unacked_bytes, unsent_bytes,
 };
 
 /// A poll timeout in milliseconds: `-1` waits forever; a sub-millisecond remainder is

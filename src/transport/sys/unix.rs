@@ -9,6 +9,12 @@ pub(crate) const POLLIN: i16 = libc::POLLIN;
 pub(crate) const POLLOUT: i16 = libc::POLLOUT;
 /// Hang-up or error: reported whatever was asked for.
 pub(crate) const POLLHUP_ERR: i16 = libc::POLLHUP | libc::POLLERR;
+/// The peer shut its side (FIN), asked for without asking for input: Linux only (0, never
+/// reported, elsewhere).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) const POLLRDHUP: i16 = libc::POLLRDHUP;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub(crate) const POLLRDHUP: i16 = 0;
 
 /// A socket as `poll` sees it.
 pub(crate) type Raw = RawFd;

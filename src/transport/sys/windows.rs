@@ -16,6 +16,8 @@ pub(crate) const POLLIN: i16 = POLLRDNORM;
 pub(crate) const POLLOUT: i16 = POLLWRNORM;
 /// Hang-up or error: reported whatever was asked for.
 pub(crate) const POLLHUP_ERR: i16 = POLLHUP | POLLERR;
+/// No such event with `WSAPoll` (a FIN shows as `POLLHUP` there): never reported.
+pub(crate) const POLLRDHUP: i16 = 0;
 
 /// A socket as `WSAPoll` sees it.
 pub(crate) type Raw = RawSocket;

@@ -1,0 +1,342 @@
+//! Promise 3 at its edges, from the review of a8cb025 / cd662fd / 07251c4: a dead peer
+//! is judged in time while the consumer is behind (whatever ended the reader's last
+//! drain, and also when the peer only sent FIN), and a live one is not killed while a
+//! large message trickles in with its pings, whoever reads it.
+
+mod support;
+
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tungstenite::{Bytes, Message};
+use wsbeat::{Client, Event, Heartbeat, Liveness, State};
+
+use support::util::wait_until;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// A raw server: accepts one client, upgrades, runs `script` on the websocket.
+/// Returns the url and a sender that ends the server when dropped/sent.
+fn raw_server(
+    script: impl FnOnce(&mut tungstenite::WebSocket<TcpStream>, &mpsc::Receiver<()>) + Send + 'static,
+) -> (String, mpsc::Sender<()>, thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::channel();
+    let t = thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_nodelay(true).unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        script(&mut ws, &rx);
+    });
+    (url, tx, t)
+}
+
+/// Waits until the client's state leaves Open (declared dead), up to `limit`; returns
+/// how long it took.
+fn time_to_death(client: &Client, limit: Duration) -> Option<Duration> {
+    let start = Instant::now();
+    if wait_until(limit, || {
+        let s = client.stats();
+        s.state != State::Open
+    }) {
+        Some(start.elapsed())
+    } else {
+        None
+    }
+}
+
+/// After a8cb025, `left` was still a guess when the drain stopped on the read budget
+/// (or a waiting sender, or a nearly full read buffer). A peer that sent exactly one
+/// message and then went silent (answers no ping), with the consumer stalled: the reader
+/// reads that one message (budget 1), fills the channel (capacity 1), and holds back
+/// "with input left" although nothing is left anywhere. The timer then took the dead
+/// peer for alive on every tick. Now that input counts once, at the hold's start.
+fn budget_guess(read_budget: Option<usize>) -> Option<Duration> {
+    budget_guess_sized(read_budget, 4)
+}
+
+fn budget_guess_sized(read_budget: Option<usize>, size: usize) -> Option<Duration> {
+    let (url, stop, server) = raw_server(move |ws, stop| {
+        ws.send(Message::binary(vec![b'x'; size])).unwrap();
+        // Silent from now on: never reads (no pong), never writes.
+        let _ = stop.recv();
+    });
+    let mut b = Client::builder(&url)
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+        ))
+        .event_capacity(1, 1 << 30)
+        .reconnect(false);
+    if let Some(n) = read_budget {
+        b = b.read_budget(n);
+    }
+    let client = b.connect().unwrap();
+    let events = client.events(); // never read: a stalled consumer
+    assert!(wait_until(Duration::from_secs(10), || client
+        .stats()
+        .consumer_behind_since
+        .is_some()));
+    let died = time_to_death(&client, Duration::from_secs(8));
+    eprintln!(
+        "read_budget {read_budget:?} size {size}: declared dead after {died:?} (expected ~0.4 s); stats {:?}",
+        client.stats()
+    );
+    drop(events);
+    let _ = client.close();
+    drop(stop);
+    server.join().unwrap();
+    died
+}
+
+#[test]
+fn a_silent_peer_behind_an_early_stopped_drain_is_judged() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // Control: the default budget (the drain ends at WouldBlock): judged in time.
+    let control = budget_guess(None);
+    assert!(control.is_some(), "control: default budget never judged");
+    // Default budget, one 60 KiB message (64 KiB read buffer): the drain ends on
+    // `take_nearly_full`, also a guess.
+    let nearly_full = budget_guess_sized(None, 60 << 10);
+    eprintln!("default budget, 60 KiB message: {nearly_full:?}");
+    let with_budget = budget_guess(Some(1));
+    assert!(
+        nearly_full.is_some(),
+        "default settings, one 60 KiB message then silence: never declared dead"
+    );
+    assert!(
+        with_budget.is_some(),
+        "a silent peer whose only message ended a drain on the budget is never declared dead"
+    );
+}
+
+/// After cd662fd, data in progress read along with a ping by a consumer reading the
+/// socket itself (`Events::recv_timeout`) was never credited: that fix covered drains of
+/// the reader thread after a `poll` only (killed in 2-3 of 3 runs in the review). Now any
+/// drain credits the bytes it read besides pings and pongs. A live peer that sends a
+/// 16 KiB fragment every 200 ms against a 300 ms silence limit.
+fn trickle(with_ping: bool) -> Result<(), String> {
+    let chunks = 15;
+    let period = Duration::from_millis(200);
+    let (url, _stop, server) = raw_server(move |ws, _| {
+        let s = ws.get_mut();
+        let chunk = vec![b'a'; 16 << 10];
+        for i in 0..chunks {
+            let op = if i == 0 { 0x01 } else { 0x00 };
+            let fin = if i + 1 == chunks { 0x80 } else { 0 };
+            let mut buf = vec![fin | op, 126];
+            buf.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
+            buf.extend_from_slice(&chunk);
+            if with_ping && i + 1 < chunks {
+                buf.extend([0x89, 0x00]);
+            }
+            if s.write_all(&buf).is_err() {
+                return;
+            }
+            thread::sleep(period);
+        }
+        while ws.read().is_ok() {}
+    });
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::passive(Duration::from_millis(300)).liveness(Liveness::Data))
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    let r = loop {
+        match events.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message(Message::Text(t))) => {
+                assert_eq!(t.len(), chunks * (16 << 10));
+                break Ok(());
+            }
+            Ok(Event::Disconnected { reason, .. }) => break Err(format!("{reason}")),
+            Ok(_) => {}
+            Err(e) => break Err(format!("{e}")),
+        }
+    };
+    let _ = client.close();
+    let _ = server.join();
+    r
+}
+
+#[test]
+fn a_trickle_with_pings_read_by_a_consumer_is_data_in_progress() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let runs = 3;
+    let (mut plain_fail, mut ping_fail) = (0, 0);
+    for _ in 0..runs {
+        if let Err(e) = trickle(false) {
+            eprintln!("fragments only: killed: {e}");
+            plain_fail += 1;
+        }
+        if let Err(e) = trickle(true) {
+            eprintln!("fragments + pings: killed: {e}");
+            ping_fail += 1;
+        }
+    }
+    eprintln!("killed: fragments only {plain_fail}/{runs}, fragments + pings {ping_fail}/{runs}");
+    assert_eq!(plain_fail, 0, "control");
+    assert_eq!(ping_fail, 0, "a live trickle with pings was declared dead");
+}
+
+/// The peer dies (FIN) while the consumer is stalled. The held-back reader polled without
+/// POLLIN (FIN gives no POLLHUP), and the timer took the socket, readable at EOF, for
+/// unread input: alive, for good. Now the held-back reader watches for the FIN
+/// (`POLLRDHUP`, Linux) and reads on to the end, and the timer does not count an end of
+/// stream as input.
+#[test]
+fn a_fin_while_the_consumer_is_behind_is_judged() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (url, stop, server) = raw_server(|ws, stop| {
+        for i in 0..4 {
+            ws.send(Message::Binary(Bytes::from(vec![i as u8; 100])))
+                .unwrap();
+        }
+        // Wait until the client is behind, then the peer "dies": FIN (shutdown write),
+        // and keeps its socket (no RST).
+        let _ = stop.recv();
+        ws.get_ref().shutdown(Shutdown::Write).unwrap();
+        let _ = stop.recv();
+    });
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+        ))
+        .event_capacity(2, 1 << 30)
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    assert!(wait_until(Duration::from_secs(10), || client
+        .stats()
+        .consumer_behind_since
+        .is_some()));
+    stop.send(()).unwrap();
+    let died = time_to_death(&client, Duration::from_secs(8));
+    eprintln!(
+        "FIN while held back: dead after {died:?}; {:?}",
+        client.stats()
+    );
+    drop(events);
+    let _ = client.close();
+    drop(stop);
+    server.join().unwrap();
+    assert!(
+        died.is_some(),
+        "a peer that sent FIN is never declared dead"
+    );
+}
+
+/// Strict mode, a peer that floods data and never answers (never reads, so
+/// tungstenite's auto-pong never goes out). The socket is readable at every deadline;
+/// the grace must end at the next drain. Consumer keeps up (reads itself).
+#[test]
+fn a_strict_flood_without_replies_is_judged_in_time() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (url, stop, server) = raw_server(|ws, stop| {
+        ws.get_mut().set_nonblocking(false).unwrap();
+        let payload = vec![7u8; 512];
+        loop {
+            if stop.try_recv().is_ok() {
+                return;
+            }
+            // Written without reading: pings are never answered.
+            if ws
+                .write(Message::Binary(Bytes::copy_from_slice(&payload)))
+                .is_err()
+            {
+                return;
+            }
+            if ws.flush().is_err() {
+                return;
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+    });
+    let client = Client::builder(&url)
+        .heartbeat(
+            Heartbeat::ping(Duration::from_millis(300), Duration::from_millis(300)).strict(true),
+        )
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    let start = Instant::now();
+    let mut n = 0u64;
+    let died = loop {
+        match events.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message(_)) => n += 1,
+            Ok(Event::Disconnected { reason, .. }) => break Some((start.elapsed(), reason)),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
+    eprintln!("strict flood: {n} messages, dead after {died:?}");
+    let _ = client.close();
+    let _ = stop.send(());
+    drop(stop);
+    let _ = server.join();
+    let (t, _) = died.expect("never declared dead");
+    assert!(t < Duration::from_millis(600 + 1500), "late: {t:?}");
+}
+
+/// FIN with the consumer keeping up, and RST while held back: seen at once.
+fn peer_end(held: bool, rst: bool) -> Option<Duration> {
+    let (url, stop, server) = raw_server(move |ws, stop| {
+        for i in 0..4 {
+            ws.send(Message::Binary(Bytes::from(vec![i as u8; 100])))
+                .unwrap();
+        }
+        let _ = stop.recv();
+        if rst {
+            support::net::set_linger_zero(ws.get_ref()).unwrap();
+            // Dropping the socket with linger 0: RST.
+            return;
+        }
+        ws.get_ref().shutdown(Shutdown::Write).unwrap();
+        let _ = stop.recv();
+    });
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+        ))
+        .event_capacity(if held { 2 } else { 1000 }, 1 << 30)
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    if held {
+        assert!(wait_until(Duration::from_secs(10), || client
+            .stats()
+            .consumer_behind_since
+            .is_some()));
+    } else {
+        // Keep up: take the 4 messages.
+        for _ in 0..5 {
+            let _ = events.recv_timeout(Duration::from_secs(5));
+        }
+    }
+    stop.send(()).unwrap();
+    let died = time_to_death(&client, Duration::from_secs(5));
+    drop(events);
+    let _ = client.close();
+    drop(stop);
+    server.join().unwrap();
+    died
+}
+
+#[test]
+fn the_peers_end_is_seen_whether_or_not_the_consumer_is_behind() {
+    let _s = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let fin_reading = peer_end(false, false);
+    let rst_held = peer_end(true, true);
+    eprintln!("FIN, consumer keeping up: {fin_reading:?}; RST while held: {rst_held:?}");
+    assert!(fin_reading.is_some() && rst_held.is_some());
+}

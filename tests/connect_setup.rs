@@ -510,3 +510,69 @@ fn signals_during_the_upgrade_do_not_fail_the_connect() {
     let _ = client.close();
     server.join().unwrap();
 }
+
+/// Informational answers before the 101 (RFC 9110 15.2: a client must skip them): a
+/// `100 Continue` and a `103 Early Hints`, then the 101 and a first message, all in one
+/// write. The connect succeeds and the message arrives; the 100 was refused as
+/// `Error::Http { status: 100 }` and retried for good, before (connect probe of
+/// 2026-12-01).
+#[test]
+fn informational_answers_before_the_101_are_skipped() {
+    let _g = util::shared();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut sock, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            sock.read_exact(&mut byte).unwrap();
+            request.push(byte[0]);
+        }
+        let request = String::from_utf8(request).unwrap();
+        let key = request
+            .lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| value.trim().to_string())
+            })
+            .expect("a key");
+        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut out = Vec::new();
+        out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+        out.extend_from_slice(
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+        );
+        out.extend_from_slice(
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        // A text frame "hi" right behind the 101 (unmasked, from the server).
+        out.extend_from_slice(&[0x81, 2, b'h', b'i']);
+        sock.write_all(&out).unwrap();
+        // Hold the connection until the client goes.
+        let _ = sock.read(&mut [0u8; 64]);
+    });
+    let client = Client::builder(&url)
+        .no_proxy()
+        .reconnect(false)
+        .connect()
+        .expect("the 101 after informational answers opens the connection");
+    let events = client.events();
+    loop {
+        match events.recv_timeout(T).expect("the first message") {
+            Event::Message(m) => {
+                assert_eq!(m.to_text().unwrap(), "hi");
+                break;
+            }
+            Event::Connected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let _ = client.close();
+    server.join().unwrap();
+}

@@ -274,20 +274,35 @@ fn upgrade(
         };
         dl.left(stage)?;
     };
-    let mut machine = HandshakeMachine::start_read(stream);
+    let mut stream = stream;
     let (response, stream, tail) = loop {
-        machine = match machine.single_round::<Response>().map_err(failed)? {
-            RoundResult::WouldBlock(m) | RoundResult::Incomplete(m) => m,
-            RoundResult::StageFinished(StageResult::DoneReading {
-                result,
-                stream,
-                tail,
-            }) => break (result, stream, tail),
-            RoundResult::StageFinished(StageResult::DoneWriting(_)) => {
-                unreachable!("a reading stage ends with DoneReading")
-            }
+        let mut machine = HandshakeMachine::start_read(stream);
+        let (response, mut next, tail) = loop {
+            machine = match machine.single_round::<Response>().map_err(failed)? {
+                RoundResult::WouldBlock(m) | RoundResult::Incomplete(m) => m,
+                RoundResult::StageFinished(StageResult::DoneReading {
+                    result,
+                    stream,
+                    tail,
+                }) => break (result, stream, tail),
+                RoundResult::StageFinished(StageResult::DoneWriting(_)) => {
+                    unreachable!("a reading stage ends with DoneReading")
+                }
+            };
+            dl.left(stage)?;
         };
-        dl.left(stage)?;
+        // RFC 9110 15.2: an informational answer (100 Continue, 103 Early Hints) comes
+        // before the final one: skip it, and read what followed it again. A server that
+        // sends them without end meets the connect deadline.
+        if response.status().is_informational()
+            && response.status() != StatusCode::SWITCHING_PROTOCOLS
+        {
+            next.unread(tail);
+            dl.left(stage)?;
+            stream = next;
+            continue;
+        }
+        break (response, next, tail);
     };
     if cfg.max_redirects > 0 && matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
         let location = match response.headers().get("location") {

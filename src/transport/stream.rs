@@ -40,6 +40,9 @@ pub(crate) struct Tcp {
     /// Bytes tungstenite read so far (after TLS): what a drain read, against what its
     /// frames account for.
     taken: u64,
+    /// Bytes read past an informational HTTP answer during the upgrade, read again first
+    /// (after TLS: they are the plaintext the upgrade had read).
+    replay: Vec<u8>,
 }
 
 impl Tcp {
@@ -54,6 +57,7 @@ impl Tcp {
             widest_read: 0,
             nearly_full: false,
             taken: 0,
+            replay: Vec::new(),
         }
     }
 
@@ -170,6 +174,14 @@ impl Stream {
         (tcp.written, tcp.written_at_read)
     }
 
+    /// Has `bytes` read again before anything else (they come before what is left of an
+    /// earlier `unread`: read after it).
+    pub(crate) fn unread(&mut self, mut bytes: Vec<u8>) {
+        let tcp = self.inner_mut();
+        bytes.append(&mut tcp.replay);
+        tcp.replay = bytes;
+    }
+
     /// Bytes tungstenite read from this stream so far (after TLS).
     pub(crate) fn bytes_read(&self) -> u64 {
         self.inner().taken
@@ -204,6 +216,13 @@ impl Stream {
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let replay = &mut self.inner_mut().replay;
+        if !replay.is_empty() && !buf.is_empty() {
+            let n = buf.len().min(replay.len());
+            buf[..n].copy_from_slice(&replay[..n]);
+            replay.drain(..n);
+            return Ok(n);
+        }
         let n = match self {
             Stream::Plain(s) => s.read(buf),
             Stream::Tls(s) => s.read(buf),

@@ -480,14 +480,15 @@ impl Error {
     }
 
     /// True when retrying the same request cannot succeed: authentication and
-    /// not-found rejections (HTTP 400/401/403/404), certificate errors, bad URLs.
+    /// not-found rejections (HTTP 400/401/403/404), a server that wants another protocol
+    /// (426 Upgrade Required), certificate errors, bad URLs.
     /// The default reconnect policy gives up on these.
     pub fn is_fatal(&self) -> bool {
         match self {
             Error::InvalidUrl { .. } | Error::InvalidHeader { .. } | Error::NoTls => true,
             // A 3xx reaches the policy only when it was not followed (following is off).
             Error::Http { status, .. } => {
-                matches!(status, 300..=399 | 400 | 401 | 403 | 404)
+                matches!(status, 300..=399 | 400 | 401 | 403 | 404 | 426)
             }
             // Transient: failures of the network behind the proxy, and SOCKS4's 91, which
             // means "rejected or failed" alike.
@@ -627,6 +628,23 @@ mod tests {
         assert!(shown.contains("Server sent no subprotocol"), "{shown}");
         let reason = crate::transport::stream::reason_of(&e()).to_string();
         assert_eq!(reason.matches("protocol error").count(), 1, "{reason}");
+    }
+
+    #[test]
+    fn which_http_rejections_are_fatal() {
+        let http = |status| Error::Http {
+            status,
+            retry_after: None,
+            body: None,
+        };
+        // 426 Upgrade Required: the server wants another protocol; asking again the same
+        // way cannot succeed (connect probe of 2026-12-01: retried for good, before).
+        for status in [400, 401, 403, 404, 426] {
+            assert!(http(status).is_fatal(), "{status}");
+        }
+        for status in [408, 429, 500, 502, 503, 504] {
+            assert!(!http(status).is_fatal(), "{status}");
+        }
     }
 
     #[test]

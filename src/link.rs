@@ -188,6 +188,9 @@ pub(crate) struct Live {
     /// Drains of this connection so far (by the reader or a consumer): whether input
     /// waiting at a heartbeat deadline has been read since (see `timer.rs`).
     pub drains: u64,
+    /// Bytes read into tungstenite's buffer that no ping, pong or whole data message read
+    /// so far accounts for: part of a data message still arriving (see `reader::drain`).
+    pub unaccounted: u64,
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).
     pub close_sent: bool,

@@ -237,8 +237,10 @@ fn drain(
             }
             Ok(msg) => {
                 n += 1;
-                if let Message::Ping(p) | Message::Pong(p) = &msg {
-                    control_bytes += 2 + p.len() as u64;
+                match &msg {
+                    Message::Ping(p) | Message::Pong(p) => control_bytes += 2 + p.len() as u64,
+                    Message::Text(_) | Message::Binary(_) => data = true,
+                    _ => {}
                 }
                 let consumed = live.hb.on_inbound(hb, &msg, now)
                     || outbox.as_mut().is_some_and(|o| o.on_inbound(&msg));
@@ -290,10 +292,19 @@ fn drain(
         live.hb.on_data(now);
     }
     live.ws.get_mut().set_read_quota(None);
-    if live.ws.get_ref().bytes_read() - read_before > control_bytes {
-        // Bytes besides the pings and pongs read: data, perhaps part of a message still
-        // arriving (liveness even while a reply is stuck behind a large frame), whoever
-        // read them, the reader or a consumer.
+    // Bytes read that the pings and pongs read do not account for: part of a data
+    // message still arriving (liveness even while a reply is stuck behind a large frame),
+    // whoever read them, the reader or a consumer. Carried over drains: one that stops
+    // early leaves frames in tungstenite's buffer that the next one reads without new
+    // bytes; only a drain that read on to the socket's end knows the rest is no ping. A
+    // whole data message accounts for everything before it.
+    let read = live.ws.get_ref().bytes_read() - read_before;
+    live.unaccounted = if data {
+        0
+    } else {
+        (live.unaccounted + read).saturating_sub(control_bytes)
+    };
+    if !more && live.unaccounted > 0 {
         live.hb.on_bytes(now);
     }
     let mut want_write = false;
@@ -431,9 +442,14 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         waker.drain();
                     }
                     if held {
-                        let hang_up = r & (POLLHUP_ERR | POLLRDHUP) != 0;
+                        let hang_up = r & POLLHUP_ERR != 0;
                         hung_up |= hang_up;
-                        read = hang_up || !inbound.is_full();
+                        // The peer's FIN: read on to its end, keeping everything (what
+                        // is left is what the kernel holds: bounded). Its last messages
+                        // and its close frame come before it (a graceful close looks
+                        // just like this); only a broken link drops past twice the bound.
+                        let peer_done = r & POLLRDHUP != 0;
+                        read = hang_up || peer_done || !inbound.is_full();
                         if read {
                             inbound.set_free();
                         }

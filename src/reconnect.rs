@@ -368,6 +368,7 @@ impl Supervisor {
                 output_seen: 0,
                 probe_out: ProbeOut::None,
                 drains: 0,
+                unaccounted: 0,
                 hb: HbState::new(now),
                 close_sent: false,
                 reader: None,

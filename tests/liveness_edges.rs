@@ -340,3 +340,113 @@ fn the_peers_end_is_seen_whether_or_not_the_consumer_is_behind() {
     eprintln!("FIN, consumer keeping up: {fin_reading:?}; RST while held: {rst_held:?}");
     assert!(fin_reading.is_some() && rst_held.is_some());
 }
+
+/// A peer whose application is dead (no data ever) but whose library pings: under
+/// Liveness::Data it must be judged after ~300 ms of no data. `burst` pings per write.
+fn pings_only(burst: usize, budget: Option<usize>) -> Option<Duration> {
+    let (url, stop, server) = raw_server(move |ws, stop| {
+        let s = ws.get_mut();
+        let mut buf = Vec::new();
+        for _ in 0..burst {
+            buf.extend([0x89, 0x00]);
+        }
+        loop {
+            if s.write_all(&buf).is_err() {
+                return;
+            }
+            if stop.recv_timeout(Duration::from_millis(100)).is_ok() {
+                return;
+            }
+        }
+    });
+    let mut b = Client::builder(&url)
+        .heartbeat(Heartbeat::passive(Duration::from_millis(300)).liveness(Liveness::Data))
+        .reconnect(false);
+    if let Some(n) = budget {
+        b = b.read_budget(n);
+    }
+    let client = b.connect().unwrap();
+    let events = client.events();
+    let start = Instant::now();
+    let mut died = None;
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Ok(Event::Disconnected { reason, .. }) =
+            events.recv_timeout(Duration::from_millis(100))
+        {
+            eprintln!("disconnected: {reason}");
+            died = Some(start.elapsed());
+            break;
+        }
+    }
+    eprintln!("burst {burst} budget {budget:?}: died {died:?}");
+    let _ = client.close();
+    let _ = stop.send(());
+    let _ = server.join();
+    died
+}
+
+#[test]
+fn a_peer_sending_only_pings_is_judged_under_the_data_rule() {
+    assert!(pings_only(1, None).is_some());
+}
+
+/// The same with bursts of pings and a drain that stops on its budget: the pings left in
+/// tungstenite's buffer were counted as data in progress (review of d4686bb: still Open
+/// after 5 s).
+#[test]
+fn pings_left_behind_an_early_stopped_drain_are_not_data() {
+    let r = pings_only(4, Some(1));
+    assert!(
+        r.is_some(),
+        "a peer sending only pings was credited as data in progress"
+    );
+}
+
+/// A server that sends a final burst, then its Close frame and FIN (does not wait for
+/// our close reply), while the consumer is a little behind: every message before the
+/// Close reaches the consumer. Reading on after the FIN first dropped what went past
+/// twice the bound (review of d4686bb: 64 of 200 delivered).
+#[test]
+fn a_final_burst_then_close_and_fin_is_delivered() {
+    let total = 200;
+    let (url, _stop, server) = raw_server(move |ws, _| {
+        for i in 0..total {
+            ws.send(Message::text(format!("m{i}"))).unwrap();
+        }
+        let _ = ws.close(None);
+        let _ = ws.flush();
+        let _ = ws.get_mut().shutdown(std::net::Shutdown::Write);
+        thread::sleep(Duration::from_secs(3));
+    });
+    let client = Client::builder(&url)
+        .event_capacity(8, 1 << 30)
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    // The consumer is busy for a second: that *is* the scenario, not a synchronisation.
+    thread::sleep(Duration::from_millis(1000));
+    let mut got = 0;
+    let mut end = None;
+    loop {
+        match events.recv_timeout(Duration::from_secs(3)) {
+            Ok(Event::Message(_)) => got += 1,
+            Ok(Event::Disconnected { reason, .. }) => {
+                end = Some(format!("{reason}"));
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    eprintln!(
+        "received {got} of {total}; end {end:?}; stats {:?}",
+        client.stats()
+    );
+    let _ = client.close();
+    let _ = server.join();
+    assert_eq!(
+        got, total,
+        "messages sent before the peer's Close were dropped"
+    );
+}

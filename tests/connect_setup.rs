@@ -461,20 +461,7 @@ fn a_location_that_is_not_text_is_named_as_such() {
 #[cfg(target_os = "linux")]
 #[test]
 fn signals_during_the_upgrade_do_not_fail_the_connect() {
-    extern "C" fn ignore(_: libc::c_int) {}
     let _g = util::shared();
-    // SAFETY: installs a handler that does nothing (async-signal-safe) for SIGUSR2, which
-    // nothing else in this test binary uses; `act` is fully initialised.
-    unsafe {
-        let mut act: libc::sigaction = std::mem::zeroed();
-        act.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        act.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut act.sa_mask);
-        assert_eq!(
-            libc::sigaction(libc::SIGUSR2, &act, std::ptr::null_mut()),
-            0
-        );
-    }
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ws://{}/", listener.local_addr().unwrap());
     let server = std::thread::spawn(move || {
@@ -488,24 +475,11 @@ fn signals_during_the_upgrade_do_not_fail_the_connect() {
         let mut ws = tungstenite::accept_hdr(sock, slow).unwrap();
         while ws.read().is_ok() {}
     });
-    // SAFETY: no precondition.
-    let me = unsafe { libc::pthread_self() } as usize;
-    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
     // A signal to this thread (which connects: `connect()` runs the first attempt on
     // the caller's thread) every 5 ms until it is done.
-    let signaller = std::thread::spawn(move || {
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            // SAFETY: `me` is the test thread, alive until this thread is joined.
-            unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR2) };
-            if stopped.recv_timeout(Duration::from_millis(5)).is_ok() {
-                break;
-            }
-        }
-    });
+    let signals = support::net::signal_me_every(Duration::from_millis(5), true);
     let got = Client::builder(&url).no_proxy().reconnect(false).connect();
-    let _ = stop.send(());
-    signaller.join().unwrap();
+    drop(signals);
     let client = got.expect("connect() goes through signals");
     let _ = client.close();
     server.join().unwrap();

@@ -1492,15 +1492,7 @@ fn a_message_trickling_in_with_the_peers_pings_is_data_in_progress() {
         let s = ws.get_mut();
         let chunk = vec![b'a'; 16 << 10];
         for i in 0..chunks {
-            // Text fragment (first: opcode 1, last: FIN), 16 KiB: 126 + a 2-byte length.
-            let op = if i == 0 { 0x01 } else { 0x00 };
-            let fin = if i + 1 == chunks { 0x80 } else { 0 };
-            let mut buf = vec![fin | op, 126];
-            buf.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
-            buf.extend_from_slice(&chunk);
-            if i + 1 < chunks {
-                buf.extend([0x89, 0x00]); // an empty ping
-            }
+            let buf = support::net::text_fragment(i, chunks, &chunk, i + 1 < chunks);
             if s.write_all(&buf).is_err() {
                 return;
             }

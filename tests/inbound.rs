@@ -714,19 +714,7 @@ fn two_consumers_of_one_client_share_the_stream() {
 #[cfg(unix)]
 #[test]
 fn a_wait_on_the_socket_interrupted_by_signals_ends_at_its_deadline() {
-    extern "C" fn ignore(_: libc::c_int) {}
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: installs a handler that does nothing (async-signal-safe) for SIGUSR2, which
-    // nothing else in this test binary uses; `act` is fully initialised.
-    unsafe {
-        let mut act: libc::sigaction = std::mem::zeroed();
-        act.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        libc::sigemptyset(&mut act.sa_mask);
-        assert_eq!(
-            libc::sigaction(libc::SIGUSR2, &act, std::ptr::null_mut()),
-            0
-        );
-    }
     let (url, hold, server) = silent_server();
     let client = Client::builder(&url)
         .heartbeat(Heartbeat::off())
@@ -735,27 +723,14 @@ fn a_wait_on_the_socket_interrupted_by_signals_ends_at_its_deadline() {
         .unwrap();
     let events = client.events();
     wait_connected(&events);
-    // SAFETY: no precondition.
-    let me = unsafe { libc::pthread_self() } as usize;
-    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
     // A signal to this thread every 10 ms, for at most 5 s (so a wait that restarts its
     // timeout on every signal still ends, late).
-    let signaller = std::thread::spawn(move || {
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            // SAFETY: `me` is the test thread, alive until this thread is joined.
-            unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR2) };
-            if stopped.recv_timeout(Duration::from_millis(10)).is_ok() {
-                break;
-            }
-        }
-    });
+    let signals = support::net::signal_me_every(Duration::from_millis(10), false);
     let wait = Duration::from_millis(300);
     let t = Instant::now();
     let got = events.recv_timeout(wait);
     let took = t.elapsed();
-    let _ = stop.send(());
-    signaller.join().unwrap();
+    drop(signals);
     let _ = client.close();
     drop(hold);
     server.join().unwrap();

@@ -127,14 +127,7 @@ fn trickle(with_ping: bool) -> Result<(), String> {
         let s = ws.get_mut();
         let chunk = vec![b'a'; 16 << 10];
         for i in 0..chunks {
-            let op = if i == 0 { 0x01 } else { 0x00 };
-            let fin = if i + 1 == chunks { 0x80 } else { 0 };
-            let mut buf = vec![fin | op, 126];
-            buf.extend_from_slice(&(chunk.len() as u16).to_be_bytes());
-            buf.extend_from_slice(&chunk);
-            if with_ping && i + 1 < chunks {
-                buf.extend([0x89, 0x00]);
-            }
+            let buf = support::net::text_fragment(i, chunks, &chunk, with_ping && i + 1 < chunks);
             if s.write_all(&buf).is_err() {
                 return;
             }

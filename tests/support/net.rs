@@ -238,3 +238,82 @@ impl Write for Stream {
         }
     }
 }
+
+/// One frame of a text message sent in `total` fragments of `payload` (fragment `i`: the
+/// first has opcode 1, the last FIN), unmasked as a server sends it, optionally followed
+/// by an empty ping in the same write: a large message trickling in while the peer's
+/// library pings.
+pub fn text_fragment(i: usize, total: usize, payload: &[u8], ping_after: bool) -> Vec<u8> {
+    let op = if i == 0 { 0x01 } else { 0x00 };
+    let fin = if i + 1 == total { 0x80 } else { 0 };
+    let mut buf = vec![fin | op];
+    match payload.len() {
+        n if n < 126 => buf.push(n as u8),
+        n => {
+            buf.push(126);
+            buf.extend_from_slice(&u16::try_from(n).expect("at most 64 KiB").to_be_bytes());
+        }
+    }
+    buf.extend_from_slice(payload);
+    if ping_after {
+        buf.extend([0x89, 0x00]);
+    }
+    buf
+}
+
+/// Sends `SIGUSR2` to the calling thread every `period` (a handler that does nothing is
+/// installed, with `SA_RESTART` if `restart`) until the returned guard is dropped, for at
+/// most 5 s.
+#[cfg(unix)]
+pub fn signal_me_every(period: Duration, restart: bool) -> Signaller {
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: installs a handler that does nothing (async-signal-safe) for SIGUSR2, which
+    // nothing else in the tests uses; `act` is fully initialised.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = ignore as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        if restart {
+            act.sa_flags = libc::SA_RESTART;
+        }
+        libc::sigemptyset(&mut act.sa_mask);
+        assert_eq!(
+            libc::sigaction(libc::SIGUSR2, &act, std::ptr::null_mut()),
+            0
+        );
+    }
+    // SAFETY: no precondition.
+    let me = unsafe { libc::pthread_self() } as usize;
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(0);
+    let thread = std::thread::spawn(move || {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < end {
+            // SAFETY: `me` is the thread that made the guard, alive until the guard is
+            // dropped, which joins this thread.
+            unsafe { libc::pthread_kill(me as libc::pthread_t, libc::SIGUSR2) };
+            if stopped.recv_timeout(period).is_ok() {
+                break;
+            }
+        }
+    });
+    Signaller {
+        stop,
+        thread: Some(thread),
+    }
+}
+
+/// Stops the signals of [`signal_me_every`] when dropped.
+#[cfg(unix)]
+pub struct Signaller {
+    stop: crossbeam_channel::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(unix)]
+impl Drop for Signaller {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

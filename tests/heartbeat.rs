@@ -419,6 +419,8 @@ fn busy_link_with_slow_pong_is_not_killed() {
     let _ = client.close();
 
     // The same link in strict mode: only pongs count, so it dies despite the traffic.
+    // Its clock starts inside connect(), so the lower bound is measured from before it.
+    let start = Instant::now();
     let client = builder(
         &server.url(),
         Heartbeat::ping(interval, timeout).strict(true),
@@ -427,7 +429,6 @@ fn busy_link_with_slow_pong_is_not_killed() {
     .connect()
     .expect("connect");
     let events = client.events();
-    let start = Instant::now();
     let traffic = Traffic::start(&client, gap);
     let (reason, at, before) = wait_disconnected(&events, 1, interval + timeout + T);
     let received = before
@@ -588,12 +589,14 @@ enum Verdict {
 /// Connects with `hb` to `server` and checks the verdict.
 fn judge(server: &TestServer, hb: Heartbeat, verdict: Verdict, what: &str) {
     let limit = hb.interval() + hb.timeout();
+    // The link's clock starts inside connect(), so "not dead before `limit`" is measured
+    // from before the call (a slow machine, or Wine, can take several ms to return).
+    let start = Instant::now();
     let client = builder(&server.url(), hb)
         .reconnect(false)
         .connect()
         .expect("connect");
     let events = client.events();
-    let start = Instant::now();
     match verdict {
         Verdict::Dies => {
             let (reason, at, _) = wait_disconnected(&events, 1, limit + T);

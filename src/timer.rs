@@ -25,7 +25,10 @@ const GRACE_STEP: Duration = Duration::from_millis(5);
 /// may be in it. The process may have been paused (a stopped process, a VM that was not
 /// scheduled, swapping) while the reply arrived, and the timer then runs before the
 /// reader. The verdict waits until the reader has drained once (it was woken by the
-/// same input), at most the heartbeat timeout. A dead or half-open link brings no input,
+/// same input), at most the longer of the heartbeat's timeout and interval (passive mode
+/// has no timeout: its grace would end at the first look again, and a reader that a busy
+/// machine keeps off the CPU for a few ms would get a live link killed). A dead or
+/// half-open link brings no input,
 /// so this never delays its detection; a peer that keeps sending without answering is
 /// judged after the reader's next drain.
 struct Grace {
@@ -109,7 +112,7 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                                         grace = Some(Grace {
                                             generation: cgen,
                                             drains: live.drains,
-                                            until: deadline(now, hb.timeout()),
+                                            until: deadline(now, hb.timeout().max(hb.interval())),
                                         });
                                     }
                                     Some(g)

@@ -2,8 +2,8 @@
 //! the heartbeat timeout while a live peer's in-time reply arrives. When it resumes, the
 //! timer may run before the reader has read that reply; it must not declare the link
 //! dead. The peer runs in another process (this test binary run again), so it goes on
-//! while the client is stopped; this binary holds only this test, since stopping the
-//! process stops every test in it.
+//! while the client is stopped. Stopping the process stops every test in it, so this
+//! binary holds only tests of a paused or starved process, run one at a time.
 #![cfg(target_os = "linux")]
 
 use std::io::{BufRead, BufReader, Write};
@@ -72,6 +72,7 @@ fn peer_process() {
 
 #[test]
 fn a_paused_process_keeps_a_live_link() {
+    let _serial = serial();
     let mut peer = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "peer_process", "--ignored", "--nocapture"])
         .env("WSBEAT_TEST_CLIENT_PID", std::process::id().to_string())
@@ -112,4 +113,122 @@ fn a_paused_process_keeps_a_live_link() {
         rtt.is_some_and(|r| r >= PONG_DELAY),
         "the late pongs were seen: rtt {rtt:?}"
     );
+}
+
+/// Passive mode on a starved machine: the reader thread gets no CPU for longer than the
+/// allowed silence while the peer keeps sending. When the deadline passes, the peer's
+/// messages wait unread in the socket: the timer must wait for the reader rather than
+/// declare a live link dead (promise 3). Passive mode has no reply timeout, so the wait
+/// cannot be bounded by it.
+#[test]
+fn a_starved_reader_does_not_get_a_live_passive_link_killed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const MAX_SILENCE: Duration = Duration::from_secs(1);
+    /// Longer than the allowed silence, shorter than twice it.
+    const STARVE: Duration = Duration::from_millis(1600);
+    let _serial = serial();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let peer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            sock.set_nodelay(true).unwrap();
+            let mut ws = tungstenite::accept(sock).unwrap();
+            // The pace *is* the scenario (a live peer), not a synchronisation.
+            while !stop.load(Ordering::Relaxed) && ws.send(Message::text("tick")).is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let client = Client::builder(&format!("ws://127.0.0.1:{port}/"))
+        .heartbeat(Heartbeat::passive(MAX_SILENCE))
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    match events.recv_timeout(Duration::from_secs(10)) {
+        Ok(Event::Connected { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    match events.recv_timeout(Duration::from_secs(10)) {
+        Ok(Event::Message(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    // The reader gets the CPU only when nothing else wants it; busy threads then take
+    // every core. This thread does not wait on `events` meanwhile, so only the reader
+    // reads the socket.
+    // (A consumer may have read that message itself, before the reader thread started.)
+    let started = Instant::now();
+    while !idle_priority("wsbeat-reader-1") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no reader thread"
+        );
+        std::thread::yield_now();
+    }
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let until = Instant::now() + STARVE;
+    let busy: Vec<_> = (0..2 * cores)
+        .map(|_| {
+            std::thread::spawn(move || {
+                while Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    busy.into_iter().for_each(|t| t.join().unwrap());
+    // Back to normal: the reader reads what waited. One more allowed silence.
+    let end = Instant::now() + MAX_SILENCE;
+    let mut kills = Vec::new();
+    let mut messages = 0;
+    while let Ok(ev) = events.recv_deadline(end) {
+        match ev {
+            Event::Disconnected { reason, .. } => kills.push(reason),
+            Event::Message(_) => messages += 1,
+            _ => {}
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = client.close();
+    peer.join().unwrap();
+    assert!(
+        kills.is_empty(),
+        "a live passive link was declared dead while its reader was starved: {kills:?}"
+    );
+    assert!(messages >= 10, "the peer's messages were read: {messages}");
+}
+
+/// Tests in this binary one at a time: one stops the process, one takes every core.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Puts this process's thread named `name` in `SCHED_IDLE`: it runs only on an
+/// otherwise idle core. False if there is no such thread.
+fn idle_priority(name: &str) -> bool {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+    for task in tasks.filter_map(Result::ok) {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let tid: libc::pid_t = task.file_name().to_str().unwrap().parse().unwrap();
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: a plain system call on a thread of this process; `param` outlives it.
+        let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) };
+        assert_eq!(
+            rc,
+            0,
+            "sched_setscheduler: {}",
+            std::io::Error::last_os_error()
+        );
+        return true;
+    }
+    false
 }

@@ -122,8 +122,8 @@ pub enum SocksFailure {
     /// The proxy answered `CONNECT` with this reply code. SOCKS5 (RFC 1928 6):
     /// 1 general failure, 2 not allowed by its rules, 3 network unreachable, 4 host
     /// unreachable, 5 connection refused, 6 TTL expired, 7 command not supported,
-    /// 8 address type not supported. SOCKS4: 91 rejected or failed, 92 and 93 identd
-    /// failures.
+    /// 8 address type not supported; Tor's extended errors 0xF0-0xF7 (onion services).
+    /// SOCKS4: 91 rejected or failed, 92 and 93 identd failures.
     Reply(u8),
     /// The proxy requires a user name and password and the proxy URL has none
     /// (`socks5h://user:password@host:port`).
@@ -154,7 +154,16 @@ impl fmt::Display for SocksFailure {
                     92 | 93 => {
                         "SOCKS4 request rejected: the proxy could not check the user id with identd"
                     }
-                    _ => "unknown reply code",
+                    // Tor's extended errors (its SocksPort flag `ExtendedErrors`).
+                    0xF0 => "Tor: onion service descriptor not found",
+                    0xF1 => "Tor: onion service descriptor invalid",
+                    0xF2 => "Tor: onion service introduction failed",
+                    0xF3 => "Tor: onion service rendezvous failed",
+                    0xF4 => "Tor: onion service client authorization missing",
+                    0xF5 => "Tor: onion service client authorization wrong",
+                    0xF6 => "Tor: invalid onion service address",
+                    0xF7 => "Tor: onion service introduction timed out",
+                    _ => "unknown reply code (retried)",
                 };
                 write!(f, "reply code {code}: {what}")
             }
@@ -275,13 +284,16 @@ pub enum Error {
         body: Option<String>,
     },
     /// An HTTP proxy refused the CONNECT request.
-    #[error(
-        "HTTP proxy answered CONNECT with {status} (401/407: check the proxy credentials; 403: the proxy forbids this destination)"
-    )]
+    #[error("HTTP proxy answered CONNECT with {status}{}", proxy_hint(*.status))]
     Proxy {
         /// The proxy's HTTP status code.
         status: u16,
     },
+    /// A proxy's answer could not be read: not HTTP from an `http://` proxy, not SOCKS
+    /// from a `socks*://` one, or too large. Often a proxy URL whose scheme does not
+    /// match the proxy. Retried, as the proxy may be restarting.
+    #[error("proxy handshake failed: {0} (check that the proxy URL's scheme matches the proxy)")]
+    ProxyProtocol(String),
     /// A SOCKS proxy refused to open the tunnel.
     #[error("SOCKS proxy: {0}")]
     Socks(SocksFailure),
@@ -481,7 +493,11 @@ impl Error {
 
     /// True when retrying the same request cannot succeed: authentication and
     /// not-found rejections (HTTP 400/401/403/404), a server that wants another protocol
-    /// (426 Upgrade Required), certificate errors, bad URLs.
+    /// (426 Upgrade Required), a redirect that is not followed, an extension that was not
+    /// offered, certificate errors, bad URLs, headers or settings; from a proxy: refused
+    /// credentials or destination (HTTP 401/403/407; SOCKS rules, authentication,
+    /// unsupported command or address type, Tor's bad address or authorization) and a
+    /// proxy scheme wsbeat does not speak.
     /// The default reconnect policy gives up on these.
     pub fn is_fatal(&self) -> bool {
         match self {
@@ -490,9 +506,16 @@ impl Error {
             Error::Http { status, .. } => {
                 matches!(status, 300..=399 | 400 | 401 | 403 | 404 | 426)
             }
-            // Transient: failures of the network behind the proxy, and SOCKS4's 91, which
-            // means "rejected or failed" alike.
-            Error::Socks(f) => !matches!(f, SocksFailure::Reply(1 | 3 | 4 | 5 | 6 | 91)),
+            // Fatal: the proxy's rules, what it cannot do, credentials, and Tor's verdicts
+            // on the onion address or the client's authorization. Everything else (the
+            // network behind the proxy, SOCKS4's 91, which means "rejected or failed"
+            // alike, Tor's failed circuits, unknown codes) is retried.
+            Error::Socks(f) => matches!(
+                f,
+                SocksFailure::AuthRequired
+                    | SocksFailure::AuthRejected
+                    | SocksFailure::Reply(2 | 7 | 8 | 92 | 93 | 0xF1 | 0xF4 | 0xF5 | 0xF6)
+            ),
             Error::UnsupportedProxy { .. }
             | Error::Redirect { .. }
             | Error::UnexpectedExtension { .. } => true,
@@ -587,7 +610,19 @@ impl From<io::Error> for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `text` up to `max` bytes (cut at a character boundary), with its length when cut.
-fn shortened(text: &str, max: usize) -> String {
+/// What to do about an HTTP proxy's refusal of CONNECT, for [`Error::Proxy`]'s message.
+fn proxy_hint(status: u16) -> &'static str {
+    match status {
+        401 | 407 => {
+            ": the proxy requires authentication (put user:password in the proxy URL, or \
+             check them)"
+        }
+        403 => ": the proxy forbids this destination",
+        _ => "",
+    }
+}
+
+pub(crate) fn shortened(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
     }
@@ -645,6 +680,43 @@ mod tests {
         for status in [408, 429, 500, 502, 503, 504] {
             assert!(!http(status).is_fatal(), "{status}");
         }
+    }
+
+    #[test]
+    fn which_socks_failures_are_fatal() {
+        use super::SocksFailure::*;
+        // The proxy's rules, what it cannot do, credentials, Tor's verdicts on the
+        // address or the authorization: asking again cannot succeed.
+        for f in [AuthRequired, AuthRejected] {
+            assert!(Error::Socks(f).is_fatal(), "{f:?}");
+        }
+        for code in [2, 7, 8, 92, 93, 0xF1, 0xF4, 0xF5, 0xF6] {
+            assert!(Error::Socks(Reply(code)).is_fatal(), "{code}");
+        }
+        // The network behind the proxy, Tor circuits (with its ExtendedErrors flag), and
+        // codes nobody knows yet (before: unknown codes were fatal, so a Tor client gave
+        // up on its first failed rendezvous).
+        for code in [1, 3, 4, 5, 6, 91, 0xF0, 0xF2, 0xF3, 0xF7, 9, 0x7F, 0xFF] {
+            assert!(!Error::Socks(Reply(code)).is_fatal(), "{code}");
+        }
+        let tor = Error::Socks(Reply(0xF3)).to_string();
+        assert!(tor.contains("rendezvous"), "{tor}");
+    }
+
+    #[test]
+    fn an_http_proxys_refusal_says_what_to_do() {
+        let auth = Error::Proxy { status: 407 }.to_string();
+        assert!(
+            auth.contains("put user:password in the proxy URL"),
+            "{auth}"
+        );
+        let forbidden = Error::Proxy { status: 403 }.to_string();
+        assert!(
+            forbidden.contains("forbids this destination"),
+            "{forbidden}"
+        );
+        let other = Error::Proxy { status: 502 }.to_string();
+        assert_eq!(other, "HTTP proxy answered CONNECT with 502");
     }
 
     #[test]

@@ -550,3 +550,121 @@ fn informational_answers_before_the_101_are_skipped() {
     let _ = client.close();
     server.join().unwrap();
 }
+
+/// A one-connection HTTP proxy: reads the CONNECT request head, writes `answer`, then
+/// (with a `target`) relays the tunnel both ways until either side ends.
+fn http_proxy(
+    answer: &'static [u8],
+    target: Option<SocketAddr>,
+) -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let proxy = std::thread::spawn(move || {
+        let (mut client, _) = listener.accept().unwrap();
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            if client.read_exact(&mut byte).is_err() {
+                return;
+            }
+            request.push(byte[0]);
+        }
+        assert!(request.starts_with(b"CONNECT "));
+        if client.write_all(answer).is_err() {
+            return;
+        }
+        let Some(target) = target else {
+            // Hold the connection until the client goes.
+            let _ = client.read(&mut [0u8; 64]);
+            return;
+        };
+        let server = std::net::TcpStream::connect(target).unwrap();
+        let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+        let up = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut s2);
+            let _ = s2.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut client, mut server) = (client, server);
+        let _ = std::io::copy(&mut server, &mut client);
+        let _ = client.shutdown(std::net::Shutdown::Write);
+        up.join().unwrap();
+    });
+    (url, proxy)
+}
+
+/// RFC 9110 15.2: a client must parse 1xx answers before the final one, from a proxy
+/// too (before, a `100 Continue` failed every attempt as `Error::Proxy { status: 100 }`).
+/// The final answer's lines end in bare LFs, which RFC 9112 2.2 allows a client to take.
+#[test]
+fn an_http_proxys_interim_answers_before_its_200_are_skipped() {
+    let _g = util::shared();
+    let server = TestServer::echo();
+    let (proxy, relay) = http_proxy(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\n\r\n\
+          HTTP/1.1 200 Connection established\nVia: test\n\n",
+        Some(server.addr()),
+    );
+    let client = Client::builder(&server.url())
+        .proxy(&proxy)
+        .reconnect(false)
+        .connect()
+        .expect("the 200 after interim answers opens the tunnel");
+    let events = client.events();
+    client.send_text("through").unwrap();
+    loop {
+        match events.recv_timeout(T).expect("the echo") {
+            Event::Message(m) => {
+                assert_eq!(m.to_text().unwrap(), "through");
+                break;
+            }
+            Event::Connected { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let _ = client.close();
+    relay.join().unwrap();
+}
+
+/// An answer that is not HTTP (here an SSH banner, whose second word happens to be
+/// "200") is no tunnel: before, it was taken for one and the connect failed later, as
+/// the server closing during the upgrade. A SOCKS proxy's garbage was "WebSocket
+/// protocol error". Both are now proxy errors that point at the proxy URL.
+#[test]
+fn a_proxy_answer_in_another_protocol_is_a_proxy_error() {
+    let _g = util::shared();
+    let (proxy, relay) = http_proxy(b"SSH-2.0 200 OpenSSH\r\n\r\n", None);
+    let err = Client::builder("ws://example.invalid/")
+        .proxy(&proxy)
+        .connect_timeout(T)
+        .reconnect(false)
+        .connect()
+        .expect_err("an SSH banner is no tunnel");
+    assert!(matches!(err, Error::ProxyProtocol(_)), "{err:?}");
+    let shown = err.to_string();
+    assert!(shown.contains("SSH-2.0"), "{shown}");
+    assert!(shown.contains("proxy URL's scheme"), "{shown}");
+    assert!(!err.is_fatal());
+    relay.join().unwrap();
+
+    // An HTTP proxy given as a SOCKS5 one: it answers the SOCKS greeting in HTTP.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = listener.local_addr().unwrap();
+    let garbage = std::thread::spawn(move || {
+        let (mut sock, _) = listener.accept().unwrap();
+        let mut hello = [0u8; 3];
+        sock.read_exact(&mut hello).unwrap();
+        let _ = sock.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n");
+        let _ = sock.read(&mut [0u8; 64]);
+    });
+    let err = Client::builder("ws://example.invalid/")
+        .proxy(&format!("socks5h://{proxy_addr}"))
+        .connect_timeout(T)
+        .reconnect(false)
+        .connect()
+        .expect_err("an HTTP answer is no SOCKS reply");
+    assert!(matches!(err, Error::ProxyProtocol(_)), "{err:?}");
+    let shown = err.to_string();
+    assert!(!shown.contains("WebSocket"), "{shown}");
+    assert!(shown.contains("SOCKS"), "{shown}");
+    garbage.join().unwrap();
+}

@@ -687,10 +687,32 @@ fn proxy_connect(
         }
     };
     (&*sock).write_all(req.as_bytes()).map_err(timeout)?;
-    // Read the response head byte by byte so no tunnelled byte is consumed.
+    // Interim 1xx answers come before the final one and are skipped (RFC 9110 15.2); the
+    // deadline bounds a proxy that sends them without end.
+    loop {
+        let head = proxy_head(sock, dl, &timeout)?;
+        let status = proxy_status(&head)?;
+        if (100..200).contains(&status) {
+            log::debug!("HTTP proxy sent an interim {status} before its answer to CONNECT");
+            continue;
+        }
+        if !(200..300).contains(&status) {
+            return Err(Error::Proxy { status });
+        }
+        return Ok(());
+    }
+}
+
+/// Reads one response head of an HTTP proxy, byte by byte so that no tunnelled byte is
+/// consumed. Lines may end in CRLF or in a bare LF (RFC 9112 2.2).
+fn proxy_head(
+    sock: &TcpStream,
+    dl: &Deadline,
+    timeout: &impl Fn(io::Error) -> Error,
+) -> Result<Vec<u8>> {
     let mut head = Vec::with_capacity(256);
     let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
+    while !(head.ends_with(b"\n\r\n") || head.ends_with(b"\n\n")) {
         // Re-armed per byte: a proxy that trickles its answer meets the deadline too.
         dl.arm(sock, ConnectStage::Proxy)?;
         match (&*sock).read(&mut byte) {
@@ -704,20 +726,39 @@ fn proxy_connect(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(timeout(e)),
         }
-        if head.len() > 16 << 10 {
-            return Err(Error::Protocol("proxy response head too large".into()));
+        if head.len() > PROXY_HEAD_MAX {
+            return Err(Error::ProxyProtocol(format!(
+                "HTTP proxy: response head over {} KiB",
+                PROXY_HEAD_MAX >> 10
+            )));
         }
     }
-    let line = String::from_utf8_lossy(&head);
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| Error::Protocol("malformed proxy response".into()))?;
-    if !(200..300).contains(&status) {
-        return Err(Error::Proxy { status });
+    Ok(head)
+}
+
+/// Longest response head accepted from an HTTP proxy.
+const PROXY_HEAD_MAX: usize = 16 << 10;
+
+/// The status code of an HTTP proxy's response head: its first line must be
+/// `HTTP/1.x SP 3DIGIT ...` (RFC 9112 4); anything else is no HTTP proxy.
+fn proxy_status(head: &[u8]) -> Result<u16> {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let line = line.trim_end_matches('\r');
+    let mut parts = line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    let code = parts.next().unwrap_or_default();
+    if version.starts_with("HTTP/1.")
+        && code.len() == 3
+        && code.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(status) = code.parse()
+    {
+        return Ok(status);
     }
-    Ok(())
+    Err(Error::ProxyProtocol(format!(
+        "HTTP proxy: not an HTTP response: {:?}",
+        crate::error::shortened(line, 64)
+    )))
 }
 
 fn base64(input: &[u8]) -> String {

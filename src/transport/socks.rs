@@ -185,7 +185,7 @@ fn authenticate(io: &mut Io<'_>, user: &str, pass: &str) -> Result<()> {
 }
 
 fn malformed(what: &str) -> Error {
-    Error::Protocol(format!("SOCKS proxy: {what}"))
+    Error::ProxyProtocol(format!("SOCKS proxy: {what}"))
 }
 
 /// Reads and writes with the time left as the socket timeout.
@@ -337,6 +337,6 @@ mod tests {
         let (r, _) = exchange(&[b"HTTP/1.1 400 Bad Request\r\n\r\n"], |s, dl| {
             connect(s, None, Target::Name("x"), 443, dl)
         });
-        assert!(matches!(r, Err(Error::Protocol(_))), "{r:?}");
+        assert!(matches!(r, Err(Error::ProxyProtocol(_))), "{r:?}");
     }
 }

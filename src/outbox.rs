@@ -122,8 +122,11 @@ impl Acks {
 
     /// Text messages that are JSON objects with an unsigned integer field `id_field`
     /// (e.g. `{"id": 7, ...}`), acked by text messages with the field `ack_field`
-    /// (e.g. `{"ack": 7}`). A small scanner, not a JSON parser: the field is looked
-    /// for as `"name":` followed by digits.
+    /// (e.g. `{"ack": 7}`). A small scanner, not a JSON parser: the field is the first
+    /// `"name":` in the text (a `"name"` not followed by a colon, such as the value in
+    /// `{"type":"ack","ack":7}`, is skipped), and its value must be digits. A nested
+    /// object with the same field name before it would be taken instead: use
+    /// [`Acks::new`] for such messages.
     ///
     /// ```
     /// use wsbeat::{Acks, Message};
@@ -165,16 +168,24 @@ impl Acks {
     }
 }
 
-/// The unsigned integer after `"key":` in a text message.
+/// The unsigned integer after the first `"key":` in a text message that has one. The
+/// key may come earlier as a string value (`{"type":"ack","ack":7}`): only a `"key"`
+/// followed by a colon is a field name (a quote inside a JSON string is escaped, so a
+/// string's content never matches).
 fn json_u64(m: &Message, key: &str) -> Option<u64> {
     let Message::Text(t) = m else { return None };
-    let s = t.as_str();
-    let rest = &s[s.find(key)? + key.len()..];
-    let rest = rest.trim_start().strip_prefix(':')?.trim_start();
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
+    let mut s = t.as_str();
+    loop {
+        s = &s[s.find(key)? + key.len()..];
+        let Some(rest) = s.trim_start().strip_prefix(':') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        let end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        return rest[..end].parse().ok();
+    }
 }
 
 /// Runs a user's id reader. It runs under the lock on a wsbeat thread or in a sender:
@@ -400,6 +411,16 @@ mod tests {
         assert_eq!(json_u64(&Message::text(r#"{"ack":7}"#), "\"ack\""), Some(7));
         assert_eq!(json_u64(&Message::text(r#"{"ack":"x"}"#), "\"ack\""), None);
         assert_eq!(json_u64(&Message::binary(vec![1]), "\"id\""), None);
+        // The name as a value first (docs review: such acks were never recognised, so
+        // every message was re-sent forever and the outbox filled up).
+        let typed = Message::text(r#"{"type":"ack", "ack" : 9}"#);
+        assert_eq!(json_u64(&typed, "\"ack\""), Some(9));
+        let kind = Message::text(r#"{"note":"\"id\":1","kind":"id","id":7}"#);
+        assert_eq!(json_u64(&kind, "\"id\""), Some(7));
+        assert_eq!(
+            json_u64(&Message::text(r#"{"type":"ack"}"#), "\"ack\""),
+            None
+        );
     }
 
     #[test]

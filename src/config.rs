@@ -315,15 +315,17 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Largest incoming or outgoing message in bytes (default 16 MiB). A bigger
-    /// incoming message closes the connection; a bigger outgoing one is handed back by `send` in
-    /// [`Error::MessageTooLarge`].
+    /// Largest incoming or outgoing message in bytes (default 16 MiB; `usize::MAX`: no
+    /// limit). A bigger incoming message closes the connection; a bigger outgoing one is
+    /// handed back by `send` in [`Error::MessageTooLarge`]. Zero, which any message from
+    /// the peer would break, is an [`Error::InvalidConfig`] from `connect()`.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self
     }
 
-    /// Largest incoming frame in bytes (default 16 MiB).
+    /// Largest incoming frame in bytes (default 16 MiB; `usize::MAX`: no limit; zero is
+    /// an [`Error::InvalidConfig`] from `connect()`).
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
         self.max_frame_size = bytes;
         self
@@ -429,7 +431,7 @@ impl TcpKeepalive {
 pub const DEFAULT_EVENT_CAPACITY_MESSAGES: usize = 10_000;
 /// Default most payload bytes waiting for the consumer.
 pub const DEFAULT_EVENT_CAPACITY_BYTES: usize = 32 << 20;
-/// Default time the reader may be held back by a full event channel before the consumer
+/// Default time a consumer may take no event while the event channel is full before it
 /// is reported stalled.
 pub const DEFAULT_CONSUMER_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default longest spin of a consumer waiting for events, see
@@ -533,6 +535,19 @@ impl Config {
                      \"eth0\", or leave bind_device unset",
                 );
             }
+        }
+        if self.limits.max_message_size == 0 || self.limits.max_frame_size == 0 {
+            // Every message the peer sends would close the connection, and the client
+            // would reconnect for good (docs review: 87 connections in 2 s).
+            return invalid(
+                if self.limits.max_message_size == 0 {
+                    "Limits::max_message_size"
+                } else {
+                    "Limits::max_frame_size"
+                },
+                "zero would close the connection on any message the peer sends; use \
+                 usize::MAX for no limit",
+            );
         }
         if let Delivery::Acked(acks) = &self.delivery
             && acks.timeout.is_zero()

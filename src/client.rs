@@ -250,6 +250,7 @@ impl Client {
                 queue,
                 flushing_queue: false,
                 outbox,
+                first: None,
             }),
             changed: parking_lot::Condvar::new(),
             cfg,
@@ -278,7 +279,7 @@ impl Client {
             .name("wsbeat-timer".into())
             .stack_size(stack)
             .spawn(move || crate::timer::run(s, timer_rx))
-            .map_err(|e| failed(Error::io(e)))?;
+            .map_err(|e| failed(Error::spawn("wsbeat timer", e)))?;
         let sup = Supervisor::new(shared.clone(), hooks.clone(), ctl_rx, timer);
         let supervisor = match std::thread::Builder::new()
             .name("wsbeat-reconnect".into())
@@ -289,26 +290,26 @@ impl Client {
             Err(e) => {
                 // The supervisor owned the timer's handle; stop the timer by closing.
                 let _ = shared.timer.send(TimerCmd::Stop);
-                return Err(failed(Error::io(e)));
+                return Err(failed(Error::spawn("wsbeat supervisor", e)));
             }
         };
         let supervisor_id = supervisor.thread().id();
-        if eager {
-            // The supervisor publishes the connection we opened. Return only after that
-            // (or after it failed), so the caller finds it open: `state()` is `Open`, and
-            // a `close()` right away does the close handshake on it. (The timed wait only
-            // guards against a supervisor that died without publishing.)
+        let first = if eager {
+            // The supervisor publishes the connection we opened. Return only after that,
+            // so the caller finds it open: `state()` is `Open`, and a `close()` right
+            // away does the close handshake on it. (The timed wait only guards against a
+            // supervisor that died without publishing.)
             let mut link = shared.link.lock();
-            while link.generation == 0
-                && !matches!(link.state, State::Backoff | State::Closed)
-                && !supervisor.is_finished()
-            {
+            while link.first.is_none() && !supervisor.is_finished() {
                 shared
                     .changed
                     .wait_for(&mut link, Duration::from_millis(50));
             }
-        }
-        Ok(Client {
+            link.first.take()
+        } else {
+            None
+        };
+        let client = Client {
             inner: Arc::new(Handle {
                 shared,
                 hooks,
@@ -317,7 +318,15 @@ impl Client {
                 supervisor: Mutex::new(Some(supervisor)),
                 supervisor_id,
             }),
-        })
+        };
+        if let Some(Err(e)) = first {
+            // Opened but not started (out of descriptors or threads): the caller gets the
+            // error, not a client that retries on its own behind an `Ok`. The supervisor
+            // waits for this close.
+            *carried = client.close();
+            return Err(e);
+        }
+        Ok(client)
     }
 
     /// Sends a message. Returns once it reached the OS, or once it is queued while

@@ -552,6 +552,12 @@ impl Error {
         Error::Io(Arc::new(e))
     }
 
+    /// A thread that could not be started (out of threads, memory or address space):
+    /// [`Error::Io`] of the same kind, saying which thread.
+    pub(crate) fn spawn(thread: &str, e: io::Error) -> Error {
+        Error::io(spawn_failure(thread, e))
+    }
+
     pub(crate) fn from_ws(e: tungstenite::Error) -> Error {
         use tungstenite::Error as W;
         match e {
@@ -610,6 +616,14 @@ impl From<io::Error> for Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// `text` up to `max` bytes (cut at a character boundary), with its length when cut.
+/// The error of a thread that could not be started, saying which thread.
+pub(crate) fn spawn_failure(thread: &str, e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("could not start the {thread} thread: {e}"),
+    )
+}
+
 /// What to do about an HTTP proxy's refusal of CONNECT, for [`Error::Proxy`]'s message.
 fn proxy_hint(status: u16) -> &'static str {
     match status {

@@ -528,6 +528,9 @@ pub(crate) struct Link {
     pub flushing_queue: bool,
     /// Acked delivery: the unacked messages.
     pub outbox: Option<Outbox>,
+    /// How publishing the connection `connect()` opened went (set once by the
+    /// supervisor; `connect()` waits for it, so `Ok` means the connection is open).
+    pub first: Option<Result<()>>,
 }
 
 impl Link {

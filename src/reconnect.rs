@@ -154,6 +154,7 @@ impl Supervisor {
             if self.shared.closing.load(Ordering::SeqCst) {
                 break None;
             }
+            let first = pending.is_some();
             let opened = match pending.take() {
                 Some(o) => o,
                 None => {
@@ -179,7 +180,22 @@ impl Supervisor {
                     }
                 }
             };
-            let cgen = match self.publish(opened) {
+            let published = self.publish(opened);
+            if first {
+                // `connect()` waits for this: `Ok` means open. On an error it returns it
+                // and closes this client, so there is nothing to retry.
+                let failed = published.is_err();
+                {
+                    let mut link = self.shared.link.lock();
+                    link.first = Some(published.as_ref().map(|_| ()).map_err(Clone::clone));
+                    self.shared.changed.notify_all();
+                }
+                if failed {
+                    self.wait_for_close();
+                    break None;
+                }
+            }
+            let cgen = match published {
                 Ok(x) => x,
                 Err(e) => match self.backoff(Some(e), None) {
                     Ok(()) => continue,
@@ -334,6 +350,17 @@ impl Supervisor {
         }
     }
 
+    /// Waits for `close()` (the `connect()` whose first connection could not start
+    /// closes at once).
+    fn wait_for_close(&self) {
+        while !self.shared.closing.load(Ordering::SeqCst) {
+            match self.ctl.recv() {
+                Ok(Command::Close) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// Makes a fresh connection the current one and starts its reader.
     fn publish(&mut self, opened: Opened) -> Result<u64> {
         let sock = Arc::new(opened.ws.get_ref().tcp().try_clone()?);
@@ -403,10 +430,11 @@ impl Supervisor {
         let reader = match reader {
             Ok(r) => r,
             Err(e) => {
+                let e = crate::error::spawn_failure("wsbeat reader", e);
                 self.shared
                     .report_dead(cgen, DisconnectReason::Io(e.to_string()));
                 let reason = self.teardown(cgen);
-                log::warn!("could not start reader thread: {reason}");
+                log::warn!("{reason}");
                 // `Connected` went out: this connection ends in `Disconnected`, as any.
                 self.shared.emit(Event::Disconnected {
                     generation: cgen,

@@ -181,7 +181,8 @@ fn resolve_with(
         .spawn(move || {
             let _done = done_tx;
             let _ = tx.send(lookup(&name, port));
-        })?;
+        })
+        .map_err(|e| Error::spawn("wsbeat DNS lookup", e))?;
     loop {
         let left = dl.left(ConnectStage::Dns)?;
         let mut fds = [

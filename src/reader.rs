@@ -22,7 +22,7 @@
 //! input counts as traffic, so a slow consumer never gets a live peer declared dead.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -45,6 +45,10 @@ const RECYCLE_BYTES: usize = 4 << 20;
 const RECYCLE_MAX_BUF: usize = 1 << 20;
 /// Most recycled buffers one copy looks at (it runs under the link lock).
 const RECYCLE_SKIP: usize = 8;
+/// A reader idle this long with buffers in its pool frees them: the pool serves floods
+/// of large messages, and an idle connection should hold no more than its read buffer
+/// (scale probe: 1-5 MiB per idle client after a burst, 500 clients).
+const RECYCLE_IDLE: Duration = Duration::from_secs(1);
 
 /// Payload buffers that come back to the reader when the user drops a message.
 ///
@@ -61,12 +65,19 @@ struct Recycler {
     rx: Receiver<Vec<u8>>,
     /// Capacity of the buffers waiting in `rx`.
     kept: AtomicUsize,
+    /// The reader waits with no time limit and an empty pool: the first buffer that comes
+    /// back wakes it, so that an idle connection frees what it pooled (see `RECYCLE_IDLE`).
+    asleep: AtomicBool,
+    waker: Option<Arc<Waker>>,
 }
 
-/// A payload buffer on its way back to its [`Recycler`] (the owner of a `Bytes`).
+/// A payload buffer on its way back to its [`Recycler`] (the owner of a `Bytes`). Only
+/// the reader owns the pool: a message the user keeps after its connection ended holds
+/// its own buffer, not the pool (it held every pooled buffer, ~1.3 MiB per kept 16 KiB
+/// message, in the scale probe).
 struct Recycled {
     buf: Vec<u8>,
-    home: Arc<Recycler>,
+    home: Weak<Recycler>,
 }
 
 impl AsRef<[u8]> for Recycled {
@@ -78,27 +89,60 @@ impl AsRef<[u8]> for Recycled {
 impl Drop for Recycled {
     fn drop(&mut self) {
         let cap = self.buf.capacity();
-        if cap <= RECYCLE_MAX_BUF
-            && self.home.kept.fetch_add(cap, Ordering::Relaxed) < RECYCLE_BYTES
-        {
-            if self.home.tx.try_send(std::mem::take(&mut self.buf)).is_ok() {
-                return;
-            }
-        } else if cap > RECYCLE_MAX_BUF {
+        if cap > RECYCLE_MAX_BUF {
             return;
         }
-        self.home.kept.fetch_sub(cap, Ordering::Relaxed);
+        // The connection ended (its reader dropped the pool): the buffer is freed.
+        let Some(home) = self.home.upgrade() else {
+            return;
+        };
+        if home.kept.fetch_add(cap, Ordering::Relaxed) < RECYCLE_BYTES
+            && home.tx.try_send(std::mem::take(&mut self.buf)).is_ok()
+        {
+            // Pairs with the fence in `Recycler::wait_untimed`: either the reader sees
+            // this buffer, or this sees it asleep and wakes it.
+            fence(Ordering::SeqCst);
+            if home.asleep.load(Ordering::Relaxed)
+                && home.asleep.swap(false, Ordering::Relaxed)
+                && let Some(w) = &home.waker
+            {
+                w.wake();
+            }
+            return;
+        }
+        home.kept.fetch_sub(cap, Ordering::Relaxed);
     }
 }
 
 impl Recycler {
-    fn new() -> Arc<Recycler> {
+    /// A pool whose returned buffers wake `waker` when its reader waits untimed.
+    fn new(waker: Option<Arc<Waker>>) -> Arc<Recycler> {
         let (tx, rx) = crossbeam_channel::unbounded();
         Arc::new(Recycler {
             tx,
             rx,
             kept: AtomicUsize::new(0),
+            asleep: AtomicBool::new(false),
+            waker,
         })
+    }
+
+    /// Before the reader's wait for input: true if buffers are pooled (then it waits at
+    /// most `RECYCLE_IDLE` and trims), else it may wait untimed and the first buffer that
+    /// comes back wakes it.
+    fn wait_untimed(&self) -> bool {
+        self.asleep.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.holds() {
+            self.asleep.store(false, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// After the reader's wait.
+    fn awake(&self) {
+        self.asleep.store(false, Ordering::Relaxed);
     }
 
     /// A copy of `data` in a recycled buffer when one fits: at least as large, and at
@@ -130,8 +174,20 @@ impl Recycler {
         buf.extend_from_slice(data);
         Bytes::from_owner(Recycled {
             buf,
-            home: self.clone(),
+            home: Arc::downgrade(self),
         })
+    }
+
+    /// Whether buffers wait in the pool.
+    fn holds(&self) -> bool {
+        !self.rx.is_empty()
+    }
+
+    /// Frees every pooled buffer.
+    fn trim(&self) {
+        while let Ok(b) = self.rx.try_recv() {
+            self.kept.fetch_sub(b.capacity(), Ordering::Relaxed);
+        }
     }
 }
 
@@ -398,7 +454,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     // Room for a usual drain; a larger budget (up to `usize::MAX`: no message limit) grows
     // it on demand.
     let mut out: VecDeque<Message> = VecDeque::with_capacity(shared.cfg.read_budget.min(1024));
-    let recycler = Recycler::new();
+    let recycler = Recycler::new(Some(waker.clone()));
     // Consumer reads of the socket seen so far (see `Inbound::consumer_reads`).
     let mut seen = inbound.drives();
     let max_defer = MAX_DEFER.min(shared.cfg.heartbeat.timeout() / 4).max(DEFER);
@@ -433,10 +489,23 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             // otherwise; the connection's end is read on to whatever the bound.
             events |= if held { POLLRDHUP } else { POLLIN };
             // Held back: wait at most until the consumer is to be reported stalled (the
-            // next turn reports it).
-            let timeout = if held { inbound.stall_wait() } else { None };
-            match poll2((fd, events), Some((raw(&waker.rx), POLLIN)), timeout) {
+            // next turn reports it). Else, with buffers pooled, until the pool is idle.
+            let trim = !held && !recycler.wait_untimed();
+            let timeout = if held {
+                inbound.stall_wait()
+            } else if trim {
+                Some(RECYCLE_IDLE)
+            } else {
+                None
+            };
+            let polled = poll2((fd, events), Some((raw(&waker.rx), POLLIN)), timeout);
+            recycler.awake();
+            match polled {
                 Ok((r, w)) => {
+                    if trim && r == 0 && w == 0 {
+                        recycler.trim();
+                        continue;
+                    }
                     bytes_in = r & POLLIN != 0;
                     if w != 0 {
                         waker.drain();
@@ -643,7 +712,7 @@ mod tests {
 
     #[test]
     fn a_small_payload_never_takes_a_much_larger_recycled_buffer() {
-        let r = Recycler::new();
+        let r = Recycler::new(None);
         // A 1 MiB payload's buffer comes back when the message is dropped.
         drop(r.copy(&vec![1u8; 1 << 20]));
         let kept = || r.kept.load(Ordering::Relaxed);
@@ -661,12 +730,49 @@ mod tests {
         assert!(large.iter().all(|b| *b == 3));
     }
 
+    /// A message kept after its connection ended holds its own buffer only (scale probe:
+    /// each kept 16 KiB message held its connection's whole pool, ~1.3 MiB).
+    #[test]
+    fn a_kept_message_does_not_keep_its_connections_pool() {
+        let r = Recycler::new(None);
+        drop(
+            (0..4)
+                .map(|_| r.copy(&[1u8; 256 << 10]))
+                .collect::<Vec<_>>(),
+        );
+        assert!(r.holds());
+        let kept = r.copy(&[2u8; 16 << 10]);
+        let pool = Arc::downgrade(&r);
+        // The connection ends: its reader drops the pool.
+        drop(r);
+        assert!(pool.upgrade().is_none(), "the kept message holds the pool");
+        assert!(kept.iter().all(|b| *b == 2));
+        drop(kept);
+    }
+
+    #[test]
+    fn trimming_frees_every_pooled_buffer() {
+        let r = Recycler::new(None);
+        drop(
+            (0..4)
+                .map(|_| r.copy(&[1u8; 256 << 10]))
+                .collect::<Vec<_>>(),
+        );
+        assert!(r.holds());
+        r.trim();
+        assert!(!r.holds());
+        assert_eq!(r.kept.load(Ordering::Relaxed), 0);
+        // And it fills again.
+        drop(r.copy(&[1u8; 256 << 10]));
+        assert!(r.holds());
+    }
+
     /// A pool full of buffers too large for the payloads that now come neither makes
     /// every copy walk all of them (under the link lock) nor keeps smaller buffers out
     /// for good: past half the budget, a too-large buffer is freed.
     #[test]
     fn a_pool_of_too_large_buffers_makes_way() {
-        let r = Recycler::new();
+        let r = Recycler::new(None);
         drop(
             (0..250)
                 .map(|_| r.copy(&[1u8; 17 << 10]))

@@ -1,0 +1,120 @@
+//! Promise 4 for daemons with many clients: an idle connection gives back what a burst of
+//! large messages took, and a message kept after its connection ended holds only its own
+//! bytes. The scale probe measured 1-5 MiB per idle client after a burst (its buffer
+//! pool never shrank), and ~1.3 MiB per kept 16 KiB message (it held the whole pool).
+//! Own binary: the tests measure this process's resident memory, one at a time.
+#![cfg(all(target_os = "linux", target_env = "gnu"))]
+
+mod support;
+
+use std::time::Duration;
+
+use support::server::TestServer;
+use support::util;
+use wsbeat::{Client, Event, Events};
+
+const T: Duration = Duration::from_secs(10);
+/// The burst: 16 messages of 256 KiB, 4 MiB (the pool keeps up to 4 MiB).
+const BURST: usize = 16;
+const SIZE: usize = 256 << 10;
+/// What may stay after the burst: tungstenite's read and write buffers, grown to one
+/// frame, on both sides of the loopback (the server is in this process too).
+const LEFT: u64 = 2 << 10;
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Resident KiB once freed memory went back to the OS.
+fn rss_trimmed() -> u64 {
+    // SAFETY: glibc's malloc_trim has no preconditions.
+    unsafe { libc::malloc_trim(0) };
+    util::rss_kib()
+}
+
+/// Sends the burst to the echo server one message at a time (so that tungstenite's
+/// buffers on either side grow to one frame only) and waits until the reader thread (not
+/// this thread, which would read the socket itself in `recv`) read each echo.
+fn burst(client: &Client, events: &Events) -> Vec<Event> {
+    for i in 0..BURST {
+        client.send_binary(vec![i as u8; SIZE]).unwrap();
+        assert!(
+            util::wait_until(T, || client.stats().events_queued > i),
+            "echo {i} arrived: {:?}",
+            client.stats()
+        );
+    }
+    (0..BURST)
+        .map(|_| {
+            loop {
+                if let ev @ Event::Message(_) = events.recv_timeout(T).expect("an echo") {
+                    break ev;
+                }
+            }
+        })
+        .collect()
+}
+
+fn connected(server: &TestServer) -> (Client, Events) {
+    let client = Client::builder(&server.url())
+        .no_proxy()
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    // One small round trip, so the baseline has every thread and buffer of a connection.
+    client.send_text("warm").unwrap();
+    loop {
+        if let Event::Message(_) = events.recv_timeout(T).expect("the warm-up echo") {
+            break;
+        }
+    }
+    (client, events)
+}
+
+#[test]
+fn an_idle_connection_gives_back_the_memory_of_a_burst() {
+    let _serial = serial();
+    let server = TestServer::builder().no_record().start();
+    let (client, events) = connected(&server);
+    let base = rss_trimmed();
+    drop(burst(&client, &events));
+    // Idle now: within a few seconds the burst's buffers are freed.
+    let mut now = rss_trimmed();
+    let freed = util::wait_until(T, || {
+        now = rss_trimmed();
+        now <= base + LEFT
+    });
+    let _ = client.close();
+    assert!(
+        freed,
+        "idle after a burst: {now} KiB resident against {base} KiB before it"
+    );
+}
+
+#[test]
+fn a_message_kept_after_its_connection_ended_holds_only_its_bytes() {
+    let _serial = serial();
+    let server = TestServer::builder().no_record().start();
+    let (client, events) = connected(&server);
+    let base = rss_trimmed();
+    let mut echoes = burst(&client, &events);
+    // Keep one message, drop the rest (their buffers go back to the pool), and end the
+    // connection.
+    let kept = echoes.pop().unwrap();
+    drop(echoes);
+    let _ = client.close();
+    let mut now = rss_trimmed();
+    let freed = util::wait_until(T, || {
+        now = rss_trimmed();
+        now <= base + LEFT + (SIZE as u64 >> 10)
+    });
+    assert!(
+        freed,
+        "one kept message: {now} KiB resident against {base} KiB before the burst"
+    );
+    match kept {
+        Event::Message(m) => assert_eq!(m.len(), SIZE),
+        other => panic!("{other:?}"),
+    }
+}

@@ -335,7 +335,7 @@ impl Client {
     ///
     /// Refused at once, as the peer would drop the connection on them: a ping or pong
     /// over 125 bytes ([`Error::MessageTooLarge`]), a close frame (use
-    /// [`close`](Client::close)) and a raw `Message::Frame` ([`Error::Protocol`]).
+    /// [`close`](Client::close)) and a raw `Message::Frame` ([`Error::NotSendable`]).
     pub fn send(&self, msg: impl Into<Message>) -> Result<()> {
         self.inner.shared.send(msg.into(), SendMode::Blocking)
     }

@@ -206,8 +206,9 @@ impl fmt::Display for RedirectRefusal {
 
 /// Every error wsbeat returns.
 ///
-/// Errors that hand a message back (`QueueFull`, `Closed`, `WouldBlock`) carry it so
-/// nothing is lost: take it back with [`Error::into_message`].
+/// Errors that refuse a message (`QueueFull`, `Offline`, `Closed`, `WouldBlock`,
+/// `MessageTooLarge`, `NotSendable`, `DuplicateId`) carry it so nothing is lost: take it
+/// back with [`Error::into_message`].
 ///
 /// ```
 /// let err = wsbeat::Client::builder("http://example.com").connect().unwrap_err();
@@ -324,6 +325,16 @@ pub enum Error {
     /// The peer broke the WebSocket protocol, or a size limit was exceeded.
     #[error("WebSocket protocol error: {0}")]
     Protocol(String),
+    /// `send` (or `try_send`, `send_all`, an `on_connect` hook's `Session::send`) was
+    /// given what cannot go out as a message: a close frame (use `Client::close()`) or a
+    /// raw `Message::Frame`. The message is handed back.
+    #[error("this cannot be sent as a message: {reason}")]
+    NotSendable {
+        /// What was refused and what to do instead.
+        reason: &'static str,
+        /// The message, handed back.
+        message: Message,
+    },
     /// A network I/O error. The underlying `io::Error` is its
     /// [`source`](std::error::Error::source).
     #[error("I/O error: {0}")]
@@ -477,14 +488,15 @@ impl Error {
         }
     }
 
-    /// Takes back the message carried by `QueueFull`, `Offline`, `Closed`, `WouldBlock`
-    /// or `MessageTooLarge`.
+    /// Takes back the message carried by `QueueFull`, `Offline`, `Closed`, `WouldBlock`,
+    /// `MessageTooLarge`, `NotSendable` or `DuplicateId`.
     pub fn into_message(self) -> Option<Message> {
         match self {
             Error::QueueFull { message }
             | Error::Offline { message }
             | Error::WouldBlock { message }
             | Error::DuplicateId { message, .. }
+            | Error::NotSendable { message, .. }
             | Error::MessageTooLarge { message, .. } => Some(message),
             Error::Closed { message } => message,
             _ => None,

@@ -42,12 +42,14 @@ impl Refusal {
     /// The error that hands `msg` back.
     pub(crate) fn error(self, msg: Message) -> crate::Error {
         match self {
-            Refusal::Close => crate::Error::Protocol("use Client::close() to close".into()),
-            Refusal::Frame => crate::Error::Protocol(
-                "raw frames (Message::Frame) cannot be sent: send Message::Text, Binary, \
-                 Ping or Pong"
-                    .into(),
-            ),
+            Refusal::Close => crate::Error::NotSendable {
+                reason: "a close frame: use Client::close() to close",
+                message: msg,
+            },
+            Refusal::Frame => crate::Error::NotSendable {
+                reason: "a raw frame (Message::Frame): send Message::Text, Binary, Ping or Pong",
+                message: msg,
+            },
             Refusal::TooLarge { size, limit } => crate::Error::MessageTooLarge {
                 size,
                 limit,

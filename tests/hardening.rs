@@ -1369,7 +1369,27 @@ fn send_refuses_what_the_protocol_forbids_and_the_connection_lives_on() {
     for f in raw {
         let m = Message::Frame(f);
         for r in [client.send(m.clone()), client.try_send(m.clone())] {
-            assert!(matches!(r, Err(Error::Protocol(_))), "{m:?}: {r:?}");
+            // Handed back (docs review: it was an `Error::Protocol` without the message,
+            // which blamed the peer).
+            match r {
+                Err(e @ Error::NotSendable { .. }) => {
+                    assert!(e.to_string().contains("raw frame"), "{e}");
+                    assert_eq!(e.into_message(), Some(m.clone()));
+                }
+                other => panic!("{m:?}: {other:?}"),
+            }
+        }
+    }
+    for r in [
+        client.send(Message::Close(None)),
+        client.try_send(Message::Close(None)),
+    ] {
+        match r {
+            Err(e @ Error::NotSendable { .. }) => {
+                assert!(e.to_string().contains("Client::close()"), "{e}");
+                assert_eq!(e.into_message(), Some(Message::Close(None)));
+            }
+            other => panic!("a close frame: {other:?}"),
         }
     }
     let batch = vec![
@@ -1430,13 +1450,18 @@ fn session_send_in_a_hook_refuses_what_the_protocol_forbids() {
         .iter()
         .map(|r| match r {
             Err(Error::MessageTooLarge { limit, .. }) => format!("too large {limit}"),
-            Err(Error::Protocol(_)) => "protocol".into(),
+            Err(Error::NotSendable { .. }) => "not sendable".into(),
             other => format!("{other:?}"),
         })
         .collect();
     assert_eq!(
         got,
-        ["too large 125", "protocol", "protocol", "too large 1000"]
+        [
+            "too large 125",
+            "not sendable",
+            "not sendable",
+            "too large 1000"
+        ]
     );
     let events = client.events();
     client.send_text("after").expect("send");

@@ -69,11 +69,11 @@ impl Session<'_> {
     /// frame (return an error from the hook to end the attempt instead).
     pub fn send(&mut self, msg: Message) -> Result<()> {
         if let Message::Close(_) = msg {
-            return Err(Error::Protocol(
-                "on_connect: return an error from the hook to end this attempt instead of \
-                 sending a close frame"
-                    .into(),
-            ));
+            return Err(Error::NotSendable {
+                reason: "a close frame in on_connect: return an error from the hook to end \
+                         this attempt instead",
+                message: msg,
+            });
         }
         let msg = check_outgoing(msg, self.max_message_size)?;
         let deadline = deadline_in(self.write_timeout);

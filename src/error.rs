@@ -350,8 +350,10 @@ pub enum Error {
     /// queue holds, handed back in `Undelivered` / `Unconfirmed` events, wait unread
     /// (read the events to make room). The message is handed back.
     #[error(
-        "no room: the offline queue is full, or as many handed-back messages wait unread in \
-         the event stream; message handed back"
+        "no room: the offline queue is full (Limits::queue_messages / queue_bytes), or \
+         acked delivery's outbox holds Acks::max_messages messages waiting for their ack, \
+         or as many handed-back messages wait unread in the event stream (read them); \
+         message handed back"
     )]
     QueueFull {
         /// The message that was not queued.
@@ -727,6 +729,19 @@ mod tests {
         }
         let tor = Error::Socks(Reply(0xF3)).to_string();
         assert!(tor.contains("rendezvous"), "{tor}");
+    }
+
+    #[test]
+    fn no_room_names_every_bound_it_may_be() {
+        // Docs review: with acked delivery's outbox full, the message spoke only of the
+        // offline queue, which was empty.
+        let e = Error::QueueFull {
+            message: Message::text("x"),
+        }
+        .to_string();
+        for bound in ["Limits::queue_messages", "Acks::max_messages", "read them"] {
+            assert!(e.contains(bound), "{e}");
+        }
     }
 
     #[test]

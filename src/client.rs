@@ -149,8 +149,10 @@ pub struct Stats {
     /// again (after a reconnect, or an ack timeout) counts again, see `resent`; one still
     /// in the client's buffer does not count yet.
     pub sent: u64,
-    /// Messages received so far: text and binary, and pings and pongs when surfaced
-    /// ([`ClientBuilder::surface_pings`](crate::ClientBuilder::surface_pings)).
+    /// Messages received so far and handed to the consumer: text and binary, and pings
+    /// and pongs when surfaced
+    /// ([`ClientBuilder::surface_pings`](crate::ClientBuilder::surface_pings)). Heartbeat
+    /// replies and acks that are consumed (not delivered) are not counted.
     pub received: u64,
     /// Successful reconnections so far.
     pub reconnects: u64,

@@ -83,8 +83,11 @@ pub enum Event {
     },
     /// The reconnect policy stopped trying; the client is now closed.
     GaveUp(Error),
-    /// Messages accepted by `send` that will never be sent (dropped by
-    /// `OverflowPolicy::DropOldest`, or still queued when the client closed or gave up).
+    /// Messages accepted by `send` that will never be sent: dropped by
+    /// `OverflowPolicy::DropOldest`; still queued when the client gave up, or closed from
+    /// its own callback (where `close()` cannot return them); the chunk of a `send_all`
+    /// whose iterator panicked; or the messages a `restart()` took over when its new
+    /// client could not start.
     Undelivered(Vec<Message>),
     /// At-most-once delivery: messages that were being written when connection
     /// `generation` died. They are not sent again; the peer may or may not have them.

@@ -227,6 +227,8 @@ impl Heartbeat {
     }
 
     /// Probes that may go unanswered in a row before the link is declared dead (default 1).
+    /// Each extra one adds a timeout to the detection bound: a dead link is then detected
+    /// within `interval + n * timeout`.
     pub fn max_missed(mut self, n: u32) -> Self {
         self.max_missed = n.max(1);
         self

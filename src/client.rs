@@ -365,7 +365,9 @@ impl Client {
     /// (`size_hint`, exact for a `Vec`, a range or a `map` of them); one that cannot say
     /// (a channel's, a `filter`'s) has each message sent as it comes. A lazy iterator's
     /// message waits until its chunk is complete, so give a slow producer a channel.
-    /// Once the client is closed, the iterator is not read any further. Each message is
+    /// Once the client is closed, what a finite iterator (one whose `size_hint` has an
+    /// upper bound: a `Vec`'s, a range's, a `map` of them) still holds is handed back as
+    /// failures; any other iterator (a channel's) is not read any further. Each message is
     /// written, queued, or handed back exactly like [`send`](Client::send) would; returns
     /// once all of them reached the OS (or were queued). The failures come back in order, each with its index in the batch
     /// and its message ([`Error::into_message`]); the other messages were accepted.

@@ -604,6 +604,6 @@ fn parse_proxy(proxy_url: &str) -> Result<Url> {
                     .into(),
         });
     }
-    crate::config::user_info(&u, "proxy", u.scheme() == "http")?;
+    crate::config::check_proxy_credentials(&u)?;
     Ok(u)
 }

@@ -138,6 +138,25 @@ pub(crate) fn user_info(url: &Url, what: &str, basic: bool) -> Result<Option<(St
     Ok(Some((user, pass)))
 }
 
+/// Checks a proxy URL's credentials before any attempt (so a proxy that is down does not
+/// hide a mistake behind retried connection errors): they must decode, HTTP Basic takes
+/// no ':' in the user name, and SOCKS5 (RFC 1929) needs a user name of 1 to 255 bytes
+/// with a password of at most 255.
+pub(crate) fn check_proxy_credentials(url: &Url) -> Result<()> {
+    let creds = user_info(url, "proxy", url.scheme() == "http")?;
+    if let Some((user, pass)) = creds
+        && url.scheme().starts_with("socks5")
+        && (user.is_empty() || user.len() > 255 || pass.len() > 255)
+    {
+        return Err(Error::InvalidUrl {
+            reason: "SOCKS5 authentication needs a user name with the password, each of \
+                     1 to 255 bytes (socks5://user:password@host)"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 /// `url` without its user name and password (they travel in a header, or not at all).
 pub(crate) fn without_credentials(url: &Url) -> Url {
     let mut url = url.clone();

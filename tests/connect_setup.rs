@@ -668,3 +668,38 @@ fn a_proxy_answer_in_another_protocol_is_a_proxy_error() {
     assert!(shown.contains("SOCKS"), "{shown}");
     garbage.join().unwrap();
 }
+
+/// SOCKS5 credentials that cannot be sent (a password without a user name, a user name
+/// over 255 bytes) are refused before any attempt. Before, they were found only once the
+/// proxy answered: with the proxy down, every attempt failed as "connection refused",
+/// retried for good, and the mistake never showed.
+#[test]
+fn socks5_credentials_that_cannot_be_sent_are_refused_up_front() {
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let long = "u".repeat(256);
+    for proxy in [
+        format!("socks5://:secret@{addr}"),
+        format!("socks5h://{long}:pw@{addr}"),
+    ] {
+        for r in [
+            Client::builder("ws://example.invalid/")
+                .proxy(&proxy)
+                .connect_lazy()
+                .err(),
+            Client::builder("ws://example.invalid/")
+                .proxy(&proxy)
+                .connect()
+                .err(),
+        ] {
+            match r {
+                Some(e @ Error::InvalidUrl { .. }) => {
+                    assert!(e.is_fatal());
+                    assert!(!e.to_string().contains("secret"), "{e}");
+                }
+                other => panic!("{proxy}: {other:?}"),
+            }
+        }
+    }
+}

@@ -574,6 +574,7 @@ fn proxy_from_env(
             reason: format!("proxy in ${name} has no host"),
         });
     }
+    crate::config::check_proxy_credentials(&proxy)?;
     Ok(Some(proxy))
 }
 

@@ -33,6 +33,7 @@ use tungstenite::protocol::frame::Utf8Bytes;
 
 use crate::inbound::{Batch, Drive};
 use crate::link::{Link, Shared, current_mut};
+use crate::time::deadline;
 use crate::transport::stream::{READ_QUOTA, is_would_block, reason_of};
 use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, POLLRDHUP, Waker, poll2, raw};
 use crate::{DisconnectReason, Message};
@@ -45,9 +46,10 @@ const RECYCLE_BYTES: usize = 4 << 20;
 const RECYCLE_MAX_BUF: usize = 1 << 20;
 /// Most recycled buffers one copy looks at (it runs under the link lock).
 const RECYCLE_SKIP: usize = 8;
-/// A reader idle this long with buffers in its pool frees them: the pool serves floods
-/// of large messages, and an idle connection should hold no more than its read buffer
-/// (scale probe: 1-5 MiB per idle client after a burst, 500 clients).
+/// A pool that took no buffer for this long is idle: it frees what it holds, and the
+/// buffers the user gives back from then on are freed too, until the next large message.
+/// The pool serves floods of large messages; a connection that has none should hold no
+/// more than its read buffer (scale probe: 1-5 MiB per idle client after a burst).
 const RECYCLE_IDLE: Duration = Duration::from_secs(1);
 
 /// Payload buffers that come back to the reader when the user drops a message.
@@ -65,10 +67,12 @@ struct Recycler {
     rx: Receiver<Vec<u8>>,
     /// Capacity of the buffers waiting in `rx`.
     kept: AtomicUsize,
-    /// The reader waits with no time limit and an empty pool: the first buffer that comes
-    /// back wakes it, so that an idle connection frees what it pooled (see `RECYCLE_IDLE`).
-    asleep: AtomicBool,
-    waker: Option<Arc<Waker>>,
+    /// Buffers handed out in messages and not given back yet.
+    out: AtomicUsize,
+    /// Copies made so far (the reader's measure of use).
+    taken: AtomicUsize,
+    /// Unused for `RECYCLE_IDLE`: buffers given back are freed, not pooled.
+    idle: AtomicBool,
 }
 
 /// A payload buffer on its way back to its [`Recycler`] (the owner of a `Bytes`). Only
@@ -88,25 +92,23 @@ impl AsRef<[u8]> for Recycled {
 
 impl Drop for Recycled {
     fn drop(&mut self) {
-        let cap = self.buf.capacity();
-        if cap > RECYCLE_MAX_BUF {
-            return;
-        }
         // The connection ended (its reader dropped the pool): the buffer is freed.
         let Some(home) = self.home.upgrade() else {
             return;
         };
+        home.out.fetch_sub(1, Ordering::Relaxed);
+        let cap = self.buf.capacity();
+        if cap > RECYCLE_MAX_BUF || home.idle.load(Ordering::Relaxed) {
+            return;
+        }
         if home.kept.fetch_add(cap, Ordering::Relaxed) < RECYCLE_BYTES
             && home.tx.try_send(std::mem::take(&mut self.buf)).is_ok()
         {
-            // Pairs with the fence in `Recycler::wait_untimed`: either the reader sees
-            // this buffer, or this sees it asleep and wakes it.
+            // Pairs with the fence in `Recycler::go_idle`: either the reader's trim there
+            // sees this buffer, or this sees the pool idle and frees it.
             fence(Ordering::SeqCst);
-            if home.asleep.load(Ordering::Relaxed)
-                && home.asleep.swap(false, Ordering::Relaxed)
-                && let Some(w) = &home.waker
-            {
-                w.wake();
+            if home.idle.load(Ordering::Relaxed) {
+                home.trim();
             }
             return;
         }
@@ -115,34 +117,34 @@ impl Drop for Recycled {
 }
 
 impl Recycler {
-    /// A pool whose returned buffers wake `waker` when its reader waits untimed.
-    fn new(waker: Option<Arc<Waker>>) -> Arc<Recycler> {
+    fn new() -> Arc<Recycler> {
         let (tx, rx) = crossbeam_channel::unbounded();
         Arc::new(Recycler {
             tx,
             rx,
             kept: AtomicUsize::new(0),
-            asleep: AtomicBool::new(false),
-            waker,
+            out: AtomicUsize::new(0),
+            taken: AtomicUsize::new(0),
+            idle: AtomicBool::new(false),
         })
     }
 
-    /// Before the reader's wait for input: true if buffers are pooled (then it waits at
-    /// most `RECYCLE_IDLE` and trims), else it may wait untimed and the first buffer that
-    /// comes back wakes it.
-    fn wait_untimed(&self) -> bool {
-        self.asleep.store(true, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        if self.holds() {
-            self.asleep.store(false, Ordering::Relaxed);
-            return false;
-        }
-        true
+    /// Whether the pool holds buffers or waits for some: then the reader watches its use.
+    fn in_use(&self) -> bool {
+        !self.idle.load(Ordering::Relaxed) && (self.holds() || self.out.load(Ordering::Relaxed) > 0)
     }
 
-    /// After the reader's wait.
-    fn awake(&self) {
-        self.asleep.store(false, Ordering::Relaxed);
+    /// Copies made so far.
+    fn taken(&self) -> usize {
+        self.taken.load(Ordering::Relaxed)
+    }
+
+    /// Unused for `RECYCLE_IDLE`: frees what the pool holds, and what comes back from
+    /// now on, until the next copy.
+    fn go_idle(&self) {
+        self.idle.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        self.trim();
     }
 
     /// A copy of `data` in a recycled buffer when one fits: at least as large, and at
@@ -151,6 +153,11 @@ impl Recycler {
     /// kept for larger messages while the pool is less than half full (else freed too),
     /// and at most `RECYCLE_SKIP` are looked at.
     fn copy(self: &Arc<Self>, data: &[u8]) -> Bytes {
+        if self.idle.load(Ordering::Relaxed) {
+            self.idle.store(false, Ordering::Relaxed);
+        }
+        self.taken.fetch_add(1, Ordering::Relaxed);
+        self.out.fetch_add(1, Ordering::Relaxed);
         let mut buf = Vec::new();
         for _ in 0..self.rx.len().min(RECYCLE_SKIP) {
             let Ok(b) = self.rx.try_recv() else {
@@ -454,7 +461,10 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     // Room for a usual drain; a larger budget (up to `usize::MAX`: no message limit) grows
     // it on demand.
     let mut out: VecDeque<Message> = VecDeque::with_capacity(shared.cfg.read_budget.min(1024));
-    let recycler = Recycler::new(Some(waker.clone()));
+    let recycler = Recycler::new();
+    // When the buffer pool was last used (a copy made), and its count of copies then.
+    let mut pool_used = Instant::now();
+    let mut pool_taken = 0;
     // Consumer reads of the socket seen so far (see `Inbound::consumer_reads`).
     let mut seen = inbound.drives();
     let max_defer = MAX_DEFER.min(shared.cfg.heartbeat.timeout() / 4).max(DEFER);
@@ -481,6 +491,19 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             inbound.set_free();
         }
         let held = !to_end && inbound.is_full() && inbound.hold(left);
+        // The buffer pool is idle once unused for `RECYCLE_IDLE`: small messages do not
+        // use it, so neither they nor a consumer reading them keep it.
+        let pool_idle_in = if recycler.in_use() {
+            let rest = deadline(pool_used, RECYCLE_IDLE).saturating_duration_since(Instant::now());
+            if rest.is_zero() {
+                recycler.go_idle();
+                None
+            } else {
+                Some(rest)
+            }
+        } else {
+            None
+        };
         if held || !more {
             // Wait without the lock. Hang-up and errors wake us too (shutdown by teardown),
             // also while held back: `poll` reports them whatever was asked for.
@@ -490,20 +513,16 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             events |= if held { POLLRDHUP } else { POLLIN };
             // Held back: wait at most until the consumer is to be reported stalled (the
             // next turn reports it). Else, with buffers pooled, until the pool is idle.
-            let trim = !held && !recycler.wait_untimed();
+            // Else, with the buffer pool in use, until it is idle.
             let timeout = if held {
                 inbound.stall_wait()
-            } else if trim {
-                Some(RECYCLE_IDLE)
             } else {
-                None
+                pool_idle_in
             };
-            let polled = poll2((fd, events), Some((raw(&waker.rx), POLLIN)), timeout);
-            recycler.awake();
-            match polled {
+            match poll2((fd, events), Some((raw(&waker.rx), POLLIN)), timeout) {
                 Ok((r, w)) => {
-                    if trim && r == 0 && w == 0 {
-                        recycler.trim();
+                    if !held && r == 0 && w == 0 {
+                        // The pool's time ran out (it goes idle in the next turn).
                         continue;
                     }
                     bytes_in = r & POLLIN != 0;
@@ -576,6 +595,10 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             Take::Keep
         };
         let drained = drain(&shared, &mut link, cgen, take, &mut out, Some(&recycler));
+        if recycler.taken() != pool_taken {
+            pool_taken = recycler.taken();
+            pool_used = Instant::now();
+        }
         let Some(d) = drained else {
             return;
         };
@@ -712,7 +735,7 @@ mod tests {
 
     #[test]
     fn a_small_payload_never_takes_a_much_larger_recycled_buffer() {
-        let r = Recycler::new(None);
+        let r = Recycler::new();
         // A 1 MiB payload's buffer comes back when the message is dropped.
         drop(r.copy(&vec![1u8; 1 << 20]));
         let kept = || r.kept.load(Ordering::Relaxed);
@@ -734,7 +757,7 @@ mod tests {
     /// each kept 16 KiB message held its connection's whole pool, ~1.3 MiB).
     #[test]
     fn a_kept_message_does_not_keep_its_connections_pool() {
-        let r = Recycler::new(None);
+        let r = Recycler::new();
         drop(
             (0..4)
                 .map(|_| r.copy(&[1u8; 256 << 10]))
@@ -751,20 +774,25 @@ mod tests {
     }
 
     #[test]
-    fn trimming_frees_every_pooled_buffer() {
-        let r = Recycler::new(None);
-        drop(
-            (0..4)
-                .map(|_| r.copy(&[1u8; 256 << 10]))
-                .collect::<Vec<_>>(),
-        );
-        assert!(r.holds());
-        r.trim();
-        assert!(!r.holds());
-        assert_eq!(r.kept.load(Ordering::Relaxed), 0);
-        // And it fills again.
+    fn an_idle_pool_frees_what_it_holds_and_what_comes_back() {
+        let r = Recycler::new();
+        let lent: Vec<_> = (0..4).map(|_| r.copy(&[1u8; 256 << 10])).collect();
+        assert!(r.in_use(), "buffers are out");
         drop(r.copy(&[1u8; 256 << 10]));
         assert!(r.holds());
+        r.go_idle();
+        assert!(!r.holds());
+        assert_eq!(r.kept.load(Ordering::Relaxed), 0);
+        assert!(!r.in_use(), "an idle pool is not watched");
+        // Given back while idle: freed, not pooled (review: a buffer returned after the
+        // trim stayed pooled, or cost the reader a wake-up per message).
+        drop(lent);
+        assert!(!r.holds());
+        assert_eq!(r.out.load(Ordering::Relaxed), 0);
+        // The next large message makes it a pool again.
+        drop(r.copy(&[1u8; 256 << 10]));
+        assert!(r.holds());
+        assert!(r.in_use());
     }
 
     /// A pool full of buffers too large for the payloads that now come neither makes
@@ -772,7 +800,7 @@ mod tests {
     /// for good: past half the budget, a too-large buffer is freed.
     #[test]
     fn a_pool_of_too_large_buffers_makes_way() {
-        let r = Recycler::new(None);
+        let r = Recycler::new();
         drop(
             (0..250)
                 .map(|_| r.copy(&[1u8; 17 << 10]))

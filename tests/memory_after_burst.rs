@@ -118,3 +118,40 @@ fn a_message_kept_after_its_connection_ended_holds_only_its_bytes() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Small messages do not use the buffer pool, so they do not keep it: a connection that
+/// gets one every 200 ms (a tick, a heartbeat reply) frees the burst's buffers too
+/// (review: the pool was freed only after a whole second without any input, so a
+/// ticking feed kept its 4 MiB for good).
+#[test]
+fn small_messages_after_a_burst_do_not_keep_its_memory() {
+    let _serial = serial();
+    let server = TestServer::builder().no_record().start();
+    let (client, events) = connected(&server);
+    let base = rss_trimmed();
+    drop(burst(&client, &events));
+    let mut now = rss_trimmed();
+    let end = std::time::Instant::now() + T;
+    let mut freed = false;
+    while std::time::Instant::now() < end {
+        client.send_text("tick").unwrap();
+        // Taken as a `select!` consumer does, so the reader thread reads each tick.
+        let batch = events.receiver().recv_timeout(T).expect("the echo");
+        assert!(
+            batch.into_iter().any(|e| matches!(e, Event::Message(_))),
+            "the echo"
+        );
+        // The pace is the scenario, not a synchronisation.
+        std::thread::sleep(Duration::from_millis(200));
+        now = rss_trimmed();
+        if now <= base + LEFT {
+            freed = true;
+            break;
+        }
+    }
+    let _ = client.close();
+    assert!(
+        freed,
+        "ticking after a burst: {now} KiB resident against {base} KiB before it"
+    );
+}

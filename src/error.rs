@@ -108,8 +108,10 @@ impl fmt::Display for ConnectStage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum TlsErrorKind {
-    /// The server certificate was rejected: unknown issuer, wrong host name, expired.
-    /// Retrying will not help; fix the CA configuration or the URL.
+    /// A certificate was rejected: the server's (unknown issuer, wrong host name,
+    /// expired), or ours by the server (a client certificate it does not trust), or a
+    /// certificate, key or identity that cannot be used. Retrying will not help; fix
+    /// the CA configuration, the URL or the identity.
     Certificate,
     /// Any other TLS failure (protocol mismatch, the peer hung up mid-handshake, ...).
     Other,
@@ -257,8 +259,8 @@ pub enum Error {
         /// Time spent in the whole connect when it gave up.
         elapsed: Duration,
     },
-    /// The TLS handshake failed.
-    #[error("TLS error ({kind:?}): {message}")]
+    /// The TLS handshake failed (or the server sent a TLS alert during the upgrade).
+    #[error("TLS error ({kind:?}): {message}{}", tls_hint(*.kind))]
     Tls {
         /// Certificate problem or other failure.
         kind: TlsErrorKind,
@@ -636,6 +638,17 @@ pub(crate) fn spawn_failure(thread: &str, e: io::Error) -> io::Error {
         e.kind(),
         format!("could not start the {thread} thread: {e}"),
     )
+}
+
+/// What to do about a certificate error, for [`Error::Tls`]'s message.
+fn tls_hint(kind: TlsErrorKind) -> &'static str {
+    match kind {
+        TlsErrorKind::Certificate => {
+            " (not retried: check the URL's host name, trust a private CA with \
+             add_root_certificate, or fix the client identity)"
+        }
+        TlsErrorKind::Other => "",
+    }
 }
 
 /// What to do about an HTTP proxy's refusal of CONNECT, for [`Error::Proxy`]'s message.

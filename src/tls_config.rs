@@ -115,13 +115,26 @@ impl Identity {
         Ok(id)
     }
 
-    /// Parses it with every compiled backend, so a bad file fails at build time.
+    /// Loads it into every compiled backend, so a bad file, or a key that is not the
+    /// certificate's, fails at build time (a key mismatch was found only when
+    /// connecting, and with rustls retried for good).
     fn check(&self) -> Result<()> {
         #[cfg(feature = "native-tls")]
-        self.native()?;
+        {
+            let mut b = native_tls::TlsConnector::builder();
+            b.identity(self.native()?);
+            b.build().map_err(|e| bad_input("client identity", e))?;
+        }
         #[cfg(feature = "rustls")]
         if matches!(self.0, IdentityInner::Pem { .. }) {
-            self.rustls()?;
+            let (chain, key) = self.rustls()?;
+            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| bad_input("client identity", e))?
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| bad_input("client identity", e))?;
         }
         Ok(())
     }
@@ -223,9 +236,11 @@ impl TlsSettings {
 
 /// The error for bytes the TLS backend could not read.
 #[cfg(any(feature = "native-tls", feature = "rustls"))]
+/// A certificate, key or identity that cannot be used: `Certificate`, as retrying with
+/// the same file cannot help.
 pub(crate) fn bad_input(what: &str, e: impl fmt::Display) -> Error {
     Error::Tls {
-        kind: TlsErrorKind::Other,
+        kind: TlsErrorKind::Certificate,
         message: format!("bad {what}: {e}"),
     }
 }

@@ -61,9 +61,15 @@ pub(super) fn failure(e: &std::io::Error) -> Option<Error> {
 }
 
 /// native-tls reports failures as text only (its error type is opaque across platforms).
+/// Certificate problems: ours, and the server's alerts about our client certificate
+/// (OpenSSL's "alert bad certificate", "... certificate expired", "alert unknown ca", the
+/// same set rustls's typed alerts give).
 fn error(msg: &str) -> Error {
     let lower = msg.to_ascii_lowercase();
-    let kind = if lower.contains("certificate") || lower.contains("hostname mismatch") {
+    let kind = if lower.contains("certificate")
+        || lower.contains("hostname mismatch")
+        || lower.contains("alert unknown ca")
+    {
         TlsErrorKind::Certificate
     } else {
         TlsErrorKind::Other

@@ -123,7 +123,8 @@ pub(super) fn failure(e: &io::Error) -> Option<Error> {
 fn error(e: &rustls::Error) -> Error {
     use rustls::Error as E;
     let certificate = match e {
-        E::InvalidCertificate(_) | E::InvalidCertRevocationList(_) => true,
+        // A client identity whose key is not the certificate's.
+        E::InvalidCertificate(_) | E::InvalidCertRevocationList(_) | E::InconsistentKeys(_) => true,
         E::AlertReceived(a) => matches!(
             a,
             AlertDescription::BadCertificate

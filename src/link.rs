@@ -87,8 +87,9 @@ pub(crate) struct Tracked {
     bytes: usize,
     since_prune: usize,
     bytes_since_prune: usize,
-    /// End offsets of messages the peer's TCP acknowledged after its last sign of life,
-    /// the last `ACKED_CAP` of them.
+    /// End offsets of messages no longer kept that came after the peer's last sign of
+    /// life (its TCP acknowledged them; or, with no kernel figure, past `TRACK_CAP`), the
+    /// last `ACKED_CAP` of them.
     acked_ends: VecDeque<u64>,
     /// How many older ones no longer fit in `acked_ends`, and the end of the last of them:
     /// counted possibly lost unless the peer shows a sign of life past that end.
@@ -399,14 +400,26 @@ impl Live {
             // kernel's send buffer); of those it acknowledged after its last sign of
             // life only the end offsets (possibly lost if the link dies now), at most
             // `ACKED_CAP`. With no kernel figure, keep what came after the last sign of
-            // life, up to `TRACK_CAP` bytes.
-            let keep_after = match acked {
-                Some(a) => a,
-                None if t.bytes <= TRACK_CAP => mark,
-                None => u64::MAX,
-            };
+            // life, the newest `TRACK_CAP` bytes of it: the older ones are forgotten the
+            // same way, end offsets only (they were all dropped, and counted nowhere:
+            // 640 of 1024 messages lost silently under Wine).
             // End offsets only grow along `msgs`: drop a prefix, in one go.
-            let gone = t.msgs.partition_point(|(e, _, _)| *e <= keep_after);
+            let gone = match acked {
+                Some(a) => t.msgs.partition_point(|(e, _, _)| *e <= a),
+                None => {
+                    let mut left = t.bytes;
+                    t.msgs
+                        .iter()
+                        .take_while(|(e, m, _)| {
+                            let go = *e <= mark || left > TRACK_CAP;
+                            if go {
+                                left -= payload_len(m);
+                            }
+                            go
+                        })
+                        .count()
+                }
+            };
             // The peer showed a sign of life after these: taken as delivered. Before the
             // pushes, so that they never join `acked_older`.
             while t.acked_ends.front().is_some_and(|e| *e <= mark) {
@@ -415,22 +428,20 @@ impl Live {
             if t.acked_older_end <= mark {
                 t.acked_older = 0;
             }
-            if acked.is_some() {
-                let before_mark = t.msgs.partition_point(|(e, _, _)| *e <= mark).min(gone);
-                // The outbox's own messages are sent again until acked: never lost.
-                for (e, _, _) in t
-                    .msgs
-                    .range(before_mark..gone)
-                    .filter(|x| x.2 == Owner::Plain)
+            let before_mark = t.msgs.partition_point(|(e, _, _)| *e <= mark).min(gone);
+            // The outbox's own messages are sent again until acked: never lost.
+            for (e, _, _) in t
+                .msgs
+                .range(before_mark..gone)
+                .filter(|x| x.2 == Owner::Plain)
+            {
+                if t.acked_ends.len() >= ACKED_CAP
+                    && let Some(older) = t.acked_ends.pop_front()
                 {
-                    if t.acked_ends.len() >= ACKED_CAP
-                        && let Some(older) = t.acked_ends.pop_front()
-                    {
-                        t.acked_older += 1;
-                        t.acked_older_end = older;
-                    }
-                    t.acked_ends.push_back(*e);
+                    t.acked_older += 1;
+                    t.acked_older_end = older;
                 }
+                t.acked_ends.push_back(*e);
             }
             for (e, m, _) in t.msgs.drain(..gone) {
                 t.floor = e;
@@ -465,13 +476,20 @@ impl Live {
                 sent = written;
             }
             // Messages flushed together share the batch's end offset: each starts at or
-            // after the end of the batch before (`start`), ends at or before its own.
-            let (mut start, mut batch_end) = (t.floor, t.floor);
-            // Messages never flushed (`UNFLUSHED`) are after every offset: sent again.
+            // after the end of the batch before plus the frames before it in its batch
+            // (`start`, a lower bound: other frames, and TLS, only push it later), and
+            // ends at or before its own. Messages never flushed (`UNFLUSHED`) are after
+            // every offset: sent again; closing, handed back unless their bytes may have
+            // reached the OS (with no kernel figure, every message still in the write
+            // buffer was taken for sent once a byte of the first one was: none was
+            // handed back).
+            let (mut next, mut batch_end) = (t.floor, t.floor);
             for (end, m, owner) in t.msgs.drain(..) {
                 if end != batch_end {
-                    (start, batch_end) = (batch_end, end);
+                    (next, batch_end) = (batch_end, end);
                 }
+                let start = next;
+                next = next.saturating_add(frame_len(&m));
                 match owner {
                     // The outbox decides (it sends again or hands back what is unacked):
                     // here only where the first write on this connection stood in the
@@ -514,6 +532,18 @@ impl Live {
             possibly_lost,
         }
     }
+}
+
+/// The bytes a client frame carrying `m` takes on the wire at the least (one frame:
+/// header, mask, payload; TLS adds to it).
+fn frame_len(m: &Message) -> u64 {
+    let n = payload_len(m);
+    let extended = match n {
+        0..=125 => 0,
+        126..=0xFFFF => 2,
+        _ => 8,
+    };
+    (2 + extended + 4 + n) as u64
 }
 
 /// Everything the lock guards.

@@ -16,8 +16,10 @@ use unix::poll_fds as poll_ms;
 #[cfg(unix)]
 pub(crate) use unix::{
     POLLHUP_ERR, POLLIN, POLLOUT, POLLRDHUP, Pipe, PollFd, Raw, abort, connect_in_progress, pollfd,
-    raw, socket_pair, unacked_bytes, unsent_bytes,
+    raw, socket_pair,
 };
+#[cfg(unix)]
+use unix::{unacked_bytes as os_unacked_bytes, unsent_bytes as os_unsent_bytes};
 
 #[cfg(windows)]
 mod windows;
@@ -26,8 +28,37 @@ use windows::poll_fds as poll_ms;
 #[cfg(windows)]
 pub(crate) use windows::{
     POLLHUP_ERR, POLLIN, POLLOUT, POLLRDHUP, Pipe, PollFd, Raw, abort, connect_in_progress, pollfd,
-    raw, socket_pair, unacked_bytes, unsent_bytes,
+    raw, socket_pair,
 };
+#[cfg(windows)]
+use windows::{unacked_bytes as os_unacked_bytes, unsent_bytes as os_unsent_bytes};
+
+/// Bytes of `sock` the kernel has not sent yet, where the OS tells (Linux); `None`
+/// elsewhere, and when the environment variable `WSBEAT_NO_SEND_QUEUE_FIGURE` is set, so
+/// that the accounting of the platforms without the figure (Windows, the BSDs) is tested
+/// on Linux too.
+pub(crate) fn unsent_bytes(sock: &TcpStream) -> Option<u64> {
+    if no_send_queue_figure() {
+        return None;
+    }
+    os_unsent_bytes(sock)
+}
+
+/// Bytes of `sock` the peer's TCP has not acknowledged, where the OS tells (Linux,
+/// macOS); `None` elsewhere, and with `WSBEAT_NO_SEND_QUEUE_FIGURE` set (see
+/// [`unsent_bytes`]).
+pub(crate) fn unacked_bytes(sock: &TcpStream) -> Option<u64> {
+    if no_send_queue_figure() {
+        return None;
+    }
+    os_unacked_bytes(sock)
+}
+
+/// Whether `WSBEAT_NO_SEND_QUEUE_FIGURE` is set (read once).
+fn no_send_queue_figure() -> bool {
+    static NO: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *NO.get_or_init(|| std::env::var_os("WSBEAT_NO_SEND_QUEUE_FIGURE").is_some())
+}
 
 /// A poll timeout in milliseconds: `-1` waits forever; a sub-millisecond remainder is
 /// rounded up so it does not spin with a 0 timeout.

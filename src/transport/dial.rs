@@ -335,11 +335,23 @@ fn keepalive_time(d: Duration) -> Duration {
     d
 }
 
-/// Keepalive probes as the OS takes them: at most 127 on Linux (`MAX_TCP_KEEPCNT`).
+/// Keepalive probes as the OS takes them: at most 127 on Linux (`MAX_TCP_KEEPCNT`), 255
+/// on Windows (`TCP_KEEPCNT` refuses more).
 fn keepalive_probes(n: u32) -> u32 {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     let n = n.min(127);
+    #[cfg(windows)]
+    let n = n.min(255);
     n
+}
+
+/// The OS has no such socket option (`TCP_KEEPCNT` before Windows 10 1703, and Wine).
+fn no_such_option(e: &io::Error) -> bool {
+    #[cfg(windows)]
+    let code = windows_sys::Win32::Networking::WinSock::WSAENOPROTOOPT;
+    #[cfg(unix)]
+    let code = libc::ENOPROTOOPT;
+    e.raw_os_error() == Some(code)
 }
 
 /// Keepalive and the bound device, set before connecting.
@@ -349,11 +361,20 @@ fn apply(sock: &Socket, opts: &SocketOptions) -> io::Result<()> {
         if let Some(i) = ka.interval {
             k = k.with_interval(keepalive_time(i));
         }
-        if let Some(n) = ka.retries {
-            k = k.with_retries(keepalive_probes(n));
+        let with_retries = match ka.retries {
+            Some(n) => k.clone().with_retries(keepalive_probes(n)),
+            None => k.clone(),
+        };
+        match sock.set_tcp_keepalive(&with_retries) {
+            // The probe count cannot be set here: the OS's own count, rather than no
+            // connection at all.
+            Err(e) if ka.retries.is_some() && no_such_option(&e) => {
+                log::warn!("this OS cannot set the TCP keepalive probe count; using its own");
+                sock.set_tcp_keepalive(&k)
+            }
+            r => r,
         }
-        sock.set_tcp_keepalive(&k)
-            .map_err(|e| context(e, "setting TCP keepalive"))?;
+        .map_err(|e| context(e, "setting TCP keepalive"))?;
     }
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if let Some(dev) = &opts.device {

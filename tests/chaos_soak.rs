@@ -27,6 +27,7 @@
 //!
 //! Also: no deadlock (every wait bounded, send latency bounded), no panic in a client
 //! thread, `wsbeat-*` threads and open fds back to the baseline, memory flat.
+#![cfg(all(target_os = "linux", target_env = "gnu"))] // glibc's mallinfo2 for heap growth
 
 mod support;
 

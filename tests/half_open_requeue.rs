@@ -6,6 +6,7 @@
 //! The half-open link is made with iptables (DROP both ways on `lo`, only for this test
 //! server's port; the rules are deleted by a drop guard, also on panic). It needs root
 //! and iptables: elsewhere the test is skipped with a message.
+#![cfg(target_os = "linux")] // iptables, SIOCOUTQ and geteuid
 
 mod support;
 

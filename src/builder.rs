@@ -328,7 +328,14 @@ impl ClientBuilder {
     /// reads past it: to reach the end of a connection (the peer hung up, or our close
     /// frame is out: `close()` then ends when the server answers), the client reads on,
     /// keeping up to twice the bound and dropping the messages past that
-    /// ([`Stats::inbound_dropped`](crate::Stats::inbound_dropped), a warning).
+    /// ([`Stats::inbound_dropped`](crate::Stats::inbound_dropped), a warning). With a
+    /// bound below half of one read (`read_budget`, 64 messages by default), one read
+    /// already passes twice it, so that reading on drops most of what it reads even with
+    /// a consumer that keeps up: keep the bound above `read_budget`.
+    ///
+    /// The bound counts what is handed over and not yet taken, whoever holds it: a
+    /// [`Batch`](crate::Batch) one consumer keeps un-iterated pauses reading for every
+    /// consumer of the client until it is iterated or dropped.
     ///
     /// A slow consumer never makes the heartbeat kill a live peer: while reading is held
     /// back, unread input (in the socket or already read into the client) proves the peer

@@ -32,7 +32,8 @@
 //! 64 B). So a consumer waiting in [`Events::recv`] (and `recv_timeout`, `recv_deadline`,
 //! iteration) with nothing buffered reads the socket itself, on its own thread, through
 //! a [`Drive`] (the read path in `reader.rs`): it takes the link lock without waiting
-//! (`try_lock`), and only when the channel is empty, because the reader sends each batch
+//! (`try_lock`), only while the bound has room (a full bound pauses reading for every
+//! consumer alike), and only when the channel is empty, because the reader sends each batch
 //! *before* it lets the lock go: whatever the reader read earlier is already in the
 //! channel and comes first. One order, whoever reads.
 //! The reader leaves ready input to such a consumer (`Inbound::consumer_reads`): while a
@@ -1170,6 +1171,13 @@ impl Events {
         let Some(driver) = self.driver.as_ref() else {
             return Read::Busy;
         };
+        // The bound is full with events taken but not yet given up (a `Batch` another
+        // consumer keeps): reading is paused for every consumer, as for the reader, not
+        // only for those that lose the race for the lock (consumer probe: a second
+        // consumer got every message, or none for 10 s, by that race).
+        if self.inbound.is_full() {
+            return Read::Busy;
+        }
         self.inbound.begin_drive();
         let mut buf = std::mem::take(&mut *self.buf.borrow_mut());
         let drove = driver.drive(&self.rx, &mut buf);
@@ -1181,7 +1189,11 @@ impl Events {
             mine.extend(buf);
         }
         match (first, drove) {
-            (Some(m), _) => Read::Got(Event::Message(m)),
+            (Some(m), _) => {
+                // Taken: progress, whoever else holds the bound (a kept `Batch`).
+                self.inbound.note_progress();
+                Read::Got(Event::Message(m))
+            }
             (None, Some(true)) => Read::More,
             (None, Some(false)) => Read::Nothing,
             (None, None) => Read::Busy,

@@ -988,3 +988,88 @@ fn a_silent_connection_made_while_the_consumer_is_behind_is_judged() {
     drop(events);
     let _ = client.close();
 }
+
+/// One consumer keeps a `Batch` un-iterated (the bound stays full, the reader is held
+/// back) while another waits in `recv`. Reading is paused for both: the second gets
+/// nothing until the first gives its batch up, then everything, in order. Before, it got
+/// every message or none, by a race for the link lock (consumer probe: 1 of 8 runs got
+/// none for 5 s; the others read the socket themselves, and as those messages did not
+/// count as taken, a stall was reported while they flowed, 7 of 7 runs).
+#[test]
+fn a_kept_batch_pauses_every_consumer_alike() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        for i in 0..20 {
+            let _ = ws.send(Message::text(format!("b{i}")));
+        }
+        // A trickle (the pace is the scenario): one every 20 ms.
+        for i in 0..100 {
+            if ws.send(Message::text(format!("t{i}"))).is_err() {
+                return;
+            }
+            let _ = ws.read();
+        }
+        loop {
+            match ws.read() {
+                Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::off())
+        .event_capacity(5, 1 << 20)
+        .consumer_stall_timeout(Duration::from_millis(300))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    // Consumer B: takes batches until one holds messages, and keeps them.
+    let mut held = Vec::new();
+    while !held
+        .iter()
+        .any(|b: &wsbeat::Batch| format!("{b:?}").contains("b0"))
+    {
+        held.push(
+            events
+                .receiver()
+                .recv_timeout(Duration::from_secs(10))
+                .expect("a batch"),
+        );
+    }
+    // Consumer A: nothing while B keeps the bound full...
+    let a = events.clone();
+    let waited = a.recv_timeout(Duration::from_millis(500));
+    assert!(waited.is_err(), "read past a full bound: {waited:?}");
+    // ...then, once B gives it up, every later message in order.
+    drop(held);
+    let mut last = None;
+    loop {
+        match a.recv_timeout(Duration::from_secs(10)) {
+            Ok(Event::Message(m)) => {
+                let t = m.to_text().unwrap().to_string();
+                if let (Some(l), Some(n)) = (&last, t.strip_prefix('t')) {
+                    let l: &String = l;
+                    if let Some(p) = l.strip_prefix('t') {
+                        let (p, n): (u32, u32) = (p.parse().unwrap(), n.parse().unwrap());
+                        assert_eq!(n, p + 1, "in order");
+                    }
+                }
+                let done = t == "t99";
+                last = Some(t);
+                if done {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => panic!("consumer A after B let go: {e:?} (last {last:?})"),
+        }
+    }
+    let _ = client.close();
+    server.join().unwrap();
+}

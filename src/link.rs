@@ -95,8 +95,9 @@ pub(crate) struct Tracked {
     /// counted possibly lost unless the peer shows a sign of life past that end.
     acked_older: u64,
     acked_older_end: u64,
-    /// The end offset of the last message pruned from `msgs`: where the first one starts,
-    /// at the earliest.
+    /// Where the first message of `msgs` starts, at the earliest: the end offset of the
+    /// last one pruned, or, when the first kept one shares its batch (flushed together),
+    /// that batch's start plus the frames pruned from it.
     floor: u64,
 }
 
@@ -443,10 +444,23 @@ impl Live {
                 }
                 t.acked_ends.push_back(*e);
             }
+            // The cut may fall inside a batch (flushed together, one end offset) when it is
+            // made by size: the first message kept then starts after the frames pruned
+            // from its batch, not at the batch's end (review: taken for the batch's end,
+            // the start was no lower bound, and `close()` handed back 511 messages the
+            // peer had read).
+            let (mut next, mut batch_end) = (t.floor, t.floor);
             for (e, m, _) in t.msgs.drain(..gone) {
-                t.floor = e;
+                if e != batch_end {
+                    (next, batch_end) = (batch_end, e);
+                }
+                next = next.saturating_add(frame_len(&m));
                 t.bytes -= payload_len(&m);
             }
+            t.floor = match t.msgs.front() {
+                Some((e, _, _)) if *e == batch_end => next.min(batch_end),
+                _ => batch_end,
+            };
         }
     }
 

@@ -365,9 +365,12 @@ impl Client {
     /// (`size_hint`, exact for a `Vec`, a range or a `map` of them); one that cannot say
     /// (a channel's, a `filter`'s) has each message sent as it comes. A lazy iterator's
     /// message waits until its chunk is complete, so give a slow producer a channel.
-    /// Once the client is closed, what a finite iterator (one whose `size_hint` has an
-    /// upper bound: a `Vec`'s, a range's, a `map` of them) still holds is handed back as
-    /// failures; any other iterator (a channel's) is not read any further. Each message is
+    /// Once the client is closed, what the iterator says it still holds (the lower bound
+    /// of its `size_hint`, when it has an upper one: all of a `Vec`'s, a range's, a `map`
+    /// of them; at most 1 048 576) is read and handed back as failures. Nothing more is
+    /// read: not a channel's messages, nor a `filter`'s (its lower bound is 0), which
+    /// are dropped with the iterator, so collect such a batch into a `Vec` first if every
+    /// message must come back. Each message is
     /// written, queued, or handed back exactly like [`send`](Client::send) would; returns
     /// once all of them reached the OS (or were queued). The failures come back in order, each with its index in the batch
     /// and its message ([`Error::into_message`]); the other messages were accepted.
@@ -375,7 +378,8 @@ impl Client {
     /// The iterator is read between chunks, never while the client's lock is held: it
     /// may be lazy, slow, wait on a channel, or use this client. If it panics, the panic
     /// goes on to the caller, and the messages it gave for the chunk being filled (not
-    /// sent yet) come back in [`Event::Undelivered`](crate::Event::Undelivered).
+    /// sent yet) come back in [`Event::Undelivered`](crate::Event::Undelivered); those it
+    /// gave to be handed back after the client closed are lost with the panic.
     ///
     /// ```
     /// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -751,6 +751,9 @@ const BATCH_FLUSH_BYTES: usize = 128 << 10;
 const FRAME_HEADER: usize = 14;
 /// Most messages of a batch taken from the caller's iterator per lock hold.
 const BATCH_CHUNK: usize = 2048;
+/// Most messages `send_all` reads from a finite iterator to hand them back once the
+/// client is closing.
+pub(crate) const CLOSED_DRAIN_MAX: usize = 1 << 20;
 /// Most overdue messages an ack-timeout round copies and writes again (the rest: the
 /// next round, at once), so its copies under the lock stay bounded. A round with fewer
 /// due still walks the whole outbox (at most `Acks::max_messages`) for the next deadline.
@@ -890,11 +893,18 @@ impl Shared {
                     // and `Ok(())` with 17 952 lost in a race with `close()`): each is
                     // handed back. Other iterators are not read further (a channel's
                     // would be drained into failures for as long as it lives).
+                    // What it holds is read once from its lower bound (a filter's or a
+                    // channel's is 0: they are not read further), and at most
+                    // `CLOSED_DRAIN_MAX`: a lying or huge lazy iterator must not keep
+                    // this call going for good (review).
                     drop(link);
-                    while msgs.size_hint().1.is_some() && msgs.size_hint().0 > 0 {
-                        let Some(msg) = msgs.next() else {
-                            break;
-                        };
+                    let (holds, upper) = msgs.size_hint();
+                    let n = if upper.is_some() {
+                        holds.min(CLOSED_DRAIN_MAX)
+                    } else {
+                        0
+                    };
+                    for msg in msgs.by_ref().take(n) {
                         fail(first, Error::Closed { message: Some(msg) });
                         first += 1;
                     }

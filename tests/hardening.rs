@@ -1864,6 +1864,40 @@ fn send_all_of_a_finite_batch_accounts_for_every_message_when_the_client_closes(
     }
 }
 
+/// Once closed, `send_all` reads what the iterator says it holds once, not while it says
+/// so: an iterator whose `size_hint` never reaches 0 (review: the drain ran for good,
+/// keeping every message as a failure) ends after that many.
+#[test]
+fn send_all_on_a_closed_client_reads_a_lying_iterator_a_bounded_number_of_times() {
+    /// Says it holds one more message, for ever (it gives up after 100 000, so that a
+    /// client that believes it does not run the test for good).
+    struct Liar(usize);
+    impl Iterator for Liar {
+        type Item = Message;
+        fn next(&mut self) -> Option<Message> {
+            self.0 += 1;
+            assert!(self.0 <= 100_000, "read without end");
+            Some(Message::text("x"))
+        }
+        fn size_hint(&self) -> (usize, Option<usize>) {
+            (1, Some(1))
+        }
+    }
+    let _g = util::shared();
+    let server = TestServer::echo();
+    let client = builder(&server.url()).connect().expect("connect");
+    let c = client.clone();
+    assert!(bounded("close()", T, move || c.close()).is_empty());
+    let c = client.clone();
+    let failed = bounded("send_all", T, move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| c.send_all(Liar(0))))
+    })
+    .expect("send_all ended without reading for good")
+    .expect_err("refused");
+    // One chunk (of the one message it said it had), then the one it still said it had.
+    assert_eq!(failed.len(), 2, "{failed:?}");
+}
+
 /// Restarts its client from `next_delay` once (the new client shares this policy: one
 /// lock), and closes the new client from there, once that one's first attempt has failed
 /// and it waits for the policy.

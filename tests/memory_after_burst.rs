@@ -80,16 +80,24 @@ fn an_idle_connection_gives_back_the_memory_of_a_burst() {
     let base = rss_trimmed();
     drop(burst(&client, &events));
     // Idle now: within a few seconds the burst's buffers are freed.
-    let mut now = rss_trimmed();
-    let freed = util::wait_until(T, || {
-        now = rss_trimmed();
-        now <= base + LEFT
-    });
+    let freed = rss_down_to(base + LEFT);
     let _ = client.close();
-    assert!(
-        freed,
-        "idle after a burst: {now} KiB resident against {base} KiB before it"
-    );
+    if let Err(now) = freed {
+        panic!("idle after a burst: {now} KiB resident against {base} KiB before it");
+    }
+}
+
+/// Waits until the resident memory is at most `limit` KiB; else what it was at the end.
+fn rss_down_to(limit: u64) -> Result<(), u64> {
+    let mut now = rss_trimmed();
+    if util::wait_until(T, || {
+        now = rss_trimmed();
+        now <= limit
+    }) {
+        Ok(())
+    } else {
+        Err(now)
+    }
 }
 
 #[test]
@@ -104,15 +112,9 @@ fn a_message_kept_after_its_connection_ended_holds_only_its_bytes() {
     let kept = echoes.pop().unwrap();
     drop(echoes);
     let _ = client.close();
-    let mut now = rss_trimmed();
-    let freed = util::wait_until(T, || {
-        now = rss_trimmed();
-        now <= base + LEFT + (SIZE as u64 >> 10)
-    });
-    assert!(
-        freed,
-        "one kept message: {now} KiB resident against {base} KiB before the burst"
-    );
+    if let Err(now) = rss_down_to(base + LEFT + (SIZE as u64 >> 10)) {
+        panic!("one kept message: {now} KiB resident against {base} KiB before the burst");
+    }
     match kept {
         Event::Message(m) => assert_eq!(m.len(), SIZE),
         other => panic!("{other:?}"),

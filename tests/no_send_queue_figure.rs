@@ -35,27 +35,48 @@ fn without_the_figure(name: &str) -> bool {
 
 /// A peer that takes the upgrade, then reads and discards every byte and never sends
 /// one (an application that stopped processing, or a middlebox that swallows): its TCP
-/// acknowledges everything, the client sees no sign of life after the upgrade.
+/// acknowledges everything, the client sees no sign of life after the upgrade. A held
+/// one reads nothing until `go` is set (its receive buffer is small, so the client's
+/// sends pile up in its write buffer).
 struct Sink {
     url: String,
     read: Arc<AtomicU64>,
+    go: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Sink {
     fn start() -> Sink {
+        Sink::gated(true)
+    }
+
+    fn held() -> Sink {
+        Sink::gated(false)
+    }
+
+    fn gated(open: bool) -> Sink {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("ws://{}/", listener.local_addr().unwrap());
         let read = Arc::new(AtomicU64::new(0));
+        let go = Arc::new(AtomicBool::new(open));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s) = (read.clone(), stop.clone());
+        let (r, g, s) = (read.clone(), go.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let (tcp, _) = listener.accept().unwrap();
+            if !open {
+                socket2::SockRef::from(&tcp)
+                    .set_recv_buffer_size(64 << 10)
+                    .unwrap();
+            }
             let mut ws = tungstenite::accept(tcp).unwrap();
             let tcp = ws.get_mut();
             tcp.set_read_timeout(Some(Duration::from_millis(50)))
                 .unwrap();
+            // Waiting for the test's go (a condition, looked at every 5 ms).
+            while !g.load(Ordering::SeqCst) && !s.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let mut buf = vec![0u8; 256 << 10];
             while !s.load(Ordering::SeqCst) {
                 match tcp.read(&mut buf) {
@@ -75,8 +96,23 @@ impl Sink {
         Sink {
             url,
             read,
+            go,
             stop,
             thread: Some(thread),
+        }
+    }
+
+    /// Waits until the sink read `total` bytes.
+    fn wait_read(&self, total: u64) {
+        let start = Instant::now();
+        while self.read.load(Ordering::SeqCst) < total {
+            assert!(
+                start.elapsed() < T,
+                "the sink read {} of {total} bytes",
+                self.read.load(Ordering::SeqCst)
+            );
+            // Waiting for the peer's reads (a condition with a deadline).
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -90,20 +126,12 @@ impl Drop for Sink {
     }
 }
 
-/// 1024 messages of 8 KiB (8 MiB) sent to a peer whose TCP takes them all but which never
-/// shows a sign of life; then `close()` (the peer never answers the close frame). None was
-/// delivered to the peer's application, none is handed back: each must be counted in
-/// `possibly_lost`. With no kernel figure, tracking drops everything it holds once it
-/// passes 4 MiB (`link.rs`, `keep_after = u64::MAX`), and those are counted nowhere.
-#[test]
-fn swallowed_messages_past_the_tracking_cap_are_counted_possibly_lost() {
-    if !without_the_figure("swallowed_messages_past_the_tracking_cap_are_counted_possibly_lost") {
-        return;
-    }
-    let sink = Sink::start();
-    let client = Client::builder(&sink.url)
+/// A client of `url` with no heartbeat and a short close timeout, once connected.
+fn connected(url: &str, write_timeout: Duration) -> (Client, wsbeat::Events) {
+    let client = Client::builder(url)
         .heartbeat(Heartbeat::off())
         .close_timeout(Duration::from_millis(200))
+        .write_timeout(write_timeout)
         .connect()
         .unwrap();
     let events = client.events();
@@ -115,25 +143,35 @@ fn swallowed_messages_past_the_tracking_cap_are_counted_possibly_lost() {
             _ => {}
         }
     }
+    (client, events)
+}
+
+/// The `i`th numbered binary message of `size` bytes.
+fn numbered(i: u64, size: usize) -> Message {
+    let mut m = format!("{i:08}").into_bytes();
+    m.resize(size, b'x');
+    Message::binary(m)
+}
+
+/// 1024 messages of 8 KiB (8 MiB) sent to a peer whose TCP takes them all but which never
+/// shows a sign of life; then `close()` (the peer never answers the close frame). None was
+/// delivered to the peer's application, none is handed back: each must be counted in
+/// `possibly_lost`. With no kernel figure, tracking drops everything it holds once it
+/// passes 4 MiB (`link.rs`, `keep_after = u64::MAX`), and those are counted nowhere.
+#[test]
+fn swallowed_messages_past_the_tracking_cap_are_counted_possibly_lost() {
+    if !without_the_figure("swallowed_messages_past_the_tracking_cap_are_counted_possibly_lost") {
+        return;
+    }
+    let sink = Sink::start();
+    let (client, _events) = connected(&sink.url, Duration::from_secs(10));
     const N: u64 = 1024;
     const SIZE: usize = 8 << 10;
     for i in 0..N {
-        let mut m = format!("{i:08}").into_bytes();
-        m.resize(SIZE, b'x');
-        client.send(Message::binary(m)).unwrap();
+        client.send(numbered(i, SIZE)).unwrap();
     }
     // Every byte reached the peer's TCP (and was read there): nothing can be handed back.
-    let total = N * (SIZE as u64 + 8);
-    let start = Instant::now();
-    while sink.read.load(Ordering::SeqCst) < total {
-        assert!(
-            start.elapsed() < T,
-            "the sink read {} of {total} bytes",
-            sink.read.load(Ordering::SeqCst)
-        );
-        // Waiting for the peer's reads (a condition with a deadline).
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    sink.wait_read(N * (SIZE as u64 + 8));
     let back = client.close();
     let stats = client.stats();
     eprintln!(
@@ -271,71 +309,6 @@ fn close_hands_back_messages_that_never_reached_the_os() {
     );
 }
 
-/// Takes the upgrade, reads nothing until released, then reads and counts every byte,
-/// never sending one.
-struct HeldSink {
-    url: String,
-    read: Arc<AtomicU64>,
-    go: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl HeldSink {
-    fn start() -> HeldSink {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("ws://{}/", listener.local_addr().unwrap());
-        let read = Arc::new(AtomicU64::new(0));
-        let go = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (r, g, s) = (read.clone(), go.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            let (tcp, _) = listener.accept().unwrap();
-            socket2::SockRef::from(&tcp)
-                .set_recv_buffer_size(64 << 10)
-                .unwrap();
-            let mut ws = tungstenite::accept(tcp).unwrap();
-            let tcp = ws.get_mut();
-            tcp.set_read_timeout(Some(Duration::from_millis(50)))
-                .unwrap();
-            while !g.load(Ordering::SeqCst) && !s.load(Ordering::SeqCst) {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            let mut buf = vec![0u8; 256 << 10];
-            while !s.load(Ordering::SeqCst) {
-                match tcp.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        r.fetch_add(n as u64, Ordering::SeqCst);
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) => {}
-                    Err(_) => break,
-                }
-            }
-        });
-        HeldSink {
-            url,
-            read,
-            go,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for HeldSink {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// 1100 messages of 8 KiB (8.6 MiB) pile up in the client's write buffer while the peer
 /// reads nothing; then the peer reads every byte (one flush batch > TRACK_CAP, which the
 /// prune cuts in two). Every message reached the peer: `close()` must hand none back
@@ -346,42 +319,18 @@ fn close_hands_back_messages_the_peer_read_when_prune_cut_a_batch() {
     if !without_the_figure("close_hands_back_messages_the_peer_read_when_prune_cut_a_batch") {
         return;
     }
-    let sink = HeldSink::start();
-    let client = Client::builder(&sink.url)
-        .heartbeat(Heartbeat::off())
-        .close_timeout(Duration::from_millis(200))
-        .write_timeout(Duration::from_secs(120))
-        .connect()
-        .unwrap();
-    let events = client.events();
-    let deadline = Instant::now() + T;
-    loop {
-        match events.recv_deadline(deadline).expect("Connected in time") {
-            Event::Connected { .. } => break,
-            Event::Closed => panic!("closed"),
-            _ => {}
-        }
-    }
+    let sink = Sink::held();
+    let (client, _events) = connected(&sink.url, Duration::from_secs(120));
     const N: u64 = 1100;
     const SIZE: usize = 8 << 10;
     for i in 0..N {
-        let mut m = format!("{i:08}").into_bytes();
-        m.resize(SIZE, b'x');
         client
-            .try_send(Message::binary(m))
+            .try_send(numbered(i, SIZE))
             .expect("fits in the 16 MiB write buffer");
     }
     sink.go.store(true, Ordering::SeqCst);
     let total = N * (SIZE as u64 + 8);
-    let start = Instant::now();
-    while sink.read.load(Ordering::SeqCst) < total {
-        assert!(
-            start.elapsed() < T,
-            "the sink read {} of {total} bytes",
-            sink.read.load(Ordering::SeqCst)
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    sink.wait_read(total);
     // Let the client's own flush complete and be noted (the reader flushes on POLLOUT).
     let start = Instant::now();
     while client.stats().sent < N {

@@ -32,6 +32,8 @@ export CARGO_TARGET_X86_64_PC_WINDOWS_GNU_RUNNER="$wine"
 if (($#)); then
     cargo test --target x86_64-pc-windows-gnu "$@"
 else
+    # The Windows code paths linted as the Linux ones are.
+    cargo clippy --lib --target x86_64-pc-windows-gnu -- -D warnings
     cargo test --target x86_64-pc-windows-gnu --lib --test core --test heartbeat --test reconnect --test races --test inbound --test no_send_queue_figure
     # The keepalive settings (Windows caps the probe count, and Wine has no TCP_KEEPCNT).
     cargo test --target x86_64-pc-windows-gnu --test hardening keepalive

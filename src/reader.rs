@@ -35,7 +35,9 @@ use crate::inbound::{Batch, Drive};
 use crate::link::{Link, Shared, current_mut};
 use crate::time::deadline;
 use crate::transport::stream::{READ_QUOTA, is_would_block, reason_of};
-use crate::transport::sys::{POLLHUP_ERR, POLLIN, POLLOUT, POLLRDHUP, Waker, poll2, raw};
+use crate::transport::sys::{
+    POLLHUP_ERR, POLLIN, POLLOUT, POLLRDHUP, Waker, peer_shut_down, poll2, raw,
+};
 use crate::{DisconnectReason, Message};
 
 /// Payloads at least this large are copied out of tungstenite's read buffer into recycled
@@ -536,7 +538,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         // is left is what the kernel holds: bounded). Its last messages
                         // and its close frame come before it (a graceful close looks
                         // just like this); only a broken link drops past twice the bound.
-                        let peer_done = r & POLLRDHUP != 0;
+                        let peer_done = peer_shut_down(r);
                         read = hang_up || peer_done || !inbound.is_full();
                         if read {
                             inbound.set_free();

@@ -60,6 +60,13 @@ fn no_send_queue_figure() -> bool {
     *NO.get_or_init(|| std::env::var_os("WSBEAT_NO_SEND_QUEUE_FIGURE").is_some())
 }
 
+/// Whether `revents` of a socket report that the peer shut its side down (`POLLRDHUP`).
+/// Always false where the OS has no such event (`POLLRDHUP` is 0: not Linux).
+#[allow(clippy::bad_bit_mask)]
+pub(crate) fn peer_shut_down(revents: i16) -> bool {
+    revents & POLLRDHUP != 0
+}
+
 /// A poll timeout in milliseconds: `-1` waits forever; a sub-millisecond remainder is
 /// rounded up so it does not spin with a 0 timeout.
 fn timeout_ms(timeout: Option<Duration>) -> i32 {

@@ -104,8 +104,9 @@ impl WeakClient {
     /// The client, if any strong handle to it is still alive.
     ///
     /// Drop the returned handle before your callback returns: if it turns out to be the
-    /// last one, dropping it closes the client (fine from a policy, factory or hook; a
-    /// reply matcher runs under the client's lock and must not be the one to close it).
+    /// last one, dropping it closes the client (fine from a policy, factory or hook).
+    /// Never upgrade in a reply matcher or an `Acks` reader: they run under the client's
+    /// lock, where any call on the client would wait for that lock for good.
     pub fn upgrade(&self) -> Option<Client> {
         self.inner.upgrade().map(|inner| Client { inner })
     }

@@ -43,11 +43,15 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
     let write_timeout = shared.cfg.write_timeout;
     let mut grace: Option<Grace> = None;
     loop {
-        let now = Instant::now();
         let mut wake_at: Option<Instant> = None;
         {
             let mut event = None;
             let mut link = shared.link.lock();
+            // Read after the lock: taken before, a wait for a lock held long (a slow
+            // reply matcher or `Acks` reader runs under it) dated a probe written now in
+            // the past, its reply deadline already gone (callback probe: a live peer
+            // killed in the millisecond its probe went out).
+            let now = Instant::now();
             if let Some(live) = link.conn.as_mut().filter(|l| l.takes_data()) {
                 let cgen = live.generation;
                 // Write stall: output pending longer than the write timeout.

@@ -1527,3 +1527,83 @@ fn a_message_trickling_in_with_the_peers_pings_is_data_in_progress() {
     let _ = client.close();
     server.join().unwrap();
 }
+
+/// A probe that falls due while user code holds the client's lock (here an `Acks` id
+/// reader taking 400 ms, called twice for one send) goes out once the lock is free, and
+/// its reply clock starts then. The timer dated it from before its wait for the lock, so
+/// the reply deadline had passed when it was written: a live peer 50 ms away was declared
+/// dead in the millisecond its probe went out (callback probe, 8 of 8 runs).
+#[test]
+#[cfg_attr(
+    windows,
+    ignore = "finds the timer asleep by its thread name in /proc, which Wine's threads do not carry"
+)]
+fn a_probe_that_waited_for_the_lock_gets_its_whole_timeout() {
+    let _g = util::exclusive();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Answers pings (tungstenite does) and acks {"id":N} with {"ack":N}.
+    thread::spawn(move || {
+        let Ok((s, _)) = listener.accept() else {
+            return;
+        };
+        let Ok(mut ws) = tungstenite::accept(s) else {
+            return;
+        };
+        while let Ok(m) = ws.read() {
+            if let Ok(t) = m.to_text() {
+                let id: String = t.chars().filter(|c| c.is_ascii_digit()).collect();
+                if ws.send(Message::text(format!("{{\"ack\":{id}}}"))).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    // A live peer 50 ms away, well within the 300 ms timeout.
+    let proxy = FaultProxy::start(addr);
+    proxy.set_delay(Duration::from_millis(25));
+    let slow = Arc::new(AtomicBool::new(false));
+    let s2 = slow.clone();
+    let field = |m: &Message, key: &str| -> Option<u64> {
+        m.to_text()
+            .ok()?
+            .strip_prefix(&format!("{{\"{key}\":"))?
+            .strip_suffix('}')?
+            .parse()
+            .ok()
+    };
+    let id_of = move |m: &Message| {
+        if s2.load(Ordering::SeqCst) {
+            // The slow user code under the lock is the scenario.
+            thread::sleep(Duration::from_millis(400));
+        }
+        field(m, "id")
+    };
+    let ack_of = move |m: &Message| field(m, "ack");
+    let interval = Duration::from_millis(300);
+    let client = builder(&proxy.url(), Heartbeat::ping(interval, interval))
+        .delivery(wsbeat::Delivery::Acked(wsbeat::Acks::new(id_of, ack_of)))
+        .reconnect(false)
+        .connect()
+        .expect("connect");
+    let events = client.events();
+    // The timer looked at the new connection and sleeps until the probe is due; the send
+    // then holds the lock across that moment.
+    assert!(util::wait_until(T, || util::thread_sleeping(
+        "wsbeat-timer"
+    )));
+    slow.store(true, Ordering::SeqCst);
+    client.send_text("{\"id\":1}").unwrap();
+    slow.store(false, Ordering::SeqCst);
+    // Several probe rounds.
+    let end = Instant::now() + 4 * (interval + interval);
+    let mut evs = Vec::new();
+    while let Ok(ev) = events.recv_deadline(end) {
+        evs.push(ev);
+    }
+    let _ = client.close();
+    assert!(
+        !evs.iter().any(is_disconnect),
+        "a live peer was killed: {evs:?}"
+    );
+}

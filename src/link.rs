@@ -886,17 +886,15 @@ impl Shared {
                     self.flush_batch(&mut link, &mut batch, mode);
                 }
                 if self.ending(&link) {
-                    // Every later message would be refused. What a finite iterator still
-                    // holds (a `Vec`'s, a range's: its lower bound, with an upper one) is
-                    // already the caller's batch, and dropping it with the iterator would
-                    // lose it silently (API fuzzer: 952 of 3000 a closed client was given,
-                    // and `Ok(())` with 17 952 lost in a race with `close()`): each is
-                    // handed back. Other iterators are not read further (a channel's
-                    // would be drained into failures for as long as it lives).
-                    // What it holds is read once from its lower bound (a filter's or a
-                    // channel's is 0: they are not read further), and at most
-                    // `CLOSED_DRAIN_MAX`: a lying or huge lazy iterator must not keep
-                    // this call going for good (review).
+                    // Every later message would be refused. What the iterator says it
+                    // still holds (its lower bound, read once, with an upper one: a
+                    // `Vec`'s, a range's) is already the caller's batch, and dropping it
+                    // with the iterator would lose it silently (API fuzzer: 952 of 3000 a
+                    // closed client was given, and `Ok(())` with 17 952 lost in a race
+                    // with `close()`): each is handed back, at most `CLOSED_DRAIN_MAX` (a
+                    // lying or huge lazy iterator must not keep this call going for good).
+                    // A filter's or a channel's rest (lower bound 0) is not read: a
+                    // channel's would be drained into failures for as long as it lives.
                     drop(link);
                     let (holds, upper) = msgs.size_hint();
                     let n = if upper.is_some() {

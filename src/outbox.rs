@@ -302,6 +302,14 @@ impl Outbox {
         first.then_some(seq)
     }
 
+    /// Whether `msg` has an id this outbox no longer tracks: the server acked it while it
+    /// waited in the offline queue (a server resuming a session acks, on the new
+    /// connection, what the last one delivered). Every queued message with an id is
+    /// tracked from its `admit` until its ack.
+    pub(crate) fn acked_already(&self, msg: &Message) -> bool {
+        self.id(msg).is_some_and(|id| !self.index.contains_key(&id))
+    }
+
     /// Called by the reader for each inbound text/binary message under the lock.
     /// Returns true when it is an ack to consume (not deliver).
     pub(crate) fn on_inbound(&mut self, msg: &Message) -> bool {

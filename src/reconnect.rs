@@ -767,11 +767,17 @@ impl Supervisor {
             let mut guard = self.shared.link.lock();
             let link: &mut Link = &mut guard;
             self.shared.set_state(link, State::Closed);
-            // Every unacked message is in the queue by now (teardown put them back).
-            if let Some(o) = link.outbox.as_mut() {
-                o.clear();
+            // Every unacked message is in the queue by now (teardown put them back); one
+            // acked while it waited there is delivered, not handed back.
+            let queued = link.queue.drain_all();
+            match link.outbox.as_mut() {
+                Some(o) => {
+                    let unacked = queued.into_iter().filter(|m| !o.acked_already(m)).collect();
+                    o.clear();
+                    unacked
+                }
+                None => queued,
             }
-            link.queue.drain_all()
         };
         if let Some(last) = give_up {
             let e = Error::GaveUp {

@@ -363,15 +363,6 @@ impl HbState {
         }
     }
 
-    /// Called by the reader when a drain read bytes besides the pings and pongs it read:
-    /// part of a large frame proves the peer alive too, while a probe reply may be queued
-    /// behind that frame on the peer's side, and for `Liveness::Data` they count as data
-    /// in progress. Not a reply, so it does not count in strict mode.
-    pub(crate) fn on_bytes(&mut self, now: Instant) {
-        self.last_inbound = now;
-        self.last_data = now;
-    }
-
     /// Called by the timer while the reader is held back by a full event channel (the
     /// consumer is behind) and input waits unread, in the socket or in tungstenite's
     /// buffer. That input proves the peer alive, and a probe reply may wait behind it, so
@@ -421,9 +412,12 @@ impl HbState {
         self.on_inbound_general(hb, msg, now)
     }
 
-    /// Data messages arrived at `now` that no reply matcher has to look at (the reader's
-    /// fast path marks them once per drain; what [`on_inbound`](Self::on_inbound) does
-    /// for each).
+    /// Data arrived at `now` that no reply matcher has to look at: whole data messages
+    /// (the reader's fast path marks them once per drain; what
+    /// [`on_inbound`](Self::on_inbound) does for each), or bytes a drain read besides the
+    /// pings and pongs it read. Those are part of a large frame still arriving: they prove
+    /// the peer alive while a probe reply may be queued behind that frame on its side, and
+    /// count as data in progress for `Liveness::Data`. Not a reply: strict mode ignores it.
     #[inline]
     pub(crate) fn on_data(&mut self, now: Instant) {
         self.last_inbound = now;
@@ -663,7 +657,7 @@ mod tests {
             let mut st = HbState::new(t0);
             sent(&mut st, 1, t0 + 10 * S);
             // The server's library pings; its application does not answer.
-            // A ping, all the drain read (no `on_bytes`: nothing besides it).
+            // A ping, all the drain read (no `on_data`: nothing besides it).
             st.on_inbound(hb, &Message::Ping(Vec::new().into()), t0 + 11 * S);
             let step = evaluate(hb, &mut st, t0 + 13 * S);
             if dies {

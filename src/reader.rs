@@ -353,9 +353,6 @@ fn drain(
             }
         }
     }
-    if data {
-        live.hb.on_data(now);
-    }
     live.ws.get_mut().set_read_quota(None);
     // Bytes read that the pings and pongs read do not account for: part of a data
     // message still arriving (liveness even while a reply is stuck behind a large frame),
@@ -369,8 +366,8 @@ fn drain(
     } else {
         (live.unaccounted + read).saturating_sub(control_bytes)
     };
-    if !more && live.unaccounted > 0 {
-        live.hb.on_bytes(now);
+    if data || (!more && live.unaccounted > 0) {
+        live.hb.on_data(now);
     }
     let mut want_write = false;
     match live.try_flush() {

@@ -449,18 +449,12 @@ impl Live {
             // from its batch, not at the batch's end (review: taken for the batch's end,
             // the start was no lower bound, and `close()` handed back 511 messages the
             // peer had read).
-            let (mut next, mut batch_end) = (t.floor, t.floor);
+            let mut starts = Starts::from(t.floor);
             for (e, m, _) in t.msgs.drain(..gone) {
-                if e != batch_end {
-                    (next, batch_end) = (batch_end, e);
-                }
-                next = next.saturating_add(frame_len(&m));
+                starts.start_of(e, &m);
                 t.bytes -= payload_len(&m);
             }
-            t.floor = match t.msgs.front() {
-                Some((e, _, _)) if *e == batch_end => next.min(batch_end),
-                _ => batch_end,
-            };
+            t.floor = starts.peek(t.msgs.front().map(|x| x.0));
         }
     }
 
@@ -489,21 +483,15 @@ impl Live {
             if closing && sent < written && !abort(&self.sock) {
                 sent = written;
             }
-            // Messages flushed together share the batch's end offset: each starts at or
-            // after the end of the batch before plus the frames before it in its batch
-            // (`start`, a lower bound: other frames, and TLS, only push it later), and
-            // ends at or before its own. Messages never flushed (`UNFLUSHED`) are after
+            // Each message starts at or after `start` (see `Starts`), and ends at or
+            // before its own end offset. Messages never flushed (`UNFLUSHED`) are after
             // every offset: sent again; closing, handed back unless their bytes may have
             // reached the OS (with no kernel figure, every message still in the write
             // buffer was taken for sent once a byte of the first one was: none was
             // handed back).
-            let (mut next, mut batch_end) = (t.floor, t.floor);
+            let mut starts = Starts::from(t.floor);
             for (end, m, owner) in t.msgs.drain(..) {
-                if end != batch_end {
-                    (next, batch_end) = (batch_end, end);
-                }
-                let start = next;
-                next = next.saturating_add(frame_len(&m));
+                let start = starts.start_of(end, &m);
                 match owner {
                     // The outbox decides (it sends again or hands back what is unacked):
                     // here only where the first write on this connection stood in the
@@ -544,6 +532,43 @@ impl Live {
         Leftover {
             resend,
             possibly_lost,
+        }
+    }
+}
+
+/// Where tracked messages start, at the earliest, walked in order from
+/// `Tracked::floor`. Messages flushed together share their batch's end offset: each
+/// starts after the end of the batch before plus the frames before it in its batch. A
+/// lower bound: other frames written between them, and TLS, only push it later.
+struct Starts {
+    next: u64,
+    batch_end: u64,
+}
+
+impl Starts {
+    fn from(floor: u64) -> Starts {
+        Starts {
+            next: floor,
+            batch_end: floor,
+        }
+    }
+
+    /// The earliest start of the next message, `m`, which ends at `end`.
+    fn start_of(&mut self, end: u64, m: &Message) -> u64 {
+        if end != self.batch_end {
+            (self.next, self.batch_end) = (self.batch_end, end);
+        }
+        let start = self.next;
+        self.next = self.next.saturating_add(frame_len(m));
+        start
+    }
+
+    /// The earliest start of a message after the ones walked, ending at `end` (`None`:
+    /// none yet): a new `Tracked::floor` when the ones walked are pruned.
+    fn peek(&self, end: Option<u64>) -> u64 {
+        match end {
+            Some(e) if e == self.batch_end => self.next.min(self.batch_end),
+            _ => self.batch_end,
         }
     }
 }

@@ -38,6 +38,39 @@ fn raw_server(
 
 /// Waits until the client's state leaves Open (declared dead), up to `limit`; returns
 /// how long it took.
+/// A client of `url` pinging every 200 ms with a 200 ms timeout, holding at most
+/// `messages` for its consumer, not reconnecting.
+fn pinging(url: &str, messages: usize) -> wsbeat::ClientBuilder {
+    Client::builder(url)
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+        ))
+        .event_capacity(messages, 1 << 30)
+        .reconnect(false)
+}
+
+/// Waits until the client reports its consumer behind (the reader held back).
+fn wait_behind(client: &Client) {
+    assert!(wait_until(Duration::from_secs(10), || client
+        .stats()
+        .consumer_behind_since
+        .is_some()));
+}
+
+/// Ends a run: the consumer, the client, the server's script (told to stop), its thread.
+fn end_run(
+    client: Client,
+    events: wsbeat::Events,
+    stop: mpsc::Sender<()>,
+    server: thread::JoinHandle<()>,
+) {
+    drop(events);
+    let _ = client.close();
+    drop(stop);
+    server.join().unwrap();
+}
+
 fn time_to_death(client: &Client, limit: Duration) -> Option<Duration> {
     let start = Instant::now();
     if wait_until(limit, || {
@@ -66,31 +99,19 @@ fn budget_guess_sized(read_budget: Option<usize>, size: usize) -> Option<Duratio
         // Silent from now on: never reads (no pong), never writes.
         let _ = stop.recv();
     });
-    let mut b = Client::builder(&url)
-        .heartbeat(Heartbeat::ping(
-            Duration::from_millis(200),
-            Duration::from_millis(200),
-        ))
-        .event_capacity(1, 1 << 30)
-        .reconnect(false);
+    let mut b = pinging(&url, 1);
     if let Some(n) = read_budget {
         b = b.read_budget(n);
     }
     let client = b.connect().unwrap();
     let events = client.events(); // never read: a stalled consumer
-    assert!(wait_until(Duration::from_secs(10), || client
-        .stats()
-        .consumer_behind_since
-        .is_some()));
+    wait_behind(&client);
     let died = time_to_death(&client, Duration::from_secs(8));
     eprintln!(
         "read_budget {read_budget:?} size {size}: declared dead after {died:?} (expected ~0.4 s); stats {:?}",
         client.stats()
     );
-    drop(events);
-    let _ = client.close();
-    drop(stop);
-    server.join().unwrap();
+    end_run(client, events, stop, server);
     died
 }
 
@@ -196,30 +217,16 @@ fn a_fin_while_the_consumer_is_behind_is_judged() {
         ws.get_ref().shutdown(Shutdown::Write).unwrap();
         let _ = stop.recv();
     });
-    let client = Client::builder(&url)
-        .heartbeat(Heartbeat::ping(
-            Duration::from_millis(200),
-            Duration::from_millis(200),
-        ))
-        .event_capacity(2, 1 << 30)
-        .reconnect(false)
-        .connect()
-        .unwrap();
+    let client = pinging(&url, 2).connect().unwrap();
     let events = client.events();
-    assert!(wait_until(Duration::from_secs(10), || client
-        .stats()
-        .consumer_behind_since
-        .is_some()));
+    wait_behind(&client);
     stop.send(()).unwrap();
     let died = time_to_death(&client, Duration::from_secs(8));
     eprintln!(
         "FIN while held back: dead after {died:?}; {:?}",
         client.stats()
     );
-    drop(events);
-    let _ = client.close();
-    drop(stop);
-    server.join().unwrap();
+    end_run(client, events, stop, server);
     assert!(
         died.is_some(),
         "a peer that sent FIN is never declared dead"
@@ -295,21 +302,12 @@ fn peer_end(held: bool, rst: bool) -> Option<Duration> {
         ws.get_ref().shutdown(Shutdown::Write).unwrap();
         let _ = stop.recv();
     });
-    let client = Client::builder(&url)
-        .heartbeat(Heartbeat::ping(
-            Duration::from_millis(200),
-            Duration::from_millis(200),
-        ))
-        .event_capacity(if held { 2 } else { 1000 }, 1 << 30)
-        .reconnect(false)
+    let client = pinging(&url, if held { 2 } else { 1000 })
         .connect()
         .unwrap();
     let events = client.events();
     if held {
-        assert!(wait_until(Duration::from_secs(10), || client
-            .stats()
-            .consumer_behind_since
-            .is_some()));
+        wait_behind(&client);
     } else {
         // Keep up: take the 4 messages.
         for _ in 0..5 {
@@ -318,10 +316,7 @@ fn peer_end(held: bool, rst: bool) -> Option<Duration> {
     }
     stop.send(()).unwrap();
     let died = time_to_death(&client, Duration::from_secs(5));
-    drop(events);
-    let _ = client.close();
-    drop(stop);
-    server.join().unwrap();
+    end_run(client, events, stop, server);
     died
 }
 

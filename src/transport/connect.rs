@@ -105,8 +105,7 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
         let credentials = userinfo.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
         match p.scheme() {
             "http" => {
-                dl.arm(&sock, ConnectStage::Proxy)?;
-                proxy_connect(&sock, credentials, &host, port, dl)?;
+                proxy_connect(&sock, credentials, &host, port, dl, cancel)?;
             }
             "socks5" | "socks5h" => {
                 let target = match bare.parse::<IpAddr>() {
@@ -117,7 +116,7 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
                         socks::Target::Ip(addrs[0].ip())
                     }
                 };
-                socks::connect(&sock, credentials, target, port, dl)?;
+                socks::connect(&sock, credentials, target, port, dl, cancel)?;
             }
             "socks4" | "socks4a" => {
                 let target = match bare.parse::<IpAddr>() {
@@ -135,7 +134,8 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
                     }
                 };
                 // SOCKS4 has a user id only (no password).
-                socks::connect4(&sock, credentials.map_or("", |(u, _)| u), target, port, dl)?;
+                let user = credentials.map_or("", |(u, _)| u);
+                socks::connect4(&sock, user, target, port, dl, cancel)?;
             }
             other => {
                 return Err(Error::UnsupportedProxy {
@@ -144,8 +144,9 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
             }
         }
     }
-    // From here on every read and write is bounded by the time left (see `link::Tcp`).
-    let sock = Tcp::connecting(sock, dl.end);
+    // From here on every read and write is bounded by the time left, and cancellable
+    // (see `stream::Tcp`).
+    let sock = Tcp::connecting(sock, dl.end, cancel.fd());
     let stream = if tls {
         Stream::Tls(Box::new(tls::handshake(
             &cfg.tls, &host, sock, dl.start, dl.end,
@@ -666,6 +667,7 @@ fn proxy_connect(
     host: &str,
     port: u16,
     dl: &Deadline,
+    cancel: &Cancel,
 ) -> Result<()> {
     let authority = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
@@ -687,11 +689,12 @@ fn proxy_connect(
             Error::io(e)
         }
     };
+    dl.ready(sock, true, cancel, ConnectStage::Proxy)?;
     (&*sock).write_all(req.as_bytes()).map_err(timeout)?;
     // Interim 1xx answers come before the final one and are skipped (RFC 9110 15.2); the
     // deadline bounds a proxy that sends them without end.
     loop {
-        let head = proxy_head(sock, dl, &timeout)?;
+        let head = proxy_head(sock, dl, cancel, &timeout)?;
         let status = proxy_status(&head)?;
         if (100..200).contains(&status) {
             log::debug!("HTTP proxy sent an interim {status} before its answer to CONNECT");
@@ -709,13 +712,14 @@ fn proxy_connect(
 fn proxy_head(
     sock: &TcpStream,
     dl: &Deadline,
+    cancel: &Cancel,
     timeout: &impl Fn(io::Error) -> Error,
 ) -> Result<Vec<u8>> {
     let mut head = Vec::with_capacity(256);
     let mut byte = [0u8; 1];
     while !(head.ends_with(b"\n\r\n") || head.ends_with(b"\n\n")) {
         // Re-armed per byte: a proxy that trickles its answer meets the deadline too.
-        dl.arm(sock, ConnectStage::Proxy)?;
+        dl.ready(sock, false, cancel, ConnectStage::Proxy)?;
         match (&*sock).read(&mut byte) {
             Ok(0) => {
                 return Err(Error::io(io::Error::new(

@@ -43,13 +43,65 @@ impl Deadline {
             elapsed: self.start.elapsed(),
         }
     }
-    /// Sets the socket's read and write timeouts to the time left.
-    pub(crate) fn arm(&self, sock: &TcpStream, stage: ConnectStage) -> Result<()> {
+    /// Waits until `sock` can be read (`write`: written) without blocking, for the time
+    /// left at most and ending at once when `cancel` fires, then sets the socket's read
+    /// and write timeouts to the time left (a backstop: a write larger than the socket's
+    /// buffer may still block, for that long at most, and a shutdown by `cancel` wakes it
+    /// where the OS lets it).
+    pub(crate) fn ready(
+        &self,
+        sock: &TcpStream,
+        write: bool,
+        cancel: &Cancel,
+        stage: ConnectStage,
+    ) -> Result<()> {
+        match wait_ready(sock, write, cancel.fd(), self.left(stage)?) {
+            Ok(()) => {}
+            Err(_) if cancel.is_cancelled() => return Err(Error::Closed { message: None }),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(self.timeout(stage)),
+            Err(e) => return Err(Error::io(e)),
+        }
         let left = self.left(stage)?;
         sock.set_read_timeout(Some(left))?;
         sock.set_write_timeout(Some(left))?;
         Ok(())
     }
+}
+
+/// The one wait of every read and write of the connection set-up (proxy, TLS, upgrade):
+/// until `sock` is readable (`write`: writable), in error or hung up, or `cancel` (a
+/// [`Cancel::fd`]) is readable, for `timeout` at most. Errors: `ConnectionAborted` once
+/// cancelled, `TimedOut` when nothing came in time.
+///
+/// Waiting here rather than in a blocking `read` is what lets `close()` end these stages
+/// on every platform: a socket shutdown from another thread wakes a blocked `read` on
+/// Linux, but not under Windows (seen under Wine: `close()` waited for the connect
+/// timeout).
+pub(crate) fn wait_ready(
+    sock: &TcpStream,
+    write: bool,
+    cancel: Raw,
+    timeout: Duration,
+) -> io::Result<()> {
+    let events = if write { POLLOUT } else { POLLIN };
+    let (ready, cancelled) = sys::poll2(
+        (sys::raw(sock), events),
+        Some((cancel, POLLIN)),
+        Some(timeout),
+    )?;
+    if cancelled != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "connect cancelled: the client is closing",
+        ));
+    }
+    if ready == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "connect timeout reached",
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn is_timeout(e: &io::Error) -> bool {
@@ -62,10 +114,11 @@ pub(crate) fn is_timeout(e: &io::Error) -> bool {
 /// Aborts a connect attempt from another thread (`close()`, drop of the last handle).
 ///
 /// Once cancelled it stays cancelled: its wake-up descriptor stays readable, so every
-/// later wait of the attempt returns at once. The stages that wait with `poll` (DNS, the
-/// TCP dial) watch [`Cancel::fd`]; the stages that read and write a connected socket
-/// with timeouts (proxy, TLS, upgrade) are woken by the socket shutdown `cancel` does on
-/// the socket [`attach`](Cancel::attach)ed for them.
+/// later wait of the attempt returns at once. Every stage waits in `poll` on
+/// [`Cancel::fd`] too: DNS and the TCP dial, and the reads and writes of the proxy, TLS
+/// and upgrade stages (through [`wait_ready`]). `cancel` also shuts down the socket
+/// [`attach`](Cancel::attach)ed for those stages, which wakes a write blocked on a full
+/// send buffer where the OS lets it.
 pub(crate) struct Cancel {
     cancelled: AtomicBool,
     tx: Pipe,
@@ -617,6 +670,53 @@ mod tests {
             lag < Duration::from_millis(500),
             "returned {lag:?} after cancel"
         );
+    }
+
+    /// The proxy, TLS and upgrade stages wait on a connected socket: a cancel ends that
+    /// wait at once even when nothing shuts the socket down (under Windows a shutdown does
+    /// not wake a blocked read, so `close()` waited for the connect timeout there).
+    #[test]
+    fn cancel_ends_a_wait_on_a_silent_socket_without_a_shutdown() {
+        let l = TcpListener::bind(v4(0)).unwrap();
+        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _silent = l.accept().unwrap();
+        // Never attached: the cancel cannot shut this socket down.
+        let cancel = std::sync::Arc::new(Cancel::new().unwrap());
+        let canceller = cancel_soon(&cancel);
+        let dl = Deadline::after(Duration::from_secs(30));
+        let r = dl.ready(&sock, false, &cancel, ConnectStage::Proxy);
+        let lag = Instant::now() - canceller.join().unwrap();
+        assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
+        assert!(
+            lag < Duration::from_millis(500),
+            "returned {lag:?} after cancel"
+        );
+        // Cancelled stays cancelled: the next wait returns at once, writes too.
+        let r = dl.ready(&sock, true, &cancel, ConnectStage::Proxy);
+        assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn a_wait_on_a_silent_socket_ends_at_the_deadline() {
+        let l = TcpListener::bind(v4(0)).unwrap();
+        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _silent = l.accept().unwrap();
+        let cancel = Cancel::new().unwrap();
+        let dl = Deadline::after(Duration::from_millis(200));
+        let r = dl.ready(&sock, false, &cancel, ConnectStage::Proxy);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Timeout {
+                    stage: ConnectStage::Proxy,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // A writable socket is ready at once.
+        let dl = Deadline::after(Duration::from_secs(30));
+        dl.ready(&sock, true, &cancel, ConnectStage::Proxy).unwrap();
     }
 
     #[test]

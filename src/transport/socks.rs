@@ -11,7 +11,7 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpStream};
 
-use crate::transport::dial::{Deadline, is_timeout};
+use crate::transport::dial::{Cancel, Deadline, is_timeout};
 use crate::{ConnectStage, Error, Result, SocksFailure};
 
 const VERSION: u8 = 5;
@@ -37,6 +37,7 @@ pub(crate) fn connect(
     target: Target<'_>,
     port: u16,
     dl: &Deadline,
+    cancel: &Cancel,
 ) -> Result<()> {
     if credentials.is_some_and(|(user, _)| user.is_empty()) {
         // RFC 1929: a user name is 1 to 255 bytes.
@@ -46,7 +47,7 @@ pub(crate) fn connect(
                 .into(),
         });
     }
-    let mut io = Io { sock, dl };
+    let mut io = Io { sock, dl, cancel };
     let methods: &[u8] = if credentials.is_some() {
         &[NO_AUTH, USER_PASS]
     } else {
@@ -123,8 +124,9 @@ pub(crate) fn connect4(
     target: Target<'_>,
     port: u16,
     dl: &Deadline,
+    cancel: &Cancel,
 ) -> Result<()> {
-    let mut io = Io { sock, dl };
+    let mut io = Io { sock, dl, cancel };
     let mut req = vec![4, CONNECT];
     req.extend_from_slice(&port.to_be_bytes());
     let name = match target {
@@ -188,10 +190,11 @@ fn malformed(what: &str) -> Error {
     Error::ProxyProtocol(format!("SOCKS proxy: {what}"))
 }
 
-/// Reads and writes with the time left as the socket timeout.
+/// Reads and writes that wait for the socket (or a cancel) within the time left.
 struct Io<'a> {
     sock: &'a TcpStream,
     dl: &'a Deadline,
+    cancel: &'a Cancel,
 }
 
 impl Io<'_> {
@@ -208,14 +211,16 @@ impl Io<'_> {
         }
     }
     fn write(&mut self, buf: &[u8]) -> Result<()> {
-        self.dl.arm(self.sock, ConnectStage::Proxy)?;
+        self.dl
+            .ready(self.sock, true, self.cancel, ConnectStage::Proxy)?;
         self.sock.write_all(buf).map_err(|e| self.fail(e))
     }
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
         let mut got = 0;
         while got < buf.len() {
             // Re-armed per read: a proxy that trickles its answer meets the deadline too.
-            self.dl.arm(self.sock, ConnectStage::Proxy)?;
+            self.dl
+                .ready(self.sock, false, self.cancel, ConnectStage::Proxy)?;
             match self.sock.read(&mut buf[got..]) {
                 Ok(0) => return Err(self.fail(io::ErrorKind::UnexpectedEof.into())),
                 Ok(n) => got += n,
@@ -242,7 +247,7 @@ mod tests {
     /// `answers`; returns the client's result and every byte it sent.
     fn exchange(
         answers: &'static [&'static [u8]],
-        client: impl FnOnce(&TcpStream, &Deadline) -> Result<()>,
+        client: impl FnOnce(&TcpStream, &Deadline, &Cancel) -> Result<()>,
     ) -> (Result<()>, Vec<u8>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -261,7 +266,7 @@ mod tests {
         });
         let sock = TcpStream::connect(addr).unwrap();
         let dl = Deadline::after(Duration::from_secs(10));
-        let r = client(&sock, &dl);
+        let r = client(&sock, &dl, &Cancel::new().unwrap());
         drop(sock);
         (r, proxy.join().unwrap())
     }
@@ -270,7 +275,7 @@ mod tests {
     fn socks5h_sends_the_name_and_skips_the_bound_address() {
         let (r, sent) = exchange(
             &[&[5, 0], &[5, 0, 0, 3, 4, b'b', b'n', b'd', b'x', 0, 80]],
-            |s, dl| connect(s, None, Target::Name("example.com"), 443, dl),
+            |s, dl, c| connect(s, None, Target::Name("example.com"), 443, dl, c),
         );
         r.unwrap();
         let mut want = vec![5, 1, 0, 5, 1, 0, 3, 11];
@@ -281,8 +286,8 @@ mod tests {
 
     #[test]
     fn a_password_without_a_user_name_is_a_typed_error_not_dropped() {
-        let (r, sent) = exchange(&[], |s, dl| {
-            connect(s, Some(("", "pw")), Target::Name("example.com"), 443, dl)
+        let (r, sent) = exchange(&[], |s, dl, c| {
+            connect(s, Some(("", "pw")), Target::Name("example.com"), 443, dl, c)
         });
         assert!(matches!(r, Err(Error::InvalidUrl { .. })), "{r:?}");
         assert!(sent.is_empty(), "nothing offered: {sent:?}");
@@ -292,13 +297,14 @@ mod tests {
     fn user_password_then_ipv6_and_reply_codes() {
         let (r, sent) = exchange(
             &[&[5, 2], &[1, 0], &[5, 4, 0, 1, 0, 0, 0, 0, 0, 0]],
-            |s, dl| {
+            |s, dl, c| {
                 connect(
                     s,
                     Some(("u", "pw")),
                     Target::Ip("::1".parse().unwrap()),
                     443,
                     dl,
+                    c,
                 )
             },
         );
@@ -315,8 +321,8 @@ mod tests {
 
     #[test]
     fn socks4a_sends_the_name_and_reads_the_reply() {
-        let (r, sent) = exchange(&[&[0, 91, 0, 0, 0, 0, 0, 0]], |s, dl| {
-            connect4(s, "me", Target::Name("a.example"), 443, dl)
+        let (r, sent) = exchange(&[&[0, 91, 0, 0, 0, 0, 0, 0]], |s, dl, c| {
+            connect4(s, "me", Target::Name("a.example"), 443, dl, c)
         });
         assert!(
             matches!(r, Err(Error::Socks(SocksFailure::Reply(91)))),
@@ -325,8 +331,8 @@ mod tests {
         let mut want = vec![4, 1, 1, 187, 0, 0, 0, 1, b'm', b'e', 0];
         want.extend_from_slice(b"a.example\0");
         assert_eq!(sent, want);
-        let (r, sent) = exchange(&[&[0, 90, 0, 0, 0, 0, 0, 0]], |s, dl| {
-            connect4(s, "", Target::Ip("10.1.2.3".parse().unwrap()), 443, dl)
+        let (r, sent) = exchange(&[&[0, 90, 0, 0, 0, 0, 0, 0]], |s, dl, c| {
+            connect4(s, "", Target::Ip("10.1.2.3".parse().unwrap()), 443, dl, c)
         });
         assert!(r.is_ok(), "{r:?}");
         assert_eq!(sent, [4, 1, 1, 187, 10, 1, 2, 3, 0]);
@@ -334,8 +340,8 @@ mod tests {
 
     #[test]
     fn not_a_socks_server() {
-        let (r, _) = exchange(&[b"HTTP/1.1 400 Bad Request\r\n\r\n"], |s, dl| {
-            connect(s, None, Target::Name("x"), 443, dl)
+        let (r, _) = exchange(&[b"HTTP/1.1 400 Bad Request\r\n\r\n"], |s, dl, c| {
+            connect(s, None, Target::Name("x"), 443, dl, c)
         });
         assert!(matches!(r, Err(Error::ProxyProtocol(_))), "{r:?}");
     }

@@ -9,6 +9,8 @@ use std::time::Instant;
 use tungstenite::WebSocket;
 
 use crate::DisconnectReason;
+use crate::transport::dial::wait_ready;
+use crate::transport::sys::Raw;
 
 /// Most bytes one `read()` of a message may take from the socket: the reader's per lock
 /// hold (besides at most `read_budget` messages), and an `on_connect` hook's per look at
@@ -19,13 +21,18 @@ pub(crate) const READ_QUOTA: usize = 256 << 10;
 /// - while connecting, a deadline: every read and write waits at most the time left and
 ///   fails with `TimedOut` past it, so a peer that trickles bytes cannot stretch the TLS
 ///   handshake or the upgrade response beyond the connect timeout (a socket timeout alone
-///   bounds each call, not their sum);
+///   bounds each call, not their sum); and each waits in `poll` on the client's cancel
+///   descriptor too, so `close()` ends it at once on every platform;
 /// - while the reader drains, a read quota: past it reads report `WouldBlock`, so a peer
 ///   that never completes a message (endless empty fragments) cannot keep the reader
 ///   inside one `read()` under the lock.
 pub(crate) struct Tcp {
     pub sock: TcpStream,
     deadline: Option<Instant>,
+    /// While connecting: the read end of the client's `Cancel` (see `dial::wait_ready`).
+    /// The `Cancel` lives in the client's shared state, which outlives every connect
+    /// attempt; [`Tcp::connected`] forgets it.
+    cancel: Option<Raw>,
     read_quota: Option<usize>,
     /// Bytes the OS accepted on this socket so far (TLS records included): the offset
     /// at which each flushed message ends, to match against the kernel's send queue.
@@ -46,11 +53,13 @@ pub(crate) struct Tcp {
 }
 
 impl Tcp {
-    /// A socket whose reads and writes end at `deadline` (see [`Tcp::connected`]).
-    pub(crate) fn connecting(sock: TcpStream, deadline: Instant) -> Tcp {
+    /// A socket whose reads and writes end at `deadline`, or as soon as `cancel` (a
+    /// `Cancel::fd`) is readable (see [`Tcp::connected`]).
+    pub(crate) fn connecting(sock: TcpStream, deadline: Instant, cancel: Raw) -> Tcp {
         Tcp {
             sock,
             deadline: Some(deadline),
+            cancel: Some(cancel),
             read_quota: None,
             written: 0,
             written_at_read: 0,
@@ -65,20 +74,30 @@ impl Tcp {
     /// tungstenite's (not the handshake's).
     pub(crate) fn connected(&mut self) {
         self.deadline = None;
+        self.cancel = None;
         self.widest_read = 0;
         self.nearly_full = false;
     }
 
-    /// Time left before the connect deadline, as the socket timeout of the next call.
-    fn left(&self, read: bool) -> io::Result<()> {
+    /// While connecting: waits until the next call can go on without blocking (or the
+    /// set-up is cancelled, or the deadline passed), then sets the time left as the
+    /// socket timeout of that call.
+    fn ready(&self, read: bool) -> io::Result<()> {
         if let Some(end) = self.deadline {
-            let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "connect timeout reached",
-                ));
+            let left = || {
+                let left = end.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "connect timeout reached",
+                    ));
+                }
+                Ok(left)
+            };
+            if let Some(cancel) = self.cancel {
+                wait_ready(&self.sock, !read, cancel, left()?)?;
             }
+            let left = left()?;
             if read {
                 self.sock.set_read_timeout(Some(left))?;
             } else {
@@ -103,7 +122,7 @@ impl Read for Tcp {
         // again for the time left (tungstenite's handshake would take `Interrupted` for
         // a failure, and could not go on).
         let n = loop {
-            self.left(true)?;
+            self.ready(true)?;
             match (&self.sock).read(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 r => break r?,
@@ -123,7 +142,7 @@ impl Write for Tcp {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // Interrupted by a signal: write again for the time left (see `read`).
         let n = loop {
-            self.left(false)?;
+            self.ready(false)?;
             match (&self.sock).write(buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 r => break r?,
@@ -278,5 +297,46 @@ pub(crate) fn reason_of(e: &tungstenite::Error) -> DisconnectReason {
         // Without tungstenite's "WebSocket protocol error: " (the reason says it).
         W::Protocol(p) => DisconnectReason::Protocol(p.to_string()),
         other => DisconnectReason::Protocol(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::dial::Cancel;
+    use std::net::TcpListener;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A TLS handshake or an upgrade reading from a server that never answers: a cancel
+    /// ends the read at once, with no socket shutdown to wake it (Windows).
+    #[test]
+    fn a_set_up_read_ends_at_a_cancel_without_a_shutdown() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _silent = l.accept().unwrap();
+        let cancel = Arc::new(Cancel::new().unwrap());
+        let mut tcp = Tcp::connecting(sock, Instant::now() + Duration::from_secs(30), cancel.fd());
+        let c = cancel.clone();
+        let canceller = std::thread::spawn(move || {
+            // Not a synchronisation: the read below ends promptly whether it has begun
+            // waiting by then or not.
+            std::thread::sleep(Duration::from_millis(100));
+            let at = Instant::now();
+            c.cancel();
+            at
+        });
+        let e = tcp.read(&mut [0u8; 16]).unwrap_err();
+        let lag = Instant::now() - canceller.join().unwrap();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted, "{e}");
+        assert!(
+            lag < Duration::from_millis(500),
+            "read ended {lag:?} after the cancel"
+        );
+        // Once connected, the cancel of the set-up no longer applies.
+        tcp.connected();
+        tcp.sock.set_nonblocking(true).unwrap();
+        let e = tcp.read(&mut [0u8; 16]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
     }
 }

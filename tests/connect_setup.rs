@@ -625,6 +625,28 @@ fn an_http_proxys_interim_answers_before_its_200_are_skipped() {
     relay.join().unwrap();
 }
 
+/// `101 Switching Protocols` to a CONNECT (which asks for no upgrade) is no interim
+/// answer: nothing final follows it. Before, it was skipped as one, and the attempt
+/// waited for the connect timeout.
+#[test]
+fn an_http_proxy_switching_protocols_on_connect_is_a_proxy_error_at_once() {
+    let _g = util::shared();
+    let (proxy, relay) = http_proxy(b"HTTP/1.1 101 Switching Protocols\r\n\r\n", None);
+    let connect_timeout = Duration::from_secs(30);
+    let t0 = Instant::now();
+    let err = Client::builder("ws://example.invalid/")
+        .proxy(&proxy)
+        .connect_timeout(connect_timeout)
+        .reconnect(false)
+        .connect()
+        .expect_err("a 101 opens no tunnel");
+    let took = t0.elapsed();
+    assert!(matches!(err, Error::ProxyProtocol(_)), "{err:?}");
+    assert!(err.to_string().contains("101"), "{err}");
+    assert!(took < connect_timeout / 2, "failed after {took:?}");
+    relay.join().unwrap();
+}
+
 /// An answer that is not HTTP (here an SSH banner, whose second word happens to be
 /// "200") is no tunnel: before, it was taken for one and the connect failed later, as
 /// the server closing during the upgrade. A SOCKS proxy's garbage was "WebSocket

@@ -696,6 +696,15 @@ fn proxy_connect(
     loop {
         let head = proxy_head(sock, dl, cancel, &timeout)?;
         let status = proxy_status(&head)?;
+        if status == 101 {
+            // No upgrade was asked for: a proxy that switches protocols will never send
+            // the final answer (waiting for one ran into the connect timeout).
+            return Err(Error::ProxyProtocol(
+                "HTTP proxy answered CONNECT with 101 Switching Protocols, which only an \
+                 upgrade request allows: check that the proxy URL points at an HTTP proxy"
+                    .into(),
+            ));
+        }
         if (100..200).contains(&status) {
             log::debug!("HTTP proxy sent an interim {status} before its answer to CONNECT");
             continue;

@@ -295,7 +295,9 @@ impl Outbox {
         let e = self.entries.get_mut(&seq)?;
         let first = e.sent.is_none();
         e.sent = Some(now);
-        e.writes += 1;
+        // Saturating: a message re-sent every millisecond would wrap a `u32` after 49
+        // days, and count as never written.
+        e.writes = e.writes.saturating_add(1);
         if e.writes > 1 {
             self.resent += 1;
         }
@@ -429,6 +431,19 @@ mod tests {
             json_u64(&Message::text(r#"{"type":"ack"}"#), "\"ack\""),
             None
         );
+    }
+
+    #[test]
+    fn a_message_written_without_end_stays_counted_as_written() {
+        let mut o = Outbox::new(Acks::json_field("id", "ack"));
+        let now = Instant::now();
+        assert!(matches!(o.admit(&Message::text(r#"{"id":1}"#)), Admit::Ok));
+        o.written(1, now);
+        o.entry_mut(1).unwrap().writes = u32::MAX;
+        let resent = o.resent;
+        o.written(1, now);
+        assert_eq!(o.entry_mut(1).unwrap().writes, u32::MAX);
+        assert_eq!(o.resent, resent + 1);
     }
 
     #[test]

@@ -353,7 +353,8 @@ pub enum Error {
     /// (read the events to make room). The message is handed back.
     #[error(
         "no room: the offline queue is full (Limits::queue_messages / queue_bytes), or \
-         acked delivery's outbox holds Acks::max_messages messages waiting for their ack, \
+         acked delivery's outbox holds Acks::max_messages messages (or Acks::max_bytes) \
+         waiting for their ack, \
          or as many handed-back messages wait unread in the event stream (read them); \
          message handed back"
     )]
@@ -752,7 +753,12 @@ mod tests {
             message: Message::text("x"),
         }
         .to_string();
-        for bound in ["Limits::queue_messages", "Acks::max_messages", "read them"] {
+        for bound in [
+            "Limits::queue_messages",
+            "Acks::max_messages",
+            "Acks::max_bytes",
+            "read them",
+        ] {
             assert!(e.contains(bound), "{e}");
         }
     }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::Message;
+use crate::queue::payload_len;
 
 /// Reads the id of an outgoing message, or of the message a server's ack acknowledges.
 pub type IdReader = Arc<dyn Fn(&Message) -> Option<u64> + Send + Sync>;
@@ -65,6 +66,7 @@ pub struct Acks {
     pub(crate) ack_of: IdReader,
     pub(crate) timeout: Duration,
     pub(crate) max_messages: usize,
+    pub(crate) max_bytes: usize,
     pub(crate) deliver_acks: bool,
 }
 
@@ -73,6 +75,7 @@ impl fmt::Debug for Acks {
         f.debug_struct("Acks")
             .field("timeout", &self.timeout)
             .field("max_messages", &self.max_messages)
+            .field("max_bytes", &self.max_bytes)
             .field("deliver_acks", &self.deliver_acks)
             .finish_non_exhaustive()
     }
@@ -116,6 +119,7 @@ impl Acks {
             ack_of: Arc::new(ack_of),
             timeout: Duration::from_secs(10),
             max_messages: 10_000,
+            max_bytes: 64 << 20,
             deliver_acks: false,
         }
     }
@@ -155,9 +159,27 @@ impl Acks {
         self
     }
 
-    /// Most unacked messages kept (default 10 000, at least 1).
+    /// Most unacked messages kept (default 10 000, at least 1). Past this bound (or
+    /// [`max_bytes`](Self::max_bytes)) a send finds no room and the
+    /// [`OverflowPolicy`](crate::OverflowPolicy) decides (`Reject`: `Error::QueueFull`,
+    /// message handed back).
     pub fn max_messages(mut self, n: usize) -> Self {
         self.max_messages = n.max(1);
+        self
+    }
+
+    /// Most payload bytes of unacked messages kept (default 64 MiB), so that a server that
+    /// stops acking holds the client's memory to this whatever the message sizes. A
+    /// message larger than this on its own is still taken into an empty outbox.
+    ///
+    /// ```
+    /// use wsbeat::Acks;
+    /// // Large uploads: at most 8 of them, and at most 256 MiB, wait for their acks.
+    /// let acks = Acks::json_field("id", "ack").max_messages(8).max_bytes(256 << 20);
+    /// # let _ = acks;
+    /// ```
+    pub fn max_bytes(mut self, bytes: usize) -> Self {
+        self.max_bytes = bytes;
         self
     }
 
@@ -220,6 +242,8 @@ pub(crate) struct Outbox {
     next: u64,
     /// id -> sequence number of its entry.
     index: HashMap<u64, u64>,
+    /// Payload bytes of the entries.
+    bytes: usize,
     pub acked: u64,
     pub resent: u64,
     /// Ids of written messages at the last [`clear`](Self::clear).
@@ -233,6 +257,7 @@ impl Outbox {
             entries: BTreeMap::new(),
             next: 0,
             index: HashMap::new(),
+            bytes: 0,
             acked: 0,
             resent: 0,
             written_before: HashSet::new(),
@@ -258,9 +283,13 @@ impl Outbox {
         if self.index.contains_key(&id) {
             return Admit::Duplicate(id);
         }
-        if self.index.len() >= self.acks.max_messages {
+        let size = payload_len(msg);
+        if self.index.len() >= self.acks.max_messages
+            || (!self.index.is_empty() && self.bytes.saturating_add(size) > self.acks.max_bytes)
+        {
             return Admit::Full;
         }
+        self.bytes += size;
         let seq = self.next;
         self.next += 1;
         self.index.insert(id, seq);
@@ -274,6 +303,13 @@ impl Outbox {
             },
         );
         Admit::Ok
+    }
+
+    /// Stops tracking the entry `seq` (its id is out of the index already).
+    fn remove(&mut self, seq: u64) -> Option<Entry> {
+        let e = self.entries.remove(&seq)?;
+        self.bytes -= payload_len(&e.msg);
+        Some(e)
     }
 
     fn entry_mut(&mut self, id: u64) -> Option<&mut Entry> {
@@ -319,7 +355,7 @@ impl Outbox {
             return false;
         };
         if let Some(seq) = self.index.remove(&id) {
-            self.entries.remove(&seq);
+            self.remove(seq);
             self.acked += 1;
         }
         !self.acks.deliver_acks
@@ -329,7 +365,7 @@ impl Outbox {
     /// it back. `None` when every unacked message still waits in the queue.
     pub(crate) fn drop_oldest_written(&mut self) -> Option<Message> {
         let seq = *self.entries.iter().find(|(_, e)| e.sent.is_some())?.0;
-        let e = self.entries.remove(&seq)?;
+        let e = self.remove(seq)?;
         self.index.remove(&e.id);
         Some(e.msg)
     }
@@ -353,7 +389,7 @@ impl Outbox {
             return;
         };
         if let Some(seq) = self.index.remove(&id) {
-            self.entries.remove(&seq);
+            self.remove(seq);
         }
     }
 
@@ -390,6 +426,7 @@ impl Outbox {
             .collect();
         self.entries.clear();
         self.index.clear();
+        self.bytes = 0;
     }
 
     /// The ids of the messages this outbox had written when it was cleared: a client
@@ -431,6 +468,38 @@ mod tests {
             json_u64(&Message::text(r#"{"type":"ack"}"#), "\"ack\""),
             None
         );
+    }
+
+    /// A server that stops acking holds the outbox to `max_bytes` of payload, not only
+    /// to `max_messages` messages (10 000 of 16 MiB each before).
+    #[test]
+    fn the_outbox_is_bounded_by_bytes_too() {
+        let mut o = Outbox::new(Acks::json_field("id", "ack").max_bytes(100));
+        let m = |i: u64, pad: usize| {
+            Message::text(format!("{{\"id\":{i},\"p\":\"{}\"}}", "x".repeat(pad)))
+        };
+        let big = m(1, 50);
+        assert!(payload_len(&big) > 50 && payload_len(&big) <= 100);
+        assert!(matches!(o.admit(&big), Admit::Ok));
+        assert!(matches!(o.admit(&m(2, 50)), Admit::Full), "past 100 bytes");
+        assert!(
+            matches!(o.admit(&m(3, 0)), Admit::Ok),
+            "a small one still fits"
+        );
+        // An ack makes room.
+        o.written(1, Instant::now());
+        assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
+        assert!(matches!(o.admit(&m(2, 50)), Admit::Ok));
+        // Forgetting and clearing give the bytes back; a message larger than the bound
+        // alone goes into an empty outbox.
+        o.forget(&m(2, 50));
+        o.clear();
+        assert_eq!(o.bytes, 0);
+        assert!(matches!(o.admit(&m(4, 500)), Admit::Ok));
+        assert!(matches!(o.admit(&m(5, 0)), Admit::Full));
+        o.written(4, Instant::now());
+        assert!(o.drop_oldest_written().is_some());
+        assert_eq!((o.bytes, o.len()), (0, 0));
     }
 
     #[test]

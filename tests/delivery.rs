@@ -351,6 +351,37 @@ fn acked_outbox_is_bounded_with_the_overflow_policy() {
     let _ = client.close();
 }
 
+/// A server that reads but never acks holds the outbox to `Acks::max_bytes` of payload:
+/// before, only the count bounded it (10 000 messages of any size).
+#[test]
+fn acked_outbox_is_bounded_by_bytes_too() {
+    let server = TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .start();
+    let client = Client::builder(&server.url())
+        .delivery(Delivery::Acked(
+            Acks::json_field("id", "ack").max_bytes(64 << 10),
+        ))
+        .connect()
+        .unwrap();
+    let pad = "x".repeat(1000);
+    let msg = |i: u64| Message::text(format!("{{\"id\":{i},\"pad\":\"{pad}\"}}"));
+    let size = msg(1).len();
+    let mut taken = 0;
+    let refused = loop {
+        match client.send(msg(taken + 1)) {
+            Ok(()) => taken += 1,
+            Err(Error::QueueFull { message }) => break message,
+            Err(e) => panic!("after {taken}: {e}"),
+        }
+        assert!(taken <= 1000, "no bound met after {taken} messages");
+    };
+    assert_eq!(refused, msg(taken + 1));
+    assert_eq!(taken as usize, (64 << 10) / size, "{size}-byte messages");
+    assert_eq!(client.stats().outbox, taken as usize);
+    let _ = client.close();
+}
+
 /// A message whose id is already waiting for its ack is handed back (ids must be unique
 /// among the unacked messages). It used to be accepted and to take over the id: the
 /// first copy could then never be acked, was re-sent every ack timeout for as long as

@@ -514,7 +514,8 @@ impl Error {
     /// offered, certificate errors, bad URLs, headers or settings; from a proxy: refused
     /// credentials or destination (HTTP 401/403/407; SOCKS rules, authentication,
     /// unsupported command or address type, Tor's bad address or authorization) and a
-    /// proxy scheme wsbeat does not speak.
+    /// proxy scheme wsbeat does not speak; a message that can never be sent (too large,
+    /// or a close frame: from an `on_connect` hook, the same send fails on every attempt).
     /// The default reconnect policy gives up on these.
     pub fn is_fatal(&self) -> bool {
         match self {
@@ -541,6 +542,9 @@ impl Error {
             // or a destination the proxy forbids.
             Error::Proxy { status } => matches!(status, 401 | 403 | 407),
             Error::GaveUp { .. } | Error::InvalidConfig { .. } | Error::Panicked { .. } => true,
+            // From an `on_connect` hook that passes on a refused send with `?`: the same
+            // message is refused again on every attempt.
+            Error::NotSendable { .. } | Error::MessageTooLarge { .. } => true,
             _ => false,
         }
     }

@@ -165,6 +165,61 @@ fn a_panicking_request_factory_is_a_fatal_typed_error() {
     no_client_threads_left("panicking factory");
 }
 
+/// A hook that sends what can never be sent (here a close frame) and returns the error
+/// with `?` fails every attempt alike: the error is fatal, so the default policy gives up
+/// at once instead of retrying a programming mistake for good (noted by the last
+/// session's callback probe).
+#[test]
+fn an_on_connect_hook_refused_a_message_that_can_never_be_sent_is_fatal() {
+    let _g = util::exclusive();
+    let server = TestServer::echo();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let url = server.url();
+    let err = bounded("connect()", T, move || {
+        builder(&url)
+            .on_connect(move |s| {
+                c2.fetch_add(1, SeqCst);
+                s.send(Message::Close(None))
+            })
+            .connect()
+    })
+    .expect_err("the hook failed");
+    assert!(matches!(&err, Error::NotSendable { .. }), "{err:?}");
+    assert!(err.is_fatal());
+    assert_eq!(calls.load(SeqCst), 1, "one attempt");
+    // A lazy client with the default policy gives up after that one attempt.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = calls.clone();
+    let client = builder(&server.url())
+        .on_connect(move |s| {
+            c2.fetch_add(1, SeqCst);
+            s.send(Message::Close(None))
+        })
+        .connect_lazy()
+        .expect("lazy");
+    let events = client.events();
+    let gave_up = loop {
+        match events.recv_timeout(T).expect("GaveUp") {
+            Event::GaveUp(e) => break e,
+            Event::Closed => panic!("closed without GaveUp"),
+            _ => {}
+        }
+    };
+    assert!(gave_up.to_string().contains("close frame"), "{gave_up}");
+    assert_eq!(calls.load(SeqCst), 1, "one attempt");
+    let _ = client.close();
+    let too_large = Error::MessageTooLarge {
+        size: 2,
+        limit: 1,
+        message: Message::text("xx"),
+    };
+    assert!(
+        too_large.is_fatal(),
+        "the same message is as large next time"
+    );
+}
+
 #[test]
 fn a_panicking_on_connect_hook_fails_the_attempt_and_is_retried_when_the_policy_says_so() {
     let _g = util::exclusive();

@@ -293,6 +293,15 @@ impl Supervisor {
         reason: Option<DisconnectReason>,
     ) -> std::result::Result<(), Option<Error>> {
         self.failures = self.failures.saturating_add(1);
+        // A `reconnect_now` made while the attempt that just failed was under way was
+        // served by it. Cleared before the policy runs, so a call made while it decides
+        // (from the policy itself, or from a consumer reacting to `Disconnected`) skips
+        // the wait it gives (callback probe: such calls were dropped, and the client
+        // slept the whole delay); and before `Reconnecting` is emitted, so a call made in
+        // reaction to that event does too.
+        self.shared
+            .reconnect_requested
+            .store(false, Ordering::SeqCst);
         let first = *self.first_failure.get_or_insert_with(Instant::now);
         let last = error.unwrap_or(Error::Closed { message: None });
         self.last_error = Some(last.clone());
@@ -317,12 +326,6 @@ impl Supervisor {
             // The policy cannot be asked any more: give up with the panic as the cause.
             Err(panicked) => return Err(Some(panicked)),
         };
-        // A `reconnect_now` made while the attempt that just failed was under way was
-        // served by it. Cleared before `Reconnecting` is emitted, so a call made in
-        // reaction to that event skips this wait.
-        self.shared
-            .reconnect_requested
-            .store(false, Ordering::SeqCst);
         self.set_state(State::Backoff);
         self.shared.emit(Event::Reconnecting {
             attempt: self.failures,

@@ -1047,6 +1047,41 @@ fn reconnect_now_from_the_event_loop_skips_a_long_backoff() {
     let _ = client.close();
 }
 
+/// A `reconnect_now()` made while the policy decides (a consumer reacting to
+/// `Disconnected` at once, or the policy itself) skips the delay the policy then gives.
+/// Before, the request was taken for one served by the attempt that had just failed:
+/// dropped, and the client slept the whole delay (callback probe: 10 of 10 calls made in
+/// reaction to `Disconnected` were dropped with a policy taking 20 ms).
+#[test]
+fn reconnect_now_made_while_the_policy_decides_skips_its_delay() {
+    let _g = util::shared();
+    struct Slow {
+        entered: crossbeam_channel::Sender<()>,
+        release: crossbeam_channel::Receiver<()>,
+    }
+    impl ReconnectPolicy for Slow {
+        fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
+            let _ = self.entered.send(());
+            let _ = self.release.recv_timeout(T);
+            Some(Duration::from_secs(3600))
+        }
+    }
+    let server = TestServer::echo();
+    let (entered, entered_rx) = bounded(4);
+    let (release_tx, release) = bounded(4);
+    let client = builder(&server.url())
+        .reconnect_policy(Slow { entered, release })
+        .connect()
+        .unwrap();
+    let mut ev = Watch::new(&client);
+    server.disconnect_all();
+    entered_rx.recv_timeout(T).expect("the policy runs");
+    client.reconnect_now();
+    release_tx.send(()).unwrap();
+    ev.until("Connected 2, without the hour's wait", connected(2));
+    let _ = client.close();
+}
+
 #[test]
 fn reconnect_now_drops_an_open_connection_even_without_auto_reconnect() {
     let _g = util::shared();

@@ -83,6 +83,10 @@ use crate::{Event, Message};
 /// caught up (fewer than half the cap unread), whichever comes first.
 pub const CONTROL_EVENT_CAP: usize = 4096;
 
+/// How often a wait on the client's events made on its own supervisor thread looks whether
+/// the client is closing (see `Events::wait_on_supervisor`).
+const SUPERVISOR_LOOK: Duration = Duration::from_millis(10);
+
 /// Emptied batch buffers kept for the reader (so it does not allocate one per drain).
 const SPARE_BUFFERS: usize = 8;
 
@@ -298,6 +302,10 @@ pub(crate) struct Inbound {
     holding: AtomicBool,
     /// The first elision was logged.
     elision_logged: AtomicBool,
+    /// The client's supervisor thread (see [`Events::wait_on_supervisor`]).
+    supervisor: OnceLock<std::thread::ThreadId>,
+    /// `close()` has begun.
+    closing: AtomicBool,
 }
 
 impl Inbound {
@@ -336,6 +344,8 @@ impl Inbound {
             dropped: AtomicU64::new(0),
             holding: AtomicBool::new(false),
             elision_logged: AtomicBool::new(false),
+            supervisor: OnceLock::new(),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -874,6 +884,12 @@ impl EventTx {
 /// The stream is bounded ([`ClientBuilder::event_capacity`](crate::ClientBuilder::event_capacity)):
 /// while it is full the client stops reading from the server, so read it.
 ///
+/// A reconnect policy, request factory or `on_connect` hook (they run on the client's
+/// supervisor thread) may wait on its own client's events, but `close()` joins that
+/// thread before it emits `Closed`: there such a wait ends as if the stream had (`recv`
+/// gives `RecvError`, iteration stops) once `close()` has begun, after what was already
+/// in the stream. Waits on [`receiver`](Events::receiver) do not; use the methods here.
+///
 /// # Waiting on several clients and channels at once
 /// [`receiver`](Events::receiver) is the crossbeam channel underneath: use it in
 /// `crossbeam_channel::select!` and iterate the [`Batch`] you get:
@@ -1063,6 +1079,9 @@ impl Events {
             self.spin.set(true);
             return Ok(ev);
         }
+        if self.inbound.supervisor.get() == Some(&std::thread::current().id()) {
+            return self.wait_on_supervisor(deadline);
+        }
         // The wait starts here: no clock read while events are ready (every drain of a
         // consumer that keeps up comes through `poll_once`).
         let start = Instant::now();
@@ -1080,6 +1099,39 @@ impl Events {
         };
         self.spin.set(start.elapsed() < self.inbound.spin);
         Ok(ev)
+    }
+
+    /// A wait in a callback on the client's own supervisor thread (a reconnect policy,
+    /// request factory or `on_connect` hook reading its client's events): `close()`
+    /// joins that thread before it emits `Closed`, so once the client is closing such a
+    /// wait ends as if the stream had (callback probe: `close()` waited for good for a
+    /// policy in `recv()`). It parks on the channel for `SUPERVISOR_LOOK` at a time and
+    /// looks at the flag in between.
+    fn wait_on_supervisor(&self, deadline: Option<Instant>) -> Result<Event, RecvTimeoutError> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(batch) => return Ok(self.take(batch)),
+                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+            if self.inbound.closing.load(Ordering::SeqCst) {
+                return Err(RecvTimeoutError::Disconnected);
+            }
+            let look = crate::time::deadline_in(SUPERVISOR_LOOK);
+            match self
+                .rx
+                .recv_deadline(deadline.map_or(look, |d| d.min(look)))
+            {
+                Ok(batch) => return Ok(self.take(batch)),
+                Err(RecvTimeoutError::Timeout) if deadline.is_some_and(|d| Instant::now() >= d) => {
+                    return Err(RecvTimeoutError::Timeout);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(RecvTimeoutError::Disconnected);
+                }
+            }
+        }
     }
 
     /// Waits on the channel alone (the reader thread reads the socket meanwhile).
@@ -1489,9 +1541,17 @@ impl EventSink {
         &self.inbound
     }
 
-    /// `close` has begun: `Reconnecting` would be a lie from now on.
+    /// `close` has begun: `Reconnecting` would be a lie from now on, and a wait on the
+    /// client's events on its own supervisor thread ends (see
+    /// [`Events::wait_on_supervisor`]).
     pub(crate) fn begin_close(&self) {
         self.grammar.lock().closing = true;
+        self.inbound.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Called on the supervisor thread as it starts.
+    pub(crate) fn mark_supervisor(&self) {
+        let _ = self.inbound.supervisor.set(std::thread::current().id());
     }
 
     /// Waits until `Closed` was emitted (by the closer that joins the supervisor, or by

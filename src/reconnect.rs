@@ -120,6 +120,8 @@ impl Supervisor {
     /// `Error::catch`, and any other panic (a bug) is caught here, the current connection
     /// torn down, and the client closed as if the policy had given up.
     pub(crate) fn run(mut self, first: Option<Opened>) -> Vec<Message> {
+        // Before any user callback runs here (see `Events::wait_on_supervisor`).
+        self.shared.events.mark_supervisor();
         let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.serve(first)));
         let give_up = match served {
             Ok(give_up) => give_up,

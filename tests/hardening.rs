@@ -2153,6 +2153,72 @@ fn close_ends_a_policy_blocked_in_a_send_on_the_supervisor() {
     close_while_a_callback_waits(client, entered_rx);
 }
 
+/// A reconnect policy that waits on its client's own event stream (`events().recv()`):
+/// `Closed` comes only once `close()` has joined the supervisor, the thread running the
+/// policy, so `close()` hung for good (callback probe, 2 of 2). Such a wait now ends, as
+/// if the stream had, once the client is closing.
+#[test]
+fn close_ends_a_policy_waiting_on_its_clients_events() {
+    let _g = util::shared();
+    let server = TestServer::start(Behavior::reject(503));
+    let (give, slot) = crossbeam_channel::bounded::<wsbeat::WeakClient>(1);
+    let (entered, entered_rx) = crossbeam_channel::bounded(1);
+    let (ended, ended_rx) = crossbeam_channel::bounded(1);
+    struct WaitingPolicy(
+        crossbeam_channel::Receiver<wsbeat::WeakClient>,
+        crossbeam_channel::Sender<()>,
+        crossbeam_channel::Sender<String>,
+    );
+    impl ReconnectPolicy for WaitingPolicy {
+        fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
+            if let Some(events) = self
+                .0
+                .try_recv()
+                .ok()
+                .and_then(|w| w.upgrade())
+                .map(|c| c.events())
+            {
+                let _ = self.1.send(());
+                // Everything already in the stream first, then the end.
+                let got: Vec<String> = events.iter().map(|e| format!("{e:?}")).collect();
+                let _ = self.2.send(got.join(", "));
+            }
+            Some(Duration::from_millis(10))
+        }
+    }
+    let client = builder(&server.url())
+        .reconnect_policy(WaitingPolicy(slot, entered, ended))
+        .connect_lazy()
+        .unwrap();
+    give.send(client.downgrade()).unwrap();
+    close_while_a_callback_waits(client, entered_rx);
+    let got = ended_rx.recv_timeout(T).expect("the policy's wait ended");
+    assert!(!got.contains("Closed"), "{got}");
+}
+
+/// The same from an `on_connect` hook that waits for an event of its own client.
+#[test]
+fn close_ends_a_hook_waiting_on_its_clients_events() {
+    let _g = util::shared();
+    let server = TestServer::echo();
+    let (give, slot) = crossbeam_channel::bounded::<wsbeat::WeakClient>(1);
+    let (entered, entered_rx) = crossbeam_channel::bounded(1);
+    let client = builder(&server.url())
+        .on_connect(move |_| {
+            if let Some(c) = slot.recv_timeout(T).ok().and_then(|w| w.upgrade()) {
+                let events = c.events();
+                drop(c);
+                let _ = entered.send(());
+                let _ = events.recv_timeout(Duration::from_secs(3600));
+            }
+            Ok(())
+        })
+        .connect_lazy()
+        .unwrap();
+    give.send(client.downgrade()).unwrap();
+    close_while_a_callback_waits(client, entered_rx);
+}
+
 /// An `on_connect` hook that waits for the connection it is setting up
 /// (`wait_connected(MAX)`): `close()` hung for good, as above.
 #[test]

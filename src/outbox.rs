@@ -92,13 +92,15 @@ impl Acks {
     /// `None`. Ids must be unique among the unacked messages: a message whose id still
     /// waits for its ack is handed back ([`Error::DuplicateId`](crate::Error::DuplicateId)).
     /// `id_of` must be a function of the message alone, giving the same id each time it
-    /// is asked (it is asked when the message is accepted and again when it is written):
-    /// an id that changes between the two leaves the message untracked, neither sent
-    /// again nor handed back.
+    /// is asked (it is asked when the message is accepted and again when it is written).
+    /// If it does not (or panics once), the message is still sent once or handed back,
+    /// never dropped: one with no id when accepted is untracked (delivered at least
+    /// once); one whose id is lost when written is not sent again after the ack timeout,
+    /// and waits in the outbox until `close()` or give-up hands it back.
     ///
-    /// Defaults: ack timeout 10 s, at most 10 000 unacked messages (the overflow policy
-    /// of [`ClientBuilder::overflow`](crate::ClientBuilder::overflow) applies when full),
-    /// acks consumed (not delivered as events).
+    /// Defaults: ack timeout 10 s, at most 10 000 unacked messages and 64 MiB of them (the
+    /// overflow policy of [`ClientBuilder::overflow`](crate::ClientBuilder::overflow)
+    /// applies when full), acks consumed (not delivered as events).
     ///
     /// ```
     /// use wsbeat::{Acks, Message};
@@ -248,6 +250,10 @@ pub(crate) struct Outbox {
     pub resent: u64,
     /// Ids of written messages at the last [`clear`](Self::clear).
     written_before: HashSet<u64>,
+    /// Ids acked while their message waited in the offline queue (see
+    /// [`acked_already`](Self::acked_already)): each is taken out when its message leaves
+    /// the queue, so it holds at most one per queued message.
+    acked_queued: HashSet<u64>,
 }
 
 impl Outbox {
@@ -261,6 +267,7 @@ impl Outbox {
             acked: 0,
             resent: 0,
             written_before: HashSet::new(),
+            acked_queued: HashSet::new(),
         }
     }
 
@@ -290,6 +297,8 @@ impl Outbox {
             return Admit::Full;
         }
         self.bytes += size;
+        // An id used again after its ack: this message is not the acked one.
+        self.acked_queued.remove(&id);
         let seq = self.next;
         self.next += 1;
         self.index.insert(id, seq);
@@ -340,12 +349,17 @@ impl Outbox {
         first.then_some(seq)
     }
 
-    /// Whether `msg` has an id this outbox no longer tracks: the server acked it while it
-    /// waited in the offline queue (a server resuming a session acks, on the new
-    /// connection, what the last one delivered). Every queued message with an id is
-    /// tracked from its `admit` until its ack.
-    pub(crate) fn acked_already(&self, msg: &Message) -> bool {
-        self.id(msg).is_some_and(|id| !self.index.contains_key(&id))
+    /// Whether the server acked `msg` while it waited in the offline queue (a server
+    /// resuming a session acks, on the new connection, what the last one delivered):
+    /// then it is delivered, neither written again nor handed back. Called once per
+    /// queued message as it leaves the queue. Only an ack this outbox saw counts: a
+    /// message its id reader gave no id when it was accepted (a panic, an id that
+    /// changes) is not taken for acked (callback probe: such messages were never sent).
+    pub(crate) fn acked_already(&mut self, msg: &Message) -> bool {
+        match self.id(msg) {
+            Some(id) if !self.index.contains_key(&id) => self.acked_queued.remove(&id),
+            _ => false,
+        }
     }
 
     /// Called by the reader for each inbound text/binary message under the lock.
@@ -355,7 +369,9 @@ impl Outbox {
             return false;
         };
         if let Some(seq) = self.index.remove(&id) {
-            self.remove(seq);
+            if self.remove(seq).is_some_and(|e| e.sent.is_none()) {
+                self.acked_queued.insert(id);
+            }
             self.acked += 1;
         }
         !self.acks.deliver_acks
@@ -391,6 +407,7 @@ impl Outbox {
         if let Some(seq) = self.index.remove(&id) {
             self.remove(seq);
         }
+        self.acked_queued.remove(&id);
     }
 
     /// Written messages whose ack is overdue at `now`, in order, at most `limit` of them;
@@ -415,6 +432,33 @@ impl Outbox {
         (out, next)
     }
 
+    /// The final hand-back (close, give-up): of `queued` (the whole offline queue, which
+    /// holds every unacked message by now), those not acked while they waited there; then
+    /// the unacked messages that are neither queued nor noted as written, which only an
+    /// id reader that gave another id (or panicked) when the message was written leaves
+    /// behind (callback probe: such a message was lost silently). Clears the outbox.
+    pub(crate) fn hand_back(&mut self, queued: Vec<Message>) -> Vec<Message> {
+        let mut ids = HashSet::new();
+        let mut unacked: Vec<Message> = Vec::with_capacity(queued.len());
+        for m in queued {
+            if self.acked_already(&m) {
+                continue;
+            }
+            if let Some(id) = self.id(&m) {
+                ids.insert(id);
+            }
+            unacked.push(m);
+        }
+        unacked.extend(
+            self.entries
+                .values()
+                .filter(|e| e.sent.is_none() && !ids.contains(&e.id))
+                .map(|e| e.msg.clone()),
+        );
+        self.clear();
+        unacked
+    }
+
     /// Forgets everything (close / give-up: the queue already holds every unacked one),
     /// but the ids of the ones it wrote (see [`take_written_ids`](Self::take_written_ids)).
     pub(crate) fn clear(&mut self) {
@@ -426,6 +470,7 @@ impl Outbox {
             .collect();
         self.entries.clear();
         self.index.clear();
+        self.acked_queued.clear();
         self.bytes = 0;
     }
 

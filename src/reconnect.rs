@@ -472,7 +472,7 @@ impl Supervisor {
                 // Acked delivery: acked while it waited here (the reader runs from the
                 // publish on): delivered, not written again (acked probe: 358 of 1000
                 // written again, uncounted in `resent`).
-                if link.outbox.as_ref().is_some_and(|o| o.acked_already(&m)) {
+                if link.outbox.as_mut().is_some_and(|o| o.acked_already(&m)) {
                     continue;
                 }
                 match live.write_noted(link.outbox.as_mut(), m) {
@@ -776,11 +776,7 @@ impl Supervisor {
             // acked while it waited there is delivered, not handed back.
             let queued = link.queue.drain_all();
             match link.outbox.as_mut() {
-                Some(o) => {
-                    let unacked = queued.into_iter().filter(|m| !o.acked_already(m)).collect();
-                    o.clear();
-                    unacked
-                }
+                Some(o) => o.hand_back(queued),
                 None => queued,
             }
         };

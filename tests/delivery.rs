@@ -382,6 +382,57 @@ fn acked_outbox_is_bounded_by_bytes_too() {
     let _ = client.close();
 }
 
+/// An `Acks` id reader that panics once (it counts as "no id") or gives another id on
+/// another call, with `n` the call that panics.
+fn hiccuping_acks(n: usize) -> Acks {
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let id = |m: &Message| -> Option<u64> { m.to_text().ok()?.strip_prefix("id:")?.parse().ok() };
+    Acks::new(
+        move |m| {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+                panic!("id reader hiccup");
+            }
+            id(m)
+        },
+        id,
+    )
+}
+
+/// A message accepted while offline with no id (its reader panicked) and given one later
+/// was taken for one acked while it waited in the queue: never written, and not handed
+/// back by `close()` either (callback probe, 4 of 4). It is sent or handed back now.
+#[test]
+fn a_queued_message_whose_id_reader_hiccuped_is_handed_back() {
+    let server = TestServer::start(Behavior::reject(503));
+    let client = Client::builder(&server.url())
+        .reconnect_policy(Fixed(Duration::from_secs(3600)))
+        .delivery(Delivery::Acked(hiccuping_acks(1)))
+        .connect_lazy()
+        .unwrap();
+    client.send_text("id:1").unwrap();
+    client.send_text("id:2").unwrap();
+    assert_eq!(texts_of(&client.close()), ["id:1", "id:2"]);
+}
+
+/// A message whose id reader panicked when it was written (after giving its id when the
+/// message was accepted) was never marked written: not sent again, and not handed back
+/// by `close()` (callback probe: lost silently). `close()` hands it back now.
+#[test]
+fn a_written_message_whose_id_reader_hiccuped_is_handed_back() {
+    let server = TestServer::start(Behavior::Silent {
+        ping_every: None,
+        data_every: None,
+    });
+    let client = Client::builder(&server.url())
+        .delivery(Delivery::Acked(hiccuping_acks(2).timeout(Duration::MAX)))
+        .connect()
+        .unwrap();
+    client.send_text("id:1").unwrap();
+    assert!(wait_until(T, || texts(&server, 0) == ["id:1"]));
+    assert_eq!(client.stats().outbox, 1);
+    assert_eq!(texts_of(&client.close()), ["id:1"]);
+}
+
 /// A message whose id is already waiting for its ack is handed back (ids must be unique
 /// among the unacked messages). It used to be accepted and to take over the id: the
 /// first copy could then never be acked, was re-sent every ack timeout for as long as

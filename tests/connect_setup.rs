@@ -395,6 +395,60 @@ fn close_while_a_socks_proxy_never_answers_returns_at_once() {
     assert_eq!(conn.read_to_end(&mut rest).unwrap(), 0);
 }
 
+/// An HTTP proxy URL with a large password (a long token) and a proxy that reads slowly:
+/// the CONNECT request went out in one blocking `write_all` whose socket timeout was set
+/// once, so each partial write could block for the whole time left again (set-up probe:
+/// 22 s with a 1 s connect timeout, 4 of 4). The set-up socket is nonblocking now and
+/// each part waits for the time left only.
+#[test]
+fn a_huge_proxy_request_to_a_slow_proxy_ends_at_the_connect_timeout() {
+    let _g = util::shared();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = listener.local_addr().unwrap();
+    let (stop_tx, stop) = crossbeam_channel::bounded::<()>(1);
+    let proxy = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 16 << 10];
+        // A slow proxy: 16 KiB every 50 ms, until the client goes or the test ends.
+        while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+            stop.recv_timeout(Duration::from_millis(50))
+        {
+            if matches!(conn.read(&mut buf), Ok(0) | Err(_)) {
+                return;
+            }
+        }
+    });
+    let password = "p".repeat(6 << 20);
+    let timeout = Duration::from_secs(1);
+    // Built first: a debug build takes seconds to parse a URL that long.
+    let builder = Client::builder("ws://wsbeat.test/")
+        .proxy(&format!("http://user:{password}@{proxy_addr}"))
+        .connect_timeout(timeout)
+        .reconnect(false);
+    let t0 = Instant::now();
+    let err = builder
+        .connect()
+        .expect_err("the request cannot go out in time");
+    let took = t0.elapsed();
+    drop(stop_tx);
+    proxy.join().unwrap();
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                stage: wsbeat::ConnectStage::Proxy,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        !format!("{err:?}").contains("ppppp"),
+        "the password in the error"
+    );
+    assert!(took < timeout * 3, "connect() took {took:?}");
+}
+
 /// `bind_device`: the loopback interface works for a loopback server; an interface that
 /// does not exist fails the attempt with an I/O error instead of using another one.
 #[cfg(target_os = "linux")]

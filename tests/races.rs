@@ -133,6 +133,45 @@ fn close_while_reconnecting_returns_promptly_and_ends_with_closed() {
     assert_clean_end("close while reconnecting");
 }
 
+/// `close()` while the upgrade request (a 16 MiB header, more than every socket buffer on
+/// the way) waits for a server that never reads. Under Windows (seen under Wine) the
+/// blocking write this was did not wake at the socket shutdown `close()` does, so
+/// `close()` waited for the connect timeout (set-up probe: 7.4 s, 2 of 2); the set-up
+/// socket is nonblocking now.
+#[test]
+fn close_while_a_huge_upgrade_request_waits_for_the_server_returns_at_once() {
+    let _g = util::shared();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (got_tx, got) = crossbeam_channel::bounded(1);
+    let server = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        conn.set_read_timeout(Some(T)).unwrap();
+        // The request has begun, and the rest cannot fit into the buffers on the way:
+        // the connection is handed to the test, which holds it and never reads.
+        let _ = conn.peek(&mut [0u8; 1]);
+        let _ = got_tx.send(());
+        conn
+    });
+    let connect_timeout = Duration::from_secs(8);
+    let client = builder(&format!("ws://{addr}/"))
+        .header("X-Big", "a".repeat(16 << 20))
+        .connect_timeout(connect_timeout)
+        .reconnect(false)
+        .connect_lazy()
+        .unwrap();
+    got.recv_timeout(T).expect("the request reached the server");
+    let t0 = Instant::now();
+    let c = client.clone();
+    bounded("close()", T + connect_timeout, move || c.close());
+    let took = t0.elapsed();
+    assert!(
+        took < connect_timeout / 2,
+        "close() waited for the connect timeout ({took:?})"
+    );
+    drop(server.join().unwrap());
+}
+
 /// Under Windows (seen under Wine) a socket shutdown does not wake a blocked read, so
 /// before the set-up stages waited in `poll` on the cancel descriptor, `close()` here
 /// waited for the connect timeout.

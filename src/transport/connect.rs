@@ -10,7 +10,7 @@
 //! the upgrade on tungstenite's handshake machine with a request we serialise ourselves
 //! (tungstenite's client handshake would log it, credentials included).
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, TcpStream};
 
 use tungstenite::client::IntoClientRequest;
@@ -160,10 +160,7 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
         redirect => return Ok(redirect),
     };
     opened.ws.get_mut().connected();
-    let tcp = opened.ws.get_ref().tcp();
-    tcp.set_read_timeout(None)?;
-    tcp.set_write_timeout(None)?;
-    tcp.set_nonblocking(true)?;
+    // The socket is nonblocking since the dial (see `dial::wait_ready`).
     Ok(Hop::Open(opened))
 }
 
@@ -682,19 +679,11 @@ fn proxy_connect(
         ));
     }
     req.push_str("\r\n");
-    let timeout = |e: io::Error| {
-        if is_timeout(&e) {
-            dl.timeout(ConnectStage::Proxy)
-        } else {
-            Error::io(e)
-        }
-    };
-    dl.ready(sock, true, cancel, ConnectStage::Proxy)?;
-    (&*sock).write_all(req.as_bytes()).map_err(timeout)?;
+    dl.write_all(sock, cancel, ConnectStage::Proxy, req.as_bytes())?;
     // Interim 1xx answers come before the final one and are skipped (RFC 9110 15.2); the
     // deadline bounds a proxy that sends them without end.
     loop {
-        let head = proxy_head(sock, dl, cancel, &timeout)?;
+        let head = proxy_head(sock, dl, cancel)?;
         let status = proxy_status(&head)?;
         if status == 101 {
             // No upgrade was asked for: a proxy that switches protocols will never send
@@ -718,28 +707,18 @@ fn proxy_connect(
 
 /// Reads one response head of an HTTP proxy, byte by byte so that no tunnelled byte is
 /// consumed. Lines may end in CRLF or in a bare LF (RFC 9112 2.2).
-fn proxy_head(
-    sock: &TcpStream,
-    dl: &Deadline,
-    cancel: &Cancel,
-    timeout: &impl Fn(io::Error) -> Error,
-) -> Result<Vec<u8>> {
+fn proxy_head(sock: &TcpStream, dl: &Deadline, cancel: &Cancel) -> Result<Vec<u8>> {
     let mut head = Vec::with_capacity(256);
     let mut byte = [0u8; 1];
     while !(head.ends_with(b"\n\r\n") || head.ends_with(b"\n\n")) {
-        // Re-armed per byte: a proxy that trickles its answer meets the deadline too.
-        dl.ready(sock, false, cancel, ConnectStage::Proxy)?;
-        match (&*sock).read(&mut byte) {
-            Ok(0) => {
-                return Err(Error::io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "proxy closed the connection during CONNECT",
-                )));
-            }
-            Ok(_) => head.push(byte[0]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(timeout(e)),
+        // One wait per byte: a proxy that trickles its answer meets the deadline too.
+        if dl.read(sock, cancel, ConnectStage::Proxy, &mut byte)? == 0 {
+            return Err(Error::io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "proxy closed the connection during CONNECT",
+            )));
         }
+        head.push(byte[0]);
         if head.len() > PROXY_HEAD_MAX {
             return Err(Error::ProxyProtocol(format!(
                 "HTTP proxy: response head over {} KiB",

@@ -8,10 +8,10 @@
 //! dial opened, with every read and write bounded by the one connect deadline. The
 //! protocol is four small messages.
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, TcpStream};
 
-use crate::transport::dial::{Cancel, Deadline, is_timeout};
+use crate::transport::dial::{Cancel, Deadline};
 use crate::{ConnectStage, Error, Result, SocksFailure};
 
 const VERSION: u8 = 5;
@@ -198,34 +198,25 @@ struct Io<'a> {
 }
 
 impl Io<'_> {
-    fn fail(&self, e: io::Error) -> Error {
-        if is_timeout(&e) {
-            self.dl.timeout(ConnectStage::Proxy)
-        } else if e.kind() == io::ErrorKind::UnexpectedEof {
-            Error::io(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the SOCKS proxy closed the connection during its handshake",
-            ))
-        } else {
-            Error::io(e)
-        }
-    }
     fn write(&mut self, buf: &[u8]) -> Result<()> {
         self.dl
-            .ready(self.sock, true, self.cancel, ConnectStage::Proxy)?;
-        self.sock.write_all(buf).map_err(|e| self.fail(e))
+            .write_all(self.sock, self.cancel, ConnectStage::Proxy, buf)
     }
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
         let mut got = 0;
         while got < buf.len() {
-            // Re-armed per read: a proxy that trickles its answer meets the deadline too.
-            self.dl
-                .ready(self.sock, false, self.cancel, ConnectStage::Proxy)?;
-            match self.sock.read(&mut buf[got..]) {
-                Ok(0) => return Err(self.fail(io::ErrorKind::UnexpectedEof.into())),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(self.fail(e)),
+            // One wait per read: a proxy that trickles its answer meets the deadline too.
+            match self
+                .dl
+                .read(self.sock, self.cancel, ConnectStage::Proxy, &mut buf[got..])?
+            {
+                0 => {
+                    return Err(Error::io(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the SOCKS proxy closed the connection during its handshake",
+                    )));
+                }
+                n => got += n,
             }
         }
         Ok(())
@@ -240,6 +231,7 @@ impl Io<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
     use std::time::Duration;
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 use tungstenite::WebSocket;
 
 use crate::DisconnectReason;
-use crate::transport::dial::wait_ready;
+use crate::transport::dial::{is_retry, wait_ready};
 use crate::transport::sys::Raw;
 
 /// Most bytes one `read()` of a message may take from the socket: the reader's per lock
@@ -18,21 +18,20 @@ use crate::transport::sys::Raw;
 pub(crate) const READ_QUOTA: usize = 256 << 10;
 
 /// The TCP socket under a [`Stream`] (under TLS, if any), with two bounds:
-/// - while connecting, a deadline: every read and write waits at most the time left and
-///   fails with `TimedOut` past it, so a peer that trickles bytes cannot stretch the TLS
-///   handshake or the upgrade response beyond the connect timeout (a socket timeout alone
-///   bounds each call, not their sum); and each waits in `poll` on the client's cancel
-///   descriptor too, so `close()` ends it at once on every platform;
+/// - while connecting, a deadline and the client's cancel descriptor: every read and
+///   write of the (nonblocking) socket first waits in `poll` for it, the time left at
+///   most (`dial::wait_ready`), and fails with `TimedOut` past it, so a peer that
+///   trickles bytes cannot stretch the TLS handshake or the upgrade response beyond the
+///   connect timeout, and `close()` ends the wait at once on every platform;
 /// - while the reader drains, a read quota: past it reads report `WouldBlock`, so a peer
 ///   that never completes a message (endless empty fragments) cannot keep the reader
 ///   inside one `read()` under the lock.
 pub(crate) struct Tcp {
     pub sock: TcpStream,
-    deadline: Option<Instant>,
-    /// While connecting: the read end of the client's `Cancel` (see `dial::wait_ready`).
-    /// The `Cancel` lives in the client's shared state, which outlives every connect
-    /// attempt; [`Tcp::connected`] forgets it.
-    cancel: Option<Raw>,
+    /// While connecting: the deadline, and the read end of the client's `Cancel` (see
+    /// `dial::wait_ready`). The `Cancel` lives in the client's shared state, which
+    /// outlives every connect attempt; [`Tcp::connected`] forgets it.
+    setup: Option<(Instant, Raw)>,
     read_quota: Option<usize>,
     /// Bytes the OS accepted on this socket so far (TLS records included): the offset
     /// at which each flushed message ends, to match against the kernel's send queue.
@@ -58,8 +57,7 @@ impl Tcp {
     pub(crate) fn connecting(sock: TcpStream, deadline: Instant, cancel: Raw) -> Tcp {
         Tcp {
             sock,
-            deadline: Some(deadline),
-            cancel: Some(cancel),
+            setup: Some((deadline, cancel)),
             read_quota: None,
             written: 0,
             written_at_read: 0,
@@ -73,38 +71,18 @@ impl Tcp {
     /// The connection is established: no deadline any more, and reads from now on are
     /// tungstenite's (not the handshake's).
     pub(crate) fn connected(&mut self) {
-        self.deadline = None;
-        self.cancel = None;
+        self.setup = None;
         self.widest_read = 0;
         self.nearly_full = false;
     }
 
-    /// While connecting: waits until the next call can go on without blocking (or the
-    /// set-up is cancelled, or the deadline passed), then sets the time left as the
-    /// socket timeout of that call.
-    fn ready(&self, read: bool) -> io::Result<()> {
-        if let Some(end) = self.deadline {
-            let left = || {
-                let left = end.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "connect timeout reached",
-                    ));
-                }
-                Ok(left)
-            };
-            if let Some(cancel) = self.cancel {
-                wait_ready(&self.sock, !read, cancel, left()?)?;
-            }
-            let left = left()?;
-            if read {
-                self.sock.set_read_timeout(Some(left))?;
-            } else {
-                self.sock.set_write_timeout(Some(left))?;
-            }
+    /// While connecting: waits until the next call can go on (or the set-up is
+    /// cancelled, or the deadline passed). Whether connecting.
+    fn ready(&self, read: bool) -> io::Result<bool> {
+        match self.setup {
+            Some((end, cancel)) => wait_ready(&self.sock, !read, cancel, end).map(|()| true),
+            None => Ok(false),
         }
-        Ok(())
     }
 }
 
@@ -118,12 +96,13 @@ impl Read for Tcp {
             }
             None => buf,
         };
-        // A signal interrupts a read with a socket timeout even under `SA_RESTART`: read
-        // again for the time left (tungstenite's handshake would take `Interrupted` for
-        // a failure, and could not go on).
+        // While connecting, a readiness that went away, or a signal: wait again (the TLS
+        // library and tungstenite's handshake would take either for a failure). On the
+        // open connection `WouldBlock` goes up: the reader drains until it.
         let n = loop {
-            self.ready(true)?;
+            let connecting = self.ready(true)?;
             match (&self.sock).read(buf) {
+                Err(e) if connecting && is_retry(&e) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 r => break r?,
             }
@@ -140,10 +119,11 @@ impl Read for Tcp {
 
 impl Write for Tcp {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // Interrupted by a signal: write again for the time left (see `read`).
+        // While connecting, as `read`: a part at a time, each once the socket takes it.
         let n = loop {
-            self.ready(false)?;
+            let connecting = self.ready(false)?;
             match (&self.sock).write(buf) {
+                Err(e) if connecting && is_retry(&e) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 r => break r?,
             }

@@ -226,7 +226,10 @@ impl ClientBuilder {
     /// (`GaveUp` with [`Error::Panicked`], then `Undelivered`, `Closed`). To reach the
     /// client from the policy, capture a [`WeakClient`](crate::WeakClient), never a
     /// `Client`: the client owns its policy, so a captured `Client` would keep it alive
-    /// forever.
+    /// forever. Return promptly: wsbeat cannot interrupt your code, so `close()` (and the
+    /// drop of the last handle) waits for a call of `next_delay` or `min_uptime` in
+    /// progress; waits in the client itself (a blocking send, `wait_connected`, this
+    /// client's events) do end at `close()`.
     pub fn reconnect_policy(mut self, policy: impl ReconnectPolicy) -> Self {
         self.cfg.policy = Arc::new(parking_lot::Mutex::new(Box::new(policy)));
         self
@@ -253,7 +256,10 @@ impl ClientBuilder {
     /// `Connected` is emitted: authenticate, resubscribe. An error fails the attempt; a
     /// panic fails it with [`Error::Panicked`], which is fatal. It runs where the request
     /// factory runs; capture a [`WeakClient`](crate::WeakClient) if it needs the client,
-    /// never a `Client` (see [`reconnect_policy`](Self::reconnect_policy)).
+    /// never a `Client` (see [`reconnect_policy`](Self::reconnect_policy)). Return
+    /// promptly, as from the policy: `close()` waits for a hook that blocks on something
+    /// outside the client (its reads and sends through the [`Session`] are bounded by
+    /// their timeouts).
     pub fn on_connect(
         mut self,
         hook: impl Fn(&mut Session<'_>) -> Result<()> + Send + Sync + 'static,

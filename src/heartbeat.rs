@@ -30,8 +30,9 @@ use crate::{DisconnectReason, Error, Message, Result};
 /// matcher never reads the socket on your thread in
 /// [`Events::recv`](crate::Events::recv)): keep it short, and do not call back into the
 /// [`Client`](crate::Client) from it (the lock is not reentrant). A slow matcher delays
-/// the client's other work (sends, probes), but a probe that waits for it still gets its
-/// whole reply timeout once written.
+/// everything else that takes that lock, on every thread: sends, probes, `state()`,
+/// `stats()`, `wait_connected` and `close()` wait for it. A probe that waits for it still
+/// gets its whole reply timeout once written.
 /// Do not capture a `Client` either (the client owns its matcher: that would keep it
 /// alive forever), nor upgrade a captured [`WeakClient`](crate::WeakClient) in it.
 /// A matcher that panics is treated as "not a reply" (logged as an error).

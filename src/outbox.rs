@@ -85,7 +85,8 @@ impl Acks {
     /// `id_of` reads the id of an outgoing message (`None`: not tracked by the outbox,
     /// delivered at least once, see `RELIABILITY.md` 3c); `ack_of` recognises an inbound
     /// ack and returns the id it acknowledges. Both run under the client's lock (like a
-    /// heartbeat reply matcher): keep them short, do not call back into the `Client`, and
+    /// heartbeat reply matcher: a slow one holds sends, `state()`, `stats()` and
+    /// `close()` on every thread): keep them short, do not call back into the `Client`, and
     /// do not capture a `Client` or upgrade a captured
     /// [`WeakClient`](crate::WeakClient) in them (dropping the last handle there would
     /// close the client under its own lock); a panic in them is logged and counts as

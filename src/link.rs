@@ -193,6 +193,12 @@ pub(crate) struct Live {
     /// Bytes read into tungstenite's buffer that no ping, pong or whole data message read
     /// so far accounts for: part of a data message still arriving (see `reader::drain`).
     pub unaccounted: u64,
+    /// Bytes read into tungstenite's buffer that the frames read so far do not account
+    /// for, each frame counted with the shortest header (server frames are unmasked):
+    /// 0 when that buffer is empty (see `reader::drain`). A fragmented message (or a
+    /// longer header than needed) leaves it above 0 for good, which only costs the
+    /// consumer's early stop; it is a hint: a stop it causes reads on first next time.
+    pub buffered: i64,
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).
     pub close_sent: bool,

@@ -242,7 +242,13 @@ struct Drained {
 /// outbox, and flushes pending output (pongs, close replies, output left by `try_send`).
 /// `take` says whether to read, and what to do with the data messages read. `None`: the
 /// connection is gone or already dead.
-/// Shared by the reader thread and a consumer that reads for itself ([`Driver`]).
+/// Shared by the reader thread (with its `recycler`) and a consumer that reads for
+/// itself ([`Driver`], no recycler). The consumer stops after the messages that leave
+/// tungstenite's buffer empty (`Live::buffered`), before it reads the socket again:
+/// that read would most often find nothing (a request/response exchange), and the
+/// message waits for it (wss 16 KiB echo: one `recv` and the TLS layer's error path,
+/// 2-5% of a round trip). A flood still drains in long runs: a read seldom ends exactly
+/// at a frame's end.
 fn drain(
     shared: &Shared,
     link: &mut Link,
@@ -252,6 +258,7 @@ fn drain(
     recycler: Option<&Arc<Recycler>>,
 ) -> Option<Drained> {
     let budget = shared.cfg.read_budget;
+    let consumer = recycler.is_none();
     let surface_pings = shared.cfg.surface_pings;
     let hb = &shared.cfg.heartbeat;
     let live = current_mut(&mut link.conn, cgen).filter(|l| l.dead.is_none())?;
@@ -270,6 +277,8 @@ fn drain(
     let read_before = live.ws.get_ref().bytes_read();
     // Bytes of the control frames read (server frames: a 2-byte header, unmasked).
     let mut control_bytes = 0;
+    // Bytes of all frames read, with the shortest headers (see `Live::buffered`).
+    let mut frames = 0u64;
     // Data messages that neither a reply matcher nor the outbox looks at take the short
     // way (most of them): one heartbeat mark per drain instead of one per message.
     let plain = !hb.matches_replies() && outbox.is_none() && take == Take::Keep;
@@ -288,20 +297,34 @@ fn drain(
             more = true;
             break;
         }
+        if consumer
+            && msgs > 0
+            && live.buffered + (live.ws.get_ref().bytes_read() - read_before) as i64
+                == frames as i64
+        {
+            // Tungstenite's buffer looks empty. A TLS layer may still hold input (rustls
+            // reads ahead), and the count may be off (bytes read before it began, in an
+            // `on_connect` hook): "more" has the next wait read before it polls.
+            more = true;
+            break;
+        }
         match live.ws.read() {
             // The payload taken out and put back in a new `Message`: moving the whole
             // `Message` cost store-forwarding stalls (issue 11: 16% of the client's CPU
             // in this loop, 6% after).
             Ok(Message::Binary(b)) if plain => {
                 (n, msgs, bytes, data) = (n + 1, msgs + 1, bytes + b.len(), true);
+                frames += frame_len(b.len());
                 out.push_back(Message::Binary(own(recycler, b)));
             }
             Ok(Message::Text(t)) if plain => {
                 (n, msgs, bytes, data) = (n + 1, msgs + 1, bytes + t.len(), true);
+                frames += frame_len(t.len());
                 out.push_back(Message::Text(own_text(recycler, t)));
             }
             Ok(msg) => {
                 n += 1;
+                frames += frame_len(msg.len());
                 match &msg {
                     Message::Ping(p) | Message::Pong(p) => control_bytes += 2 + p.len() as u64,
                     Message::Text(_) | Message::Binary(_) => data = true,
@@ -361,6 +384,7 @@ fn drain(
     // bytes; only a drain that read on to the socket's end knows the rest is no ping. A
     // whole data message accounts for everything before it.
     let read = live.ws.get_ref().bytes_read() - read_before;
+    live.buffered += read as i64 - frames as i64;
     live.unaccounted = if data {
         0
     } else {
@@ -394,6 +418,18 @@ fn drain(
         stop,
         dropped,
     })
+}
+
+/// Bytes of a server frame with `payload` bytes, with the shortest header (RFC 6455 5.2;
+/// server frames are not masked).
+#[inline]
+fn frame_len(payload: usize) -> u64 {
+    let header = match payload {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    };
+    (header + payload) as u64
 }
 
 /// A payload for the user: a large one moves into a recycled buffer (see [`Recycler`])

@@ -401,6 +401,7 @@ impl Supervisor {
                 probe_out: ProbeOut::None,
                 drains: 0,
                 unaccounted: 0,
+                buffered: 0,
                 hb: HbState::new(now),
                 close_sent: false,
                 reader: None,

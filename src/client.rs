@@ -15,7 +15,7 @@ use crate::inbound::EventSink;
 use crate::inbound::{Batch, EventTx, Events, Inbound};
 use crate::link::{Command, Counters, Link, SendGate, SendMode, Shared, TimerCmd};
 use crate::outbox::{Delivery, Outbox};
-use crate::queue::OfflineQueue;
+use crate::queue::{OfflineQueue, Ticket};
 use crate::reconnect::{Supervisor, establish};
 use crate::redact::RedactedUrl;
 use crate::time::deadline_in;
@@ -234,16 +234,18 @@ impl Client {
             Delivery::Acked(acks) => Some(Outbox::new(acks.clone())),
             _ => None,
         };
-        if let Some(outbox) = outbox.as_mut() {
-            // Carried messages were accepted (and, with an id, tracked) by the client this
-            // one restarts: tracked here too, or once written nothing would re-send them,
-            // ack them, or hand them back. They were within the same bound there.
-            for m in carried.iter() {
-                outbox.admit_carried(m, written);
-            }
-        }
+        // Carried messages were accepted (and, with an id, tracked) by the client this one
+        // restarts: tracked here too, or once written nothing would re-send them, ack
+        // them, or hand them back. They were within the same bound there.
+        let tickets: Vec<Ticket> = match outbox.as_mut() {
+            Some(outbox) => carried
+                .iter()
+                .map(|m| outbox.admit_carried(m, written))
+                .collect(),
+            None => vec![None; carried.len()],
+        };
         let mut queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
-        queue.requeue_front(std::mem::take(carried).into_iter());
+        queue.requeue_front(std::mem::take(carried).into_iter().zip(tickets));
         let stack = cfg.stack_size;
         let shared = Arc::new(Shared {
             link: Mutex::new(Link {
@@ -269,7 +271,7 @@ impl Client {
         });
         // A start that fails from here on gives the carried messages back.
         let mut failed = |e: Error| {
-            *carried = shared.link.lock().queue.drain_all();
+            *carried = shared.link.lock().queue.drain_messages();
             e
         };
         let first = if eager {

@@ -64,7 +64,7 @@ use crate::config::{Config, OverflowPolicy};
 use crate::heartbeat::HbState;
 use crate::inbound::EventSink;
 use crate::outbox::{Admit, Outbox};
-use crate::queue::{OfflineQueue, outgoing_refusal, payload_len};
+use crate::queue::{OfflineQueue, Ticket, outgoing_refusal, payload_len};
 use crate::time::{deadline, deadline_in};
 use crate::transport::dial::Cancel;
 use crate::transport::stream::{Ws, is_would_block, reason_of};
@@ -264,27 +264,27 @@ impl Live {
     }
 
     /// [`write_tracked`](Self::write_tracked), and under acked delivery the outbox
-    /// notes the message as written (also when the write failed: it is in flight on a
-    /// dead connection and is sent again with the outbox).
+    /// notes the message of `ticket` as written (also when the write failed: it is in
+    /// flight on a dead connection and is sent again with the outbox).
     #[inline]
     pub(crate) fn write_noted(
         &mut self,
         outbox: Option<&mut Outbox>,
         m: Message,
+        ticket: Ticket,
     ) -> std::result::Result<Written, tungstenite::Error> {
         let Some(outbox) = outbox else {
             return self.write_tracked(m);
         };
-        let id = outbox.id(&m);
-        let owner = if id.is_some() {
+        let owner = if ticket.is_some() {
             Owner::Again
         } else {
             Owner::Plain
         };
         let written = self.write_tracked_as(m, owner);
-        if let Some(id) = id
+        if let Some(seq) = ticket
             && !matches!(written, Ok(Written::Full(_)))
-            && let Some(seq) = outbox.written(id, Instant::now())
+            && let Some(seq) = outbox.written(seq, Instant::now())
             && let Some(last) = self.tracked.as_mut().and_then(|t| t.msgs.back_mut())
         {
             // Its first write on this connection: the one just tracked.
@@ -956,9 +956,11 @@ impl Shared {
         mode: SendMode,
         batch: &mut Batch,
     ) -> Result<()> {
+        // The message's outbox entry from here on (acked delivery, with an id).
+        let mut ticket = None;
         if link.outbox.is_some() {
             match self.admit(link, &msg, mode, batch) {
-                Admit::Ok => {}
+                Admit::Ok(t) => ticket = t,
                 // Full because the client is closing (a `Block` wait ends then): the
                 // message comes back as any other refused by a close.
                 Admit::Full if self.ending(link) => {
@@ -971,7 +973,7 @@ impl Shared {
         let size = payload_len(&msg);
         loop {
             if self.ending(link) {
-                self.unadmit(link, &msg);
+                self.unadmit(link, ticket);
                 return Err(Error::Closed { message: Some(msg) });
             }
             let takes = link.takes_direct() || self.cfg.offline_queue || link.flushing_queue;
@@ -993,10 +995,10 @@ impl Shared {
             }
             if !link.takes_direct() {
                 if !self.cfg.offline_queue && !link.flushing_queue {
-                    self.unadmit(link, &msg);
+                    self.unadmit(link, ticket);
                     return Err(Error::Offline { message: msg });
                 }
-                match self.enqueue(link, msg, mode) {
+                match self.enqueue(link, msg, ticket, mode) {
                     Ok(None) => return Ok(()),
                     // A connection opened while we waited for queue room: write on it.
                     Ok(Some(m)) => {
@@ -1004,11 +1006,8 @@ impl Shared {
                         continue;
                     }
                     Err(e) => {
-                        if let Some(m) = match &e {
-                            Error::QueueFull { message } => Some(message),
-                            _ => None,
-                        } {
-                            self.unadmit(link, m);
+                        if matches!(e, Error::QueueFull { .. }) {
+                            self.unadmit(link, ticket);
                         }
                         return Err(e);
                     }
@@ -1023,7 +1022,7 @@ impl Shared {
                     ..Batch::default()
                 };
             }
-            match live.write_noted(l.outbox.as_mut(), msg) {
+            match live.write_noted(l.outbox.as_mut(), msg, ticket) {
                 Ok(Written::Buffered) => {
                     batch.buffered += 1;
                     batch.bytes += size + FRAME_HEADER;
@@ -1054,7 +1053,7 @@ impl Shared {
                         .live(batch.cgen)
                         .is_some_and(|l| l.pending_since.is_some());
                     if mode == SendMode::Try && still_full {
-                        self.unadmit(link, &msg);
+                        self.unadmit(link, ticket);
                         return Err(Error::WouldBlock { message: msg });
                     }
                 }
@@ -1084,12 +1083,12 @@ impl Shared {
             let outbox = link.outbox.as_mut().expect("acked delivery");
             let was_empty = outbox.len() == 0;
             match outbox.admit(msg) {
-                Admit::Ok => {
+                Admit::Ok(ticket) => {
                     if was_empty {
                         // The timer computes the first ack deadline.
                         let _ = self.timer.send(TimerCmd::Wake);
                     }
-                    return Admit::Ok;
+                    return Admit::Ok(ticket);
                 }
                 // No room to make: the user's mistake, said at once.
                 dup @ Admit::Duplicate(_) => return dup,
@@ -1126,10 +1125,10 @@ impl Shared {
         }
     }
 
-    /// Acked delivery: `msg` was handed back after all, stop tracking it.
-    fn unadmit(&self, link: &mut Link, msg: &Message) {
-        if let Some(o) = link.outbox.as_mut() {
-            o.forget(msg);
+    /// Acked delivery: the message of `ticket` was handed back after all, stop tracking it.
+    fn unadmit(&self, link: &mut Link, ticket: Ticket) {
+        if let (Some(o), Some(seq)) = (link.outbox.as_mut(), ticket) {
+            o.forget(seq);
         }
     }
 
@@ -1216,13 +1215,14 @@ impl Shared {
         &self,
         link: &mut MutexGuard<'_, Link>,
         msg: Message,
+        ticket: Ticket,
         mode: SendMode,
     ) -> Result<Option<Message>> {
         if !link.queue.could_fit(&msg) {
             return Err(Error::QueueFull { message: msg });
         }
         if link.queue.has_room(&msg) {
-            link.queue.push_back(msg);
+            link.queue.push_back(msg, ticket);
             return Ok(None);
         }
         match (self.cfg.overflow, mode) {
@@ -1236,15 +1236,20 @@ impl Shared {
             (OverflowPolicy::DropOldest, _) => {
                 let mut dropped = Vec::new();
                 while !link.queue.has_room(&msg) {
-                    match link.queue.pop_front() {
-                        Some(m) => dropped.push(m),
-                        None => break,
+                    let Some((m, t)) = link.queue.pop_front() else {
+                        break;
+                    };
+                    // One the server acked while it waited here is delivered.
+                    let acked = match (link.outbox.as_ref(), t) {
+                        (Some(o), Some(seq)) => o.acked_already(seq),
+                        _ => false,
+                    };
+                    if !acked {
+                        self.unadmit(link, t);
+                        dropped.push(m);
                     }
                 }
-                link.queue.push_back(msg);
-                for m in &dropped {
-                    self.unadmit(link, m);
-                }
+                link.queue.push_back(msg, ticket);
                 log::warn!(
                     "offline queue full: dropped {} oldest messages",
                     dropped.len()
@@ -1260,7 +1265,7 @@ impl Shared {
                         return Ok(Some(msg));
                     }
                     if link.queue.has_room(&msg) {
-                        link.queue.push_back(msg);
+                        link.queue.push_back(msg, ticket);
                         return Ok(None);
                     }
                     if self.changed.wait_until(link, deadline).timed_out() {
@@ -1352,8 +1357,8 @@ impl Shared {
         // Due messages left unwritten (our buffer full): they go as soon as it drains,
         // not a whole ack timeout later.
         let mut left = false;
-        for m in due {
-            match live.write_noted(Some(&mut *outbox), m) {
+        for (seq, m) in due {
+            match live.write_noted(Some(&mut *outbox), m, Some(seq)) {
                 Ok(Written::Buffered) => {}
                 Ok(Written::Full(_)) => {
                     left = true;

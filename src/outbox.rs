@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::Message;
-use crate::queue::payload_len;
+use crate::queue::{Ticket, payload_len};
 
 /// Reads the id of an outgoing message, or of the message a server's ack acknowledges.
 pub type IdReader = Arc<dyn Fn(&Message) -> Option<u64> + Send + Sync>;
@@ -92,12 +92,8 @@ impl Acks {
     /// close the client under its own lock); a panic in them is logged and counts as
     /// `None`. Ids must be unique among the unacked messages: a message whose id still
     /// waits for its ack is handed back ([`Error::DuplicateId`](crate::Error::DuplicateId)).
-    /// `id_of` must be a function of the message alone, giving the same id each time it
-    /// is asked (it is asked when the message is accepted and again when it is written).
-    /// If it does not (or panics once), the message is still sent once or handed back,
-    /// never dropped: one with no id when accepted is untracked (delivered at least
-    /// once); one whose id is lost when written is not sent again after the ack timeout,
-    /// and waits in the outbox until `close()` or give-up hands it back.
+    /// `id_of` is asked once per message, when it is accepted; the message keeps that id
+    /// (or its lack of one) until it is acked or handed back.
     ///
     /// Defaults: ack timeout 10 s, at most 10 000 unacked messages and 64 MiB of them (the
     /// overflow policy of [`ClientBuilder::overflow`](crate::ClientBuilder::overflow)
@@ -229,7 +225,8 @@ struct Entry {
 
 /// Whether [`Outbox::admit`] took a message, and why not.
 pub(crate) enum Admit {
-    Ok,
+    /// Taken; with its entry's sequence number when it has an id (is tracked).
+    Ok(Ticket),
     Full,
     /// A message with this id waits for its ack already.
     Duplicate(u64),
@@ -251,10 +248,6 @@ pub(crate) struct Outbox {
     pub resent: u64,
     /// Ids of written messages at the last [`clear`](Self::clear).
     written_before: HashSet<u64>,
-    /// Ids acked while their message waited in the offline queue (see
-    /// [`acked_already`](Self::acked_already)): each is taken out when its message leaves
-    /// the queue, so it holds at most one per queued message.
-    acked_queued: HashSet<u64>,
 }
 
 impl Outbox {
@@ -268,7 +261,6 @@ impl Outbox {
             acked: 0,
             resent: 0,
             written_before: HashSet::new(),
-            acked_queued: HashSet::new(),
         }
     }
 
@@ -281,12 +273,13 @@ impl Outbox {
         self.acks.timeout
     }
 
-    /// Tracks `msg` (if it has an id). `Full` when the bound is reached; `Duplicate` when
-    /// its id waits for an ack already (taking it over would leave the first message
-    /// unackable: re-sent forever, and holding every later entry behind it).
+    /// Tracks `msg` (if it has an id): the one call of the id reader for it. `Full` when
+    /// the bound is reached; `Duplicate` when its id waits for an ack already (taking it
+    /// over would leave the first message unackable: re-sent forever, and holding every
+    /// later entry behind it). From then on the message goes by its [`Ticket`].
     pub(crate) fn admit(&mut self, msg: &Message) -> Admit {
         let Some(id) = read_id(&self.acks.id_of, msg, "Acks id_of") else {
-            return Admit::Ok;
+            return Admit::Ok(None);
         };
         if self.index.contains_key(&id) {
             return Admit::Duplicate(id);
@@ -298,8 +291,6 @@ impl Outbox {
             return Admit::Full;
         }
         self.bytes += size;
-        // An id used again after its ack: this message is not the acked one.
-        self.acked_queued.remove(&id);
         let seq = self.next;
         self.next += 1;
         self.index.insert(id, seq);
@@ -312,7 +303,7 @@ impl Outbox {
                 writes: 0,
             },
         );
-        Admit::Ok
+        Admit::Ok(Some(seq))
     }
 
     /// Stops tracking the entry `seq` (its id is out of the index already).
@@ -322,22 +313,11 @@ impl Outbox {
         Some(e)
     }
 
-    fn entry_mut(&mut self, id: u64) -> Option<&mut Entry> {
-        let seq = *self.index.get(&id)?;
-        self.entries.get_mut(&seq)
-    }
-
-    /// The id of `msg`, if it has one (is tracked).
-    pub(crate) fn id(&self, msg: &Message) -> Option<u64> {
-        read_id(&self.acks.id_of, msg, "Acks id_of")
-    }
-
-    /// The message with `id` was written to a connection (buffered in tungstenite, or
-    /// in flight on a connection that died while writing it). Returns its entry's
-    /// sequence number if this was its first write on this connection (since the last
-    /// [`take_written`](Self::take_written)).
-    pub(crate) fn written(&mut self, id: u64, now: Instant) -> Option<u64> {
-        let seq = *self.index.get(&id)?;
+    /// The message of entry `seq` was written to a connection (buffered in tungstenite,
+    /// or in flight on a connection that died while writing it). Returns `seq` if this
+    /// was its first write on this connection (since the last
+    /// [`take_written`](Self::take_written)); `None` also when it was acked meanwhile.
+    pub(crate) fn written(&mut self, seq: u64, now: Instant) -> Option<u64> {
         let e = self.entries.get_mut(&seq)?;
         let first = e.sent.is_none();
         e.sent = Some(now);
@@ -350,17 +330,13 @@ impl Outbox {
         first.then_some(seq)
     }
 
-    /// Whether the server acked `msg` while it waited in the offline queue (a server
-    /// resuming a session acks, on the new connection, what the last one delivered):
-    /// then it is delivered, neither written again nor handed back. Called once per
-    /// queued message as it leaves the queue. Only an ack this outbox saw counts: a
-    /// message its id reader gave no id when it was accepted (a panic, an id that
-    /// changes) is not taken for acked (callback probe: such messages were never sent).
-    pub(crate) fn acked_already(&mut self, msg: &Message) -> bool {
-        match self.id(msg) {
-            Some(id) if !self.index.contains_key(&id) => self.acked_queued.remove(&id),
-            _ => false,
-        }
+    /// Whether the server acked the message of entry `seq` while it waited in the
+    /// offline queue (a server resuming a session acks, on the new connection, what the
+    /// last one delivered): then it is delivered, neither written again nor handed back.
+    /// Entries go only when acked or when their message is handed back, which takes it
+    /// out of the queue.
+    pub(crate) fn acked_already(&self, seq: u64) -> bool {
+        !self.entries.contains_key(&seq)
     }
 
     /// Called by the reader for each inbound text/binary message under the lock.
@@ -370,9 +346,7 @@ impl Outbox {
             return false;
         };
         if let Some(seq) = self.index.remove(&id) {
-            if self.remove(seq).is_some_and(|e| e.sent.is_none()) {
-                self.acked_queued.insert(id);
-            }
+            self.remove(seq);
             self.acked += 1;
         }
         !self.acks.deliver_acks
@@ -400,32 +374,32 @@ impl Outbox {
         out
     }
 
-    /// Stops tracking `msg` (handed back to the caller after all).
-    pub(crate) fn forget(&mut self, msg: &Message) {
-        let Some(id) = read_id(&self.acks.id_of, msg, "Acks id_of") else {
-            return;
-        };
-        if let Some(seq) = self.index.remove(&id) {
-            self.remove(seq);
+    /// Stops tracking entry `seq` (its message is handed back to the caller after all).
+    pub(crate) fn forget(&mut self, seq: u64) {
+        if let Some(e) = self.remove(seq) {
+            self.index.remove(&e.id);
         }
-        self.acked_queued.remove(&id);
     }
 
     /// Written messages whose ack is overdue at `now`, in order, at most `limit` of them;
     /// and when the next one falls due (`now` if more than `limit` are due). Each stays
     /// due until it is written again ([`written`](Self::written)).
-    pub(crate) fn overdue(&self, now: Instant, limit: usize) -> (Vec<Message>, Option<Instant>) {
+    pub(crate) fn overdue(
+        &self,
+        now: Instant,
+        limit: usize,
+    ) -> (Vec<(u64, Message)>, Option<Instant>) {
         let t = self.acks.timeout;
         let mut out = Vec::new();
         let mut next: Option<Instant> = None;
-        for e in self.entries.values() {
+        for (seq, e) in &self.entries {
             let (m, Some(sent)) = (&e.msg, e.sent) else {
                 continue;
             };
             let due = sent.checked_add(t);
             match due {
                 Some(d) if d <= now && out.len() >= limit => return (out, Some(now)),
-                Some(d) if d <= now => out.push(m.clone()),
+                Some(d) if d <= now => out.push((*seq, m.clone())),
                 Some(d) => next = Some(next.map_or(d, |n| n.min(d))),
                 None => {}
             }
@@ -434,28 +408,14 @@ impl Outbox {
     }
 
     /// The final hand-back (close, give-up): of `queued` (the whole offline queue, which
-    /// holds every unacked message by now), those not acked while they waited there; then
-    /// the unacked messages that are neither queued nor noted as written, which only an
-    /// id reader that gave another id (or panicked) when the message was written leaves
-    /// behind (callback probe: such a message was lost silently). Clears the outbox.
-    pub(crate) fn hand_back(&mut self, queued: Vec<Message>) -> Vec<Message> {
-        let mut ids = HashSet::new();
-        let mut unacked: Vec<Message> = Vec::with_capacity(queued.len());
-        for m in queued {
-            if self.acked_already(&m) {
-                continue;
-            }
-            if let Some(id) = self.id(&m) {
-                ids.insert(id);
-            }
-            unacked.push(m);
-        }
-        unacked.extend(
-            self.entries
-                .values()
-                .filter(|e| e.sent.is_none() && !ids.contains(&e.id))
-                .map(|e| e.msg.clone()),
-        );
+    /// holds every unacked message by now), those not acked while they waited there.
+    /// Clears the outbox.
+    pub(crate) fn hand_back(&mut self, queued: Vec<(Message, Ticket)>) -> Vec<Message> {
+        let unacked = queued
+            .into_iter()
+            .filter(|(_, t)| !t.is_some_and(|seq| self.acked_already(seq)))
+            .map(|(m, _)| m)
+            .collect();
         self.clear();
         unacked
     }
@@ -471,7 +431,6 @@ impl Outbox {
             .collect();
         self.entries.clear();
         self.index.clear();
-        self.acked_queued.clear();
         self.bytes = 0;
     }
 
@@ -483,13 +442,17 @@ impl Outbox {
 
     /// Admits `msg` (carried over by `restart()`) as written before when its id is in
     /// `written`: its next write counts as a re-send (the server may have it already).
-    pub(crate) fn admit_carried(&mut self, msg: &Message, written: &HashSet<u64>) {
-        if let Admit::Ok = self.admit(msg)
-            && let Some(id) = self.id(msg).filter(|id| written.contains(id))
-            && let Some(e) = self.entry_mut(id)
+    /// Its ticket in this outbox.
+    pub(crate) fn admit_carried(&mut self, msg: &Message, written: &HashSet<u64>) -> Ticket {
+        let Admit::Ok(Some(seq)) = self.admit(msg) else {
+            return None;
+        };
+        if let Some(e) = self.entries.get_mut(&seq)
+            && written.contains(&e.id)
         {
             e.writes = 1;
         }
+        Some(seq)
     }
 }
 
@@ -516,6 +479,14 @@ mod tests {
         );
     }
 
+    /// The ticket of a message `admit` takes.
+    fn take(o: &mut Outbox, m: &Message) -> u64 {
+        match o.admit(m) {
+            Admit::Ok(Some(seq)) => seq,
+            _ => panic!("{m:?} not taken"),
+        }
+    }
+
     /// A server that stops acking holds the outbox to `max_bytes` of payload, not only
     /// to `max_messages` messages (10 000 of 16 MiB each before).
     #[test]
@@ -526,24 +497,21 @@ mod tests {
         };
         let big = m(1, 50);
         assert!(payload_len(&big) > 50 && payload_len(&big) <= 100);
-        assert!(matches!(o.admit(&big), Admit::Ok));
+        let first = take(&mut o, &big);
         assert!(matches!(o.admit(&m(2, 50)), Admit::Full), "past 100 bytes");
-        assert!(
-            matches!(o.admit(&m(3, 0)), Admit::Ok),
-            "a small one still fits"
-        );
+        take(&mut o, &m(3, 0)); // a small one still fits
         // An ack makes room.
-        o.written(1, Instant::now());
+        o.written(first, Instant::now());
         assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
-        assert!(matches!(o.admit(&m(2, 50)), Admit::Ok));
+        let second = take(&mut o, &m(2, 50));
         // Forgetting and clearing give the bytes back; a message larger than the bound
         // alone goes into an empty outbox.
-        o.forget(&m(2, 50));
+        o.forget(second);
         o.clear();
         assert_eq!(o.bytes, 0);
-        assert!(matches!(o.admit(&m(4, 500)), Admit::Ok));
+        let huge = take(&mut o, &m(4, 500));
         assert!(matches!(o.admit(&m(5, 0)), Admit::Full));
-        o.written(4, Instant::now());
+        o.written(huge, Instant::now());
         assert!(o.drop_oldest_written().is_some());
         assert_eq!((o.bytes, o.len()), (0, 0));
     }
@@ -552,13 +520,39 @@ mod tests {
     fn a_message_written_without_end_stays_counted_as_written() {
         let mut o = Outbox::new(Acks::json_field("id", "ack"));
         let now = Instant::now();
-        assert!(matches!(o.admit(&Message::text(r#"{"id":1}"#)), Admit::Ok));
-        o.written(1, now);
-        o.entry_mut(1).unwrap().writes = u32::MAX;
+        let seq = take(&mut o, &Message::text(r#"{"id":1}"#));
+        o.written(seq, now);
+        o.entries.get_mut(&seq).unwrap().writes = u32::MAX;
         let resent = o.resent;
-        o.written(1, now);
-        assert_eq!(o.entry_mut(1).unwrap().writes, u32::MAX);
+        o.written(seq, now);
+        assert_eq!(o.entries[&seq].writes, u32::MAX);
         assert_eq!(o.resent, resent + 1);
+    }
+
+    /// The id reader is asked once per message, when it is admitted: later it goes by
+    /// its ticket, so a reader that fails or changes its answer afterwards cannot make
+    /// it look acked, untracked or unwritten (callback probe and review: such messages
+    /// were lost, or handed back twice).
+    #[test]
+    fn the_id_reader_is_asked_once_per_message() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = calls.clone();
+        let mut o = Outbox::new(Acks::new(
+            move |m| {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                json_u64(m, "\"id\"")
+            },
+            |m| json_u64(m, "\"ack\""),
+        ));
+        let m = |i: u64| Message::text(format!("{{\"id\":{i}}}"));
+        let (a, b) = (take(&mut o, &m(1)), take(&mut o, &m(2)));
+        o.written(a, Instant::now());
+        assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
+        assert!(o.acked_already(a) && !o.acked_already(b));
+        o.forget(b);
+        let back = o.hand_back(vec![(m(1), Some(a)), (m(3), None)]);
+        assert_eq!(back, vec![m(3)]);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]
@@ -567,17 +561,18 @@ mod tests {
         let m = |i: u64| Message::text(format!("{{\"id\":{i}}}"));
         let now = Instant::now();
         for i in 1..=3 {
-            assert!(matches!(o.admit(&m(i)), Admit::Ok));
+            let seq = take(&mut o, &m(i));
+            assert_eq!(seq, i - 1);
             // The first write on a connection says which entry it is.
-            assert_eq!(o.written(i, now), Some(i - 1));
+            assert_eq!(o.written(seq, now), Some(seq));
         }
-        assert_eq!(o.written(3, now), None, "not a first write");
+        assert_eq!(o.written(2, now), None, "not a first write");
         assert_eq!(o.resent, 1);
         assert!(matches!(o.admit(&m(4)), Admit::Full));
         assert!(o.on_inbound(&Message::text(r#"{"ack":2}"#)));
         assert_eq!(o.len(), 2);
         assert_eq!(o.take_written(), vec![(0, m(1)), (2, m(3))]);
-        assert_eq!(o.written(1, now), Some(0), "first on the next connection");
+        assert_eq!(o.written(0, now), Some(0), "first on the next connection");
         assert_eq!(o.resent, 2);
         assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
         // A late duplicate ack changes nothing.
@@ -593,16 +588,16 @@ mod tests {
         let m = |i: u64| Message::text(format!("{{\"id\":{i}}}"));
         let t0 = Instant::now();
         for i in 1..=5 {
-            assert!(matches!(o.admit(&m(i)), Admit::Ok));
-            o.written(i, t0 + Duration::from_millis(i));
+            let seq = take(&mut o, &m(i));
+            o.written(seq, t0 + Duration::from_millis(i));
         }
         let now = t0 + timeout + Duration::from_millis(3);
         // 1, 2 and 3 are due; 4 and 5 fall due later.
         let (due, next) = o.overdue(now, 2);
-        assert_eq!(due, vec![m(1), m(2)]);
+        assert_eq!(due, vec![(0, m(1)), (1, m(2))]);
         assert_eq!(next, Some(now), "more are due at once");
         let (due, next) = o.overdue(now, 10);
-        assert_eq!(due, vec![m(1), m(2), m(3)]);
+        assert_eq!(due, vec![(0, m(1)), (1, m(2)), (2, m(3))]);
         assert_eq!(next, Some(t0 + timeout + Duration::from_millis(4)));
     }
 
@@ -616,8 +611,8 @@ mod tests {
         let now = Instant::now();
         for i in 0..5000u64 {
             let m = Message::text(format!("{{\"id\":{i}}}"));
-            assert!(matches!(o.admit(&m), Admit::Ok));
-            o.written(i, now);
+            let seq = take(&mut o, &m);
+            o.written(seq, now);
             if i > 0 {
                 assert!(o.on_inbound(&Message::text(format!("{{\"ack\":{i}}}"))));
             }
@@ -629,7 +624,7 @@ mod tests {
     #[test]
     fn a_panicking_id_reader_means_no_id() {
         let mut o = Outbox::new(Acks::new(|_| panic!("boom"), |_| panic!("boom")));
-        assert!(matches!(o.admit(&Message::text("x")), Admit::Ok));
+        assert!(matches!(o.admit(&Message::text("x")), Admit::Ok(None)));
         assert_eq!(o.len(), 0, "not tracked");
         assert!(!o.on_inbound(&Message::text("y")), "not an ack: delivered");
     }

@@ -72,10 +72,17 @@ pub(crate) fn outgoing_refusal(msg: &Message, limit: usize) -> Option<Refusal> {
     (size > limit).then_some(Refusal::TooLarge { size, limit })
 }
 
+/// A queued message's entry in the acked outbox (its sequence number), if it has one.
+/// Kept with the message so the outbox never asks the user's id reader again: an id
+/// reader that panics or changes its answer once cannot make a message look acked,
+/// unwritten or untracked later (callback probe and its review: such messages were lost,
+/// or handed back twice).
+pub(crate) type Ticket = Option<u64>;
+
 /// A FIFO bounded by message count and payload bytes.
 #[derive(Debug)]
 pub(crate) struct OfflineQueue {
-    msgs: VecDeque<Message>,
+    msgs: VecDeque<(Message, Ticket)>,
     bytes: usize,
     max_msgs: usize,
     max_bytes: usize,
@@ -111,34 +118,40 @@ impl OfflineQueue {
     }
 
     /// Appends without checking the bounds (caller checked `has_room` or chose to drop).
-    pub(crate) fn push_back(&mut self, m: Message) {
+    pub(crate) fn push_back(&mut self, m: Message, ticket: Ticket) {
         self.bytes += payload_len(&m);
-        self.msgs.push_back(m);
+        self.msgs.push_back((m, ticket));
     }
 
     /// Puts already-accepted messages (in flight on a dead connection) back at the
     /// front, in their order. They bypass the bounds: they were accepted before.
-    pub(crate) fn requeue_front(&mut self, ms: impl DoubleEndedIterator<Item = Message>) {
-        for m in ms.rev() {
+    pub(crate) fn requeue_front(&mut self, ms: impl DoubleEndedIterator<Item = (Message, Ticket)>) {
+        for (m, t) in ms.rev() {
             self.bytes += payload_len(&m);
-            self.msgs.push_front(m);
+            self.msgs.push_front((m, t));
         }
     }
 
-    pub(crate) fn pop_front(&mut self) -> Option<Message> {
-        let m = self.msgs.pop_front()?;
+    pub(crate) fn pop_front(&mut self) -> Option<(Message, Ticket)> {
+        let (m, t) = self.msgs.pop_front()?;
         self.bytes -= payload_len(&m);
-        Some(m)
+        Some((m, t))
     }
 
-    pub(crate) fn push_front(&mut self, m: Message) {
+    pub(crate) fn push_front(&mut self, m: Message, ticket: Ticket) {
         self.bytes += payload_len(&m);
-        self.msgs.push_front(m);
+        self.msgs.push_front((m, ticket));
     }
 
-    pub(crate) fn drain_all(&mut self) -> Vec<Message> {
+    pub(crate) fn drain_all(&mut self) -> Vec<(Message, Ticket)> {
         self.bytes = 0;
         self.msgs.drain(..).collect()
+    }
+
+    /// [`drain_all`](Self::drain_all) without the tickets.
+    pub(crate) fn drain_messages(&mut self) -> Vec<Message> {
+        self.bytes = 0;
+        self.msgs.drain(..).map(|(m, _)| m).collect()
     }
 }
 
@@ -151,12 +164,12 @@ mod tests {
         let mut q = OfflineQueue::new(3, 10);
         for s in ["a", "bb", "ccc"] {
             assert!(q.has_room(&Message::text(s)));
-            q.push_back(Message::text(s));
+            q.push_back(Message::text(s), None);
         }
         assert!(!q.has_room(&Message::text("d")));
-        q.requeue_front(vec![Message::text("0")].into_iter());
-        assert_eq!(q.pop_front(), Some(Message::text("0")));
-        assert_eq!(q.pop_front(), Some(Message::text("a")));
+        q.requeue_front(vec![(Message::text("0"), Some(7))].into_iter());
+        assert_eq!(q.pop_front(), Some((Message::text("0"), Some(7))));
+        assert_eq!(q.pop_front(), Some((Message::text("a"), None)));
         assert!(!q.has_room(&Message::text("0123456789")));
         assert_eq!(q.drain_all().len(), 2);
         assert!(q.is_empty());

@@ -22,6 +22,7 @@ use crate::config::Attempt;
 use crate::heartbeat::HbState;
 use crate::link::{Command, Link, Live, ProbeOut, Shared, TimerCmd, Tracked, Written, current_mut};
 use crate::outbox::Delivery;
+use crate::queue::Ticket;
 use crate::transport::connect::{self, Opened};
 use crate::transport::session::{Hooks, Session};
 use crate::transport::stream::{is_would_block, reason_of};
@@ -468,18 +469,20 @@ impl Supervisor {
             };
             let mut moved = false;
             let mut failed = None;
-            while let Some(m) = link.queue.pop_front() {
+            while let Some((m, ticket)) = link.queue.pop_front() {
                 moved = true;
                 // Acked delivery: acked while it waited here (the reader runs from the
                 // publish on): delivered, not written again (acked probe: 358 of 1000
                 // written again, uncounted in `resent`).
-                if link.outbox.as_mut().is_some_and(|o| o.acked_already(&m)) {
+                if let (Some(o), Some(seq)) = (link.outbox.as_ref(), ticket)
+                    && o.acked_already(seq)
+                {
                     continue;
                 }
-                match live.write_noted(link.outbox.as_mut(), m) {
+                match live.write_noted(link.outbox.as_mut(), m, ticket) {
                     Ok(Written::Buffered) => {}
                     Ok(Written::Full(m)) => {
-                        link.queue.push_front(m);
+                        link.queue.push_front(m, ticket);
                         break;
                     }
                     Err(e) => {
@@ -617,7 +620,7 @@ impl Supervisor {
         let counters = &self.shared.counters;
         // The user closes: what is left is handed back, not sent again.
         let closing = self.shared.closing.load(Ordering::SeqCst);
-        let resend = match &self.shared.cfg.delivery {
+        let resend: Vec<(Message, Ticket)> = match &self.shared.cfg.delivery {
             Delivery::AtLeastOnce => {
                 let left = live.leftover(closing);
                 if !closing {
@@ -626,7 +629,7 @@ impl Supervisor {
                         .fetch_add(left.resend.len() as u64, Ordering::Relaxed);
                 }
                 self.count_possibly_lost(cgen, left.possibly_lost, closing);
-                left.resend.into_iter().map(|(m, _)| m).collect()
+                left.resend.into_iter().map(|(m, _)| (m, None)).collect()
             }
             Delivery::AtMostOnce => {
                 let messages: Vec<Message> = live.in_flight.drain(..).collect();
@@ -657,19 +660,21 @@ impl Supervisor {
                     match seq {
                         None => {
                             plain += 1;
-                            tail.push(m);
+                            tail.push((m, None));
                         }
-                        Some(seq) if waiting.contains(&seq) && later.insert(seq) => tail.push(m),
+                        Some(seq) if waiting.contains(&seq) && later.insert(seq) => {
+                            tail.push((m, Some(seq)));
+                        }
                         Some(_) => {}
                     }
                 }
                 if !closing {
                     counters.resent.fetch_add(plain, Ordering::Relaxed);
                 }
-                let mut resend: Vec<Message> = unacked
+                let mut resend: Vec<(Message, Ticket)> = unacked
                     .into_iter()
                     .filter(|(seq, _)| !later.contains(seq))
-                    .map(|(_, m)| m)
+                    .map(|(seq, m)| (m, Some(seq)))
                     .collect();
                 resend.extend(tail);
                 resend
@@ -778,7 +783,7 @@ impl Supervisor {
             let queued = link.queue.drain_all();
             match link.outbox.as_mut() {
                 Some(o) => o.hand_back(queued),
-                None => queued,
+                None => queued.into_iter().map(|(m, _)| m).collect(),
             }
         };
         if let Some(last) = give_up {

@@ -433,6 +433,45 @@ fn a_written_message_whose_id_reader_hiccuped_is_handed_back() {
     assert_eq!(texts_of(&client.close()), ["id:1"]);
 }
 
+/// The id reader is asked once per message, when it is accepted; the message goes by
+/// its outbox entry from then on. The review of the last fix found two more ways a
+/// hiccup later made a message come back twice: `close()` handed a queued message back
+/// twice when the reader failed on a later call (5 of 5), and a send refused with the
+/// message (`Offline`) was handed back again by `close()`, its entry left behind
+/// blocking the id (`DuplicateId` on a second try).
+#[test]
+fn a_hiccup_of_the_id_reader_after_acceptance_changes_nothing() {
+    let server = TestServer::start(Behavior::reject(503));
+    for n in 2..=5 {
+        let client = Client::builder(&server.url())
+            .reconnect_policy(Fixed(Duration::from_secs(3600)))
+            .delivery(Delivery::Acked(hiccuping_acks(n)))
+            .connect_lazy()
+            .unwrap();
+        client.send_text("id:1").unwrap();
+        assert_eq!(texts_of(&client.close()), ["id:1"], "hiccup at call {n}");
+    }
+    let client = Client::builder(&server.url())
+        .reconnect_policy(Fixed(Duration::from_secs(3600)))
+        .offline_queue(false)
+        .delivery(Delivery::Acked(hiccuping_acks(2)))
+        .connect_lazy()
+        .unwrap();
+    let m = match client.send_text("id:1") {
+        Err(Error::Offline { message }) => message,
+        other => panic!("expected Offline, got {other:?}"),
+    };
+    match client.send(m) {
+        Err(Error::Offline { message }) => assert_eq!(texts_of(&[message]), ["id:1"]),
+        other => panic!("expected Offline again, got {other:?}"),
+    }
+    assert_eq!(client.stats().outbox, 0);
+    assert!(
+        client.close().is_empty(),
+        "handed back by the sends already"
+    );
+}
+
 /// A message whose id is already waiting for its ack is handed back (ids must be unique
 /// among the unacked messages). It used to be accepted and to take over the id: the
 /// first copy could then never be acked, was re-sent every ack timeout for as long as

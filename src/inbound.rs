@@ -1108,6 +1108,10 @@ impl Events {
     /// policy in `recv()`). It parks on the channel for `SUPERVISOR_LOOK` at a time and
     /// looks at the flag in between.
     fn wait_on_supervisor(&self, deadline: Option<Instant>) -> Result<Event, RecvTimeoutError> {
+        if self.driver.is_some() {
+            // Parked, this thread reads nothing: the reader must not wait for it.
+            self.inbound.end_drive();
+        }
         loop {
             match self.rx.try_recv() {
                 Ok(batch) => return Ok(self.take(batch)),

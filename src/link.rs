@@ -1250,12 +1250,16 @@ impl Shared {
                     }
                 }
                 link.queue.push_back(msg, ticket);
-                log::warn!(
-                    "offline queue full: dropped {} oldest messages",
-                    dropped.len()
-                );
-                // Unbounded channel: fine under the lock (rule 4).
-                self.emit(Event::Undelivered(dropped));
+                // Those acked while they waited were delivered: no event for them (an
+                // empty `Undelivered` went out when all were).
+                if !dropped.is_empty() {
+                    log::warn!(
+                        "offline queue full: dropped {} oldest messages",
+                        dropped.len()
+                    );
+                    // Unbounded channel: fine under the lock (rule 4).
+                    self.emit(Event::Undelivered(dropped));
+                }
                 Ok(None)
             }
             (OverflowPolicy::Block(limit), SendMode::Blocking) => {

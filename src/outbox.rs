@@ -93,7 +93,8 @@ impl Acks {
     /// `None`. Ids must be unique among the unacked messages: a message whose id still
     /// waits for its ack is handed back ([`Error::DuplicateId`](crate::Error::DuplicateId)).
     /// `id_of` is asked once per message, when it is accepted; the message keeps that id
-    /// (or its lack of one) until it is acked or handed back.
+    /// (or its lack of one) until it is acked or handed back (a message `restart()`
+    /// carries into the new client is accepted there again).
     ///
     /// Defaults: ack timeout 10 s, at most 10 000 unacked messages and 64 MiB of them (the
     /// overflow policy of [`ClientBuilder::overflow`](crate::ClientBuilder::overflow)
@@ -248,6 +249,9 @@ pub(crate) struct Outbox {
     pub resent: u64,
     /// Ids of written messages at the last [`clear`](Self::clear).
     written_before: HashSet<u64>,
+    /// An ack came for a message not written (yet) on this connection: it may wait in
+    /// the offline queue (see [`take_queued_acked`](Self::take_queued_acked)).
+    queued_acked: bool,
 }
 
 impl Outbox {
@@ -261,6 +265,7 @@ impl Outbox {
             acked: 0,
             resent: 0,
             written_before: HashSet::new(),
+            queued_acked: false,
         }
     }
 
@@ -346,10 +351,18 @@ impl Outbox {
             return false;
         };
         if let Some(seq) = self.index.remove(&id) {
-            self.remove(seq);
+            if self.remove(seq).is_some_and(|e| e.sent.is_none()) {
+                self.queued_acked = true;
+            }
             self.acked += 1;
         }
         !self.acks.deliver_acks
+    }
+
+    /// Whether an ack came, since the last call, for a message not written on this
+    /// connection (it may wait in the offline queue, which should drop it). Clears it.
+    pub(crate) fn take_queued_acked(&mut self) -> bool {
+        std::mem::take(&mut self.queued_acked)
     }
 
     /// Stops tracking the oldest message that was written (for `DropOldest`) and hands

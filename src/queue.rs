@@ -148,6 +148,19 @@ impl OfflineQueue {
         self.msgs.drain(..).collect()
     }
 
+    /// Keeps the messages whose ticket `keep` accepts, in order.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Ticket) -> bool) {
+        let mut bytes = self.bytes;
+        self.msgs.retain(|(m, t)| {
+            let kept = keep(t);
+            if !kept {
+                bytes -= payload_len(m);
+            }
+            kept
+        });
+        self.bytes = bytes;
+    }
+
     /// [`drain_all`](Self::drain_all) without the tickets.
     pub(crate) fn drain_messages(&mut self) -> Vec<Message> {
         self.bytes = 0;

@@ -402,7 +402,17 @@ fn drain(
             }
         }
     }
-    if outbox.is_some_and(|o| Some(o.acked) != acked_before) {
+    if let Some(o) = outbox
+        && Some(o.acked) != acked_before
+    {
+        // Messages acked while they waited in the offline queue (a server resuming a
+        // session acks what the last connection delivered) leave it now: delivered,
+        // they must not hold its room, count in `queued`, or be dropped (`DropOldest`)
+        // as undelivered.
+        if o.take_queued_acked() {
+            link.queue
+                .retain(|t| !t.is_some_and(|seq| o.acked_already(seq)));
+        }
         // Acks made room for senders waiting under `OverflowPolicy::Block`.
         shared.changed.notify_all();
     }

@@ -472,6 +472,89 @@ fn a_hiccup_of_the_id_reader_after_acceptance_changes_nothing() {
     );
 }
 
+/// Messages acked while they wait in the offline queue (a server resuming a session
+/// acks, on the new connection, what the last one got; this one then stops reading, so
+/// the queue does not drain) leave the queue with their acks. Review of the ticket
+/// change: they stayed there (counted in `queued`, up to 100 ms here, or for good with
+/// the connection stalled), and a `DropOldest` send then popped them and emitted an
+/// empty `Undelivered` (10 of 10).
+#[test]
+fn messages_acked_while_queued_leave_the_queue_and_are_never_undelivered() {
+    const N: u64 = 1000;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (done_tx, done) = crossbeam_channel::bounded::<()>(1);
+    let server = std::thread::spawn(move || {
+        // Connection 1 reads all N and acks none, then goes away.
+        let (s, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(s).unwrap();
+        let mut got = 0;
+        while got < N {
+            match ws.read() {
+                Ok(tungstenite::Message::Text(_)) => got += 1,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        drop(ws);
+        // Connection 2 acks all N at once, and reads nothing until the test is done.
+        let (s, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(s).unwrap();
+        for i in 1..=N {
+            ws.write(tungstenite::Message::text(format!("{{\"ack\":{i}}}")))
+                .unwrap();
+        }
+        ws.flush().unwrap();
+        let _ = done.recv_timeout(Duration::from_secs(60));
+        while ws.read().is_ok() {}
+    });
+    let client = Client::builder(&url)
+        .delivery(Delivery::Acked(
+            Acks::json_field("id", "ack").timeout(Duration::MAX),
+        ))
+        .overflow(wsbeat::OverflowPolicy::DropOldest)
+        .limits(Limits::default().queue_messages(1))
+        .heartbeat(Heartbeat::off())
+        .write_timeout(Duration::from_secs(60))
+        .close_timeout(Duration::from_millis(200))
+        .reconnect_policy(Fixed(Duration::from_millis(20)))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    let pad = "x".repeat(32 << 10);
+    for i in 1..=N {
+        client
+            .send(Message::text(format!("{{\"id\":{i},\"p\":\"{pad}\"}}")))
+            .unwrap();
+    }
+    assert!(
+        wait_until(T, || client.stats().acked == N),
+        "{:?}",
+        client.stats()
+    );
+    // The connection stopped taking data, but every queued message is acked.
+    assert_eq!(client.stats().queued, 0, "{:?}", client.stats());
+    client
+        .send(Message::text(format!("{{\"id\":{}}}", N + 1)))
+        .unwrap();
+    drop(done_tx);
+    let _ = client.close();
+    server.join().unwrap();
+    let mut evs = Vec::new();
+    while let Ok(ev) = events.recv_timeout(T) {
+        let end = matches!(ev, Event::Closed);
+        evs.push(ev);
+        if end {
+            break;
+        }
+    }
+    let empty = evs
+        .iter()
+        .filter(|e| matches!(e, Event::Undelivered(ms) if ms.is_empty()))
+        .count();
+    assert_eq!(empty, 0, "{evs:?}");
+}
+
 /// A message whose id is already waiting for its ack is handed back (ids must be unique
 /// among the unacked messages). It used to be accepted and to take over the id: the
 /// first copy could then never be acked, was re-sent every ack timeout for as long as

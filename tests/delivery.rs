@@ -10,7 +10,7 @@ use std::time::Duration;
 use support::client::Fixed;
 use support::server::{Behavior, TestServer};
 use support::util::wait_until;
-use wsbeat::{Acks, Client, Delivery, Error, Event, Heartbeat, Limits, Message};
+use wsbeat::{Acks, Client, ClientBuilder, Delivery, Error, Event, Heartbeat, Limits, Message};
 
 /// Upper bound for anything that should happen "now" (generous: loaded 2-core machine).
 const T: Duration = Duration::from_secs(10);
@@ -480,64 +480,17 @@ fn a_hiccup_of_the_id_reader_after_acceptance_changes_nothing() {
 /// empty `Undelivered` (10 of 10).
 #[test]
 fn messages_acked_while_queued_leave_the_queue_and_are_never_undelivered() {
-    const N: u64 = 1000;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("ws://{}/", listener.local_addr().unwrap());
-    let (done_tx, done) = crossbeam_channel::bounded::<()>(1);
-    let server = std::thread::spawn(move || {
-        // Connection 1 reads all N and acks none, then goes away.
-        let (s, _) = listener.accept().unwrap();
-        let mut ws = tungstenite::accept(s).unwrap();
-        let mut got = 0;
-        while got < N {
-            match ws.read() {
-                Ok(tungstenite::Message::Text(_)) => got += 1,
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-        drop(ws);
-        // Connection 2 acks all N at once, and reads nothing until the test is done.
-        let (s, _) = listener.accept().unwrap();
-        let mut ws = tungstenite::accept(s).unwrap();
-        for i in 1..=N {
-            ws.write(tungstenite::Message::text(format!("{{\"ack\":{i}}}")))
-                .unwrap();
-        }
-        ws.flush().unwrap();
-        let _ = done.recv_timeout(Duration::from_secs(60));
-        while ws.read().is_ok() {}
+    let (client, read_on, server) = resuming_server_and_client_with(|b| {
+        b.overflow(wsbeat::OverflowPolicy::DropOldest)
+            .limits(Limits::default().queue_messages(1))
     });
-    let client = Client::builder(&url)
-        .delivery(Delivery::Acked(
-            Acks::json_field("id", "ack").timeout(Duration::MAX),
-        ))
-        .overflow(wsbeat::OverflowPolicy::DropOldest)
-        .limits(Limits::default().queue_messages(1))
-        .heartbeat(Heartbeat::off())
-        .write_timeout(Duration::from_secs(60))
-        .close_timeout(Duration::from_millis(200))
-        .reconnect_policy(Fixed(Duration::from_millis(20)))
-        .connect()
-        .unwrap();
     let events = client.events();
-    let pad = "x".repeat(32 << 10);
-    for i in 1..=N {
-        client
-            .send(Message::text(format!("{{\"id\":{i},\"p\":\"{pad}\"}}")))
-            .unwrap();
-    }
-    assert!(
-        wait_until(T, || client.stats().acked == N),
-        "{:?}",
-        client.stats()
-    );
     // The connection stopped taking data, but every queued message is acked.
     assert_eq!(client.stats().queued, 0, "{:?}", client.stats());
     client
-        .send(Message::text(format!("{{\"id\":{}}}", N + 1)))
+        .send(Message::text(format!("{{\"id\":{}}}", RESUMED + 1)))
         .unwrap();
-    drop(done_tx);
+    read_on.store(true, std::sync::atomic::Ordering::SeqCst);
     let _ = client.close();
     server.join().unwrap();
     let mut evs = Vec::new();
@@ -1626,9 +1579,11 @@ fn messages_the_peer_took_before_its_last_sign_of_life_are_not_counted_possibly_
 /// A server that resumes a session (see below): connection 1 takes `N` messages
 /// `{"id":i,...}` and acks none, then goes away; connection 2 acks all of them first, and
 /// reads only once `read_on` is set, returning the ids it gets again (up to "end").
-/// Returns the connected client (acked delivery, 32 KiB messages all sent), `read_on`
-/// and the server thread.
-fn resuming_server_and_client() -> (
+/// Returns the connected client (acked delivery, 32 KiB messages all sent, `more`
+/// settings on top), `read_on` and the server thread.
+fn resuming_server_and_client_with(
+    more: impl FnOnce(ClientBuilder) -> ClientBuilder,
+) -> (
     Client,
     std::sync::Arc<std::sync::atomic::AtomicBool>,
     std::thread::JoinHandle<Vec<u64>>,
@@ -1677,16 +1632,18 @@ fn resuming_server_and_client() -> (
             }
         }
     });
-    let client = Client::builder(&url)
-        .delivery(Delivery::Acked(
-            Acks::json_field("id", "ack").timeout(Duration::MAX),
-        ))
-        .heartbeat(Heartbeat::off())
-        .write_timeout(Duration::from_secs(60))
-        .close_timeout(Duration::from_millis(200))
-        .reconnect_policy(Fixed(Duration::from_millis(20)))
-        .connect()
-        .unwrap();
+    let client = more(
+        Client::builder(&url)
+            .delivery(Delivery::Acked(
+                Acks::json_field("id", "ack").timeout(Duration::MAX),
+            ))
+            .heartbeat(Heartbeat::off())
+            .write_timeout(Duration::from_secs(60))
+            .close_timeout(Duration::from_millis(200))
+            .reconnect_policy(Fixed(Duration::from_millis(20))),
+    )
+    .connect()
+    .unwrap();
     let pad = "x".repeat(32 << 10);
     for i in 1..=RESUMED {
         client
@@ -1712,7 +1669,7 @@ const RESUMED: u64 = 1000;
 /// that `resent` did not count, 5 of 5 runs).
 #[test]
 fn messages_acked_while_queued_for_a_new_connection_are_not_written_again() {
-    let (client, read_on, server) = resuming_server_and_client();
+    let (client, read_on, server) = resuming_server_and_client_with(|b| b);
     read_on.store(true, std::sync::atomic::Ordering::SeqCst);
     client.send_text("end").unwrap();
     let again = server.join().unwrap();
@@ -1732,7 +1689,7 @@ fn messages_acked_while_queued_for_a_new_connection_are_not_written_again() {
 /// that re-sends what it gets back).
 #[test]
 fn close_hands_back_no_message_acked_while_queued() {
-    let (client, read_on, server) = resuming_server_and_client();
+    let (client, read_on, server) = resuming_server_and_client_with(|b| b);
     let back = client.close();
     read_on.store(true, std::sync::atomic::Ordering::SeqCst);
     server.join().unwrap();

@@ -1079,10 +1079,13 @@ impl Shared {
             OverflowPolicy::Block(limit) => deadline_in(limit),
             _ => Instant::now(),
         };
+        // Asked once, however many turns making room takes (fuzzer: a `Block` send
+        // asked the user's reader up to 29 times for one message).
+        let id = link.outbox.as_ref().expect("acked delivery").id_of(msg);
         loop {
             let outbox = link.outbox.as_mut().expect("acked delivery");
             let was_empty = outbox.len() == 0;
-            match outbox.admit(msg) {
+            match outbox.admit_as(id, msg) {
                 Admit::Ok(ticket) => {
                     if was_empty {
                         // The timer computes the first ack deadline.

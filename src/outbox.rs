@@ -283,7 +283,20 @@ impl Outbox {
     /// over would leave the first message unackable: re-sent forever, and holding every
     /// later entry behind it). From then on the message goes by its [`Ticket`].
     pub(crate) fn admit(&mut self, msg: &Message) -> Admit {
-        let Some(id) = read_id(&self.acks.id_of, msg, "Acks id_of") else {
+        let id = self.id_of(msg);
+        self.admit_as(id, msg)
+    }
+
+    /// The id of `msg` by the user's reader (`None`: untracked): ask it once per message
+    /// and give the answer to [`admit_as`](Self::admit_as), also when a send waits for
+    /// room and tries again.
+    pub(crate) fn id_of(&self, msg: &Message) -> Option<u64> {
+        read_id(&self.acks.id_of, msg, "Acks id_of")
+    }
+
+    /// [`admit`](Self::admit) with the id already read.
+    pub(crate) fn admit_as(&mut self, id: Option<u64>, msg: &Message) -> Admit {
+        let Some(id) = id else {
             return Admit::Ok(None);
         };
         if self.index.contains_key(&id) {

@@ -508,6 +508,45 @@ fn messages_acked_while_queued_leave_the_queue_and_are_never_undelivered() {
     assert_eq!(empty, 0, "{evs:?}");
 }
 
+/// The id reader is asked once per message also when the send has to make room first:
+/// each turn of that loop asked it again (API fuzzer: up to 29 times under `Block`;
+/// `{id:2: 2}` here under `DropOldest`, 5 of 5).
+#[test]
+fn the_id_reader_is_asked_once_while_a_send_makes_room() {
+    let server = TestServer::start(Behavior::Silent {
+        ping_every: None,
+        data_every: None,
+    });
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let (c2, asked_twice) = (calls.clone(), std::sync::Arc::new(std::sync::Mutex::new(0)));
+    let twice = asked_twice.clone();
+    let id = |m: &Message| -> Option<u64> { m.to_text().ok()?.strip_prefix("id:")?.parse().ok() };
+    let acks = Acks::new(
+        move |m| {
+            let n = id(m)?;
+            if !c2.lock().unwrap().insert(n) {
+                *twice.lock().unwrap() += 1;
+            }
+            Some(n)
+        },
+        |_| None,
+    )
+    .max_messages(1)
+    .timeout(Duration::MAX);
+    let client = Client::builder(&server.url())
+        .delivery(Delivery::Acked(acks))
+        .overflow(wsbeat::OverflowPolicy::DropOldest)
+        .connect()
+        .unwrap();
+    client.send_text("id:1").unwrap();
+    assert!(wait_until(T, || texts(&server, 0) == ["id:1"]));
+    // The outbox is full: id:1 (written, unacked) makes room for id:2.
+    client.send_text("id:2").unwrap();
+    let _ = client.close();
+    assert_eq!(*asked_twice.lock().unwrap(), 0);
+    assert_eq!(calls.lock().unwrap().len(), 2);
+}
+
 /// A message whose id is already waiting for its ack is handed back (ids must be unique
 /// among the unacked messages). It used to be accepted and to take over the id: the
 /// first copy could then never be acked, was re-sent every ack timeout for as long as

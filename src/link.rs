@@ -1131,7 +1131,7 @@ impl Shared {
     /// Acked delivery: the message of `ticket` was handed back after all, stop tracking it.
     fn unadmit(&self, link: &mut Link, ticket: Ticket) {
         if let (Some(o), Some(seq)) = (link.outbox.as_mut(), ticket) {
-            o.forget(seq);
+            let _ = o.forget(seq);
         }
     }
 
@@ -1243,11 +1243,7 @@ impl Shared {
                         break;
                     };
                     // One the server acked while it waited here is delivered.
-                    let acked = match (link.outbox.as_ref(), t) {
-                        (Some(o), Some(seq)) => o.acked_already(seq),
-                        _ => false,
-                    };
-                    if !acked {
+                    if !link.outbox.as_ref().is_some_and(|o| o.acked_already(t)) {
                         self.unadmit(link, t);
                         dropped.push(m);
                     }

@@ -348,13 +348,13 @@ impl Outbox {
         first.then_some(seq)
     }
 
-    /// Whether the server acked the message of entry `seq` while it waited in the
-    /// offline queue (a server resuming a session acks, on the new connection, what the
-    /// last one delivered): then it is delivered, neither written again nor handed back.
-    /// Entries go only when acked or when their message is handed back, which takes it
-    /// out of the queue.
-    pub(crate) fn acked_already(&self, seq: u64) -> bool {
-        !self.entries.contains_key(&seq)
+    /// Whether the server acked the message of `ticket` while it waited in the offline
+    /// queue (a server resuming a session acks, on the new connection, what the last one
+    /// delivered): then it is delivered, neither written again nor handed back. Entries
+    /// go only when acked or when their message is handed back, which takes it out of
+    /// the queue. An untracked message (no ticket) never is.
+    pub(crate) fn acked_already(&self, ticket: Ticket) -> bool {
+        ticket.is_some_and(|seq| !self.entries.contains_key(&seq))
     }
 
     /// Called by the reader for each inbound text/binary message under the lock.
@@ -382,9 +382,7 @@ impl Outbox {
     /// it back. `None` when every unacked message still waits in the queue.
     pub(crate) fn drop_oldest_written(&mut self) -> Option<Message> {
         let seq = *self.entries.iter().find(|(_, e)| e.sent.is_some())?.0;
-        let e = self.remove(seq)?;
-        self.index.remove(&e.id);
-        Some(e.msg)
+        self.forget(seq)
     }
 
     /// The connection died: the written, unacked messages in order, each with its
@@ -400,11 +398,12 @@ impl Outbox {
         out
     }
 
-    /// Stops tracking entry `seq` (its message is handed back to the caller after all).
-    pub(crate) fn forget(&mut self, seq: u64) {
-        if let Some(e) = self.remove(seq) {
-            self.index.remove(&e.id);
-        }
+    /// Stops tracking entry `seq` (its message is handed back to the caller after all);
+    /// its message, if it was tracked.
+    pub(crate) fn forget(&mut self, seq: u64) -> Option<Message> {
+        let e = self.remove(seq)?;
+        self.index.remove(&e.id);
+        Some(e.msg)
     }
 
     /// Written messages whose ack is overdue at `now`, in order, at most `limit` of them;
@@ -439,7 +438,7 @@ impl Outbox {
     pub(crate) fn hand_back(&mut self, queued: Vec<(Message, Ticket)>) -> Vec<Message> {
         let unacked = queued
             .into_iter()
-            .filter(|(_, t)| !t.is_some_and(|seq| self.acked_already(seq)))
+            .filter(|(_, t)| !self.acked_already(*t))
             .map(|(m, _)| m)
             .collect();
         self.clear();
@@ -574,7 +573,8 @@ mod tests {
         let (a, b) = (take(&mut o, &m(1)), take(&mut o, &m(2)));
         o.written(a, Instant::now());
         assert!(o.on_inbound(&Message::text(r#"{"ack":1}"#)));
-        assert!(o.acked_already(a) && !o.acked_already(b));
+        assert!(o.acked_already(Some(a)) && !o.acked_already(Some(b)));
+        assert!(!o.acked_already(None));
         o.forget(b);
         let back = o.hand_back(vec![(m(1), Some(a)), (m(3), None)]);
         assert_eq!(back, vec![m(3)]);

@@ -410,8 +410,7 @@ fn drain(
         // they must not hold its room, count in `queued`, or be dropped (`DropOldest`)
         // as undelivered.
         if o.take_queued_acked() {
-            link.queue
-                .retain(|t| !t.is_some_and(|seq| o.acked_already(seq)));
+            link.queue.retain(|t| !o.acked_already(*t));
         }
         // Acks made room for senders waiting under `OverflowPolicy::Block`.
         shared.changed.notify_all();

@@ -474,8 +474,10 @@ impl Supervisor {
                 // Acked delivery: acked while it waited here (the reader runs from the
                 // publish on): delivered, not written again (acked probe: 358 of 1000
                 // written again, uncounted in `resent`).
-                if let (Some(o), Some(seq)) = (link.outbox.as_ref(), ticket)
-                    && o.acked_already(seq)
+                if link
+                    .outbox
+                    .as_ref()
+                    .is_some_and(|o| o.acked_already(ticket))
                 {
                     continue;
                 }

@@ -657,8 +657,24 @@ impl Inbound {
     }
 
     /// Whether a consumer left input above the socket.
-    fn input_left(&self) -> bool {
+    pub(crate) fn input_left(&self) -> bool {
         self.input_left.load(Ordering::SeqCst)
+    }
+
+    /// The reader defers to a consumer with input left above the socket (its own read
+    /// stopped early, or a consumer's did): that consumer's next wait reads before it
+    /// polls. The reader's own flag: nobody is woken.
+    pub(crate) fn leave_input(&self) {
+        self.input_left.store(true, Ordering::SeqCst);
+    }
+
+    /// A consumer's read found the socket empty, with nothing left above it: whatever an
+    /// earlier read left there is gone (called under the link lock, which every read of
+    /// the socket holds, so a later read's `note_input_left` comes after this).
+    pub(crate) fn clear_input_left(&self) {
+        if self.input_left.load(Ordering::Relaxed) {
+            self.input_left.store(false, Ordering::SeqCst);
+        }
     }
 
     /// Whether a consumer left input above the socket (clears it).
@@ -1073,7 +1089,19 @@ impl Events {
     /// thread), else spinning when the last wait was short, then waiting on the socket
     /// (or parked on the channel).
     fn wait_batch(&self, deadline: Option<Instant>) -> Result<Event, RecvTimeoutError> {
-        let mut read = self.poll_once();
+        let mut read = if self.spin.get() || self.inbound.input_left() || self.driver.is_none() {
+            self.poll_once()
+        } else {
+            // The last wait was long (a reply slower than the spin, a sparse stream) and
+            // nothing is known to wait above the socket: the socket is most likely empty
+            // too. The channel is looked at, and `poll` tells when the socket has input
+            // (one read of an empty socket, and the TLS layer's error path, less per
+            // request/response round trip).
+            match self.rx.try_recv() {
+                Ok(batch) => Read::Got(self.take(batch)),
+                Err(_) => Read::Nothing,
+            }
+        };
         if let Read::Got(ev) = read {
             // A wait that took no time: the next one may spin.
             self.spin.set(true);
@@ -1726,7 +1754,10 @@ mod tests {
             ])),
             waits: AtomicUsize::new(0),
         });
-        let events = Events::new(rx, inbound, Some(drive.clone()));
+        let events = Events::new(rx, inbound.clone(), Some(drive.clone()));
+        // The read before this wait stopped with input left, and said so (as
+        // `reader::Driver` does): this wait reads first, and goes on reading.
+        inbound.note_input_left();
         match events.recv_timeout(Duration::from_secs(10)) {
             Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "x"),
             other => panic!("{other:?}"),

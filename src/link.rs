@@ -199,6 +199,11 @@ pub(crate) struct Live {
     /// longer header than needed) leaves it above 0 for good, which only costs the
     /// consumer's early stop; it is a hint: a stop it causes reads on first next time.
     pub buffered: i64,
+    /// `buffered` is exact: tungstenite's buffer was empty when the connection was
+    /// published (see `Opened::settled`), and every frame since came whole and with the
+    /// shortest header; those that did not leave it above 0. Then a consumer's read that
+    /// brings it to 0 knows nothing is left in tungstenite's buffer.
+    pub exact: bool,
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).
     pub close_sent: bool,

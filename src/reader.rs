@@ -288,23 +288,27 @@ fn drain(
         if take == Take::Nothing {
             break;
         }
+        if consumer
+            && msgs > 0
+            && live.buffered + (live.ws.get_ref().bytes_read() - read_before) as i64
+                == frames as i64
+        {
+            // Tungstenite's buffer is empty, if the count is exact (`Live::exact`; else
+            // it only looks so). "More" if the TLS layer holds input (rustls reads
+            // ahead), or the count is not exact: the next wait reads before it polls.
+            // Else the next wait goes straight to `poll` (a request/response exchange
+            // reads no empty socket).
+            more = !live.exact || live.ws.get_ref().holds_input();
+            // Handed over now: a nearly full read buffer is of no concern any more.
+            live.ws.get_mut().take_nearly_full();
+            break;
+        }
         // After at least one message: let a waiting sender in, or hand over what points
         // into tungstenite's nearly full read buffer before it needs room (see
         // `Stream::take_nearly_full`).
         if n >= budget
             || (n > 0 && (shared.gate.has_waiting() || live.ws.get_mut().take_nearly_full()))
         {
-            more = true;
-            break;
-        }
-        if consumer
-            && msgs > 0
-            && live.buffered + (live.ws.get_ref().bytes_read() - read_before) as i64
-                == frames as i64
-        {
-            // Tungstenite's buffer looks empty. A TLS layer may still hold input (rustls
-            // reads ahead), and the count may be off (bytes read before it began, in an
-            // `on_connect` hook): "more" has the next wait read before it polls.
             more = true;
             break;
         }
@@ -605,6 +609,11 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             // wake-up): leave the input to it, watching only our own pending output, a
             // hang-up and the waker (the consumer writes to it when it parks). Read
             // again once it stopped reading for a while (busy with what it got).
+            if left {
+                // Input waits above the socket: the consumer's next wait reads it before
+                // it polls (one already in `poll` gets it at our next look).
+                inbound.leave_input();
+            }
             let events = if want_write { POLLOUT } else { 0 };
             let polled = poll2((fd, events), Some((raw(&waker.rx), POLLIN)), Some(defer));
             defer = (defer * 2).min(max_defer);
@@ -726,6 +735,12 @@ impl Drive for Driver {
             }
             _ => None,
         };
+        if drained.as_ref().is_some_and(|d| !d.more) {
+            // Read to the socket's end: nothing is left above it, whoever left it there.
+            // The next wait may go straight to `poll` (one read of an empty socket less
+            // per request/response round trip).
+            inbound.clear_input_left();
+        }
         // Like the reader (lock rule 3): fair, and waiting senders are told.
         MutexGuard::unlock_fair(link);
         shared.gate.wake();

@@ -90,7 +90,11 @@ fn run_hook(shared: &Shared, hooks: &Hooks, mut opened: Opened) -> Result<Opened
             write_timeout: cfg.write_timeout,
             max_message_size: cfg.limits.max_message_size,
         };
+        let read_before = s.ws.get_ref().bytes_read();
         Error::catch("on_connect hook", || hook(&mut s))??;
+        // What the hook read may have left part of a frame, or whole ones, in
+        // tungstenite's buffer.
+        opened.settled &= opened.ws.get_ref().bytes_read() == read_before;
     }
     Ok(opened)
 }
@@ -403,6 +407,7 @@ impl Supervisor {
                 drains: 0,
                 unaccounted: 0,
                 buffered: 0,
+                exact: opened.settled,
                 hb: HbState::new(now),
                 close_sent: false,
                 reader: None,

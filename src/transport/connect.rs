@@ -37,6 +37,9 @@ use crate::{ConnectStage, Error, RedirectRefusal, Result};
 pub(crate) struct Opened {
     pub ws: Ws,
     pub protocol: Option<String>,
+    /// Nothing waits in tungstenite's read buffer: no bytes came past the upgrade
+    /// response, and no hook has read yet (see `Live::exact`).
+    pub settled: bool,
 }
 
 /// How one hop of a connect ended. Returned once per hop and moved out at once, so the
@@ -328,12 +331,17 @@ fn upgrade(
     // since delivered messages share it, every later allocation is sized for one frame
     // (a `recv` and a zero-filled allocation per message). `from_raw_socket` keeps the
     // configured read buffer size.
-    let ws = if tail.is_empty() {
+    let settled = tail.is_empty();
+    let ws = if settled {
         WebSocket::from_raw_socket(stream, Role::Client, Some(cfg.ws_config()))
     } else {
         WebSocket::from_partially_read(stream, tail, Role::Client, Some(cfg.ws_config()))
     };
-    Ok(Hop::Open(Opened { ws, protocol }))
+    Ok(Hop::Open(Opened {
+        ws,
+        protocol,
+        settled,
+    }))
 }
 
 /// The upgrade request on the wire (what tungstenite's `generate_request` writes, without

@@ -186,6 +186,16 @@ impl Stream {
         self.inner().taken
     }
 
+    /// Whether input read from the socket may wait below tungstenite and above the
+    /// socket (bytes to read again, or in the TLS layer), where `poll` does not see it.
+    pub(crate) fn holds_input(&self) -> bool {
+        !self.inner().replay.is_empty()
+            || match self {
+                Stream::Plain(_) => false,
+                Stream::Tls(s) => s.holds_input(),
+            }
+    }
+
     /// The connection is established: lift the connect deadline.
     pub(crate) fn connected(&mut self) {
         self.inner_mut().connected();
@@ -220,6 +230,7 @@ impl Read for Stream {
             let n = buf.len().min(replay.len());
             buf[..n].copy_from_slice(&replay[..n]);
             replay.drain(..n);
+            self.inner_mut().taken += n as u64;
             return Ok(n);
         }
         let n = match self {

@@ -61,6 +61,30 @@ impl<S: Read + Write> TlsStream<S> {
     }
 }
 
+impl<S: Read + Write> TlsStream<S> {
+    /// Whether input read from the socket may wait in the TLS layer, where `poll` on the
+    /// socket does not see it: decrypted bytes not yet read, or whole records not yet
+    /// decrypted. `true` when the backend cannot tell.
+    pub(crate) fn holds_input(&self) -> bool {
+        match self {
+            // OpenSSL reads one record at a time (no read-ahead): what it holds is the
+            // rest of the current record, which `SSL_pending` counts.
+            #[cfg(all(feature = "native-tls", not(any(windows, target_vendor = "apple"))))]
+            TlsStream::Native(s) => s.buffered_read_size().map_or(true, |n| n > 0),
+            // Schannel and Secure Transport read ahead into buffers they do not count.
+            #[cfg(all(feature = "native-tls", any(windows, target_vendor = "apple")))]
+            TlsStream::Native(_) => true,
+            // Each read decrypts every whole record read so far (`process_new_packets`
+            // after `read_tls`): what rustls holds beyond a partial record is plaintext,
+            // and then it does not want to read.
+            #[cfg(feature = "rustls")]
+            TlsStream::Rustls(s) => !s.conn.wants_read(),
+            #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
+            TlsStream::None(never, _) => match *never {},
+        }
+    }
+}
+
 impl<S: Read + Write> Read for TlsStream<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {

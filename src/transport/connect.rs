@@ -10,8 +10,8 @@
 //! the upgrade on tungstenite's handshake machine with a request we serialise ourselves
 //! (tungstenite's client handshake would log it, credentials included).
 
-use std::io;
-use std::net::{IpAddr, TcpStream};
+use std::io::{self, Read, Write};
+use std::net::IpAddr;
 
 use tungstenite::client::IntoClientRequest;
 use tungstenite::error::{ProtocolError, SubProtocolError};
@@ -103,12 +103,15 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
     let sock = dial::dial(&addrs, &cfg.socket, dl, cancel)?;
     // From here `cancel` aborts any wait of the set-up by shutting the socket down.
     cancel.attach(&sock);
+    // From here on every read and write is bounded by the time left, and cancellable
+    // (see `stream::Tcp`): the proxy's handshake, TLS, the upgrade.
+    let mut sock = Tcp::connecting(sock, dl.end, cancel.fd());
     if let Some(p) = &proxy {
         let userinfo = user_info(p, "proxy", p.scheme() == "http")?;
         let credentials = userinfo.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
         match p.scheme() {
             "http" => {
-                proxy_connect(&sock, credentials, &host, port, dl, cancel)?;
+                proxy_connect(&mut sock, credentials, &host, port, dl, cancel)?;
             }
             "socks5" | "socks5h" => {
                 let target = match bare.parse::<IpAddr>() {
@@ -119,7 +122,7 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
                         socks::Target::Ip(addrs[0].ip())
                     }
                 };
-                socks::connect(&sock, credentials, target, port, dl, cancel)?;
+                socks::connect(&mut sock, credentials, target, port, dl, cancel)?;
             }
             "socks4" | "socks4a" => {
                 let target = match bare.parse::<IpAddr>() {
@@ -138,7 +141,7 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
                 };
                 // SOCKS4 has a user id only (no password).
                 let user = credentials.map_or("", |(u, _)| u);
-                socks::connect4(&sock, user, target, port, dl, cancel)?;
+                socks::connect4(&mut sock, user, target, port, dl, cancel)?;
             }
             other => {
                 return Err(Error::UnsupportedProxy {
@@ -147,9 +150,6 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
             }
         }
     }
-    // From here on every read and write is bounded by the time left, and cancellable
-    // (see `stream::Tcp`).
-    let sock = Tcp::connecting(sock, dl.end, cancel.fd());
     let stream = if tls {
         Stream::Tls(Box::new(tls::handshake(
             &cfg.tls, &host, sock, dl.start, dl.end,
@@ -667,7 +667,7 @@ fn in_cidr(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
 }
 
 fn proxy_connect(
-    sock: &TcpStream,
+    sock: &mut Tcp,
     credentials: Option<(&str, &str)>,
     host: &str,
     port: u16,
@@ -687,7 +687,8 @@ fn proxy_connect(
         ));
     }
     req.push_str("\r\n");
-    dl.write_all(sock, cancel, ConnectStage::Proxy, req.as_bytes())?;
+    sock.write_all(req.as_bytes())
+        .map_err(|e| dl.failed(e, cancel, ConnectStage::Proxy))?;
     // Interim 1xx answers come before the final one and are skipped (RFC 9110 15.2); the
     // deadline bounds a proxy that sends them without end.
     loop {
@@ -715,12 +716,15 @@ fn proxy_connect(
 
 /// Reads one response head of an HTTP proxy, byte by byte so that no tunnelled byte is
 /// consumed. Lines may end in CRLF or in a bare LF (RFC 9112 2.2).
-fn proxy_head(sock: &TcpStream, dl: &Deadline, cancel: &Cancel) -> Result<Vec<u8>> {
+fn proxy_head(sock: &mut Tcp, dl: &Deadline, cancel: &Cancel) -> Result<Vec<u8>> {
     let mut head = Vec::with_capacity(256);
     let mut byte = [0u8; 1];
     while !(head.ends_with(b"\n\r\n") || head.ends_with(b"\n\n")) {
         // One wait per byte: a proxy that trickles its answer meets the deadline too.
-        if dl.read(sock, cancel, ConnectStage::Proxy, &mut byte)? == 0 {
+        let n = sock
+            .read(&mut byte)
+            .map_err(|e| dl.failed(e, cancel, ConnectStage::Proxy))?;
+        if n == 0 {
             return Err(Error::io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "proxy closed the connection during CONNECT",

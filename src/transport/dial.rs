@@ -5,7 +5,7 @@
 //! dial in progress within a poll wake-up, whatever the network does. Transport layer:
 //! no imports from the shared link or the threads.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,64 +43,17 @@ impl Deadline {
             elapsed: self.start.elapsed(),
         }
     }
-    /// Waits until the set-up socket `sock` can be read (`write`: written) without
-    /// blocking, for the time left at most and ending at once when `cancel` fires.
-    pub(crate) fn ready(
-        &self,
-        sock: &TcpStream,
-        write: bool,
-        cancel: &Cancel,
-        stage: ConnectStage,
-    ) -> Result<()> {
-        match wait_ready(sock, write, cancel.fd(), self.end) {
-            Ok(()) => Ok(()),
-            Err(_) if cancel.is_cancelled() => Err(Error::Closed { message: None }),
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(self.timeout(stage)),
-            Err(e) => Err(Error::io(e)),
+    /// A failed read or write of the set-up socket (see `stream::Tcp`, which waits in
+    /// [`wait_ready`]) as the error of `stage`: `Closed` once `cancel` fired, `Timeout` at
+    /// the deadline.
+    pub(crate) fn failed(&self, e: io::Error, cancel: &Cancel, stage: ConnectStage) -> Error {
+        if cancel.is_cancelled() {
+            Error::Closed { message: None }
+        } else if e.kind() == io::ErrorKind::TimedOut {
+            self.timeout(stage)
+        } else {
+            Error::io(e)
         }
-    }
-
-    /// One read of the set-up socket `sock` (nonblocking), waiting for input with
-    /// [`ready`](Self::ready). `Ok(0)`: the peer closed.
-    pub(crate) fn read(
-        &self,
-        sock: &TcpStream,
-        cancel: &Cancel,
-        stage: ConnectStage,
-        buf: &mut [u8],
-    ) -> Result<usize> {
-        loop {
-            self.ready(sock, false, cancel, stage)?;
-            match (&*sock).read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if is_retry(&e) => {}
-                Err(e) => return Err(Error::io(e)),
-            }
-        }
-    }
-
-    /// Writes all of `buf` to the set-up socket `sock` (nonblocking), each part once
-    /// [`ready`](Self::ready) says it can go: the deadline bounds the whole write, and a
-    /// cancel ends it, however slowly the peer reads (a 6 MiB proxy password to a proxy
-    /// that read 16 KiB every 50 ms took 22 s against a 1 s connect timeout with one
-    /// blocking `write_all`).
-    pub(crate) fn write_all(
-        &self,
-        sock: &TcpStream,
-        cancel: &Cancel,
-        stage: ConnectStage,
-        mut buf: &[u8],
-    ) -> Result<()> {
-        while !buf.is_empty() {
-            self.ready(sock, true, cancel, stage)?;
-            match (&*sock).write(buf) {
-                Ok(0) => return Err(Error::io(io::ErrorKind::WriteZero.into())),
-                Ok(n) => buf = &buf[n..],
-                Err(e) if is_retry(&e) => {}
-                Err(e) => return Err(Error::io(e)),
-            }
-        }
-        Ok(())
     }
 }
 
@@ -720,53 +673,6 @@ mod tests {
             lag < Duration::from_millis(500),
             "returned {lag:?} after cancel"
         );
-    }
-
-    /// The proxy, TLS and upgrade stages wait on a connected socket: a cancel ends that
-    /// wait at once even when nothing shuts the socket down (under Windows a shutdown does
-    /// not wake a blocked read, so `close()` waited for the connect timeout there).
-    #[test]
-    fn cancel_ends_a_wait_on_a_silent_socket_without_a_shutdown() {
-        let l = TcpListener::bind(v4(0)).unwrap();
-        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let _silent = l.accept().unwrap();
-        // Never attached: the cancel cannot shut this socket down.
-        let cancel = std::sync::Arc::new(Cancel::new().unwrap());
-        let canceller = cancel_soon(&cancel);
-        let dl = Deadline::after(Duration::from_secs(30));
-        let r = dl.ready(&sock, false, &cancel, ConnectStage::Proxy);
-        let lag = Instant::now() - canceller.join().unwrap();
-        assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
-        assert!(
-            lag < Duration::from_millis(500),
-            "returned {lag:?} after cancel"
-        );
-        // Cancelled stays cancelled: the next wait returns at once, writes too.
-        let r = dl.ready(&sock, true, &cancel, ConnectStage::Proxy);
-        assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
-    }
-
-    #[test]
-    fn a_wait_on_a_silent_socket_ends_at_the_deadline() {
-        let l = TcpListener::bind(v4(0)).unwrap();
-        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let _silent = l.accept().unwrap();
-        let cancel = Cancel::new().unwrap();
-        let dl = Deadline::after(Duration::from_millis(200));
-        let r = dl.ready(&sock, false, &cancel, ConnectStage::Proxy);
-        assert!(
-            matches!(
-                r,
-                Err(Error::Timeout {
-                    stage: ConnectStage::Proxy,
-                    ..
-                })
-            ),
-            "{r:?}"
-        );
-        // A writable socket is ready at once.
-        let dl = Deadline::after(Duration::from_secs(30));
-        dl.ready(&sock, true, &cancel, ConnectStage::Proxy).unwrap();
     }
 
     #[test]

@@ -8,10 +8,11 @@
 //! dial opened, with every read and write bounded by the one connect deadline. The
 //! protocol is four small messages.
 
-use std::io;
-use std::net::{IpAddr, TcpStream};
+use std::io::{self, Read, Write};
+use std::net::IpAddr;
 
 use crate::transport::dial::{Cancel, Deadline};
+use crate::transport::stream::Tcp;
 use crate::{ConnectStage, Error, Result, SocksFailure};
 
 const VERSION: u8 = 5;
@@ -29,10 +30,10 @@ pub(crate) enum Target<'a> {
     Ip(IpAddr),
 }
 
-/// Opens a tunnel to `target:port` through the SOCKS5 proxy at the other end of `sock`.
-/// The socket's timeouts are re-armed before every read and write.
+/// Opens a tunnel to `target:port` through the SOCKS5 proxy at the other end of `sock`
+/// (connecting: every read and write waits within the deadline, and a cancel ends it).
 pub(crate) fn connect(
-    sock: &TcpStream,
+    sock: &mut Tcp,
     credentials: Option<(&str, &str)>,
     target: Target<'_>,
     port: u16,
@@ -119,7 +120,7 @@ pub(crate) fn connect(
 /// SOCKS4 (an IPv4 address) or SOCKS4a (a name the proxy resolves) `CONNECT`, with
 /// `user` as the user id. The reply is 8 bytes; code 90 is success.
 pub(crate) fn connect4(
-    sock: &TcpStream,
+    sock: &mut Tcp,
     user: &str,
     target: Target<'_>,
     port: u16,
@@ -190,33 +191,33 @@ fn malformed(what: &str) -> Error {
     Error::ProxyProtocol(format!("SOCKS proxy: {what}"))
 }
 
-/// Reads and writes that wait for the socket (or a cancel) within the time left.
+/// The handshake's reads and writes on the connecting socket (see `stream::Tcp`), with
+/// its failures as the proxy stage's errors.
 struct Io<'a> {
-    sock: &'a TcpStream,
+    sock: &'a mut Tcp,
     dl: &'a Deadline,
     cancel: &'a Cancel,
 }
 
 impl Io<'_> {
     fn write(&mut self, buf: &[u8]) -> Result<()> {
-        self.dl
-            .write_all(self.sock, self.cancel, ConnectStage::Proxy, buf)
+        self.sock
+            .write_all(buf)
+            .map_err(|e| self.dl.failed(e, self.cancel, ConnectStage::Proxy))
     }
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
         let mut got = 0;
         while got < buf.len() {
             // One wait per read: a proxy that trickles its answer meets the deadline too.
-            match self
-                .dl
-                .read(self.sock, self.cancel, ConnectStage::Proxy, &mut buf[got..])?
-            {
-                0 => {
+            match self.sock.read(&mut buf[got..]) {
+                Ok(0) => {
                     return Err(Error::io(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the SOCKS proxy closed the connection during its handshake",
                     )));
                 }
-                n => got += n,
+                Ok(n) => got += n,
+                Err(e) => return Err(self.dl.failed(e, self.cancel, ConnectStage::Proxy)),
             }
         }
         Ok(())
@@ -239,7 +240,7 @@ mod tests {
     /// `answers`; returns the client's result and every byte it sent.
     fn exchange(
         answers: &'static [&'static [u8]],
-        client: impl FnOnce(&TcpStream, &Deadline, &Cancel) -> Result<()>,
+        client: impl FnOnce(&mut Tcp, &Deadline, &Cancel) -> Result<()>,
     ) -> (Result<()>, Vec<u8>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
@@ -256,10 +257,14 @@ mod tests {
             }
             got
         });
-        let sock = TcpStream::connect(addr).unwrap();
+        let sock = std::net::TcpStream::connect(addr).unwrap();
+        // As the dial leaves it.
+        sock.set_nonblocking(true).unwrap();
         let dl = Deadline::after(Duration::from_secs(10));
-        let r = client(&sock, &dl, &Cancel::new().unwrap());
-        drop(sock);
+        let cancel = Cancel::new().unwrap();
+        let mut tcp = Tcp::connecting(sock, dl.end, cancel.fd());
+        let r = client(&mut tcp, &dl, &cancel);
+        drop(tcp);
         (r, proxy.join().unwrap())
     }
 

@@ -294,7 +294,8 @@ pub(crate) fn reason_of(e: &tungstenite::Error) -> DisconnectReason {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::dial::Cancel;
+    use crate::transport::dial::{Cancel, Deadline};
+    use crate::{ConnectStage, Error};
     use std::net::TcpListener;
     use std::sync::Arc;
     use std::time::Duration;
@@ -329,5 +330,69 @@ mod tests {
         tcp.sock.set_nonblocking(true).unwrap();
         let e = tcp.read(&mut [0u8; 16]).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+    }
+
+    /// A proxy's handshake reads and writes the connecting socket too: a cancel ends its
+    /// wait at once even when nothing shuts the socket down (under Windows a shutdown does
+    /// not wake a blocked read, so `close()` waited for the connect timeout there), as
+    /// `Error::Closed`; and it stays cancelled.
+    #[test]
+    fn a_proxy_wait_ends_at_a_cancel_as_closed() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _silent = l.accept().unwrap();
+        // Never attached: the cancel cannot shut this socket down.
+        let cancel = Arc::new(Cancel::new().unwrap());
+        let dl = Deadline::after(Duration::from_secs(30));
+        let mut tcp = Tcp::connecting(sock, dl.end, cancel.fd());
+        let c = cancel.clone();
+        let canceller = std::thread::spawn(move || {
+            // Not a synchronisation: the read below ends promptly either way.
+            std::thread::sleep(Duration::from_millis(100));
+            let at = Instant::now();
+            c.cancel();
+            at
+        });
+        let proxy = ConnectStage::Proxy;
+        let r = tcp
+            .read(&mut [0u8; 16])
+            .map_err(|e| dl.failed(e, &cancel, proxy));
+        let lag = Instant::now() - canceller.join().unwrap();
+        assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
+        assert!(
+            lag < Duration::from_millis(500),
+            "returned {lag:?} after cancel"
+        );
+        // Cancelled stays cancelled: the next wait returns at once, writes too.
+        let r = tcp.write(b"x").map_err(|e| dl.failed(e, &cancel, proxy));
+        assert!(matches!(r, Err(Error::Closed { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn a_proxy_wait_on_a_silent_socket_ends_at_the_deadline() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sock = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let _silent = l.accept().unwrap();
+        let cancel = Cancel::new().unwrap();
+        let proxy = ConnectStage::Proxy;
+        let dl = Deadline::after(Duration::from_millis(200));
+        let mut tcp = Tcp::connecting(sock.try_clone().unwrap(), dl.end, cancel.fd());
+        let r = tcp
+            .read(&mut [0u8; 16])
+            .map_err(|e| dl.failed(e, &cancel, proxy));
+        assert!(
+            matches!(
+                r,
+                Err(Error::Timeout {
+                    stage: ConnectStage::Proxy,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // A writable socket is written at once.
+        let dl = Deadline::after(Duration::from_secs(30));
+        let mut tcp = Tcp::connecting(sock, dl.end, cancel.fd());
+        assert_eq!(tcp.write(b"x").unwrap(), 1);
     }
 }

@@ -1087,4 +1087,76 @@ mod consumer_read_tests {
         let _ = client.close();
         server.join().unwrap();
     }
+
+    /// A message over 64 KiB in two fragments (65535 + 1 bytes: 4 + 2 header bytes) has
+    /// fewer header bytes than one frame of it (10). Counted as one frame, it left the
+    /// count of tungstenite's buffer 4 below the truth for good: a later read that left
+    /// exactly one 4-byte frame there ("ok") saw the count at 0, said no "more", and the
+    /// next wait polled the empty socket while "ok" waited above it, here (the reader
+    /// retired) until the wait's deadline; with the reader asleep in `poll` too, until
+    /// the server's next byte (review of 6ad06f5; 1-6 of 1000 round trips black-box).
+    #[test]
+    fn a_message_after_a_fragmented_one_over_64_kib_does_not_wait_above_the_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let (go, go_rx) = crossbeam_channel::bounded::<()>(0);
+        let server = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+            // Binary, not final, 65535 bytes; then its final continuation of 1 byte.
+            let mut big = vec![0x02, 126, 0xff, 0xff];
+            big.extend_from_slice(&[1u8; 65535]);
+            big.extend_from_slice(&[0x80, 1, 2]);
+            go_rx.recv().unwrap();
+            ws.get_mut().write_all(&big).unwrap();
+            go_rx.recv().unwrap();
+            // "r" and "ok" in one write.
+            ws.get_mut()
+                .write_all(&[0x81, 1, b'r', 0x81, 2, b'o', b'k'])
+                .unwrap();
+            while ws.read().is_ok() {}
+        });
+        let client = Client::builder(&url)
+            .heartbeat(Heartbeat::off())
+            .event_spin(Duration::ZERO)
+            .reconnect(false)
+            .connect()
+            .unwrap();
+        let events = client.events();
+        let first = events.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(matches!(first, Event::Connected { .. }), "{first:?}");
+        let (shared, _waker, cgen, sock) = retire_reader(&client);
+        go.send(()).unwrap();
+        match recv_retrying(&events) {
+            Ok(Event::Message(Message::Binary(b))) => assert_eq!(b.len(), 65536),
+            other => panic!("{other:?}"),
+        }
+        // A wait in vain, as for a reply: the next wait polls without reading first.
+        assert!(matches!(
+            events.recv_timeout(Duration::from_millis(100)),
+            Err(RecvTimeoutError::Timeout)
+        ));
+        go.send(()).unwrap();
+        assert!(wait_readable(&sock, Duration::from_secs(20)), "server data");
+        match recv_retrying(&events) {
+            Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "r"),
+            other => panic!("{other:?}"),
+        }
+        let t = Instant::now();
+        let got = events.recv_timeout(Duration::from_secs(10));
+        let waited = t.elapsed();
+        shared.events.inbound().detach();
+        shared.link.lock().conn.as_mut().unwrap().generation = cgen;
+        let _ = client.close();
+        server.join().unwrap();
+        match got {
+            Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "ok"),
+            other => panic!("{other:?}"),
+        }
+        // At once (it came in the read that took "r"); the bug made it wait the 10 s.
+        assert!(
+            waited < Duration::from_secs(5),
+            "\"ok\" waited {waited:?} above the socket"
+        );
+    }
 }

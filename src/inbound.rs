@@ -661,25 +661,14 @@ impl Inbound {
         self.input_left.load(Ordering::SeqCst)
     }
 
-    /// The reader defers to a consumer with input left above the socket (its own read
-    /// stopped early, or a consumer's did): that consumer's next wait reads before it
-    /// polls. The reader's own flag: nobody is woken.
-    pub(crate) fn leave_input(&self) {
-        self.input_left.store(true, Ordering::SeqCst);
-    }
-
-    /// A consumer's read found the socket empty, with nothing left above it: whatever an
-    /// earlier read left there is gone (called under the link lock, which every read of
-    /// the socket holds, so a later read's `note_input_left` comes after this).
-    pub(crate) fn clear_input_left(&self) {
-        if self.input_left.load(Ordering::Relaxed) {
-            self.input_left.store(false, Ordering::SeqCst);
+    /// What the last read of the socket (under the link lock, by the reader or a
+    /// consumer) left: whole messages above the socket, or nothing there. Called under
+    /// that lock, so a later read's call (or `note_input_left`) comes after this one.
+    /// The reader's own record: nobody is woken.
+    pub(crate) fn set_input_left(&self, left: bool) {
+        if self.input_left.load(Ordering::Relaxed) != left {
+            self.input_left.store(left, Ordering::SeqCst);
         }
-    }
-
-    /// Whether a consumer left input above the socket (clears it).
-    pub(crate) fn take_input_left(&self) -> bool {
-        take_flag(&self.input_left)
     }
 
     /// Reads made by consumers so far (the reader's starting point for `consumer_reads`).

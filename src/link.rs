@@ -193,16 +193,17 @@ pub(crate) struct Live {
     /// Bytes read into tungstenite's buffer that no ping, pong or whole data message read
     /// so far accounts for: part of a data message still arriving (see `reader::drain`).
     pub unaccounted: u64,
-    /// Bytes read into tungstenite's buffer that the frames read so far do not account
-    /// for, each frame counted with the shortest header (server frames are unmasked):
-    /// 0 when that buffer is empty (see `reader::drain`). A fragmented message (or a
-    /// longer header than needed) leaves it above 0 for good, which only costs the
-    /// consumer's early stop; it is a hint: a stop it causes reads on first next time.
+    /// Bytes read into tungstenite's buffer that the messages read so far do not account
+    /// for, each message counted with the fewest header bytes it can have
+    /// (`reader::frame_len`): 0 when that buffer is empty (see `reader::drain`). A
+    /// message with more header bytes than that (fragments, a longer header than needed,
+    /// an unfragmented one over 64 KiB) leaves it above 0 for good, which only costs the
+    /// consumer's early stop; it never falls below the truth.
     pub buffered: i64,
-    /// `buffered` is exact: tungstenite's buffer was empty when the connection was
-    /// published (see `Opened::settled`), and every frame since came whole and with the
-    /// shortest header; those that did not leave it above 0. Then a consumer's read that
-    /// brings it to 0 knows nothing is left in tungstenite's buffer.
+    /// `buffered` started from an empty buffer: nothing was in tungstenite's buffer when
+    /// the connection was published (see `Opened::settled`). Then a consumer's read that
+    /// brings it to 0 knows nothing is left in tungstenite's buffer; else 0 is a hint (a
+    /// stop it causes says "more").
     pub exact: bool,
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).

@@ -433,14 +433,20 @@ fn drain(
     })
 }
 
-/// Bytes of a server frame with `payload` bytes, with the shortest header (RFC 6455 5.2;
-/// server frames are not masked).
+/// The fewest bytes a server message of `payload` bytes takes on the wire (RFC 6455 5.2;
+/// server frames are not masked): one frame with the shortest header, except over 64 KiB,
+/// where two fragments (4 + 2 header bytes) are shorter than one frame (10). Never more
+/// than the truth, so the count of tungstenite's buffer (`Live::buffered`) only errs
+/// high (review of 6ad06f5: with 10, a message sent as 32 KiB + 32 KiB left the count 2
+/// below the truth for good, and a later empty message waited above the socket while
+/// the consumer polled). An unfragmented message over 64 KiB leaves it 4 high: no
+/// early stop on that connection any more.
 #[inline]
 fn frame_len(payload: usize) -> u64 {
     let header = match payload {
         0..=125 => 2,
         126..=65535 => 4,
-        _ => 10,
+        _ => 6,
     };
     (header + payload) as u64
 }
@@ -597,10 +603,11 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                 }
             }
         }
-        if inbound.take_input_left() {
-            // A consumer's read left messages in tungstenite's buffer (it woke us if we
-            // slept in `poll`): read them, unless that consumer goes on reading (then
-            // defer to it, as for any ready input).
+        if inbound.input_left() {
+            // A read left messages above the socket (a consumer's woke us if we slept
+            // in `poll`): read them, unless a consumer goes on reading (then defer to
+            // it, as for any ready input). The flag stays until a read reaches the
+            // socket's end: a consumer's next wait reads before it polls.
             more = true;
             left = true;
         }
@@ -609,11 +616,6 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             // wake-up): leave the input to it, watching only our own pending output, a
             // hang-up and the waker (the consumer writes to it when it parks). Read
             // again once it stopped reading for a while (busy with what it got).
-            if left {
-                // Input waits above the socket: the consumer's next wait reads it before
-                // it polls (one already in `poll` gets it at our next look).
-                inbound.leave_input();
-            }
             let events = if want_write { POLLOUT } else { 0 };
             let polled = poll2((fd, events), Some((raw(&waker.rx), POLLIN)), Some(defer));
             defer = (defer * 2).min(max_defer);
@@ -668,6 +670,10 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         want_write = d.want_write;
         if read {
             (more, left) = (d.more, d.more);
+            // Still under the lock: a consumer whose next wait begins after this sees it
+            // (review of 6ad06f5: set only when deferring, a wait that began in between
+            // polled with the input above the socket).
+            inbound.set_input_left(d.more);
         }
         if !out.is_empty() {
             shared
@@ -739,7 +745,7 @@ impl Drive for Driver {
             // Read to the socket's end: nothing is left above it, whoever left it there.
             // The next wait may go straight to `poll` (one read of an empty socket less
             // per request/response round trip).
-            inbound.clear_input_left();
+            inbound.set_input_left(false);
         }
         // Like the reader (lock rule 3): fair, and waiting senders are told.
         MutexGuard::unlock_fair(link);

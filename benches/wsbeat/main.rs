@@ -194,6 +194,7 @@ const SECTIONS: [&str; 8] = [
 fn main() {
     match std::env::var(ROLE_ENV).as_deref() {
         Ok("scale-server") => return server::scale_server_main(),
+        Ok("echo-server") => return server::echo_server_main(),
         Ok("scale-clients") => return scale::clients_main(),
         Ok("idle-clients") => return inbound::idle_clients_main(),
         _ => {}

@@ -381,3 +381,65 @@ pub fn scale_server_main() {
     // Exit without joining a thousand connection threads.
     std::process::exit(0);
 }
+
+/// Entry point of the child process that serves the echo latency benchmark (`/echo`,
+/// default settings; TLS when `WSBEAT_BENCH_TLS` is set). Prints `PORT n`; exits when
+/// stdin closes.
+pub fn echo_server_main() {
+    let srv = Server::start(std::env::var_os("WSBEAT_BENCH_TLS").is_some());
+    util::say(&mut io::stdout(), &format!("PORT {}", srv.addr.port()));
+    let mut line = String::new();
+    while matches!(io::stdin().read_line(&mut line), Ok(n) if n > 0) {
+        line.clear();
+    }
+    std::process::exit(0);
+}
+
+/// An echo server in a process of its own (see [`echo_server_main`]): the clients'
+/// threads and allocations do not share a process with it, as with a real server.
+pub struct ChildServer {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+impl ChildServer {
+    pub fn spawn(tls: bool) -> ChildServer {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
+        cmd.env(crate::ROLE_ENV, "echo-server")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        if tls {
+            cmd.env("WSBEAT_BENCH_TLS", "1");
+        }
+        let mut child = cmd.spawn().expect("spawn echo-server");
+        let mut line = String::new();
+        io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("server port");
+        let port: u16 = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .expect("PORT line");
+        ChildServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            tls,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}{path}", self.addr)
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}

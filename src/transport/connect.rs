@@ -241,7 +241,8 @@ fn upgrade(
     let stage = ConnectStage::Upgrade;
     let tls = matches!(stream, Stream::Tls(_));
     let failed = |e: tungstenite::Error| match e {
-        tungstenite::Error::Io(io) if is_timeout(&io) => dl.timeout(stage),
+        // The deadline's own (see `Deadline::failed`); an OS `ETIMEDOUT` is an I/O error.
+        tungstenite::Error::Io(io) if is_timeout(&io) && dl.passed() => dl.timeout(stage),
         // A TLS alert after the handshake (TLS 1.3 servers that require a client
         // certificate say so only now): a TLS error, fatal if about certificates.
         tungstenite::Error::Io(io) => match tls.then(|| tls::failure(&io)).flatten() {

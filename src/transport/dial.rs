@@ -43,13 +43,19 @@ impl Deadline {
             elapsed: self.start.elapsed(),
         }
     }
+    /// Whether the deadline has passed.
+    pub(crate) fn passed(&self) -> bool {
+        Instant::now() >= self.end
+    }
     /// A failed read or write of the set-up socket (see `stream::Tcp`, which waits in
-    /// [`wait_ready`]) as the error of `stage`: `Closed` once `cancel` fired, `Timeout` at
-    /// the deadline.
+    /// [`wait_ready`]) as the error of `stage`: `Closed` once `cancel` fired, `Timeout`
+    /// once the deadline passed. A `TimedOut` before it is the OS's (TCP keepalive or
+    /// retransmissions gave up): an I/O error, not advice to raise `connect_timeout`
+    /// (review of 8960377).
     pub(crate) fn failed(&self, e: io::Error, cancel: &Cancel, stage: ConnectStage) -> Error {
         if cancel.is_cancelled() {
             Error::Closed { message: None }
-        } else if e.kind() == io::ErrorKind::TimedOut {
+        } else if e.kind() == io::ErrorKind::TimedOut && self.passed() {
             self.timeout(stage)
         } else {
             Error::io(e)
@@ -464,7 +470,7 @@ fn dial_error(e: io::Error, addr: SocketAddr, dl: &Deadline) -> Error {
         io::ErrorKind::ConnectionRefused => Error::Refused {
             addr: addr.to_string(),
         },
-        _ if is_timeout(&e) => dl.timeout(ConnectStage::Tcp),
+        _ if is_timeout(&e) && dl.passed() => dl.timeout(ConnectStage::Tcp),
         _ => Error::io(e),
     }
 }
@@ -598,6 +604,36 @@ mod tests {
             ),
             "{r:?}"
         );
+    }
+
+    /// The OS's `ETIMEDOUT` (keepalive, retransmissions) during a set-up stage is an I/O
+    /// error; only the deadline's own is `Timeout` (which tells the user to raise
+    /// `connect_timeout`).
+    #[test]
+    fn only_the_deadline_makes_a_set_up_timeout() {
+        let cancel = Cancel::new().unwrap();
+        let os = || io::Error::from(io::ErrorKind::TimedOut);
+        let dl = Deadline::after(Duration::from_secs(30));
+        let e = dl.failed(os(), &cancel, ConnectStage::Proxy);
+        assert!(
+            matches!(&e, Error::Io(io) if io.kind() == io::ErrorKind::TimedOut),
+            "{e:?}"
+        );
+        let dl = Deadline::after(Duration::ZERO);
+        let e = dl.failed(os(), &cancel, ConnectStage::Proxy);
+        assert!(
+            matches!(
+                e,
+                Error::Timeout {
+                    stage: ConnectStage::Proxy,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        cancel.cancel();
+        let e = dl.failed(os(), &cancel, ConnectStage::Proxy);
+        assert!(matches!(e, Error::Closed { .. }), "{e:?}");
     }
 
     #[test]

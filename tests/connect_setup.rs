@@ -357,15 +357,18 @@ fn local_address_and_keepalive() {
     let mut peer = None;
     let events = client.events();
     assert!(util::wait_until(T, || {
-        if let Ok((_, a)) = listener.accept() {
-            peer = Some(a);
+        // Kept open: a connection dropped here fails the client's upgrade, and its
+        // `Reconnecting` could reach the look below in the same turn (review: 1 of 6).
+        if let Ok(accepted) = listener.accept() {
+            peer = Some(accepted);
+            return true;
         }
         if let Ok(Event::Reconnecting { last_error, .. }) = events.try_recv() {
             panic!("connect from {local} failed: {last_error:?}");
         }
-        peer.is_some()
+        false
     }));
-    assert_eq!(peer.unwrap().ip(), local);
+    assert_eq!(peer.as_ref().unwrap().1.ip(), local);
     let _ = client.close();
 }
 

@@ -20,7 +20,7 @@ use wsbeat::{Client, Event};
 use crate::contender::Tt;
 use crate::server::Server;
 use crate::util::{self, RawWs, fmt_rate, median, paired_ratio};
-use crate::{Met, Opts, Row, fmt_ratio};
+use crate::{Met, Opts, Row, fmt_ratio, ratio};
 
 const GOAL: f64 = 0.9;
 const BATCH_GOAL: f64 = 0.8;
@@ -270,13 +270,20 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                 t.s2c(n / 10, size);
             }
             let (mut a, mut b, mut c, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            // Client CPU per message (ns, every client thread: wsbeat's reader included).
+            let (mut a_cpu, mut b_cpu) = (Vec::new(), Vec::new());
+            let mut timed = |wsbeat: bool, rates: &mut Vec<f64>, cpu: &mut Vec<f64>| {
+                let before = util::client_cpu();
+                rates.push(one(wsbeat, n));
+                cpu.push(util::client_cpu_since(&before) as f64 / n as f64);
+            };
             for r in 0..rounds {
                 if r % 2 == 0 {
-                    a.push(one(false, n));
-                    b.push(one(true, n));
+                    timed(false, &mut a, &mut a_cpu);
+                    timed(true, &mut b, &mut b_cpu);
                 } else {
-                    b.push(one(true, n));
-                    a.push(one(false, n));
+                    timed(true, &mut b, &mut b_cpu);
+                    timed(false, &mut a, &mut a_cpu);
                 }
                 if let Some(h) = &hop {
                     c.push(h.s2c(n, size));
@@ -315,6 +322,25 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                 format!(">= {goal}x"),
                 Met::from(pr >= goal),
             ));
+            if path == "/flood" && size == 64 {
+                // Issue 11: client CPU per 64 B message at most 150 ns on this machine kind.
+                let (ca, cb) = (median(&a_cpu), median(&b_cpu));
+                let rounded = |v: &[f64]| v.iter().map(|x| x.round()).collect::<Vec<_>>();
+                println!(
+                    "  {dir} {size} B: client CPU per message (ns), raw rounds {:?} | wsbeat \
+                     rounds {:?}",
+                    rounded(&a_cpu),
+                    rounded(&b_cpu)
+                );
+                rows.push(Row::new(
+                    format!("client CPU per message, {dir} {sz} (all client threads, median)"),
+                    format!("{ca:.0} ns"),
+                    format!("{cb:.0} ns"),
+                    ratio(cb, ca),
+                    "<= 150 ns",
+                    Met::from(cb <= 150.0),
+                ));
+            }
             if !d.is_empty() {
                 let (md, pd) = (median(&d), paired_ratio(&d, &b));
                 println!(
@@ -369,7 +395,10 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
          between rounds for every client alike), the output lists the ratio of the medians \
          too (full mode: c2s 100k x 64 B / 10k x \
          64 KiB, c2s batched 1M x 64 B, s2c 1M x 64 B / 10k x 64 KiB per round), ws, one connection each; msg/s and \
-         bytes/s ratios are the same number since sizes are fixed."
+         bytes/s ratios are the same number since sizes are fixed. Client CPU per message \
+         (server->client 64 B): scheduler time of every thread of the process but the bench \
+         server's (wsbeat's reader and timer included) over each round, per message; the \
+         median of the rounds."
     ));
     rows
 }

@@ -267,6 +267,25 @@ pub struct TaskStat {
     pub nonvol: u64,
 }
 
+/// CPU time (ns) of this process's client threads so far, by thread: every thread but the
+/// in-process bench server's (`bench-srv-*`).
+pub fn client_cpu() -> std::collections::HashMap<u32, u64> {
+    task_stats()
+        .into_iter()
+        .filter(|t| !t.name.starts_with("bench-srv"))
+        .map(|t| (t.tid, t.cpu_ns))
+        .collect()
+}
+
+/// Client CPU (ns) spent since `before` (see [`client_cpu`]), threads started since
+/// included.
+pub fn client_cpu_since(before: &std::collections::HashMap<u32, u64>) -> u64 {
+    client_cpu()
+        .iter()
+        .map(|(tid, ns)| ns.saturating_sub(before.get(tid).copied().unwrap_or(0)))
+        .sum()
+}
+
 pub fn task_stats() -> Vec<TaskStat> {
     let mut out = Vec::new();
     let Ok(dir) = fs::read_dir("/proc/self/task") else {

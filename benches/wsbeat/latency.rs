@@ -11,10 +11,22 @@ use wsbeat::{Client, Event};
 
 use crate::contender::Tt;
 use crate::server::ChildServer;
-use crate::util::{self, RawWs, fmt_us, summarize, us};
-use crate::{Met, Opts, Row, ratio};
+use crate::util::{self, RawWs, Summary, fmt_us, paired_ratio, summarize, us};
+use crate::{Met, Opts, Row, fmt_ratio, ratio};
 
 const GOAL: f64 = 1.15;
+
+/// The median over rounds of the ratio of wsbeat's block to the other client's block of
+/// the same round (`q`: "p50" or "p99" of each block), as the throughput rows judge
+/// their goals: the shared VM's speed drifts between rounds for every client alike, and
+/// the ratio of the pooled percentiles then moves with which blocks were fast (wss 16
+/// KiB p50, pooled: 1.04-1.15x in five runs of the same code).
+fn per_round_ratio(other: &[Summary], wsbeat: &[Summary], q: &str) -> f64 {
+    let pick = |s: &Summary| if q == "p50" { s.p50 } else { s.p99 };
+    let a: Vec<f64> = other.iter().map(pick).collect();
+    let b: Vec<f64> = wsbeat.iter().map(pick).collect();
+    paired_ratio(&a, &b)
+}
 
 fn raw_rtt(ws: &mut RawWs, payload: &Bytes) -> f64 {
     let t = Instant::now();
@@ -100,14 +112,22 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                 }
             }
             let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+            // Each round's blocks, summarised, for the per-round ratios (`per_round_ratio`).
+            let (mut ab, mut bb, mut cb) = (Vec::new(), Vec::new(), Vec::new());
+            let block =
+                |v: &mut Vec<f64>, blocks: &mut Vec<Summary>, rtt: &mut dyn FnMut() -> f64| {
+                    let one: Vec<f64> = (0..per_round).map(|_| rtt()).collect();
+                    blocks.push(summarize(&one));
+                    v.extend(one);
+                };
             for r in 0..rounds {
                 for turn in 0..3 {
                     match (r + turn) % 3 {
-                        0 => a.extend((0..per_round).map(|_| raw_rtt(&mut raw, &payload))),
-                        1 => b.extend((0..per_round).map(|_| wsbeat_rtt(&client, &rx, &payload))),
+                        0 => block(&mut a, &mut ab, &mut || raw_rtt(&mut raw, &payload)),
+                        1 => block(&mut b, &mut bb, &mut || wsbeat_rtt(&client, &rx, &payload)),
                         _ => {
                             if let Some(t) = tt.as_mut() {
-                                c.extend((0..per_round).map(|_| t.rtt(&payload)));
+                                block(&mut c, &mut cb, &mut || t.rtt(&payload));
                             }
                         }
                     }
@@ -125,25 +145,27 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                 if size == 64 { "64 B" } else { "16 KiB" }
             );
             for (q, x, y) in [("p50", ra.p50, rb.p50), ("p99", ra.p99, rb.p99)] {
+                let paired = per_round_ratio(&ab, &bb, q);
                 rows.push(Row::new(
                     format!("{label} {q}"),
                     fmt_us(x),
                     fmt_us(y),
-                    ratio(y, x),
+                    format!("{} (pooled {})", fmt_ratio(paired), ratio(y, x)),
                     format!("<= {GOAL}x"),
-                    Met::from(y <= x * GOAL),
+                    Met::from(paired <= GOAL),
                 ));
             }
             if !c.is_empty() {
                 let rc = summarize(&c);
                 for (q, x, y) in [("p50", rc.p50, rb.p50), ("p99", rc.p99, rb.p99)] {
+                    let paired = per_round_ratio(&cb, &bb, q);
                     rows.push(Row::new(
                         format!("{label} {q}: tokio-tungstenite (raw column) vs wsbeat"),
                         fmt_us(x),
                         fmt_us(y),
-                        ratio(y, x),
+                        format!("{} (pooled {})", fmt_ratio(paired), ratio(y, x)),
                         "<= 1.05x",
-                        Met::from(y <= x * 1.05),
+                        Met::from(paired <= 1.05),
                     ));
                 }
                 println!(
@@ -183,7 +205,10 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
     ));
     notes.push(format!(
         "Latency: {} samples per cell ({rounds} rotating blocks of {per_round}: raw, wsbeat, tokio-tungstenite), one Binary \
-         message echoed by a blocking tungstenite server thread (TCP_NODELAY) in a process of its own.",
+         message echoed by a blocking tungstenite server thread (TCP_NODELAY) in a process of its own. \
+         The ratio judged is the median over rounds of the ratio of the two clients' blocks in \
+         that round (as for throughput: the VM's speed drifts between rounds for every client \
+         alike); the ratio of the pooled percentiles (the two columns) is shown beside it.",
         rounds * per_round
     ));
     rows

@@ -384,7 +384,13 @@ impl Supervisor {
             let cgen = link.generation + 1;
             link.generation = cgen;
             link.flushing_queue = !link.queue.is_empty();
-            self.shared.events.inbound().new_connection();
+            let inbound = self.shared.events.inbound();
+            inbound.new_connection();
+            // Frames that came with the upgrade response, or that a hook's reads left,
+            // wait in tungstenite's buffer where `poll` does not see them: a consumer's
+            // first wait reads before it polls (it need not wait for the reader's first
+            // drain). Else what the last connection's reads left says nothing of this one.
+            inbound.set_input_left(!opened.settled);
             link.conn = Some(Live {
                 ws: opened.ws,
                 sock,

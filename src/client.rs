@@ -660,24 +660,65 @@ impl Drop for Handle {
 #[cfg(test)]
 mod consumer_read_tests {
     use super::*;
-    use crate::Heartbeat;
     use crate::transport::sys::{POLLIN, Waker, poll2, raw, wait_readable};
+    use crate::{ClientBuilder, Heartbeat};
     use crossbeam_channel::RecvTimeoutError;
     use std::net::TcpListener;
 
-    /// A client whose reader thread has been retired (its generation no longer current)
-    /// and a test waker in its place, connected to a server that sends "a", "b", "c" in
-    /// one write once told to. The consumer has read
+    /// A client whose reader thread has been retired (see [`alone`]), connected to a
+    /// server that sends "a", "b", "c" in one write once told to. The consumer has read
     /// `Connected`.
     struct Rig {
+        alone: Alone,
+        go: crossbeam_channel::Sender<()>,
+        server: std::thread::JoinHandle<()>,
+    }
+
+    /// A client connected with heartbeat off, no spin and no reconnect, its `Events`
+    /// past `Connected`, and its reader thread retired ([`retire_reader`]): only the
+    /// consumer reads the socket.
+    struct Alone {
         client: Client,
         events: Events,
         shared: Arc<Shared>,
         waker: Arc<Waker>,
         cgen: u64,
         sock: Arc<std::net::TcpStream>,
-        go: crossbeam_channel::Sender<()>,
-        server: std::thread::JoinHandle<()>,
+    }
+
+    fn alone(b: ClientBuilder) -> Alone {
+        let client = b
+            .heartbeat(Heartbeat::off())
+            .event_spin(Duration::ZERO)
+            .reconnect(false)
+            .connect()
+            .unwrap();
+        let events = client.events();
+        let first = events.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(matches!(first, Event::Connected { .. }), "{first:?}");
+        let (shared, waker, cgen, sock) = retire_reader(&client);
+        Alone {
+            client,
+            events,
+            shared,
+            waker,
+            cgen,
+            sock,
+        }
+    }
+
+    impl Alone {
+        /// Connection 1 current again (the retired reader thread is gone for good).
+        fn restore(&self) {
+            self.shared.link.lock().conn.as_mut().unwrap().generation = self.cgen;
+        }
+
+        /// Puts things back so `close()` ends normally, and closes.
+        fn close(self) {
+            self.shared.events.inbound().detach();
+            self.restore();
+            let _ = self.client.close();
+        }
     }
 
     /// Retires the reader thread of `client`'s connection (its generation no longer
@@ -735,24 +776,8 @@ mod consumer_read_tests {
             ws.flush().unwrap();
             while ws.read().is_ok() {}
         });
-        let client = Client::builder(&url)
-            .read_budget(1)
-            .heartbeat(Heartbeat::off())
-            .event_spin(Duration::ZERO)
-            .reconnect(false)
-            .connect()
-            .unwrap();
-        let events = client.events();
-        let first = events.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert!(matches!(first, Event::Connected { .. }), "{first:?}");
-        let (shared, waker, cgen, sock) = retire_reader(&client);
         Rig {
-            client,
-            events,
-            shared,
-            waker,
-            cgen,
-            sock,
+            alone: alone(Client::builder(&url).read_budget(1)),
             go,
             server,
         }
@@ -763,35 +788,26 @@ mod consumer_read_tests {
         /// "b" and "c" stay in tungstenite's buffer, the socket is empty.
         fn consumer_reads_a(&self) {
             self.go.send(()).unwrap();
-            assert!(
-                wait_readable(&self.sock, Duration::from_secs(20)),
-                "server data"
-            );
+            let sock = &self.alone.sock;
+            assert!(wait_readable(sock, Duration::from_secs(20)), "server data");
             // The consumer's read may find the lock taken (the supervisor or the timer,
             // late on a loaded machine): it then parks, and only the retired reader would
             // read. Here that is set-up, not what is tested: it reads again.
-            match recv_retrying(&self.events) {
+            match recv_retrying(&self.alone.events) {
                 Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "a"),
                 other => panic!("{other:?}"),
             }
-            assert!(!wait_readable(&self.sock, Duration::ZERO), "socket drained");
+            assert!(!wait_readable(sock, Duration::ZERO), "socket drained");
         }
 
         fn reader_woken(&self) -> bool {
-            let (r, _) = poll2((raw(&self.waker.rx), POLLIN), None, Some(Duration::ZERO)).unwrap();
+            let waker = &self.alone.waker;
+            let (r, _) = poll2((raw(&waker.rx), POLLIN), None, Some(Duration::ZERO)).unwrap();
             r & POLLIN != 0
         }
 
-        /// Connection 1 current again (the retired reader thread is gone for good).
-        fn restore(&self) {
-            self.shared.link.lock().conn.as_mut().unwrap().generation = self.cgen;
-        }
-
         fn finish(self) {
-            // Put things back so close() ends normally.
-            self.shared.events.inbound().detach();
-            self.restore();
-            let _ = self.client.close();
+            self.alone.close();
             self.server.join().unwrap();
         }
     }
@@ -811,8 +827,8 @@ mod consumer_read_tests {
         // Its next read finds the lock taken (here by this very thread; in real life a
         // sender, the timer or `stats()`): it parks on the channel.
         {
-            let _held = rig.shared.link.lock();
-            let r = rig.events.recv_timeout(Duration::from_millis(1));
+            let _held = rig.alone.shared.link.lock();
+            let r = rig.alone.events.recv_timeout(Duration::from_millis(1));
             assert!(r.is_err(), "{r:?}");
         }
         let woken = rig.reader_woken();
@@ -832,7 +848,11 @@ mod consumer_read_tests {
         let rig = rig();
         rig.consumer_reads_a();
         // From now on this consumer only waits on the channel (select!), never in `recv`.
-        let got = rig.events.receiver().recv_timeout(Duration::from_millis(1));
+        let got = rig
+            .alone
+            .events
+            .receiver()
+            .recv_timeout(Duration::from_millis(1));
         assert!(
             got.is_err(),
             "nothing reaches the channel without the reader"
@@ -853,17 +873,17 @@ mod consumer_read_tests {
     fn close_wakes_a_reader_that_defers_to_a_consumer() {
         let rig = rig();
         rig.consumer_reads_a();
-        let inbound = rig.shared.events.inbound().clone();
+        let inbound = rig.alone.shared.events.inbound().clone();
         // The wake-up for the input "b" and "c" left behind is not what this tests.
-        rig.waker.drain();
+        rig.alone.waker.drain();
         assert!(!rig.reader_woken());
         let mut seen = 0;
         assert!(
             inbound.consumer_reads(&mut seen),
             "the stand-in reader defers to the consumer that just read"
         );
-        rig.restore();
-        let _ = rig.client.close();
+        rig.alone.restore();
+        let _ = rig.alone.client.close();
         let woken = rig.reader_woken();
         inbound.reader_resumes();
         inbound.detach();
@@ -961,38 +981,32 @@ mod consumer_read_tests {
             ws.flush().unwrap();
             while ws.read().is_ok() {}
         });
-        let client = Client::builder(&url)
-            .no_proxy()
-            .add_root_certificate(include_bytes!("../tests/certs/ca.pem"))
-            .read_buffer_size(READ)
-            .heartbeat(Heartbeat::off())
-            .event_spin(Duration::ZERO)
-            .reconnect(false)
-            .connect()
-            .unwrap();
-        let events = client.events();
-        let first = events.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert!(matches!(first, Event::Connected { .. }), "{first:?}");
-        let (shared, _waker, cgen, sock) = retire_reader(&client);
+        let a = alone(
+            Client::builder(&url)
+                .no_proxy()
+                .add_root_certificate(include_bytes!("../tests/certs/ca.pem"))
+                .read_buffer_size(READ),
+        );
         go.send(()).unwrap();
-        assert!(wait_readable(&sock, Duration::from_secs(20)), "server data");
-        match recv_retrying(&events) {
+        assert!(
+            wait_readable(&a.sock, Duration::from_secs(20)),
+            "server data"
+        );
+        match recv_retrying(&a.events) {
             Ok(Event::Message(Message::Binary(b))) => assert_eq!(b.len(), READ - 4),
             other => panic!("{other:?}"),
         }
         // Else the next wait polls first, and the socket stays empty: it would read only
         // once its `poll` timed out.
         assert!(
-            shared.events.inbound().input_left(),
+            a.shared.events.inbound().input_left(),
             "the read that emptied tungstenite's buffer did not see what the TLS layer holds"
         );
-        match recv_retrying(&events) {
+        match recv_retrying(&a.events) {
             Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "b"),
             other => panic!("the message the TLS layer held: {other:?}"),
         }
-        shared.events.inbound().detach();
-        shared.link.lock().conn.as_mut().unwrap().generation = cgen;
-        let _ = client.close();
+        a.close();
         server.join().unwrap();
     }
 
@@ -1051,40 +1065,32 @@ mod consumer_read_tests {
             // Until the client goes.
             let _ = s.read(&mut byte);
         });
-        let client = Client::builder(&url)
-            .heartbeat(Heartbeat::off())
-            .event_spin(Duration::ZERO)
-            .reconnect(false)
-            .connect()
-            .unwrap();
-        let events = client.events();
-        // A comes from the buffer (read by the reader, or by this consumer), with the
-        // count off from then on. (Counted as exact, A itself waited for good.)
-        for want in [None, Some(1u8)] {
-            match (events.recv_timeout(Duration::from_secs(10)), want) {
-                (Ok(Event::Connected { .. }), None) => {}
-                (Ok(Event::Message(Message::Binary(m))), Some(x)) => assert_eq!(m[0], x),
-                (other, _) => panic!("{other:?}"),
-            }
+        let a = alone(Client::builder(&url));
+        // A comes from the buffer (read by the reader before it was retired, or by this
+        // consumer), with the count off from then on. (Counted as exact, A itself waited
+        // for good.)
+        match recv_retrying(&a.events) {
+            Ok(Event::Message(Message::Binary(m))) => assert_eq!(m[0], 1),
+            other => panic!("{other:?}"),
         }
-        let (shared, _waker, cgen, sock) = retire_reader(&client);
         go.send(()).unwrap();
-        assert!(wait_readable(&sock, Duration::from_secs(20)), "server data");
-        match recv_retrying(&events) {
+        assert!(
+            wait_readable(&a.sock, Duration::from_secs(20)),
+            "server data"
+        );
+        match recv_retrying(&a.events) {
             Ok(Event::Message(Message::Binary(m))) => assert_eq!(&m[..], &b[2..]),
             other => panic!("{other:?}"),
         }
         assert!(
-            shared.events.inbound().input_left(),
+            a.shared.events.inbound().input_left(),
             "the read that brought the count to 0 did not say more"
         );
-        match recv_retrying(&events) {
+        match recv_retrying(&a.events) {
             Ok(Event::Message(Message::Binary(m))) => assert_eq!(&m[..], &c[2..]),
             other => panic!("{other:?}"),
         }
-        shared.events.inbound().detach();
-        shared.link.lock().conn.as_mut().unwrap().generation = cgen;
-        let _ = client.close();
+        a.close();
         server.join().unwrap();
     }
 
@@ -1116,38 +1122,30 @@ mod consumer_read_tests {
                 .unwrap();
             while ws.read().is_ok() {}
         });
-        let client = Client::builder(&url)
-            .heartbeat(Heartbeat::off())
-            .event_spin(Duration::ZERO)
-            .reconnect(false)
-            .connect()
-            .unwrap();
-        let events = client.events();
-        let first = events.recv_timeout(Duration::from_secs(10)).unwrap();
-        assert!(matches!(first, Event::Connected { .. }), "{first:?}");
-        let (shared, _waker, cgen, sock) = retire_reader(&client);
+        let a = alone(Client::builder(&url));
         go.send(()).unwrap();
-        match recv_retrying(&events) {
+        match recv_retrying(&a.events) {
             Ok(Event::Message(Message::Binary(b))) => assert_eq!(b.len(), 65536),
             other => panic!("{other:?}"),
         }
         // A wait in vain, as for a reply: the next wait polls without reading first.
         assert!(matches!(
-            events.recv_timeout(Duration::from_millis(100)),
+            a.events.recv_timeout(Duration::from_millis(100)),
             Err(RecvTimeoutError::Timeout)
         ));
         go.send(()).unwrap();
-        assert!(wait_readable(&sock, Duration::from_secs(20)), "server data");
-        match recv_retrying(&events) {
+        assert!(
+            wait_readable(&a.sock, Duration::from_secs(20)),
+            "server data"
+        );
+        match recv_retrying(&a.events) {
             Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "r"),
             other => panic!("{other:?}"),
         }
         let t = Instant::now();
-        let got = events.recv_timeout(Duration::from_secs(10));
+        let got = a.events.recv_timeout(Duration::from_secs(10));
         let waited = t.elapsed();
-        shared.events.inbound().detach();
-        shared.link.lock().conn.as_mut().unwrap().generation = cgen;
-        let _ = client.close();
+        a.close();
         server.join().unwrap();
         match got {
             Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "ok"),

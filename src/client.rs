@@ -657,8 +657,14 @@ impl Drop for Handle {
     }
 }
 
+/// The integration tests' hand-made upgrade, shared with the tests below.
+#[cfg(test)]
+#[path = "../tests/support/upgrade.rs"]
+mod test_upgrade;
+
 #[cfg(test)]
 mod consumer_read_tests {
+    use super::test_upgrade as upgrade;
     use super::*;
     use crate::transport::sys::{POLLIN, Waker, poll2, raw, wait_readable};
     use crate::{ClientBuilder, Heartbeat};
@@ -1042,17 +1048,7 @@ mod consumer_read_tests {
         );
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap() == 1 {
-                head.push(byte[0]);
-            }
-            let head = String::from_utf8(head).unwrap();
-            let key = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-                .unwrap();
-            let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+            let (_, accept) = upgrade::read_upgrade_request(&mut s);
             let mut out = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
                  Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
@@ -1063,7 +1059,7 @@ mod consumer_read_tests {
             go_rx.recv().unwrap();
             s.write_all(&rest).unwrap();
             // Until the client goes.
-            let _ = s.read(&mut byte);
+            let _ = s.read(&mut [0u8; 1]);
         });
         let a = alone(Client::builder(&url));
         // A comes from the buffer (read by the reader before it was retired, or by this

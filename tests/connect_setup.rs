@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use support::client::Fixed;
 use support::hung::HungListener;
 use support::server::{Behavior, TestServer};
+use support::upgrade::read_upgrade_request;
 use support::util;
 use wsbeat::{Client, Error, Event, RedirectRefusal};
 
@@ -301,17 +302,7 @@ fn an_extension_that_was_not_offered_fails_the_handshake() {
     let server = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(T)).unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap() == 1 {
-            head.push(b[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
-        let key = head
-            .lines()
-            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
-            .unwrap();
-        let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+        let (head, accept) = read_upgrade_request(&mut s);
         write!(
             s,
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -554,22 +545,7 @@ fn informational_answers_before_the_101_are_skipped() {
     let url = format!("ws://{}/", listener.local_addr().unwrap());
     let server = std::thread::spawn(move || {
         let (mut sock, _) = listener.accept().unwrap();
-        let mut request = Vec::new();
-        let mut byte = [0u8; 1];
-        while !request.ends_with(b"\r\n\r\n") {
-            sock.read_exact(&mut byte).unwrap();
-            request.push(byte[0]);
-        }
-        let request = String::from_utf8(request).unwrap();
-        let key = request
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("sec-websocket-key")
-                    .then(|| value.trim().to_string())
-            })
-            .expect("a key");
-        let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let (_, accept) = read_upgrade_request(&mut sock);
         let mut out = Vec::new();
         out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
         out.extend_from_slice(

@@ -7,6 +7,7 @@
 //! - [`net`]: small socket helpers (RST via `SO_LINGER` 0, `poll`).
 //! - [`hung`]: [`hung::HungListener`], a loopback address where a TCP connect hangs.
 //! - [`client`]: a fixed-delay reconnect policy and a panic counter for `wsbeat-*` threads.
+//! - [`upgrade`]: the server side of an upgrade by hand, for scripted bytes after it.
 //!
 //! ```ignore
 //! let server = TestServer::echo();                  // ws://127.0.0.1:PORT/
@@ -29,4 +30,5 @@ pub mod hung;
 pub mod net;
 pub mod proxy;
 pub mod server;
+pub mod upgrade;
 pub mod util;

@@ -224,6 +224,67 @@ mod tests {
     use crate::tls_config::IdentityInner;
     use crate::{Client, Error, Identity, Request};
 
+    /// A peer that takes what is written and whose reads fail as the OS's do when TCP
+    /// keepalive or retransmissions give up.
+    #[cfg(any(feature = "native-tls", feature = "rustls"))]
+    struct GoneDark;
+
+    #[cfg(any(feature = "native-tls", feature = "rustls"))]
+    impl std::io::Read for GoneDark {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "Connection timed out (os error 110)",
+            ))
+        }
+    }
+
+    #[cfg(any(feature = "native-tls", feature = "rustls"))]
+    impl std::io::Write for GoneDark {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The OS's `ETIMEDOUT` during the handshake, with time left, is an I/O error; only
+    /// the deadline's end is `Timeout` (review of 6bd7b42: native-tls said "timed out
+    /// during TLS handshake; raise connect_timeout" with 28 s left, rustls retried and
+    /// reported the next read's end of file).
+    #[test]
+    #[cfg(any(feature = "native-tls", feature = "rustls"))]
+    fn an_os_timeout_in_the_handshake_is_an_io_error() {
+        use std::time::{Duration, Instant};
+        let settings = super::TlsSettings::default();
+        let start = Instant::now();
+        let r = super::handshake(
+            &settings,
+            "localhost",
+            GoneDark,
+            start,
+            start + Duration::from_secs(30),
+        );
+        assert!(
+            matches!(&r, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut),
+            "{:?}",
+            r.err()
+        );
+        let r = super::handshake(&settings, "localhost", GoneDark, start, start);
+        assert!(
+            matches!(
+                r,
+                Err(Error::Timeout {
+                    stage: crate::ConnectStage::Tls,
+                    ..
+                })
+            ),
+            "{:?}",
+            r.err()
+        );
+    }
+
     #[test]
     fn wss_without_a_backend_is_a_typed_error_and_ws_still_works() {
         let tls = cfg!(any(feature = "native-tls", feature = "rustls"));

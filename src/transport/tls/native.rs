@@ -32,19 +32,23 @@ pub(super) fn handshake<S: Read + Write>(
         match result {
             Ok(s) => return Ok(s),
             Err(native_tls::HandshakeError::WouldBlock(mid)) => {
-                // With a socket timeout set, WouldBlock means the time ran out (or a
-                // spurious wake-up): resume while time is left (the socket re-arms its
-                // timeout to the time left on every call).
+                // The socket waits for readiness itself while connecting (`stream::Tcp`),
+                // so this is a spurious wake-up at most: resume while time is left.
                 dl.check()?;
                 result = mid.handshake();
             }
             Err(native_tls::HandshakeError::Failure(e)) => {
+                // The deadline's own end (`stream::Tcp` fails once it passed).
+                dl.check()?;
                 let msg = e.to_string();
-                if dl.check().is_err()
-                    || msg.contains("timed out")
-                    || msg.contains("Resource temporarily unavailable")
-                {
-                    return Err(dl.timeout());
+                if msg.contains("timed out") {
+                    // The OS's (TCP keepalive or retransmissions gave up), with time
+                    // left: an I/O error, not advice to raise `connect_timeout` (review
+                    // of 6bd7b42: "timed out during TLS handshake" with 28 s left).
+                    return Err(Error::io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        msg,
+                    )));
                 }
                 return Err(error(&msg));
             }

@@ -96,8 +96,16 @@ pub(super) fn handshake<S: Read + Write>(
         match conn.complete_io(&mut sock) {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // The socket's timeout is the time left: past the deadline this fails.
-            Err(e) if is_timeout(&e) => dl.check()?,
+            // The socket waits for readiness itself while connecting (`stream::Tcp`):
+            // a spurious wake-up at most.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dl.check()?,
+            // The deadline's own end, or else the OS's (TCP keepalive or retransmissions
+            // gave up): an I/O error then (review of 6bd7b42: it was retried, and the
+            // next read's end of file became "unexpected end of file").
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                dl.check()?;
+                return Err(Error::io(e));
+            }
             Err(e) => {
                 return Err(match e.get_ref().and_then(|i| i.downcast_ref()) {
                     Some(tls) => error(tls),
@@ -188,12 +196,4 @@ impl ServerCertVerifier for Lenient {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// A socket timeout: with a timeout set, the deadline ran out (or a spurious wake-up).
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }

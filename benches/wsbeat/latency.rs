@@ -1,7 +1,8 @@
 //! Goal 1: Echo round-trip latency, 64 B and 16 KiB, ws and wss: send one Binary message,
 //! wait for its echo. Raw: `send()` then `read()` on one thread. wsbeat: `send_binary()`
 //! then `events().recv()` (the reply crosses the reader thread and the event channel).
-//! Raw and wsbeat alternate in blocks (A/B/B/A...) on two connections to the same server.
+//! Raw, wsbeat (and tokio-tungstenite over ws) take turns in blocks, each going first equally
+//! often, on connections to the same server.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -17,10 +18,11 @@ use crate::{Met, Opts, Row, fmt_ratio, ratio};
 const GOAL: f64 = 1.15;
 
 /// The median over rounds of the ratio of wsbeat's block to the other client's block of
-/// the same round (`q`: "p50" or "p99" of each block), as the throughput rows judge
-/// their goals: the shared VM's speed drifts between rounds for every client alike, and
-/// the ratio of the pooled percentiles then moves with which blocks were fast (wss 16
-/// KiB p50, pooled: 1.04-1.15x in five runs of the same code).
+/// the same round (`q`: "p50" or "p99" of each block): the shared VM's speed drifts
+/// between rounds for every client alike, and the ratio of the pooled percentiles moves
+/// with which blocks were fast (wss 16 KiB p50, pooled: 1.04-1.15x in five runs of the
+/// same code). A goal is judged on both: this median alone would hide a tail that comes
+/// in fewer than half of the rounds.
 fn per_round_ratio(other: &[Summary], wsbeat: &[Summary], q: &str) -> f64 {
     let pick = |s: &Summary| if q == "p50" { s.p50 } else { s.p99 };
     let a: Vec<f64> = other.iter().map(pick).collect();
@@ -120,9 +122,11 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                     blocks.push(summarize(&one));
                     v.extend(one);
                 };
+            // Each client goes first, second (and third) equally often.
+            let clients = if tt.is_some() { 3 } else { 2 };
             for r in 0..rounds {
-                for turn in 0..3 {
-                    match (r + turn) % 3 {
+                for turn in 0..clients {
+                    match (r + turn) % clients {
                         0 => block(&mut a, &mut ab, &mut || raw_rtt(&mut raw, &payload)),
                         1 => block(&mut b, &mut bb, &mut || wsbeat_rtt(&client, &rx, &payload)),
                         _ => {
@@ -152,7 +156,7 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                     fmt_us(y),
                     format!("{} (pooled {})", fmt_ratio(paired), ratio(y, x)),
                     format!("<= {GOAL}x"),
-                    Met::from(paired <= GOAL),
+                    Met::from(paired.max(y / x) <= GOAL),
                 ));
             }
             if !c.is_empty() {
@@ -165,7 +169,7 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                         fmt_us(y),
                         format!("{} (pooled {})", fmt_ratio(paired), ratio(y, x)),
                         "<= 1.05x",
-                        Met::from(paired <= 1.05),
+                        Met::from(paired.max(y / x) <= 1.05),
                     ));
                 }
                 println!(
@@ -206,9 +210,11 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
     notes.push(format!(
         "Latency: {} samples per cell ({rounds} rotating blocks of {per_round}: raw, wsbeat, tokio-tungstenite), one Binary \
          message echoed by a blocking tungstenite server thread (TCP_NODELAY) in a process of its own. \
-         The ratio judged is the median over rounds of the ratio of the two clients' blocks in \
-         that round (as for throughput: the VM's speed drifts between rounds for every client \
-         alike); the ratio of the pooled percentiles (the two columns) is shown beside it.",
+         Each cell gives the median over rounds of the ratio of the two clients' blocks in \
+         that round (the VM's speed drifts between rounds for every client alike) and the \
+         ratio of the pooled percentiles (the two columns); a goal is met only if both are \
+         within it (the per-round median alone would hide tails that come in fewer than half \
+         of the rounds).",
         rounds * per_round
     ));
     rows

@@ -91,8 +91,16 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// The middle value; with an even count, the mean of the two middle ones (the lower
+/// alone would favour a lower-is-better goal).
 pub fn median(v: &[f64]) -> f64 {
-    summarize(v).p50
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
 
 /// Median of the per-round ratios `b[i] / a[i]`, where round `i` ran `a` and `b` back to

@@ -83,11 +83,13 @@ pub enum Event {
     },
     /// The reconnect policy stopped trying; the client is now closed.
     GaveUp(Error),
-    /// Messages accepted by `send` that will never be sent: dropped by
+    /// Messages accepted by `send` that will never be sent (again): dropped by
     /// `OverflowPolicy::DropOldest`; still queued when the client gave up, or closed from
     /// its own callback (where `close()` cannot return them); the chunk of a `send_all`
     /// whose iterator panicked; or the messages a `restart()` took over when its new
-    /// client could not start.
+    /// client could not start. With acked delivery they are the unacknowledged ones,
+    /// which may have been written and may have arrived without their ack
+    /// (RELIABILITY.md 1 and 3c).
     Undelivered(Vec<Message>),
     /// At-most-once delivery: messages that were being written when connection
     /// `generation` died. They are not sent again; the peer may or may not have them.

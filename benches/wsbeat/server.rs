@@ -413,6 +413,8 @@ impl ChildServer {
             .stdout(Stdio::piped());
         if tls {
             cmd.env("WSBEAT_BENCH_TLS", "1");
+        } else {
+            cmd.env_remove("WSBEAT_BENCH_TLS");
         }
         let mut child = cmd.spawn().expect("spawn echo-server");
         let mut line = String::new();

@@ -181,21 +181,24 @@ impl Hop {
         let (cmd, cmd_rx) = crossbeam_channel::unbounded::<(usize, usize)>();
         let (data_tx, data) = crossbeam_channel::unbounded();
         let mut raw = RawWs::connect(addr, "/flood", None);
-        let thread = std::thread::spawn(move || {
-            for (n, size) in cmd_rx {
-                raw.send(Message::text(format!("go {n} {size}")))
-                    .expect("hop send");
-                loop {
-                    let m = raw.read().expect("hop read");
-                    let end = matches!(m, Message::Text(_));
-                    let _ = data_tx.send(m);
-                    if end {
-                        break;
+        let thread = std::thread::Builder::new()
+            .name("bench-hop-reader".into())
+            .spawn(move || {
+                for (n, size) in cmd_rx {
+                    raw.send(Message::text(format!("go {n} {size}")))
+                        .expect("hop send");
+                    loop {
+                        let m = raw.read().expect("hop read");
+                        let end = matches!(m, Message::Text(_));
+                        let _ = data_tx.send(m);
+                        if end {
+                            break;
+                        }
                     }
                 }
-            }
-            raw.close();
-        });
+                raw.close();
+            })
+            .expect("spawn the hop reader");
         Hop {
             cmd,
             data,

@@ -151,9 +151,7 @@ fn hop(cfg: &Config, req: &Request, dl: &Deadline, cancel: &Cancel) -> Result<Ho
         }
     }
     let stream = if tls {
-        Stream::Tls(Box::new(tls::handshake(
-            &cfg.tls, &host, sock, dl.start, dl.end,
-        )?))
+        Stream::Tls(Box::new(tls::handshake(&cfg.tls, &host, sock, dl)?))
     } else {
         Stream::Plain(sock)
     };

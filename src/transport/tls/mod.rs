@@ -7,13 +7,11 @@
 //! the socket so it does not depend on the shared link.
 
 use std::io::{self, Read, Write};
-use std::time::Instant;
 
-#[cfg(any(feature = "native-tls", feature = "rustls"))]
-use crate::ConnectStage;
 #[cfg(any(feature = "native-tls", feature = "rustls"))]
 use crate::tls_config::Connector;
 use crate::tls_config::TlsSettings;
+use crate::transport::dial::Deadline;
 use crate::{Error, Result};
 
 #[cfg(feature = "native-tls")]
@@ -127,54 +125,28 @@ impl<S: Read + Write> Write for TlsStream<S> {
     }
 }
 
-/// The connect deadline, as the TLS step sees it.
-#[cfg(any(feature = "native-tls", feature = "rustls"))]
-struct Deadline {
-    start: Instant,
-    end: Instant,
-}
-
-#[cfg(any(feature = "native-tls", feature = "rustls"))]
-impl Deadline {
-    /// `Err(Timeout)` once the deadline has passed.
-    fn check(&self) -> Result<()> {
-        if Instant::now() >= self.end {
-            return Err(self.timeout());
-        }
-        Ok(())
-    }
-    fn timeout(&self) -> Error {
-        Error::Timeout {
-            stage: ConnectStage::Tls,
-            elapsed: self.start.elapsed(),
-        }
-    }
-}
-
 /// The TLS handshake for `host` on `sock`, which must bound each read and write by the
-/// time left before `end` (the connect deadline, started at `start`).
+/// time left before the connect deadline `dl`.
 pub(crate) fn handshake<S: Read + Write>(
     settings: &TlsSettings,
     host: &str,
     sock: S,
-    start: Instant,
-    end: Instant,
+    dl: &Deadline,
 ) -> Result<TlsStream<S>> {
     #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
     {
         // `Request` already refuses `wss://` in such a build; this is the backstop.
-        let _ = (settings, host, sock, start, end);
+        let _ = (settings, host, sock, dl);
         Err(Error::NoTls)
     }
     #[cfg(any(feature = "native-tls", feature = "rustls"))]
     {
-        let dl = Deadline { start, end };
         let domain = host.trim_start_matches('[').trim_end_matches(']');
         match connector(settings)? {
             #[cfg(feature = "native-tls")]
-            Connector::Native(c) => native::handshake(&c, domain, sock, &dl).map(TlsStream::Native),
+            Connector::Native(c) => native::handshake(&c, domain, sock, dl).map(TlsStream::Native),
             #[cfg(feature = "rustls")]
-            Connector::Rustls(c) => rustls::handshake(c, domain, sock, &dl).map(TlsStream::Rustls),
+            Connector::Rustls(c) => rustls::handshake(c, domain, sock, dl).map(TlsStream::Rustls),
         }
     }
 }
@@ -256,22 +228,18 @@ mod tests {
     #[test]
     #[cfg(any(feature = "native-tls", feature = "rustls"))]
     fn an_os_timeout_in_the_handshake_is_an_io_error() {
-        use std::time::{Duration, Instant};
+        use crate::transport::dial::Deadline;
+        use std::time::Duration;
         let settings = super::TlsSettings::default();
-        let start = Instant::now();
-        let r = super::handshake(
-            &settings,
-            "localhost",
-            GoneDark,
-            start,
-            start + Duration::from_secs(30),
-        );
+        let dl = Deadline::after(Duration::from_secs(30));
+        let r = super::handshake(&settings, "localhost", GoneDark, &dl);
         assert!(
             matches!(&r, Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut),
             "{:?}",
             r.err()
         );
-        let r = super::handshake(&settings, "localhost", GoneDark, start, start);
+        let dl = Deadline::after(Duration::ZERO);
+        let r = super::handshake(&settings, "localhost", GoneDark, &dl);
         assert!(
             matches!(
                 r,

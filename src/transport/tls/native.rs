@@ -2,9 +2,9 @@
 
 use std::io::{Read, Write};
 
-use super::Deadline;
 use crate::tls_config::TlsSettings;
-use crate::{Error, Result, TlsErrorKind};
+use crate::transport::dial::Deadline;
+use crate::{ConnectStage, Error, Result, TlsErrorKind};
 
 pub(super) fn build(settings: &TlsSettings) -> Result<native_tls::TlsConnector> {
     let mut b = native_tls::TlsConnector::builder();
@@ -34,12 +34,12 @@ pub(super) fn handshake<S: Read + Write>(
             Err(native_tls::HandshakeError::WouldBlock(mid)) => {
                 // The socket waits for readiness itself while connecting (`stream::Tcp`),
                 // so this is a spurious wake-up at most: resume while time is left.
-                dl.check()?;
+                dl.left(ConnectStage::Tls)?;
                 result = mid.handshake();
             }
             Err(native_tls::HandshakeError::Failure(e)) => {
                 // The deadline's own end (`stream::Tcp` fails once it passed).
-                dl.check()?;
+                dl.left(ConnectStage::Tls)?;
                 let msg = e.to_string();
                 if msg.contains("timed out") {
                     // The OS's (TCP keepalive or retransmissions gave up), with time

@@ -13,12 +13,12 @@ use rustls::{
     RootCertStore, SignatureScheme, StreamOwned,
 };
 
-use super::Deadline;
+use crate::transport::dial::Deadline;
 
 type Dss = DigitallySignedStruct;
 type Signature = std::result::Result<HandshakeSignatureValid, rustls::Error>;
 use crate::tls_config::TlsSettings;
-use crate::{Error, Result, TlsErrorKind};
+use crate::{ConnectStage, Error, Result, TlsErrorKind};
 
 pub(super) fn build(settings: &TlsSettings) -> Result<Arc<ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -98,12 +98,14 @@ pub(super) fn handshake<S: Read + Write>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             // The socket waits for readiness itself while connecting (`stream::Tcp`):
             // a spurious wake-up at most.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => dl.check()?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dl.left(ConnectStage::Tls)?;
+            }
             // The deadline's own end, or else the OS's (TCP keepalive or retransmissions
             // gave up): an I/O error then (review of 6bd7b42: it was retried, and the
             // next read's end of file became "unexpected end of file").
             Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                dl.check()?;
+                dl.left(ConnectStage::Tls)?;
                 return Err(Error::io(e));
             }
             Err(e) => {

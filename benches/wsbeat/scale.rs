@@ -165,13 +165,7 @@ impl ScaleServer {
             .expect("spawn scale-server");
         let sin = server.stdin.take().unwrap();
         let mut sout = BufReader::new(server.stdout.take().unwrap());
-        let mut line = String::new();
-        sout.read_line(&mut line).expect("server port");
-        let port: u16 = line
-            .trim()
-            .strip_prefix("PORT ")
-            .and_then(|p| p.parse().ok())
-            .expect("PORT line");
+        let port = util::read_port(&mut sout);
         ScaleServer {
             server,
             sin,

@@ -405,7 +405,6 @@ pub struct ChildServer {
 
 impl ChildServer {
     pub fn spawn(tls: bool) -> ChildServer {
-        use std::io::BufRead;
         use std::process::{Command, Stdio};
         let mut cmd = Command::new(std::env::current_exe().expect("current exe"));
         cmd.env(crate::ROLE_ENV, "echo-server")
@@ -417,15 +416,7 @@ impl ChildServer {
             cmd.env_remove("WSBEAT_BENCH_TLS");
         }
         let mut child = cmd.spawn().expect("spawn echo-server");
-        let mut line = String::new();
-        io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("server port");
-        let port: u16 = line
-            .trim()
-            .strip_prefix("PORT ")
-            .and_then(|p| p.parse().ok())
-            .expect("PORT line");
+        let port = util::read_port(&mut io::BufReader::new(child.stdout.take().unwrap()));
         ChildServer {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),

@@ -1,7 +1,7 @@
 //! Shared helpers: statistics, clocks, raw tungstenite clients, wsbeat builders, /proc readers.
 
 use std::fs;
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -346,4 +346,14 @@ pub fn raise_nofile() -> u64 {
 pub fn say(w: &mut impl Write, line: &str) {
     let _ = writeln!(w, "{line}");
     let _ = w.flush();
+}
+
+/// Reads the `PORT n` line a server child says first (child protocol).
+pub fn read_port(r: &mut impl BufRead) -> u16 {
+    let mut line = String::new();
+    r.read_line(&mut line).expect("server port");
+    line.trim()
+        .strip_prefix("PORT ")
+        .and_then(|p| p.parse().ok())
+        .expect("PORT line")
 }

@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use support::client::Fixed;
 use support::client::{client_panics, watch_panics};
+use support::upgrade::websocket_key;
 
 use parking_lot::Mutex;
 use support::{net, util};
@@ -300,16 +301,7 @@ fn serve(id: usize, stream: TcpStream, mode: Mode, stop: Arc<AtomicBool>, script
         peer.request = request;
     }
     if mode == Mode::Upgrade {
-        let key = peer
-            .request
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.trim()
-                    .eq_ignore_ascii_case("sec-websocket-key")
-                    .then(|| v.trim().to_string())
-            })
-            .unwrap_or_default();
+        let key = websocket_key(&peer.request).unwrap_or_default();
         let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
         let response = format!(
             "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\

@@ -18,15 +18,17 @@ pub fn read_upgrade_request(s: &mut TcpStream) -> (String, String) {
         head.push(byte[0]);
     }
     let head = String::from_utf8(head).expect("a text head");
-    let key = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.trim()
-                .eq_ignore_ascii_case("sec-websocket-key")
-                .then(|| value.trim().to_string())
-        })
-        .expect("a Sec-WebSocket-Key");
+    let key = websocket_key(&head).expect("a Sec-WebSocket-Key");
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     (head, accept)
+}
+
+/// The `Sec-WebSocket-Key` of a request head, if it has one.
+pub fn websocket_key(head: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("sec-websocket-key")
+            .then(|| value.trim().to_string())
+    })
 }

@@ -4,6 +4,7 @@
 use std::io;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::windows::io::{AsRawSocket, RawSocket};
+use std::time::Duration;
 
 use windows_sys::Win32::Networking::WinSock::{
     POLLERR, POLLHUP, POLLRDNORM, POLLWRNORM, SOCKET, SOCKET_ERROR, WSAGetLastError, WSAPOLLFD,
@@ -34,6 +35,13 @@ pub(crate) fn raw(s: &impl AsRawSocket) -> Raw {
 
 /// Two connected loopback sockets. The accepted end is checked to be our own connection
 /// (another local process could connect to the listener in between).
+///
+/// Both ends close with a reset (`SO_LINGER` 0), never an orderly shutdown: the end
+/// closed first would otherwise hold its port in TIME_WAIT (240 s by default on
+/// Windows), one per waker (each connection's reader) and one per DNS lookup (each
+/// connect attempt to a host name), and a client reconnecting in a loop would use up
+/// the ephemeral ports. Nothing is lost by it: a pair carries only wake-ups, and the
+/// end left still becomes readable (a reset), which is all a wake-up is.
 pub(crate) fn socket_pair() -> io::Result<(Pipe, Pipe)> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let tx = TcpStream::connect(listener.local_addr()?)?;
@@ -41,6 +49,9 @@ pub(crate) fn socket_pair() -> io::Result<(Pipe, Pipe)> {
         let (rx, peer) = listener.accept()?;
         if peer == tx.local_addr()? {
             tx.set_nodelay(true)?;
+            for end in [&tx, &rx] {
+                socket2::SockRef::from(end).set_linger(Some(Duration::ZERO))?;
+            }
             return Ok((tx, rx));
         }
     }
@@ -93,4 +104,65 @@ pub(crate) fn unsent_bytes(sock: &TcpStream) -> Option<u64> {
 pub(crate) fn unacked_bytes(sock: &TcpStream) -> Option<u64> {
     let _ = sock;
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// Local ports of the TCP connections in TIME_WAIT, from Linux's table (under Wine,
+    /// Windows sockets are Linux sockets); `None` where there is no such table.
+    fn time_wait_ports() -> Option<Vec<u16>> {
+        let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+        let ports = table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let port = f.get(1)?.rsplit(':').next()?;
+                (f.get(3) == Some(&"06"))
+                    .then(|| u16::from_str_radix(port, 16).ok())
+                    .flatten()
+            })
+            .collect();
+        Some(ports)
+    }
+
+    #[test]
+    fn a_dropped_socket_pair_resets_and_leaves_no_time_wait() {
+        let before = time_wait_ports();
+        let mut ports = Vec::new();
+        for _ in 0..4 {
+            let (mut tx, mut rx) = socket_pair().unwrap();
+            tx.write_all(&[1]).unwrap();
+            let mut byte = [0u8; 1];
+            rx.read_exact(&mut byte).unwrap();
+            ports.extend([
+                tx.local_addr().unwrap().port(),
+                rx.local_addr().unwrap().port(),
+            ]);
+            // One end goes: the other wakes (the DNS helper's end tells the connecting
+            // thread so), reading a reset on Windows, an end of stream under Wine.
+            drop(tx);
+            rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let read = rx.read(&mut byte);
+            assert!(
+                matches!(&read, Ok(0))
+                    || matches!(&read, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+                "the end left should read the end of the pair, got {read:?}"
+            );
+        }
+        // The ports: none left in TIME_WAIT (240 s on Windows), one per waker (each
+        // connection's reader) and one per DNS lookup. Under Wine, in the kernel's table
+        // (before `SO_LINGER` 0: all four pairs left one).
+        if let (Some(before), Some(after)) = (before, time_wait_ports()) {
+            let left: Vec<u16> = ports
+                .iter()
+                .copied()
+                .filter(|p| after.contains(p) && !before.contains(p))
+                .collect();
+            assert!(left.is_empty(), "ports left in TIME_WAIT: {left:?}");
+        }
+    }
 }

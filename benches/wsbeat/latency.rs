@@ -22,7 +22,7 @@ const GOAL: f64 = 1.15;
 /// same set (`q`: "p50" or "p99"): each set has connections of its own, whose luck (see
 /// `run`) the median does not follow. A goal is judged on this and on the pooled ratio:
 /// this median alone would hide a tail that comes in fewer than half of the sets.
-fn per_round_ratio(other: &[Summary], wsbeat: &[Summary], q: &str) -> f64 {
+fn per_set_ratio(other: &[Summary], wsbeat: &[Summary], q: &str) -> f64 {
     let pick = |s: &Summary| if q == "p50" { s.p50 } else { s.p99 };
     let a: Vec<f64> = other.iter().map(pick).collect();
     let b: Vec<f64> = wsbeat.iter().map(pick).collect();
@@ -118,22 +118,47 @@ const RAW2: usize = 2;
 /// tokio-tungstenite, over ws only (its TLS needs another feature).
 const TT: usize = 3;
 
+/// Every order of `0..n` (n! of them): cycled through, each client runs first, and
+/// right after each other client, equally often.
+fn orders(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![Vec::new()];
+    }
+    let mut out = Vec::new();
+    for shorter in orders(n - 1) {
+        for at in 0..n {
+            let mut o = shorter.clone();
+            o.insert(at, n - 1);
+            out.push(o);
+        }
+    }
+    out
+}
+
 pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
     // Measured with a second raw tungstenite connection as the noise floor (wss 16 KiB):
     // - one connection per client for a whole run put the two identical clients up to
     //   11% apart at p50 (the later connection faster in four of four runs): the luck of
     //   a connection (buffer placement, its server thread) follows it. Fresh connections
-    //   per set, each connected first equally often, average that out (A-A p50 within
-    //   3% over sets).
+    //   per set, each client connected first equally often, average that out (A-A p50
+    //   within 3% over sets).
     // - blocks of 2500 round trips let one stall of the shared VM fall on one client:
     //   the A-A pooled p99 went to 1.21x and 1.49x. In blocks of 5 a stall (often
     //   longer than a block) falls on every client alike.
-    let sets = o.pick(10, 2);
-    let turns = o.pick(500, 60);
+    // - the block orders cycle through every order of the clients (review of 8741cdb:
+    //   a rotation put the same client before each one, so an after-effect of one
+    //   client would land on one other only).
+    // - each block starts with one round trip kept apart (review of 8741cdb): the
+    //   first after the other clients' blocks (a pause of 0.1-2 ms) is slower for every
+    //   client, for wsbeat more (its reader thread, no longer deferring to a consumer
+    //   that reads, wakes with the reply too). The goal is for back-to-back round trips,
+    //   as with long blocks; the first ones get a diagnostic row of their own.
+    let sets_wanted: usize = o.pick(12, 2);
     let per_block = o.pick(5, 3);
     let warm = o.pick(200, 50);
     let tls = util::tls_connector();
     let mut rows = Vec::new();
+    let mut counts = String::new();
     for secure in [false, true] {
         // In a process of its own, as a real server is: in-process, the server thread
         // serving wsbeat's connection spent about 10 µs more CPU per 16 KiB TLS echo than
@@ -142,13 +167,25 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
         // clients' threads changed the server's allocator, not the client's own cost.
         let srv = ChildServer::spawn(secure);
         let n = if secure { 3 } else { 4 };
+        // Each client connected first equally often.
+        let sets = sets_wanted.div_ceil(n) * n;
+        let orders = orders(n);
+        // Every order the same number of times.
+        let turns = o.pick(480, 2 * orders.len()).div_ceil(orders.len()) * orders.len();
+        counts = format!(
+            "{counts}{} over {} ({sets} sets of {turns} turns), ",
+            sets * turns * per_block,
+            if secure { "wss" } else { "ws" }
+        );
         for size in [64usize, 16 << 10] {
             let payload = Bytes::from(vec![0x42u8; size]);
-            // Every sample of each client, and each set's summary (`per_round_ratio`).
+            // Every sample of each client, each set's summary (`per_set_ratio`), and the
+            // first round trips of the blocks.
             let mut all: Vec<Vec<f64>> = vec![Vec::new(); n];
             let mut by_set: Vec<Vec<Summary>> = vec![Vec::new(); n];
+            let mut firsts: Vec<Vec<f64>> = vec![Vec::new(); n];
             for set in 0..sets {
-                // Connected in turn order, each first equally often.
+                // Connected in turn, each client first equally often.
                 let mut clients: Vec<Option<Contender>> = (0..n).map(|_| None).collect();
                 for turn in 0..n {
                     let k = (set + turn) % n;
@@ -176,8 +213,9 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                 }
                 let mut mine: Vec<Vec<f64>> = vec![Vec::with_capacity(turns * per_block); n];
                 for t in 0..turns {
-                    for turn in 0..n {
-                        let k = (set + t + turn) % n;
+                    // Each set starts elsewhere in the cycle of orders.
+                    for &k in &orders[(t + set * orders.len() / sets) % orders.len()] {
+                        firsts[k].push(clients[k].rtt(&payload));
                         for _ in 0..per_block {
                             mine[k].push(clients[k].rtt(&payload));
                         }
@@ -217,7 +255,7 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
             for (x, y, title, goal) in pairs {
                 for q in ["p50", "p99"] {
                     let pick = |s: &Summary| if q == "p50" { s.p50 } else { s.p99 };
-                    let paired = per_round_ratio(&by_set[x], &by_set[y], q);
+                    let paired = per_set_ratio(&by_set[x], &by_set[y], q);
                     let pooled = pick(&s[y]) / pick(&s[x]);
                     let name = format!("{label} {q}{title}");
                     rows.push(Row::new(
@@ -234,6 +272,22 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                     ));
                 }
             }
+            let (fa, fb) = (summarize(&firsts[RAW]), summarize(&firsts[WSBEAT]));
+            rows.push(Row::new(
+                format!(
+                    "diagnostic: {label}, the first round trip of each block (after the other \
+                     clients' blocks), p50 / p99"
+                ),
+                format!("{} / {}", fmt_us(fa.p50), fmt_us(fa.p99)),
+                format!("{} / {}", fmt_us(fb.p50), fmt_us(fb.p99)),
+                format!(
+                    "{} / {}",
+                    fmt_ratio(fb.p50 / fa.p50),
+                    fmt_ratio(fb.p99 / fa.p99)
+                ),
+                "-",
+                Met::Info,
+            ));
             let names = ["raw", "wsbeat", "second raw", "tokio-tungstenite"];
             let line: Vec<String> = s
                 .iter()
@@ -266,17 +320,19 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
         Met::Info,
     ));
     notes.push(format!(
-        "Latency: {} samples per client and cell, one Binary message echoed by a blocking \
-         tungstenite server thread (TCP_NODELAY) in a process of its own. Clients: raw \
-         tungstenite, wsbeat, a second raw tungstenite connection (the noise floor: two \
-         identical clients), and tokio-tungstenite over ws. {sets} sets of fresh \
-         connections (connected in turn, each client first equally often; {warm} warm-up \
-         round trips each); in a set the clients take turns in blocks of {per_block} round \
-         trips, {turns} turns, the first client rotating. Each cell gives the median over \
-         sets of the ratio of the two clients' percentiles in that set, and the ratio of the \
-         pooled percentiles (the two columns); a goal is met only if both are within it (the \
-         median alone would hide tails that come in fewer than half of the sets).",
-        sets * turns * per_block
+        "Latency: one Binary message echoed by a blocking tungstenite server thread \
+         (TCP_NODELAY) in a process of its own. Clients: raw tungstenite, wsbeat, a second \
+         raw tungstenite connection (the noise floor: two identical clients), and \
+         tokio-tungstenite over ws. Samples per client and cell: {counts}each set on fresh connections (connected in \
+         turn, each client first equally often; {warm} warm-up round trips each); in a \
+         turn each client runs one block of 1 + {per_block} round trips, the turns cycling \
+         through every order of the clients (each first, and right after each other, \
+         equally often). The {per_block} back-to-back round trips count for the cells; the \
+         first of each block, after the other clients' blocks, has a diagnostic row. Each \
+         cell gives the median over sets of the ratio of the two clients' percentiles in \
+         that set, and the ratio of the pooled percentiles (the two columns); a goal is met \
+         only if both are within it (the median alone would hide tails that come in fewer \
+         than half of the sets)."
     ));
     rows
 }

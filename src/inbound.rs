@@ -731,6 +731,15 @@ impl Inbound {
         }
     }
 
+    /// The reader left whole messages above the socket and handed nothing over (its
+    /// read stopped after pings or pongs): a consumer waiting on the socket would not
+    /// see them there (they wait for the reader's next look, up to `MAX_DEFER`), so it
+    /// is woken to read them. Called after the link lock is let go, after
+    /// `set_input_left(true)`; pairs with the look in `wait_on_socket`.
+    pub(crate) fn wake_for_input_left(&self) {
+        self.wake_consumer();
+    }
+
     /// Empties the consumer waker of wake-ups already seen (or stale).
     fn drain_consumer_waker(&self, waker: &Waker) {
         self.consumer_woken.store(false, Ordering::SeqCst);
@@ -1192,6 +1201,13 @@ impl Events {
         if self.inbound.consumer_woken.load(Ordering::SeqCst) {
             // A wake-up meant for an earlier wait may be left.
             self.inbound.drain_consumer_waker(waker);
+        }
+        // Input left above the socket since the caller's look (the reader stopped early
+        // after pings, and a consumer that was not yet waiting got no wake-up): read it
+        // now. Pairs with `wake_for_input_left`: this wait is marked (and fenced) before
+        // this look, so either the reader's wake-up finds it, or this look finds the input.
+        if read_empty && self.inbound.input_left() {
+            read_empty = false;
         }
         loop {
             match self.rx.try_recv() {
@@ -1782,5 +1798,94 @@ mod tests {
             0,
             "waited before reading"
         );
+    }
+
+    /// A read of the socket that the test scripts, whose wait on the socket is a wait on
+    /// the consumer's waker alone (an empty socket): only a wake-up ends it early.
+    struct Quiet {
+        steps: Mutex<VecDeque<(Vec<Message>, bool)>>,
+        waits: AtomicUsize,
+        entered: Sender<()>,
+    }
+
+    impl Quiet {
+        fn new(steps: Vec<(Vec<Message>, bool)>) -> (Arc<Quiet>, Receiver<()>) {
+            let (entered, waiting) = crossbeam_channel::unbounded();
+            let q = Quiet {
+                steps: Mutex::new(steps.into()),
+                waits: AtomicUsize::new(0),
+                entered,
+            };
+            (Arc::new(q), waiting)
+        }
+    }
+
+    impl Drive for Quiet {
+        fn drive(&self, _: &Receiver<Batch>, out: &mut VecDeque<Message>) -> Option<bool> {
+            let (msgs, more) = self.steps.lock().pop_front().unwrap_or_default();
+            out.extend(msgs);
+            Some(more)
+        }
+
+        fn wait_input(&self, waker: &Waker, deadline: Option<Instant>) -> Option<bool> {
+            use crate::transport::sys::{POLLIN, poll2, raw};
+            self.waits.fetch_add(1, Ordering::SeqCst);
+            let _ = self.entered.send(());
+            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            let (woken, _) = poll2((raw(&waker.rx), POLLIN), None, timeout).ok()?;
+            Some(woken != 0)
+        }
+    }
+
+    /// The reader read the socket empty and stopped after a ping with a message left in
+    /// tungstenite's buffer, after this consumer looked (nothing left then) and before it
+    /// began its wait, so the reader's wake-up found nobody waiting: the wait must read
+    /// before it waits on the (empty) socket, where the message would wait for the
+    /// reader's next look, up to `MAX_DEFER`.
+    #[test]
+    fn a_wait_reads_what_the_reader_left_above_the_socket_after_the_callers_look() {
+        let inbound = Arc::new(Inbound::new(10, 1 << 20, Duration::from_secs(10)));
+        let (_tx, rx) = EventTx::new(inbound.clone());
+        let (drive, _) = Quiet::new(vec![(vec![Message::text("x")], false)]);
+        let events = Events::new(rx, inbound.clone(), Some(drive.clone()));
+        // The caller's look found nothing (`read_empty`); then the reader's drain.
+        inbound.set_input_left(true);
+        inbound.wake_for_input_left();
+        match events.wait_on_socket(Some(Instant::now() + Duration::from_secs(5)), true) {
+            Some(Ok(Event::Message(Message::Text(t)))) => assert_eq!(t.as_str(), "x"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            drive.waits.load(Ordering::SeqCst),
+            0,
+            "waited on the socket with a message left above it"
+        );
+    }
+
+    /// The same, with the consumer already waiting on the socket: the reader's wake-up
+    /// ends the wait, and the consumer reads the message at once.
+    #[test]
+    fn the_reader_wakes_a_consumer_waiting_on_the_socket_when_it_leaves_input_above_it() {
+        let inbound = Arc::new(Inbound::new(10, 1 << 20, Duration::from_secs(10)));
+        let (_tx, rx) = EventTx::new(inbound.clone());
+        let (drive, waiting) = Quiet::new(vec![(vec![], false), (vec![Message::text("x")], false)]);
+        let events = Events::new(rx, inbound.clone(), Some(drive.clone()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let consumer =
+            std::thread::spawn(move || match events.wait_on_socket(Some(deadline), false) {
+                Some(Ok(Event::Message(Message::Text(t)))) => t.as_str().to_string(),
+                other => panic!("{other:?}"),
+            });
+        waiting
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the consumer waits");
+        inbound.set_input_left(true);
+        inbound.wake_for_input_left();
+        assert_eq!(consumer.join().unwrap(), "x");
+        assert!(
+            Instant::now() < deadline,
+            "the consumer waited for its deadline, not for the wake-up"
+        );
+        assert_eq!(drive.waits.load(Ordering::SeqCst), 1);
     }
 }

@@ -675,7 +675,8 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             // polled with the input above the socket).
             inbound.set_input_left(d.more);
         }
-        if !out.is_empty() {
+        let emitted = !out.is_empty();
+        if emitted {
             shared
                 .counters
                 .received
@@ -687,6 +688,12 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         }
         MutexGuard::unlock_fair(link);
         shared.gate.wake();
+        if read && d.more && !emitted {
+            // Left above the socket with nothing handed over (a read that stopped after
+            // pings): a consumer waiting on the socket is woken to read them, else it
+            // would wait for our next look, which defers to it (up to `MAX_DEFER`).
+            inbound.wake_for_input_left();
+        }
         if d.stop {
             if dropped > 0 {
                 log::warn!("connection {cgen}: {dropped} messages dropped at its end");

@@ -662,6 +662,12 @@ impl Drop for Handle {
 #[path = "../tests/support/upgrade.rs"]
 mod test_upgrade;
 
+/// The integration tests' `/proc` helpers, shared with the tests below.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../tests/support/util.rs"]
+mod test_util;
+
 #[cfg(test)]
 mod consumer_read_tests {
     use super::test_upgrade as upgrade;
@@ -1152,5 +1158,83 @@ mod consumer_read_tests {
             waited < Duration::from_secs(5),
             "\"ok\" waited {waited:?} above the socket"
         );
+    }
+
+    /// The reader's read stops after a pong (budget 1) with a message left in
+    /// tungstenite's buffer, while a consumer waits in `poll` on the (empty) socket: the
+    /// reader's hand-over wakes the consumer, which reads it. Before 085fc09 nobody woke
+    /// it, and the message waited for the reader's next look (here, with the reader
+    /// retired and this thread in its place, for the consumer's whole wait).
+    #[test]
+    #[cfg_attr(
+        windows,
+        ignore = "finds the consumer asleep by its thread name in /proc, which Wine's threads do not carry"
+    )]
+    fn the_readers_hand_over_wakes_a_consumer_waiting_on_the_socket_for_input_it_left() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let server = std::thread::spawn(move || {
+            let mut ws = tungstenite::accept(listener.accept().unwrap().0).unwrap();
+            while ws.read().is_ok() {}
+        });
+        let a = alone(Client::builder(&url).read_budget(1));
+        // This thread plays the reader of connection 1.
+        a.restore();
+        let events = a.events.clone();
+        let consumer = std::thread::Builder::new()
+            .name("rig-consumer".into())
+            .spawn(move || {
+                let start = Instant::now();
+                loop {
+                    match events.recv_timeout(Duration::from_secs(20)) {
+                        // A nudge (below): wait again.
+                        Ok(Event::HeartbeatMissed { .. }) => continue,
+                        got => return (got, start.elapsed()),
+                    }
+                }
+            })
+            .unwrap();
+        // Until the consumer waits on the socket. A wait that finds the link lock taken
+        // (the timer's turn, say) parks on the channel instead, where the reader (here
+        // none) reads for it: such a wait is nudged with an event to wait again (one
+        // at a time: a nudge still in the channel would end the next wait too).
+        let inbound = a.shared.events.inbound().clone();
+        assert!(
+            super::test_util::wait_until(Duration::from_secs(20), || {
+                let idle = a.events.receiver().is_empty();
+                let asleep = super::test_util::thread_sleeping("rig-consumer");
+                let on_socket = inbound.waits_on_socket();
+                if idle && asleep && !on_socket {
+                    a.shared.emit(Event::HeartbeatMissed {
+                        generation: a.cgen,
+                        missed: 1,
+                    });
+                    return false;
+                }
+                idle && asleep && on_socket
+            }),
+            "the consumer never waited on the socket"
+        );
+        let link = {
+            let mut link = a.shared.link.lock();
+            let live = link.conn.as_mut().unwrap();
+            // A pong and "x" as one read brings them in: the read stops after the pong
+            // (a pong: a ping's queued reply would have the timer flush it, taking the
+            // link lock when the woken consumer tries it).
+            live.ws.get_mut().unread(vec![0x8a, 0x00, 0x81, 0x01, b'x']);
+            assert!(matches!(live.ws.read(), Ok(Message::Pong(_))));
+            link
+        };
+        let mut nothing = std::collections::VecDeque::new();
+        crate::reader::hand_over(&a.shared, link, &mut nothing, 0, 0, Some(true));
+        let (got, waited) = consumer.join().unwrap();
+        match got {
+            Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "x"),
+            other => panic!("the consumer should have read \"x\": {other:?}"),
+        }
+        // Woken, not read at the end of its wait (its deadline's last look).
+        assert!(waited < Duration::from_secs(10), "\"x\" waited {waited:?}");
+        a.close();
+        server.join().unwrap();
     }
 }

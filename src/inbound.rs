@@ -715,6 +715,12 @@ impl Inbound {
         mine
     }
 
+    /// Whether a consumer waits on the socket.
+    #[cfg(test)]
+    pub(crate) fn waits_on_socket(&self) -> bool {
+        self.socket_waiter.load(Ordering::SeqCst)
+    }
+
     fn end_socket_wait(&self) {
         self.socket_waiter.store(false, Ordering::SeqCst);
     }
@@ -733,8 +739,8 @@ impl Inbound {
 
     /// The reader left whole messages above the socket and handed nothing over (its
     /// read stopped after pings or pongs): a consumer waiting on the socket would not
-    /// see them there (they wait for the reader's next look, up to `MAX_DEFER`), so it
-    /// is woken to read them. Called after the link lock is let go, after
+    /// see them there (they would wait for the reader's next look, after one deferral to
+    /// that consumer, about 1 ms), so it is woken to read them. Called after the link lock is let go, after
     /// `set_input_left(true)`; pairs with the look in `wait_on_socket`.
     pub(crate) fn wake_for_input_left(&self) {
         self.wake_consumer();
@@ -1115,9 +1121,9 @@ impl Events {
             return Ok(ev);
         }
         // The socket was just read and nothing was left above it: the wait need not read
-        // it again before its first `poll`. Best effort as before: input that another
-        // consumer (or the reader, stopping early after pings) leaves above the socket
-        // after this look waits for the reader's deferral, at most `MAX_DEFER`.
+        // it again before its first `poll`. Input that another consumer or the reader
+        // (stopping early after pings) leaves above the socket after this look is seen
+        // by `wait_on_socket`'s second look, or its maker wakes the wait.
         let read_empty = matches!(read, Read::Nothing) && !self.inbound.input_left();
         let ev = match self.wait_on_socket(deadline, read_empty) {
             Some(got) => got?,
@@ -1800,53 +1806,19 @@ mod tests {
         );
     }
 
-    /// A read of the socket that the test scripts, whose wait on the socket is a wait on
-    /// the consumer's waker alone (an empty socket): only a wake-up ends it early.
-    struct Quiet {
-        steps: Mutex<VecDeque<(Vec<Message>, bool)>>,
-        waits: AtomicUsize,
-        entered: Sender<()>,
-    }
-
-    impl Quiet {
-        fn new(steps: Vec<(Vec<Message>, bool)>) -> (Arc<Quiet>, Receiver<()>) {
-            let (entered, waiting) = crossbeam_channel::unbounded();
-            let q = Quiet {
-                steps: Mutex::new(steps.into()),
-                waits: AtomicUsize::new(0),
-                entered,
-            };
-            (Arc::new(q), waiting)
-        }
-    }
-
-    impl Drive for Quiet {
-        fn drive(&self, _: &Receiver<Batch>, out: &mut VecDeque<Message>) -> Option<bool> {
-            let (msgs, more) = self.steps.lock().pop_front().unwrap_or_default();
-            out.extend(msgs);
-            Some(more)
-        }
-
-        fn wait_input(&self, waker: &Waker, deadline: Option<Instant>) -> Option<bool> {
-            use crate::transport::sys::{POLLIN, poll2, raw};
-            self.waits.fetch_add(1, Ordering::SeqCst);
-            let _ = self.entered.send(());
-            let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            let (woken, _) = poll2((raw(&waker.rx), POLLIN), None, timeout).ok()?;
-            Some(woken != 0)
-        }
-    }
-
     /// The reader read the socket empty and stopped after a ping with a message left in
     /// tungstenite's buffer, after this consumer looked (nothing left then) and before it
     /// began its wait, so the reader's wake-up found nobody waiting: the wait must read
     /// before it waits on the (empty) socket, where the message would wait for the
-    /// reader's next look, up to `MAX_DEFER`.
+    /// reader's next look.
     #[test]
     fn a_wait_reads_what_the_reader_left_above_the_socket_after_the_callers_look() {
         let inbound = Arc::new(Inbound::new(10, 1 << 20, Duration::from_secs(10)));
         let (_tx, rx) = EventTx::new(inbound.clone());
-        let (drive, _) = Quiet::new(vec![(vec![Message::text("x")], false)]);
+        let drive = Arc::new(Scripted {
+            steps: Mutex::new(VecDeque::from([(vec![Message::text("x")], false)])),
+            waits: AtomicUsize::new(0),
+        });
         let events = Events::new(rx, inbound.clone(), Some(drive.clone()));
         // The caller's look found nothing (`read_empty`); then the reader's drain.
         inbound.set_input_left(true);
@@ -1860,32 +1832,5 @@ mod tests {
             0,
             "waited on the socket with a message left above it"
         );
-    }
-
-    /// The same, with the consumer already waiting on the socket: the reader's wake-up
-    /// ends the wait, and the consumer reads the message at once.
-    #[test]
-    fn the_reader_wakes_a_consumer_waiting_on_the_socket_when_it_leaves_input_above_it() {
-        let inbound = Arc::new(Inbound::new(10, 1 << 20, Duration::from_secs(10)));
-        let (_tx, rx) = EventTx::new(inbound.clone());
-        let (drive, waiting) = Quiet::new(vec![(vec![], false), (vec![Message::text("x")], false)]);
-        let events = Events::new(rx, inbound.clone(), Some(drive.clone()));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let consumer =
-            std::thread::spawn(move || match events.wait_on_socket(Some(deadline), false) {
-                Some(Ok(Event::Message(Message::Text(t)))) => t.as_str().to_string(),
-                other => panic!("{other:?}"),
-            });
-        waiting
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the consumer waits");
-        inbound.set_input_left(true);
-        inbound.wake_for_input_left();
-        assert_eq!(consumer.join().unwrap(), "x");
-        assert!(
-            Instant::now() < deadline,
-            "the consumer waited for its deadline, not for the wake-up"
-        );
-        assert_eq!(drive.waits.load(Ordering::SeqCst), 1);
     }
 }

@@ -670,30 +670,15 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         want_write = d.want_write;
         if read {
             (more, left) = (d.more, d.more);
-            // Still under the lock: a consumer whose next wait begins after this sees it
-            // (review of 6ad06f5: set only when deferring, a wait that began in between
-            // polled with the input above the socket).
-            inbound.set_input_left(d.more);
         }
-        let emitted = !out.is_empty();
-        if emitted {
-            shared
-                .counters
-                .received
-                .fetch_add(d.msgs as u64, Ordering::Relaxed);
-            // One channel send for the whole drain, before the lock is let go: a consumer
-            // that reads the socket itself takes the lock and then looks at the channel
-            // first, so it never overtakes these messages.
-            shared.events.emit_messages(&mut out, d.msgs, d.bytes);
-        }
-        MutexGuard::unlock_fair(link);
-        shared.gate.wake();
-        if read && d.more && !emitted {
-            // Left above the socket with nothing handed over (a read that stopped after
-            // pings): a consumer waiting on the socket is woken to read them, else it
-            // would wait for our next look, which defers to it (up to `MAX_DEFER`).
-            inbound.wake_for_input_left();
-        }
+        hand_over(
+            &shared,
+            link,
+            &mut out,
+            d.msgs,
+            d.bytes,
+            read.then_some(d.more),
+        );
         if d.stop {
             if dropped > 0 {
                 log::warn!("connection {cgen}: {dropped} messages dropped at its end");
@@ -701,6 +686,46 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
             return;
         }
         shared.gate.let_senders_in();
+    }
+}
+
+/// The end of a drain of the reader thread, under the link lock: records whether it left
+/// whole messages above the socket (`left`; `None`: it read nothing), hands over what it
+/// read (`out`: `msgs` messages of `bytes` payload bytes), lets the lock go, and wakes a
+/// consumer waiting on the socket if it left input there and handed nothing over.
+pub(crate) fn hand_over(
+    shared: &Shared,
+    link: MutexGuard<'_, Link>,
+    out: &mut VecDeque<Message>,
+    msgs: usize,
+    bytes: usize,
+    left: Option<bool>,
+) {
+    let inbound = shared.events.inbound();
+    if let Some(left) = left {
+        // Still under the lock: a consumer whose next wait begins after this sees it
+        // (review of 6ad06f5: set only when deferring, a wait that began in between
+        // polled with the input above the socket).
+        inbound.set_input_left(left);
+    }
+    let emitted = !out.is_empty();
+    if emitted {
+        shared
+            .counters
+            .received
+            .fetch_add(msgs as u64, Ordering::Relaxed);
+        // One channel send for the whole drain, before the lock is let go: a consumer
+        // that reads the socket itself takes the lock and then looks at the channel
+        // first, so it never overtakes these messages.
+        shared.events.emit_messages(out, msgs, bytes);
+    }
+    MutexGuard::unlock_fair(link);
+    shared.gate.wake();
+    if left == Some(true) && !emitted {
+        // Left above the socket with nothing handed over (a read that stopped after
+        // pings): a consumer waiting on the socket is woken to read them, else it would
+        // wait for our next look, which defers to it first (`DEFER`).
+        inbound.wake_for_input_left();
     }
 }
 

@@ -739,9 +739,10 @@ impl Inbound {
 
     /// The reader left whole messages above the socket and handed nothing over (its
     /// read stopped after pings or pongs): a consumer waiting on the socket would not
-    /// see them there (they would wait for the reader's next look, after one deferral to
-    /// that consumer, about 1 ms), so it is woken to read them. Called after the link lock is let go, after
-    /// `set_input_left(true)`; pairs with the look in `wait_on_socket`.
+    /// see them there (they would wait for the reader's next look, after one deferral
+    /// to that consumer, about 1 ms), so it is woken to read them. Called after the link
+    /// lock is let go, after `set_input_left(true)`; pairs with the look in
+    /// `wait_on_socket`.
     pub(crate) fn wake_for_input_left(&self) {
         self.wake_consumer();
     }

@@ -150,9 +150,10 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
     //   client would land on one other only).
     // - each block starts with one round trip kept apart (review of 8741cdb): the
     //   first after the other clients' blocks (a pause of 0.1-2 ms) is slower for every
-    //   client, for wsbeat more (its reader thread, no longer deferring to a consumer
-    //   that reads, wakes with the reply too). The goal is for back-to-back round trips,
-    //   as with long blocks; the first ones get a diagnostic row of their own.
+    //   client, against its own back-to-back ones more for wsbeat (+30% at 64 B, against
+    //   +8-16% for raw; likely its reader thread, no longer deferring to a consumer that
+    //   reads, waking with the reply too; not measured). The goal is for back-to-back
+    //   round trips, as with long blocks; the first ones get a diagnostic row.
     let sets_wanted: usize = o.pick(12, 2);
     let per_block = o.pick(5, 3);
     let warm = o.pick(200, 50);

@@ -2,8 +2,8 @@
 //! wait for its echo. Raw: `send()` then `read()` on one thread. wsbeat: `send_binary()`
 //! then `events().recv()` (the reply crosses the reader thread and the event channel).
 //! Raw, wsbeat, a second raw connection (the noise floor) and, over ws,
-//! tokio-tungstenite take turns in short blocks, each going first equally often, on
-//! connections to the same server, made afresh for each set of turns.
+//! tokio-tungstenite take turns in short blocks, each right after each other equally
+//! often, on connections to the same server, made afresh for each set of blocks.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -118,20 +118,37 @@ const RAW2: usize = 2;
 /// tokio-tungstenite, over ws only (its TLS needs another feature).
 const TT: usize = 3;
 
-/// Every order of `0..n` (n! of them): cycled through, each client runs first, and
-/// right after each other client, equally often.
-fn orders(n: usize) -> Vec<Vec<usize>> {
-    if n == 0 {
-        return vec![Vec::new()];
-    }
+/// The order of the clients' blocks: a circuit through every ordered pair of distinct
+/// clients of `0..n` (an Eulerian circuit of the complete directed graph, Hierholzer's
+/// algorithm), n(n - 1) blocks long. Cycled through, each client runs equally often,
+/// right after each other client equally often, and never twice in a row (review of
+/// 18b1a77: cycling through every permutation ran one client twice in a row where one
+/// permutation ended with it and the next began with it, a third of the noise-floor
+/// client's blocks over wss).
+fn circuit(n: usize) -> Vec<usize> {
+    let mut unused: Vec<Vec<usize>> = (0..n)
+        .map(|u| (0..n).filter(|&v| v != u).rev().collect())
+        .collect();
+    let mut path = vec![0];
     let mut out = Vec::new();
-    for shorter in orders(n - 1) {
-        for at in 0..n {
-            let mut o = shorter.clone();
-            o.insert(at, n - 1);
-            out.push(o);
+    while let Some(&u) = path.last() {
+        match unused[u].pop() {
+            Some(v) => path.push(v),
+            None => out.extend(path.pop()),
         }
     }
+    out.reverse();
+    // The circuit ends where it began: the last step is the wrap to the first.
+    out.pop();
+    let mut pairs: Vec<(usize, usize)> = (0..out.len())
+        .map(|i| (out[i], out[(i + 1) % out.len()]))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    assert!(
+        out.len() == n * (n - 1) && pairs.len() == out.len() && pairs.iter().all(|(a, b)| a != b),
+        "not a circuit through every ordered pair: {out:?}"
+    );
     out
 }
 
@@ -145,15 +162,16 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
     // - blocks of 2500 round trips let one stall of the shared VM fall on one client:
     //   the A-A pooled p99 went to 1.21x and 1.49x. In blocks of 5 a stall (often
     //   longer than a block) falls on every client alike.
-    // - the block orders cycle through every order of the clients (review of 8741cdb:
-    //   a rotation put the same client before each one, so an after-effect of one
-    //   client would land on one other only).
+    // - the blocks follow a circuit through every ordered pair of clients (review of
+    //   8741cdb: a rotation put the same client before each one, so an after-effect of
+    //   one client would land on one other only; see `circuit`).
     // - each block starts with one round trip kept apart (review of 8741cdb): the
     //   first after the other clients' blocks (a pause of 0.1-2 ms) is slower for every
-    //   client, against its own back-to-back ones more for wsbeat (+30% at 64 B, against
-    //   +8-16% for raw; likely its reader thread, no longer deferring to a consumer that
-    //   reads, waking with the reply too; not measured). The goal is for back-to-back
-    //   round trips, as with long blocks; the first ones get a diagnostic row.
+    //   client, against its own back-to-back ones more for wsbeat (p50 in the full run
+    //   of 2026-12-02 06:29: +11-22% against raw's +6-10% over the four cells; likely
+    //   its reader thread, no longer deferring to a consumer that reads, waking with the
+    //   reply too; not measured). The goal is for back-to-back round trips, as with long
+    //   blocks; the first ones get a diagnostic row.
     let sets_wanted: usize = o.pick(12, 2);
     let per_block = o.pick(5, 3);
     let warm = o.pick(200, 50);
@@ -170,12 +188,13 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
         let n = if secure { 3 } else { 4 };
         // Each client connected first equally often.
         let sets = sets_wanted.div_ceil(n) * n;
-        let orders = orders(n);
-        // Every order the same number of times.
-        let turns = o.pick(480, 2 * orders.len()).div_ceil(orders.len()) * orders.len();
+        let circuit = circuit(n);
+        // Blocks per client and set: whole passes through the circuit (each client is
+        // in it n - 1 times).
+        let blocks = o.pick(480usize, 60).div_ceil(n - 1) * (n - 1);
         counts = format!(
-            "{counts}{} over {} ({sets} sets of {turns} turns), ",
-            sets * turns * per_block,
+            "{counts}{} over {} ({sets} sets of {blocks} blocks), ",
+            sets * blocks * per_block,
             if secure { "wss" } else { "ws" }
         );
         for size in [64usize, 16 << 10] {
@@ -212,14 +231,14 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                         c.rtt(&payload);
                     }
                 }
-                let mut mine: Vec<Vec<f64>> = vec![Vec::with_capacity(turns * per_block); n];
-                for t in 0..turns {
-                    // Each set starts elsewhere in the cycle of orders.
-                    for &k in &orders[(t + set * orders.len() / sets) % orders.len()] {
-                        firsts[k].push(clients[k].rtt(&payload));
-                        for _ in 0..per_block {
-                            mine[k].push(clients[k].rtt(&payload));
-                        }
+                let mut mine: Vec<Vec<f64>> = vec![Vec::with_capacity(blocks * per_block); n];
+                // Each set starts elsewhere in the circuit.
+                let from = set * circuit.len() / sets;
+                for i in 0..blocks * n {
+                    let k = circuit[(from + i) % circuit.len()];
+                    firsts[k].push(clients[k].rtt(&payload));
+                    for _ in 0..per_block {
+                        mine[k].push(clients[k].rtt(&payload));
                     }
                 }
                 for c in clients {
@@ -324,11 +343,11 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
         "Latency: one Binary message echoed by a blocking tungstenite server thread \
          (TCP_NODELAY) in a process of its own. Clients: raw tungstenite, wsbeat, a second \
          raw tungstenite connection (the noise floor: two identical clients), and \
-         tokio-tungstenite over ws. Samples per client and cell: {counts}each set on fresh connections (connected in \
-         turn, each client first equally often; {warm} warm-up round trips each); in a \
-         turn each client runs one block of 1 + {per_block} round trips, the turns cycling \
-         through every order of the clients (each first, and right after each other, \
-         equally often). The {per_block} back-to-back round trips count for the cells; the \
+         tokio-tungstenite over ws. Samples per client and cell: {counts}each set on \
+         fresh connections (connected in turn, each client first equally often; {warm} \
+         warm-up round trips each). The clients run blocks of 1 + {per_block} round trips \
+         in turn, in an order where each runs right after each other equally often and \
+         never twice in a row. The {per_block} back-to-back round trips count for the cells; the \
          first of each block, after the other clients' blocks, has a diagnostic row. Each \
          cell gives the median over sets of the ratio of the two clients' percentiles in \
          that set, and the ratio of the pooled percentiles (the two columns); a goal is met \

@@ -1194,25 +1194,27 @@ mod consumer_read_tests {
                 }
             })
             .unwrap();
-        // Until the consumer waits on the socket. A wait that finds the link lock taken
-        // (the timer's turn, say) parks on the channel instead, where the reader (here
-        // none) reads for it: such a wait is nudged with an event to wait again (one
-        // at a time: a nudge still in the channel would end the next wait too).
+        // A wait that finds the link lock taken (the timer's turn, say) parks on the
+        // channel instead of waiting on the socket, and there the reader (here none)
+        // reads for it: such a wait is nudged with an event to wait again (one at a
+        // time: a nudge still in the channel would end the next wait too). True once
+        // the consumer sleeps in its wait on the socket.
         let inbound = a.shared.events.inbound().clone();
+        let on_the_socket = || {
+            let idle = a.events.receiver().is_empty();
+            let asleep = super::test_util::thread_sleeping("rig-consumer");
+            let on_socket = inbound.waits_on_socket();
+            if idle && asleep && !on_socket {
+                a.shared.emit(Event::HeartbeatMissed {
+                    generation: a.cgen,
+                    missed: 1,
+                });
+                return false;
+            }
+            idle && asleep && on_socket
+        };
         assert!(
-            super::test_util::wait_until(Duration::from_secs(20), || {
-                let idle = a.events.receiver().is_empty();
-                let asleep = super::test_util::thread_sleeping("rig-consumer");
-                let on_socket = inbound.waits_on_socket();
-                if idle && asleep && !on_socket {
-                    a.shared.emit(Event::HeartbeatMissed {
-                        generation: a.cgen,
-                        missed: 1,
-                    });
-                    return false;
-                }
-                idle && asleep && on_socket
-            }),
+            super::test_util::wait_until(Duration::from_secs(20), on_the_socket),
             "the consumer never waited on the socket"
         );
         let link = {
@@ -1227,6 +1229,15 @@ mod consumer_read_tests {
         };
         let mut nothing = std::collections::VecDeque::new();
         crate::reader::hand_over(&a.shared, link, &mut nothing, 0, 0, Some(true));
+        // Woken, the consumer reads "x" (its next wait reads first: input is left). If
+        // the lock was taken when it tried, it parked: nudged, it waits again. Not woken,
+        // it sleeps on the socket, where no nudge reaches it.
+        super::test_util::wait_until(Duration::from_secs(30), || {
+            consumer.is_finished() || {
+                on_the_socket();
+                false
+            }
+        });
         let (got, waited) = consumer.join().unwrap();
         match got {
             Ok(Event::Message(Message::Text(t))) => assert_eq!(t.as_str(), "x"),

@@ -51,7 +51,8 @@
 //! where parking on the channel costs two (the reader's, then the consumer's; issue 11:
 //! echo round trips over TLS with 16 KiB took 1.16-1.21x of raw that way, 1.09-1.10x
 //! this way). Everything sent on the channel wakes it (`wake_consumer`, a Dekker pair of
-//! fences with `begin_socket_wait`), and so does the end of the stream; a teardown shuts
+//! fences with `begin_socket_wait`), and so do the end of the stream and input the reader
+//! left above the socket with nothing sent (`wake_for_input_left`); a teardown shuts
 //! the socket down, which ends the wait. One consumer waits so at a time (others of the
 //! same client park on the channel), and only on a live connection with the lock free:
 //! otherwise it parks on the channel as before.
@@ -270,10 +271,13 @@ pub(crate) struct Inbound {
     /// A consumer's read stopped early (read budget, waiting senders) with whole messages
     /// left in tungstenite's (or the TLS layer's) buffer, which the reader's `poll` cannot
     /// see: the reader takes it as "more to read" (and defers to that consumer while it
-    /// keeps reading). Set by the consumer, taken by the reader.
+    /// keeps reading). Set by a consumer or by the reader (a read of its that stopped
+    /// early), cleared by a read that reached the socket's end; a waiting consumer looks
+    /// at it before it waits (`wait_on_socket`).
     input_left: AtomicBool,
     /// A consumer waits in `poll` on the socket and `consumer_waker` (see "Consumers that
-    /// read"): every event sent, and the end of the stream, wake it.
+    /// read"): every event sent, the end of the stream, and input the reader left above
+    /// the socket without sending anything (`wake_for_input_left`) wake it.
     socket_waiter: AtomicBool,
     /// Wakes that consumer. Made with the first `Events` that may read; `None` if it
     /// could not be made (consumers then park on the channel).
@@ -664,7 +668,8 @@ impl Inbound {
     /// What the last read of the socket (under the link lock, by the reader or a
     /// consumer) left: whole messages above the socket, or nothing there. Called under
     /// that lock, so a later read's call (or `note_input_left`) comes after this one.
-    /// The reader's own record: nobody is woken.
+    /// The reader's own record: nobody is woken here (the reader's `hand_over` wakes a
+    /// waiting consumer after the lock, `wake_for_input_left`).
     pub(crate) fn set_input_left(&self, left: bool) {
         if self.input_left.load(Ordering::Relaxed) != left {
             self.input_left.store(left, Ordering::SeqCst);
@@ -1122,9 +1127,10 @@ impl Events {
             return Ok(ev);
         }
         // The socket was just read and nothing was left above it: the wait need not read
-        // it again before its first `poll`. Input that another consumer or the reader
-        // (stopping early after pings) leaves above the socket after this look is seen
-        // by `wait_on_socket`'s second look, or its maker wakes the wait.
+        // it again before its first `poll`. Input that the reader (stopping early after
+        // pings) leaves above the socket after this look is seen by `wait_on_socket`'s
+        // second look, or the reader wakes the wait; another consumer's
+        // (`note_input_left`) wakes the reader, which reads it or defers to that one.
         let read_empty = matches!(read, Read::Nothing) && !self.inbound.input_left();
         let ev = match self.wait_on_socket(deadline, read_empty) {
             Some(got) => got?,

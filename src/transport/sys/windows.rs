@@ -38,9 +38,9 @@ pub(crate) fn raw(s: &impl AsRawSocket) -> Raw {
 ///
 /// Both ends close with a reset (`SO_LINGER` 0), never an orderly shutdown: the end
 /// closed first would otherwise hold its port in TIME_WAIT (240 s by default on
-/// Windows), one per waker (each connection's reader) and one per DNS lookup (each
-/// connect attempt to a host name), and a client reconnecting in a loop would use up
-/// the ephemeral ports. Nothing is lost by it: a pair carries only wake-ups, and the
+/// Windows), one per waker (each connection's reader, each client's consumer), one per
+/// client's connect cancel, and one per DNS lookup (each connect attempt to a host
+/// name), and a client reconnecting in a loop would use up the ephemeral ports. Nothing is lost by it: a pair carries only wake-ups, and the
 /// end left still becomes readable (a reset), which is all a wake-up is.
 pub(crate) fn socket_pair() -> io::Result<(Pipe, Pipe)> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;

@@ -9,7 +9,8 @@
 //! * client -> server batched (64 B): raw tungstenite `write()` N messages then one
 //!   `flush()`, against wsbeat `send_all` of the same N (goal >= 0.8x).
 //!
-//! Rounds alternate raw/wsbeat; the median round is reported.
+//! The clients take turns in each round, the first rotating; the median round is
+//! reported.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -236,7 +237,7 @@ impl Drop for Hop {
 }
 
 pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
-    let rounds = o.pick(7, 3);
+    let rounds = o.pick(8, 4);
     let srv = Server::start(false);
     let mut rows = Vec::new();
     for (dir, path) in [("client->server", "/sink"), ("server->client", "/flood")] {
@@ -280,19 +281,27 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
                 rates.push(one(wsbeat, n));
                 cpu.push(util::client_cpu_since(&before) as f64 / n as f64);
             };
+            // The clients of this direction take turns, the first rotating: each runs at
+            // each place of a round equally often (over the rounds' multiple of 4). Before,
+            // raw and wsbeat alternated at the front and tokio-tungstenite always ran last,
+            // so the tokio ratio also compared places in the round.
+            let clients = if hop.is_some() { 4 } else { 2 };
             for r in 0..rounds {
-                if r % 2 == 0 {
-                    timed(false, &mut a, &mut a_cpu);
-                    timed(true, &mut b, &mut b_cpu);
-                } else {
-                    timed(true, &mut b, &mut b_cpu);
-                    timed(false, &mut a, &mut a_cpu);
-                }
-                if let Some(h) = &hop {
-                    c.push(h.s2c(n, size));
-                }
-                if let Some(t) = tt.as_mut() {
-                    d.push(t.s2c(n, size));
+                for i in 0..clients {
+                    match (r + i) % clients {
+                        0 => timed(false, &mut a, &mut a_cpu),
+                        1 => timed(true, &mut b, &mut b_cpu),
+                        2 => {
+                            if let Some(h) = &hop {
+                                c.push(h.s2c(n, size));
+                            }
+                        }
+                        _ => {
+                            if let Some(t) = tt.as_mut() {
+                                d.push(t.s2c(n, size));
+                            }
+                        }
+                    }
                 }
             }
             drop(hop);
@@ -392,9 +401,10 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
         }
     }
     notes.push(format!(
-        "Throughput: median of {rounds} rounds (raw and wsbeat alternate; the reader-thread \
-         diagnostic and tokio-tungstenite follow in each round); the ratio is the median of \
-         the per-round ratios (each round runs the two back to back: the VM's speed drifts \
+        "Throughput: median of {rounds} rounds (the clients take turns in each round, the \
+         first rotating: raw, wsbeat, and server->client also the reader-thread diagnostic \
+         and tokio-tungstenite, each at each place equally often); the ratio is the median of \
+         the per-round ratios (each round runs the clients back to back: the VM's speed drifts \
          between rounds for every client alike), the output lists the ratio of the medians \
          too (full mode: c2s 100k x 64 B / 10k x \
          64 KiB, c2s batched 1M x 64 B, s2c 1M x 64 B / 10k x 64 KiB per round), ws, one connection each; msg/s and \

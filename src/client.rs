@@ -698,7 +698,9 @@ mod consumer_read_tests {
         sock: Arc<std::net::TcpStream>,
     }
 
-    fn alone(b: ClientBuilder) -> Alone {
+    /// A client connected with heartbeat off, no spin (every wait sleeps: the same path
+    /// each time) and no reconnect, and its `Events` past `Connected`.
+    fn connected(b: ClientBuilder) -> (Client, Events) {
         let client = b
             .heartbeat(Heartbeat::off())
             .event_spin(Duration::ZERO)
@@ -708,6 +710,11 @@ mod consumer_read_tests {
         let events = client.events();
         let first = events.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(matches!(first, Event::Connected { .. }), "{first:?}");
+        (client, events)
+    }
+
+    fn alone(b: ClientBuilder) -> Alone {
+        let (client, events) = connected(b);
         let (shared, waker, cgen, sock) = retire_reader(&client);
         Alone {
             client,
@@ -924,28 +931,16 @@ mod consumer_read_tests {
                 }
             }
         });
-        let client = Client::builder(&url)
-            .heartbeat(Heartbeat::off())
-            // Every wait sleeps (none spins): the same path each round trip.
-            .event_spin(Duration::ZERO)
-            .reconnect(false)
-            .connect()
-            .unwrap();
-        let events = client.events();
+        // The reader thread stays: this is the client as a user has it.
+        let (client, events) = connected(Client::builder(&url));
         let inbound = client.inner.shared.events.inbound().clone();
         const ROUNDS: u64 = 200;
         let before = inbound.drives();
         for i in 0..ROUNDS {
             client.send_binary(vec![i as u8; 64]).unwrap();
-            loop {
-                match events.recv_timeout(Duration::from_secs(20)) {
-                    Ok(Event::Message(Message::Binary(b))) => {
-                        assert_eq!(&b[..], &[i as u8; 64][..]);
-                        break;
-                    }
-                    Ok(Event::Connected { .. }) => {}
-                    other => panic!("{other:?}"),
-                }
+            match events.recv_timeout(Duration::from_secs(20)) {
+                Ok(Event::Message(Message::Binary(b))) => assert_eq!(&b[..], &[i as u8; 64][..]),
+                other => panic!("{other:?}"),
             }
         }
         let reads = inbound.drives() - before;

@@ -276,32 +276,45 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
             let (mut a, mut b, mut c, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             // Client CPU per message (ns, every client thread: wsbeat's reader included).
             let (mut a_cpu, mut b_cpu) = (Vec::new(), Vec::new());
-            let mut timed = |wsbeat: bool, rates: &mut Vec<f64>, cpu: &mut Vec<f64>| {
-                let before = util::client_cpu();
-                rates.push(one(wsbeat, n));
-                cpu.push(util::client_cpu_since(&before) as f64 / n as f64);
-            };
-            // The clients of this direction take turns, the first rotating: each runs at
-            // each place of a round equally often (over the rounds' multiple of 4). Before,
-            // raw and wsbeat alternated at the front and tokio-tungstenite always ran last,
-            // so the tokio ratio also compared places in the round.
+            // Each round is `chunks` turns of n / chunks messages per client, the clients
+            // interleaved (ABCD ABCD ...) and the first rotating each turn: each runs at
+            // each place equally often (over the turns' multiple of 4), and two clients'
+            // messages of one round are at most one turn apart (15-60 ms, not up to half a
+            // second: the VM's speed drifts on that scale, and a whole-round run each put
+            // the tokio-tungstenite ratio at 0.96-1.16x in runs of the same code).
             let clients = if hop.is_some() { 4 } else { 2 };
+            let chunks = o.pick(8, 2);
+            let per = n / chunks;
             for r in 0..rounds {
-                for i in 0..clients {
-                    match (r + i) % clients {
-                        0 => timed(false, &mut a, &mut a_cpu),
-                        1 => timed(true, &mut b, &mut b_cpu),
-                        2 => {
-                            if let Some(h) = &hop {
-                                c.push(h.s2c(n, size));
-                            }
-                        }
-                        _ => {
-                            if let Some(t) = tt.as_mut() {
-                                d.push(t.s2c(n, size));
-                            }
+                // Seconds per client over the round, and CPU ns (raw, wsbeat).
+                let mut secs = [0.0f64; 4];
+                let mut cpu = [0u64; 2];
+                for k in 0..chunks {
+                    for i in 0..clients {
+                        let who = (r + k + i) % clients;
+                        let before = (who < 2).then(util::client_cpu);
+                        let rate = match who {
+                            0 => one(false, per),
+                            1 => one(true, per),
+                            2 => hop.as_ref().map_or(f64::NAN, |h| h.s2c(per, size)),
+                            _ => tt.as_mut().map_or(f64::NAN, |t| t.s2c(per, size)),
+                        };
+                        secs[who] += per as f64 / rate;
+                        if let Some(before) = before {
+                            cpu[who] += util::client_cpu_since(&before);
                         }
                     }
+                }
+                let total = (per * chunks) as f64;
+                a.push(total / secs[0]);
+                b.push(total / secs[1]);
+                a_cpu.push(cpu[0] as f64 / total);
+                b_cpu.push(cpu[1] as f64 / total);
+                if hop.is_some() {
+                    c.push(total / secs[2]);
+                }
+                if tt.is_some() {
+                    d.push(total / secs[3]);
                 }
             }
             drop(hop);
@@ -401,17 +414,19 @@ pub fn run(o: &Opts, notes: &mut Vec<String>) -> Vec<Row> {
         }
     }
     notes.push(format!(
-        "Throughput: median of {rounds} rounds (the clients take turns in each round, the \
-         first rotating: raw, wsbeat, and server->client also the reader-thread diagnostic \
-         and tokio-tungstenite, each at each place equally often); the ratio is the median of \
-         the per-round ratios (each round runs the clients back to back: the VM's speed drifts \
-         between rounds for every client alike), the output lists the ratio of the medians \
-         too (full mode: c2s 100k x 64 B / 10k x \
-         64 KiB, c2s batched 1M x 64 B, s2c 1M x 64 B / 10k x 64 KiB per round), ws, one connection each; msg/s and \
-         bytes/s ratios are the same number since sizes are fixed. Client CPU per message \
-         (server->client 64 B): scheduler time of every thread of the process but the bench \
-         server's (wsbeat's reader and timer included) over each round, per message; the \
-         median of the rounds."
+        "Throughput: median of {rounds} rounds; a round is {chunks} turns, in each of which \
+         every client of the direction reads or writes a 1/{chunks} share, the clients \
+         interleaved and the first rotating each turn (raw, wsbeat, and server->client also \
+         the reader-thread diagnostic and tokio-tungstenite, each at each place equally \
+         often); a client's rate in a round is its messages over its summed time. The \
+         ratio is the median of the per-round ratios (the VM's speed drifts, alike for the \
+         clients of one round), the output lists the ratio of the medians too (full mode per \
+         round: c2s 100k x 64 B / 10k x 64 KiB, c2s batched 1M x 64 B, s2c 1M x 64 B / 10k x \
+         64 KiB), ws, one connection each; msg/s and bytes/s ratios are the same number since \
+         sizes are fixed. Client CPU per message (server->client 64 B): scheduler time of \
+         every thread of the process but the bench server's (wsbeat's reader and timer \
+         included) over the round's turns, per message; the median of the rounds.",
+        chunks = o.pick(8, 2)
     ));
     rows
 }

@@ -186,6 +186,13 @@ impl ClientBuilder {
     /// A send that cannot hand its bytes to the OS for this long declares the
     /// connection stalled (the peer stopped reading). Default 10 s. `Duration::MAX`:
     /// never declare a stall; zero is rejected by `connect()`.
+    ///
+    /// Not while your consumer is behind ([`event_capacity`](Self::event_capacity)
+    /// reached) and the peer's data waits unread: a peer that reads and writes on one
+    /// thread then waits for us to read, and is alive. A blocking send stops waiting
+    /// after this long instead, its message in flight (written once the peer reads
+    /// again), or handed back in [`Error::WouldBlock`](crate::Error::WouldBlock) when the
+    /// connection's buffer is full; the timeout starts over when reading resumes.
     pub fn write_timeout(mut self, timeout: Duration) -> Self {
         self.cfg.write_timeout = timeout;
         self

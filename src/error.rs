@@ -382,7 +382,10 @@ pub enum Error {
         /// The message that was not sent.
         message: Message,
     },
-    /// `try_send` could not send without waiting; the message is handed back.
+    /// `try_send` could not send without waiting; or a blocking send found the
+    /// connection's buffer full for the write timeout while the peer waits for your
+    /// consumer (see [`ClientBuilder::write_timeout`](crate::ClientBuilder::write_timeout)).
+    /// The message is handed back.
     #[error("sending would block; message handed back")]
     WouldBlock {
         /// The message that was not sent.

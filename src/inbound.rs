@@ -543,6 +543,12 @@ impl Inbound {
         }
     }
 
+    /// Whether the reader is held back by the bound now (an atomic load: no lock, so
+    /// also under `link`; [`held_back`](Self::held_back) without its side effect).
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.load(Ordering::SeqCst) != FREE
+    }
+
     /// Since when the reader is held back, if it is.
     pub(crate) fn held_since(&self) -> Option<Instant> {
         *self.held_since.lock()

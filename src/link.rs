@@ -355,6 +355,12 @@ impl Live {
         Ok(())
     }
 
+    /// Whether bytes from the peer wait unread in the socket (not its end: a peer that
+    /// shut its side is no sign of life). Never waits: the socket is nonblocking.
+    pub(crate) fn input_waits(&self) -> bool {
+        matches!(self.sock.peek(&mut [0u8; 1]), Ok(n) if n > 0)
+    }
+
     /// Flushes without blocking. `Ok(true)` when everything reached the OS.
     pub(crate) fn try_flush(&mut self) -> std::result::Result<bool, tungstenite::Error> {
         match self.ws.flush() {
@@ -838,6 +844,21 @@ impl Shared {
     }
 
     /// Declares connection `cgen` dead (first reporter wins; stale generations ignored).
+    /// Whether output pending on `live` waits for our own consumer rather than for the
+    /// peer: the reader is held back by the event bound (`event_capacity`: the consumer
+    /// is behind) and the peer's data waits unread in the socket. A peer that reads and
+    /// writes on one thread (a plain echo server) then blocks writing to us and stops
+    /// reading us: it is alive, and only our consumer can let it go on. No write stall is
+    /// judged then, by anyone (timer, sender, supervisor), and a blocking send past the
+    /// write timeout waits no more (its message stays in flight, or comes back in
+    /// `WouldBlock` when the buffer is full); the stall clock starts over when the reader
+    /// reads again (review of 37d87b0: such a link was killed after the write timeout,
+    /// the echoes in our socket thrown away with it). The heartbeat takes that input as
+    /// a sign of life alike (`timer.rs`).
+    pub(crate) fn stall_is_ours(&self, live: &Live) -> bool {
+        self.events.inbound().is_held() && live.input_waits()
+    }
+
     pub(crate) fn mark_dead(&self, link: &mut Link, cgen: u64, reason: DisconnectReason) {
         if let Some(live) = link.alive_mut(cgen) {
             log::debug!("connection {cgen} dead: {reason}");
@@ -1054,11 +1075,14 @@ impl Shared {
                 Ok(Written::Full(m)) => {
                     msg = m;
                     // Make room: flush what is buffered (waiting, unless `Try`).
-                    self.flush_batch(link, batch, mode);
+                    let ours = self.flush_batch(link, batch, mode);
                     let still_full = link
                         .live(batch.cgen)
                         .is_some_and(|l| l.pending_since.is_some());
-                    if mode == SendMode::Try && still_full {
+                    // No room after the write timeout, the peer waiting for our consumer
+                    // (`stall_is_ours`): handed back, as `try_send` would, rather than
+                    // waiting for as long as the consumer is behind.
+                    if (mode == SendMode::Try || ours) && still_full {
                         self.unadmit(link, ticket);
                         return Err(Error::WouldBlock { message: msg });
                     }
@@ -1288,9 +1312,17 @@ impl Shared {
     /// Flushes what the batch buffered on its connection. Blocking: waits (without the
     /// lock) until it all reached the OS, the connection died, or the write stalled past
     /// the write timeout (then declares it dead; what was in flight is requeued or handed
-    /// back with the connection). `Try`: one nonblocking flush, the rest is left to the
-    /// reader (woken) and judged by the timer.
-    fn flush_batch(&self, link: &mut MutexGuard<'_, Link>, batch: &mut Batch, mode: SendMode) {
+    /// back with the connection). A stall that is our consumer's (`stall_is_ours`) kills
+    /// nothing: past the write timeout the wait ends with the output still pending (in
+    /// flight; the reader flushes it once it reads again), and this returns true.
+    /// `Try`: one nonblocking flush, the rest is left to the reader (woken) and judged by
+    /// the timer.
+    fn flush_batch(
+        &self,
+        link: &mut MutexGuard<'_, Link>,
+        batch: &mut Batch,
+        mode: SendMode,
+    ) -> bool {
         // However it ends, the next 128 KiB count from here.
         batch.bytes = 0;
         let write_timeout = self.cfg.write_timeout;
@@ -1300,20 +1332,20 @@ impl Shared {
                 // Died (or its close frame was queued) meanwhile: the batch's messages
                 // went with the connection.
                 batch.buffered = 0;
-                return;
+                return false;
             };
             let was_pending = live.pending_since.is_some();
             match live.try_flush() {
                 Ok(true) => {
                     batch.buffered = 0;
-                    return;
+                    return false;
                 }
                 Ok(false) => {}
                 Err(e) => {
                     batch.buffered = 0;
                     let reason = reason_of(&e);
                     self.mark_dead(link, cgen, reason);
-                    return;
+                    return false;
                 }
             }
             if mode == SendMode::Try {
@@ -1325,16 +1357,22 @@ impl Shared {
                 }
                 // Counted in `sent` once that flush completes.
                 batch.buffered = 0;
-                return;
+                return false;
             }
             let since = live.pending_since.unwrap_or_else(Instant::now);
             let now = Instant::now();
             let left = deadline(since, write_timeout).saturating_duration_since(now);
+            if left.is_zero() && self.stall_is_ours(live) {
+                // The peer waits for our consumer: no stall, and no more waiting either.
+                // The output stays in flight; the reader flushes it once it reads again.
+                batch.buffered = 0;
+                return true;
+            }
             if left.is_zero() {
                 log::warn!("connection {cgen}: write stalled for {write_timeout:?}");
                 batch.buffered = 0;
                 self.mark_dead(link, cgen, DisconnectReason::WriteStalled);
-                return;
+                return false;
             }
             let sock = live.sock.clone();
             MutexGuard::unlocked_fair(link, || {

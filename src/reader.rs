@@ -539,6 +539,8 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         let mut bytes_in = false;
         // Read this time (false: held back by a full event channel).
         let mut read = true;
+        // Reads again after a hold: a write stall clock that ran meanwhile starts over.
+        let mut resumed = false;
         // Our close frame is out: read on to the peer's reply, whatever the bound.
         let to_end = inbound.reading_to_end();
         if to_end {
@@ -594,6 +596,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         read = hang_up || peer_done || !inbound.is_full();
                         if read {
                             inbound.set_free();
+                            resumed = true;
                         }
                     }
                 }
@@ -640,6 +643,14 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // Reading ourselves: the next consumer that reads is looked at again soon.
         defer = DEFER;
         let mut link = shared.link.lock();
+        if resumed
+            && let Some(live) = link.live_mut(cgen)
+            && live.pending_since.is_some()
+        {
+            // Output waited for the peer, which waited for our consumer (see
+            // `Shared::stall_is_ours`): the write timeout runs from now.
+            live.pending_since = Some(Instant::now());
+        }
         // Held back (`read` false): only flush, read nothing. Past the bound only to reach
         // the connection's end, and past twice the bound dropping the data.
         let take = if !read {

@@ -520,7 +520,11 @@ impl Supervisor {
                     .pending_since
                     .is_some_and(|t| t.elapsed() >= write_timeout)
             {
-                failed = Some(DisconnectReason::WriteStalled);
+                // Unless the peer waits for our consumer (`Shared::stall_is_ours`): then
+                // this waits on (`close()` and `reconnect_now()` end the wait below).
+                if !self.shared.stall_is_ours(live) {
+                    failed = Some(DisconnectReason::WriteStalled);
+                }
             }
             if let Some(reason) = failed {
                 self.shared.mark_dead(link, cgen, reason);

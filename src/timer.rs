@@ -2,7 +2,6 @@
 //! overdue acked messages. What to do and when is decided by the pure
 //! [`evaluate`](crate::heartbeat::evaluate); this file only applies it under the lock.
 
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,7 +60,16 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                     // Give the socket one more chance to drain before judging.
                     match live.try_flush() {
                         Ok(true) => {}
-                        Ok(false) if now >= due => dead = Some(DisconnectReason::WriteStalled),
+                        Ok(false) if now >= due => {
+                            if shared.stall_is_ours(live) {
+                                // The peer waits for our consumer (see `stall_is_ours`):
+                                // looked at again later (the reader's next read restarts
+                                // the clock).
+                                wake_at = Some(deadline(now, write_timeout));
+                            } else {
+                                dead = Some(DisconnectReason::WriteStalled);
+                            }
+                        }
                         Ok(false) => wake_at = Some(due),
                         Err(e) => dead = Some(reason_of(&e)),
                     }
@@ -77,7 +85,7 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                     if left && let Some(since) = inbound.held_since() {
                         live.hb.held_back(since);
                     }
-                    if unread_input(&live.sock) {
+                    if live.input_waits() {
                         live.hb.held_back(now);
                     }
                 }
@@ -106,7 +114,7 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
                                 break;
                             }
                             Some(Step::Dead(r)) => {
-                                let unread = unread_input(&live.sock);
+                                let unread = live.input_waits();
                                 match grace.as_ref().filter(|g| g.generation == cgen) {
                                     None if unread => {
                                         log::debug!(
@@ -189,12 +197,6 @@ pub(crate) fn run(shared: Arc<Shared>, ctl: Receiver<TimerCmd>) {
             recv(timeout) -> _ => {}
         }
     }
-}
-
-/// Whether bytes from the peer wait unread in the socket (not its end: a peer that
-/// shut its side is no sign of life). The socket is nonblocking: never waits.
-fn unread_input(sock: &TcpStream) -> bool {
-    matches!(sock.peek(&mut [0u8; 1]), Ok(n) if n > 0)
 }
 
 /// Makes `wake_at` `t` if that is sooner (or it was unset).

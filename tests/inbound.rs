@@ -1073,3 +1073,111 @@ fn a_kept_batch_pauses_every_consumer_alike() {
     let _ = client.close();
     server.join().unwrap();
 }
+
+/// A plain blocking echo server on one thread (read a message, write it back, like most
+/// simple servers): once the client stops reading, its write blocks and it stops reading
+/// the client too. Serves one connection; ends when the client goes away.
+fn blocking_echo_server() -> (String, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/echo", listener.local_addr().unwrap());
+    let t = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        while let Ok(m) = ws.read() {
+            if (m.is_text() || m.is_binary()) && ws.send(m).is_err() {
+                return;
+            }
+        }
+    });
+    (url, t)
+}
+
+/// Review q2 of 37d87b0: with the consumer behind, the reader stops reading; a blocking
+/// echo server then blocks writing to us and stops reading us, so our sends stall, and
+/// after the write timeout the live link was killed (`WriteStalled`), the echoes it had
+/// sent thrown away with it. The peer waits for our consumer: no stall is judged while
+/// the reader is held back and the peer's data waits unread. A blocking send still
+/// returns within the write timeout (its message stays in flight, or comes back in the
+/// error when it did not fit), and once the consumer reads, every accepted message comes
+/// back, in order, on the same connection.
+#[test]
+fn a_consumer_pause_does_not_get_a_blocked_echo_server_declared_stalled() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (url, server) = blocking_echo_server();
+    let write_timeout = Duration::from_millis(500);
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+        ))
+        .write_timeout(write_timeout)
+        .event_capacity(100, 1 << 30)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    let sender = client.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_sending = stop.clone();
+    let send_thread = std::thread::spawn(move || {
+        let filler = "x".repeat(16 << 10);
+        let mut accepted = 0u64;
+        let mut longest = Duration::ZERO;
+        for i in 0..4000u64 {
+            if stop_sending.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            let t = Instant::now();
+            let r = sender.send_text(format!("{i:08}{filler}"));
+            longest = longest.max(t.elapsed());
+            match r {
+                Ok(()) => accepted += 1,
+                Err(e) => {
+                    assert!(e.into_message().is_some(), "the message comes back");
+                    break;
+                }
+            }
+        }
+        (accepted, longest)
+    });
+    // The consumer is busy elsewhere for 8x the write timeout (the scenario, not a
+    // synchronisation); the reader is held back meanwhile.
+    assert!(
+        wait_until(WAIT, || client.stats().consumer_behind_since.is_some()),
+        "the reader is held back: {:?}",
+        client.stats()
+    );
+    std::thread::sleep(8 * write_timeout);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (accepted, longest) = send_thread.join().unwrap();
+    let st = client.stats();
+    assert_eq!(st.generation, 1, "the link was killed: {st:?}");
+    assert_eq!(st.state, wsbeat::State::Open, "the link was killed: {st:?}");
+    assert!(
+        longest < 4 * write_timeout,
+        "a blocking send waited {longest:?} (write timeout {write_timeout:?})"
+    );
+    // Catch up: the echo of every accepted message, in order, on the same connection.
+    let mut next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while next < accepted {
+        match events.recv_deadline(deadline) {
+            Ok(Event::Message(Message::Text(t))) => {
+                assert_eq!(
+                    t[..8].parse::<u64>().unwrap(),
+                    next,
+                    "echo lost or reordered"
+                );
+                next += 1;
+            }
+            Ok(Event::Disconnected { reason, .. }) => {
+                panic!("disconnected after {next} of {accepted} echoes: {reason}")
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{next} of {accepted} echoes: {e}"),
+        }
+    }
+    assert_eq!(client.stats().generation, 1);
+    let _ = client.close();
+    server.join().unwrap();
+}

@@ -308,7 +308,7 @@ impl Outbox {
         {
             return Admit::Full;
         }
-        self.bytes += size;
+        self.bytes = self.bytes.saturating_add(size);
         let seq = self.next;
         self.next += 1;
         self.index.insert(id, seq);
@@ -327,7 +327,7 @@ impl Outbox {
     /// Stops tracking the entry `seq` (its id is out of the index already).
     fn remove(&mut self, seq: u64) -> Option<Entry> {
         let e = self.entries.remove(&seq)?;
-        self.bytes -= payload_len(&e.msg);
+        self.bytes = self.bytes.saturating_sub(payload_len(&e.msg));
         Some(e)
     }
 
@@ -510,6 +510,23 @@ mod tests {
             Admit::Ok(Some(seq)) => seq,
             _ => panic!("{m:?} not taken"),
         }
+    }
+
+    /// Review of 4c2e498: with `max_bytes(usize::MAX)`, payload bytes past 2^64
+    /// overflowed the count (a panic in `send` in debug builds); it saturates now.
+    #[test]
+    fn the_byte_count_saturates_with_no_byte_limit() {
+        let mut o = Outbox::new(
+            Acks::json_field("id", "ack")
+                .max_messages(usize::MAX)
+                .max_bytes(usize::MAX),
+        );
+        let m = |i: u64| Message::text(format!(r#"{{"id":{i},"pad":"0123456789"}}"#));
+        let first = take(&mut o, &m(1));
+        o.bytes = usize::MAX - 2;
+        let second = take(&mut o, &m(2));
+        assert_eq!(o.bytes, usize::MAX);
+        assert!(o.remove(second).is_some() && o.remove(first).is_some());
     }
 
     /// A server that stops acking holds the outbox to `max_bytes` of payload, not only

@@ -79,7 +79,8 @@ pub(crate) fn outgoing_refusal(msg: &Message, limit: usize) -> Option<Refusal> {
 /// or handed back twice).
 pub(crate) type Ticket = Option<u64>;
 
-/// A FIFO bounded by message count and payload bytes.
+/// A FIFO bounded by message count and payload bytes (the byte count saturates: with no
+/// byte limit, `usize::MAX`, messages that share one buffer may sum past it).
 #[derive(Debug)]
 pub(crate) struct OfflineQueue {
     msgs: VecDeque<(Message, Ticket)>,
@@ -109,7 +110,7 @@ impl OfflineQueue {
     /// Would `m` fit without dropping anything?
     pub(crate) fn has_room(&self, m: &Message) -> bool {
         self.msgs.len() < self.max_msgs
-            && (self.msgs.is_empty() || self.bytes + payload_len(m) <= self.max_bytes)
+            && (self.msgs.is_empty() || self.bytes.saturating_add(payload_len(m)) <= self.max_bytes)
     }
 
     /// Could `m` ever fit (even in an empty queue)?
@@ -119,7 +120,7 @@ impl OfflineQueue {
 
     /// Appends without checking the bounds (caller checked `has_room` or chose to drop).
     pub(crate) fn push_back(&mut self, m: Message, ticket: Ticket) {
-        self.bytes += payload_len(&m);
+        self.bytes = self.bytes.saturating_add(payload_len(&m));
         self.msgs.push_back((m, ticket));
     }
 
@@ -127,19 +128,19 @@ impl OfflineQueue {
     /// front, in their order. They bypass the bounds: they were accepted before.
     pub(crate) fn requeue_front(&mut self, ms: impl DoubleEndedIterator<Item = (Message, Ticket)>) {
         for (m, t) in ms.rev() {
-            self.bytes += payload_len(&m);
+            self.bytes = self.bytes.saturating_add(payload_len(&m));
             self.msgs.push_front((m, t));
         }
     }
 
     pub(crate) fn pop_front(&mut self) -> Option<(Message, Ticket)> {
         let (m, t) = self.msgs.pop_front()?;
-        self.bytes -= payload_len(&m);
+        self.bytes = self.bytes.saturating_sub(payload_len(&m));
         Some((m, t))
     }
 
     pub(crate) fn push_front(&mut self, m: Message, ticket: Ticket) {
-        self.bytes += payload_len(&m);
+        self.bytes = self.bytes.saturating_add(payload_len(&m));
         self.msgs.push_front((m, ticket));
     }
 
@@ -154,7 +155,7 @@ impl OfflineQueue {
         self.msgs.retain(|(m, t)| {
             let kept = keep(t);
             if !kept {
-                bytes -= payload_len(m);
+                bytes = bytes.saturating_sub(payload_len(m));
             }
             kept
         });
@@ -171,6 +172,25 @@ impl OfflineQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review of 4c2e498: with `queue_bytes(usize::MAX)` ("no limit"), payload bytes
+    /// past 2^64 (messages that share one mapping cost no memory each) overflowed the
+    /// count: a panic in `send` (debug) or a wrapped count (release). It saturates now.
+    #[test]
+    fn the_byte_count_saturates_with_no_byte_limit() {
+        let mut q = OfflineQueue::new(usize::MAX, usize::MAX);
+        q.push_back(Message::text("first"), None);
+        q.bytes = usize::MAX - 2;
+        let m = Message::text("more than two bytes");
+        assert!(q.has_room(&m), "no byte limit: always room");
+        q.push_back(m.clone(), None);
+        q.push_front(m.clone(), None);
+        q.requeue_front(vec![(m, None)].into_iter());
+        assert_eq!(q.bytes, usize::MAX);
+        while q.pop_front().is_some() {}
+        q.retain(|_| true);
+        assert!(q.is_empty());
+    }
 
     #[test]
     fn bounds_and_order() {

@@ -205,6 +205,9 @@ pub(crate) struct Live {
     /// brings it to 0 knows nothing is left in tungstenite's buffer; else 0 is a hint (a
     /// stop it causes says "more").
     pub exact: bool,
+    /// The largest payload past `read_buffer_size` read on this connection (0: none):
+    /// tungstenite's read buffer grew to hold it (see `reader::Payloads`).
+    pub grown_to: usize,
     pub hb: HbState,
     /// The close frame was queued by us (client-initiated close).
     pub close_sent: bool,

@@ -282,6 +282,11 @@ fn drain(
     // Data messages that neither a reply matcher nor the outbox looks at take the short
     // way (most of them): one heartbeat mark per drain instead of one per message.
     let plain = !hb.matches_replies() && outbox.is_none() && take == Take::Keep;
+    let mut payloads = Payloads {
+        recycler,
+        buffer: shared.cfg.read_buffer_size,
+        grown_to: live.grown_to,
+    };
     let mut data = false;
     let mut dropped = 0;
     loop {
@@ -319,12 +324,12 @@ fn drain(
             Ok(Message::Binary(b)) if plain => {
                 (n, msgs, bytes, data) = (n + 1, msgs + 1, bytes + b.len(), true);
                 frames += frame_len(b.len());
-                out.push_back(Message::Binary(own(recycler, b)));
+                out.push_back(Message::Binary(payloads.bytes(b)));
             }
             Ok(Message::Text(t)) if plain => {
                 (n, msgs, bytes, data) = (n + 1, msgs + 1, bytes + t.len(), true);
                 frames += frame_len(t.len());
-                out.push_back(Message::Text(own_text(recycler, t)));
+                out.push_back(Message::Text(payloads.text(t)));
             }
             Ok(msg) => {
                 n += 1;
@@ -350,16 +355,16 @@ fn drain(
                     }
                     Message::Binary(b) if !consumed => {
                         (msgs, bytes) = (msgs + 1, bytes + b.len());
-                        out.push_back(Message::Binary(own(recycler, b)));
+                        out.push_back(Message::Binary(payloads.bytes(b)));
                     }
                     Message::Text(t) if !consumed => {
                         (msgs, bytes) = (msgs + 1, bytes + t.len());
-                        out.push_back(Message::Text(own_text(recycler, t)));
+                        out.push_back(Message::Text(payloads.text(t)));
                     }
                     Message::Ping(ref p) | Message::Pong(ref p) if surface_pings && !consumed => {
                         // Handed to the user like data: within the same bound.
                         (msgs, bytes) = (msgs + 1, bytes + p.len());
-                        out.push_back(msg);
+                        out.push_back(payloads.message(msg));
                     }
                     Message::Close(frame) if !live.close_sent => {
                         dead = Some(DisconnectReason::closed_by_peer(frame));
@@ -381,6 +386,7 @@ fn drain(
         }
     }
     live.ws.get_mut().set_read_quota(None);
+    live.grown_to = payloads.grown_to;
     // Bytes read that the pings and pongs read do not account for: part of a data
     // message still arriving (liveness even while a reply is stuck behind a large frame),
     // whoever read them, the reader or a consumer. Carried over drains: one that stops
@@ -451,27 +457,83 @@ fn frame_len(payload: usize) -> u64 {
     (header + payload) as u64
 }
 
-/// A payload for the user: a large one moves into a recycled buffer (see [`Recycler`])
-/// when the reader thread read it.
-#[inline]
-fn own(recycler: Option<&Arc<Recycler>>, b: Bytes) -> Bytes {
-    match recycler {
-        Some(r) if b.len() >= COPY_MIN => r.copy(&b),
-        _ => b,
+/// How a drain takes payloads out of tungstenite's read buffer. A payload there is a
+/// slice of that buffer, and keeps all of it while the user keeps the message.
+/// - A large one read by the reader thread moves into a recycled buffer (see
+///   [`Recycler`]).
+/// - Once a message larger than `read_buffer_size` arrived, the buffer grew to its size
+///   (and may stay that large): payloads much smaller than that are copied out from then
+///   on, so that a small message kept does not keep the grown buffer (review of d696f9d:
+///   32 kept texts of 10 bytes, each read after a 1 MiB message, held 36 MiB after their
+///   connection ended). Connections that never get such a message copy nothing.
+struct Payloads<'a> {
+    recycler: Option<&'a Arc<Recycler>>,
+    /// `read_buffer_size`.
+    buffer: usize,
+    /// The largest payload past `buffer` read on this connection (`Live::grown_to`).
+    grown_to: usize,
+}
+
+impl Payloads<'_> {
+    /// Whether a payload of `len` bytes is copied rather than kept in the read buffer.
+    #[inline]
+    fn copies(&mut self, len: usize) -> Copying {
+        if len > self.buffer {
+            self.grown_to = self.grown_to.max(len);
+        }
+        match self.recycler {
+            Some(_) if len >= COPY_MIN => Copying::Recycled,
+            // It would keep a buffer at least 4 times its size.
+            _ if self.grown_to > 0 && len.saturating_mul(4) < self.grown_to => Copying::Fresh,
+            _ => Copying::No,
+        }
+    }
+
+    #[inline]
+    fn bytes(&mut self, b: Bytes) -> Bytes {
+        match self.copies(b.len()) {
+            Copying::No => b,
+            Copying::Fresh => Bytes::copy_from_slice(&b),
+            Copying::Recycled => match self.recycler {
+                Some(r) => r.copy(&b),
+                None => b,
+            },
+        }
+    }
+
+    #[inline]
+    fn text(&mut self, t: Utf8Bytes) -> Utf8Bytes {
+        let bytes = match self.copies(t.len()) {
+            Copying::No => return t,
+            Copying::Fresh => Bytes::copy_from_slice(t.as_bytes()),
+            Copying::Recycled => match self.recycler {
+                Some(r) => r.copy(t.as_bytes()),
+                None => return t,
+            },
+        };
+        // SAFETY: `bytes` is a copy of `t`, which is valid UTF-8.
+        unsafe { Utf8Bytes::from_bytes_unchecked(bytes) }
+    }
+
+    /// A surfaced ping or pong (or any other message) with its payload taken out alike.
+    fn message(&mut self, m: Message) -> Message {
+        match m {
+            Message::Ping(p) => Message::Ping(self.bytes(p)),
+            Message::Pong(p) => Message::Pong(self.bytes(p)),
+            Message::Binary(b) => Message::Binary(self.bytes(b)),
+            Message::Text(t) => Message::Text(self.text(t)),
+            other => other,
+        }
     }
 }
 
-/// [`own`] for a text payload.
-#[inline]
-fn own_text(recycler: Option<&Arc<Recycler>>, t: Utf8Bytes) -> Utf8Bytes {
-    match recycler {
-        Some(r) if t.len() >= COPY_MIN => {
-            let bytes = r.copy(t.as_bytes());
-            // SAFETY: `bytes` is a copy of `t`, which is valid UTF-8.
-            unsafe { Utf8Bytes::from_bytes_unchecked(bytes) }
-        }
-        _ => t,
-    }
+/// See [`Payloads::copies`].
+enum Copying {
+    No,
+    /// Into a fresh allocation of its own size.
+    Fresh,
+    /// Into a buffer of the reader's pool.
+    Recycled,
 }
 
 /// How long the reader leaves ready input to a consumer that reads for itself before it

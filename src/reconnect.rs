@@ -414,6 +414,7 @@ impl Supervisor {
                 unaccounted: 0,
                 buffered: 0,
                 exact: opened.settled,
+                grown_to: 0,
                 hb: HbState::new(now),
                 close_sent: false,
                 reader: None,

@@ -157,3 +157,52 @@ fn small_messages_after_a_burst_do_not_keep_its_memory() {
         "ticking after a burst: {now} KiB resident against {base} KiB before it"
     );
 }
+
+/// Review of d696f9d: a small payload is a slice of tungstenite's read buffer, so a
+/// kept small message kept that whole buffer; after a message larger than the read
+/// buffer, that buffer had grown to the large message's size: 64 kept texts of 10 bytes,
+/// each read after a 1 MiB message, held ~68 MiB after their connection ended. Small
+/// payloads read from a grown buffer are copied out now, whoever reads them: the reader
+/// thread (`select!` consumer) or the consumer itself (`recv`).
+#[test]
+fn small_messages_kept_after_large_ones_hold_only_their_bytes() {
+    for select in [true, false] {
+        let _serial = serial();
+        let server = TestServer::builder().no_record().start();
+        let (client, events) = connected(&server);
+        let base = rss_trimmed();
+        const ROUNDS: usize = 32;
+        let mut kept = Vec::new();
+        for i in 0..ROUNDS {
+            client.send_binary(vec![7u8; 1 << 20]).unwrap();
+            client.send_text(format!("keep-{i:05}")).unwrap();
+            let mut got = Vec::new();
+            while got.len() < 2 {
+                if select {
+                    let batch = events.receiver().recv_timeout(T).expect("the echoes");
+                    got.extend(batch.into_iter().filter(|e| matches!(e, Event::Message(_))));
+                } else if let ev @ Event::Message(_) = events.recv_timeout(T).expect("an echo") {
+                    got.push(ev);
+                }
+            }
+            for ev in got {
+                if let Event::Message(m @ wsbeat::Message::Text(_)) = ev {
+                    kept.push(m);
+                }
+            }
+        }
+        let _ = client.close();
+        drop(events);
+        // The server's buffers grew to 1 MiB too: gone with it.
+        drop(server);
+        let bytes: usize = kept.iter().map(|m| m.len()).sum();
+        assert_eq!(kept.len(), ROUNDS);
+        if let Err(now) = rss_down_to(base + LEFT) {
+            panic!(
+                "{ROUNDS} kept messages of {bytes} bytes in all (select: {select}): {now} KiB \
+                 resident against {base} KiB before"
+            );
+        }
+        drop(kept);
+    }
+}

@@ -588,6 +588,8 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
     // The peer hung up while we were held back: read on to the end (see `Take::Drop`).
     let mut hung_up = false;
     let mut dropped = 0;
+    // The socket's input is marked stale for this hold (see `Stream::input_stale`).
+    let mut stale_marked = false;
     loop {
         if inbound.take_flush_wanted() {
             want_write = true;
@@ -606,9 +608,21 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // Our close frame is out: read on to the peer's reply, whatever the bound.
         let to_end = inbound.reading_to_end();
         if to_end {
+            resumed = inbound.is_held();
             inbound.set_free();
         }
         let held = !to_end && inbound.is_full() && inbound.hold(left);
+        if held && !stale_marked {
+            // From now on input waits in the socket, for as long as the consumer is
+            // behind: whoever reads it later (this thread, or a consumer reading for
+            // itself) must not take it for a sign of life at that time.
+            let mut link = shared.link.lock();
+            if let Some(live) = link.live_mut(cgen) {
+                live.ws.get_mut().input_stale();
+            }
+            MutexGuard::unlock_fair(link);
+        }
+        stale_marked = held;
         // The buffer pool is idle once unused for `RECYCLE_IDLE`: small messages do not
         // use it, so neither they nor a consumer reading them keep it.
         let pool_idle_in = if recycler.in_use() {

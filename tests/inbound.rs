@@ -1181,3 +1181,95 @@ fn a_consumer_pause_does_not_get_a_blocked_echo_server_declared_stalled() {
     let _ = client.close();
     server.join().unwrap();
 }
+
+/// What `stale_input_case` found: messages counted possibly lost, and handed back.
+fn stale_input_case(behind: bool) -> (u64, usize) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+    let server = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        for i in 0..5 {
+            ws.send(Message::text(format!("early {i}"))).unwrap();
+        }
+        // The pace is the scenario: the sixth message comes after the consumer fell
+        // behind (with a bound of 5, it waits unread in the client's socket).
+        std::thread::sleep(Duration::from_millis(400));
+        ws.send(Message::text("last")).unwrap();
+        // A hung application from now on: never reads or writes again (its kernel still
+        // acknowledges what arrives).
+        let _ = stopped.recv();
+    });
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(300),
+            Duration::from_millis(300),
+        ))
+        .event_capacity(5, 1 << 30)
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    if behind {
+        assert!(
+            wait_until(WAIT, || client.stats().consumer_behind_since.is_some()),
+            "the reader is held back"
+        );
+    } else {
+        while got
+            .iter()
+            .filter(|e| matches!(e, Event::Message(_)))
+            .count()
+            < 6
+        {
+            got.push(events.recv_timeout(WAIT).expect("the server's messages"));
+        }
+    }
+    // After the server's last message: what we send now comes after its last sign of
+    // life. Its kernel acknowledges these, its application never reads them.
+    std::thread::sleep(Duration::from_millis(800).saturating_sub(start.elapsed()));
+    for i in 0..100 {
+        client.send_text(format!("m{i}")).unwrap();
+    }
+    let mut handed = 0;
+    loop {
+        match events
+            .recv_timeout(WAIT)
+            .expect("the link ends, then Closed")
+        {
+            Event::Undelivered(v) => handed += v.len(),
+            Event::Closed => break,
+            _ => {}
+        }
+    }
+    let lost = client.stats().possibly_lost;
+    handed += client.close().len();
+    drop(stop);
+    server.join().unwrap();
+    (lost, handed)
+}
+
+/// Review of 3bc9e13: input read late because the consumer was behind moved the peer's
+/// last sign of life to when it was read, past what we had sent meanwhile: 100 messages
+/// a hung server's kernel acknowledged (its application never read them) were taken for
+/// delivered, neither counted possibly lost nor handed back. With a prompt consumer they
+/// are counted; now also with one that was behind.
+#[test]
+fn input_read_late_is_no_later_sign_of_life() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (lost, handed) = stale_input_case(false);
+    assert_eq!(
+        lost as usize + handed,
+        100,
+        "prompt consumer: {lost} + {handed}"
+    );
+    let (lost, handed) = stale_input_case(true);
+    assert_eq!(
+        lost as usize + handed,
+        100,
+        "consumer behind: {lost} possibly lost + {handed} handed back"
+    );
+}

@@ -38,6 +38,10 @@ pub(crate) struct Tcp {
     written: u64,
     /// `written` when bytes last arrived from the peer (its last sign of life).
     written_at_read: u64,
+    /// What is read now may have waited in the socket for long (the reader was held back
+    /// by the event bound): it says nothing of when the peer sent it, so it does not move
+    /// `written_at_read`, until a read finds the socket empty (see [`Stream::input_stale`]).
+    stale: bool,
     /// The widest read tungstenite asked for since the connection opened: its read
     /// buffer size (see [`Stream::take_nearly_full`]).
     widest_read: usize,
@@ -61,6 +65,7 @@ impl Tcp {
             read_quota: None,
             written: 0,
             written_at_read: 0,
+            stale: false,
             widest_read: 0,
             nearly_full: false,
             taken: 0,
@@ -104,13 +109,18 @@ impl Read for Tcp {
             match (&self.sock).read(buf) {
                 Err(e) if connecting && is_retry(&e) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Read to the socket's end: what comes from now on is fresh.
+                    self.stale = false;
+                    return Err(e);
+                }
                 r => break r?,
             }
         };
         if let Some(q) = self.read_quota.as_mut() {
             *q -= n;
         }
-        if n > 0 {
+        if n > 0 && !self.stale {
             self.written_at_read = self.written;
         }
         Ok(n)
@@ -171,6 +181,15 @@ impl Stream {
     pub(crate) fn offsets(&self) -> (u64, u64) {
         let tcp = self.inner();
         (tcp.written, tcp.written_at_read)
+    }
+
+    /// The input waiting in the socket may have waited there for long (the reader was
+    /// held back): until a read finds the socket empty, reading it is no sign of life
+    /// after the output written meanwhile (review of 3bc9e13: messages a hung server's
+    /// kernel acknowledged after its last message were taken for delivered, because that
+    /// message was read after them).
+    pub(crate) fn input_stale(&mut self) {
+        self.inner_mut().stale = true;
     }
 
     /// Has `bytes` read again before anything else (they come before what is left of an

@@ -336,7 +336,10 @@ impl Client {
 
     /// Sends a message. Returns once it reached the OS, or once it is queued while
     /// disconnected. Waits (without holding any lock) up to the write timeout for a slow
-    /// peer. `Err` hands the message back: see [`Error::into_message`].
+    /// peer; while your consumer is behind and the peer waits for it, no longer than
+    /// that, the message then in flight (see
+    /// [`write_timeout`](crate::ClientBuilder::write_timeout)). `Err` hands the message
+    /// back: see [`Error::into_message`].
     ///
     /// Refused at once, as the peer would drop the connection on them: a ping or pong
     /// over 125 bytes ([`Error::MessageTooLarge`]), a close frame (use

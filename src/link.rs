@@ -12,7 +12,7 @@
 //! | `Shared::connecting` (the mutex inside `dial::Cancel`) | supervisor (`establish` / `connect::open`: attach / detach the socket of the attempt), `close()` (`Cancel::cancel`: shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
-//! | `Inbound::waker`, `Inbound::held_since` (inbound.rs) | the reader (attach, hold, resume), the consumer in `Events` (wake the reader), `stats()` before it takes `link` | an `Option` read or write (leaves; never taken under `link`) |
+//! | `Inbound::waker`, `Inbound::held_since` (inbound.rs) | the reader (attach, hold, resume), the consumer in `Events` (wake the reader), `stats()` before it takes `link`; `held_since` also under `link` (the timer, `Shared::stall_is_ours`) | an `Option` read or write (leaves: nothing is taken under them) |
 //! | `Inbound::idle_since` (inbound.rs) | the reader alone (hold, its look at the consumer's progress) | a read or write (a leaf) |
 //! | `SendGate::lock` (+ its condvar) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`SendGate::wake`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
 //! | `EventSink::grammar` (inbound.rs) | whoever emits an event (any thread, also under `link`); `close()` (`begin_close`, `wait_closed`) | the grammar check and one unbounded channel send (after `Closed`, dropping the sender); the condvar wait for `Closed` |
@@ -846,22 +846,32 @@ impl Shared {
         }
     }
 
-    /// Declares connection `cgen` dead (first reporter wins; stale generations ignored).
     /// Whether output pending on `live` waits for our own consumer rather than for the
     /// peer: the reader is held back by the event bound (`event_capacity`: the consumer
-    /// is behind) and the peer's data waits unread in the socket. A peer that reads and
-    /// writes on one thread (a plain echo server) then blocks writing to us and stops
-    /// reading us: it is alive, and only our consumer can let it go on. No write stall is
-    /// judged then, by anyone (timer, sender, supervisor), and a blocking send past the
-    /// write timeout waits no more (its message stays in flight, or comes back in
-    /// `WouldBlock` when the buffer is full); the stall clock starts over when the reader
-    /// reads again (review of 37d87b0: such a link was killed after the write timeout,
-    /// the echoes in our socket thrown away with it). The heartbeat takes that input as
-    /// a sign of life alike (`timer.rs`).
+    /// is behind), the peer's data waits unread in the socket, and our output last moved
+    /// after the hold began (the peer read us after we stopped reading it). A peer that
+    /// reads and writes on one thread (a plain echo server) then blocks writing to us and
+    /// stops reading us: it is alive, and only our consumer can let it go on. No write
+    /// stall is judged then, by anyone (timer, sender, supervisor), and a blocking send
+    /// waits no more than the write timeout (its message stays in flight, or comes back
+    /// in `WouldBlock` when the buffer is full); when the reader reads again, the write
+    /// timeout starts over (`reader::run`). Review of 37d87b0: such a link was killed
+    /// after the write timeout, the echoes in our socket thrown away with it. A peer that
+    /// took none of our output since before the hold (one that never reads) is judged as
+    /// ever, held back or not (review of 20cb2ad: with a consumer slow but steady, held
+    /// back and reading again by turns, it was never judged). The heartbeat takes unread
+    /// input as a sign of life alike (`timer.rs`).
     pub(crate) fn stall_is_ours(&self, live: &Live) -> bool {
-        self.events.inbound().is_held() && live.input_waits()
+        let inbound = self.events.inbound();
+        inbound.is_held()
+            && inbound
+                .held_since()
+                .zip(live.pending_since)
+                .is_some_and(|(held, pending)| held <= pending)
+            && live.input_waits()
     }
 
+    /// Declares connection `cgen` dead (first reporter wins; stale generations ignored).
     pub(crate) fn mark_dead(&self, link: &mut Link, cgen: u64, reason: DisconnectReason) {
         if let Some(live) = link.alive_mut(cgen) {
             log::debug!("connection {cgen} dead: {reason}");
@@ -1330,6 +1340,7 @@ impl Shared {
         batch.bytes = 0;
         let write_timeout = self.cfg.write_timeout;
         let cgen = batch.cgen;
+        let started = Instant::now();
         loop {
             let Some(live) = link.live_mut(cgen).filter(|l| l.takes_data()) else {
                 // Died (or its close frame was queued) meanwhile: the batch's messages
@@ -1365,9 +1376,16 @@ impl Shared {
             let since = live.pending_since.unwrap_or_else(Instant::now);
             let now = Instant::now();
             let left = deadline(since, write_timeout).saturating_duration_since(now);
-            if left.is_zero() && self.stall_is_ours(live) {
+            // This send's own wait, bounded by the write timeout while the peer waits for
+            // our consumer (the hold moves the stall clock on: `reader::run`).
+            let own_left = deadline(started, write_timeout).saturating_duration_since(now);
+            if (left.is_zero() || own_left.is_zero()) && self.stall_is_ours(live) {
                 // The peer waits for our consumer: no stall, and no more waiting either.
-                // The output stays in flight; the reader flushes it once it reads again.
+                // The output stays in flight; the reader flushes it once it reads again,
+                // and the timer judges it then (review of 20cb2ad: with the heartbeat
+                // off, nobody told it, and a peer that then took nothing was never
+                // declared stalled).
+                let _ = self.timer.send(TimerCmd::Wake);
                 batch.buffered = 0;
                 return true;
             }
@@ -1377,9 +1395,14 @@ impl Shared {
                 self.mark_dead(link, cgen, DisconnectReason::WriteStalled);
                 return false;
             }
+            let wait = if own_left.is_zero() {
+                left
+            } else {
+                left.min(own_left)
+            };
             let sock = live.sock.clone();
             MutexGuard::unlocked_fair(link, || {
-                wait_writable(&sock, left);
+                wait_writable(&sock, wait);
             });
         }
     }

@@ -32,7 +32,7 @@ use tungstenite::Bytes;
 use tungstenite::protocol::frame::Utf8Bytes;
 
 use crate::inbound::{Batch, Drive};
-use crate::link::{Link, Shared, current_mut};
+use crate::link::{Link, Shared, TimerCmd, current_mut};
 use crate::time::deadline;
 use crate::transport::stream::{READ_QUOTA, is_would_block, reason_of};
 use crate::transport::sys::{
@@ -461,11 +461,14 @@ fn frame_len(payload: usize) -> u64 {
 /// slice of that buffer, and keeps all of it while the user keeps the message.
 /// - A large one read by the reader thread moves into a recycled buffer (see
 ///   [`Recycler`]).
-/// - Once a message larger than `read_buffer_size` arrived, the buffer grew to its size
-///   (and may stay that large): payloads much smaller than that are copied out from then
-///   on, so that a small message kept does not keep the grown buffer (review of d696f9d:
-///   32 kept texts of 10 bytes, each read after a 1 MiB message, held 36 MiB after their
-///   connection ended). Connections that never get such a message copy nothing.
+/// - Once a frame larger than `read_buffer_size` arrived (an unfragmented message: its
+///   payload is a slice of the buffer, not unique), the buffer grew to its size (and may
+///   stay that large): payloads much smaller than that are copied out from then on, so
+///   that a small message kept does not keep the grown buffer (review of d696f9d: 32
+///   kept texts of 10 bytes, each read after a 1 MiB message, held 36 MiB after their
+///   connection ended). A fragmented message is put together outside the buffer (review
+///   of 20cb2ad: one made every later payload a copy). Connections that never get such
+///   a frame copy nothing.
 struct Payloads<'a> {
     recycler: Option<&'a Arc<Recycler>>,
     /// `read_buffer_size`.
@@ -475,10 +478,12 @@ struct Payloads<'a> {
 }
 
 impl Payloads<'_> {
-    /// Whether a payload of `len` bytes is copied rather than kept in the read buffer.
+    /// Whether payload `b` is copied rather than kept in the read buffer.
     #[inline]
-    fn copies(&mut self, len: usize) -> Copying {
-        if len > self.buffer {
+    fn copies(&mut self, b: &Bytes) -> Copying {
+        let len = b.len();
+        // Unique: not in the read buffer (a fragmented message, put together apart).
+        if len > self.buffer && !b.is_unique() {
             self.grown_to = self.grown_to.max(len);
         }
         match self.recycler {
@@ -491,7 +496,7 @@ impl Payloads<'_> {
 
     #[inline]
     fn bytes(&mut self, b: Bytes) -> Bytes {
-        match self.copies(b.len()) {
+        match self.copies(&b) {
             Copying::No => b,
             Copying::Fresh => Bytes::copy_from_slice(&b),
             Copying::Recycled => match self.recycler {
@@ -503,7 +508,7 @@ impl Payloads<'_> {
 
     #[inline]
     fn text(&mut self, t: Utf8Bytes) -> Utf8Bytes {
-        let bytes = match self.copies(t.len()) {
+        let bytes = match self.copies(AsRef::<Bytes>::as_ref(&t)) {
             Copying::No => return t,
             Copying::Fresh => Bytes::copy_from_slice(t.as_bytes()),
             Copying::Recycled => match self.recycler {
@@ -603,12 +608,12 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         let mut bytes_in = false;
         // Read this time (false: held back by a full event channel).
         let mut read = true;
-        // Reads again after a hold: a write stall clock that ran meanwhile starts over.
-        let mut resumed = false;
+        // Reads again after a hold that began then (see `Shared::stall_is_ours`).
+        let mut resumed: Option<Instant> = None;
         // Our close frame is out: read on to the peer's reply, whatever the bound.
         let to_end = inbound.reading_to_end();
         if to_end {
-            resumed = inbound.is_held();
+            resumed = inbound.held_since();
             inbound.set_free();
         }
         let held = !to_end && inbound.is_full() && inbound.hold(left);
@@ -671,8 +676,8 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         let peer_done = peer_shut_down(r);
                         read = hang_up || peer_done || !inbound.is_full();
                         if read {
+                            resumed = inbound.held_since();
                             inbound.set_free();
-                            resumed = true;
                         }
                     }
                 }
@@ -719,13 +724,15 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // Reading ourselves: the next consumer that reads is looked at again soon.
         defer = DEFER;
         let mut link = shared.link.lock();
-        if resumed
+        if let Some(began) = resumed
             && let Some(live) = link.live_mut(cgen)
-            && live.pending_since.is_some()
+            && live.pending_since.is_some_and(|pending| began <= pending)
         {
-            // Output waited for the peer, which waited for our consumer (see
-            // `Shared::stall_is_ours`): the write timeout runs from now.
+            // Our output stopped during the hold: the peer may have waited for our
+            // consumer (see `Shared::stall_is_ours`). It gets the whole write timeout
+            // from now, reading again, to take it; the timer judges.
             live.pending_since = Some(Instant::now());
+            let _ = shared.timer.send(TimerCmd::Wake);
         }
         // Held back (`read` false): only flush, read nothing. Past the bound only to reach
         // the connection's end, and past twice the bound dropping the data.

@@ -1273,3 +1273,282 @@ fn input_read_late_is_no_later_sign_of_life() {
         "consumer behind: {lost} possibly lost + {handed} handed back"
     );
 }
+
+fn is_timeout(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(e)
+        if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+}
+
+/// A server that floods 1 KiB texts and never reads, until `stop`.
+fn flood_never_read_server(
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (String, JoinHandle<()>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let t = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        ws.get_ref()
+            .set_write_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let pad = "y".repeat(1024);
+        let mut i = 0u64;
+        while !stop.load(SeqCst) {
+            match ws.write(Message::text(format!("{i:08}{pad}"))) {
+                Ok(()) => i += 1,
+                Err(e) if is_timeout(&e) => {}
+                Err(_) => return,
+            }
+            loop {
+                match ws.flush() {
+                    Ok(()) => break,
+                    Err(e) if is_timeout(&e) && !stop.load(SeqCst) => {}
+                    Err(_) => return,
+                }
+            }
+        }
+    });
+    (url, t)
+}
+
+/// Review of 20cb2ad: the reader restarted the write stall clock each time it read again
+/// after a hold, so with a consumer slow but steady (held back, then reading, again and
+/// again) a peer that never reads us was never declared stalled, and a blocking send
+/// waited 11 s with a write timeout of 1 s. The hold only stops the clock now.
+#[test]
+fn a_peer_that_never_reads_is_a_write_stall_with_a_slow_steady_consumer() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (url, server) = flood_never_read_server(stop.clone());
+    let write_timeout = Duration::from_millis(500);
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(500),
+            Duration::from_millis(500),
+        ))
+        .write_timeout(write_timeout)
+        .close_timeout(Duration::from_secs(1))
+        .event_capacity(200, 1 << 30)
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    // Slow but steady: 150 events every 125 ms (the pace is the scenario).
+    let (reason_tx, reason_rx) = crossbeam_channel::unbounded();
+    let consumer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(SeqCst) {
+                std::thread::sleep(Duration::from_millis(125));
+                for _ in 0..150 {
+                    match events.try_recv() {
+                        Ok(Event::Disconnected { reason, .. }) => {
+                            let _ = reason_tx.send(reason);
+                        }
+                        Ok(Event::Closed) => return,
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+            }
+        })
+    };
+    let sender = {
+        let client = client.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut longest = Duration::ZERO;
+            while !stop.load(SeqCst) {
+                let t = Instant::now();
+                let r = client.send_binary(vec![0u8; 256 << 10]);
+                longest = longest.max(t.elapsed());
+                if r.is_err() {
+                    break;
+                }
+            }
+            longest
+        })
+    };
+    let reason = reason_rx.recv_timeout(Duration::from_secs(30));
+    stop.store(true, SeqCst);
+    let _ = client.close();
+    let longest = sender.join().unwrap();
+    consumer.join().unwrap();
+    server.join().unwrap();
+    assert_eq!(
+        reason,
+        Ok(DisconnectReason::WriteStalled),
+        "a peer that reads none of our bytes"
+    );
+    assert!(
+        longest < 4 * write_timeout,
+        "a blocking send waited {longest:?} (write timeout {write_timeout:?})"
+    );
+}
+
+/// Review of 20cb2ad: a blocking send that stopped waiting because the peer waited for
+/// our consumer told nobody; with the heartbeat off the timer slept on, and once the
+/// consumer caught up, a peer that took none of our output was never declared stalled.
+#[test]
+fn output_left_by_a_blocking_send_is_judged_after_the_consumer_caught_up() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
+    const N: u64 = 300;
+    let server = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        for i in 0..N {
+            if ws
+                .send(Message::text(format!("{i:08}{}", "z".repeat(1000))))
+                .is_err()
+            {
+                return;
+            }
+        }
+        // Hung from now on: never reads or writes again.
+        let _ = stopped.recv();
+    });
+    let write_timeout = Duration::from_millis(500);
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::off())
+        .write_timeout(write_timeout)
+        .close_timeout(Duration::from_secs(1))
+        .event_capacity(50, 1 << 30)
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    assert!(
+        wait_until(WAIT, || client.stats().consumer_behind_since.is_some()),
+        "the reader is held back"
+    );
+    // More than the kernel's buffers on both sides hold (4 + 6 MiB at most by default):
+    // part of it stays in our buffer, and the send stops waiting after the write
+    // timeout, the peer waiting for our consumer.
+    let t = Instant::now();
+    client.send_binary(vec![1u8; 15 << 20]).unwrap();
+    assert!(
+        t.elapsed() < 4 * write_timeout,
+        "the send waited {:?}",
+        t.elapsed()
+    );
+    assert_eq!(client.stats().state, wsbeat::State::Open);
+    let mut got = 0;
+    while got < N {
+        match events.recv_timeout(WAIT).expect("the server's messages") {
+            Event::Message(_) => got += 1,
+            Event::Disconnected { reason, .. } => panic!("disconnected early: {reason}"),
+            _ => {}
+        }
+    }
+    // Caught up: the hung peer takes none of our output.
+    let reason = loop {
+        match events.recv_timeout(20 * write_timeout) {
+            Ok(Event::Disconnected { reason, .. }) => break Some(reason),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
+    let _ = client.close();
+    drop(stop);
+    server.join().unwrap();
+    assert_eq!(reason, Some(DisconnectReason::WriteStalled));
+}
+
+/// Where the 40 small texts of `small_text_addresses` lie: 12 bytes apart (a 2-byte
+/// header and 10 bytes) when they are slices of tungstenite's read buffer.
+fn shared_in_read_buffer(addrs: &[usize]) -> usize {
+    addrs
+        .windows(2)
+        .filter(|w| w[1].wrapping_sub(w[0]) == 12)
+        .count()
+}
+
+/// The addresses of 40 small texts read after `first`: nothing (`None`), a 1 MiB
+/// message in one frame (`Some(false)`) or in 64 fragments of 16 KiB (`Some(true)`).
+fn small_text_addresses(first: Option<bool>) -> Vec<usize> {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (go, go_rx) = crossbeam_channel::bounded::<()>(1);
+    let server = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        match first {
+            Some(true) => {
+                for i in 0..64 {
+                    let op = OpCode::Data(if i == 0 { Data::Binary } else { Data::Continue });
+                    ws.write(Message::Frame(Frame::message(
+                        vec![9u8; 16 << 10],
+                        op,
+                        i == 63,
+                    )))
+                    .unwrap();
+                }
+                ws.flush().unwrap();
+            }
+            Some(false) => ws.send(Message::binary(vec![9u8; 1 << 20])).unwrap(),
+            None => {}
+        }
+        go_rx.recv().unwrap();
+        for i in 0..40 {
+            ws.write(Message::text(format!("small-{i:04}"))).unwrap();
+        }
+        ws.flush().unwrap();
+        while ws.read().is_ok() {}
+    });
+    let client = Client::builder(&url).connect().unwrap();
+    let events = client.events();
+    // Taken as a `select!` consumer does: the reader thread reads.
+    let rx = events.receiver().clone();
+    if first.is_some() {
+        let mut large = 0;
+        while large == 0 {
+            for ev in rx.recv_timeout(WAIT).expect("the large message") {
+                if let Event::Message(Message::Binary(b)) = ev {
+                    large = b.len();
+                }
+            }
+        }
+        assert_eq!(large, 1 << 20);
+    }
+    go.send(()).unwrap();
+    let mut kept = Vec::new();
+    while kept.len() < 40 {
+        for ev in rx.recv_timeout(WAIT).expect("the small ones") {
+            if let Event::Message(Message::Text(t)) = ev {
+                kept.push(t);
+            }
+        }
+    }
+    let addrs = kept.iter().map(|t| t.as_str().as_ptr() as usize).collect();
+    let _ = client.close();
+    server.join().unwrap();
+    addrs
+}
+
+/// Review of 20cb2ad: small payloads were copied out of tungstenite's read buffer after
+/// any message larger than it, also a fragmented one, which is put together apart and
+/// never grows that buffer: every later payload on the connection was a copy.
+#[test]
+fn only_a_large_frame_makes_small_payloads_copies() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let none = shared_in_read_buffer(&small_text_addresses(None));
+    let single = shared_in_read_buffer(&small_text_addresses(Some(false)));
+    let fragmented = shared_in_read_buffer(&small_text_addresses(Some(true)));
+    assert!(none > 30, "slices of the read buffer: {none} of 39");
+    assert!(
+        single < 5,
+        "copied after a large frame: {single} of 39 shared"
+    );
+    assert!(
+        fragmented > 30,
+        "not copied after a fragmented message: {fragmented} of 39 shared"
+    );
+}

@@ -160,8 +160,8 @@ fn small_messages_after_a_burst_do_not_keep_its_memory() {
 
 /// Review of d696f9d: a small payload is a slice of tungstenite's read buffer, so a
 /// kept small message kept that whole buffer; after a message larger than the read
-/// buffer, that buffer had grown to the large message's size: 64 kept texts of 10 bytes,
-/// each read after a 1 MiB message, held ~68 MiB after their connection ended. Small
+/// buffer, that buffer had grown to the large message's size: 32 kept texts of 10 bytes,
+/// each read after a 1 MiB message, held 36 MiB after their connection ended. Small
 /// payloads read from a grown buffer are copied out now, whoever reads them: the reader
 /// thread (`select!` consumer) or the consumer itself (`recv`).
 #[test]

@@ -188,9 +188,9 @@ impl ClientBuilder {
     /// never declare a stall; zero is rejected by `connect()`.
     ///
     /// Not while your consumer is behind ([`event_capacity`](Self::event_capacity)
-    /// reached), the peer's data waits unread and the peer read our output after we
-    /// stopped reading: a peer that reads and writes on one thread then waits for us to
-    /// read, and is alive. A blocking send stops waiting
+    /// reached) and the peer's data waits unread: a peer that reads and writes on one
+    /// thread then waits for us to read, and is alive (one that never reads is judged
+    /// once the consumer caught up). A blocking send stops waiting
     /// after this long instead, its message in flight (written once the peer reads
     /// again), or handed back in [`Error::WouldBlock`](crate::Error::WouldBlock) when the
     /// connection's buffer is full; the timeout starts over when reading resumes.

@@ -846,29 +846,23 @@ impl Shared {
         }
     }
 
-    /// Whether output pending on `live` waits for our own consumer rather than for the
+    /// Whether output pending on `live` may wait for our own consumer rather than for the
     /// peer: the reader is held back by the event bound (`event_capacity`: the consumer
-    /// is behind), the peer's data waits unread in the socket, and our output last moved
-    /// after the hold began (the peer read us after we stopped reading it). A peer that
-    /// reads and writes on one thread (a plain echo server) then blocks writing to us and
-    /// stops reading us: it is alive, and only our consumer can let it go on. No write
-    /// stall is judged then, by anyone (timer, sender, supervisor), and a blocking send
-    /// waits no more than the write timeout (its message stays in flight, or comes back
-    /// in `WouldBlock` when the buffer is full); when the reader reads again, the write
-    /// timeout starts over (`reader::run`). Review of 37d87b0: such a link was killed
-    /// after the write timeout, the echoes in our socket thrown away with it. A peer that
-    /// took none of our output since before the hold (one that never reads) is judged as
-    /// ever, held back or not (review of 20cb2ad: with a consumer slow but steady, held
-    /// back and reading again by turns, it was never judged). The heartbeat takes unread
-    /// input as a sign of life alike (`timer.rs`).
+    /// is behind) and the peer's data waits unread in the socket. A peer that reads and
+    /// writes on one thread (a plain echo server) then blocks writing to us and stops
+    /// reading us: it is alive, and only our consumer can let it go on. No write stall is
+    /// judged then, by anyone (timer, sender, supervisor), as the heartbeat judges no
+    /// silence then (`timer.rs`); a blocking send waits no more than the write timeout
+    /// (its message stays in flight, or comes back in `WouldBlock` when the buffer is
+    /// full), and when the reader reads again the write timeout starts over
+    /// (`reader::run`). Review of 37d87b0: such a link was killed after the write
+    /// timeout, the echoes in our socket thrown away with it. From our side a peer that
+    /// never reads looks the same while we do not read it either: it is judged once the
+    /// consumer caught up (reviews of 20cb2ad and 66a18a6: narrower rules got an echo
+    /// server whose consumer paused again and again killed, or a peer that never reads
+    /// spared for good).
     pub(crate) fn stall_is_ours(&self, live: &Live) -> bool {
-        let inbound = self.events.inbound();
-        inbound.is_held()
-            && inbound
-                .held_since()
-                .zip(live.pending_since)
-                .is_some_and(|(held, pending)| held <= pending)
-            && live.input_waits()
+        self.events.inbound().is_held() && live.input_waits()
     }
 
     /// Declares connection `cgen` dead (first reporter wins; stale generations ignored).
@@ -1341,6 +1335,7 @@ impl Shared {
         let write_timeout = self.cfg.write_timeout;
         let cgen = batch.cgen;
         let started = Instant::now();
+        let mut waited = false;
         loop {
             let Some(live) = link.live_mut(cgen).filter(|l| l.takes_data()) else {
                 // Died (or its close frame was queued) meanwhile: the batch's messages
@@ -1382,10 +1377,13 @@ impl Shared {
             if (left.is_zero() || own_left.is_zero()) && self.stall_is_ours(live) {
                 // The peer waits for our consumer: no stall, and no more waiting either.
                 // The output stays in flight; the reader flushes it once it reads again,
-                // and the timer judges it then (review of 20cb2ad: with the heartbeat
-                // off, nobody told it, and a peer that then took nothing was never
-                // declared stalled).
-                let _ = self.timer.send(TimerCmd::Wake);
+                // and the timer judges it then: told by the send that waited (review of
+                // 20cb2ad: with the heartbeat off nobody told it, and a peer that then
+                // took nothing was never declared stalled), not by every send that
+                // returns at once after it (review of 66a18a6: the timer then spun).
+                if waited {
+                    let _ = self.timer.send(TimerCmd::Wake);
+                }
                 batch.buffered = 0;
                 return true;
             }
@@ -1404,6 +1402,7 @@ impl Shared {
             MutexGuard::unlocked_fair(link, || {
                 wait_writable(&sock, wait);
             });
+            waited = true;
         }
     }
 

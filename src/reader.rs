@@ -461,14 +461,14 @@ fn frame_len(payload: usize) -> u64 {
 /// slice of that buffer, and keeps all of it while the user keeps the message.
 /// - A large one read by the reader thread moves into a recycled buffer (see
 ///   [`Recycler`]).
-/// - Once a frame larger than `read_buffer_size` arrived (an unfragmented message: its
-///   payload is a slice of the buffer, not unique), the buffer grew to its size (and may
-///   stay that large): payloads much smaller than that are copied out from then on, so
-///   that a small message kept does not keep the grown buffer (review of d696f9d: 32
-///   kept texts of 10 bytes, each read after a 1 MiB message, held 36 MiB after their
-///   connection ended). A fragmented message is put together outside the buffer (review
-///   of 20cb2ad: one made every later payload a copy). Connections that never get such
-///   a frame copy nothing.
+/// - Once a message larger than `read_buffer_size` arrived, the buffer may have grown to
+///   its size (its frames did, unless it came in fragments no larger than the buffer,
+///   which the reader cannot see), and may stay that large: payloads much smaller than
+///   that are copied out from then on, so that a small message kept does not keep the
+///   grown buffer (review of d696f9d: 32 kept texts of 10 bytes, each read after a 1 MiB
+///   message, held 36 MiB after their connection ended). Connections that never get
+///   such a message copy nothing; after one made of small fragments the copies are
+///   needless (review of 20cb2ad), the price of never keeping a grown buffer.
 struct Payloads<'a> {
     recycler: Option<&'a Arc<Recycler>>,
     /// `read_buffer_size`.
@@ -489,8 +489,10 @@ impl Payloads<'_> {
     /// Whether payload `b` is copied rather than kept in the read buffer.
     fn copies(&mut self, b: &Bytes) -> Copying {
         let len = b.len();
-        // Unique: not in the read buffer (a fragmented message, put together apart).
-        if len > self.buffer && !b.is_unique() {
+        // Also a fragmented message, put together apart: its frames may have been
+        // larger than the buffer too (review of 66a18a6: 4 frames of 256 KiB grew it,
+        // and kept small messages held 12 MiB), and only the frames' sizes tell.
+        if len > self.buffer {
             self.grown_to = self.grown_to.max(len);
         }
         match self.recycler {
@@ -747,13 +749,13 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // Reading ourselves: the next consumer that reads is looked at again soon.
         defer = DEFER;
         let mut link = shared.link.lock();
-        if let Some(began) = resumed
+        if resumed.is_some()
             && let Some(live) = link.live_mut(cgen)
-            && live.pending_since.is_some_and(|pending| began <= pending)
+            && live.pending_since.is_some()
         {
-            // Our output stopped during the hold: the peer may have waited for our
-            // consumer (see `Shared::stall_is_ours`). It gets the whole write timeout
-            // from now, reading again, to take it; the timer judges.
+            // Output waited during the hold: the peer may have waited for our consumer
+            // (see `Shared::stall_is_ours`). It gets the whole write timeout from now,
+            // reading again, to take it; the timer judges.
             live.pending_since = Some(Instant::now());
             let _ = shared.timer.send(TimerCmd::Wake);
         }

@@ -1279,8 +1279,10 @@ fn is_timeout(e: &tungstenite::Error) -> bool {
         if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
 }
 
-/// A server that floods 1 KiB texts and never reads, until `stop`.
+/// A server that floods 1 KiB texts and never reads: until `quiet` it writes, then it
+/// holds the connection without a read or a write until `stop`.
 fn flood_never_read_server(
+    quiet: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> (String, JoinHandle<()>) {
     use std::sync::atomic::Ordering::SeqCst;
@@ -1294,7 +1296,7 @@ fn flood_never_read_server(
             .unwrap();
         let pad = "y".repeat(1024);
         let mut i = 0u64;
-        while !stop.load(SeqCst) {
+        while !quiet.load(SeqCst) {
             match ws.write(Message::text(format!("{i:08}{pad}"))) {
                 Ok(()) => i += 1,
                 Err(e) if is_timeout(&e) => {}
@@ -1303,26 +1305,57 @@ fn flood_never_read_server(
             loop {
                 match ws.flush() {
                     Ok(()) => break,
-                    Err(e) if is_timeout(&e) && !stop.load(SeqCst) => {}
+                    Err(e) if is_timeout(&e) && !quiet.load(SeqCst) => {}
+                    Err(e) if is_timeout(&e) => break,
                     Err(_) => return,
                 }
             }
+        }
+        while !stop.load(SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
         }
     });
     (url, t)
 }
 
-/// Review of 20cb2ad: the reader restarted the write stall clock each time it read again
-/// after a hold, so with a consumer slow but steady (held back, then reading, again and
-/// again) a peer that never reads us was never declared stalled, and a blocking send
-/// waited 11 s with a write timeout of 1 s. The hold only stops the clock now.
+/// Timer thread CPU of this process so far, in ms (utime + stime of `wsbeat-timer`).
+#[cfg(target_os = "linux")]
+fn timer_cpu_ms() -> u64 {
+    let mut ticks = 0;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        if std::fs::read_to_string(t.path().join("comm"))
+            .unwrap_or_default()
+            .trim()
+            != "wsbeat-timer"
+        {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let Some(end) = stat.rfind(')') else { continue };
+        let f: Vec<&str> = stat[end + 2..].split(' ').collect();
+        ticks += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
+    }
+    // The kernel's USER_HZ: 100 on every Linux ABI this runs on.
+    ticks * 10
+}
+
+/// A peer that floods us and never reads, with our consumer stopped: from our side it
+/// looks like a peer waiting for our consumer, so no write stall is judged while the
+/// consumer is behind, but every blocking send returns within about the write timeout
+/// (review of 20cb2ad: one waited 11 s with a 1 s write timeout), the timer does not
+/// spin on the sends that return at once (review of 66a18a6: 2.3 s of CPU in 10 s),
+/// and once the flood stops and the consumer caught up, the peer, which takes none of
+/// our output, is declared stalled.
 #[test]
-fn a_peer_that_never_reads_is_a_write_stall_with_a_slow_steady_consumer() {
+fn a_peer_that_never_reads_is_judged_once_the_consumer_caught_up() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (url, server) = flood_never_read_server(stop.clone());
+    let (quiet, stop) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let (url, server) = flood_never_read_server(quiet.clone(), stop.clone());
     let write_timeout = Duration::from_millis(500);
     let client = Client::builder(&url)
         .heartbeat(Heartbeat::ping(
@@ -1336,57 +1369,129 @@ fn a_peer_that_never_reads_is_a_write_stall_with_a_slow_steady_consumer() {
         .connect()
         .unwrap();
     let events = client.events();
-    // Slow but steady: 150 events every 125 ms (the pace is the scenario).
-    let (reason_tx, reason_rx) = crossbeam_channel::unbounded();
-    let consumer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(SeqCst) {
-                std::thread::sleep(Duration::from_millis(125));
-                for _ in 0..150 {
-                    match events.try_recv() {
-                        Ok(Event::Disconnected { reason, .. }) => {
-                            let _ = reason_tx.send(reason);
-                        }
-                        Ok(Event::Closed) => return,
-                        Ok(_) => {}
-                        Err(_) => break,
-                    }
-                }
-            }
-        })
-    };
+    let sending = Arc::new(AtomicBool::new(true));
     let sender = {
         let client = client.clone();
-        let stop = stop.clone();
+        let sending = sending.clone();
         std::thread::spawn(move || {
             let mut longest = Duration::ZERO;
-            while !stop.load(SeqCst) {
+            while sending.load(SeqCst) {
                 let t = Instant::now();
                 let r = client.send_binary(vec![0u8; 256 << 10]);
                 longest = longest.max(t.elapsed());
-                if r.is_err() {
-                    break;
+                match r {
+                    Ok(()) | Err(wsbeat::Error::WouldBlock { .. }) => {}
+                    Err(_) => break,
                 }
             }
             longest
         })
     };
-    let reason = reason_rx.recv_timeout(Duration::from_secs(30));
-    stop.store(true, SeqCst);
-    let _ = client.close();
+    // The consumer is busy elsewhere for 10x the write timeout (the scenario).
+    #[cfg(target_os = "linux")]
+    let cpu_before = timer_cpu_ms();
+    std::thread::sleep(10 * write_timeout);
+    let mut reason = None;
+    while let Ok(ev) = events.try_recv() {
+        if let Event::Disconnected { reason: r, .. } = ev {
+            reason = Some(r);
+        }
+    }
+    #[cfg(target_os = "linux")]
+    let timer_cpu = timer_cpu_ms() - cpu_before;
+    let st = client.stats();
+    sending.store(false, SeqCst);
     let longest = sender.join().unwrap();
-    consumer.join().unwrap();
-    server.join().unwrap();
-    assert_eq!(
-        reason,
-        Ok(DisconnectReason::WriteStalled),
-        "a peer that reads none of our bytes"
-    );
+    assert_eq!(reason, None, "killed while the consumer was behind: {st:?}");
     assert!(
         longest < 4 * write_timeout,
         "a blocking send waited {longest:?} (write timeout {write_timeout:?})"
     );
+    #[cfg(target_os = "linux")]
+    assert!(
+        timer_cpu < 250,
+        "the timer thread took {timer_cpu} ms of CPU in {:?}",
+        10 * write_timeout
+    );
+    // The flood stops; the consumer catches up; our output still waits.
+    quiet.store(true, SeqCst);
+    let reason = loop {
+        match events.recv_timeout(WAIT) {
+            Ok(Event::Disconnected { reason, .. }) => break Some(reason),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
+    stop.store(true, SeqCst);
+    let _ = client.close();
+    server.join().unwrap();
+    assert_eq!(reason, Some(DisconnectReason::WriteStalled));
+}
+
+/// Review of 66a18a6: a blocking echo server and a consumer that pauses again and
+/// again (each time reading only a little before it is behind again): the link was
+/// declared stalled at the second pause, though the server only waited for us.
+#[test]
+fn an_echo_server_survives_a_consumer_that_pauses_again_and_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (url, server) = blocking_echo_server();
+    let client = Client::builder(&url)
+        .heartbeat(Heartbeat::ping(
+            Duration::from_millis(200),
+            Duration::from_millis(200),
+        ))
+        .write_timeout(Duration::from_millis(500))
+        .event_capacity(100, 1 << 30)
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    wait_connected(&events);
+    let stop = Arc::new(AtomicBool::new(false));
+    let send_thread = {
+        let sender = client.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let filler = "x".repeat(1 << 10);
+            let mut i = 0u64;
+            while !stop.load(SeqCst) {
+                match sender.send_text(format!("{i:08}{filler}")) {
+                    Ok(()) => i += 1,
+                    // The pace is the scenario, not a synchronisation.
+                    Err(wsbeat::Error::WouldBlock { .. }) => {
+                        std::thread::sleep(Duration::from_millis(50))
+                    }
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    assert!(
+        wait_until(WAIT, || client.stats().consumer_behind_since.is_some()),
+        "held back"
+    );
+    let mut dead = None;
+    'pauses: for _ in 0..6 {
+        // The consumer's pause, twice the write timeout (the scenario).
+        std::thread::sleep(Duration::from_secs(1));
+        for _ in 0..10 {
+            if let Ok(Event::Disconnected { reason, .. }) =
+                events.recv_timeout(Duration::from_millis(100))
+            {
+                dead = Some(reason);
+                break 'pauses;
+            }
+        }
+    }
+    stop.store(true, SeqCst);
+    let st = client.stats();
+    let _ = client.close();
+    send_thread.join().unwrap();
+    server.join().unwrap();
+    assert_eq!(dead, None, "a live echo server was killed: {st:?}");
+    assert_eq!(st.generation, 1);
 }
 
 /// Review of 20cb2ad: a blocking send that stopped waiting because the peer waited for
@@ -1469,32 +1574,17 @@ fn shared_in_read_buffer(addrs: &[usize]) -> usize {
         .count()
 }
 
-/// The addresses of 40 small texts read after `first`: nothing (`None`), a 1 MiB
-/// message in one frame (`Some(false)`) or in 64 fragments of 16 KiB (`Some(true)`).
-fn small_text_addresses(first: Option<bool>) -> Vec<usize> {
-    use tungstenite::protocol::frame::Frame;
-    use tungstenite::protocol::frame::coding::{Data, OpCode};
+/// The addresses of 40 small texts read after nothing, or after a 1 MiB message
+/// (`large`).
+fn small_text_addresses(large: bool) -> Vec<usize> {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("ws://{}/", listener.local_addr().unwrap());
     let (go, go_rx) = crossbeam_channel::bounded::<()>(1);
     let server = std::thread::spawn(move || {
         let (sock, _) = listener.accept().unwrap();
         let mut ws = tungstenite::accept(sock).unwrap();
-        match first {
-            Some(true) => {
-                for i in 0..64 {
-                    let op = OpCode::Data(if i == 0 { Data::Binary } else { Data::Continue });
-                    ws.write(Message::Frame(Frame::message(
-                        vec![9u8; 16 << 10],
-                        op,
-                        i == 63,
-                    )))
-                    .unwrap();
-                }
-                ws.flush().unwrap();
-            }
-            Some(false) => ws.send(Message::binary(vec![9u8; 1 << 20])).unwrap(),
-            None => {}
+        if large {
+            ws.send(Message::binary(vec![9u8; 1 << 20])).unwrap();
         }
         go_rx.recv().unwrap();
         for i in 0..40 {
@@ -1507,7 +1597,7 @@ fn small_text_addresses(first: Option<bool>) -> Vec<usize> {
     let events = client.events();
     // Taken as a `select!` consumer does: the reader thread reads.
     let rx = events.receiver().clone();
-    if first.is_some() {
+    if large {
         let mut large = 0;
         while large == 0 {
             for ev in rx.recv_timeout(WAIT).expect("the large message") {
@@ -1533,22 +1623,16 @@ fn small_text_addresses(first: Option<bool>) -> Vec<usize> {
     addrs
 }
 
-/// Review of 20cb2ad: small payloads were copied out of tungstenite's read buffer after
-/// any message larger than it, also a fragmented one, which is put together apart and
-/// never grows that buffer: every later payload on the connection was a copy.
+/// Small payloads stay slices of tungstenite's read buffer on a connection that never
+/// got a message larger than it, and are copies after one (3bc9e13; see `Payloads`).
 #[test]
-fn only_a_large_frame_makes_small_payloads_copies() {
+fn small_payloads_are_copies_only_after_a_large_message() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let none = shared_in_read_buffer(&small_text_addresses(None));
-    let single = shared_in_read_buffer(&small_text_addresses(Some(false)));
-    let fragmented = shared_in_read_buffer(&small_text_addresses(Some(true)));
+    let none = shared_in_read_buffer(&small_text_addresses(false));
+    let single = shared_in_read_buffer(&small_text_addresses(true));
     assert!(none > 30, "slices of the read buffer: {none} of 39");
     assert!(
         single < 5,
-        "copied after a large frame: {single} of 39 shared"
-    );
-    assert!(
-        fragmented > 30,
-        "not copied after a fragmented message: {fragmented} of 39 shared"
+        "copied after a large message: {single} of 39 shared"
     );
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use support::server::TestServer;
 use support::util;
+use tungstenite::Message;
 use wsbeat::{Client, Event, Events};
 
 const T: Duration = Duration::from_secs(10);
@@ -186,7 +187,7 @@ fn small_messages_kept_after_large_ones_hold_only_their_bytes() {
                 }
             }
             for ev in got {
-                if let Event::Message(m @ wsbeat::Message::Text(_)) = ev {
+                if let Event::Message(m @ Message::Text(_)) = ev {
                     kept.push(m);
                 }
             }
@@ -205,4 +206,72 @@ fn small_messages_kept_after_large_ones_hold_only_their_bytes() {
         }
         drop(kept);
     }
+}
+
+/// Review of 66a18a6: a message in fragments larger than the read buffer grows it as
+/// much as one in a single frame, but was not counted (its payload is put together
+/// apart): 32 kept 10-byte texts, each after a 1 MiB message in 4 frames, held 12 MiB.
+#[test]
+fn small_messages_kept_after_large_fragmented_ones_hold_only_their_bytes() {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    let _serial = serial();
+    const ROUNDS: usize = 32;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(0);
+    let server = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ws = tungstenite::accept(sock).unwrap();
+        while go_rx.recv().is_ok() {
+            for f in 0..4 {
+                let op = OpCode::Data(if f == 0 { Data::Binary } else { Data::Continue });
+                ws.write(Message::Frame(Frame::message(
+                    vec![9u8; 256 << 10],
+                    op,
+                    f == 3,
+                )))
+                .unwrap();
+            }
+            ws.send(Message::text("keep-0000")).unwrap();
+        }
+        while ws.read().is_ok() {}
+    });
+    let client = Client::builder(&url).no_proxy().connect().unwrap();
+    let events = client.events();
+    let rx = events.receiver().clone();
+    let base = rss_trimmed();
+    let mut kept = Vec::new();
+    for _ in 0..ROUNDS {
+        go_tx.send(()).unwrap();
+        let mut got = 0;
+        while got < 2 {
+            // Taken as a `select!` consumer does: the reader thread reads.
+            for ev in rx.recv_timeout(T).expect("the messages") {
+                match ev {
+                    Event::Message(m @ Message::Text(_)) => {
+                        kept.push(m);
+                        got += 1;
+                    }
+                    Event::Message(Message::Binary(b)) => {
+                        assert_eq!(b.len(), 1 << 20);
+                        got += 1;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    let _ = client.close();
+    drop(rx);
+    drop(events);
+    drop(go_tx);
+    server.join().unwrap();
+    if let Err(now) = rss_down_to(base + LEFT) {
+        panic!(
+            "{ROUNDS} kept 10-byte texts after fragmented 1 MiB messages: {now} KiB resident \
+             against {base} KiB before"
+        );
+    }
+    drop(kept);
 }

@@ -34,7 +34,12 @@ if (($#)); then
 else
     # The Windows code paths linted as the Linux ones are.
     cargo clippy --lib --target x86_64-pc-windows-gnu -- -D warnings
-    cargo test --target x86_64-pc-windows-gnu --lib --test core --test heartbeat --test reconnect --test races --test inbound --test no_send_queue_figure
+    # Two inbound tests of the write-stall rule run for seconds and use no code of their
+    # own per platform (the socket calls they reach run in the test before them): Linux
+    # only, to keep the whole CI under 15 minutes.
+    cargo test --target x86_64-pc-windows-gnu --lib --test core --test heartbeat --test reconnect --test races --test inbound --test no_send_queue_figure -- \
+        --skip an_echo_server_survives_a_consumer_that_pauses_again_and_again \
+        --skip a_peer_that_never_reads_is_judged_once_the_consumer_caught_up
     # The keepalive settings (Windows caps the probe count, and Wine has no TCP_KEEPCNT).
     cargo test --target x86_64-pc-windows-gnu --test hardening keepalive
 fi

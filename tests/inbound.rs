@@ -1356,11 +1356,11 @@ fn a_peer_that_never_reads_is_judged_once_the_consumer_caught_up() {
         Arc::new(AtomicBool::new(false)),
     );
     let (url, server) = flood_never_read_server(quiet.clone(), stop.clone());
-    let write_timeout = Duration::from_millis(500);
+    let write_timeout = Duration::from_millis(300);
     let client = Client::builder(&url)
         .heartbeat(Heartbeat::ping(
-            Duration::from_millis(500),
-            Duration::from_millis(500),
+            Duration::from_millis(300),
+            Duration::from_millis(300),
         ))
         .write_timeout(write_timeout)
         .close_timeout(Duration::from_secs(1))
@@ -1442,7 +1442,7 @@ fn an_echo_server_survives_a_consumer_that_pauses_again_and_again() {
             Duration::from_millis(200),
             Duration::from_millis(200),
         ))
-        .write_timeout(Duration::from_millis(500))
+        .write_timeout(Duration::from_millis(300))
         .event_capacity(100, 1 << 30)
         .reconnect(false)
         .connect()
@@ -1473,9 +1473,9 @@ fn an_echo_server_survives_a_consumer_that_pauses_again_and_again() {
         "held back"
     );
     let mut dead = None;
-    'pauses: for _ in 0..6 {
+    'pauses: for _ in 0..5 {
         // The consumer's pause, twice the write timeout (the scenario).
-        std::thread::sleep(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(600));
         for _ in 0..10 {
             if let Ok(Event::Disconnected { reason, .. }) =
                 events.recv_timeout(Duration::from_millis(100))

@@ -159,6 +159,11 @@ fn small_messages_after_a_burst_do_not_keep_its_memory() {
     );
 }
 
+/// What the heap may keep after megabyte messages on top of `LEFT`, in KiB: a fresh
+/// clone's CI saw 3 MiB left after 32 of them with every kept text copied (the defects
+/// below kept 12 and 36 MiB).
+const KEPT_SLACK: u64 = 4 << 10;
+
 /// Review of d696f9d: a small payload is a slice of tungstenite's read buffer, so a
 /// kept small message kept that whole buffer; after a message larger than the read
 /// buffer, that buffer had grown to the large message's size: 32 kept texts of 10 bytes,
@@ -198,7 +203,7 @@ fn small_messages_kept_after_large_ones_hold_only_their_bytes() {
         drop(server);
         let bytes: usize = kept.iter().map(|m| m.len()).sum();
         assert_eq!(kept.len(), ROUNDS);
-        if let Err(now) = rss_down_to(base + LEFT) {
+        if let Err(now) = rss_down_to(base + LEFT + KEPT_SLACK) {
             panic!(
                 "{ROUNDS} kept messages of {bytes} bytes in all (select: {select}): {now} KiB \
                  resident against {base} KiB before"
@@ -267,7 +272,7 @@ fn small_messages_kept_after_large_fragmented_ones_hold_only_their_bytes() {
     drop(events);
     drop(go_tx);
     server.join().unwrap();
-    if let Err(now) = rss_down_to(base + LEFT) {
+    if let Err(now) = rss_down_to(base + LEFT + KEPT_SLACK) {
         panic!(
             "{ROUNDS} kept 10-byte texts after fragmented 1 MiB messages: {now} KiB resident \
              against {base} KiB before"

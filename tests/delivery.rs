@@ -1389,25 +1389,6 @@ fn at_most_once_hand_backs_left_unread_stay_bounded() {
     );
 }
 
-/// CPU time (ms) of this process's `wsbeat-timer` threads so far (Linux).
-#[cfg(target_os = "linux")]
-fn timer_cpu_ms() -> u64 {
-    let tick_ms = 10; // USER_HZ = 100
-    let mut total = 0;
-    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim() != "wsbeat-timer" {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // Fields 14 and 15 (utime, stime): 12 and 13 after "pid (comm)".
-        total += (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) * tick_ms;
-    }
-    total
-}
-
 /// Acked delivery: more than `RESEND_CHUNK` (256) acks overdue while the client's buffer
 /// stays full (the peer reads nothing). The timer must look again in 20 ms, not spin:
 /// `overdue` said "next = now" (more are due) and the round took that over the 20 ms
@@ -1444,9 +1425,15 @@ fn overdue_rounds_do_not_spin_while_the_buffer_stays_full() {
     assert!(accepted > 600, "accepted {accepted}");
     // Every ack is overdue by now, and nothing can be written again.
     std::thread::sleep(Duration::from_millis(800));
-    let (cpu0, t0) = (timer_cpu_ms(), std::time::Instant::now());
+    let (cpu0, t0) = (
+        support::util::thread_cpu_ms("wsbeat-timer"),
+        std::time::Instant::now(),
+    );
     std::thread::sleep(Duration::from_secs(2));
-    let (cpu, wall) = (timer_cpu_ms() - cpu0, t0.elapsed().as_millis() as u64);
+    let (cpu, wall) = (
+        support::util::thread_cpu_ms("wsbeat-timer") - cpu0,
+        t0.elapsed().as_millis() as u64,
+    );
     let stats = client.stats();
     let _ = client.close();
     assert!(

@@ -1318,27 +1318,6 @@ fn flood_never_read_server(
     (url, t)
 }
 
-/// Timer thread CPU of this process so far, in ms (utime + stime of `wsbeat-timer`).
-#[cfg(target_os = "linux")]
-fn timer_cpu_ms() -> u64 {
-    let mut ticks = 0;
-    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
-        if std::fs::read_to_string(t.path().join("comm"))
-            .unwrap_or_default()
-            .trim()
-            != "wsbeat-timer"
-        {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let Some(end) = stat.rfind(')') else { continue };
-        let f: Vec<&str> = stat[end + 2..].split(' ').collect();
-        ticks += f[11].parse::<u64>().unwrap_or(0) + f[12].parse::<u64>().unwrap_or(0);
-    }
-    // The kernel's USER_HZ: 100 on every Linux ABI this runs on.
-    ticks * 10
-}
-
 /// A peer that floods us and never reads, with our consumer stopped: from our side it
 /// looks like a peer waiting for our consumer, so no write stall is judged while the
 /// consumer is behind, but every blocking send returns within about the write timeout
@@ -1389,7 +1368,7 @@ fn a_peer_that_never_reads_is_judged_once_the_consumer_caught_up() {
     };
     // The consumer is busy elsewhere for 10x the write timeout (the scenario).
     #[cfg(target_os = "linux")]
-    let cpu_before = timer_cpu_ms();
+    let cpu_before = support::util::thread_cpu_ms("wsbeat-timer");
     std::thread::sleep(10 * write_timeout);
     let mut reason = None;
     while let Ok(ev) = events.try_recv() {
@@ -1398,7 +1377,7 @@ fn a_peer_that_never_reads_is_judged_once_the_consumer_caught_up() {
         }
     }
     #[cfg(target_os = "linux")]
-    let timer_cpu = timer_cpu_ms() - cpu_before;
+    let timer_cpu = support::util::thread_cpu_ms("wsbeat-timer") - cpu_before;
     let st = client.stats();
     sending.store(false, SeqCst);
     let longest = sender.join().unwrap();

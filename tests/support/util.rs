@@ -96,6 +96,24 @@ pub fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|s| s.parse().ok())
 }
 
+/// CPU time (utime + stime, ms) of this process's threads named `name` so far.
+pub fn thread_cpu_ms(name: &str) -> u64 {
+    let tick_ms = 10; // USER_HZ = 100 on every Linux ABI this runs on
+    let mut total = 0;
+    for t in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 (utime, stime): 12 and 13 after "pid (comm)".
+        total += (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) * tick_ms;
+    }
+    total
+}
+
 /// Whether a thread of this process named `name` exists and is asleep (state `S` in
 /// `/proc/self/task/*/stat`): blocked in a wait, for tests that must act only once another
 /// thread is waiting.

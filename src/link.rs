@@ -12,7 +12,7 @@
 //! | `Shared::connecting` (the mutex inside `dial::Cancel`) | supervisor (`establish` / `connect::open`: attach / detach the socket of the attempt), `close()` (`Cancel::cancel`: shut it down) | a `try_clone` / `shutdown` of that socket and an atomic load |
 //! | `Handle::supervisor` (client.rs) | `close()` / drop of the last handle | taking the `JoinHandle` out (the join happens after it is released) |
 //! | `Config::policy` | supervisor only | the user's `ReconnectPolicy::next_delay` / `min_uptime` |
-//! | `Inbound::waker`, `Inbound::held_since` (inbound.rs) | the reader (attach, hold, resume), the consumer in `Events` (wake the reader), `stats()` before it takes `link`; `held_since` also under `link` (the timer, `Shared::stall_is_ours`) | an `Option` read or write (leaves: nothing is taken under them) |
+//! | `Inbound::waker`, `Inbound::held_since` (inbound.rs) | the reader (attach, hold, resume), the consumer in `Events` (wake the reader), `stats()` before it takes `link`; `held_since` also under `link` (the timer) | an `Option` read or write (leaves: nothing is taken under them) |
 //! | `Inbound::idle_since` (inbound.rs) | the reader alone (hold, its look at the consumer's progress) | a read or write (a leaf) |
 //! | `SendGate::lock` (+ its condvar) | a sender that found `link` taken (`lock_for_send`), the reader after letting `link` go (`SendGate::wake`) | a `try_lock` of `link` (never a blocking lock) and the condvar wait / notify |
 //! | `EventSink::grammar` (inbound.rs) | whoever emits an event (any thread, also under `link`); `close()` (`begin_close`, `wait_closed`) | the grammar check and one unbounded channel send (after `Closed`, dropping the sender); the condvar wait for `Closed` |

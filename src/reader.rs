@@ -486,8 +486,9 @@ impl Payloads<'_> {
         self.grown_to == 0 && len < COPY_MIN && len <= self.buffer
     }
 
-    /// Whether payload `b` is copied rather than kept in the read buffer.
-    fn copies(&mut self, b: &Bytes) -> Copying {
+    /// A copy of payload `b` to hand out instead of it, if it is not to stay in the read
+    /// buffer.
+    fn copy_of(&mut self, b: &Bytes) -> Option<Bytes> {
         let len = b.len();
         // Also a fragmented message, put together apart: its frames may have been
         // larger than the buffer too (review of 66a18a6: 4 frames of 256 KiB grew it,
@@ -496,10 +497,12 @@ impl Payloads<'_> {
             self.grown_to = self.grown_to.max(len);
         }
         match self.recycler {
-            Some(_) if len >= COPY_MIN => Copying::Recycled,
+            Some(r) if len >= COPY_MIN => Some(r.copy(b)),
             // It would keep a buffer at least 4 times its size.
-            _ if self.grown_to > 0 && len.saturating_mul(4) < self.grown_to => Copying::Fresh,
-            _ => Copying::No,
+            _ if self.grown_to > 0 && len.saturating_mul(4) < self.grown_to => {
+                Some(Bytes::copy_from_slice(b))
+            }
+            _ => None,
         }
     }
 
@@ -513,14 +516,7 @@ impl Payloads<'_> {
 
     #[inline(never)]
     fn bytes_slow(&mut self, b: Bytes) -> Bytes {
-        match self.copies(&b) {
-            Copying::No => b,
-            Copying::Fresh => Bytes::copy_from_slice(&b),
-            Copying::Recycled => match self.recycler {
-                Some(r) => r.copy(&b),
-                None => b,
-            },
-        }
+        self.copy_of(&b).unwrap_or(b)
     }
 
     #[inline(always)]
@@ -533,16 +529,11 @@ impl Payloads<'_> {
 
     #[inline(never)]
     fn text_slow(&mut self, t: Utf8Bytes) -> Utf8Bytes {
-        let bytes = match self.copies(AsRef::<Bytes>::as_ref(&t)) {
-            Copying::No => return t,
-            Copying::Fresh => Bytes::copy_from_slice(t.as_bytes()),
-            Copying::Recycled => match self.recycler {
-                Some(r) => r.copy(t.as_bytes()),
-                None => return t,
-            },
-        };
-        // SAFETY: `bytes` is a copy of `t`, which is valid UTF-8.
-        unsafe { Utf8Bytes::from_bytes_unchecked(bytes) }
+        match self.copy_of(AsRef::<Bytes>::as_ref(&t)) {
+            // SAFETY: `bytes` is a copy of `t`, which is valid UTF-8.
+            Some(bytes) => unsafe { Utf8Bytes::from_bytes_unchecked(bytes) },
+            None => t,
+        }
     }
 
     /// A surfaced ping or pong (or any other message) with its payload taken out alike.
@@ -555,15 +546,6 @@ impl Payloads<'_> {
             other => other,
         }
     }
-}
-
-/// See [`Payloads::copies`].
-enum Copying {
-    No,
-    /// Into a fresh allocation of its own size.
-    Fresh,
-    /// Into a buffer of the reader's pool.
-    Recycled,
 }
 
 /// How long the reader leaves ready input to a consumer that reads for itself before it
@@ -633,12 +615,12 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         let mut bytes_in = false;
         // Read this time (false: held back by a full event channel).
         let mut read = true;
-        // Reads again after a hold that began then (see `Shared::stall_is_ours`).
-        let mut resumed: Option<Instant> = None;
+        // Reads again after a hold (see `Shared::stall_is_ours`).
+        let mut resumed = false;
         // Our close frame is out: read on to the peer's reply, whatever the bound.
         let to_end = inbound.reading_to_end();
         if to_end {
-            resumed = inbound.held_since();
+            resumed = inbound.is_held();
             inbound.set_free();
         }
         let held = !to_end && inbound.is_full() && inbound.hold(left);
@@ -701,7 +683,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
                         let peer_done = peer_shut_down(r);
                         read = hang_up || peer_done || !inbound.is_full();
                         if read {
-                            resumed = inbound.held_since();
+                            resumed = true;
                             inbound.set_free();
                         }
                     }
@@ -749,7 +731,7 @@ pub(crate) fn run(shared: Arc<Shared>, cgen: u64) {
         // Reading ourselves: the next consumer that reads is looked at again soon.
         defer = DEFER;
         let mut link = shared.link.lock();
-        if resumed.is_some()
+        if resumed
             && let Some(live) = link.live_mut(cgen)
             && live.pending_since.is_some()
         {

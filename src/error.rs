@@ -324,6 +324,15 @@ pub enum Error {
         /// The extension's name as the server sent it.
         name: String,
     },
+    /// The server's subprotocol answer does not fit the request (RFC 6455 4.1): it chose
+    /// one that was not asked for (`chosen: Some`), or none of those asked for
+    /// (`chosen: None`; ask for one it speaks, or for none).
+    #[error("{}", subprotocol_mismatch(.chosen.as_deref()))]
+    UnexpectedSubprotocol {
+        /// The subprotocol the server chose, as it sent it (`<redacted>` if it may be a
+        /// credential, see [`ClientBuilder::subprotocol`](crate::ClientBuilder::subprotocol)).
+        chosen: Option<String>,
+    },
     /// The peer broke the WebSocket protocol, or a size limit was exceeded.
     #[error("WebSocket protocol error: {0}")]
     Protocol(String),
@@ -443,6 +452,13 @@ pub enum Error {
     },
 }
 
+fn subprotocol_mismatch(chosen: Option<&str>) -> String {
+    match chosen {
+        Some(p) => format!("the server chose the subprotocol {p:?}, which was not asked for"),
+        None => "the server accepted none of the subprotocols asked for".into(),
+    }
+}
+
 fn control_hint(message: &Message) -> &'static str {
     match message {
         Message::Ping(_) | Message::Pong(_) => {
@@ -514,7 +530,7 @@ impl Error {
     /// True when retrying the same request cannot succeed: authentication and
     /// not-found rejections (HTTP 400/401/403/404), a server that wants another protocol
     /// (426 Upgrade Required), a redirect that is not followed, an extension that was not
-    /// offered, certificate errors, bad URLs, headers or settings; from a proxy: refused
+    /// offered, a subprotocol answer that does not fit the request, certificate errors, bad URLs, headers or settings; from a proxy: refused
     /// credentials or destination (HTTP 401/403/407; SOCKS rules, authentication,
     /// unsupported command or address type, Tor's bad address or authorization) and a
     /// proxy scheme wsbeat does not speak; a message that can never be sent (too large,
@@ -539,7 +555,8 @@ impl Error {
             ),
             Error::UnsupportedProxy { .. }
             | Error::Redirect { .. }
-            | Error::UnexpectedExtension { .. } => true,
+            | Error::UnexpectedExtension { .. }
+            | Error::UnexpectedSubprotocol { .. } => true,
             Error::Tls { kind, .. } => *kind == TlsErrorKind::Certificate,
             // Wrong or missing proxy credentials (tinyproxy answers 401, others 407),
             // or a destination the proxy forbids.

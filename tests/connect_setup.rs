@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use support::client::Fixed;
 use support::hung::HungListener;
 use support::server::{Behavior, TestServer};
-use support::upgrade::read_upgrade_request;
+use support::upgrade::{read_upgrade_request, websocket_key};
 use support::util;
 use wsbeat::{Client, Error, Event, RedirectRefusal};
 
@@ -325,6 +325,77 @@ fn an_extension_that_was_not_offered_fails_the_handshake() {
             .to_ascii_lowercase()
             .contains("sec-websocket-extensions")
     );
+}
+
+/// A server whose subprotocol answer does not fit the request: it chose one nobody asked
+/// for, or none of those asked for. Each answer is the same on the next attempt: the
+/// error says so at once and is fatal (it used to be a generic protocol error, retried
+/// until the connect deadline).
+#[test]
+fn a_subprotocol_answer_that_does_not_fit_the_request_is_fatal() {
+    for (asked, answer) in [
+        (None, Some("chat.v9")),
+        (Some("v1.json"), Some("v9.json")),
+        (Some("v1.json"), None),
+    ] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            // Every attempt gets the same answer, as a real server would give it.
+            listener.set_nonblocking(false).unwrap();
+            let mut attempts = 0;
+            while let Ok((mut s, _)) = listener.accept() {
+                attempts += 1;
+                s.set_read_timeout(Some(T)).unwrap();
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let Some(key) = websocket_key(&head) else {
+                    // The test's "stop" connection.
+                    return attempts - 1;
+                };
+                let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let chosen = answer
+                    .map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n"))
+                    .unwrap_or_default();
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{chosen}\r\n"
+                );
+            }
+            attempts
+        });
+        let mut builder = Client::builder(&format!("ws://{addr}/")).connect_timeout(T);
+        if let Some(p) = asked {
+            builder = builder.subprotocol(p);
+        }
+        let t0 = Instant::now();
+        let result = builder.connect();
+        let took = t0.elapsed();
+        let mut stop = std::net::TcpStream::connect(addr).unwrap();
+        stop.write_all(b"STOP\r\n\r\n").unwrap();
+        let attempts = server.join().unwrap();
+        match result {
+            Err(e @ Error::UnexpectedSubprotocol { .. }) => {
+                assert!(e.is_fatal(), "{e}");
+                let shown = e.to_string();
+                match answer {
+                    Some(p) => assert!(shown.contains(p), "{shown}"),
+                    None => assert!(shown.contains("none of"), "{shown}"),
+                }
+            }
+            other => panic!(
+                "asked {asked:?}, answer {answer:?}: expected UnexpectedSubprotocol, got {:?}",
+                other.map(|_| ())
+            ),
+        }
+        assert_eq!(attempts, 1, "asked {asked:?}, answer {answer:?}: retried");
+        assert!(took < T / 2, "took {took:?}");
+    }
 }
 
 /// Socket options reach the socket: the server sees the local address asked for.

@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::IpAddr;
 
 use tungstenite::client::IntoClientRequest;
-use tungstenite::error::{ProtocolError, SubProtocolError};
+use tungstenite::error::ProtocolError;
 use tungstenite::handshake::client::Response;
 use tungstenite::handshake::derive_accept_key;
 use tungstenite::handshake::machine::{HandshakeMachine, RoundResult, StageResult};
@@ -26,7 +26,7 @@ use crate::config::{
     Config, PROXY_SCHEMES, ProxySetting, Request, header_err, parse_header, user_info,
     without_credentials,
 };
-use crate::redact::{RedactedUrl, is_secret_header, is_secret_subprotocol};
+use crate::redact::{RedactedUrl, is_secret_header, is_secret_subprotocol, shown_subprotocol};
 use crate::transport::dial::{self, Cancel, Deadline, is_timeout};
 use crate::transport::socks;
 use crate::transport::stream::{Stream, Tcp, Ws};
@@ -441,34 +441,20 @@ fn verify_response(
             return Err(Error::UnexpectedExtension { name });
         }
     }
+    // Each answer below would be the same on the next attempt: fatal (see `is_fatal`).
+    // Bytes that are not UTF-8 become U+FFFD, which no name asked for contains.
     let selected = headers
         .get("Sec-WebSocket-Protocol")
-        .map(|v| v.to_str().map(str::to_string))
-        .transpose()
-        .map_err(|_| {
-            protocol_err(ProtocolError::SecWebSocketSubProtocolError(
-                SubProtocolError::InvalidSubProtocol,
-            ))
-        })?;
-    match (offered, &selected) {
-        (None, None) => {}
-        (Some(_), None) => {
-            return Err(protocol_err(ProtocolError::SecWebSocketSubProtocolError(
-                SubProtocolError::NoSubProtocol,
-            )));
-        }
-        (None, Some(_)) => {
-            return Err(protocol_err(ProtocolError::SecWebSocketSubProtocolError(
-                SubProtocolError::ServerSentSubProtocolNoneRequested,
-            )));
-        }
-        (Some(offered), Some(sel)) => {
-            if !offered.split(',').any(|p| p.trim() == sel) {
-                return Err(protocol_err(ProtocolError::SecWebSocketSubProtocolError(
-                    SubProtocolError::InvalidSubProtocol,
-                )));
-            }
-        }
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let fits = match (offered, &selected) {
+        (None, None) => true,
+        (Some(_), None) | (None, Some(_)) => false,
+        (Some(offered), Some(sel)) => offered.split(',').any(|p| p.trim() == sel),
+    };
+    if !fits {
+        return Err(Error::UnexpectedSubprotocol {
+            chosen: selected.map(|p| shown_subprotocol(&p).to_string()),
+        });
     }
     Ok(selected)
 }

@@ -245,7 +245,7 @@ impl Client {
             None => vec![None; carried.len()],
         };
         let mut queue = OfflineQueue::new(cfg.limits.queue_messages, cfg.limits.queue_bytes);
-        queue.requeue_front(std::mem::take(carried).into_iter().zip(tickets));
+        queue.requeue_front(std::mem::take(carried).into_iter().zip(tickets), false);
         let stack = cfg.stack_size;
         let shared = Arc::new(Shared {
             link: Mutex::new(Link {

@@ -83,7 +83,11 @@ pub(crate) type Ticket = Option<u64>;
 /// byte limit, `usize::MAX`, messages that share one buffer may sum past it).
 #[derive(Debug)]
 pub(crate) struct OfflineQueue {
-    msgs: VecDeque<(Message, Ticket)>,
+    /// Each message with its ticket and whether it was in flight on a connection that
+    /// died (put back by [`requeue_front`](Self::requeue_front)): written again, it
+    /// counts in `Stats::resent` (counted when put back, it also counted messages then
+    /// handed back, never written again).
+    msgs: VecDeque<(Message, Ticket, bool)>,
     bytes: usize,
     max_msgs: usize,
     max_bytes: usize,
@@ -121,38 +125,49 @@ impl OfflineQueue {
     /// Appends without checking the bounds (caller checked `has_room` or chose to drop).
     pub(crate) fn push_back(&mut self, m: Message, ticket: Ticket) {
         self.bytes = self.bytes.saturating_add(payload_len(&m));
-        self.msgs.push_back((m, ticket));
+        self.msgs.push_back((m, ticket, false));
     }
 
-    /// Puts already-accepted messages (in flight on a dead connection) back at the
-    /// front, in their order. They bypass the bounds: they were accepted before.
-    pub(crate) fn requeue_front(&mut self, ms: impl DoubleEndedIterator<Item = (Message, Ticket)>) {
+    /// Puts already-accepted messages back at the front, in their order. They bypass the
+    /// bounds: they were accepted before. `again`: they were in flight on a connection
+    /// that died (see `again`), not merely carried over.
+    pub(crate) fn requeue_front(
+        &mut self,
+        ms: impl DoubleEndedIterator<Item = (Message, Ticket)>,
+        again: bool,
+    ) {
         for (m, t) in ms.rev() {
-            self.bytes = self.bytes.saturating_add(payload_len(&m));
-            self.msgs.push_front((m, t));
+            self.push_front(m, t, again);
         }
     }
 
+    /// Whether the first message was in flight on a connection that died.
+    pub(crate) fn front_is_again(&self) -> bool {
+        self.msgs.front().is_some_and(|e| e.2)
+    }
+
     pub(crate) fn pop_front(&mut self) -> Option<(Message, Ticket)> {
-        let (m, t) = self.msgs.pop_front()?;
+        let (m, t, _) = self.msgs.pop_front()?;
         self.bytes = self.bytes.saturating_sub(payload_len(&m));
         Some((m, t))
     }
 
-    pub(crate) fn push_front(&mut self, m: Message, ticket: Ticket) {
+    /// Puts a message taken with [`pop_front`](Self::pop_front) back; `again` as
+    /// [`front_is_again`](Self::front_is_again) said of it then.
+    pub(crate) fn push_front(&mut self, m: Message, ticket: Ticket, again: bool) {
         self.bytes = self.bytes.saturating_add(payload_len(&m));
-        self.msgs.push_front((m, ticket));
+        self.msgs.push_front((m, ticket, again));
     }
 
     pub(crate) fn drain_all(&mut self) -> Vec<(Message, Ticket)> {
         self.bytes = 0;
-        self.msgs.drain(..).collect()
+        self.msgs.drain(..).map(|(m, t, _)| (m, t)).collect()
     }
 
     /// Keeps the messages whose ticket `keep` accepts, in order.
     pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Ticket) -> bool) {
         let mut bytes = self.bytes;
-        self.msgs.retain(|(m, t)| {
+        self.msgs.retain(|(m, t, _)| {
             let kept = keep(t);
             if !kept {
                 bytes = bytes.saturating_sub(payload_len(m));
@@ -165,7 +180,7 @@ impl OfflineQueue {
     /// [`drain_all`](Self::drain_all) without the tickets.
     pub(crate) fn drain_messages(&mut self) -> Vec<Message> {
         self.bytes = 0;
-        self.msgs.drain(..).map(|(m, _)| m).collect()
+        self.msgs.drain(..).map(|(m, _, _)| m).collect()
     }
 }
 
@@ -184,8 +199,8 @@ mod tests {
         let m = Message::text("more than two bytes");
         assert!(q.has_room(&m), "no byte limit: always room");
         q.push_back(m.clone(), None);
-        q.push_front(m.clone(), None);
-        q.requeue_front(vec![(m, None)].into_iter());
+        q.push_front(m.clone(), None, false);
+        q.requeue_front(vec![(m, None)].into_iter(), true);
         assert_eq!(q.bytes, usize::MAX);
         while q.pop_front().is_some() {}
         q.retain(|_| true);
@@ -200,11 +215,41 @@ mod tests {
             q.push_back(Message::text(s), None);
         }
         assert!(!q.has_room(&Message::text("d")));
-        q.requeue_front(vec![(Message::text("0"), Some(7))].into_iter());
+        q.requeue_front(vec![(Message::text("0"), Some(7))].into_iter(), true);
         assert_eq!(q.pop_front(), Some((Message::text("0"), Some(7))));
         assert_eq!(q.pop_front(), Some((Message::text("a"), None)));
         assert!(!q.has_room(&Message::text("0123456789")));
         assert_eq!(q.drain_all().len(), 2);
         assert!(q.is_empty());
+    }
+
+    /// Messages put back after a connection died stay marked through `pop_front`,
+    /// `push_front` and `retain`: what `flush_queue` counts as resent.
+    #[test]
+    fn requeued_messages_stay_a_counted_prefix() {
+        let mut q = OfflineQueue::new(100, 1000);
+        q.push_back(Message::text("new"), None);
+        q.requeue_front(
+            vec![(Message::text("a"), Some(1)), (Message::text("b"), Some(2))].into_iter(),
+            true,
+        );
+        q.requeue_front(vec![(Message::text("carried"), None)].into_iter(), false);
+        assert!(!q.front_is_again(), "carried over, never in flight");
+        let (m, t) = q.pop_front().unwrap();
+        assert_eq!(m, Message::text("carried"));
+        q.push_front(m, t, false);
+        assert!(!q.front_is_again());
+        q.pop_front();
+        // Drops "a" (inside the prefix) and nothing else.
+        q.retain(|t| *t != Some(1));
+        assert!(q.front_is_again());
+        let (m, t) = q.pop_front().unwrap();
+        assert_eq!(m, Message::text("b"));
+        assert!(!q.front_is_again(), "\"new\" was never in flight");
+        q.push_front(m, t, true);
+        assert!(q.front_is_again());
+        q.pop_front();
+        assert!(!q.front_is_again());
+        assert_eq!(q.pop_front().map(|x| x.0), Some(Message::text("new")));
     }
 }

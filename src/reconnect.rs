@@ -481,7 +481,11 @@ impl Supervisor {
             };
             let mut moved = false;
             let mut failed = None;
-            while let Some((m, ticket)) = link.queue.pop_front() {
+            loop {
+                let again = link.queue.front_is_again();
+                let Some((m, ticket)) = link.queue.pop_front() else {
+                    break;
+                };
                 moved = true;
                 // Acked delivery: acked while it waited here (the reader runs from the
                 // publish on): delivered, not written again (acked probe: 358 of 1000
@@ -494,9 +498,14 @@ impl Supervisor {
                     continue;
                 }
                 match live.write_noted(link.outbox.as_mut(), m, ticket) {
+                    // Written again: counted now (an outbox entry counts itself, in
+                    // `Outbox::written`).
+                    Ok(Written::Buffered) if again && ticket.is_none() => {
+                        self.shared.counters.resent.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(Written::Buffered) => {}
                     Ok(Written::Full(m)) => {
-                        link.queue.push_front(m, ticket);
+                        link.queue.push_front(m, ticket, again);
                         break;
                     }
                     Err(e) => {
@@ -635,17 +644,11 @@ impl Supervisor {
     /// handed back (at-most-once).
     fn requeue(&self, link: &mut Link, live: &mut Live) {
         let cgen = live.generation;
-        let counters = &self.shared.counters;
         // The user closes: what is left is handed back, not sent again.
         let closing = self.shared.closing.load(Ordering::SeqCst);
         let resend: Vec<(Message, Ticket)> = match &self.shared.cfg.delivery {
             Delivery::AtLeastOnce => {
                 let left = live.leftover(closing);
-                if !closing {
-                    counters
-                        .resent
-                        .fetch_add(left.resend.len() as u64, Ordering::Relaxed);
-                }
                 self.count_possibly_lost(cgen, left.possibly_lost, closing);
                 left.resend.into_iter().map(|(m, _)| (m, None)).collect()
             }
@@ -673,21 +676,14 @@ impl Supervisor {
                 let waiting: HashSet<u64> = unacked.iter().map(|(seq, _)| *seq).collect();
                 let mut later = HashSet::new();
                 let mut tail = Vec::with_capacity(left.resend.len());
-                let mut plain = 0u64;
                 for (m, seq) in left.resend {
                     match seq {
-                        None => {
-                            plain += 1;
-                            tail.push((m, None));
-                        }
+                        None => tail.push((m, None)),
                         Some(seq) if waiting.contains(&seq) && later.insert(seq) => {
                             tail.push((m, Some(seq)));
                         }
                         Some(_) => {}
                     }
-                }
-                if !closing {
-                    counters.resent.fetch_add(plain, Ordering::Relaxed);
                 }
                 let mut resend: Vec<(Message, Ticket)> = unacked
                     .into_iter()
@@ -703,7 +699,7 @@ impl Supervisor {
                 "connection {cgen}: {} messages back to the queue",
                 resend.len()
             );
-            link.queue.requeue_front(resend.into_iter());
+            link.queue.requeue_front(resend.into_iter(), true);
         }
     }
 

@@ -140,6 +140,53 @@ fn stopped_server() -> TestServer {
         .start()
 }
 
+/// `Stats::resent` counts messages written again. Messages in flight on a connection
+/// that died were counted as soon as they were put back in the queue, before any later
+/// connection: when the client then gave up (here: reconnection off) they were handed
+/// back in `Undelivered`, never written again, yet counted (review: 4939 of 4939).
+#[test]
+fn resent_counts_only_messages_written_again() {
+    let server = stopped_server();
+    let client = Client::builder(&server.url())
+        .delivery(Delivery::AtLeastOnce)
+        .limits(
+            Limits::default()
+                .max_write_buffer(256 << 10)
+                .queue_bytes(1 << 30),
+        )
+        .write_timeout(Duration::from_secs(60))
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    assert_eq!(next_connected(&events), 1);
+    let accepted = fill_in_flight(&client);
+    server.reset_all();
+    // No reconnection: the client gives up and hands back what it holds.
+    let evs = support::client::events_until_closed(&events, T);
+    let handed_back: usize = evs
+        .iter()
+        .map(|e| match e {
+            Event::Undelivered(v) => v.len(),
+            _ => 0,
+        })
+        .sum();
+    let st = client.stats();
+    eprintln!(
+        "accepted {}, handed back {handed_back}, resent {}, possibly lost {}",
+        accepted.len(),
+        st.resent,
+        st.possibly_lost,
+    );
+    assert!(handed_back > 0, "in-flight messages come back on give-up");
+    assert_eq!(server.accepted(), 1, "no second connection was made");
+    assert_eq!(
+        st.resent, 0,
+        "no message was written again, but resent = {} ({handed_back} were handed back)",
+        st.resent
+    );
+}
+
 #[test]
 fn at_most_once_hands_in_flight_messages_back_and_never_resends_them() {
     let server = stopped_server();

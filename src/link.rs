@@ -84,6 +84,7 @@ pub(crate) struct Tracked {
     msgs: VecDeque<(u64, Message, Owner)>,
     /// The last this many of `msgs` are not flushed yet.
     unflushed: usize,
+    /// The memory of `msgs`, as [`tracked_len`] counts it.
     bytes: usize,
     since_prune: usize,
     bytes_since_prune: usize,
@@ -130,8 +131,15 @@ const UNFLUSHED: u64 = u64::MAX;
 const PRUNE_EVERY: usize = 1024;
 const PRUNE_EVERY_BYTES: usize = 1 << 20;
 /// With no kernel figure (no `SIOCOUTQ` equivalent), at most this many bytes of
-/// messages sent after the peer's last sign of life are kept for a re-send.
+/// messages sent after the peer's last sign of life are kept for a re-send, each counted
+/// with its entry (see [`tracked_len`]).
 const TRACK_CAP: usize = 4 << 20;
+
+/// The memory a tracked message holds: its payload and its entry in `Tracked::msgs`.
+/// Payloads alone let a million empty messages through the cap, never dropped (76 MiB).
+fn tracked_len(m: &Message) -> usize {
+    payload_len(m) + std::mem::size_of::<(u64, Message, Owner)>()
+}
 /// At most this many messages acknowledged by TCP after the peer's last sign of life
 /// are remembered one by one (8 bytes each) for the possibly-lost count; older ones are
 /// only counted (see `Tracked::acked_older`).
@@ -402,12 +410,12 @@ impl Live {
             // The usual case (one `send`): no range walk.
             let (e, m, _) = t.msgs.back_mut().expect("an unflushed message");
             *e = end;
-            t.bytes_since_prune += payload_len(m);
+            t.bytes_since_prune += tracked_len(m);
         } else {
             let from = t.msgs.len() - t.unflushed;
             for (e, m, _) in t.msgs.range_mut(from..) {
                 *e = end;
-                t.bytes_since_prune += payload_len(m);
+                t.bytes_since_prune += tracked_len(m);
             }
         }
         t.since_prune += t.unflushed;
@@ -435,7 +443,7 @@ impl Live {
                         .take_while(|(e, m, _)| {
                             let go = *e <= mark || left > TRACK_CAP;
                             if go {
-                                left -= payload_len(m);
+                                left -= tracked_len(m);
                             }
                             go
                         })
@@ -473,7 +481,7 @@ impl Live {
             let mut starts = Starts::from(t.floor);
             for (e, m, _) in t.msgs.drain(..gone) {
                 starts.start_of(e, &m);
-                t.bytes -= payload_len(&m);
+                t.bytes -= tracked_len(&m);
             }
             t.floor = starts.peek(t.msgs.front().map(|x| x.0));
         }

@@ -353,3 +353,47 @@ fn close_hands_back_messages_the_peer_read_when_prune_cut_a_batch() {
         back.len()
     );
 }
+
+/// Resident memory of this process, in KiB (Linux).
+#[cfg(target_os = "linux")]
+fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4
+}
+
+/// A million empty messages (no payload: nothing of "4 MiB of messages") that the peer's
+/// TCP took, with no sign of life from the peer: the tracking cap counted payload bytes
+/// only, so their entries (about 80 bytes each) were never dropped, and memory grew by
+/// 76 MiB (review of the send paths). Each entry now counts with its own size.
+#[cfg(target_os = "linux")]
+#[test]
+fn tracking_past_the_cap_is_bounded_for_empty_messages() {
+    if !without_the_figure("tracking_past_the_cap_is_bounded_for_empty_messages") {
+        return;
+    }
+    let sink = Sink::start();
+    let (client, _events) = connected(&sink.url, Duration::from_secs(60));
+    let empty = || (0..10_000).map(|_| Message::binary(Vec::<u8>::new()));
+    // Warm-up: buffers and the first chunk.
+    client.send_all(empty()).unwrap();
+    let before = rss_kib();
+    const ROUNDS: u64 = 100;
+    for _ in 0..ROUNDS {
+        client.send_all(empty()).unwrap();
+    }
+    // Every frame (6 bytes: header and mask) reached the peer.
+    sink.wait_read((ROUNDS + 1) * 10_000 * 6);
+    let grown_kib = rss_kib().saturating_sub(before);
+    eprintln!(
+        "{} empty messages sent; resident memory grew by {grown_kib} KiB",
+        client.stats().sent
+    );
+    let _ = client.close();
+    assert!(
+        grown_kib < 16 << 10,
+        "resident memory grew by {} MiB for {} empty messages the peer's TCP took",
+        grown_kib >> 10,
+        ROUNDS * 10_000
+    );
+}

@@ -310,7 +310,8 @@ pub struct Limits {
     /// Largest incoming frame (default 16 MiB).
     pub max_frame_size: usize,
     /// Most bytes buffered for writing on one connection (default: max message + 64 KiB;
-    /// never less than that, so the largest message always fits).
+    /// never less than that, so the largest message always fits). The client's record
+    /// of each buffered message (56-80 bytes, payload shared) counts against it too.
     pub max_write_buffer: usize,
     /// Offline queue bound in messages (default 10 000).
     pub queue_messages: usize,
@@ -352,6 +353,8 @@ impl Limits {
 
     /// Most bytes buffered for writing on one connection (default: max message +
     /// 64 KiB). A smaller value is raised to that, so the largest message always fits.
+    /// The client's record of each buffered message (56-80 bytes) counts against it
+    /// too: a flood of tiny messages holds about as much memory as this, not ten times.
     pub fn max_write_buffer(mut self, bytes: usize) -> Self {
         self.max_write_buffer = bytes;
         self

@@ -180,6 +180,10 @@ pub(crate) struct Live {
     /// (when not tracking: tracked messages wait at the back of `tracked`). Cleared on
     /// every successful flush; handed back if the link dies.
     pub in_flight: VecDeque<Message>,
+    /// The memory of the messages whose flush has not completed, in `in_flight` or at
+    /// the back of `tracked` (as [`tracked_len`] counts it): bounded with the write
+    /// buffer (see [`Live::write_tracked`]).
+    pub unflushed_mem: usize,
     /// Flushed messages the peer's TCP may not have acknowledged (`None`: not tracked).
     pub tracked: Option<Tracked>,
     /// Set once when the connection is declared dead (first reporter wins).
@@ -256,6 +260,17 @@ impl Live {
         m: Message,
         owner: Owner,
     ) -> std::result::Result<Written, tungstenite::Error> {
+        // What waits in tungstenite's buffer is also held here until its flush
+        // completes: that memory counts against the buffer's bound as the frames do. An
+        // empty message is a 6-byte frame but an ~80-byte entry: a 16 MiB buffer took
+        // 2.8 M of them, and the client held 268 MiB (review of the send paths).
+        let mem = tracked_len(&m);
+        if self.unflushed_mem > 0
+            && self.unflushed_mem.saturating_add(mem) > self.ws.get_config().max_write_buffer_size
+        {
+            return Ok(Written::Full(m));
+        }
+        self.unflushed_mem = self.unflushed_mem.saturating_add(mem);
         match self.tracked.as_mut() {
             Some(t) => {
                 t.msgs.push_back((UNFLUSHED, m.clone(), owner));
@@ -267,6 +282,7 @@ impl Live {
             Ok(()) => Ok(Written::Buffered),
             Err(e) if is_would_block(&e) => Ok(Written::Buffered),
             Err(tungstenite::Error::WriteBufferFull(_)) => {
+                self.unflushed_mem -= mem;
                 let m = match self.tracked.as_mut() {
                     Some(t) => {
                         t.unflushed -= 1;
@@ -393,6 +409,7 @@ impl Live {
         if let ProbeOut::Buffered = self.probe_out {
             self.probe_out = ProbeOut::Sent(self.ws.get_ref().offsets().0);
         }
+        self.unflushed_mem = 0;
         let Some(t) = self.tracked.as_mut() else {
             let n = self.in_flight.len() as u64;
             if n > 0 {

@@ -397,6 +397,7 @@ impl Supervisor {
                 waker,
                 generation: cgen,
                 in_flight: Default::default(),
+                unflushed_mem: 0,
                 // At-least-once: remember flushed messages until the peer's TCP acked them.
                 // acked: the messages without an id the same way, and those with one for
                 // their place in the write order.

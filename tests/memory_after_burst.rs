@@ -2,17 +2,19 @@
 //! large messages took, and a message kept after its connection ended holds only its own
 //! bytes. The scale probe measured 1-5 MiB per idle client after a burst (its buffer
 //! pool never shrank), and ~1.3 MiB per kept 16 KiB message (it held the whole pool).
-//! Own binary: the tests measure this process's resident memory, one at a time.
+//! What waits to be written is bounded too: the client's record of it counts against the
+//! write buffer's bound. Own binary: the tests measure this process's resident memory,
+//! one at a time.
 #![cfg(all(target_os = "linux", target_env = "gnu"))]
 
 mod support;
 
 use std::time::Duration;
 
-use support::server::TestServer;
+use support::server::{Behavior, TestServer};
 use support::util;
 use tungstenite::Message;
-use wsbeat::{Client, Event, Events};
+use wsbeat::{Client, Delivery, Error, Event, Events, Limits};
 
 const T: Duration = Duration::from_secs(10);
 /// The burst: 16 messages of 256 KiB, 4 MiB (the pool keeps up to 4 MiB).
@@ -279,4 +281,60 @@ fn small_messages_kept_after_large_fragmented_ones_hold_only_their_bytes() {
         );
     }
     drop(kept);
+}
+
+/// The client's own record of what waits in its write buffer is bounded with it. A peer
+/// that stops reading, and empty messages: each is a 6-byte frame in the buffer but a
+/// 56-byte entry in `in_flight` (80 in at-least-once tracking), so a 16 MiB buffer took
+/// 2.8 M of them and the client held 268 MiB (review of the send paths). Each entry now
+/// counts against the bound. At most once here: at least once also keeps what the
+/// kernel holds and its peer has not acknowledged (~4 MiB of frames on loopback), for a
+/// re-send, which no bound of ours can refuse after the fact.
+#[test]
+fn in_flight_messages_of_a_full_write_buffer_are_bounded_with_it() {
+    let _serial = serial();
+    // A server that stops reading after the upgrade, with a small receive buffer.
+    let server = TestServer::builder()
+        .behavior(Behavior::StopReading)
+        .recv_buffer(4096)
+        .start();
+    let write_buffer = 4 << 20;
+    let client = Client::builder(&server.url())
+        .delivery(Delivery::AtMostOnce)
+        .limits(
+            Limits::default()
+                .max_message_size(64 << 10)
+                .max_write_buffer(write_buffer),
+        )
+        .write_timeout(Duration::from_secs(60))
+        .connect()
+        .unwrap();
+    let events = client.events();
+    loop {
+        match events.recv_timeout(T).expect("Connected in time") {
+            Event::Connected { .. } => break,
+            Event::Closed => panic!("closed while waiting for Connected"),
+            _ => {}
+        }
+    }
+    let before = util::rss_kib();
+    let mut accepted = 0u64;
+    loop {
+        match client.try_send(Message::binary(Vec::<u8>::new())) {
+            Ok(()) => accepted += 1,
+            Err(Error::WouldBlock { .. }) => break,
+            Err(e) => panic!("try_send: {e}"),
+        }
+        assert!(accepted < 10_000_000, "the write buffer never filled");
+    }
+    let grown_kib = util::rss_kib().saturating_sub(before);
+    eprintln!("{accepted} empty messages taken, memory grew by {grown_kib} KiB");
+    drop(client.close());
+    // 4 MiB of 6-byte frames in the buffer were 700 k entries: 56 MiB in `in_flight`.
+    assert!(
+        grown_kib < 3 * (write_buffer as u64 >> 10),
+        "memory grew by {} MiB for {accepted} empty messages under a {} MiB write buffer",
+        grown_kib >> 10,
+        write_buffer >> 20
+    );
 }

@@ -315,7 +315,9 @@ impl ClientBuilder {
 
     /// Stack size of the internal threads (default 256 KiB; only touched pages use memory).
     /// At least 64 KiB and at most [`MAX_THREAD_STACK_SIZE`](crate::MAX_THREAD_STACK_SIZE)
-    /// (256 MiB); other values are brought within those bounds.
+    /// (256 MiB); other values are brought within those bounds. The thread that connects
+    /// (proxies, TLS, the upgrade, your hooks and reconnect policy) gets at least
+    /// 256 KiB whatever this says: that chain needs more than 64 KiB in a debug build.
     pub fn thread_stack_size(mut self, bytes: usize) -> Self {
         self.cfg.stack_size = bytes.clamp(64 << 10, MAX_THREAD_STACK_SIZE);
         self

@@ -286,9 +286,12 @@ impl Client {
             .spawn(move || crate::timer::run(s, timer_rx))
             .map_err(|e| failed(Error::spawn("wsbeat timer", e)))?;
         let sup = Supervisor::new(shared.clone(), hooks.clone(), ctl_rx, timer);
+        // The supervisor connects (`connect_lazy`'s first connect, every reconnect):
+        // proxies, TLS and the upgrade, and the user's hooks and policy. That chain took
+        // over 64 KiB in a debug build: an abort (review of the set-up paths).
         let supervisor = match std::thread::Builder::new()
             .name("wsbeat-reconnect".into())
-            .stack_size(stack)
+            .stack_size(stack.max(crate::config::SUPERVISOR_MIN_STACK))
             .spawn(move || sup.run(first))
         {
             Ok(h) => h,

@@ -465,6 +465,10 @@ pub const MAX_EVENT_SPIN: Duration = Duration::from_millis(1);
 /// The largest [`ClientBuilder::read_buffer_size`](crate::ClientBuilder::read_buffer_size):
 /// tungstenite allocates and zero-fills the whole buffer for each connection.
 pub const MAX_READ_BUFFER_SIZE: usize = 16 << 20;
+/// The smallest stack of the thread that connects (the supervisor), whatever
+/// [`ClientBuilder::thread_stack_size`](crate::ClientBuilder::thread_stack_size) says.
+pub(crate) const SUPERVISOR_MIN_STACK: usize = 256 << 10;
+
 /// The largest [`ClientBuilder::thread_stack_size`](crate::ClientBuilder::thread_stack_size)
 /// (the threads' stacks are reserved, not touched, so this costs address space only).
 pub const MAX_THREAD_STACK_SIZE: usize = 256 << 20;

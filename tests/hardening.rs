@@ -732,6 +732,54 @@ fn sizes_and_counts_take_usize_max() {
     no_client_threads_left("extreme sizes");
 }
 
+/// The smallest stack `thread_stack_size` takes also carries the connects that the
+/// client's own threads make: the first one of `connect_lazy()` and every reconnect run
+/// on the supervisor thread, through TLS and the upgrade (review: "thread
+/// 'wsbeat-reconnect' has overflowed its stack" in a debug build, an abort, over ws://
+/// and wss:// alike; `sizes_and_counts_take_usize_max` connects on the caller's thread).
+#[test]
+fn the_smallest_stacks_carry_a_lazy_connect_and_a_reconnect() {
+    let _g = util::exclusive();
+    watch_panics();
+    let before = client_panics();
+    let server = TestServer::echo();
+    let mut targets = vec![(server.url(), None)];
+    #[cfg(any(feature = "native-tls", feature = "rustls"))]
+    let tls = TestServer::builder()
+        .tls(support::certs::ServerCert::Valid)
+        .start();
+    #[cfg(any(feature = "native-tls", feature = "rustls"))]
+    targets.push((tls.wss_url(), Some(support::certs::ca_pem())));
+    for (url, ca) in targets {
+        let mut b = builder(&url).thread_stack_size(0);
+        if let Some(ca) = &ca {
+            b = b.add_root_certificate(ca);
+        }
+        let client = b.connect_lazy().unwrap_or_else(|e| panic!("{url}: {e}"));
+        let events = client.events();
+        let deadline = Instant::now() + T;
+        for generation in 1..=2 {
+            loop {
+                match events.recv_deadline(deadline) {
+                    Ok(Event::Connected { generation: g, .. }) if g == generation => break,
+                    Ok(Event::Closed) => panic!("{url}: closed"),
+                    Ok(_) => {}
+                    Err(e) => panic!("{url}: connection {generation} not made: {e:?}"),
+                }
+            }
+            client.send_text("ping?").expect("send");
+            while next_text(&events, deadline, &url) != "ping?" {}
+            if generation == 1 {
+                client.reconnect_now();
+            }
+        }
+        let c = client.clone();
+        bounded(&url, T, move || c.close());
+    }
+    assert_eq!(client_panics(), before, "a wsbeat thread panicked");
+    no_client_threads_left("smallest stacks");
+}
+
 /// TCP keepalive takes `Duration::MAX` and `u32::MAX` (as long, or as many, as the OS
 /// allows: Linux refuses more than 32767 s and 127 probes with "Invalid argument", which
 /// failed every connect) and sub-second times (Linux counts whole seconds: they used to

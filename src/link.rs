@@ -135,6 +135,19 @@ const PRUNE_EVERY_BYTES: usize = 1 << 20;
 /// with its entry (see [`tracked_len`]).
 const TRACK_CAP: usize = 4 << 20;
 
+/// A record of messages (`Live::in_flight`, `Tracked::msgs`) grown past this many
+/// entries gives its room back once mostly empty: a burst of small sends to a slow peer
+/// kept 13 MiB per idle connection. Above one batch's worth (128 KiB of 64 B messages),
+/// so that a steady flood does not shrink and grow it per flush.
+const RECORD_KEEP: usize = 4096;
+
+/// Gives back most of the room of a record that is mostly empty (see [`RECORD_KEEP`]).
+fn shrink_record<T>(record: &mut VecDeque<T>) {
+    if record.capacity() > RECORD_KEEP && record.len() < record.capacity() / 4 {
+        record.shrink_to(RECORD_KEEP.max(record.len() * 2));
+    }
+}
+
 /// The memory a tracked message holds: its payload and its entry in `Tracked::msgs`.
 /// Payloads alone let a million empty messages through the cap, never dropped (76 MiB).
 fn tracked_len(m: &Message) -> usize {
@@ -415,6 +428,7 @@ impl Live {
             if n > 0 {
                 self.sent.fetch_add(n, Ordering::Relaxed);
                 self.in_flight.clear();
+                shrink_record(&mut self.in_flight);
             }
             return;
         };
@@ -500,6 +514,7 @@ impl Live {
                 starts.start_of(e, &m);
                 t.bytes -= tracked_len(&m);
             }
+            shrink_record(&mut t.msgs);
             t.floor = starts.peek(t.msgs.front().map(|x| x.0));
         }
     }

@@ -338,3 +338,74 @@ fn in_flight_messages_of_a_full_write_buffer_are_bounded_with_it() {
         write_buffer >> 20
     );
 }
+
+/// A burst of small sends that waited for a slow peer is given back once the peer took
+/// it: the client's record of what waits to be written (`in_flight`, at-least-once
+/// tracking) kept its grown capacity for the connection's life, megabytes per idle
+/// client.
+#[test]
+fn an_idle_connection_gives_back_the_record_of_a_send_burst() {
+    for delivery in [Delivery::AtLeastOnce, Delivery::AtMostOnce] {
+        let _serial = serial();
+        // A peer that reads nothing until `go`, then everything.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // Small, so that the burst waits in the client (64 KiB: with less than twice the
+        // loopback's segment size the reader's TCP sends no window update, and the
+        // sender waits for its zero-window probes, seconds apart).
+        socket2::SockRef::from(&listener)
+            .set_recv_buffer_size(64 << 10)
+            .unwrap();
+        let url = format!("ws://{}/", listener.local_addr().unwrap());
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+        let server = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let mut tcp = tungstenite::accept(tcp).unwrap().into_inner();
+            let _ = go_rx.recv();
+            // Reads and drops the bytes (faster than a debug build's frame parsing).
+            let mut buf = vec![0u8; 256 << 10];
+            while std::io::Read::read(&mut tcp, &mut buf).is_ok_and(|n| n > 0) {}
+        });
+        let client = Client::builder(&url)
+            .no_proxy()
+            .delivery(delivery.clone())
+            .write_timeout(Duration::from_secs(60))
+            .close_timeout(Duration::from_millis(100))
+            .connect()
+            .unwrap();
+        let base = rss_trimmed();
+        let mut accepted = 0u64;
+        loop {
+            match client.try_send(Message::binary(vec![7u8; 8])) {
+                Ok(()) => accepted += 1,
+                Err(Error::WouldBlock { .. }) => break,
+                Err(e) => panic!("try_send: {e}"),
+            }
+            assert!(accepted < 10_000_000, "the write buffer never filled");
+        }
+        let peak = rss_trimmed();
+        go_tx.send(()).unwrap();
+        assert!(
+            util::wait_until(T, || client.stats().sent >= accepted),
+            "{delivery:?}: the peer took {} of {accepted}",
+            client.stats().sent
+        );
+        // One more message, so that at least once also looks at what the peer's TCP
+        // acknowledged after the burst (it looks when a flush completes).
+        client.send_binary(vec![1u8; 8]).unwrap();
+        let after = rss_trimmed();
+        eprintln!(
+            "{delivery:?}: {accepted} messages; RSS {base} KiB, {peak} KiB with the burst \
+             waiting, {after} KiB once the peer took it"
+        );
+        drop(client.close());
+        server.join().unwrap();
+        // Left: tungstenite's write buffer, grown to what waited in it (up to 3 MiB of
+        // 14-byte frames here), and what `LEFT` says.
+        assert!(
+            after.saturating_sub(base) < LEFT + (4 << 10),
+            "{delivery:?}: {} KiB kept after the peer took the burst ({} KiB at its peak)",
+            after.saturating_sub(base),
+            peak.saturating_sub(base)
+        );
+    }
+}

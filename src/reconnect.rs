@@ -251,7 +251,10 @@ impl Supervisor {
                 Ok(None) => break None,
                 Err(e) => break Some(e),
             }
-            if requested {
+            // Also one asked for after the look above: in reaction to `Disconnected`, or
+            // while the policy's `min_uptime` ran (review of the event paths: dropped,
+            // and the client slept the whole delay).
+            if requested || self.shared.reconnect_requested.load(Ordering::SeqCst) {
                 // The user asked for a fresh connection (also when automatic reconnection
                 // is off): no failure, no wait.
                 continue;
@@ -302,13 +305,16 @@ impl Supervisor {
         self.failures = self.failures.saturating_add(1);
         // A `reconnect_now` made while the attempt that just failed was under way was
         // served by it. Cleared before the policy runs, so a call made while it decides
-        // (from the policy itself, or from a consumer reacting to `Disconnected`) skips
+        // (from the policy itself, or from a consumer reacting to `Reconnecting`) skips
         // the wait it gives (callback probe: such calls were dropped, and the client
-        // slept the whole delay); and before `Reconnecting` is emitted, so a call made in
-        // reaction to that event does too.
-        self.shared
-            .reconnect_requested
-            .store(false, Ordering::SeqCst);
+        // slept the whole delay). After a lost connection (`reason`) the flag was
+        // cleared when it was published and a call made while it lived was served: one
+        // set now came after its end (reacting to `Disconnected`), and is kept.
+        if reason.is_none() {
+            self.shared
+                .reconnect_requested
+                .store(false, Ordering::SeqCst);
+        }
         let first = *self.first_failure.get_or_insert_with(Instant::now);
         let last = error.unwrap_or(Error::Closed { message: None });
         self.last_error = Some(last.clone());

@@ -1776,3 +1776,71 @@ fn reconnect_now_is_served_when_the_connection_dies_before_it() {
     }
     let _ = client.close();
 }
+
+/// A `reconnect_now()` made by a consumer reacting to `Disconnected` skips the backoff
+/// the policy then gives. It was dropped: the supervisor read the flag before it emitted
+/// `Disconnected`, and `backoff` cleared it after the call set it, so the command was
+/// taken for a stale one and the client slept the whole delay (review of the event
+/// paths). The policy's `min_uptime` waits for the test here, which holds the window
+/// open.
+#[test]
+fn reconnect_now_made_right_after_disconnected_skips_the_backoff() {
+    let _g = util::shared();
+    struct SlowUptime {
+        entered: crossbeam_channel::Sender<()>,
+        release: crossbeam_channel::Receiver<()>,
+    }
+    impl ReconnectPolicy for SlowUptime {
+        fn next_delay(&mut self, _: &Failure<'_>) -> Option<Duration> {
+            Some(Duration::from_secs(3600))
+        }
+        fn min_uptime(&self) -> Duration {
+            let _ = self.entered.try_send(());
+            let _ = self.release.recv_timeout(T);
+            Duration::from_secs(5)
+        }
+    }
+    let server = TestServer::echo();
+    let (entered, entered_rx) = bounded(4);
+    let (release_tx, release) = bounded(4);
+    let client = Client::builder(&server.url())
+        .heartbeat(Heartbeat::off())
+        .close_timeout(Duration::from_secs(2))
+        .reconnect_policy(SlowUptime { entered, release })
+        .connect()
+        .unwrap();
+    let events = client.events();
+    server.disconnect_all();
+    let deadline = Instant::now() + T;
+    let mut seen = Vec::new();
+    loop {
+        let e = events.recv_deadline(deadline).expect("Disconnected 1");
+        seen.push(e.clone());
+        if matches!(e, Event::Disconnected { generation: 1, .. }) {
+            break;
+        }
+    }
+    entered_rx.recv_timeout(T).expect("min_uptime runs");
+    // The consumer reacts to `Disconnected`.
+    client.reconnect_now();
+    release_tx.send(()).unwrap();
+    let deadline = Instant::now() + T;
+    let mut reconnected = false;
+    while let Ok(e) = events.recv_deadline(deadline) {
+        seen.push(e.clone());
+        if matches!(e, Event::Connected { generation: 2, .. }) {
+            reconnected = true;
+            break;
+        }
+    }
+    let _ = client.close();
+    assert!(
+        reconnected,
+        "reconnect_now() after Disconnected was dropped: the client sleeps the policy's \
+         hour; events: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::Reconnecting { .. })),
+        "a requested reconnect waits for nothing: {seen:?}"
+    );
+}

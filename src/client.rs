@@ -387,8 +387,10 @@ impl Client {
     /// The iterator is read between chunks, never while the client's lock is held: it
     /// may be lazy, slow, wait on a channel, or use this client. If it panics, the panic
     /// goes on to the caller, and the messages it gave for the chunk being filled (not
-    /// sent yet) come back in [`Event::Undelivered`](crate::Event::Undelivered); those it
-    /// gave to be handed back after the client closed are lost with the panic.
+    /// sent yet) come back in [`Event::Undelivered`](crate::Event::Undelivered), unless
+    /// the client was closed by then (its event stream has ended with `Closed`): those,
+    /// and those it gave to be handed back after the client closed, are lost with the
+    /// panic.
     ///
     /// ```
     /// # let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -173,9 +173,8 @@ pub(crate) struct Leftover {
 pub(crate) enum ProbeOut {
     /// None sent yet.
     None,
-    /// In tungstenite's buffer, behind output not yet taken by the OS.
-    Buffered,
-    /// Taken by the OS; it ends at or before this socket byte offset.
+    /// Handed to tungstenite; it ends at or before this socket byte offset (see
+    /// [`Live::handed`]).
     Sent(u64),
     /// Not written: our buffer was full (of user data). Written again as soon as it
     /// fits (the timer tries until then).
@@ -212,6 +211,12 @@ pub(crate) struct Live {
     pub output_seen: u64,
     /// Where the last heartbeat probe is on its way out (see [`Live::output_moved`]).
     pub probe_out: ProbeOut,
+    /// Where what was handed to tungstenite so far ends on the socket, at the most:
+    /// the socket offset when a flush last emptied our buffer, plus each frame handed
+    /// over since (and each pong tungstenite queued), with room for TLS records. Only
+    /// where a probe ends comes from it (an estimate past the real end starts the
+    /// probe's reply clock a little late, never early).
+    pub handed: u64,
     /// Drains of this connection so far (by the reader or a consumer): whether input
     /// waiting at a heartbeat deadline has been read since (see `timer.rs`).
     pub drains: u64,
@@ -278,6 +283,7 @@ impl Live {
         // empty message is a 6-byte frame but an ~80-byte entry: a 16 MiB buffer took
         // 2.8 M of them, and the client held 268 MiB (review of the send paths).
         let mem = tracked_len(&m);
+        let len = frame_len(&m);
         if self.unflushed_mem > 0
             && self.unflushed_mem.saturating_add(mem) > self.ws.get_config().max_write_buffer_size
         {
@@ -292,8 +298,14 @@ impl Live {
             None => self.in_flight.push_back(m.clone()),
         }
         match self.ws.write(m) {
-            Ok(()) => Ok(Written::Buffered),
-            Err(e) if is_would_block(&e) => Ok(Written::Buffered),
+            Ok(()) => {
+                self.handed = self.handed.saturating_add(on_the_wire(len));
+                Ok(Written::Buffered)
+            }
+            Err(e) if is_would_block(&e) => {
+                self.handed = self.handed.saturating_add(on_the_wire(len));
+                Ok(Written::Buffered)
+            }
             Err(tungstenite::Error::WriteBufferFull(_)) => {
                 self.unflushed_mem -= mem;
                 let m = match self.tracked.as_mut() {
@@ -363,7 +375,7 @@ impl Live {
         let moved = acked != std::mem::replace(&mut self.output_seen, acked);
         let on_its_way = match self.probe_out {
             ProbeOut::None => false,
-            ProbeOut::Buffered | ProbeOut::Unwritten => true,
+            ProbeOut::Unwritten => true,
             ProbeOut::Sent(end) => acked < end,
         };
         moved && on_its_way
@@ -377,8 +389,7 @@ impl Live {
         &mut self,
         msg: Message,
     ) -> std::result::Result<(), tungstenite::Error> {
-        // `Sent` once a flush takes it (just below, or later).
-        self.probe_out = ProbeOut::Buffered;
+        let len = frame_len(&msg);
         match self.ws.write(msg) {
             Ok(()) => {}
             Err(e) if is_would_block(&e) => {}
@@ -388,6 +399,12 @@ impl Live {
             }
             Err(e) => return Err(e),
         }
+        // Where it ends from the start, not once a flush empties our buffer: a stream of
+        // `try_send`s may never let it empty, and the probe's reply clock restarted at
+        // every look while the peer's TCP took more, for as long as we streamed
+        // (review of the heartbeat: still open 4 s after the peer read the probe).
+        self.handed = self.handed.saturating_add(on_the_wire(len));
+        self.probe_out = ProbeOut::Sent(self.handed);
         if !self.try_flush()? {
             // The reader flushes it when the socket drains.
             self.waker.wake();
@@ -419,8 +436,13 @@ impl Live {
 
     /// Everything in flight reached the OS: it ends at or before the current offset.
     fn flushed(&mut self) {
-        if let ProbeOut::Buffered = self.probe_out {
-            self.probe_out = ProbeOut::Sent(self.ws.get_ref().offsets().0);
+        // Everything handed over is out: the estimate starts again from the truth.
+        let written = self.ws.get_ref().offsets().0;
+        self.handed = written;
+        if let ProbeOut::Sent(end) = self.probe_out
+            && end > written
+        {
+            self.probe_out = ProbeOut::Sent(written);
         }
         self.unflushed_mem = 0;
         let Some(t) = self.tracked.as_mut() else {
@@ -634,9 +656,15 @@ impl Starts {
     }
 }
 
+/// The socket bytes a frame of `len` bytes takes at the most, as far as
+/// [`Live::handed`] needs it: TLS records add a few bytes per 16 KiB (1/64 is far more).
+pub(crate) fn on_the_wire(len: u64) -> u64 {
+    len.saturating_add(len / 64)
+}
+
 /// The bytes a client frame carrying `m` takes on the wire at the least (one frame:
 /// header, mask, payload; TLS adds to it).
-fn frame_len(m: &Message) -> u64 {
+pub(crate) fn frame_len(m: &Message) -> u64 {
     let n = payload_len(m);
     let extended = match n {
         0..=125 => 0,

@@ -335,7 +335,14 @@ fn drain(
                 n += 1;
                 frames += frame_len(msg.len());
                 match &msg {
-                    Message::Ping(p) | Message::Pong(p) => control_bytes += 2 + p.len() as u64,
+                    Message::Ping(p) => {
+                        control_bytes += 2 + p.len() as u64;
+                        // tungstenite queued its pong (a masked frame: 6 bytes more).
+                        live.handed = live
+                            .handed
+                            .saturating_add(crate::link::on_the_wire(6 + p.len() as u64));
+                    }
+                    Message::Pong(p) => control_bytes += 2 + p.len() as u64,
                     Message::Text(_) | Message::Binary(_) => data = true,
                     _ => {}
                 }

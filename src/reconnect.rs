@@ -417,6 +417,7 @@ impl Supervisor {
                 pending_written: 0,
                 output_seen: 0,
                 probe_out: ProbeOut::None,
+                handed: start,
                 drains: 0,
                 unaccounted: 0,
                 buffered: 0,

@@ -1607,3 +1607,171 @@ fn a_probe_that_waited_for_the_lock_gets_its_whole_timeout() {
         "a live peer was killed: {evs:?}"
     );
 }
+
+/// A peer whose TCP keeps reading (steadily, ~2 MB/s) but whose application never
+/// answers anything (no pong, ever). It records when it has *read* the client's first
+/// Ping frame: from then on the probe has certainly reached the peer's TCP, and the
+/// documented rule ("a probe's reply clock runs from when the probe reached the peer's
+/// TCP"; `Live::output_moved`: "Once the peer's TCP has the probe, this is false: a peer
+/// whose application stopped answering is judged by the reply deadline, however much we
+/// stream to it") says the link is dead `timeout` later. With `try_send` keeping our
+/// buffer from ever emptying, the probe stayed "in our buffer" for good, and its reply
+/// clock restarted at every look while the peer's TCP took more (review of the
+/// heartbeat: still open 4 s after the peer read the probe; dead only once we stopped).
+#[test]
+fn a_probe_that_reached_a_non_answering_peer_is_judged_while_we_try_send() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // A fixed receive buffer (no autotuning): what our kernel holds is then bounded.
+    support::net::set_recv_buffer(&listener, 64 << 10).unwrap();
+    let server_read = Arc::new(AtomicUsize::new(0));
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let ping_read_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let server_read = server_read.clone();
+        let ping_read_at = ping_read_at.clone();
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let (sock, _) = listener.accept().unwrap();
+            let mut ws = tungstenite::accept(sock).unwrap();
+            let s = ws.get_mut();
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut buf: Vec<u8> = Vec::new();
+            let mut chunk = vec![0u8; 16 << 10];
+            while !stop.load(Ordering::SeqCst) {
+                match std::io::Read::read(s, &mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        server_read.fetch_add(n, Ordering::SeqCst);
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) => {}
+                    Err(_) => break,
+                }
+                // Parse (masked) client frames; note the first Ping.
+                loop {
+                    if buf.len() < 2 {
+                        break;
+                    }
+                    let op = buf[0] & 0x0F;
+                    let len7 = (buf[1] & 0x7F) as usize;
+                    let (ext, len) = match len7 {
+                        126 if buf.len() >= 4 => (2, u16::from_be_bytes([buf[2], buf[3]]) as usize),
+                        127 if buf.len() >= 10 => (
+                            8,
+                            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+                        ),
+                        126 | 127 => break,
+                        n => (0, n),
+                    };
+                    let mask = if buf[1] & 0x80 != 0 { 4 } else { 0 };
+                    let total = 2 + ext + mask + len;
+                    if buf.len() < total {
+                        break;
+                    }
+                    if op == 0x9 {
+                        ping_read_at
+                            .lock()
+                            .unwrap()
+                            .get_or_insert_with(Instant::now);
+                    }
+                    buf.drain(..total);
+                }
+                // A steady reader: at most 16 KiB per 8 ms (~2 MB/s).
+                thread::sleep(Duration::from_millis(8));
+            }
+        })
+    };
+
+    let client = Client::builder(&url)
+        .no_proxy()
+        .heartbeat(Heartbeat::ping(
+            Duration::from_secs(1),
+            Duration::from_millis(300),
+        ))
+        .reconnect(false)
+        .connect()
+        .unwrap();
+    let events = client.events();
+    let connected_at = Instant::now();
+
+    // Stream with `try_send`, keeping ~6 MB between what we handed over and what the
+    // peer read: the kernel holds some, our buffer keeps the rest (far below
+    // max_write_buffer: it never fills, and never empties).
+    let sender = {
+        let client = client.clone();
+        let server_read = server_read.clone();
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let mut handed = 0usize;
+            let msg = Message::binary(vec![7u8; 16 << 10]);
+            while !stop.load(Ordering::SeqCst) {
+                if handed.saturating_sub(server_read.load(Ordering::SeqCst)) > 6_000_000 {
+                    thread::sleep(Duration::from_millis(1)); // pacing, not synchronisation
+                    continue;
+                }
+                match client.try_send(msg.clone()) {
+                    Ok(()) => handed += 16 << 10,
+                    Err(wsbeat::Error::WouldBlock { .. }) => {
+                        thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+
+    assert!(
+        util::wait_until(Duration::from_secs(15), || ping_read_at
+            .lock()
+            .unwrap()
+            .is_some()),
+        "the peer never read a Ping"
+    );
+    let ping_read = ping_read_at.lock().unwrap().unwrap();
+    eprintln!(
+        "peer read the probe {:?} after connect",
+        ping_read - connected_at
+    );
+    // Generous: timeout (300 ms) + 3.7 s of slack.
+    let died = util::wait_until(Duration::from_secs(4), || {
+        client.stats().state != wsbeat::State::Open
+    });
+    let stats = client.stats();
+    eprintln!(
+        "{:.1?} after the peer read the probe: state {:?}, sent {}",
+        ping_read.elapsed(),
+        stats.state,
+        stats.sent
+    );
+    let mut reason = None;
+    let until = Instant::now() + Duration::from_secs(2);
+    while let Ok(ev) = events.recv_timeout(until.saturating_duration_since(Instant::now())) {
+        eprintln!("event {ev:?}");
+        if let Event::Disconnected { reason: r, .. } = ev {
+            reason = Some(r);
+            break;
+        }
+    }
+    eprintln!("reason: {reason:?}");
+    stop.store(true, Ordering::SeqCst);
+    let _ = client.close();
+    sender.join().unwrap();
+    server.join().unwrap();
+    assert!(
+        died,
+        "a peer that has our probe and never answers must be declared dead within \
+         timeout of reading it (we kept streaming)"
+    );
+    assert!(
+        matches!(
+            reason,
+            Some(wsbeat::DisconnectReason::HeartbeatTimeout { .. }) | None
+        ),
+        "{reason:?}"
+    );
+}

@@ -67,7 +67,7 @@ use crate::outbox::{Admit, Outbox};
 use crate::queue::{OfflineQueue, Ticket, outgoing_refusal, payload_len};
 use crate::time::{deadline, deadline_in};
 use crate::transport::dial::Cancel;
-use crate::transport::stream::{Ws, is_would_block, reason_of};
+use crate::transport::stream::{Stream, Ws, is_would_block, reason_of};
 use crate::transport::sys::{Waker, abort, unacked_bytes, unsent_bytes, wait_writable};
 use crate::{DisconnectReason, Error, Event, Message, Result, State};
 
@@ -213,9 +213,10 @@ pub(crate) struct Live {
     pub probe_out: ProbeOut,
     /// Where what was handed to tungstenite so far ends on the socket, at the most:
     /// the socket offset when a flush last emptied our buffer, plus each frame handed
-    /// over since (and each pong tungstenite queued), with room for TLS records. Only
-    /// where a probe ends comes from it (an estimate past the real end starts the
-    /// probe's reply clock a little late, never early).
+    /// over since (and each pong tungstenite queued), with room for TLS records (see
+    /// [`hand_over`](Self::hand_over)). Only where a probe ends comes from it (an
+    /// estimate past the real end starts the probe's reply clock a little late, never
+    /// early).
     pub handed: u64,
     /// Drains of this connection so far (by the reader or a consumer): whether input
     /// waiting at a heartbeat deadline has been read since (see `timer.rs`).
@@ -299,11 +300,11 @@ impl Live {
         }
         match self.ws.write(m) {
             Ok(()) => {
-                self.handed = self.handed.saturating_add(on_the_wire(len));
+                self.hand_over(len);
                 Ok(Written::Buffered)
             }
             Err(e) if is_would_block(&e) => {
-                self.handed = self.handed.saturating_add(on_the_wire(len));
+                self.hand_over(len);
                 Ok(Written::Buffered)
             }
             Err(tungstenite::Error::WriteBufferFull(_)) => {
@@ -403,8 +404,14 @@ impl Live {
         // `try_send`s may never let it empty, and the probe's reply clock restarted at
         // every look while the peer's TCP took more, for as long as we streamed
         // (review of the heartbeat: still open 4 s after the peer read the probe).
-        self.handed = self.handed.saturating_add(on_the_wire(len));
-        self.probe_out = ProbeOut::Sent(self.handed);
+        self.hand_over(len);
+        // Under TLS, also room for the probe's own record, should it go alone.
+        let own_record = if self.is_tls() {
+            TLS_RECORD_OVERHEAD
+        } else {
+            0
+        };
+        self.probe_out = ProbeOut::Sent(self.handed.saturating_add(own_record));
         if !self.try_flush()? {
             // The reader flushes it when the socket drains.
             self.waker.wake();
@@ -416,6 +423,20 @@ impl Live {
     /// shut its side is no sign of life). Never waits: the socket is nonblocking.
     pub(crate) fn input_waits(&self) -> bool {
         matches!(self.sock.peek(&mut [0u8; 1]), Ok(n) if n > 0)
+    }
+
+    /// Counts a frame of `len` bytes handed to tungstenite in [`handed`](Self::handed):
+    /// its own bytes on a plain socket, where the count is exact; under TLS, with 1/64
+    /// more for the records (a few bytes per 16 KiB record: far more than needed, so
+    /// the estimate runs late by 1/64 of what was handed over since our buffer was last
+    /// empty, never early).
+    pub(crate) fn hand_over(&mut self, len: u64) {
+        let wire = if self.is_tls() { len + len / 64 } else { len };
+        self.handed = self.handed.saturating_add(wire);
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self.ws.get_ref(), Stream::Tls(_))
     }
 
     /// Flushes without blocking. `Ok(true)` when everything reached the OS.
@@ -656,15 +677,13 @@ impl Starts {
     }
 }
 
-/// The socket bytes a frame of `len` bytes takes at the most, as far as
-/// [`Live::handed`] needs it: TLS records add a few bytes per 16 KiB (1/64 is far more).
-pub(crate) fn on_the_wire(len: u64) -> u64 {
-    len.saturating_add(len / 64)
-}
+/// The most a TLS record adds to its data (TLS 1.2 AES-GCM: header 5, explicit nonce 8,
+/// tag 16; TLS 1.3 adds 22).
+const TLS_RECORD_OVERHEAD: u64 = 29;
 
 /// The bytes a client frame carrying `m` takes on the wire at the least (one frame:
 /// header, mask, payload; TLS adds to it).
-pub(crate) fn frame_len(m: &Message) -> u64 {
+fn frame_len(m: &Message) -> u64 {
     let n = payload_len(m);
     let extended = match n {
         0..=125 => 0,

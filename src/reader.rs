@@ -338,9 +338,7 @@ fn drain(
                     Message::Ping(p) => {
                         control_bytes += 2 + p.len() as u64;
                         // tungstenite queued its pong (a masked frame: 6 bytes more).
-                        live.handed = live
-                            .handed
-                            .saturating_add(crate::link::on_the_wire(6 + p.len() as u64));
+                        live.hand_over(6 + p.len() as u64);
                     }
                     Message::Pong(p) => control_bytes += 2 + p.len() as u64,
                     Message::Text(_) | Message::Binary(_) => data = true,

@@ -743,7 +743,12 @@ fn the_smallest_stacks_carry_a_lazy_connect_and_a_reconnect() {
     watch_panics();
     let before = client_panics();
     let server = TestServer::echo();
-    let mut targets = vec![(server.url(), None)];
+    // A wss:// target too where a TLS backend is built in.
+    #[cfg_attr(
+        not(any(feature = "native-tls", feature = "rustls")),
+        allow(unused_mut)
+    )]
+    let mut targets: Vec<(String, Option<Vec<u8>>)> = vec![(server.url(), None)];
     #[cfg(any(feature = "native-tls", feature = "rustls"))]
     let tls = TestServer::builder()
         .tls(support::certs::ServerCert::Valid)

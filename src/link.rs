@@ -284,7 +284,6 @@ impl Live {
         // empty message is a 6-byte frame but an ~80-byte entry: a 16 MiB buffer took
         // 2.8 M of them, and the client held 268 MiB (review of the send paths).
         let mem = tracked_len(&m);
-        let len = frame_len(&m);
         if self.unflushed_mem > 0
             && self.unflushed_mem.saturating_add(mem) > self.ws.get_config().max_write_buffer_size
         {
@@ -298,28 +297,33 @@ impl Live {
             }
             None => self.in_flight.push_back(m.clone()),
         }
-        match self.ws.write(m) {
-            Ok(()) => {
-                self.hand_over(len);
-                Ok(Written::Buffered)
-            }
-            Err(e) if is_would_block(&e) => {
-                self.hand_over(len);
-                Ok(Written::Buffered)
-            }
-            Err(tungstenite::Error::WriteBufferFull(_)) => {
-                self.unflushed_mem -= mem;
-                let m = match self.tracked.as_mut() {
-                    Some(t) => {
-                        t.unflushed -= 1;
-                        t.msgs.pop_back().map(|(_, m, _)| m)
-                    }
-                    None => self.in_flight.pop_back(),
-                };
-                Ok(Written::Full(m.expect("pushed above")))
-            }
-            Err(e) => Err(e),
+        if self.buffer(m)? {
+            return Ok(Written::Buffered);
         }
+        self.unflushed_mem -= mem;
+        let m = match self.tracked.as_mut() {
+            Some(t) => {
+                t.unflushed -= 1;
+                t.msgs.pop_back().map(|(_, m, _)| m)
+            }
+            None => self.in_flight.pop_back(),
+        };
+        Ok(Written::Full(m.expect("pushed above")))
+    }
+
+    /// Hands `m` to tungstenite: `Ok(true)` once in its buffer (a write that would block
+    /// leaves it there too), counted in [`handed`](Self::handed); `Ok(false)` when the
+    /// buffer is full and did not take it.
+    fn buffer(&mut self, m: Message) -> std::result::Result<bool, tungstenite::Error> {
+        let len = frame_len(&m);
+        match self.ws.write(m) {
+            Ok(()) => {}
+            Err(e) if is_would_block(&e) => {}
+            Err(tungstenite::Error::WriteBufferFull(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        self.hand_over(len);
+        Ok(true)
     }
 
     /// [`write_tracked`](Self::write_tracked), and under acked delivery the outbox
@@ -390,21 +394,14 @@ impl Live {
         &mut self,
         msg: Message,
     ) -> std::result::Result<(), tungstenite::Error> {
-        let len = frame_len(&msg);
-        match self.ws.write(msg) {
-            Ok(()) => {}
-            Err(e) if is_would_block(&e) => {}
-            Err(tungstenite::Error::WriteBufferFull(_)) => {
-                self.probe_out = ProbeOut::Unwritten;
-                return Ok(());
-            }
-            Err(e) => return Err(e),
+        if !self.buffer(msg)? {
+            self.probe_out = ProbeOut::Unwritten;
+            return Ok(());
         }
         // Where it ends from the start, not once a flush empties our buffer: a stream of
         // `try_send`s may never let it empty, and the probe's reply clock restarted at
         // every look while the peer's TCP took more, for as long as we streamed
         // (review of the heartbeat: still open 4 s after the peer read the probe).
-        self.hand_over(len);
         // Under TLS, also room for the probe's own record, should it go alone.
         let own_record = if self.is_tls() {
             TLS_RECORD_OVERHEAD

@@ -130,7 +130,7 @@ impl OfflineQueue {
 
     /// Puts already-accepted messages back at the front, in their order. They bypass the
     /// bounds: they were accepted before. `again`: they were in flight on a connection
-    /// that died (see `again`), not merely carried over.
+    /// that died (see `msgs`), not merely carried over.
     pub(crate) fn requeue_front(
         &mut self,
         ms: impl DoubleEndedIterator<Item = (Message, Ticket)>,
@@ -226,7 +226,7 @@ mod tests {
     /// Messages put back after a connection died stay marked through `pop_front`,
     /// `push_front` and `retain`: what `flush_queue` counts as resent.
     #[test]
-    fn requeued_messages_stay_a_counted_prefix() {
+    fn requeued_messages_stay_marked() {
         let mut q = OfflineQueue::new(100, 1000);
         q.push_back(Message::text("new"), None);
         q.requeue_front(

@@ -354,7 +354,8 @@ fn close_hands_back_messages_the_peer_read_when_prune_cut_a_batch() {
     );
 }
 
-/// Resident memory of this process, in KiB (Linux).
+/// Resident memory of this process, in KiB (Linux): `support::util::rss_kib`'s twin,
+/// as this binary does not build the support module.
 #[cfg(target_os = "linux")]
 fn rss_kib() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
